@@ -1,0 +1,16 @@
+"""Builds the one C extension; everything else is in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "mmap_alloc._mman",
+            sources=["src/mmap_alloc/_mman.c"],
+            define_macros=[("Py_LIMITED_API", "0x030B0000")],
+            py_limited_api=True,
+            extra_compile_args=["-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+        )
+    ],
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
+)

@@ -1,0 +1,24 @@
+"""mmap_alloc: page-granular memory straight from the kernel.
+
+Memory with chosen read/write/exec permissions, explicit commit and uncommit,
+in-place resizing and huge pages, after the Rust crate mmap-alloc.
+"""
+
+from .allocator import Layout, MapAlloc
+from .builder import MapAllocBuilder
+from .exceptions import AllocError, CannotReallocInPlace, MapAllocError
+from .perm import Perm
+from .region import Region
+
+__all__ = [
+    "AllocError",
+    "CannotReallocInPlace",
+    "Layout",
+    "MapAlloc",
+    "MapAllocBuilder",
+    "MapAllocError",
+    "Perm",
+    "Region",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,902 @@
+/*
+ * _mman: the system-call layer of mmap_alloc.
+ *
+ * This file makes system calls and returns plain values, or raises OSError
+ * with errno. Every decision (sizes, alignment, which advice, which error a
+ * user sees) is taken by the Python layer above it.
+ *
+ * Region owns one anonymous mapping and exports it through the buffer
+ * protocol. Its invariants, which keep Python code from crashing the
+ * interpreter:
+ *   - data == NULL once closed; the pointer is cleared before munmap.
+ *   - while exports > 0 (a memoryview, numpy array, ctypes object ...) the
+ *     mapping is never unmapped, moved, shrunk, or stripped of READ/WRITE.
+ *   - while busy > 0 (a system call on it runs without the GIL) it is never
+ *     unmapped, moved or shrunk either.
+ *   - `prot` is the protection common to every page of the mapping; no
+ *     buffer is exported without PROT_READ, only a read-only one without
+ *     PROT_WRITE.
+ */
+#define Py_LIMITED_API 0x030B0000
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#ifndef MAP_ANONYMOUS
+#define MAP_ANONYMOUS MAP_ANON
+#endif
+
+typedef struct {
+    PyTypeObject *region_type;
+} module_state;
+
+typedef struct {
+    PyObject_HEAD
+    char *data;            /* NULL once closed */
+    Py_ssize_t size;       /* bytes the user asked for; the buffer length */
+    Py_ssize_t capacity;   /* bytes mapped; what munmap is given */
+    int prot;              /* protection common to all pages */
+    int mixed;             /* pages differ in protection */
+    Py_ssize_t exports;    /* live buffers */
+    Py_ssize_t busy;       /* system calls running without the GIL */
+    PyObject *owner;       /* the allocator that made it, or None */
+    PyObject *weakreflist;
+} RegionObject;
+
+/* ------------------------------------------------------------------ */
+/* argument helpers: the Python layer passes exact ints                */
+
+static int
+arg_ssize(PyObject *o, Py_ssize_t *out)
+{
+    Py_ssize_t v = PyLong_AsSsize_t(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative size or offset");
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int
+arg_int(PyObject *o, int *out)
+{
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "flag value out of range");
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static int
+arg_address(PyObject *o, void **out)
+{
+    void *p = PyLong_AsVoidPtr(o);
+    if (p == NULL && PyErr_Occurred())
+        return -1;
+    *out = p;
+    return 0;
+}
+
+static int
+check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t expected)
+{
+    if (nargs != expected) {
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly %zd arguments (%zd given)",
+                     name, expected, nargs);
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* module functions on raw addresses (private: the Python layer only)  */
+
+static PyObject *
+mman_page_size(PyObject *module, PyObject *unused)
+{
+    return PyLong_FromLong(sysconf(_SC_PAGESIZE));
+}
+
+static PyObject *
+mman_mmap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t length;
+    int prot, flags;
+    void *p;
+
+    if (check_nargs("mmap", nargs, 3) < 0 || arg_ssize(args[0], &length) < 0
+        || arg_int(args[1], &prot) < 0 || arg_int(args[2], &flags) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    p = mmap(NULL, (size_t)length, prot, flags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    Py_END_ALLOW_THREADS
+    if (p == MAP_FAILED)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromVoidPtr(p);
+}
+
+static PyObject *
+mman_munmap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    void *p;
+    Py_ssize_t length;
+    int rc;
+
+    if (check_nargs("munmap", nargs, 2) < 0 || arg_address(args[0], &p) < 0
+        || arg_ssize(args[1], &length) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = munmap(p, (size_t)length);
+    Py_END_ALLOW_THREADS
+    if (rc != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mman_mprotect(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    void *p;
+    Py_ssize_t length;
+    int prot;
+
+    if (check_nargs("mprotect", nargs, 3) < 0 || arg_address(args[0], &p) < 0
+        || arg_ssize(args[1], &length) < 0 || arg_int(args[2], &prot) < 0)
+        return NULL;
+    if (mprotect(p, (size_t)length, prot) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mman_madvise(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    void *p;
+    Py_ssize_t length;
+    int advice, rc;
+
+    if (check_nargs("madvise", nargs, 3) < 0 || arg_address(args[0], &p) < 0
+        || arg_ssize(args[1], &length) < 0 || arg_int(args[2], &advice) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = madvise(p, (size_t)length, advice);
+    Py_END_ALLOW_THREADS
+    if (rc != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------ */
+/* Region                                                              */
+
+static module_state *
+get_state(PyObject *module)
+{
+    return (module_state *)PyModule_GetState(module);
+}
+
+static int
+region_check_open(RegionObject *self)
+{
+    if (self->data == NULL) {
+        PyErr_SetString(PyExc_ValueError, "region is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static int
+region_check_idle(RegionObject *self, const char *what)
+{
+    if (self->exports > 0) {
+        PyErr_Format(PyExc_BufferError,
+                     "cannot %s: the region has %zd exported buffer(s)",
+                     what, self->exports);
+        return -1;
+    }
+    if (self->busy > 0) {
+        PyErr_Format(PyExc_BufferError,
+                     "cannot %s: a system call on the region is in progress", what);
+        return -1;
+    }
+    return 0;
+}
+
+/* offset and length must lie within the capacity */
+static int
+region_check_range(RegionObject *self, PyObject *const *args, Py_ssize_t *offset,
+                   Py_ssize_t *length)
+{
+    if (arg_ssize(args[0], offset) < 0 || arg_ssize(args[1], length) < 0)
+        return -1;
+    if (*offset > self->capacity || *length > self->capacity - *offset) {
+        PyErr_SetString(PyExc_ValueError, "range lies outside the region");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
+            int prot, PyObject *owner)
+{
+    allocfunc alloc = (allocfunc)PyType_GetSlot(cls, Py_tp_alloc);
+    RegionObject *self = (RegionObject *)alloc(cls, 0);
+    if (self == NULL)
+        return NULL;
+    self->data = data;
+    self->size = size;
+    self->capacity = capacity;
+    self->prot = prot;
+    self->mixed = 0;
+    self->exports = 0;
+    self->busy = 0;
+    Py_INCREF(owner);
+    self->owner = owner;
+    self->weakreflist = NULL;
+    return (PyObject *)self;
+}
+
+/* Region._map(size, capacity, prot, flags, owner): map and wrap in one step */
+static PyObject *
+region_map(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t size, capacity;
+    int prot, flags;
+    void *p;
+    PyObject *region;
+
+    if (check_nargs("_map", nargs, 5) < 0 || arg_ssize(args[0], &size) < 0
+        || arg_ssize(args[1], &capacity) < 0 || arg_int(args[2], &prot) < 0
+        || arg_int(args[3], &flags) < 0)
+        return NULL;
+    if (size > capacity) {
+        PyErr_SetString(PyExc_ValueError, "size exceeds capacity");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    p = mmap(NULL, (size_t)capacity, prot, flags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    Py_END_ALLOW_THREADS
+    if (p == MAP_FAILED)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    region = region_wrap((PyTypeObject *)cls, p, size, capacity, prot, args[4]);
+    if (region == NULL)
+        munmap(p, (size_t)capacity);
+    return region;
+}
+
+/* Region._adopt(address, size, capacity, prot, owner): own an existing mapping */
+static PyObject *
+region_adopt(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
+{
+    void *p;
+    Py_ssize_t size, capacity;
+    int prot;
+
+    if (check_nargs("_adopt", nargs, 5) < 0 || arg_address(args[0], &p) < 0
+        || arg_ssize(args[1], &size) < 0 || arg_ssize(args[2], &capacity) < 0
+        || arg_int(args[3], &prot) < 0)
+        return NULL;
+    if (p == NULL || size > capacity) {
+        PyErr_SetString(PyExc_ValueError, "bad mapping");
+        return NULL;
+    }
+    return region_wrap((PyTypeObject *)cls, p, size, capacity, prot, args[4]);
+}
+
+static PyObject *
+region_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyErr_SetString(PyExc_TypeError, "regions are made by MapAlloc.alloc()");
+    return NULL;
+}
+
+static PyObject *
+region_close(RegionObject *self, PyObject *unused)
+{
+    char *p = self->data;
+    int rc;
+
+    if (p == NULL)
+        Py_RETURN_NONE;
+    if (region_check_idle(self, "close the region") < 0)
+        return NULL;
+    self->data = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = munmap(p, (size_t)self->capacity);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        /* e.g. ENOMEM at vm.max_map_count: the mapping is still there */
+        self->data = p;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+/* _resize(size, capacity, flags) -> address: mremap, or only the size when
+ * the capacity stays. flags 0 keeps the address (fails with ENOMEM when the
+ * neighbouring pages are taken); MREMAP_MAYMOVE may move it. */
+static PyObject *
+region_resize(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t size, capacity;
+    int flags;
+    void *p;
+
+    if (check_nargs("_resize", nargs, 3) < 0 || arg_ssize(args[0], &size) < 0
+        || arg_ssize(args[1], &capacity) < 0 || arg_int(args[2], &flags) < 0)
+        return NULL;
+    if (region_check_open(self) < 0)
+        return NULL;
+    if (size > capacity || capacity == 0) {
+        PyErr_SetString(PyExc_ValueError, "bad size or capacity");
+        return NULL;
+    }
+    if (capacity != self->capacity) {
+        if (capacity < self->capacity || (flags & MREMAP_MAYMOVE)) {
+            if (region_check_idle(self, capacity < self->capacity
+                                  ? "shrink the region" : "move the region") < 0)
+                return NULL;
+        }
+        else if (self->busy > 0) {
+            PyErr_SetString(PyExc_BufferError,
+                            "cannot grow the region: a system call on it is in progress");
+            return NULL;
+        }
+        p = mremap(self->data, (size_t)self->capacity, (size_t)capacity, flags);
+        if (p == MAP_FAILED)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        self->data = p;
+        self->capacity = capacity;
+    }
+    self->size = size;
+    return PyLong_FromVoidPtr(self->data);
+}
+
+/* _swap(other): exchange the mappings of two idle regions */
+static PyObject *
+region_swap(RegionObject *self, PyObject *other)
+{
+    RegionObject *o;
+    char *data;
+    Py_ssize_t size, capacity;
+    int prot, mixed;
+
+    if (Py_TYPE(other) != Py_TYPE((PyObject *)self)) {
+        PyErr_SetString(PyExc_TypeError, "_swap() needs another region");
+        return NULL;
+    }
+    o = (RegionObject *)other;
+    if (region_check_open(self) < 0 || region_check_open(o) < 0
+        || region_check_idle(self, "move the region") < 0
+        || region_check_idle(o, "move the region") < 0)
+        return NULL;
+    data = self->data; size = self->size; capacity = self->capacity;
+    prot = self->prot; mixed = self->mixed;
+    self->data = o->data; self->size = o->size; self->capacity = o->capacity;
+    self->prot = o->prot; self->mixed = o->mixed;
+    o->data = data; o->size = size; o->capacity = capacity; o->prot = prot; o->mixed = mixed;
+    Py_RETURN_NONE;
+}
+
+/* _copy_from(source, length): copy the first length bytes of source to the
+ * start of this region; the caller makes source readable and this writable. */
+static PyObject *
+region_copy_from(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    RegionObject *src;
+    Py_ssize_t length;
+
+    if (check_nargs("_copy_from", nargs, 2) < 0 || arg_ssize(args[1], &length) < 0)
+        return NULL;
+    if (Py_TYPE(args[0]) != Py_TYPE((PyObject *)self)) {
+        PyErr_SetString(PyExc_TypeError, "_copy_from() needs another region");
+        return NULL;
+    }
+    src = (RegionObject *)args[0];
+    if (region_check_open(self) < 0 || region_check_open(src) < 0)
+        return NULL;
+    if (length > self->capacity || length > src->capacity) {
+        PyErr_SetString(PyExc_ValueError, "length exceeds a capacity");
+        return NULL;
+    }
+    memcpy(self->data, src->data, (size_t)length);
+    Py_RETURN_NONE;
+}
+
+/* _zero(offset, length, prot): zero bytes within pages whose protection is
+ * prot; pages without write permission are made writable for the memset and
+ * restored afterwards. */
+static PyObject *
+region_zero(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t offset, length;
+    int prot;
+    char *start, *first, *last;
+    long page = sysconf(_SC_PAGESIZE);
+
+    if (check_nargs("_zero", nargs, 3) < 0 || region_check_open(self) < 0
+        || region_check_range(self, args, &offset, &length) < 0
+        || arg_int(args[2], &prot) < 0)
+        return NULL;
+    if (length == 0)
+        Py_RETURN_NONE;
+    start = self->data + offset;
+    first = (char *)((uintptr_t)start & ~(uintptr_t)(page - 1));
+    last = (char *)(((uintptr_t)start + (uintptr_t)length + (uintptr_t)page - 1)
+                    & ~(uintptr_t)(page - 1));
+    if (!(prot & PROT_WRITE)) {
+        if (mprotect(first, (size_t)(last - first), prot | PROT_READ | PROT_WRITE) != 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    memset(start, 0, (size_t)length);
+    if (!(prot & PROT_WRITE)) {
+        if (mprotect(first, (size_t)(last - first), prot) != 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+/* _protect(offset, length, prot, common, mixed): mprotect a range; common is
+ * the protection all pages share afterwards and mixed whether they differ,
+ * both computed by the caller. */
+static PyObject *
+region_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t offset, length;
+    int prot, common, mixed;
+
+    if (check_nargs("_protect", nargs, 5) < 0 || region_check_open(self) < 0
+        || region_check_range(self, args, &offset, &length) < 0
+        || arg_int(args[2], &prot) < 0 || arg_int(args[3], &common) < 0
+        || arg_int(args[4], &mixed) < 0)
+        return NULL;
+    if ((self->prot & ~common & (PROT_READ | PROT_WRITE))
+        && region_check_idle(self, "remove read or write permission") < 0)
+        return NULL;
+    if (length > 0 && mprotect(self->data + offset, (size_t)length, prot) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    self->prot = common;
+    self->mixed = mixed != 0;
+    Py_RETURN_NONE;
+}
+
+/* _advise(offset, length, advice): madvise without the GIL */
+static PyObject *
+region_advise(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t offset, length;
+    int advice, rc;
+    char *p;
+
+    if (check_nargs("_advise", nargs, 3) < 0 || region_check_open(self) < 0
+        || region_check_range(self, args, &offset, &length) < 0
+        || arg_int(args[2], &advice) < 0)
+        return NULL;
+    p = self->data + offset;
+    self->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    rc = madvise(p, (size_t)length, advice);
+    Py_END_ALLOW_THREADS
+    self->busy--;
+    if (rc != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+/* _mincore(offset, length) -> bytes: one byte per page, bit 0 = resident */
+static PyObject *
+region_mincore(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t offset, length, npages;
+    long page = sysconf(_SC_PAGESIZE);
+    PyObject *vec;
+    unsigned char *out;
+    char *p;
+    int rc;
+
+    if (check_nargs("_mincore", nargs, 2) < 0 || region_check_open(self) < 0
+        || region_check_range(self, args, &offset, &length) < 0)
+        return NULL;
+    npages = (length + page - 1) / page;
+    vec = PyBytes_FromStringAndSize(NULL, npages);
+    if (vec == NULL)
+        return NULL;
+    if (npages == 0)
+        return vec;
+    out = (unsigned char *)PyBytes_AsString(vec);
+    p = self->data + offset;
+    self->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    rc = mincore(p, (size_t)length, out);
+    Py_END_ALLOW_THREADS
+    self->busy--;
+    if (rc != 0) {
+        Py_DECREF(vec);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return vec;
+}
+
+/* _lock(offset, length, onfault) / _unlock(offset, length) */
+static PyObject *
+region_lock(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t offset, length;
+    int onfault, rc;
+    char *p;
+
+    if (check_nargs("_lock", nargs, 3) < 0 || region_check_open(self) < 0
+        || region_check_range(self, args, &offset, &length) < 0
+        || arg_int(args[2], &onfault) < 0)
+        return NULL;
+    p = self->data + offset;
+    self->busy++;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef MLOCK_ONFAULT
+    rc = onfault ? mlock2(p, (size_t)length, MLOCK_ONFAULT) : mlock(p, (size_t)length);
+#else
+    rc = mlock(p, (size_t)length);
+#endif
+    Py_END_ALLOW_THREADS
+    self->busy--;
+    if (rc != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+region_unlock(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t offset, length;
+
+    if (check_nargs("_unlock", nargs, 2) < 0 || region_check_open(self) < 0
+        || region_check_range(self, args, &offset, &length) < 0)
+        return NULL;
+    if (munlock(self->data + offset, (size_t)length) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+/* _flush_icache(offset, length): make written code visible to instruction
+ * fetch. A no-op on x86, where the caches are coherent. */
+static PyObject *
+region_flush_icache(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t offset, length;
+
+    if (check_nargs("_flush_icache", nargs, 2) < 0 || region_check_open(self) < 0
+        || region_check_range(self, args, &offset, &length) < 0)
+        return NULL;
+    __builtin___clear_cache(self->data + offset, self->data + offset + length);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+region_get_address(RegionObject *self, void *closure)
+{
+    if (region_check_open(self) < 0)
+        return NULL;
+    return PyLong_FromVoidPtr(self->data);
+}
+
+static PyObject *
+region_get_size(RegionObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->size);
+}
+
+static PyObject *
+region_get_capacity(RegionObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->capacity);
+}
+
+static PyObject *
+region_get_closed(RegionObject *self, void *closure)
+{
+    return PyBool_FromLong(self->data == NULL);
+}
+
+static PyObject *
+region_get_prot(RegionObject *self, void *closure)
+{
+    return PyLong_FromLong(self->prot);
+}
+
+static PyObject *
+region_get_mixed(RegionObject *self, void *closure)
+{
+    return PyBool_FromLong(self->mixed);
+}
+
+static PyObject *
+region_get_exports(RegionObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->exports);
+}
+
+static PyObject *
+region_get_owner(RegionObject *self, void *closure)
+{
+    Py_INCREF(self->owner);
+    return self->owner;
+}
+
+static Py_ssize_t
+region_length(RegionObject *self)
+{
+    return self->size;
+}
+
+static int
+region_getbuffer(RegionObject *self, Py_buffer *view, int flags)
+{
+    if (region_check_open(self) < 0) {
+        view->obj = NULL;
+        return -1;
+    }
+    if (!(self->prot & PROT_READ)) {
+        PyErr_SetString(PyExc_BufferError, "region is not readable");
+        view->obj = NULL;
+        return -1;
+    }
+    if ((flags & PyBUF_WRITABLE) && !(self->prot & PROT_WRITE)) {
+        PyErr_SetString(PyExc_BufferError, "region is not writable");
+        view->obj = NULL;
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->data, self->size,
+                          !(self->prot & PROT_WRITE), flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void
+region_releasebuffer(RegionObject *self, Py_buffer *view)
+{
+    self->exports--;
+}
+
+static int
+region_traverse(RegionObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->owner);
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
+static int
+region_clear(RegionObject *self)
+{
+    Py_CLEAR(self->owner);
+    return 0;
+}
+
+static void
+region_dealloc(RegionObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    char *p = self->data;
+
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL)
+        PyObject_ClearWeakRefs((PyObject *)self);
+    self->data = NULL;
+    if (p != NULL) {
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = munmap(p, (size_t)self->capacity);
+        if (rc != 0)   /* cannot unmap (map count): at least give the memory back */
+            madvise(p, (size_t)self->capacity, MADV_DONTNEED);
+        Py_END_ALLOW_THREADS
+    }
+    region_clear(self);
+    tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef region_methods[] = {
+    {"_map", (PyCFunction)(void (*)(void))region_map, METH_FASTCALL | METH_CLASS,
+     "_map(size, capacity, prot, flags, owner): map anonymous memory and own it."},
+    {"_adopt", (PyCFunction)(void (*)(void))region_adopt, METH_FASTCALL | METH_CLASS,
+     "_adopt(address, size, capacity, prot, owner): own an existing mapping."},
+    {"close", (PyCFunction)region_close, METH_NOARGS,
+     "Unmap the region. Closing a closed region does nothing."},
+    {"_resize", (PyCFunction)(void (*)(void))region_resize, METH_FASTCALL,
+     "_resize(size, capacity, flags) -> address: mremap the mapping."},
+    {"_swap", (PyCFunction)region_swap, METH_O,
+     "_swap(other): exchange the mappings of two idle regions."},
+    {"_copy_from", (PyCFunction)(void (*)(void))region_copy_from, METH_FASTCALL,
+     "_copy_from(source, length): copy bytes from another region."},
+    {"_zero", (PyCFunction)(void (*)(void))region_zero, METH_FASTCALL,
+     "_zero(offset, length, prot): zero bytes within pages of protection prot."},
+    {"_protect", (PyCFunction)(void (*)(void))region_protect, METH_FASTCALL,
+     "_protect(offset, length, prot, common, mixed): mprotect a range."},
+    {"_advise", (PyCFunction)(void (*)(void))region_advise, METH_FASTCALL,
+     "_advise(offset, length, advice): madvise a range."},
+    {"_mincore", (PyCFunction)(void (*)(void))region_mincore, METH_FASTCALL,
+     "_mincore(offset, length) -> bytes: residency, one byte per page."},
+    {"_lock", (PyCFunction)(void (*)(void))region_lock, METH_FASTCALL,
+     "_lock(offset, length, onfault): mlock a range."},
+    {"_unlock", (PyCFunction)(void (*)(void))region_unlock, METH_FASTCALL,
+     "_unlock(offset, length): munlock a range."},
+    {"_flush_icache", (PyCFunction)(void (*)(void))region_flush_icache, METH_FASTCALL,
+     "_flush_icache(offset, length): flush the instruction cache for a range."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef region_getset[] = {
+    {"address", (getter)region_get_address, NULL,
+     "Start address of the mapping, for interop (ctypes, cffi).", NULL},
+    {"size", (getter)region_get_size, NULL, "Bytes asked for; the buffer length.", NULL},
+    {"capacity", (getter)region_get_capacity, NULL, "Bytes mapped (whole pages).", NULL},
+    {"closed", (getter)region_get_closed, NULL, "True once the region is unmapped.", NULL},
+    {"_prot", (getter)region_get_prot, NULL, "Protection common to all pages.", NULL},
+    {"_mixed", (getter)region_get_mixed, NULL, "True when pages differ in protection.", NULL},
+    {"_exports", (getter)region_get_exports, NULL, "Number of live buffers.", NULL},
+    {"_owner", (getter)region_get_owner, NULL, "The allocator that made the region.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef region_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(RegionObject, weakreflist), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot region_slots[] = {
+    {Py_tp_doc, "One anonymous memory mapping, exported through the buffer protocol."},
+    {Py_tp_new, region_new},
+    {Py_tp_dealloc, region_dealloc},
+    {Py_tp_traverse, region_traverse},
+    {Py_tp_clear, region_clear},
+    {Py_tp_methods, region_methods},
+    {Py_tp_getset, region_getset},
+    {Py_tp_members, region_members},
+    {Py_sq_length, region_length},
+    {Py_bf_getbuffer, region_getbuffer},
+    {Py_bf_releasebuffer, region_releasebuffer},
+    {0, NULL},
+};
+
+static PyType_Spec region_spec = {
+    .name = "mmap_alloc._mman.Region",
+    .basicsize = sizeof(RegionObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = region_slots,
+};
+
+/* ------------------------------------------------------------------ */
+/* module                                                              */
+
+static PyMethodDef mman_methods[] = {
+    {"page_size", mman_page_size, METH_NOARGS, "page_size() -> int"},
+    {"mmap", (PyCFunction)(void (*)(void))mman_mmap, METH_FASTCALL,
+     "mmap(length, prot, flags) -> address of a private anonymous mapping"},
+    {"munmap", (PyCFunction)(void (*)(void))mman_munmap, METH_FASTCALL,
+     "munmap(address, length)"},
+    {"mprotect", (PyCFunction)(void (*)(void))mman_mprotect, METH_FASTCALL,
+     "mprotect(address, length, prot)"},
+    {"madvise", (PyCFunction)(void (*)(void))mman_madvise, METH_FASTCALL,
+     "madvise(address, length, advice)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+add_constants(PyObject *m)
+{
+#define ADD(name) if (PyModule_AddIntConstant(m, #name, name) < 0) return -1
+    ADD(PROT_NONE); ADD(PROT_READ); ADD(PROT_WRITE); ADD(PROT_EXEC);
+    ADD(MAP_PRIVATE); ADD(MAP_ANONYMOUS); ADD(MAP_NORESERVE); ADD(MAP_FIXED);
+#ifdef MAP_POPULATE
+    ADD(MAP_POPULATE);
+#endif
+#ifdef MAP_HUGETLB
+    ADD(MAP_HUGETLB);
+#endif
+#ifdef MAP_HUGE_SHIFT
+    ADD(MAP_HUGE_SHIFT);
+#endif
+#ifdef MAP_FIXED_NOREPLACE
+    ADD(MAP_FIXED_NOREPLACE);
+#endif
+    ADD(MADV_NORMAL); ADD(MADV_WILLNEED); ADD(MADV_DONTNEED);
+#ifdef MADV_FREE
+    ADD(MADV_FREE);
+#endif
+#ifdef MADV_HUGEPAGE
+    ADD(MADV_HUGEPAGE); ADD(MADV_NOHUGEPAGE);
+#endif
+#ifdef MADV_DONTDUMP
+    ADD(MADV_DONTDUMP); ADD(MADV_DODUMP);
+#endif
+#ifdef MADV_WIPEONFORK
+    ADD(MADV_WIPEONFORK); ADD(MADV_KEEPONFORK);
+#endif
+#ifdef MADV_DONTFORK
+    ADD(MADV_DONTFORK); ADD(MADV_DOFORK);
+#endif
+#ifdef MADV_POPULATE_READ
+    ADD(MADV_POPULATE_READ); ADD(MADV_POPULATE_WRITE);
+#endif
+#ifdef MADV_COLLAPSE
+    ADD(MADV_COLLAPSE);
+#endif
+    ADD(MREMAP_MAYMOVE);
+#ifdef MREMAP_FIXED
+    ADD(MREMAP_FIXED);
+#endif
+#undef ADD
+    return 0;
+}
+
+static int
+mman_exec(PyObject *m)
+{
+    module_state *st = get_state(m);
+
+    st->region_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &region_spec, NULL);
+    if (st->region_type == NULL)
+        return -1;
+    if (PyModule_AddObjectRef(m, "Region", (PyObject *)st->region_type) < 0)
+        return -1;
+    return add_constants(m);
+}
+
+static int
+mman_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    Py_VISIT(get_state(m)->region_type);
+    return 0;
+}
+
+static int
+mman_clear(PyObject *m)
+{
+    Py_CLEAR(get_state(m)->region_type);
+    return 0;
+}
+
+static void
+mman_free(void *m)
+{
+    mman_clear((PyObject *)m);
+}
+
+static PyModuleDef_Slot mman_slots[] = {
+    {Py_mod_exec, mman_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef mman_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "mmap_alloc._mman",
+    .m_doc = "System calls for page-granular memory (private to mmap_alloc).",
+    .m_size = sizeof(module_state),
+    .m_methods = mman_methods,
+    .m_slots = mman_slots,
+    .m_traverse = mman_traverse,
+    .m_clear = mman_clear,
+    .m_free = mman_free,
+};
+
+PyMODINIT_FUNC
+PyInit__mman(void)
+{
+    return PyModuleDef_Init(&mman_module);
+}
