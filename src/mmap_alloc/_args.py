@@ -45,9 +45,7 @@ def power_of_two(value: object, name: str) -> int:
     return n
 
 
-def page_range(
-    offset: object, length: object, capacity: int, page: int
-) -> tuple[int, int]:
+def page_range(offset: object, length: object, capacity: int, page: int) -> tuple[int, int]:
     """(offset, length) of whole pages within ``capacity`` bytes.
 
     ``offset`` must be page-aligned; ``length`` rounds up to whole pages;
@@ -55,7 +53,9 @@ def page_range(
     """
     start = integer(offset, "offset")
     if start < 0 or start % page:
-        raise ValueError(f"offset must be a non-negative multiple of the page size {page}, got {start}")
+        raise ValueError(
+            f"offset must be a non-negative multiple of the page size {page}, got {start}"
+        )
     if start > capacity:
         raise ValueError(f"offset {start} lies outside the region (capacity {capacity})")
     if length is None:

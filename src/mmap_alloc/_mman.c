@@ -675,7 +675,7 @@ static int
 region_traverse(RegionObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->owner);
-    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(Py_TYPE((PyObject *)self));
     return 0;
 }
 
@@ -689,7 +689,7 @@ region_clear(RegionObject *self)
 static void
 region_dealloc(RegionObject *self)
 {
-    PyTypeObject *tp = Py_TYPE(self);
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
     freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     char *p = self->data;
 

@@ -46,9 +46,7 @@ def effective_perms(requested: Perm, platform: str = sys.platform) -> Perm:
     try:
         table = _FALLBACKS[key]
     except KeyError:
-        raise ValueError(
-            f"unknown platform {platform!r}; known: {', '.join(PLATFORMS)}"
-        ) from None
+        raise ValueError(f"unknown platform {platform!r}; known: {', '.join(PLATFORMS)}") from None
     requested = Perm(requested)
     return table.get(requested, requested)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from typing import NamedTuple
 
@@ -38,17 +39,17 @@ class MapAlloc:
     """
 
     __slots__ = (
-        "_page",
+        "__weakref__",
+        "_commit",
+        "_flags",
+        "_huge",
         "_mask",
         "_max_size",
-        "_prot",
-        "_flags",
-        "_requested",
-        "_perms",
-        "_commit",
-        "_huge",
         "_obj_layout",
-        "__weakref__",
+        "_page",
+        "_perms",
+        "_prot",
+        "_requested",
     )
 
     def __init__(
@@ -368,7 +369,9 @@ class MapAlloc:
         try:
             unreadable = [run for run in runs if not run[2] & _READ and run[0] < region.capacity]
             for offset, n, perms in unreadable:
-                _mman.mprotect(region.address + offset, min(n, region.capacity - offset), perms | _READ)
+                _mman.mprotect(
+                    region.address + offset, min(n, region.capacity - offset), perms | _READ
+                )
             try:
                 target._copy_from(region, min(region.size, size))
             finally:
@@ -387,8 +390,12 @@ class MapAlloc:
 def _clip_runs(runs: list[tuple[int, int, Perm]], capacity: int) -> list[tuple[int, int, int]]:
     """Protection runs cut or stretched to ``capacity`` bytes; growth takes the
     last run's protection, as the kernel gives it to grown mappings."""
-    clipped = [(offset, min(n, capacity - offset), int(perms)) for offset, n, perms in runs if offset < capacity]
-    offset, n, perms = clipped[-1]
+    clipped = [
+        (offset, min(n, capacity - offset), int(perms))
+        for offset, n, perms in runs
+        if offset < capacity
+    ]
+    offset, _n, perms = clipped[-1]
     clipped[-1] = (offset, capacity - offset, perms)
     return clipped
 
@@ -408,7 +415,5 @@ def _release(address: int, length: int) -> None:
     try:
         _mman.munmap(address, length)
     except OSError:
-        try:
+        with contextlib.suppress(OSError):
             _mman.madvise(address, length, _DONTNEED)
-        except OSError:
-            pass

@@ -25,10 +25,12 @@ class Perm(enum.IntFlag):
     @classmethod
     def parse(cls, text: str) -> Perm:
         """The permissions written as in /proc/self/maps, e.g. ``"r-x"``."""
-        if len(text) != 3 or any(c not in (letter, "-") for c, letter in zip(text, "rwx")):
+        if len(text) != 3 or any(
+            c not in (letter, "-") for c, letter in zip(text, "rwx", strict=True)
+        ):
             raise ValueError(f"permissions must look like 'rwx' or 'r-x', not {text!r}")
         perm = cls.NONE
-        for c, flag in zip(text, (cls.READ, cls.WRITE, cls.EXEC)):
+        for c, flag in zip(text, (cls.READ, cls.WRITE, cls.EXEC), strict=True):
             if c != "-":
                 perm |= flag
         return perm
@@ -36,8 +38,10 @@ class Perm(enum.IntFlag):
     @classmethod
     def of(cls, *, read: bool, write: bool, exec: bool) -> Perm:
         """The permissions with the given flags set."""
-        return (cls.READ if read else cls.NONE) | (cls.WRITE if write else cls.NONE) | (
-            cls.EXEC if exec else cls.NONE
+        return (
+            (cls.READ if read else cls.NONE)
+            | (cls.WRITE if write else cls.NONE)
+            | (cls.EXEC if exec else cls.NONE)
         )
 
 

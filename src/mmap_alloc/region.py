@@ -91,7 +91,7 @@ class Region(_mman.Region):
     def __setitem__(self, key: int | slice, value: int | bytes) -> None:
         """Write a byte or a slice; a slice keeps its length (the region cannot resize)."""
         with memoryview(self) as view:
-            view[key] = value
+            view[key] = value  # type: ignore[index, assignment]
 
     def __iter__(self) -> Iterator[int]:
         """The bytes as ints, from a snapshot taken now."""
