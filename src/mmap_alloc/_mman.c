@@ -13,6 +13,9 @@
  *     mapping is never unmapped, moved, shrunk, or stripped of READ/WRITE.
  *   - while busy > 0 (a system call on it runs without the GIL) it is never
  *     unmapped, moved or shrunk either.
+ *   - pins (functions made by region.function()) count as exports, except
+ *     that they do not stop READ or WRITE from being removed: code needs
+ *     neither, and the Python layer keeps EXEC under them.
  *   - `prot` is the protection common to every page of the mapping; no
  *     buffer is exported without PROT_READ, only a read-only one without
  *     PROT_WRITE.
@@ -42,7 +45,8 @@ typedef struct {
     Py_ssize_t capacity;   /* bytes mapped; what munmap is given */
     int prot;              /* protection common to all pages */
     int mixed;             /* pages differ in protection */
-    Py_ssize_t exports;    /* live buffers */
+    Py_ssize_t exports;    /* live buffers, and pins */
+    Py_ssize_t pins;       /* live functions made by region.function() */
     Py_ssize_t busy;       /* system calls running without the GIL */
     PyObject *owner;       /* the allocator that made it, or None */
     PyObject *weakreflist;
@@ -200,10 +204,16 @@ region_check_open(RegionObject *self)
 static int
 region_check_idle(RegionObject *self, const char *what)
 {
-    if (self->exports > 0) {
+    if (self->exports > self->pins) {
         PyErr_Format(PyExc_BufferError,
                      "cannot %s: the region has %zd exported buffer(s)",
-                     what, self->exports);
+                     what, self->exports - self->pins);
+        return -1;
+    }
+    if (self->pins > 0) {
+        PyErr_Format(PyExc_BufferError,
+                     "cannot %s: %zd function(s) made by region.function() run code in it",
+                     what, self->pins);
         return -1;
     }
     if (self->busy > 0) {
@@ -242,6 +252,7 @@ region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
     self->prot = prot;
     self->mixed = 0;
     self->exports = 0;
+    self->pins = 0;
     self->busy = 0;
     Py_INCREF(owner);
     self->owner = owner;
@@ -464,12 +475,40 @@ region_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
         || arg_int(args[4], &mixed) < 0)
         return NULL;
     if ((self->prot & ~common & (PROT_READ | PROT_WRITE))
+        && (self->exports > self->pins || self->busy > 0)
         && region_check_idle(self, "remove read or write permission") < 0)
         return NULL;
     if (length > 0 && mprotect(self->data + offset, (size_t)length, prot) != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     self->prot = common;
     self->mixed = mixed != 0;
+    Py_RETURN_NONE;
+}
+
+/* _pin(delta): 1 pins the region for a function made by region.function(),
+ * -1 releases that pin. A pin counts as an export (no unmap, move, shrink)
+ * but does not stop protect() from removing READ or WRITE. */
+static PyObject *
+region_pin(RegionObject *self, PyObject *arg)
+{
+    long delta = PyLong_AsLong(arg);
+
+    if (delta == -1 && PyErr_Occurred())
+        return NULL;
+    if (delta == 1) {
+        if (region_check_open(self) < 0)
+            return NULL;
+        self->pins++;
+        self->exports++;
+    }
+    else if (delta == -1 && self->pins > 0) {
+        self->pins--;
+        self->exports--;
+    }
+    else {
+        PyErr_SetString(PyExc_ValueError, "_pin() takes 1, or -1 on a pinned region");
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -629,6 +668,12 @@ region_get_exports(RegionObject *self, void *closure)
 }
 
 static PyObject *
+region_get_pins(RegionObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->pins);
+}
+
+static PyObject *
 region_get_owner(RegionObject *self, void *closure)
 {
     Py_INCREF(self->owner);
@@ -727,6 +772,8 @@ static PyMethodDef region_methods[] = {
      "_zero(offset, length, prot): zero bytes within pages of protection prot."},
     {"_protect", (PyCFunction)(void (*)(void))region_protect, METH_FASTCALL,
      "_protect(offset, length, prot, common, mixed): mprotect a range."},
+    {"_pin", (PyCFunction)region_pin, METH_O,
+     "_pin(delta): 1 pins the region for a function, -1 releases the pin."},
     {"_advise", (PyCFunction)(void (*)(void))region_advise, METH_FASTCALL,
      "_advise(offset, length, advice): madvise a range."},
     {"_mincore", (PyCFunction)(void (*)(void))region_mincore, METH_FASTCALL,
@@ -749,6 +796,7 @@ static PyGetSetDef region_getset[] = {
     {"_prot", (getter)region_get_prot, NULL, "Protection common to all pages.", NULL},
     {"_mixed", (getter)region_get_mixed, NULL, "True when pages differ in protection.", NULL},
     {"_exports", (getter)region_get_exports, NULL, "Number of live buffers.", NULL},
+    {"_pins", (getter)region_get_pins, NULL, "Number of live functions.", NULL},
     {"_owner", (getter)region_get_owner, NULL, "The allocator that made the region.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

@@ -6,7 +6,7 @@ import contextlib
 import errno
 from typing import NamedTuple
 
-from . import _args, _mman
+from . import _args, _mman, protection
 from ._platform import PAGE_SIZE, alloc_error, effective_perms, format_size, hugepage_pools
 from .exceptions import CannotReallocInPlace
 from .perm import Perm
@@ -292,6 +292,13 @@ class MapAlloc:
         if n:
             region._advise(start, n, _DONTNEED)
 
+    def reserve(self, size: int, align: int | None = None) -> Region:
+        """Address space only: a region of ``size`` bytes with Perm.NONE,
+        nothing counted against RAM or the commit limit. Make pieces usable
+        with ``region.protect()``; release them with uncommit() +
+        ``protect(Perm.NONE)``. Normal-page allocators only."""
+        return protection.reserve(self, size, align)
+
     # ------------------------------------------------------------ objects
 
     def alloc_obj(self) -> Region:
@@ -342,10 +349,14 @@ class MapAlloc:
     def _populate(self, region: Region, start: int, length: int) -> None:
         """Prefault [start, start + length) for reading or, if allowed, writing."""
         if region._mixed:
+            readable = False
             for offset, run, perms in region.protections():
                 lo, hi = max(offset, start), min(offset + run, start + length)
                 if lo < hi and perms & _READ:
                     self._populate_run(region, lo, hi - lo, int(perms))
+                    readable = True
+            if not readable:
+                raise ValueError("cannot commit pages that are not readable; protect() them first")
             return
         prot = region._prot
         if not prot & _READ:

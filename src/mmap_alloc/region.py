@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from _ctypes import CFuncPtr
 from collections.abc import Iterator
 from types import TracebackType
-from typing import overload
+from typing import TypeVar, overload
 
-from . import _mman
-from ._platform import mappings
+from . import _mman, protection
 from .perm import Perm
+
+_F = TypeVar("_F", bound=CFuncPtr)
 
 
 class Region(_mman.Region):
@@ -29,26 +32,58 @@ class Region(_mman.Region):
 
     @property
     def perms(self) -> Perm:
-        """The permissions in force for the whole region."""
+        """The permissions in force for the whole region.
+
+        ValueError when its pages differ (``mixed``): see protections().
+        """
         self._check_open()
+        if self._mixed:
+            raise ValueError("the region's pages differ in protection; see region.protections()")
         return Perm(self._prot)
 
     def protections(self) -> list[tuple[int, int, Perm]]:
         """The (offset, length, perms) runs that cover the capacity, as the
         kernel reports them in /proc/self/maps."""
+        return protection.runs(self)
+
+    # Protection and code: the logic is in protection.py.
+
+    @property
+    def mixed(self) -> bool:
+        """Whether pages of the region differ in protection."""
         self._check_open()
-        start = self.address
-        end = start + self.capacity
-        runs: list[tuple[int, int, Perm]] = []
-        for mapping in mappings():
-            if mapping.end <= start or mapping.start >= end:
-                continue
-            lo, hi = max(mapping.start, start) - start, min(mapping.end, end) - start
-            if runs and runs[-1][2] == mapping.perms and sum(runs[-1][:2]) == lo:
-                runs[-1] = (runs[-1][0], hi - runs[-1][0], mapping.perms)
-            else:
-                runs.append((lo, hi - lo, mapping.perms))
-        return runs
+        return self._mixed
+
+    def protect(self, perms: Perm, offset: int = 0, length: int | None = None) -> None:
+        """Set the protection of whole pages [offset, offset + length); None: to the end.
+
+        BufferError, changing nothing, if it would remove READ or WRITE while a
+        buffer is exported, or EXEC while a function from function() lives.
+        """
+        protection.protect(self, perms, offset, length)
+
+    def make_exec(self, offset: int = 0, length: int | None = None) -> None:
+        """Make the pages read/exec, then flush the instruction cache for them."""
+        protection.make_exec(self, offset, length)
+
+    def make_writable(self, offset: int = 0, length: int | None = None) -> None:
+        """Make the pages read/write (not executable)."""
+        protection.make_writable(self, offset, length)
+
+    def writable(
+        self, offset: int = 0, length: int | None = None
+    ) -> contextlib.AbstractContextManager[Region]:
+        """``with region.writable(): ...`` read/write inside, read/exec (flushed) after."""
+        return protection.writable(self, offset, length)
+
+    def flush_icache(self, offset: int = 0, length: int | None = None) -> None:
+        """Make code written to the pages visible to instruction fetch (no-op on x86)."""
+        protection.flush_icache(self, offset, length)
+
+    def function(self, prototype: type[_F], offset: int = 0) -> _F:
+        """A ctypes function for the code at ``offset``; it pins the region
+        (no close, move, shrink, or loss of EXEC) while it exists."""
+        return protection.function(self, prototype, offset)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -58,7 +93,7 @@ class Region(_mman.Region):
         if self.closed:
             return f"<Region closed size={self.size}>"
         return (
-            f"<Region {self.perms} address=0x{self.address:x} "
+            f"<Region {'mixed' if self._mixed else self.perms} address=0x{self.address:x} "
             f"size={self.size} capacity={self.capacity}>"
         )
 
