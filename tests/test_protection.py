@@ -524,6 +524,13 @@ def test_function_at_offset_in_reservation(alloc: MapAlloc, page: int) -> None:
         del sub
 
 
+def test_function_runs_exec_only_code(code_region: Region) -> None:
+    code_region.protect(X)
+    add = code_region.function(IntFunction)
+    assert add(4, 5) == 9
+    assert_agrees_with_maps(code_region, [X] * 4)
+
+
 def test_function_on_non_executable_memory_is_a_clear_error(region: Region) -> None:
     with pytest.raises(ValueError, match=r"not executable \(rw-\).*make_exec"):
         region.function(IntFunction)

@@ -217,6 +217,7 @@ def function(region: Region, prototype: type[F], offset: object = 0) -> F:
     function keeps the region alive and pinned while it exists: the region
     cannot be closed, freed, moved or shrunk (BufferError), nor lose EXEC
     on any page (BufferError). The page at ``offset`` must be executable.
+    The function's ``region`` and ``offset`` attributes say where it lives.
     """
     if region.closed:
         raise ValueError("region is closed")
