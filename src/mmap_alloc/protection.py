@@ -104,7 +104,8 @@ def _protect_mixed(region: Region, prot: int, start: int, n: int) -> None:
     for offset, length, perms in before:
         if offset < start or offset + length > end:  # some of this run stays as it is
             common &= perms
-            mixed |= perms != prot
+            if perms != prot:
+                mixed = 1
         if offset < end and offset + length > start and perms & ~prot & _EXEC:
             removes_exec = True
     if removes_exec and region._pins:
@@ -241,10 +242,14 @@ def function(region: Region, prototype: type[F], offset: object = 0) -> F:
             "call make_exec() or protect() first"
         )
     fn = _function_type(prototype)(region.address + at)
-    region._pin(1)
     fn.region = region  # type: ignore[attr-defined]
     fn.offset = at  # type: ignore[attr-defined]
-    weakref.finalize(fn, region._pin, -1)
+    region._pin(1)
+    try:
+        weakref.finalize(fn, region._pin, -1)
+    except BaseException:
+        region._pin(-1)
+        raise
     return fn
 
 
@@ -316,7 +321,11 @@ def reserve(alloc: MapAlloc, size: object, align: object = None) -> Region:
         with contextlib.suppress(OSError):
             _mman.munmap(address, span)
         raise alloc_error(exc, n) from None
-    return Region._adopt(address + front, n, capacity, _NONE, alloc)
+    try:
+        return Region._adopt(address + front, n, capacity, _NONE, alloc)
+    except BaseException:
+        _mman.munmap(address + front, capacity)
+        raise
 
 
 # ---------------------------------------------------------------- helpers
