@@ -33,7 +33,7 @@ def no_mapping_leak() -> Iterator[None]:
     if leaked:
         regions = "".join(f"\n  {region!r}" for region in _open_regions())
         pytest.fail(
-            f"{leaked} byte(s) {'left mapped' if leaked > 0 else 'unmapped twice'} "
+            f"{abs(leaked)} byte(s) {'left mapped' if leaked > 0 else 'unmapped twice'} "
             f"by this test; open regions:{regions or ' none'}",
             pytrace=False,
         )

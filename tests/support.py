@@ -50,9 +50,7 @@ def mapped_intervals(anonymous_only: bool = False) -> list[tuple[int, int]]:
     return joined
 
 
-def subtract(
-    ranges: list[tuple[int, int]], minus: list[tuple[int, int]]
-) -> list[tuple[int, int]]:
+def subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The parts of ``ranges`` not covered by ``minus`` (both sorted, disjoint)."""
     result = []
     for start, end in ranges:

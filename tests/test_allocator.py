@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from mmap_alloc import AllocError, CannotReallocInPlace, Layout, MapAlloc, Perm, Region
+from mmap_alloc._platform import PAGE_SIZE as P
+from mmap_alloc.perm import ALL_PERMS
 from support import (
     SIGSEGV,
     adjacent_pair,
@@ -21,10 +26,6 @@ from support import (
     run_in_child,
     subtract,
 )
-
-from mmap_alloc import AllocError, CannotReallocInPlace, Layout, MapAlloc, Perm, Region
-from mmap_alloc._platform import PAGE_SIZE as P
-from mmap_alloc.perm import ALL_PERMS
 
 R, W, X = Perm.READ, Perm.WRITE, Perm.EXEC
 MiB = 1 << 20
@@ -116,7 +117,7 @@ def test_alloc_gives_separate_regions(alloc: MapAlloc) -> None:
     regions = [alloc.alloc(P + 1) for _ in range(8)]
     try:
         spans = sorted((r.address, r.address + r.capacity) for r in regions)
-        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))
     finally:
         for r in regions:
             alloc.dealloc(r)
@@ -444,11 +445,10 @@ def test_realloc_shrink_leaves_the_neighbour_intact(alloc: MapAlloc) -> None:
 
 
 def test_realloc_while_exported_within_the_capacity_is_allowed(alloc: MapAlloc) -> None:
-    with alloc.alloc(100) as region:
-        with memoryview(region) as view:
-            alloc.realloc(region, P)
-            assert len(view) == 100
-            assert region.size == P
+    with alloc.alloc(100) as region, memoryview(region) as view:
+        alloc.realloc(region, P)
+        assert len(view) == 100
+        assert region.size == P
 
 
 def test_realloc_while_exported_shrinks_the_size_and_keeps_the_capacity(
@@ -496,9 +496,8 @@ def test_realloc_refuses_a_size_that_is_not_positive(alloc: MapAlloc, size: int)
 
 @pytest.mark.parametrize("size", BAD_TYPES, ids=repr)
 def test_realloc_refuses_a_size_that_is_not_an_integer(alloc: MapAlloc, size: object) -> None:
-    with alloc.alloc(1) as region:
-        with pytest.raises(TypeError, match="new_size must be an integer"):
-            alloc.realloc(region, size)  # type: ignore[arg-type]
+    with alloc.alloc(1) as region, pytest.raises(TypeError, match="new_size must be an integer"):
+        alloc.realloc(region, size)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("size", TOO_LARGE)
@@ -850,7 +849,7 @@ def test_commit_and_uncommit_refuse_ranges_outside_the_region_or_unaligned(
 def test_commit_and_uncommit_refuse_offsets_and_lengths_that_are_not_integers(
     alloc: MapAlloc, method: str, offset: object, length: object
 ) -> None:
-    with alloc.alloc(P) as region, pytest.raises(TypeError, match="offset|length"):
+    with alloc.alloc(P) as region, pytest.raises(TypeError, match=r"offset|length"):
         getattr(alloc, method)(region, offset, length)
 
 

@@ -51,10 +51,9 @@ def test_of_sets_exactly_the_given_flags() -> None:
 
 def test_of_takes_keywords_only() -> None:
     with pytest.raises(TypeError):
-        Perm.of(True, True, False)  # type: ignore[misc]
+        Perm.of(True, True, False)  # type: ignore[call-arg]
 
 
 def test_all_perms_lists_the_eight_combinations_in_order() -> None:
-    assert ALL_PERMS == tuple(Perm(value) for value in range(8))
+    assert tuple(Perm(value) for value in range(8)) == ALL_PERMS
     assert len(set(ALL_PERMS)) == 8
-

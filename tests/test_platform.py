@@ -147,8 +147,8 @@ def test_format_size_uses_the_largest_exact_unit(n: int, text: str) -> None:
 
 
 def test_page_size_is_the_kernels() -> None:
-    assert PAGE_SIZE == resource.getpagesize()
-    assert PAGE_SIZE == _mman.page_size()
+    assert resource.getpagesize() == PAGE_SIZE
+    assert _mman.page_size() == PAGE_SIZE
 
 
 def test_thp_mode_is_the_bracketed_word() -> None:
