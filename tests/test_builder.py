@@ -153,6 +153,12 @@ def test_build_refuses_an_obj_align_that_is_not_a_power_of_two(align: int) -> No
         MapAllocBuilder().obj_align(align).build()
 
 
+@pytest.mark.parametrize("size", [2**63, 2**64])
+def test_build_refuses_an_obj_size_past_the_address_space_with_value_error(size: int) -> None:
+    with pytest.raises(ValueError, match=f"obj_size={size} exceeds the address space"):
+        MapAllocBuilder().obj_size(size).build()
+
+
 @pytest.mark.parametrize("size", [0, -P])
 def test_build_refuses_an_obj_size_that_is_not_positive(size: int) -> None:
     with pytest.raises(ValueError, match="obj_size must be positive"):

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from . import _args, _mman
 from ._platform import PAGE_SIZE, alloc_error, effective_perms, format_size, hugepage_pools
-from .exceptions import CannotReallocInPlace
+from .exceptions import AllocError, CannotReallocInPlace
 from .perm import Perm
 from .region import Region
 
@@ -79,7 +79,10 @@ class MapAlloc:
                 )
             flags |= _mman.MAP_HUGETLB | (page.bit_length() - 1) << _mman.MAP_HUGE_SHIFT
         align = page if obj_align is None else _args.power_of_two(obj_align, "obj_align")
-        size = page if obj_size is None else _args.size(obj_size, page, "obj_size")
+        try:
+            size = page if obj_size is None else _args.size(obj_size, page, "obj_size")
+        except AllocError as exc:  # a configuration error, found at build() as all are
+            raise ValueError(str(exc)) from None
         if size % page:
             raise ValueError(f"obj_size={size} must be a multiple of the page size {page}")
         if size % align:
