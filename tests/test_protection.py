@@ -690,10 +690,10 @@ def test_released_piece_is_returned_and_reads_zero_when_taken_again(
 
 def test_commit_of_unreadable_reservation_is_an_error(alloc: MapAlloc, page: int) -> None:
     with alloc.reserve(8 * page) as reservation:
-        with pytest.raises(ValueError, match="not readable"):
+        with pytest.raises(ValueError, match="neither readable nor writable"):
             alloc.commit(reservation)
         reservation.protect(RW, 0, page)
-        with pytest.raises(ValueError, match="not readable"):
+        with pytest.raises(ValueError, match="neither readable nor writable"):
             alloc.commit(reservation, page, page)
 
 

@@ -52,6 +52,19 @@ typedef struct {
     PyObject *weakreflist;
 } RegionObject;
 
+/* Bytes mapped by this module and not unmapped yet: every successful
+ * mmap, munmap and mremap here adjusts it (the GIL is held when it does).
+ * The test suite checks it returns to where it was; a new function that
+ * maps or unmaps memory must adjust it too. */
+static Py_ssize_t mapped_bytes = 0;
+
+static Py_ssize_t
+page_round(Py_ssize_t length)
+{
+    Py_ssize_t page = (Py_ssize_t)sysconf(_SC_PAGESIZE);
+    return (length + page - 1) & ~(page - 1);
+}
+
 /* ------------------------------------------------------------------ */
 /* argument helpers: the Python layer passes exact ints                */
 
@@ -114,6 +127,12 @@ mman_page_size(PyObject *module, PyObject *unused)
 }
 
 static PyObject *
+mman_mapped_bytes(PyObject *module, PyObject *unused)
+{
+    return PyLong_FromSsize_t(mapped_bytes);
+}
+
+static PyObject *
 mman_mmap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t length;
@@ -128,6 +147,7 @@ mman_mmap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_END_ALLOW_THREADS
     if (p == MAP_FAILED)
         return PyErr_SetFromErrno(PyExc_OSError);
+    mapped_bytes += page_round(length);
     return PyLong_FromVoidPtr(p);
 }
 
@@ -146,6 +166,7 @@ mman_munmap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_END_ALLOW_THREADS
     if (rc != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
+    mapped_bytes -= page_round(length);
     Py_RETURN_NONE;
 }
 
@@ -285,6 +306,8 @@ region_map(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
     region = region_wrap((PyTypeObject *)cls, p, size, capacity, prot, args[4]);
     if (region == NULL)
         munmap(p, (size_t)capacity);
+    else
+        mapped_bytes += capacity;
     return region;
 }
 
@@ -333,6 +356,7 @@ region_close(RegionObject *self, PyObject *unused)
         self->data = p;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
+    mapped_bytes -= self->capacity;
     Py_RETURN_NONE;
 }
 
@@ -369,6 +393,7 @@ region_resize(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
         p = mremap(self->data, (size_t)self->capacity, (size_t)capacity, flags);
         if (p == MAP_FAILED)
             return PyErr_SetFromErrno(PyExc_OSError);
+        mapped_bytes += capacity - self->capacity;
         self->data = p;
         self->capacity = capacity;
     }
@@ -749,6 +774,8 @@ region_dealloc(RegionObject *self)
         if (rc != 0)   /* cannot unmap (map count): at least give the memory back */
             madvise(p, (size_t)self->capacity, MADV_DONTNEED);
         Py_END_ALLOW_THREADS
+        if (rc == 0)
+            mapped_bytes -= self->capacity;
     }
     region_clear(self);
     tp_free(self);
@@ -834,6 +861,8 @@ static PyType_Spec region_spec = {
 
 static PyMethodDef mman_methods[] = {
     {"page_size", mman_page_size, METH_NOARGS, "page_size() -> int"},
+    {"mapped_bytes", mman_mapped_bytes, METH_NOARGS,
+     "mapped_bytes() -> int: bytes this module has mapped and not unmapped"},
     {"mmap", (PyCFunction)(void (*)(void))mman_mmap, METH_FASTCALL,
      "mmap(length, prot, flags) -> address of a private anonymous mapping"},
     {"munmap", (PyCFunction)(void (*)(void))mman_munmap, METH_FASTCALL,

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from . import _args, _mman, protection
 from ._platform import PAGE_SIZE, alloc_error, effective_perms, format_size, hugepage_pools
-from .exceptions import CannotReallocInPlace
+from .exceptions import AllocError, CannotReallocInPlace
 from .perm import Perm
 from .region import Region
 
@@ -20,6 +20,9 @@ _POPULATE_WRITE: int | None = getattr(_mman, "MADV_POPULATE_WRITE", None)
 _READ = int(Perm.READ)
 _WRITE = int(Perm.WRITE)
 _RW = _READ | _WRITE
+_NO_ACCESS_TO_COMMIT = (
+    "cannot commit pages that are neither readable nor writable; protect() them first"
+)
 
 
 class Layout(NamedTuple):
@@ -79,7 +82,10 @@ class MapAlloc:
                 )
             flags |= _mman.MAP_HUGETLB | (page.bit_length() - 1) << _mman.MAP_HUGE_SHIFT
         align = page if obj_align is None else _args.power_of_two(obj_align, "obj_align")
-        size = page if obj_size is None else _args.size(obj_size, page, "obj_size")
+        try:
+            size = page if obj_size is None else _args.size(obj_size, page, "obj_size")
+        except AllocError as exc:  # a configuration error, found at build() as all are
+            raise ValueError(str(exc)) from None
         if size % page:
             raise ValueError(f"obj_size={size} must be a multiple of the page size {page}")
         if size % align:
@@ -184,8 +190,12 @@ class MapAlloc:
             if isinstance(exc, OSError):
                 raise alloc_error(exc, size, self._huge) from None
             raise
-        if self._commit and self._prot & _READ:
-            self._populate(region, 0, capacity)
+        if self._commit and self._prot & _RW:
+            try:
+                self._populate(region, 0, capacity)
+            except BaseException:
+                region.close()
+                raise
         return region
 
     def dealloc(self, region: Region) -> None:
@@ -337,30 +347,31 @@ class MapAlloc:
         page = self._page
         full_start = -(-start // page) * page
         full_end = end // page * page
-        if full_start >= full_end:
-            region._zero(start, end - start, _prot_at(region, start))
-            return
-        if start < full_start:
-            region._zero(start, full_start - start, _prot_at(region, start))
-        region._advise(full_start, full_end - full_start, _DONTNEED)
-        if full_end < end:
-            region._zero(full_end, end - full_end, _prot_at(region, full_end))
+        # Partial pages are zeroed one page at a time: pages may differ in protection.
+        head_end = min(end, full_start)
+        if start < head_end:
+            region._zero(start, head_end - start, _prot_at(region, start))
+        if full_start < full_end:
+            region._advise(full_start, full_end - full_start, _DONTNEED)
+        tail_start = max(full_end, head_end)
+        if tail_start < end:
+            region._zero(tail_start, end - tail_start, _prot_at(region, tail_start))
 
     def _populate(self, region: Region, start: int, length: int) -> None:
         """Prefault [start, start + length) for reading or, if allowed, writing."""
         if region._mixed:
-            readable = False
+            accessible = False
             for offset, run, perms in region.protections():
                 lo, hi = max(offset, start), min(offset + run, start + length)
-                if lo < hi and perms & _READ:
+                if lo < hi and perms & _RW:
                     self._populate_run(region, lo, hi - lo, int(perms))
-                    readable = True
-            if not readable:
-                raise ValueError("cannot commit pages that are not readable; protect() them first")
+                    accessible = True
+            if not accessible:
+                raise ValueError(_NO_ACCESS_TO_COMMIT)
             return
         prot = region._prot
-        if not prot & _READ:
-            raise ValueError("cannot commit pages that are not readable; protect() them first")
+        if not prot & _RW:
+            raise ValueError(_NO_ACCESS_TO_COMMIT)
         self._populate_run(region, start, length, prot)
 
     def _populate_run(self, region: Region, start: int, length: int, prot: int) -> None:
@@ -376,7 +387,10 @@ class MapAlloc:
     def _move_by_copy(self, region: Region, size: int, capacity: int) -> None:
         """Resize by copying into a new mapping, for mappings mremap cannot move."""
         runs = _clip_runs(region.protections(), capacity)
-        target = Region._map(size, capacity, _RW, self._flags & ~_MAP_POPULATE, self)
+        try:
+            target = Region._map(size, capacity, _RW, self._flags & ~_MAP_POPULATE, self)
+        except OSError as exc:
+            raise alloc_error(exc, size, self._huge) from None
         try:
             unreadable = [run for run in runs if not run[2] & _READ and run[0] < region.capacity]
             for offset, n, perms in unreadable:

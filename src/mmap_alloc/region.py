@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from _ctypes import CFuncPtr
 from collections.abc import Iterator
 from types import TracebackType
@@ -116,6 +117,8 @@ class Region(_mman.Region):
 
     def __getitem__(self, key: int | slice) -> int | bytes:
         """A byte (an int) or a slice (bytes), bounds-checked as for bytearray."""
+        if not isinstance(key, slice):
+            key = _index(key)
         with memoryview(self) as view:
             item = view[key]
             if isinstance(item, memoryview):
@@ -125,9 +128,21 @@ class Region(_mman.Region):
 
     def __setitem__(self, key: int | slice, value: int | bytes) -> None:
         """Write a byte or a slice; a slice keeps its length (the region cannot resize)."""
+        if not isinstance(key, slice):
+            key = _index(key)
         with memoryview(self) as view:
             view[key] = value  # type: ignore[index, assignment]
 
     def __iter__(self) -> Iterator[int]:
         """The bytes as ints, from a snapshot taken now."""
         return iter(bytes(self))
+
+
+def _index(key: object) -> int:
+    """An index as bytearray takes it: an int or an object with __index__."""
+    try:
+        return operator.index(key)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"region indices must be integers or slices, not {type(key).__name__}"
+        ) from None
