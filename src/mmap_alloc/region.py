@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from types import TracebackType
-from typing import overload
+from typing import TYPE_CHECKING, Any, overload
 
 from . import _mman
 from ._platform import mappings
 from .perm import Perm
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
+    from .hugepages import Backing
+    from .stats import RegionStats
 
 
 class Region(_mman.Region):
@@ -96,3 +102,27 @@ class Region(_mman.Region):
     def __iter__(self) -> Iterator[int]:
         """The bytes as ints, from a snapshot taken now."""
         return iter(bytes(self))
+
+    @property
+    def backing(self) -> Backing:
+        """What backs the region: normal pages, THP (advised), or hugetlb pages."""
+        from .hugepages import backing_of
+
+        self._check_open()
+        return backing_of(self)
+
+    def stats(self) -> RegionStats:
+        """Residency, huge page use, kernel page size and protections, measured now."""
+        from .stats import region_stats
+
+        return region_stats(self)
+
+    def ndarray(self, dtype: Any, shape: int | tuple[int, ...], offset: int = 0) -> NDArray[Any]:
+        """A numpy array over the region's bytes at ``offset`` (needs numpy).
+
+        The array, and every view of it, pins the region: it cannot be unmapped
+        while any of them lives. A read-only region gives a read-only array.
+        """
+        from .numpy import ndarray
+
+        return ndarray(self, dtype, shape, offset)
