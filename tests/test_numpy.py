@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 
 import pytest
 
@@ -212,3 +214,13 @@ def test_zeros_on_transparent_huge_pages() -> None:
     assert region.backing == Backing.THP
     assert region.stats().huge_bytes > 0
     del region, array
+
+
+def test_the_core_does_not_import_numpy() -> None:
+    code = (
+        "import sys, mmap_alloc\n"
+        "region = mmap_alloc.MapAlloc(huge='prefer').alloc(1)\n"
+        "region.stats(); region.backing; region.close()\n"
+        "assert 'numpy' not in sys.modules, 'numpy imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
