@@ -166,6 +166,17 @@ def test_thp_regions_are_aligned_to_and_sized_in_huge_pages() -> None:
 
 
 @needs_thp
+def test_thp_regions_honour_alignments_above_the_huge_page_size() -> None:
+    alloc = MapAlloc(huge="thp")
+    regions = [alloc.alloc(1, align=8 << 20) for _ in range(3)]
+    try:
+        assert [region.address % (8 << 20) for region in regions] == [0, 0, 0]
+    finally:
+        for region in regions:
+            region.close()
+
+
+@needs_thp
 def test_thp_region_touched_fully_is_backed_by_huge_pages() -> None:
     with MapAlloc(huge="thp").alloc(64 << 20) as region:
         fill(region)
@@ -183,6 +194,15 @@ def test_thp_commit_prefaults_huge_pages() -> None:
         stats = region.stats()
     assert stats.resident_bytes == 8 << 20
     assert stats.huge_bytes > 0
+
+
+@needs_thp
+def test_thp_uncommit_gives_whole_huge_pages_back() -> None:
+    alloc = MapAlloc(huge="thp", commit=True)
+    with alloc.alloc(4 << 20) as region:
+        alloc.uncommit(region, thp_size())
+        stats = region.stats()
+    assert stats.resident_bytes == stats.huge_bytes == thp_size()
 
 
 @needs_thp
@@ -227,6 +247,22 @@ def test_dealloc_returns_hugetlb_pages_to_the_pool(hugetlb_alloc: MapAlloc) -> N
     assert free_pages() == free - 3
     hugetlb_alloc.dealloc(region)
     assert free_pages() == free
+
+
+def test_dropping_a_hugetlb_region_returns_its_pages(hugetlb_alloc: MapAlloc) -> None:
+    free = free_pages()
+    region = hugetlb_alloc.alloc(HUGE)
+    fill(region)
+    del region
+    assert free_pages() == free
+
+
+def test_hugetlb_regions_honour_alignments_above_the_huge_page_size(
+    hugetlb_alloc: MapAlloc,
+) -> None:
+    with hugetlb_alloc.alloc(1, align=8 * HUGE) as region:
+        assert region.address % (8 * HUGE) == 0
+        assert region.backing == Backing.HUGETLB
 
 
 def test_dealloc_unmaps_the_whole_rounded_hugetlb_mapping(hugetlb_alloc: MapAlloc) -> None:
