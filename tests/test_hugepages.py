@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, MapAllocBuilder, Region
+from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, MapAllocBuilder, Region, _mman
 from mmap_alloc import hugepages as hp
 from mmap_alloc._platform import (
     PAGE_SIZE,
@@ -217,6 +217,36 @@ def test_thp_realloc_keeps_alignment_contents_and_backing() -> None:
         assert region.backing == Backing.THP
     finally:
         alloc.dealloc(region)
+
+
+@needs_thp
+def test_thp_region_moved_off_a_huge_page_boundary_is_moved_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As older kernels' mremap may do; the region is copied to an aligned mapping."""
+
+    def realloc_off_boundary(alloc: MapAlloc, region: Region, new_size: int) -> Region:
+        capacity = -(-new_size // thp_size()) * thp_size()
+        span = _mman.mmap(capacity + 2 * thp_size(), 3, 0)
+        start = -(-span // thp_size()) * thp_size() + PAGE_SIZE
+        _mman.munmap(span, start - span)
+        _mman.munmap(start + capacity, span + capacity + 2 * thp_size() - start - capacity)
+        moved = Region._adopt(start, new_size, capacity, 3, alloc)
+        moved._copy_from(region, region.size)
+        region._swap(moved)
+        moved.close()
+        return region
+
+    alloc = MapAlloc(huge="thp")
+    region = alloc.alloc(thp_size())
+    region[100] = 42
+    monkeypatch.setattr(MapAlloc, "realloc", realloc_off_boundary)
+    region = alloc.realloc(region, 2 * thp_size())
+    with region:
+        assert region.address % thp_size() == 0
+        assert region[100] == 42
+        assert region.backing == Backing.THP
+        assert region.stats().capacity == 2 * thp_size()
 
 
 # ---------------------------------------------------------------- hugetlb
