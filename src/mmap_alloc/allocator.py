@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Self, cast
 
 from . import _args, _mman, protection
-from ._platform import PAGE_SIZE, alloc_error, effective_perms, format_size, hugepage_pools
+from ._platform import PAGE_SIZE, alloc_error, effective_perms
 from .exceptions import AllocError, CannotReallocInPlace
 from .perm import Perm
 from .region import Region
+
+if TYPE_CHECKING:
+    from .stats import AllocStats
 
 _MAP_POPULATE: int = getattr(_mman, "MAP_POPULATE", 0)
 _MAYMOVE = _mman.MREMAP_MAYMOVE
@@ -39,6 +42,11 @@ class MapAlloc:
     commit (prefaulting) and the page size are fixed when it is made. The
     regions it returns stay owned by it: give them back with dealloc() (or
     close them; a region that is garbage-collected is unmapped too).
+
+    Huge pages: ``huge_pagesize=n`` maps hugetlb pages of n bytes;
+    ``huge="hugetlb" | "thp" | "prefer"`` picks a mode (see mmap_alloc.hugepages).
+    The page size is then the huge page size, and ``region.backing`` says
+    what each region got.
     """
 
     __slots__ = (
@@ -55,6 +63,26 @@ class MapAlloc:
         "_requested",
     )
 
+    def __new__(
+        cls,
+        read: bool = True,
+        write: bool = True,
+        exec: bool = False,
+        commit: bool = False,
+        obj_size: int | None = None,
+        obj_align: int | None = None,
+        huge_pagesize: int | None = None,
+        *,
+        huge: str | None = None,
+    ) -> Self:
+        """Huge page modes (``huge=``, ``huge_pagesize=``) make a HugeMapAlloc
+        (hugepages.py), so that normal allocators pay nothing for them."""
+        if cls is MapAlloc and (huge is not None or huge_pagesize is not None):
+            from .hugepages import HugeMapAlloc
+
+            return cast(Self, object.__new__(HugeMapAlloc))
+        return object.__new__(cls)
+
     def __init__(
         self,
         read: bool = True,
@@ -64,23 +92,14 @@ class MapAlloc:
         obj_size: int | None = None,
         obj_align: int | None = None,
         huge_pagesize: int | None = None,
+        *,
+        huge: str | None = None,
     ) -> None:
         for name, flag in (("read", read), ("write", write), ("exec", exec), ("commit", commit)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, not {type(flag).__name__}")
-        flags = _MAP_POPULATE if commit else 0
-        if huge_pagesize is None:
-            page = PAGE_SIZE
-        else:
-            page = _args.integer(huge_pagesize, "huge_pagesize")
-            supported = [pool.size for pool in hugepage_pools()]
-            if page not in supported:
-                names = ", ".join(format_size(size) for size in supported) or "none"
-                raise ValueError(
-                    f"huge_pagesize={page} is not a huge page size of this machine "
-                    f"(supported: {names})"
-                )
-            flags |= _mman.MAP_HUGETLB | (page.bit_length() - 1) << _mman.MAP_HUGE_SHIFT
+        page, huge_flags, hugetlb = self._pages(huge, huge_pagesize)
+        flags = huge_flags | (_MAP_POPULATE if commit else 0)
         align = page if obj_align is None else _args.power_of_two(obj_align, "obj_align")
         try:
             size = page if obj_size is None else _args.size(obj_size, page, "obj_size")
@@ -99,8 +118,15 @@ class MapAlloc:
         self._prot = int(self._perms)
         self._flags = flags
         self._commit = commit
-        self._huge = huge_pagesize if huge_pagesize is None else page
+        self._huge = hugetlb
         self._obj_layout = Layout(size, align)
+
+    def _pages(self, huge: object, huge_pagesize: object) -> tuple[int, int, int | None]:
+        """(page size, mmap flags, hugetlb page size) of the pages to map:
+        normal pages here; HugeMapAlloc overrides it."""
+        if huge is not None or huge_pagesize is not None:
+            raise TypeError(f"{type(self).__name__} cannot use huge pages: use MapAlloc(huge=...)")
+        return PAGE_SIZE, 0, None
 
     # ------------------------------------------------------------ properties
 
@@ -128,6 +154,11 @@ class MapAlloc:
     def huge_pagesize(self) -> int | None:
         """The hugetlb page size, or None for normal pages."""
         return self._huge
+
+    @property
+    def huge(self) -> str | None:
+        """The huge page mode (hugetlb, thp, prefer), or None for normal pages."""
+        return None
 
     @property
     def obj_layout(self) -> Layout:
@@ -387,10 +418,7 @@ class MapAlloc:
     def _move_by_copy(self, region: Region, size: int, capacity: int) -> None:
         """Resize by copying into a new mapping, for mappings mremap cannot move."""
         runs = _clip_runs(region.protections(), capacity)
-        try:
-            target = Region._map(size, capacity, _RW, self._flags & ~_MAP_POPULATE, self)
-        except OSError as exc:
-            raise alloc_error(exc, size, self._huge) from None
+        target = self._map_like(region, size, capacity)
         try:
             unreadable = [run for run in runs if not run[2] & _READ and run[0] < region.capacity]
             for offset, n, perms in unreadable:
@@ -410,6 +438,25 @@ class MapAlloc:
             region._swap(target)
         finally:
             target.close()
+
+    def _map_like(self, region: Region, size: int, capacity: int) -> Region:
+        """A new writable mapping backed like ``region``, for _move_by_copy."""
+        try:
+            return Region._map(size, capacity, _RW, self._flags & ~_MAP_POPULATE, self)
+        except OSError as exc:
+            raise alloc_error(exc, size, self._huge) from None
+
+    # ------------------------------------------------------------ statistics
+
+    def stats(self) -> AllocStats:
+        """Live regions, bytes mapped and bytes resident, measured now.
+
+        Costs nothing per allocation: the live regions are found through the
+        garbage collector (time proportional to the objects in the process).
+        """
+        from .stats import alloc_stats
+
+        return alloc_stats(self)
 
 
 def _clip_runs(runs: list[tuple[int, int, Perm]], capacity: int) -> list[tuple[int, int, int]]:

@@ -7,10 +7,16 @@ import operator
 from _ctypes import CFuncPtr
 from collections.abc import Iterator
 from types import TracebackType
-from typing import TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _mman, protection
 from .perm import Perm
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
+    from .hugepages import Backing
+    from .stats import RegionStats
 
 _F = TypeVar("_F", bound=CFuncPtr)
 
@@ -136,6 +142,30 @@ class Region(_mman.Region):
     def __iter__(self) -> Iterator[int]:
         """The bytes as ints, from a snapshot taken now."""
         return iter(bytes(self))
+
+    @property
+    def backing(self) -> Backing:
+        """What backs the region: normal pages, THP (advised), or hugetlb pages."""
+        from .hugepages import backing_of
+
+        self._check_open()
+        return backing_of(self)
+
+    def stats(self) -> RegionStats:
+        """Residency, huge page use, kernel page size and protections, measured now."""
+        from .stats import region_stats
+
+        return region_stats(self)
+
+    def ndarray(self, dtype: Any, shape: int | tuple[int, ...], offset: int = 0) -> NDArray[Any]:
+        """A numpy array over the region's bytes at ``offset`` (needs numpy).
+
+        The array, and every view of it, pins the region: it cannot be unmapped
+        while any of them lives. A read-only region gives a read-only array.
+        """
+        from .numpy import ndarray
+
+        return ndarray(self, dtype, shape, offset)
 
 
 def _index(key: object) -> int:
