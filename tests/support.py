@@ -7,7 +7,7 @@ import os
 import random
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 from mmap_alloc import MapAlloc, Perm, Region
 from mmap_alloc._platform import PAGE_SIZE, mappings
@@ -38,14 +38,18 @@ def kernel_runs(region: Region) -> list[tuple[int, int, Perm]]:
 
 
 def mapped_intervals(
-    anonymous_only: bool = False, perms: Perm | None = None
+    anonymous_only: bool = False, perms: Container[Perm] | None = None
 ) -> list[tuple[int, int]]:
-    """The address ranges mapped now (only those of ``perms`` if given), adjacent ranges joined."""
+    """The address ranges mapped now, adjacent ranges joined.
+
+    ``perms`` keeps only mappings with one of those permissions: tests map
+    pages unlike the interpreter's own (rw-), which may map arenas meanwhile.
+    """
     joined: list[tuple[int, int]] = []
     for m in mappings():
         if anonymous_only and m.name:
             continue
-        if perms is not None and m.perms != perms:
+        if perms is not None and m.perms not in perms:
             continue
         if joined and joined[-1][1] == m.start:
             joined[-1] = (joined[-1][0], m.end)

@@ -256,10 +256,10 @@ def test_large_alignment_aligns_the_address(alloc: MapAlloc, align: int, size: i
 @pytest.mark.parametrize("align", [2 * MiB, 32 * MiB], ids=["2MiB", "32MiB"])
 def test_large_alignment_leaves_nothing_mapped_outside_the_region(align: int) -> None:
     alloc = exec_only()  # pages unlike the interpreter's own, which may map arenas meanwhile
-    before = mapped_intervals(perms=X)
+    before = mapped_intervals(perms={X})
     region = alloc.alloc(3 * P, align)
     try:
-        new = subtract(mapped_intervals(perms=X), before)
+        new = subtract(mapped_intervals(perms={X}), before)
         assert new == [(region.address, region.address + 3 * P)]
     finally:
         alloc.dealloc(region)
@@ -545,13 +545,13 @@ def test_realloc_of_a_mixed_region_copies_contents_and_protections(alloc: MapAll
 
 def test_realloc_of_a_mixed_region_leaves_no_mapping_behind() -> None:
     alloc = exec_only()
-    before = mapped_intervals()
-    region = alloc.alloc(2 * P)
-    region._protect(P, P, int(Perm.NONE), int(Perm.NONE), 1)
-    alloc.realloc(region, 8 * P)
-    new = subtract(mapped_intervals(), before)
-    assert new == [(region.address, region.address + 8 * P)]
-    alloc.dealloc(region)
+    ours = {X, Perm.NONE}
+    before = mapped_intervals(perms=ours)
+    with alloc.alloc(2 * P) as region:
+        region._protect(P, P, int(Perm.NONE), int(Perm.NONE), 1)
+        alloc.realloc(region, 8 * P)
+        new = subtract(mapped_intervals(perms=ours), before)
+        assert new == [(region.address, region.address + 8 * P)]
 
 
 def test_realloc_within_the_capacity_of_a_mixed_region_zeroes_each_page_safely() -> None:

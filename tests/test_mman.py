@@ -18,8 +18,12 @@ def exec_only() -> MapAlloc:
     return MapAlloc(read=False, write=False, exec=True)
 
 
+def exec_intervals() -> list[tuple[int, int]]:
+    return mapped_intervals(perms={Perm.EXEC})
+
+
 def new_bytes(before: list[tuple[int, int]]) -> int:
-    return sum(end - start for start, end in subtract(mapped_intervals(), before))
+    return sum(end - start for start, end in subtract(exec_intervals(), before))
 
 
 def test_page_size() -> None:
@@ -37,17 +41,15 @@ def test_constants_are_the_kernels() -> None:
 
 def test_mapped_bytes_follow_what_the_kernel_maps() -> None:
     alloc = exec_only()
-    start, before = _mman.mapped_bytes(), mapped_intervals()
-    region = alloc.alloc(3 * P)
-    assert _mman.mapped_bytes() - start == new_bytes(before) == 3 * P
-    alloc.realloc(region, 10 * P)
-    assert _mman.mapped_bytes() - start == new_bytes(before) == 10 * P
-    alloc.realloc(region, P)
-    assert _mman.mapped_bytes() - start == new_bytes(before) == P
-    aligned = alloc.alloc(P, 2 * MiB)
-    assert _mman.mapped_bytes() - start == new_bytes(before) == 2 * P
-    alloc.dealloc(aligned)
-    alloc.dealloc(region)
+    start, before = _mman.mapped_bytes(), exec_intervals()
+    with alloc.alloc(3 * P) as region:
+        assert _mman.mapped_bytes() - start == new_bytes(before) == 3 * P
+        alloc.realloc(region, 10 * P)
+        assert _mman.mapped_bytes() - start == new_bytes(before) == 10 * P
+        alloc.realloc(region, P)
+        assert _mman.mapped_bytes() - start == new_bytes(before) == P
+        with alloc.alloc(P, 2 * MiB):
+            assert _mman.mapped_bytes() - start == new_bytes(before) == 2 * P
     assert _mman.mapped_bytes() == start
 
 
