@@ -8,6 +8,7 @@ from .allocator import Layout, MapAlloc
 from .builder import MapAllocBuilder
 from .exceptions import AllocError, CannotReallocInPlace, MapAllocError
 from .perm import Perm
+from .pool import ObjectPool, PoolStats
 from .region import Region
 
 __all__ = [
@@ -17,7 +18,9 @@ __all__ = [
     "MapAlloc",
     "MapAllocBuilder",
     "MapAllocError",
+    "ObjectPool",
     "Perm",
+    "PoolStats",
     "Region",
 ]
 
