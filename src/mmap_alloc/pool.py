@@ -115,8 +115,7 @@ class ObjectPool(_mman.Pool):
             slab = _args.size(slab_size, page, "slab_size")
             if slab < stride:
                 raise ValueError(
-                    f"slab_size={slab} cannot hold one object of {size} bytes "
-                    f"(stride {stride})"
+                    f"slab_size={slab} cannot hold one object of {size} bytes (stride {stride})"
                 )
         slab = -(-slab // page) * page
         per_slab = slab // stride
