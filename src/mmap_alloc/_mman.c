@@ -881,7 +881,7 @@ pool_address_arg(PyObject *o, uintptr_t *out)
 }
 
 /* The slab holding address a and the object's index in it. */
-static int
+static inline int
 pool_locate(PoolObject *self, uintptr_t a, Slab **slab, uint32_t *index)
 {
     Slab *s = self->last;
@@ -1145,11 +1145,61 @@ pool_free(PoolObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* Take up to n free objects of slab s (s->nfree > 0), lowest first; their
+ * addresses go to out. Returns how many. */
+static Py_ssize_t
+slab_take_many(PoolObject *self, Slab *s, uintptr_t *out, Py_ssize_t n)
+{
+    uint32_t want = (Py_ssize_t)s->nfree < n ? s->nfree : (uint32_t)n;
+    uint32_t w = s->hint, got = 0, top = 0;
+    uintptr_t base = (uintptr_t)s->base, stride = (uintptr_t)self->stride;
+
+    if (s->nfree == self->per_slab)
+        self->nempty--;
+    while (got < want) {
+        uint64_t word = s->bits[w];
+        while (word != 0 && got < want) {
+            top = (w << 6) | (uint32_t)__builtin_ctzll(word);
+            word &= word - 1;
+            out[got++] = base + (uintptr_t)top * stride;
+        }
+        s->bits[w] = word;
+        if (word == 0 && w + 1 < self->nwords)
+            w++;
+    }
+    s->hint = w;
+    s->nfree -= got;
+    self->live += got;
+    if (top >= s->fresh)
+        s->fresh = top + 1;
+    return got;
+}
+
+/* Give back objects this call took; slabs may have changed meanwhile. */
+static void
+pool_give_back(PoolObject *self, const uintptr_t *addrs, Py_ssize_t n)
+{
+    PyObject *exc_type, *exc_value, *exc_tb;
+    Py_ssize_t j;
+
+    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+    for (j = 0; j < n; j++) {
+        Slab *s;
+        uint32_t i;
+        if (!self->closed && pool_locate(self, addrs[j], &s, &i) == LOC_OK && !slab_is_free(s, i))
+            slab_give(self, s, i);
+    }
+    if (pool_maybe_release(self) < 0)
+        PyErr_Clear();
+    PyErr_Restore(exc_type, exc_value, exc_tb);
+}
+
 static PyObject *
 pool_alloc_many(PoolObject *self, PyObject *arg)
 {
-    Py_ssize_t n, k;
-    PyObject *list;
+    Py_ssize_t n, k = 0, j;
+    PyObject *list = NULL;
+    uintptr_t *addrs;
 
     if (!PyLong_Check(arg) || PyBool_Check(arg)) {
         PyObject *name = PyType_GetName(Py_TYPE(arg));
@@ -1168,47 +1218,133 @@ pool_alloc_many(PoolObject *self, PyObject *arg)
     }
     if (pool_check_open(self) < 0)
         return NULL;
+    if ((size_t)n > PY_SSIZE_T_MAX / sizeof(uintptr_t))
+        return PyErr_NoMemory();
+    addrs = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(uintptr_t));
+    if (addrs == NULL)
+        return PyErr_NoMemory();
+    /* 1. take the objects (refilling may call _grow(): other threads may run) */
+    while (k < n) {
+        Slab *s = self->cur;
+        if (s == NULL || s->nfree == 0) {
+            s = pool_refill(self);
+            if (s == NULL)
+                goto fail;
+        }
+        k += slab_take_many(self, s, addrs + k, n - k);
+    }
+    /* 2. their addresses as ints */
     list = PyList_New(n);
     if (list == NULL)
-        return NULL;
-    for (k = 0; k < n; k++) {
-        Slab *s;
-        uint32_t i;
-        int used;
-        uintptr_t a = pool_take(self, &s, &i, &used);
-        PyObject *item;
-
-        if (a == 0)
+        goto fail;
+    for (j = 0; j < n; j++) {
+        PyObject *item = PyLong_FromUnsignedLong((unsigned long)addrs[j]);
+        if (item == NULL)
             goto fail;
-        item = PyLong_FromUnsignedLong((unsigned long)a);
-        if (item == NULL) {
-            slab_give(self, s, i);
-            goto fail;
-        }
-        PyList_SetItem(list, k, item);   /* steals; cannot fail here */
+        PyList_SetItem(list, j, item);   /* steals; cannot fail here */
     }
+    PyMem_Free(addrs);
     return list;
 
 fail:
-    /* give back what this call took; slabs may have changed during _grow() */
-    {
-        PyObject *exc_type, *exc_value, *exc_tb;
-        Py_ssize_t j;
-
-        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-        for (j = 0; j < k; j++) {
-            uintptr_t a = (uintptr_t)PyLong_AsVoidPtr(PyList_GetItem(list, j));
-            Slab *s;
-            uint32_t i;
-            if (!self->closed && pool_locate(self, a, &s, &i) == LOC_OK && !slab_is_free(s, i))
-                slab_give(self, s, i);
-        }
-        Py_DECREF(list);
-        if (pool_maybe_release(self) < 0)
-            PyErr_Clear();
-        PyErr_Restore(exc_type, exc_value, exc_tb);
-    }
+    Py_XDECREF(list);
+    pool_give_back(self, addrs, k);
+    PyMem_Free(addrs);
     return NULL;
+}
+
+/* Give back the objects of word w of slab s whose bits are set in bits. */
+static void
+slab_give_word(PoolObject *self, Slab *s, uint32_t w, uint64_t bits, int *released)
+{
+    uint32_t c = (uint32_t)__builtin_popcountll(bits);
+
+    s->bits[w] |= bits;
+    if (w < s->hint)
+        s->hint = w;
+    s->nfree += c;
+    self->live -= c;
+    if (s->nfree == self->per_slab) {
+        self->nempty++;
+        *released = 1;
+    }
+}
+
+/* Take back object i of slab s, which a failed free_many gave back. */
+static void
+slab_undo_give(PoolObject *self, Slab *s, uint32_t i)
+{
+    s->bits[i >> 6] &= ~((uint64_t)1 << (i & 63));
+    if (s->nfree == self->per_slab)
+        self->nempty--;
+    s->nfree--;
+    self->live++;
+}
+
+/* free_many of a list whose items are exact ints, in one pass that runs no
+ * Python code. 1: done; 0: an item is not an exact int (nothing changed,
+ * take the general path); -1: ValueError, nothing changed. */
+static int
+pool_free_exact_ints(PoolObject *self, PyObject *list, Py_ssize_t n, int *released)
+{
+    Slab *cs = NULL;          /* bits of word cw of slab cs wait in pending */
+    uint32_t cw = 0;
+    uint64_t pending = 0;
+    Py_ssize_t k, j;
+    int result = 1;
+
+    for (k = 0; k < n; k++) {
+        PyObject *item = PyList_GetItem(list, k);
+        unsigned long a;
+        Slab *s = NULL;
+        uint32_t i = 0, w;
+        uint64_t bit;
+        int code;
+
+        if (!PyLong_CheckExact(item)) {
+            result = 0;
+            break;
+        }
+        a = PyLong_AsUnsignedLong(item);
+        if (a == (unsigned long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            pool_bad_address(self, item, 0, LOC_FOREIGN, NULL, 0);
+            result = -1;
+            break;
+        }
+        code = pool_locate(self, a, &s, &i);
+        if (code != LOC_OK) {
+            pool_bad_address(self, item, a, code, s, i);
+            result = -1;
+            break;
+        }
+        w = i >> 6;
+        bit = (uint64_t)1 << (i & 63);
+        if (s != cs || w != cw) {
+            if (pending)
+                slab_give_word(self, cs, cw, pending, released);
+            cs = s;
+            cw = w;
+            pending = 0;
+        }
+        if ((s->bits[w] | pending) & bit) {   /* free, or twice in the list */
+            pool_bad_address(self, item, a, -1, s, i);
+            result = -1;
+            break;
+        }
+        pending |= bit;
+    }
+    if (pending)
+        slab_give_word(self, cs, cw, pending, released);
+    if (result == 1)
+        return 1;
+    for (j = 0; j < k; j++) {   /* undo: items 0..k-1 were found and given back */
+        Slab *s = NULL;
+        uint32_t i = 0;
+        pool_locate(self, PyLong_AsUnsignedLong(PyList_GetItem(list, j)), &s, &i);
+        slab_undo_give(self, s, i);
+    }
+    return result;
 }
 
 static PyObject *
@@ -1221,36 +1357,52 @@ pool_free_many(PoolObject *self, PyObject *arg)
 
     if (pool_check_open(self) < 0)
         return NULL;
-    list = PySequence_List(arg);
-    if (list == NULL)
-        return NULL;
+    /* A list is read in place: items are taken with bounds checks, and an
+     * __index__ that changes the list cannot make this read freed memory. */
+    if (PyList_CheckExact(arg)) {
+        Py_INCREF(arg);
+        list = arg;
+    }
+    else {
+        list = PySequence_List(arg);
+        if (list == NULL)
+            return NULL;
+    }
     n = PyList_Size(list);
+    switch (pool_free_exact_ints(self, list, n, &released)) {
+    case 1:
+        Py_DECREF(list);
+        if (released && pool_maybe_release(self) < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    case -1:
+        Py_DECREF(list);
+        return NULL;
+    }
+    /* the general path: convert every address first (__index__ may run
+     * Python code: nothing is changed yet), then free them all or none */
     addrs = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(uintptr_t));
     if (addrs == NULL) {
         Py_DECREF(list);
         return PyErr_NoMemory();
     }
-    /* 1. convert every address (this may run Python code: nothing changed yet) */
     for (k = 0; k < n; k++) {
         PyObject *item = PyList_GetItem(list, k);
         int code;
 
         if (item == NULL)
             goto fail;
-        Py_INCREF(item);
+        Py_INCREF(item);   /* an __index__ method may change the list */
         code = pool_address_arg(item, &addrs[k]);
-        if (code != 0) {
-            if (code > 0)
-                pool_bad_address(self, item, 0, LOC_FOREIGN, NULL, 0);
-            Py_DECREF(item);
-            goto fail;
-        }
+        if (code > 0)
+            pool_bad_address(self, item, 0, LOC_FOREIGN, NULL, 0);
         Py_DECREF(item);
+        if (code != 0)
+            goto fail;
     }
     if (pool_check_open(self) < 0)
         goto fail;
-    /* 2. free them all, or none (no Python code runs in this loop) */
-    for (k = 0; k < n; k++) {
+    for (k = 0; k < n; k++) {   /* no Python code runs in this loop */
         Slab *s = NULL;
         uint32_t i = 0;
         int code = pool_locate(self, addrs[k], &s, &i);
@@ -1261,11 +1413,7 @@ pool_free_many(PoolObject *self, PyObject *arg)
             pool_bad_address(self, NULL, addrs[k], code, s, i);
             for (j = 0; j < k; j++) {   /* undo */
                 pool_locate(self, addrs[j], &s, &i);
-                s->bits[i >> 6] &= ~((uint64_t)1 << (i & 63));
-                if (s->nfree == self->per_slab)
-                    self->nempty--;
-                s->nfree--;
-                self->live++;
+                slab_undo_give(self, s, i);
             }
             goto fail;
         }

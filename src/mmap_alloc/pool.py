@@ -180,17 +180,17 @@ class ObjectPool(_mman.Pool):
 
     def stats(self) -> PoolStats:
         """Live objects, slabs, bytes mapped and resident, bookkeeping bytes."""
-        with self._lock:
+        with self._lock:  # no slab is unmapped meanwhile
             slabs = self._slabs() + self._spares
-            live, free, metadata = len(self), self._free, self._metadata
-        return PoolStats(
-            live=live,
-            capacity=live + free,
-            slabs=len(slabs),
-            mapped=sum(region.capacity for region in slabs if not region.closed),
-            resident=sum(_resident(region) for region in slabs),
-            metadata=metadata,
-        )
+            live, free = len(self), self._free
+            return PoolStats(
+                live=live,
+                capacity=live + free,
+                slabs=len(slabs),
+                mapped=sum(region.capacity for region in slabs if not region.closed),
+                resident=sum(_resident(region) for region in slabs),
+                metadata=self._metadata,
+            )
 
     def close(self) -> None:
         """Unmap every slab; the addresses handed out become invalid.
