@@ -14,6 +14,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, settings
@@ -385,6 +386,17 @@ def test_view_of_an_inaccessible_pool_raises_buffer_error() -> None:
         pool.free(a)
 
 
+def test_alloc_zeroed_refuses_a_slab_closed_behind_the_pools_back(pool: ObjectPool) -> None:
+    a = pool.alloc()
+    with pool.view(a) as view:
+        slab = view.obj
+    pool.free(a)
+    slab.close()  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="behind the pool's back"):
+        pool.alloc_zeroed()
+    assert len(pool) == 0
+
+
 def test_executable_pool_hands_out_objects() -> None:
     with ObjectPool(64, alloc=MapAlloc(exec=True)) as pool:
         a = pool.alloc_zeroed()
@@ -686,6 +698,19 @@ def test_emptied_1_gib_pool_holds_a_few_slabs() -> None:
         stats = pool.stats()
         assert stats.resident <= pool_module.KEEP_EMPTY * pool.slab_size
         assert stats.slabs <= pool_module.KEEP_EMPTY + pool_module.KEEP_SPARE
+
+
+# ---------------------------------------------------------------- docs
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.mark.skipif(not README.exists(), reason="needs the source tree's README.md")
+def test_readme_pool_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    section = README.read_text().split("## Object pool", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, str(README), "exec"), {})
+    assert "PoolStats(live=0" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- model

@@ -804,6 +804,7 @@ typedef struct {
     uint32_t nfree;        /* free objects */
     uint32_t hint;         /* every bitmap word before this one is 0 (all in use) */
     uint32_t fresh;        /* objects from this index on were never handed out: zero */
+    int prot;              /* the Region's protection when it became a slab */
     uint64_t bits[];       /* 1 = free; bits past the last object are 0 */
 } Slab;
 
@@ -1104,14 +1105,17 @@ pool_alloc_zeroed(PoolObject *self, PyObject *const *args, Py_ssize_t nargs)
     region = (RegionObject *)s->region;
     if (used) {
         /* A used object: zero it, if the memory can be written at all (a pool
-         * without WRITE cannot have been written through). */
-        if (region->data != s->base || region->mixed) {
+         * without WRITE cannot have been written through). The slab's Region
+         * is reachable (memoryview.obj of a view): touch it only as it was. */
+        if (region->data != s->base || region->capacity < self->span
+            || region->prot != s->prot || region->mixed) {
             slab_give(self, s, i);
             PyErr_SetString(PyExc_ValueError,
-                            "the slab's mapping was closed or re-protected behind the pool's back");
+                            "a slab's mapping was closed, moved or re-protected behind the "
+                            "pool's back");
             return NULL;
         }
-        if (region->prot & PROT_WRITE)
+        if (s->prot & PROT_WRITE)
             memset((void *)a, 0, (size_t)self->obj_size);
     }
     r = PyLong_FromUnsignedLong((unsigned long)a);
@@ -1535,8 +1539,8 @@ pool_attach(PoolObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (zeroed < 0 || pool_check_open(self) < 0)
         return NULL;
     region = (RegionObject *)args[0];
-    if (region->data == NULL || region->capacity < self->span) {
-        PyErr_SetString(PyExc_ValueError, "region is closed or too small for a slab");
+    if (region->data == NULL || region->capacity < self->span || region->mixed) {
+        PyErr_SetString(PyExc_ValueError, "region is closed, too small or mixed for a slab");
         return NULL;
     }
     for (k = 0; k < self->nslabs; k++) {
@@ -1562,6 +1566,7 @@ pool_attach(PoolObject *self, PyObject *const *args, Py_ssize_t nargs)
     s->nfree = self->per_slab;
     s->hint = 0;
     s->fresh = zeroed ? 0 : self->per_slab;
+    s->prot = region->prot;
     for (i = 0; i + 64 <= self->per_slab; i += 64)
         s->bits[i >> 6] = ~(uint64_t)0;
     if (i < self->per_slab)
