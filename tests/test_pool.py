@@ -8,6 +8,7 @@ import gc
 import itertools
 import os
 import queue
+import resource
 import signal
 import sys
 import threading
@@ -679,6 +680,32 @@ def test_child_grows_a_pool_whose_lock_a_thread_held_at_fork() -> None:
         finally:
             release.set()
             holder.result(timeout=60)
+        assert _wait(pid) == 0
+
+
+def test_alloc_many_that_cannot_map_a_slab_takes_nothing() -> None:
+    """In a child whose address space is capped just above its size, a batch
+    that needs new slabs fails with AllocError and the pool is unchanged."""
+    with ObjectPool(64, slab_size=16 * MiB) as pool:
+        live = pool.alloc_many(10)
+
+        def body() -> bool:
+            with open("/proc/self/status") as status:
+                vm = next(int(line.split()[1]) for line in status if line.startswith("VmSize"))
+            limit = vm * 1024 + 24 * MiB  # room for one more slab, not two
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            per_slab = pool.slab_size // pool.stride
+            try:
+                pool.alloc_many(3 * per_slab)
+            except MemoryError:
+                pass
+            else:
+                return False
+            return len(pool) == 10 and all(a in pool for a in live) and pool.alloc() not in live
+
+        pid = os.fork()
+        if pid == 0:
+            _child(body)
         assert _wait(pid) == 0
 
 

@@ -66,7 +66,8 @@ class ObjectPool(_mman.Pool):
     object is ``obj_size`` bytes at a multiple of ``align`` (a power of two no
     larger than the page size), placed at a stride of ``obj_size`` rounded up
     to ``align``. Slabs are regions of ``alloc``, so its permissions, commit
-    and huge page settings apply to them.
+    and huge page settings apply to them; a slab is ``slab_size`` bytes
+    (whole pages; by default 1 MiB or 64 objects, whichever is larger).
 
     ``alloc()`` returns an object's address (an int, for ctypes or cffi),
     ``free(address)`` gives it back. Double frees, foreign addresses, and
