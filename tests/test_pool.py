@@ -717,10 +717,10 @@ def test_alloc_many_that_cannot_map_a_slab_takes_nothing() -> None:
     not os.environ.get("MMAP_ALLOC_STRESS"), reason="long form: set MMAP_ALLOC_STRESS=1"
 )
 def test_emptied_1_gib_pool_holds_a_few_slabs() -> None:
-    with ObjectPool(PAGE_SIZE) as pool:
-        addresses = pool.alloc_many((1 << 30) // PAGE_SIZE)
+    with ObjectPool(64 * 1024) as pool:
+        addresses = pool.alloc_many((1 << 30) // pool.obj_size)
         for a in addresses:
-            ctypes.memset(a, 1, PAGE_SIZE)
+            ctypes.memset(a, 1, pool.obj_size)
         pool.free_many(addresses)
         stats = pool.stats()
         assert stats.resident <= pool_module.KEEP_EMPTY * pool.slab_size
