@@ -1595,6 +1595,13 @@ pool_detach_at(PoolObject *self, Py_ssize_t k)
     if (self->last == s)
         self->last = NULL;
     PyMem_Free(s);
+    if (self->cap > 8 && self->nslabs < self->cap / 4) {   /* give the table back too */
+        Slab **slabs = PyMem_Realloc(self->slabs, (size_t)(self->cap / 2) * sizeof(Slab *));
+        if (slabs != NULL) {
+            self->slabs = slabs;
+            self->cap /= 2;
+        }
+    }
     return region;   /* the slab's reference */
 }
 
