@@ -101,6 +101,14 @@ def test_default_slab_holds_at_least_64_objects() -> None:
         assert pool.slab_size % PAGE_SIZE == 0
 
 
+def test_default_slab_of_large_objects_stays_under_64_mib() -> None:
+    with ObjectPool(5 * MiB) as pool:
+        assert pool.slab_size // pool.stride == 12
+        assert pool.slab_size - 12 * pool.stride < PAGE_SIZE
+    with ObjectPool(100 * MiB) as pool:
+        assert pool.slab_size == 100 * MiB
+
+
 def test_objects_larger_than_a_page_work() -> None:
     with ObjectPool(3 * PAGE_SIZE + 5, slab_size=4 * PAGE_SIZE) as pool:
         a = pool.alloc()

@@ -1076,8 +1076,8 @@ pool_alloc(PoolObject *self, PyObject *const *args, Py_ssize_t nargs)
     uintptr_t a;
     PyObject *r;
 
-    if (nargs != 0)
-        return check_nargs("alloc", nargs, 0), NULL;
+    if (nargs != 0 && check_nargs("alloc", nargs, 0) < 0)
+        return NULL;
     a = pool_take(self, &s, &i, &used);
     if (a == 0)
         return NULL;
@@ -1097,8 +1097,8 @@ pool_alloc_zeroed(PoolObject *self, PyObject *const *args, Py_ssize_t nargs)
     RegionObject *region;
     PyObject *r;
 
-    if (nargs != 0)
-        return check_nargs("alloc_zeroed", nargs, 0), NULL;
+    if (nargs != 0 && check_nargs("alloc_zeroed", nargs, 0) < 0)
+        return NULL;
     a = pool_take(self, &s, &i, &used);
     if (a == 0)
         return NULL;

@@ -26,9 +26,13 @@ DEFAULT_ALIGN = 16
 MIN_SLAB_SIZE = 1 << 20
 """Slabs are at least this big (or one page of the allocator, if larger)."""
 
-MIN_OBJECTS_PER_SLAB = 64
-"""Default slabs hold at least this many objects, so that the unused tail of
-a slab is under 1/64 of it."""
+OBJECTS_PER_SLAB = 64
+"""Default slabs hold this many objects (or fill MIN_SLAB_SIZE), so that the
+unused tail of a slab is under 1/64 of it..."""
+
+MAX_DEFAULT_SLAB_SIZE = 64 << 20
+"""...unless that makes slabs bigger than this: then as many objects as fit
+(at least one), so that pools of large objects do not map gigabytes at once."""
 
 KEEP_EMPTY = 1
 """Empty slabs that stay in the pool as they are, so that a pool which
@@ -67,7 +71,8 @@ class ObjectPool(_mman.Pool):
     larger than the page size), placed at a stride of ``obj_size`` rounded up
     to ``align``. Slabs are regions of ``alloc``, so its permissions, commit
     and huge page settings apply to them; a slab is ``slab_size`` bytes
-    (whole pages; by default 1 MiB or 64 objects, whichever is larger).
+    (whole pages; by default 1 MiB or 64 objects, whichever is larger, and
+    fewer objects when 64 would take more than 64 MiB).
 
     ``alloc()`` returns an object's address (an int, for ctypes or cffi),
     ``free(address)`` gives it back. Double frees, foreign addresses, and
@@ -111,7 +116,8 @@ class ObjectPool(_mman.Pool):
             raise ValueError(f"align={alignment} exceeds the page size {page}")
         stride = -(-size // alignment) * alignment
         if slab_size is None:
-            slab = max(MIN_SLAB_SIZE, stride * MIN_OBJECTS_PER_SLAB)
+            per_slab = min(max(MAX_DEFAULT_SLAB_SIZE // stride, 1), OBJECTS_PER_SLAB)
+            slab = max(MIN_SLAB_SIZE, per_slab * stride)
         else:
             slab = _args.size(slab_size, page, "slab_size")
             if slab < stride:
