@@ -1179,31 +1179,25 @@ slab_take_many(PoolObject *self, Slab *s, uintptr_t *out, Py_ssize_t n)
     return got;
 }
 
-/* Give back objects this call took; slabs may have changed meanwhile. */
+/* Give back an object a failed call took, if it is still there (slabs may
+ * have changed meanwhile). */
 static void
-pool_give_back(PoolObject *self, const uintptr_t *addrs, Py_ssize_t n)
+pool_untake(PoolObject *self, uintptr_t a)
 {
-    PyObject *exc_type, *exc_value, *exc_tb;
-    Py_ssize_t j;
+    Slab *s;
+    uint32_t i;
 
-    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-    for (j = 0; j < n; j++) {
-        Slab *s;
-        uint32_t i;
-        if (!self->closed && pool_locate(self, addrs[j], &s, &i) == LOC_OK && !slab_is_free(s, i))
-            slab_give(self, s, i);
-    }
-    if (pool_maybe_release(self) < 0)
-        PyErr_Clear();
-    PyErr_Restore(exc_type, exc_value, exc_tb);
+    if (!self->closed && pool_locate(self, a, &s, &i) == LOC_OK && !slab_is_free(s, i))
+        slab_give(self, s, i);
 }
 
 static PyObject *
 pool_alloc_many(PoolObject *self, PyObject *arg)
 {
     Py_ssize_t n, k = 0, j;
-    PyObject *list = NULL;
-    uintptr_t *addrs;
+    PyObject *list;
+    uintptr_t chunk[64];   /* taken, not yet in the list */
+    Py_ssize_t taken = 0;
 
     if (!PyLong_Check(arg) || PyBool_Check(arg)) {
         PyObject *name = PyType_GetName(Py_TYPE(arg));
@@ -1222,38 +1216,45 @@ pool_alloc_many(PoolObject *self, PyObject *arg)
     }
     if (pool_check_open(self) < 0)
         return NULL;
-    if ((size_t)n > PY_SSIZE_T_MAX / sizeof(uintptr_t))
-        return PyErr_NoMemory();
-    addrs = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(uintptr_t));
-    if (addrs == NULL)
-        return PyErr_NoMemory();
-    /* 1. take the objects (refilling may call _grow(): other threads may run) */
+    list = PyList_New(n);
+    if (list == NULL)
+        return NULL;
     while (k < n) {
         Slab *s = self->cur;
-        if (s == NULL || s->nfree == 0) {
+        if (s == NULL || s->nfree == 0) {   /* may call _grow(): other threads may run */
             s = pool_refill(self);
             if (s == NULL)
                 goto fail;
         }
-        k += slab_take_many(self, s, addrs + k, n - k);
+        taken = slab_take_many(self, s, chunk, n - k < 64 ? n - k : 64);
+        for (j = 0; j < taken; j++) {
+            PyObject *item = PyLong_FromUnsignedLong((unsigned long)chunk[j]);
+            if (item == NULL) {
+                memmove(chunk, chunk + j, (size_t)(taken - j) * sizeof(uintptr_t));
+                taken -= j;
+                goto fail;
+            }
+            PyList_SetItem(list, k++, item);   /* steals; cannot fail here */
+        }
+        taken = 0;
     }
-    /* 2. their addresses as ints */
-    list = PyList_New(n);
-    if (list == NULL)
-        goto fail;
-    for (j = 0; j < n; j++) {
-        PyObject *item = PyLong_FromUnsignedLong((unsigned long)addrs[j]);
-        if (item == NULL)
-            goto fail;
-        PyList_SetItem(list, j, item);   /* steals; cannot fail here */
-    }
-    PyMem_Free(addrs);
     return list;
 
 fail:
-    Py_XDECREF(list);
-    pool_give_back(self, addrs, k);
-    PyMem_Free(addrs);
+    /* give back what this call took: the objects in the list and the chunk */
+    {
+        PyObject *exc_type, *exc_value, *exc_tb;
+
+        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+        for (j = 0; j < k; j++)
+            pool_untake(self, (uintptr_t)PyLong_AsVoidPtr(PyList_GetItem(list, j)));
+        for (j = 0; j < taken; j++)
+            pool_untake(self, chunk[j]);
+        Py_DECREF(list);
+        if (pool_maybe_release(self) < 0)
+            PyErr_Clear();
+        PyErr_Restore(exc_type, exc_value, exc_tb);
+    }
     return NULL;
 }
 
