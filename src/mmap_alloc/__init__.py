@@ -9,6 +9,7 @@ from .builder import MapAllocBuilder
 from .exceptions import AllocError, CannotReallocInPlace, MapAllocError
 from .hugepages import Backing
 from .perm import Perm
+from .pool import ObjectPool, PoolStats
 from .region import Region
 from .stats import AllocStats, RegionStats
 
@@ -21,7 +22,9 @@ __all__ = [
     "MapAlloc",
     "MapAllocBuilder",
     "MapAllocError",
+    "ObjectPool",
     "Perm",
+    "PoolStats",
     "Region",
     "RegionStats",
 ]

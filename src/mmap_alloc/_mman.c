@@ -36,6 +36,7 @@
 
 typedef struct {
     PyTypeObject *region_type;
+    PyTypeObject *pool_type;
 } module_state;
 
 typedef struct {
@@ -857,6 +858,1072 @@ static PyType_Spec region_spec = {
 };
 
 /* ------------------------------------------------------------------ */
+/* Pool: the fast path of mmap_alloc.ObjectPool                        */
+/*
+ * Fixed-size objects carved from slabs (Regions). Per slab, one bit per
+ * object (1 = free) in C memory, never in the slab itself: freed memory is
+ * not touched, so a write through a stale pointer cannot corrupt the pool,
+ * and pools of read-only or inaccessible memory work too.
+ *
+ * Every method runs with the GIL held and does not release it between
+ * reading and changing the state, so the GIL is the lock of the fast path.
+ * The slow paths call back into Python (ObjectPool._grow when no slab has a
+ * free object, ObjectPool._release when more than keep_empty slabs are
+ * empty); C state is consistent before every such call, and no Slab pointer
+ * is kept across one (the callback may attach or detach slabs).
+ */
+
+typedef struct {
+    char *base;            /* first object; the Region's data pointer */
+    PyObject *region;      /* strong reference: the Region that owns the memory */
+    uint32_t nfree;        /* free objects */
+    uint32_t hint;         /* every bitmap word before this one is 0 (all in use) */
+    uint32_t fresh;        /* objects from this index on were never handed out: zero */
+    int prot;              /* the Region's protection when it became a slab */
+    uint64_t bits[];       /* 1 = free; bits past the last object are 0 */
+} Slab;
+
+typedef struct {
+    PyObject_HEAD
+    Slab **slabs;          /* sorted by base */
+    Py_ssize_t nslabs;
+    Py_ssize_t cap;
+    Slab *cur;             /* the slab alloc() takes from, or NULL */
+    Slab *last;            /* the slab the last address was found in, or NULL */
+    Py_ssize_t obj_size;
+    Py_ssize_t stride;
+    Py_ssize_t span;       /* per_slab * stride: the bytes of a slab that hold objects */
+    int shift;             /* log2(stride) when stride is a power of two, else -1 */
+    int configured;
+    int closed;
+    uint32_t per_slab;     /* objects per slab */
+    uint32_t nwords;       /* bitmap words per slab */
+    Py_ssize_t live;       /* objects handed out */
+    Py_ssize_t nempty;     /* slabs with no live object */
+    Py_ssize_t keep_empty; /* more empty slabs than this: call _release() */
+} PoolObject;
+
+/* addresses travel as unsigned long (LP64), the cheapest int conversion */
+_Static_assert(sizeof(unsigned long) >= sizeof(uintptr_t), "unsigned long holds an address");
+
+enum { LOC_OK = 0, LOC_FOREIGN, LOC_INSIDE };
+
+static int
+pool_check_open(PoolObject *self)
+{
+    if (self->closed || !self->configured) {
+        PyErr_SetString(PyExc_ValueError, "pool is closed");
+        return -1;
+    }
+    return 0;
+}
+
+/* An address argument as an integer. 0 on success, 1 for an integer that is
+ * no address (negative, too large), -1 with an exception set. */
+static inline int
+pool_address_arg(PyObject *o, uintptr_t *out)
+{
+    unsigned long v;
+
+    if (PyLong_CheckExact(o) || PyLong_Check(o)) {
+        v = PyLong_AsUnsignedLong(o);
+    }
+    else {
+        PyObject *i = PyNumber_Index(o);
+        if (i == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                PyObject *name = PyType_GetName(Py_TYPE(o));
+                if (name != NULL) {
+                    PyErr_Format(PyExc_TypeError, "address must be an integer, not %U", name);
+                    Py_DECREF(name);
+                }
+            }
+            return -1;
+        }
+        v = PyLong_AsUnsignedLong(i);
+        Py_DECREF(i);
+    }
+    if (v == (unsigned long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();
+        return 1;
+    }
+    if (v > UINTPTR_MAX)
+        return 1;
+    *out = (uintptr_t)v;
+    return 0;
+}
+
+/* The slab holding address a and the object's index in it. */
+static inline int
+pool_locate(PoolObject *self, uintptr_t a, Slab **slab, uint32_t *index)
+{
+    Slab *s = self->last;
+    uintptr_t off;
+    size_t idx;
+
+    if (s == NULL || a - (uintptr_t)s->base >= (uintptr_t)self->span) {
+        Py_ssize_t lo = 0, hi = self->nslabs;
+        while (lo < hi) {   /* the first slab whose base is above a */
+            Py_ssize_t mid = (lo + hi) >> 1;
+            if ((uintptr_t)self->slabs[mid]->base <= a)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        if (lo == 0)
+            return LOC_FOREIGN;
+        s = self->slabs[lo - 1];
+        if (a - (uintptr_t)s->base >= (uintptr_t)self->span)
+            return LOC_FOREIGN;
+        self->last = s;
+    }
+    off = a - (uintptr_t)s->base;
+    *slab = s;
+    if (self->shift >= 0) {
+        idx = off >> self->shift;
+        if (off & (((uintptr_t)1 << self->shift) - 1))
+            return LOC_INSIDE;
+    }
+    else {
+        idx = off / (uintptr_t)self->stride;
+        if (idx * (uintptr_t)self->stride != off)
+            return LOC_INSIDE;
+    }
+    *index = (uint32_t)idx;
+    return LOC_OK;
+}
+
+static int
+slab_is_free(Slab *s, uint32_t i)
+{
+    return (s->bits[i >> 6] >> (i & 63)) & 1;
+}
+
+/* Raise the ValueError for a bad address (code from pool_locate, or -1 for
+ * an object that is not allocated). */
+static void
+pool_bad_address(PoolObject *self, PyObject *arg, uintptr_t a, int code, Slab *s, uint32_t i)
+{
+    if (code == LOC_INSIDE) {
+        uintptr_t off = (a - (uintptr_t)s->base) % (uintptr_t)self->stride;
+        PyErr_Format(PyExc_ValueError,
+                     "address %p lies %zu bytes inside an object of this pool (which starts at %p)",
+                     (void *)a, (size_t)off, (void *)(a - off));
+    }
+    else if (code == -1) {
+        PyErr_Format(PyExc_ValueError,
+                     "address %p is not allocated (freed already, or never handed out)",
+                     (void *)a);
+    }
+    else if (arg != NULL && !PyLong_Check(arg)) {
+        PyErr_Format(PyExc_ValueError, "%R is not an object of this pool", arg);
+    }
+    else if (arg != NULL && code == LOC_FOREIGN && a == 0) {
+        PyErr_Format(PyExc_ValueError, "address %R is not an object of this pool", arg);
+    }
+    else {
+        PyErr_Format(PyExc_ValueError, "address %p is not an object of this pool", (void *)a);
+    }
+}
+
+/* Take a free object of slab s (s->nfree > 0); *used: whether it may have
+ * been written since the slab was mapped or uncommitted. */
+static uint32_t
+slab_take(PoolObject *self, Slab *s, int *used)
+{
+    uint32_t w = s->hint;
+    uint64_t word;
+    uint32_t i;
+
+    while (s->bits[w] == 0)
+        w++;
+    word = s->bits[w];
+    s->bits[w] = word & (word - 1);
+    s->hint = w;
+    i = (w << 6) | (uint32_t)__builtin_ctzll(word);
+    if (s->nfree == self->per_slab)
+        self->nempty--;
+    s->nfree--;
+    *used = i < s->fresh;
+    if (!*used)
+        s->fresh = i + 1;
+    self->live++;
+    return i;
+}
+
+/* Give object i of slab s back (it is allocated). Returns 1 when the slab
+ * became empty. */
+static int
+slab_give(PoolObject *self, Slab *s, uint32_t i)
+{
+    uint32_t w = i >> 6;
+
+    s->bits[w] |= (uint64_t)1 << (i & 63);
+    if (w < s->hint)
+        s->hint = w;
+    s->nfree++;
+    self->live--;
+    if (s->nfree == self->per_slab) {
+        self->nempty++;
+        return 1;
+    }
+    return 0;
+}
+
+/* Ask Python to release empty slabs, if there are more than keep_empty. */
+static int
+pool_maybe_release(PoolObject *self)
+{
+    PyObject *r;
+
+    if (self->nempty <= self->keep_empty || self->closed)
+        return 0;
+    r = PyObject_CallMethod((PyObject *)self, "_release", NULL);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* A slab with a free object: the current one, else the first partly used
+ * slab by address, else an empty one, else a new one from _grow(). */
+static Slab *
+pool_refill(PoolObject *self)
+{
+    for (;;) {
+        Slab *empty = NULL;
+        PyObject *r;
+        Py_ssize_t k;
+
+        if (pool_check_open(self) < 0)
+            return NULL;
+        if (self->cur != NULL && self->cur->nfree > 0)
+            return self->cur;
+        for (k = 0; k < self->nslabs; k++) {
+            Slab *s = self->slabs[k];
+            if (s->nfree == 0)
+                continue;
+            if (s->nfree < self->per_slab) {
+                self->cur = s;
+                return s;
+            }
+            if (empty == NULL)
+                empty = s;
+        }
+        if (empty != NULL) {
+            self->cur = empty;
+            return empty;
+        }
+        r = PyObject_CallMethod((PyObject *)self, "_grow", NULL);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+    }
+}
+
+/* Take one object; its address or 0 with an exception set. */
+static uintptr_t
+pool_take(PoolObject *self, Slab **slab, uint32_t *index, int *used)
+{
+    Slab *s = self->cur;
+
+    if (s == NULL || s->nfree == 0) {
+        s = pool_refill(self);
+        if (s == NULL)
+            return 0;
+    }
+    *index = slab_take(self, s, used);
+    *slab = s;
+    return (uintptr_t)s->base + (uintptr_t)*index * (uintptr_t)self->stride;
+}
+
+/* alloc and alloc_zeroed take METH_FASTCALL (not METH_NOARGS): CPython
+ * specialises fast calls both through the type and as bound methods. */
+static PyObject *
+pool_alloc(PoolObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Slab *s;
+    uint32_t i;
+    int used;
+    uintptr_t a;
+    PyObject *r;
+
+    if (nargs != 0 && check_nargs("alloc", nargs, 0) < 0)
+        return NULL;
+    a = pool_take(self, &s, &i, &used);
+    if (a == 0)
+        return NULL;
+    r = PyLong_FromUnsignedLong((unsigned long)a);
+    if (r == NULL)
+        slab_give(self, s, i);
+    return r;
+}
+
+static PyObject *
+pool_alloc_zeroed(PoolObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Slab *s;
+    uint32_t i;
+    int used;
+    uintptr_t a;
+    RegionObject *region;
+    PyObject *r;
+
+    if (nargs != 0 && check_nargs("alloc_zeroed", nargs, 0) < 0)
+        return NULL;
+    a = pool_take(self, &s, &i, &used);
+    if (a == 0)
+        return NULL;
+    region = (RegionObject *)s->region;
+    if (used) {
+        /* A used object: zero it, if the memory can be written at all (a pool
+         * without WRITE cannot have been written through). The slab's Region
+         * is reachable (memoryview.obj of a view): touch it only as it was. */
+        if (region->data != s->base || region->capacity < self->span
+            || region->prot != s->prot || region->mixed) {
+            slab_give(self, s, i);
+            PyErr_SetString(PyExc_ValueError,
+                            "a slab's mapping was closed, moved or re-protected behind the "
+                            "pool's back");
+            return NULL;
+        }
+        if (s->prot & PROT_WRITE)
+            memset((void *)a, 0, (size_t)self->obj_size);
+    }
+    r = PyLong_FromUnsignedLong((unsigned long)a);
+    if (r == NULL)
+        slab_give(self, s, i);
+    return r;
+}
+
+static PyObject *
+pool_free(PoolObject *self, PyObject *arg)
+{
+    uintptr_t a = 0;
+    Slab *s = NULL;
+    uint32_t i = 0;
+    int code = pool_address_arg(arg, &a);
+
+    if (code < 0)
+        return NULL;
+    if (pool_check_open(self) < 0)
+        return NULL;
+    if (code == 0)
+        code = pool_locate(self, a, &s, &i);
+    if (code == LOC_OK && slab_is_free(s, i))
+        code = -1;
+    if (code != LOC_OK) {
+        pool_bad_address(self, arg, a, code, s, i);
+        return NULL;
+    }
+    if (slab_give(self, s, i) && pool_maybe_release(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* Take up to n free objects of slab s (s->nfree > 0), lowest first; their
+ * addresses go to out. Returns how many. */
+static Py_ssize_t
+slab_take_many(PoolObject *self, Slab *s, uintptr_t *out, Py_ssize_t n)
+{
+    uint32_t want = (Py_ssize_t)s->nfree < n ? s->nfree : (uint32_t)n;
+    uint32_t w = s->hint, got = 0, top = 0;
+    uintptr_t base = (uintptr_t)s->base, stride = (uintptr_t)self->stride;
+
+    if (s->nfree == self->per_slab)
+        self->nempty--;
+    while (got < want) {
+        uint64_t word = s->bits[w];
+        while (word != 0 && got < want) {
+            top = (w << 6) | (uint32_t)__builtin_ctzll(word);
+            word &= word - 1;
+            out[got++] = base + (uintptr_t)top * stride;
+        }
+        s->bits[w] = word;
+        if (word == 0 && w + 1 < self->nwords)
+            w++;
+    }
+    s->hint = w;
+    s->nfree -= got;
+    self->live += got;
+    if (top >= s->fresh)
+        s->fresh = top + 1;
+    return got;
+}
+
+/* Give back an object a failed call took, if it is still there (slabs may
+ * have changed meanwhile). */
+static void
+pool_untake(PoolObject *self, uintptr_t a)
+{
+    Slab *s;
+    uint32_t i;
+
+    if (!self->closed && pool_locate(self, a, &s, &i) == LOC_OK && !slab_is_free(s, i))
+        slab_give(self, s, i);
+}
+
+static PyObject *
+pool_alloc_many(PoolObject *self, PyObject *arg)
+{
+    Py_ssize_t n, k = 0, j;
+    PyObject *list;
+    uintptr_t chunk[64];   /* taken, not yet in the list */
+    Py_ssize_t taken = 0;
+
+    if (!PyLong_Check(arg) || PyBool_Check(arg)) {
+        PyObject *name = PyType_GetName(Py_TYPE(arg));
+        if (name != NULL) {
+            PyErr_Format(PyExc_TypeError, "n must be an integer, not %U", name);
+            Py_DECREF(name);
+        }
+        return NULL;
+    }
+    n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "n must not be negative, got %zd", n);
+        return NULL;
+    }
+    if (pool_check_open(self) < 0)
+        return NULL;
+    list = PyList_New(n);
+    if (list == NULL)
+        return NULL;
+    while (k < n) {
+        Slab *s = self->cur;
+        if (s == NULL || s->nfree == 0) {   /* may call _grow(): other threads may run */
+            s = pool_refill(self);
+            if (s == NULL)
+                goto fail;
+        }
+        taken = slab_take_many(self, s, chunk, n - k < 64 ? n - k : 64);
+        for (j = 0; j < taken; j++) {
+            PyObject *item = PyLong_FromUnsignedLong((unsigned long)chunk[j]);
+            if (item == NULL) {
+                memmove(chunk, chunk + j, (size_t)(taken - j) * sizeof(uintptr_t));
+                taken -= j;
+                goto fail;
+            }
+            PyList_SetItem(list, k++, item);   /* steals; cannot fail here */
+        }
+        taken = 0;
+    }
+    return list;
+
+fail:
+    /* give back what this call took: the objects in the list and the chunk */
+    {
+        PyObject *exc_type, *exc_value, *exc_tb;
+
+        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+        for (j = 0; j < k; j++)
+            pool_untake(self, (uintptr_t)PyLong_AsVoidPtr(PyList_GetItem(list, j)));
+        for (j = 0; j < taken; j++)
+            pool_untake(self, chunk[j]);
+        Py_DECREF(list);
+        if (pool_maybe_release(self) < 0)
+            PyErr_Clear();
+        PyErr_Restore(exc_type, exc_value, exc_tb);
+    }
+    return NULL;
+}
+
+/* Give back the objects of word w of slab s whose bits are set in bits. */
+static void
+slab_give_word(PoolObject *self, Slab *s, uint32_t w, uint64_t bits, int *released)
+{
+    uint32_t c = (uint32_t)__builtin_popcountll(bits);
+
+    s->bits[w] |= bits;
+    if (w < s->hint)
+        s->hint = w;
+    s->nfree += c;
+    self->live -= c;
+    if (s->nfree == self->per_slab) {
+        self->nempty++;
+        *released = 1;
+    }
+}
+
+/* Take back object i of slab s, which a failed free_many gave back. */
+static void
+slab_undo_give(PoolObject *self, Slab *s, uint32_t i)
+{
+    s->bits[i >> 6] &= ~((uint64_t)1 << (i & 63));
+    if (s->nfree == self->per_slab)
+        self->nempty--;
+    s->nfree--;
+    self->live++;
+}
+
+/* free_many of a list whose items are exact ints, in one pass that runs no
+ * Python code. 1: done; 0: an item is not an exact int (nothing changed,
+ * take the general path); -1: ValueError, nothing changed. */
+static int
+pool_free_exact_ints(PoolObject *self, PyObject *list, Py_ssize_t n, int *released)
+{
+    Slab *cs = NULL;          /* bits of word cw of slab cs wait in pending */
+    uint32_t cw = 0;
+    uint64_t pending = 0;
+    Py_ssize_t k, j;
+    int result = 1;
+
+    for (k = 0; k < n; k++) {
+        PyObject *item = PyList_GetItem(list, k);
+        unsigned long a;
+        Slab *s = NULL;
+        uint32_t i = 0, w;
+        uint64_t bit;
+        int code;
+
+        if (!PyLong_CheckExact(item)) {
+            result = 0;
+            break;
+        }
+        a = PyLong_AsUnsignedLong(item);
+        if (a == (unsigned long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            pool_bad_address(self, item, 0, LOC_FOREIGN, NULL, 0);
+            result = -1;
+            break;
+        }
+        code = pool_locate(self, a, &s, &i);
+        if (code != LOC_OK) {
+            pool_bad_address(self, item, a, code, s, i);
+            result = -1;
+            break;
+        }
+        w = i >> 6;
+        bit = (uint64_t)1 << (i & 63);
+        if (s != cs || w != cw) {
+            if (pending)
+                slab_give_word(self, cs, cw, pending, released);
+            cs = s;
+            cw = w;
+            pending = 0;
+        }
+        if ((s->bits[w] | pending) & bit) {   /* free, or twice in the list */
+            pool_bad_address(self, item, a, -1, s, i);
+            result = -1;
+            break;
+        }
+        pending |= bit;
+    }
+    if (pending)
+        slab_give_word(self, cs, cw, pending, released);
+    if (result == 1)
+        return 1;
+    for (j = 0; j < k; j++) {   /* undo: items 0..k-1 were found and given back */
+        Slab *s = NULL;
+        uint32_t i = 0;
+        pool_locate(self, PyLong_AsUnsignedLong(PyList_GetItem(list, j)), &s, &i);
+        slab_undo_give(self, s, i);
+    }
+    return result;
+}
+
+static PyObject *
+pool_free_many(PoolObject *self, PyObject *arg)
+{
+    PyObject *list;
+    Py_ssize_t n, k, j;
+    uintptr_t *addrs = NULL;
+    int released = 0;
+
+    if (pool_check_open(self) < 0)
+        return NULL;
+    /* A list is read in place: items are taken with bounds checks, and an
+     * __index__ that changes the list cannot make this read freed memory. */
+    if (PyList_CheckExact(arg)) {
+        Py_INCREF(arg);
+        list = arg;
+    }
+    else {
+        list = PySequence_List(arg);
+        if (list == NULL)
+            return NULL;
+    }
+    n = PyList_Size(list);
+    switch (pool_free_exact_ints(self, list, n, &released)) {
+    case 1:
+        Py_DECREF(list);
+        if (released && pool_maybe_release(self) < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    case -1:
+        Py_DECREF(list);
+        return NULL;
+    }
+    /* the general path: convert every address first (__index__ may run
+     * Python code: nothing is changed yet), then free them all or none */
+    addrs = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(uintptr_t));
+    if (addrs == NULL) {
+        Py_DECREF(list);
+        return PyErr_NoMemory();
+    }
+    for (k = 0; k < n; k++) {
+        PyObject *item = PyList_GetItem(list, k);
+        int code;
+
+        if (item == NULL)
+            goto fail;
+        Py_INCREF(item);   /* an __index__ method may change the list */
+        code = pool_address_arg(item, &addrs[k]);
+        if (code > 0)
+            pool_bad_address(self, item, 0, LOC_FOREIGN, NULL, 0);
+        Py_DECREF(item);
+        if (code != 0)
+            goto fail;
+    }
+    if (pool_check_open(self) < 0)
+        goto fail;
+    for (k = 0; k < n; k++) {   /* no Python code runs in this loop */
+        Slab *s = NULL;
+        uint32_t i = 0;
+        int code = pool_locate(self, addrs[k], &s, &i);
+
+        if (code == LOC_OK && slab_is_free(s, i))
+            code = -1;
+        if (code != LOC_OK) {
+            pool_bad_address(self, NULL, addrs[k], code, s, i);
+            for (j = 0; j < k; j++) {   /* undo */
+                pool_locate(self, addrs[j], &s, &i);
+                slab_undo_give(self, s, i);
+            }
+            goto fail;
+        }
+        released |= slab_give(self, s, i);
+    }
+    PyMem_Free(addrs);
+    Py_DECREF(list);
+    if (released && pool_maybe_release(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+
+fail:
+    PyMem_Free(addrs);
+    Py_DECREF(list);
+    return NULL;
+}
+
+static int
+pool_contains(PoolObject *self, PyObject *arg)
+{
+    uintptr_t a;
+    Slab *s;
+    uint32_t i;
+    int code;
+
+    if (self->closed || !self->configured)
+        return 0;
+    code = pool_address_arg(arg, &a);
+    if (code < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    return code == 0 && pool_locate(self, a, &s, &i) == LOC_OK && !slab_is_free(s, i);
+}
+
+static Py_ssize_t
+pool_length(PoolObject *self)
+{
+    return self->live;
+}
+
+/* _locate(address) -> (region, offset) of a live object */
+static PyObject *
+pool_locate_method(PoolObject *self, PyObject *arg)
+{
+    uintptr_t a = 0;
+    Slab *s = NULL;
+    uint32_t i = 0;
+    int code = pool_address_arg(arg, &a);
+
+    if (code < 0 || pool_check_open(self) < 0)
+        return NULL;
+    if (code == 0)
+        code = pool_locate(self, a, &s, &i);
+    if (code == LOC_OK && slab_is_free(s, i))
+        code = -1;
+    if (code != LOC_OK) {
+        pool_bad_address(self, arg, a, code, s, i);
+        return NULL;
+    }
+    return Py_BuildValue("(On)", s->region, (Py_ssize_t)i * self->stride);
+}
+
+/* _configure(obj_size, stride, per_slab, keep_empty) */
+static PyObject *
+pool_configure(PoolObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t obj_size, stride, per_slab, keep_empty;
+
+    if (check_nargs("_configure", nargs, 4) < 0 || arg_ssize(args[0], &obj_size) < 0
+        || arg_ssize(args[1], &stride) < 0 || arg_ssize(args[2], &per_slab) < 0
+        || arg_ssize(args[3], &keep_empty) < 0)
+        return NULL;
+    if (self->configured) {
+        PyErr_SetString(PyExc_RuntimeError, "pool is configured already");
+        return NULL;
+    }
+    if (obj_size == 0 || stride < obj_size || per_slab == 0 || per_slab > UINT32_MAX - 64
+        || per_slab > PY_SSIZE_T_MAX / stride) {
+        PyErr_SetString(PyExc_ValueError, "bad pool layout");
+        return NULL;
+    }
+    self->obj_size = obj_size;
+    self->stride = stride;
+    self->per_slab = (uint32_t)per_slab;
+    self->nwords = (uint32_t)((per_slab + 63) / 64);
+    self->span = per_slab * stride;
+    self->shift = (stride & (stride - 1)) == 0 ? __builtin_ctzll((unsigned long long)stride) : -1;
+    self->keep_empty = keep_empty;
+    self->configured = 1;
+    Py_RETURN_NONE;
+}
+
+static int
+is_region(PyObject *o)
+{
+    return PyType_GetSlot(Py_TYPE(o), Py_bf_getbuffer) == (void *)region_getbuffer;
+}
+
+/* _attach(region, zeroed): add an idle region as an empty slab */
+static PyObject *
+pool_attach(PoolObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    RegionObject *region;
+    Slab *s;
+    Py_ssize_t k, pos;
+    int zeroed;
+    uint32_t i;
+
+    if (check_nargs("_attach", nargs, 2) < 0)
+        return NULL;
+    if (!is_region(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "_attach() needs a Region");
+        return NULL;
+    }
+    zeroed = PyObject_IsTrue(args[1]);
+    if (zeroed < 0 || pool_check_open(self) < 0)
+        return NULL;
+    region = (RegionObject *)args[0];
+    if (region->data == NULL || region->capacity < self->span || region->mixed) {
+        PyErr_SetString(PyExc_ValueError, "region is closed, too small or mixed for a slab");
+        return NULL;
+    }
+    for (k = 0; k < self->nslabs; k++) {
+        if (self->slabs[k]->region == (PyObject *)region) {
+            PyErr_SetString(PyExc_ValueError, "region is a slab of this pool already");
+            return NULL;
+        }
+    }
+    if (self->nslabs == self->cap) {
+        Py_ssize_t cap = self->cap ? self->cap * 2 : 8;
+        Slab **slabs = PyMem_Realloc(self->slabs, (size_t)cap * sizeof(Slab *));
+        if (slabs == NULL)
+            return PyErr_NoMemory();
+        self->slabs = slabs;
+        self->cap = cap;
+    }
+    s = PyMem_Calloc(1, sizeof(Slab) + (size_t)self->nwords * sizeof(uint64_t));
+    if (s == NULL)
+        return PyErr_NoMemory();
+    s->base = region->data;
+    Py_INCREF((PyObject *)region);
+    s->region = (PyObject *)region;
+    s->nfree = self->per_slab;
+    s->hint = 0;
+    s->fresh = zeroed ? 0 : self->per_slab;
+    s->prot = region->prot;
+    for (i = 0; i + 64 <= self->per_slab; i += 64)
+        s->bits[i >> 6] = ~(uint64_t)0;
+    if (i < self->per_slab)
+        s->bits[i >> 6] = ((uint64_t)1 << (self->per_slab - i)) - 1;
+    for (pos = self->nslabs; pos > 0 && self->slabs[pos - 1]->base > s->base; pos--)
+        self->slabs[pos] = self->slabs[pos - 1];
+    self->slabs[pos] = s;
+    self->nslabs++;
+    self->nempty++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+pool_detach_at(PoolObject *self, Py_ssize_t k)
+{
+    Slab *s = self->slabs[k];
+    PyObject *region = s->region;
+
+    if (s->nfree == self->per_slab)
+        self->nempty--;
+    self->live -= self->per_slab - s->nfree;
+    memmove(&self->slabs[k], &self->slabs[k + 1], (size_t)(self->nslabs - k - 1) * sizeof(Slab *));
+    self->nslabs--;
+    if (self->cur == s)
+        self->cur = NULL;
+    if (self->last == s)
+        self->last = NULL;
+    PyMem_Free(s);
+    if (self->cap > 8 && self->nslabs < self->cap / 4) {   /* give the table back too */
+        Slab **slabs = PyMem_Realloc(self->slabs, (size_t)(self->cap / 2) * sizeof(Slab *));
+        if (slabs != NULL) {
+            self->slabs = slabs;
+            self->cap /= 2;
+        }
+    }
+    return region;   /* the slab's reference */
+}
+
+/* _detach_empty() -> Region | None: take out an empty slab that no buffer
+ * pins, while more than keep_empty slabs are empty. The highest one goes
+ * first; the current slab last. */
+static PyObject *
+pool_detach_empty(PoolObject *self, PyObject *unused)
+{
+    Py_ssize_t k, pick = -1;
+
+    if (self->closed || self->nempty <= self->keep_empty)
+        Py_RETURN_NONE;
+    for (k = self->nslabs - 1; k >= 0; k--) {
+        Slab *s = self->slabs[k];
+        RegionObject *region = (RegionObject *)s->region;
+        if (s->nfree != self->per_slab || region->exports > 0 || region->busy > 0)
+            continue;
+        if (s != self->cur) {
+            pick = k;
+            break;
+        }
+        if (pick < 0)
+            pick = k;
+    }
+    if (pick < 0)
+        Py_RETURN_NONE;
+    return pool_detach_at(self, pick);
+}
+
+/* _detach_all() -> list[Region]: close the pool, handing back its slabs;
+ * BufferError (nothing changed) while a buffer of a slab is exported. */
+static PyObject *
+pool_detach_all(PoolObject *self, PyObject *unused)
+{
+    PyObject *list;
+    Py_ssize_t k;
+
+    for (k = 0; k < self->nslabs; k++) {
+        RegionObject *region = (RegionObject *)self->slabs[k]->region;
+        if (region->exports > 0) {
+            PyErr_Format(PyExc_BufferError,
+                         "cannot close the pool: a slab has %zd exported buffer(s)",
+                         region->exports);
+            return NULL;
+        }
+    }
+    list = PyList_New(self->nslabs);
+    if (list == NULL)
+        return NULL;
+    for (k = 0; k < self->nslabs; k++) {
+        PyList_SetItem(list, k, self->slabs[k]->region);
+        PyMem_Free(self->slabs[k]);
+    }
+    PyMem_Free(self->slabs);
+    self->slabs = NULL;
+    self->nslabs = self->cap = 0;
+    self->cur = self->last = NULL;
+    self->live = self->nempty = 0;
+    self->closed = 1;
+    return list;
+}
+
+/* _slabs() -> list[Region]: the attached slabs, by address */
+static PyObject *
+pool_slab_list(PoolObject *self, PyObject *unused)
+{
+    PyObject *list = PyList_New(self->nslabs);
+    Py_ssize_t k;
+
+    if (list == NULL)
+        return NULL;
+    for (k = 0; k < self->nslabs; k++) {
+        Py_INCREF(self->slabs[k]->region);
+        PyList_SetItem(list, k, self->slabs[k]->region);
+    }
+    return list;
+}
+
+static PyObject *
+pool_get_free(PoolObject *self, void *closure)
+{
+    Py_ssize_t k, n = 0;
+
+    for (k = 0; k < self->nslabs; k++)
+        n += self->slabs[k]->nfree;
+    return PyLong_FromSsize_t(n);
+}
+
+static PyObject *
+pool_get_closed(PoolObject *self, void *closure)
+{
+    return PyBool_FromLong(self->closed || !self->configured);
+}
+
+static PyObject *
+pool_get_metadata(PoolObject *self, void *closure)
+{
+    size_t n = (size_t)self->cap * sizeof(Slab *)
+               + (size_t)self->nslabs * (sizeof(Slab) + self->nwords * sizeof(uint64_t));
+    return PyLong_FromSize_t(n);
+}
+
+static PyObject *
+pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+    PoolObject *self = (PoolObject *)alloc(type, 0);
+
+    if (self == NULL)
+        return NULL;
+    self->shift = -1;
+    return (PyObject *)self;
+}
+
+static int
+pool_traverse(PoolObject *self, visitproc visit, void *arg)
+{
+    Py_ssize_t k;
+
+    for (k = 0; k < self->nslabs; k++)
+        Py_VISIT(self->slabs[k]->region);
+    Py_VISIT(Py_TYPE((PyObject *)self));
+    return 0;
+}
+
+static int
+pool_clear(PoolObject *self)
+{
+    Slab **slabs = self->slabs;
+    Py_ssize_t k, n = self->nslabs;
+
+    self->slabs = NULL;
+    self->nslabs = self->cap = 0;
+    self->cur = self->last = NULL;
+    self->live = self->nempty = 0;
+    if (self->configured)
+        self->closed = 1;
+    for (k = 0; k < n; k++) {
+        PyObject *region = slabs[k]->region;
+        PyMem_Free(slabs[k]);
+        Py_DECREF(region);
+    }
+    PyMem_Free(slabs);
+    return 0;
+}
+
+static void
+pool_dealloc(PoolObject *self)
+{
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+
+    PyObject_GC_UnTrack(self);
+    pool_clear(self);
+    tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef pool_methods[];
+
+/* Pool._specialize(): give a subclass its own descriptors of the public
+ * methods. CPython specialises a call of a C method only when the instance's
+ * type is exactly the method's defining type; without this, every
+ * pool.alloc() on an instance of a Python subclass takes the generic path,
+ * about 20 ns slower. */
+static PyObject *
+pool_specialize(PyObject *cls, PyObject *unused)
+{
+    PyMethodDef *def;
+
+    for (def = pool_methods; def->ml_name != NULL; def++) {
+        PyObject *descr;
+        int rc;
+
+        if (def->ml_name[0] == '_')
+            continue;
+        descr = PyDescr_NewMethod((PyTypeObject *)cls, def);
+        if (descr == NULL)
+            return NULL;
+        rc = PyObject_SetAttrString(cls, def->ml_name, descr);
+        Py_DECREF(descr);
+        if (rc < 0)
+            return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef pool_methods[] = {
+    {"alloc", (PyCFunction)(void (*)(void))pool_alloc, METH_FASTCALL,
+     "alloc() -> int: the address of a free object (its contents are undefined)."},
+    {"alloc_zeroed", (PyCFunction)(void (*)(void))pool_alloc_zeroed, METH_FASTCALL,
+     "alloc_zeroed() -> int: the address of a free object whose bytes are zero."},
+    {"free", (PyCFunction)pool_free, METH_O,
+     "free(address): give an object back. ValueError (nothing changed) for an address\n"
+     "that is not the start of a live object of this pool."},
+    {"alloc_many", (PyCFunction)pool_alloc_many, METH_O,
+     "alloc_many(n) -> list[int]: the addresses of n free objects (all or none)."},
+    {"free_many", (PyCFunction)pool_free_many, METH_O,
+     "free_many(addresses): give objects back; all of them, or none and ValueError."},
+    {"_locate", (PyCFunction)pool_locate_method, METH_O,
+     "_locate(address) -> (region, offset) of a live object."},
+    {"_configure", (PyCFunction)(void (*)(void))pool_configure, METH_FASTCALL,
+     "_configure(obj_size, stride, per_slab, keep_empty)"},
+    {"_attach", (PyCFunction)(void (*)(void))pool_attach, METH_FASTCALL,
+     "_attach(region, zeroed): add an idle region as an empty slab."},
+    {"_detach_empty", (PyCFunction)pool_detach_empty, METH_NOARGS,
+     "_detach_empty() -> Region | None: take out an unpinned empty slab past keep_empty."},
+    {"_detach_all", (PyCFunction)pool_detach_all, METH_NOARGS,
+     "_detach_all() -> list[Region]: close the pool and hand back its slabs."},
+    {"_slabs", (PyCFunction)pool_slab_list, METH_NOARGS,
+     "_slabs() -> list[Region]: the attached slabs."},
+    {"_specialize", (PyCFunction)pool_specialize, METH_NOARGS | METH_CLASS,
+     "_specialize(): re-home the public methods on a subclass (a speed-up)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef pool_getset[] = {
+    {"closed", (getter)pool_get_closed, NULL, "True once the pool is closed.", NULL},
+    {"_free", (getter)pool_get_free, NULL, "Free objects in the attached slabs.", NULL},
+    {"_metadata", (getter)pool_get_metadata, NULL, "Bytes of C bookkeeping.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot pool_slots[] = {
+    {Py_tp_doc, "The fast path of ObjectPool: slabs, free bitmaps, alloc and free."},
+    {Py_tp_new, pool_new},
+    {Py_tp_dealloc, pool_dealloc},
+    {Py_tp_traverse, pool_traverse},
+    {Py_tp_clear, pool_clear},
+    {Py_tp_methods, pool_methods},
+    {Py_tp_getset, pool_getset},
+    {Py_sq_length, pool_length},
+    {Py_sq_contains, pool_contains},
+    {0, NULL},
+};
+
+static PyType_Spec pool_spec = {
+    .name = "mmap_alloc._mman.Pool",
+    .basicsize = sizeof(PoolObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = pool_slots,
+};
+
+/* ------------------------------------------------------------------ */
 /* module                                                              */
 
 static PyMethodDef mman_methods[] = {
@@ -932,6 +1999,11 @@ mman_exec(PyObject *m)
         return -1;
     if (PyModule_AddObjectRef(m, "Region", (PyObject *)st->region_type) < 0)
         return -1;
+    st->pool_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &pool_spec, NULL);
+    if (st->pool_type == NULL)
+        return -1;
+    if (PyModule_AddObjectRef(m, "Pool", (PyObject *)st->pool_type) < 0)
+        return -1;
     return add_constants(m);
 }
 
@@ -939,6 +2011,7 @@ static int
 mman_traverse(PyObject *m, visitproc visit, void *arg)
 {
     Py_VISIT(get_state(m)->region_type);
+    Py_VISIT(get_state(m)->pool_type);
     return 0;
 }
 
@@ -946,6 +2019,7 @@ static int
 mman_clear(PyObject *m)
 {
     Py_CLEAR(get_state(m)->region_type);
+    Py_CLEAR(get_state(m)->pool_type);
     return 0;
 }
 
