@@ -48,6 +48,11 @@ typedef struct {
     PyObject *weakreflist;
 } RegionObject;
 
+/* Mapping and unmapping this much or more may take long enough (populating
+ * or freeing pages) to be worth releasing the GIL; smaller calls take about
+ * as long as releasing and taking it back. */
+#define SLOW_CALL_BYTES (1 << 20)
+
 /* ------------------------------------------------------------------ */
 /* argument helpers: the Python layer passes exact ints                */
 
@@ -266,9 +271,13 @@ region_map(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "size exceeds capacity");
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
-    p = mmap(NULL, (size_t)capacity, prot, flags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    Py_END_ALLOW_THREADS
+    if (capacity >= SLOW_CALL_BYTES || (flags & (MAP_POPULATE | MAP_HUGETLB))) {
+        Py_BEGIN_ALLOW_THREADS
+        p = mmap(NULL, (size_t)capacity, prot, flags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        Py_END_ALLOW_THREADS
+    }
+    else
+        p = mmap(NULL, (size_t)capacity, prot, flags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
         return PyErr_SetFromErrno(PyExc_OSError);
     region = region_wrap((PyTypeObject *)cls, p, size, capacity, prot, args[4]);
@@ -314,15 +323,35 @@ region_close(RegionObject *self, PyObject *unused)
     if (region_check_idle(self, "close the region") < 0)
         return NULL;
     self->data = NULL;
-    Py_BEGIN_ALLOW_THREADS
-    rc = munmap(p, (size_t)self->capacity);
-    Py_END_ALLOW_THREADS
+    if (self->capacity >= SLOW_CALL_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = munmap(p, (size_t)self->capacity);
+        Py_END_ALLOW_THREADS
+    }
+    else
+        rc = munmap(p, (size_t)self->capacity);
     if (rc != 0) {
         /* e.g. ENOMEM at vm.max_map_count: the mapping is still there */
         self->data = p;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     Py_RETURN_NONE;
+}
+
+/* _release(owner): close the region, which must belong to owner and be open;
+ * the checks and the unmap in one call, for the allocator's dealloc path */
+static PyObject *
+region_release(RegionObject *self, PyObject *owner)
+{
+    if (self->owner != owner) {
+        PyErr_SetString(PyExc_ValueError, "region was allocated by another allocator");
+        return NULL;
+    }
+    if (self->data == NULL) {
+        PyErr_SetString(PyExc_ValueError, "region was already freed");
+        return NULL;
+    }
+    return region_close(self, NULL);
 }
 
 /* _resize(size, capacity, flags) -> address: mremap, or only the size when
@@ -717,6 +746,8 @@ static PyMethodDef region_methods[] = {
      "_adopt(address, size, capacity, prot, owner): own an existing mapping."},
     {"close", (PyCFunction)region_close, METH_NOARGS,
      "Unmap the region. Closing a closed region does nothing."},
+    {"_release", (PyCFunction)region_release, METH_O,
+     "_release(owner): close the region, checking that owner made it and it is open."},
     {"_resize", (PyCFunction)(void (*)(void))region_resize, METH_FASTCALL,
      "_resize(size, capacity, flags) -> address: mremap the mapping."},
     {"_swap", (PyCFunction)region_swap, METH_O,

@@ -190,10 +190,11 @@ class MapAlloc:
 
     def dealloc(self, region: Region) -> None:
         """Unmap the region. BufferError while a buffer of it is exported."""
-        self._owned(region)
-        if region.closed:
-            raise ValueError("region was already freed")
-        region.close()
+        try:
+            release = region._release
+        except AttributeError:
+            raise TypeError(f"expected a Region, not {type(region).__name__}") from None
+        release(self)
 
     # ------------------------------------------------------------ resizing
 
