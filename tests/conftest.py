@@ -7,19 +7,36 @@ from collections.abc import Iterator
 
 import pytest
 
-from mmap_alloc import MapAlloc
-from mmap_alloc._platform import PAGE_SIZE, mapping_count
+from mmap_alloc import MapAlloc, _mman
+from mmap_alloc._platform import PAGE_SIZE
 
 
-@pytest.fixture(autouse=True, scope="module")
+def _open_regions() -> list[_mman.Region]:
+    return [o for o in gc.get_objects() if isinstance(o, _mman.Region) and not o.closed]
+
+
+@pytest.fixture(autouse=True)
 def no_mapping_leak() -> Iterator[None]:
-    """Every test module leaves the process with as many mappings as it found."""
-    gc.collect()
-    before = mapping_count()
+    """Every test unmaps every byte the library mapped for it, and no more.
+
+    This counts exactly: the C layer adds up what its own mmap, mremap and
+    munmap calls map and unmap (``_mman.mapped_bytes()``). Counting lines of
+    /proc/self/maps instead is noisy both ways: imports (numpy: its .so files
+    and its thread stacks), obmalloc arenas and malloc come and go between
+    tests, and a leaked region that merges with a neighbour adds no line.
+    """
+    before = _mman.mapped_bytes()
     yield
-    gc.collect()
-    after = mapping_count()
-    assert after <= before, f"{after - before} mapping(s) leaked by this module"
+    if _mman.mapped_bytes() != before:
+        gc.collect()  # regions held only by reference cycles (tracebacks)
+    leaked = _mman.mapped_bytes() - before
+    if leaked:
+        regions = "".join(f"\n  {region!r}" for region in _open_regions())
+        pytest.fail(
+            f"{abs(leaked)} byte(s) {'left mapped' if leaked > 0 else 'unmapped twice'} "
+            f"by this test; open regions:{regions or ' none'}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture

@@ -7,11 +7,15 @@ in-place resizing and huge pages, after the Rust crate mmap-alloc.
 from .allocator import Layout, MapAlloc
 from .builder import MapAllocBuilder
 from .exceptions import AllocError, CannotReallocInPlace, MapAllocError
+from .hugepages import Backing
 from .perm import Perm
 from .region import Region
+from .stats import AllocStats, RegionStats
 
 __all__ = [
     "AllocError",
+    "AllocStats",
+    "Backing",
     "CannotReallocInPlace",
     "Layout",
     "MapAlloc",
@@ -19,6 +23,7 @@ __all__ = [
     "MapAllocError",
     "Perm",
     "Region",
+    "RegionStats",
 ]
 
 __version__ = "0.1.0"

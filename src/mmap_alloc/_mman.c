@@ -13,6 +13,9 @@
  *     mapping is never unmapped, moved, shrunk, or stripped of READ/WRITE.
  *   - while busy > 0 (a system call on it runs without the GIL) it is never
  *     unmapped, moved or shrunk either.
+ *   - pins (functions made by region.function()) count as exports, except
+ *     that they do not stop READ or WRITE from being removed: code needs
+ *     neither, and the Python layer keeps EXEC under them.
  *   - `prot` is the protection common to every page of the mapping; no
  *     buffer is exported without PROT_READ, only a read-only one without
  *     PROT_WRITE.
@@ -42,7 +45,8 @@ typedef struct {
     Py_ssize_t capacity;   /* bytes mapped; what munmap is given */
     int prot;              /* protection common to all pages */
     int mixed;             /* pages differ in protection */
-    Py_ssize_t exports;    /* live buffers */
+    Py_ssize_t exports;    /* live buffers, and pins */
+    Py_ssize_t pins;       /* live functions made by region.function() */
     Py_ssize_t busy;       /* system calls running without the GIL */
     PyObject *owner;       /* the allocator that made it, or None */
     PyObject *weakreflist;
@@ -52,6 +56,19 @@ typedef struct {
  * or freeing pages) to be worth releasing the GIL; smaller calls take about
  * as long as releasing and taking it back. */
 #define SLOW_CALL_BYTES (1 << 20)
+
+/* Bytes mapped by this module and not unmapped yet: every successful
+ * mmap, munmap and mremap here adjusts it (the GIL is held when it does).
+ * The test suite checks it returns to where it was; a new function that
+ * maps or unmaps memory must adjust it too. */
+static Py_ssize_t mapped_bytes = 0;
+
+static Py_ssize_t
+page_round(Py_ssize_t length)
+{
+    Py_ssize_t page = (Py_ssize_t)sysconf(_SC_PAGESIZE);
+    return (length + page - 1) & ~(page - 1);
+}
 
 /* ------------------------------------------------------------------ */
 /* argument helpers: the Python layer passes exact ints                */
@@ -115,6 +132,12 @@ mman_page_size(PyObject *module, PyObject *unused)
 }
 
 static PyObject *
+mman_mapped_bytes(PyObject *module, PyObject *unused)
+{
+    return PyLong_FromSsize_t(mapped_bytes);
+}
+
+static PyObject *
 mman_mmap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t length;
@@ -129,6 +152,7 @@ mman_mmap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_END_ALLOW_THREADS
     if (p == MAP_FAILED)
         return PyErr_SetFromErrno(PyExc_OSError);
+    mapped_bytes += page_round(length);
     return PyLong_FromVoidPtr(p);
 }
 
@@ -147,6 +171,7 @@ mman_munmap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_END_ALLOW_THREADS
     if (rc != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
+    mapped_bytes -= page_round(length);
     Py_RETURN_NONE;
 }
 
@@ -205,10 +230,16 @@ region_check_open(RegionObject *self)
 static int
 region_check_idle(RegionObject *self, const char *what)
 {
-    if (self->exports > 0) {
+    if (self->exports > self->pins) {
         PyErr_Format(PyExc_BufferError,
                      "cannot %s: the region has %zd exported buffer(s)",
-                     what, self->exports);
+                     what, self->exports - self->pins);
+        return -1;
+    }
+    if (self->pins > 0) {
+        PyErr_Format(PyExc_BufferError,
+                     "cannot %s: %zd function(s) made by region.function() run code in it",
+                     what, self->pins);
         return -1;
     }
     if (self->busy > 0) {
@@ -247,6 +278,7 @@ region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
     self->prot = prot;
     self->mixed = 0;
     self->exports = 0;
+    self->pins = 0;
     self->busy = 0;
     Py_INCREF(owner);
     self->owner = owner;
@@ -283,6 +315,8 @@ region_map(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
     region = region_wrap((PyTypeObject *)cls, p, size, capacity, prot, args[4]);
     if (region == NULL)
         munmap(p, (size_t)capacity);
+    else
+        mapped_bytes += capacity;
     return region;
 }
 
@@ -335,6 +369,7 @@ region_close(RegionObject *self, PyObject *unused)
         self->data = p;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
+    mapped_bytes -= self->capacity;
     Py_RETURN_NONE;
 }
 
@@ -387,6 +422,7 @@ region_resize(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
         p = mremap(self->data, (size_t)self->capacity, (size_t)capacity, flags);
         if (p == MAP_FAILED)
             return PyErr_SetFromErrno(PyExc_OSError);
+        mapped_bytes += capacity - self->capacity;
         self->data = p;
         self->capacity = capacity;
     }
@@ -493,12 +529,40 @@ region_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
         || arg_int(args[4], &mixed) < 0)
         return NULL;
     if ((self->prot & ~common & (PROT_READ | PROT_WRITE))
+        && (self->exports > self->pins || self->busy > 0)
         && region_check_idle(self, "remove read or write permission") < 0)
         return NULL;
     if (length > 0 && mprotect(self->data + offset, (size_t)length, prot) != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     self->prot = common;
     self->mixed = mixed != 0;
+    Py_RETURN_NONE;
+}
+
+/* _pin(delta): 1 pins the region for a function made by region.function(),
+ * -1 releases that pin. A pin counts as an export (no unmap, move, shrink)
+ * but does not stop protect() from removing READ or WRITE. */
+static PyObject *
+region_pin(RegionObject *self, PyObject *arg)
+{
+    long delta = PyLong_AsLong(arg);
+
+    if (delta == -1 && PyErr_Occurred())
+        return NULL;
+    if (delta == 1) {
+        if (region_check_open(self) < 0)
+            return NULL;
+        self->pins++;
+        self->exports++;
+    }
+    else if (delta == -1 && self->pins > 0) {
+        self->pins--;
+        self->exports--;
+    }
+    else {
+        PyErr_SetString(PyExc_ValueError, "_pin() takes 1, or -1 on a pinned region");
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -658,6 +722,12 @@ region_get_exports(RegionObject *self, void *closure)
 }
 
 static PyObject *
+region_get_pins(RegionObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->pins);
+}
+
+static PyObject *
 region_get_owner(RegionObject *self, void *closure)
 {
     Py_INCREF(self->owner);
@@ -733,6 +803,8 @@ region_dealloc(RegionObject *self)
         if (rc != 0)   /* cannot unmap (map count): at least give the memory back */
             madvise(p, (size_t)self->capacity, MADV_DONTNEED);
         Py_END_ALLOW_THREADS
+        if (rc == 0)
+            mapped_bytes -= self->capacity;
     }
     region_clear(self);
     tp_free(self);
@@ -758,6 +830,8 @@ static PyMethodDef region_methods[] = {
      "_zero(offset, length, prot): zero bytes within pages of protection prot."},
     {"_protect", (PyCFunction)(void (*)(void))region_protect, METH_FASTCALL,
      "_protect(offset, length, prot, common, mixed): mprotect a range."},
+    {"_pin", (PyCFunction)region_pin, METH_O,
+     "_pin(delta): 1 pins the region for a function, -1 releases the pin."},
     {"_advise", (PyCFunction)(void (*)(void))region_advise, METH_FASTCALL,
      "_advise(offset, length, advice): madvise a range."},
     {"_mincore", (PyCFunction)(void (*)(void))region_mincore, METH_FASTCALL,
@@ -780,6 +854,7 @@ static PyGetSetDef region_getset[] = {
     {"_prot", (getter)region_get_prot, NULL, "Protection common to all pages.", NULL},
     {"_mixed", (getter)region_get_mixed, NULL, "True when pages differ in protection.", NULL},
     {"_exports", (getter)region_get_exports, NULL, "Number of live buffers.", NULL},
+    {"_pins", (getter)region_get_pins, NULL, "Number of live functions.", NULL},
     {"_owner", (getter)region_get_owner, NULL, "The allocator that made the region.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -817,6 +892,8 @@ static PyType_Spec region_spec = {
 
 static PyMethodDef mman_methods[] = {
     {"page_size", mman_page_size, METH_NOARGS, "page_size() -> int"},
+    {"mapped_bytes", mman_mapped_bytes, METH_NOARGS,
+     "mapped_bytes() -> int: bytes this module has mapped and not unmapped"},
     {"mmap", (PyCFunction)(void (*)(void))mman_mmap, METH_FASTCALL,
      "mmap(length, prot, flags) -> address of a private anonymous mapping"},
     {"munmap", (PyCFunction)(void (*)(void))mman_munmap, METH_FASTCALL,

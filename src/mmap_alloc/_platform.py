@@ -199,3 +199,96 @@ def mapping_count() -> int:
     """How many mappings the process holds now."""
     with open("/proc/self/maps", "rb") as maps:
         return sum(1 for _ in maps)
+
+
+# ---------------------------------------------------------------- huge pages
+
+
+def default_hugepage_size() -> int | None:
+    """The kernel's default hugetlb page size (Hugepagesize in /proc/meminfo), or None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("Hugepagesize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def thp_size() -> int:
+    """The transparent huge page size (the PMD size: 2 MiB on x86-64)."""
+    return read_int("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", 2 << 20)
+
+
+@dataclass(frozen=True)
+class SmapsEntry:
+    """One mapping of /proc/self/smaps: its range and its sizes in bytes."""
+
+    start: int
+    end: int
+    sizes: dict[str, int]
+
+
+def smaps(start: int, end: int) -> list[SmapsEntry]:
+    """The /proc/self/smaps entries of the mappings that overlap [start, end).
+
+    The kernel reports whole mappings (VMAs); one may reach past the range
+    when the kernel merged neighbouring mappings.
+    """
+    entries: list[SmapsEntry] = []
+    current: SmapsEntry | None = None
+    with open("/proc/self/smaps") as lines:
+        for line in lines:
+            key, _, rest = line.partition(" ")
+            if not key.endswith(":"):  # a mapping's first line: "start-end perms ..."
+                lo, _, hi = key.partition("-")
+                first, last = int(lo, 16), int(hi, 16)
+                current = None
+                if first < end and last > start:
+                    current = SmapsEntry(first, last, {})
+                    entries.append(current)
+            elif current is not None and rest.endswith("kB\n"):
+                current.sizes[key[:-1]] = int(rest.split()[0]) * 1024
+    return entries
+
+
+# PAGEMAP_SCAN (Linux 6.7): page categories of a range of this process.
+_PAGEMAP_SCAN = (3 << 30) | (96 << 16) | (ord("f") << 8) | 16  # _IOWR('f', 16, struct pm_scan_arg)
+_PAGE_IS_PRESENT = 1 << 3
+_PAGE_IS_HUGE = 1 << 6
+_SCAN_REGIONS = 64
+
+
+def pagemap_huge_bytes(start: int, end: int) -> int | None:
+    """Bytes of [start, end) mapped by resident huge pages (THP or hugetlb),
+    exactly, page by page; None when the kernel has no PAGEMAP_SCAN."""
+    import fcntl
+    import struct
+    from array import array
+
+    vec = array("Q", bytes(24 * _SCAN_REGIONS))  # struct page_region {start, end, categories}
+    wanted = _PAGE_IS_PRESENT | _PAGE_IS_HUGE
+    total = 0
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        while start < end:
+            # struct pm_scan_arg: size, flags, start, end, walk_end, vec, vec_len,
+            # max_pages, category_inverted, category_mask, category_anyof_mask, return_mask
+            fields = (96, 0, start, end, 0, vec.buffer_info()[0], _SCAN_REGIONS, 0, 0, wanted)
+            arg = bytearray(struct.pack("12Q", *fields, 0, wanted))
+            count = fcntl.ioctl(fd, _PAGEMAP_SCAN, arg, True)
+            for i in range(count):
+                total += vec[3 * i + 1] - vec[3 * i]
+            walk_end = struct.unpack_from("Q", arg, 32)[0]
+            if walk_end <= start:
+                break
+            start = walk_end
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return total

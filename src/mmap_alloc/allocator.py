@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Self, cast
 
-from . import _args, _mman
-from ._platform import PAGE_SIZE, alloc_error, effective_perms, format_size, hugepage_pools
-from .exceptions import CannotReallocInPlace
+from . import _args, _mman, protection
+from ._platform import PAGE_SIZE, alloc_error, effective_perms
+from .exceptions import AllocError, CannotReallocInPlace
 from .perm import Perm
 from .region import Region
+
+if TYPE_CHECKING:
+    from .stats import AllocStats
 
 _MAP_POPULATE: int = getattr(_mman, "MAP_POPULATE", 0)
 _MAYMOVE = _mman.MREMAP_MAYMOVE
@@ -20,6 +23,9 @@ _POPULATE_WRITE: int | None = getattr(_mman, "MADV_POPULATE_WRITE", None)
 _READ = int(Perm.READ)
 _WRITE = int(Perm.WRITE)
 _RW = _READ | _WRITE
+_NO_ACCESS_TO_COMMIT = (
+    "cannot commit pages that are neither readable nor writable; protect() them first"
+)
 
 
 class Layout(NamedTuple):
@@ -36,6 +42,11 @@ class MapAlloc:
     commit (prefaulting) and the page size are fixed when it is made. The
     regions it returns stay owned by it: give them back with dealloc() (or
     close them; a region that is garbage-collected is unmapped too).
+
+    Huge pages: ``huge_pagesize=n`` maps hugetlb pages of n bytes;
+    ``huge="hugetlb" | "thp" | "prefer"`` picks a mode (see mmap_alloc.hugepages).
+    The page size is then the huge page size, and ``region.backing`` says
+    what each region got.
     """
 
     __slots__ = (
@@ -52,6 +63,26 @@ class MapAlloc:
         "_requested",
     )
 
+    def __new__(
+        cls,
+        read: bool = True,
+        write: bool = True,
+        exec: bool = False,
+        commit: bool = False,
+        obj_size: int | None = None,
+        obj_align: int | None = None,
+        huge_pagesize: int | None = None,
+        *,
+        huge: str | None = None,
+    ) -> Self:
+        """Huge page modes (``huge=``, ``huge_pagesize=``) make a HugeMapAlloc
+        (hugepages.py), so that normal allocators pay nothing for them."""
+        if cls is MapAlloc and (huge is not None or huge_pagesize is not None):
+            from .hugepages import HugeMapAlloc
+
+            return cast(Self, object.__new__(HugeMapAlloc))
+        return object.__new__(cls)
+
     def __init__(
         self,
         read: bool = True,
@@ -61,25 +92,19 @@ class MapAlloc:
         obj_size: int | None = None,
         obj_align: int | None = None,
         huge_pagesize: int | None = None,
+        *,
+        huge: str | None = None,
     ) -> None:
         for name, flag in (("read", read), ("write", write), ("exec", exec), ("commit", commit)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, not {type(flag).__name__}")
-        flags = _MAP_POPULATE if commit else 0
-        if huge_pagesize is None:
-            page = PAGE_SIZE
-        else:
-            page = _args.integer(huge_pagesize, "huge_pagesize")
-            supported = [pool.size for pool in hugepage_pools()]
-            if page not in supported:
-                names = ", ".join(format_size(size) for size in supported) or "none"
-                raise ValueError(
-                    f"huge_pagesize={page} is not a huge page size of this machine "
-                    f"(supported: {names})"
-                )
-            flags |= _mman.MAP_HUGETLB | (page.bit_length() - 1) << _mman.MAP_HUGE_SHIFT
+        page, huge_flags, hugetlb = self._pages(huge, huge_pagesize)
+        flags = huge_flags | (_MAP_POPULATE if commit else 0)
         align = page if obj_align is None else _args.power_of_two(obj_align, "obj_align")
-        size = page if obj_size is None else _args.size(obj_size, page, "obj_size")
+        try:
+            size = page if obj_size is None else _args.size(obj_size, page, "obj_size")
+        except AllocError as exc:  # a configuration error, found at build() as all are
+            raise ValueError(str(exc)) from None
         if size % page:
             raise ValueError(f"obj_size={size} must be a multiple of the page size {page}")
         if size % align:
@@ -93,8 +118,15 @@ class MapAlloc:
         self._prot = int(self._perms)
         self._flags = flags
         self._commit = commit
-        self._huge = huge_pagesize if huge_pagesize is None else page
+        self._huge = hugetlb
         self._obj_layout = Layout(size, align)
+
+    def _pages(self, huge: object, huge_pagesize: object) -> tuple[int, int, int | None]:
+        """(page size, mmap flags, hugetlb page size) of the pages to map:
+        normal pages here; HugeMapAlloc overrides it."""
+        if huge is not None or huge_pagesize is not None:
+            raise TypeError(f"{type(self).__name__} cannot use huge pages: use MapAlloc(huge=...)")
+        return PAGE_SIZE, 0, None
 
     # ------------------------------------------------------------ properties
 
@@ -122,6 +154,11 @@ class MapAlloc:
     def huge_pagesize(self) -> int | None:
         """The hugetlb page size, or None for normal pages."""
         return self._huge
+
+    @property
+    def huge(self) -> str | None:
+        """The huge page mode (hugetlb, thp, prefer), or None for normal pages."""
+        return None
 
     @property
     def obj_layout(self) -> Layout:
@@ -184,8 +221,12 @@ class MapAlloc:
             if isinstance(exc, OSError):
                 raise alloc_error(exc, size, self._huge) from None
             raise
-        if self._commit and self._prot & _READ:
-            self._populate(region, 0, capacity)
+        if self._commit and self._prot & _RW:
+            try:
+                self._populate(region, 0, capacity)
+            except BaseException:
+                region.close()
+                raise
         return region
 
     def dealloc(self, region: Region) -> None:
@@ -293,6 +334,13 @@ class MapAlloc:
         if n:
             region._advise(start, n, _DONTNEED)
 
+    def reserve(self, size: int, align: int | None = None) -> Region:
+        """Address space only: a region of ``size`` bytes with Perm.NONE,
+        nothing counted against RAM or the commit limit. Make pieces usable
+        with ``region.protect()``; release them with uncommit() +
+        ``protect(Perm.NONE)``. Normal-page allocators only."""
+        return protection.reserve(self, size, align)
+
     # ------------------------------------------------------------ objects
 
     def alloc_obj(self) -> Region:
@@ -331,26 +379,31 @@ class MapAlloc:
         page = self._page
         full_start = -(-start // page) * page
         full_end = end // page * page
-        if full_start >= full_end:
-            region._zero(start, end - start, _prot_at(region, start))
-            return
-        if start < full_start:
-            region._zero(start, full_start - start, _prot_at(region, start))
-        region._advise(full_start, full_end - full_start, _DONTNEED)
-        if full_end < end:
-            region._zero(full_end, end - full_end, _prot_at(region, full_end))
+        # Partial pages are zeroed one page at a time: pages may differ in protection.
+        head_end = min(end, full_start)
+        if start < head_end:
+            region._zero(start, head_end - start, _prot_at(region, start))
+        if full_start < full_end:
+            region._advise(full_start, full_end - full_start, _DONTNEED)
+        tail_start = max(full_end, head_end)
+        if tail_start < end:
+            region._zero(tail_start, end - tail_start, _prot_at(region, tail_start))
 
     def _populate(self, region: Region, start: int, length: int) -> None:
         """Prefault [start, start + length) for reading or, if allowed, writing."""
         if region._mixed:
+            accessible = False
             for offset, run, perms in region.protections():
                 lo, hi = max(offset, start), min(offset + run, start + length)
-                if lo < hi and perms & _READ:
+                if lo < hi and perms & _RW:
                     self._populate_run(region, lo, hi - lo, int(perms))
+                    accessible = True
+            if not accessible:
+                raise ValueError(_NO_ACCESS_TO_COMMIT)
             return
         prot = region._prot
-        if not prot & _READ:
-            raise ValueError("cannot commit pages that are not readable; protect() them first")
+        if not prot & _RW:
+            raise ValueError(_NO_ACCESS_TO_COMMIT)
         self._populate_run(region, start, length, prot)
 
     def _populate_run(self, region: Region, start: int, length: int, prot: int) -> None:
@@ -366,7 +419,7 @@ class MapAlloc:
     def _move_by_copy(self, region: Region, size: int, capacity: int) -> None:
         """Resize by copying into a new mapping, for mappings mremap cannot move."""
         runs = _clip_runs(region.protections(), capacity)
-        target = Region._map(size, capacity, _RW, self._flags & ~_MAP_POPULATE, self)
+        target = self._map_like(region, size, capacity)
         try:
             unreadable = [run for run in runs if not run[2] & _READ and run[0] < region.capacity]
             for offset, n, perms in unreadable:
@@ -386,6 +439,25 @@ class MapAlloc:
             region._swap(target)
         finally:
             target.close()
+
+    def _map_like(self, region: Region, size: int, capacity: int) -> Region:
+        """A new writable mapping backed like ``region``, for _move_by_copy."""
+        try:
+            return Region._map(size, capacity, _RW, self._flags & ~_MAP_POPULATE, self)
+        except OSError as exc:
+            raise alloc_error(exc, size, self._huge) from None
+
+    # ------------------------------------------------------------ statistics
+
+    def stats(self) -> AllocStats:
+        """Live regions, bytes mapped and bytes resident, measured now.
+
+        Costs nothing per allocation: the live regions are found through the
+        garbage collector (time proportional to the objects in the process).
+        """
+        from .stats import alloc_stats
+
+        return alloc_stats(self)
 
 
 def _clip_runs(runs: list[tuple[int, int, Perm]], capacity: int) -> list[tuple[int, int, int]]:

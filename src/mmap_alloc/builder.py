@@ -24,6 +24,7 @@ class MapAllocBuilder:
     object_size: int | None = None
     object_align: int | None = None
     huge_page_size: int | None = None
+    huge_mode: str | None = None
 
     def read(self, flag: bool = True) -> MapAllocBuilder:
         """Whether allocated memory is readable (default: yes)."""
@@ -57,6 +58,11 @@ class MapAllocBuilder:
         """Back allocations with hugetlb pages of this size; None for normal pages."""
         return dataclasses.replace(self, huge_page_size=size)
 
+    def huge(self, mode: str | None) -> MapAllocBuilder:
+        """The huge page mode: "hugetlb", "thp" or "prefer" (see mmap_alloc.hugepages);
+        None for normal pages (or hugetlb pages if huge_pagesize is set)."""
+        return dataclasses.replace(self, huge_mode=mode)
+
     def build(self) -> MapAlloc:
         """The allocator this configuration describes; all validation happens here."""
         return MapAlloc(
@@ -67,4 +73,5 @@ class MapAllocBuilder:
             obj_size=self.object_size,
             obj_align=self.object_align,
             huge_pagesize=self.huge_page_size,
+            huge=self.huge_mode,
         )

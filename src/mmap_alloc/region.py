@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import operator
+from _ctypes import CFuncPtr
 from collections.abc import Iterator
 from types import TracebackType
-from typing import overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from . import _mman
-from ._platform import mappings
+from . import _mman, protection
 from .perm import Perm
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
+    from .hugepages import Backing
+    from .stats import RegionStats
+
+_F = TypeVar("_F", bound=CFuncPtr)
 
 
 class Region(_mman.Region):
@@ -29,26 +39,58 @@ class Region(_mman.Region):
 
     @property
     def perms(self) -> Perm:
-        """The permissions in force for the whole region."""
+        """The permissions in force for the whole region.
+
+        ValueError when its pages differ (``mixed``): see protections().
+        """
         self._check_open()
+        if self._mixed:
+            raise ValueError("the region's pages differ in protection; see region.protections()")
         return Perm(self._prot)
 
     def protections(self) -> list[tuple[int, int, Perm]]:
         """The (offset, length, perms) runs that cover the capacity, as the
         kernel reports them in /proc/self/maps."""
+        return protection.runs(self)
+
+    # Protection and code: the logic is in protection.py.
+
+    @property
+    def mixed(self) -> bool:
+        """Whether pages of the region differ in protection."""
         self._check_open()
-        start = self.address
-        end = start + self.capacity
-        runs: list[tuple[int, int, Perm]] = []
-        for mapping in mappings():
-            if mapping.end <= start or mapping.start >= end:
-                continue
-            lo, hi = max(mapping.start, start) - start, min(mapping.end, end) - start
-            if runs and runs[-1][2] == mapping.perms and sum(runs[-1][:2]) == lo:
-                runs[-1] = (runs[-1][0], hi - runs[-1][0], mapping.perms)
-            else:
-                runs.append((lo, hi - lo, mapping.perms))
-        return runs
+        return self._mixed
+
+    def protect(self, perms: Perm, offset: int = 0, length: int | None = None) -> None:
+        """Set the protection of whole pages [offset, offset + length); None: to the end.
+
+        BufferError, changing nothing, if it would remove READ or WRITE while a
+        buffer is exported, or EXEC while a function from function() lives.
+        """
+        protection.protect(self, perms, offset, length)
+
+    def make_exec(self, offset: int = 0, length: int | None = None) -> None:
+        """Make the pages read/exec, then flush the instruction cache for them."""
+        protection.make_exec(self, offset, length)
+
+    def make_writable(self, offset: int = 0, length: int | None = None) -> None:
+        """Make the pages read/write (not executable)."""
+        protection.make_writable(self, offset, length)
+
+    def writable(
+        self, offset: int = 0, length: int | None = None
+    ) -> contextlib.AbstractContextManager[Region]:
+        """``with region.writable(): ...`` read/write inside, read/exec (flushed) after."""
+        return protection.writable(self, offset, length)
+
+    def flush_icache(self, offset: int = 0, length: int | None = None) -> None:
+        """Make code written to the pages visible to instruction fetch (no-op on x86)."""
+        protection.flush_icache(self, offset, length)
+
+    def function(self, prototype: type[_F], offset: int = 0) -> _F:
+        """A ctypes function for the code at ``offset``; it pins the region
+        (no close, move, shrink, or loss of EXEC) while it exists."""
+        return protection.function(self, prototype, offset)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -58,7 +100,7 @@ class Region(_mman.Region):
         if self.closed:
             return f"<Region closed size={self.size}>"
         return (
-            f"<Region {self.perms} address=0x{self.address:x} "
+            f"<Region {'mixed' if self._mixed else self.perms} address=0x{self.address:x} "
             f"size={self.size} capacity={self.capacity}>"
         )
 
@@ -81,6 +123,8 @@ class Region(_mman.Region):
 
     def __getitem__(self, key: int | slice) -> int | bytes:
         """A byte (an int) or a slice (bytes), bounds-checked as for bytearray."""
+        if not isinstance(key, slice):
+            key = _index(key)
         with memoryview(self) as view:
             item = view[key]
             if isinstance(item, memoryview):
@@ -90,9 +134,45 @@ class Region(_mman.Region):
 
     def __setitem__(self, key: int | slice, value: int | bytes) -> None:
         """Write a byte or a slice; a slice keeps its length (the region cannot resize)."""
+        if not isinstance(key, slice):
+            key = _index(key)
         with memoryview(self) as view:
             view[key] = value  # type: ignore[index, assignment]
 
     def __iter__(self) -> Iterator[int]:
         """The bytes as ints, from a snapshot taken now."""
         return iter(bytes(self))
+
+    @property
+    def backing(self) -> Backing:
+        """What backs the region: normal pages, THP (advised), or hugetlb pages."""
+        from .hugepages import backing_of
+
+        self._check_open()
+        return backing_of(self)
+
+    def stats(self) -> RegionStats:
+        """Residency, huge page use, kernel page size and protections, measured now."""
+        from .stats import region_stats
+
+        return region_stats(self)
+
+    def ndarray(self, dtype: Any, shape: int | tuple[int, ...], offset: int = 0) -> NDArray[Any]:
+        """A numpy array over the region's bytes at ``offset`` (needs numpy).
+
+        The array, and every view of it, pins the region: it cannot be unmapped
+        while any of them lives. A read-only region gives a read-only array.
+        """
+        from .numpy import ndarray
+
+        return ndarray(self, dtype, shape, offset)
+
+
+def _index(key: object) -> int:
+    """An index as bytearray takes it: an int or an object with __index__."""
+    try:
+        return operator.index(key)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"region indices must be integers or slices, not {type(key).__name__}"
+        ) from None

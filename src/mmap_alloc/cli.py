@@ -1,0 +1,176 @@
+"""The command line: ``python -m mmap_alloc COMMAND`` (or ``mmap-alloc COMMAND``).
+
+Each command is a function that adds its subparser; to add one, write such a
+function and list it in COMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from ._platform import (
+    PAGE_SIZE,
+    format_size,
+    hugepage_pools,
+    mappings,
+    max_map_count,
+    memlock_limit,
+    overcommit_mode,
+    thp_mode,
+)
+from .allocator import MapAlloc
+from .perm import ALL_PERMS, Perm
+
+OVERCOMMIT_MODES = {0: "heuristic", 1: "always", 2: "never"}
+
+
+# ---------------------------------------------------------------- info
+
+
+def probe_perms(perms: Perm) -> dict[str, Any]:
+    """Allocate one page with ``perms`` and read what the kernel set from /proc/self/maps."""
+    alloc = MapAlloc(
+        read=bool(perms & Perm.READ), write=bool(perms & Perm.WRITE), exec=bool(perms & Perm.EXEC)
+    )
+    entry: dict[str, Any] = {"requested": str(perms), "reported": str(alloc.perms)}
+    try:
+        with alloc.alloc(PAGE_SIZE) as region:
+            address = region.address
+            probed = next(m.perms for m in mappings() if m.start <= address < m.end)
+    except OSError as exc:  # AllocError included; e.g. EACCES where exec memory is forbidden
+        entry.update(in_force=None, exact=False, error=str(exc))
+        return entry
+    entry.update(in_force=str(probed), exact=probed == perms)
+    return entry
+
+
+def _limit(value: int) -> int | None:
+    return None if value == resource.RLIM_INFINITY else value
+
+
+def machine_info() -> dict[str, Any]:
+    """What this machine offers to mmap_alloc, as plain data (the ``info --json`` output)."""
+    soft, hard = memlock_limit()
+    return {
+        "mmap_alloc": __version__,
+        "platform": sys.platform,
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "page_size": PAGE_SIZE,
+        "huge_pages": [
+            {"size": pool.size, "reserved": pool.reserved, "free": pool.free}
+            for pool in hugepage_pools()
+        ],
+        "thp_mode": thp_mode(),
+        "max_map_count": max_map_count(),
+        "overcommit_mode": overcommit_mode(),
+        "memlock_limit": {"soft": _limit(soft), "hard": _limit(hard)},
+        "permissions": [probe_perms(perms) for perms in ALL_PERMS],
+    }
+
+
+def _bytes(n: int | None) -> str:
+    return "unlimited" if n is None else f"{format_size(n)} ({n} bytes)" if n >= 1024 else f"{n} B"
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """The ``info`` output as a readable table."""
+    rows: list[tuple[str, str]] = [("page size", _bytes(info["page_size"]))]
+    pools = info["huge_pages"] or [None]
+    for i, pool in enumerate(pools):
+        text = (
+            "none"
+            if pool is None
+            else f"{format_size(pool['size'])}: {pool['reserved']} reserved, {pool['free']} free"
+        )
+        rows.append(("huge pages" if i == 0 else "", text))
+    rows.append(("transparent huge pages", info["thp_mode"]))
+    rows.append(("vm.max_map_count", str(info["max_map_count"])))
+    mode = info["overcommit_mode"]
+    rows.append(("vm.overcommit_memory", f"{mode} ({OVERCOMMIT_MODES.get(mode, 'unknown')})"))
+    memlock = info["memlock_limit"]
+    rows.append(
+        ("RLIMIT_MEMLOCK", f"soft {_bytes(memlock['soft'])}, hard {_bytes(memlock['hard'])}")
+    )
+    width = max(len(name) for name, _ in rows)
+    lines = [
+        f"mmap_alloc {info['mmap_alloc']} on {info['platform']} {info['machine']} "
+        f"(kernel {info['kernel']}, Python {info['python']})",
+        "",
+        *(f"{name:<{width}}  {value}" for name, value in rows),
+        "",
+        "permissions (probed: one page allocated, its line in /proc/self/maps)",
+        f"  {'requested':<10} {'in force':<10} note",
+    ]
+    for entry in info["permissions"]:
+        if entry["in_force"] is None:
+            note = f"allocation failed: {entry['error']}"
+        elif entry["reported"] != entry["in_force"]:
+            note = f"but MapAlloc.perms reports {entry['reported']}"
+        elif entry["exact"]:
+            note = "exact"
+        else:
+            note = "replaced by a less restrictive combination"
+        lines.append(f"  {entry['requested']:<10} {entry['in_force'] or '?':<10} {note}")
+    return "\n".join(lines)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    info = machine_info()
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def _add_info(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "info",
+        help="show what this machine offers: page sizes, huge pages, limits, permissions",
+        description="Show page and huge page sizes, THP mode, limits, and which "
+        "permission combinations the kernel gives (probed by real allocations).",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.set_defaults(run=_run_info)
+
+
+# ---------------------------------------------------------------- the parser
+
+COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_info,
+]
+"""Functions that each add one subcommand; its parser sets ``run`` (args -> exit status)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every command of COMMANDS."""
+    parser = argparse.ArgumentParser(
+        prog="mmap-alloc"
+        if os.path.basename(sys.argv[0]) == "mmap-alloc"
+        else "python -m mmap_alloc",
+        description="Page-granular memory straight from the kernel.",
+    )
+    parser.add_argument("--version", action="version", version=f"mmap_alloc {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into head: not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status

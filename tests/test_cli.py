@@ -1,0 +1,238 @@
+"""The command line: ``python -m mmap_alloc info`` and the ``mmap-alloc`` script."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mmap_alloc
+from mmap_alloc import cli
+from mmap_alloc.perm import ALL_PERMS
+
+KEYS = {
+    "mmap_alloc",
+    "platform",
+    "kernel",
+    "machine",
+    "python",
+    "page_size",
+    "huge_pages",
+    "thp_mode",
+    "max_map_count",
+    "overcommit_mode",
+    "memlock_limit",
+    "permissions",
+}
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mmap_alloc", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def info() -> dict[str, Any]:
+    """``info --json`` from a child process."""
+    result = run("info", "--json")
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def limit(value: int) -> int | None:
+    return None if value == resource.RLIM_INFINITY else value
+
+
+# ---------------------------------------------------------------- info --json
+
+
+def test_info_json_has_every_key(info: dict[str, Any]) -> None:
+    assert set(info) == KEYS
+
+
+def test_info_json_describes_this_interpreter_and_kernel(info: dict[str, Any]) -> None:
+    assert info["mmap_alloc"] == mmap_alloc.__version__
+    assert info["platform"] == sys.platform
+    assert info["kernel"] == os.uname().release
+    assert info["machine"] == os.uname().machine
+    assert info["python"] == platform.python_version()
+
+
+def test_info_json_page_size_is_the_kernels(info: dict[str, Any]) -> None:
+    assert info["page_size"] == resource.getpagesize()
+
+
+def test_info_json_huge_pages_match_sysfs(info: dict[str, Any]) -> None:
+    folders = sorted(
+        Path("/sys/kernel/mm/hugepages").glob("hugepages-*kB"), key=lambda p: int(p.name[10:-2])
+    )
+    assert [pool["size"] for pool in info["huge_pages"]] == [
+        int(p.name[len("hugepages-") : -2]) * 1024 for p in folders
+    ]
+    for pool, folder in zip(info["huge_pages"], folders, strict=True):
+        # other processes may take or give back pages in between: check the kind of value
+        assert isinstance(pool["reserved"], int) and pool["reserved"] >= 0
+        assert (
+            0 <= pool["free"] <= max(pool["reserved"], int((folder / "nr_hugepages").read_text()))
+        )
+
+
+def test_info_json_thp_mode_matches_sysfs(info: dict[str, Any]) -> None:
+    text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    assert f"[{info['thp_mode']}]" in text
+
+
+def test_info_json_sysctls_match_proc(info: dict[str, Any]) -> None:
+    assert info["max_map_count"] == int(Path("/proc/sys/vm/max_map_count").read_text())
+    assert info["overcommit_mode"] == int(Path("/proc/sys/vm/overcommit_memory").read_text())
+
+
+def test_info_json_memlock_limit_is_the_rlimit(info: dict[str, Any]) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    assert info["memlock_limit"] == {"soft": limit(soft), "hard": limit(hard)}
+
+
+def test_info_json_lists_the_eight_permission_combinations(info: dict[str, Any]) -> None:
+    assert [entry["requested"] for entry in info["permissions"]] == [str(p) for p in ALL_PERMS]
+
+
+def test_info_json_linux_gives_every_permission_combination_exactly(
+    info: dict[str, Any],
+) -> None:
+    for entry in info["permissions"]:
+        assert entry == {
+            "requested": entry["requested"],
+            "reported": entry["requested"],
+            "in_force": entry["requested"],
+            "exact": True,
+        }
+
+
+# ---------------------------------------------------------------- info as a table
+
+
+def test_info_prints_a_readable_table() -> None:
+    result = run("info")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for label in (
+        "page size",
+        "huge pages",
+        "transparent huge pages",
+        "vm.max_map_count",
+        "vm.overcommit_memory",
+        "RLIMIT_MEMLOCK",
+        "requested",
+        "in force",
+    ):
+        assert label in out
+    assert f"{resource.getpagesize()} bytes" in out
+    assert "  rwx        rwx        exact" in out
+    assert out.count("exact") == 8
+
+
+def test_format_info_shows_failed_and_replaced_probes() -> None:
+    data = cli.machine_info()
+    data["huge_pages"] = []
+    data["memlock_limit"] = {"soft": None, "hard": None}
+    data["permissions"][2] = {
+        "requested": "-w-",
+        "reported": "rw-",
+        "in_force": "rw-",
+        "exact": False,
+    }
+    data["permissions"][4] = {
+        "requested": "--x",
+        "reported": "--x",
+        "in_force": None,
+        "exact": False,
+        "error": "[Errno 13] Permission denied",
+    }
+    text = cli.format_info(data)
+    assert "huge pages              none" in text
+    assert "soft unlimited, hard unlimited" in text
+    assert "  -w-        rw-        replaced by a less restrictive combination" in text
+    assert "  --x        ?          allocation failed: [Errno 13] Permission denied" in text
+
+
+# ---------------------------------------------------------------- in-process
+
+
+def test_main_info_json_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == KEYS
+    assert data == {**cli.machine_info(), "huge_pages": data["huge_pages"]}
+
+
+def test_main_info_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["info"]) == 0
+    assert "vm.max_map_count" in capsys.readouterr().out
+
+
+def test_probe_perms_reads_the_kernels_answer() -> None:
+    for perms in ALL_PERMS:
+        assert cli.probe_perms(perms) == {
+            "requested": str(perms),
+            "reported": str(perms),
+            "in_force": str(perms),
+            "exact": True,
+        }
+
+
+# ---------------------------------------------------------------- the parser
+
+
+def test_no_command_is_a_usage_error() -> None:
+    result = run()
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+    assert "COMMAND" in result.stderr
+
+
+def test_an_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["frobnicate"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "info" in capsys.readouterr().out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"mmap_alloc {mmap_alloc.__version__}"
+
+
+def test_commands_are_added_by_the_functions_in_commands() -> None:
+    assert cli._add_info in cli.COMMANDS
+
+
+def test_console_script_runs_info() -> None:
+    script = Path(sys.executable).parent / "mmap-alloc"
+    if not script.exists():
+        pytest.skip("the mmap-alloc script is not installed next to this interpreter")
+    result = subprocess.run(
+        [str(script), "info", "--json"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(result.stdout)) == KEYS

@@ -1,0 +1,234 @@
+"""Failures the kernel causes, provoked in child processes: the address-space
+limit (RLIMIT_AS) and the mapping-count limit (vm.max_map_count).
+
+Each test runs a fresh interpreter, so that the limit hurts only the child and
+the child's address space is small (the test runner's, with numpy's threads,
+is larger than the limit). The child asserts; the test checks its exit status.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mmap_alloc._platform import max_map_count
+
+PRELUDE = """
+import ctypes, errno, resource
+from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, _mman
+from mmap_alloc._platform import PAGE_SIZE as P, mapping_count
+MiB = 1 << 20
+
+def limit_address_space(n):
+    resource.setrlimit(resource.RLIMIT_AS, (n, resource.getrlimit(resource.RLIMIT_AS)[1]))
+"""
+
+
+def run_child(*parts: str) -> str:
+    """Run the code ``parts`` (after PRELUDE) in a fresh interpreter; return its output."""
+    script = PRELUDE + "".join(textwrap.dedent(part) for part in parts)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+# ---------------------------------------------------------------- RLIMIT_AS
+
+
+def test_alloc_past_the_address_space_limit_is_alloc_error() -> None:
+    run_child(
+        """
+        limit_address_space(256 * MiB)
+        alloc = MapAlloc()
+        before = _mman.mapped_bytes()
+        try:
+            alloc.alloc(512 * MiB)
+        except AllocError as exc:
+            assert exc.errno == errno.ENOMEM and exc.size == 512 * MiB, exc
+            assert isinstance(exc, MemoryError)
+        else:
+            raise AssertionError("512 MiB were mapped under a 256 MiB limit")
+        assert _mman.mapped_bytes() == before
+        with alloc.alloc(MiB) as region:  # smaller allocations still work
+            region[-1] = 1
+        """
+    )
+
+
+def test_aligned_alloc_past_the_address_space_limit_is_alloc_error_and_maps_nothing() -> None:
+    run_child(
+        """
+        limit_address_space(256 * MiB)
+        alloc = MapAlloc()
+        maps, before = mapping_count(), _mman.mapped_bytes()
+        for size, align in ((512 * MiB, 2 * MiB), (P, 512 * MiB)):
+            try:
+                alloc.alloc(size, align)
+            except AllocError:
+                pass
+            else:
+                raise AssertionError(f"alloc({size}, {align}) fit under the limit")
+        assert _mman.mapped_bytes() == before
+        assert mapping_count() <= maps
+        """
+    )
+
+
+def test_failing_realloc_past_the_address_space_limit_leaves_the_region_intact() -> None:
+    run_child(
+        """
+        limit_address_space(256 * MiB)
+        alloc = MapAlloc()
+        region = alloc.alloc(3 * P + 5)
+        data = bytes(range(256)) * ((3 * P + 5) // 256) + bytes(range((3 * P + 5) % 256))
+        region[:] = data
+        before = (region.address, region.size, region.capacity, _mman.mapped_bytes())
+        for grow in (alloc.realloc, alloc.grow_in_place):
+            try:
+                grow(region, 512 * MiB)
+            except (AllocError, CannotReallocInPlace):
+                pass
+            else:
+                raise AssertionError(f"{grow.__name__} grew past the limit")
+            assert (region.address, region.size, region.capacity, _mman.mapped_bytes()) == before
+            assert bytes(region) == data
+        alloc.realloc(region, 8 * P)  # a growth within the limit still works
+        assert bytes(region) == data + bytes(8 * P - len(data))
+        alloc.dealloc(region)
+        """
+    )
+
+
+def test_failing_realloc_by_copy_past_the_address_space_limit_leaves_the_region_intact() -> None:
+    run_child(
+        """
+        limit_address_space(256 * MiB)
+        alloc = MapAlloc()
+        region = alloc.alloc(2 * P)
+        region[:] = b"\\x07" * (2 * P)
+        region._protect(P, P, 1, 1, 1)  # mixed protections: mremap cannot move it
+        before = (region.address, region.size, region.capacity, _mman.mapped_bytes())
+        try:
+            alloc.realloc(region, 512 * MiB)
+        except AllocError:
+            pass
+        else:
+            raise AssertionError("realloc grew past the limit")
+        assert (region.address, region.size, region.capacity, _mman.mapped_bytes()) == before
+        assert bytes(region) == b"\\x07" * (2 * P)
+        assert [perms for _, _, perms in region.protections()] == [3, 1]
+        alloc.dealloc(region)
+        """
+    )
+
+
+# ---------------------------------------------------------------- vm.max_map_count
+
+FILL_TO_THE_LIMIT = """
+rw, ro = MapAlloc(), MapAlloc(write=False)
+regions = []
+try:
+    while True:  # alternating permissions: neighbours never merge into one mapping
+        regions.append(rw.alloc(P))
+        regions.append(ro.alloc(P))
+except AllocError as exc:
+    assert exc.errno == errno.ENOMEM, exc
+else:
+    raise AssertionError("unreachable")
+assert len(regions) > 1000, len(regions)
+"""
+
+
+@pytest.mark.skipif(max_map_count() > 1_000_000, reason="vm.max_map_count is too high to reach")
+def test_alloc_at_the_map_count_limit_is_alloc_error_and_every_region_can_be_freed() -> None:
+    run_child(
+        FILL_TO_THE_LIMIT,
+        """
+        for attempt in (lambda: rw.alloc(P), lambda: ro.alloc(3 * P, 2 * MiB)):
+            try:
+                attempt()
+            except AllocError:
+                pass
+            else:
+                raise AssertionError("a mapping past the limit")
+        for region in regions:
+            region.close()
+        assert _mman.mapped_bytes() == 0
+        with rw.alloc(P) as region:  # and allocation works again
+            region[0] = 1
+        """,
+    )
+
+
+@pytest.mark.skipif(max_map_count() > 1_000_000, reason="vm.max_map_count is too high to reach")
+def test_a_realloc_that_must_move_at_the_map_count_limit_fails_and_keeps_the_region() -> None:
+    run_child(
+        """
+        mover = MapAlloc()
+        region = mover.alloc(P)
+        region[:] = b"\\x09" * P
+        """,
+        FILL_TO_THE_LIMIT,
+        """
+        address = region.address
+        try:
+            mover.realloc(region, 64 * P)
+        except AllocError as exc:
+            assert exc.errno == errno.ENOMEM, exc
+        else:
+            raise AssertionError("a mapping moved at the limit")
+        assert (region.address, region.size, region.capacity) == (address, P, P)
+        assert bytes(region) == b"\\x09" * P
+        for _ in range(8):  # moving needs a few mappings to spare
+            regions.pop().close()
+        mover.realloc(region, 64 * P)  # with room again, it works
+        assert bytes(region) == b"\\x09" * P + bytes(63 * P)
+        for r in regions + [region]:
+            r.close()
+        assert _mman.mapped_bytes() == 0
+        """,
+    )
+
+
+@pytest.mark.skipif(max_map_count() > 1_000_000, reason="vm.max_map_count is too high to reach")
+def test_a_close_that_must_split_a_mapping_at_the_limit_fails_and_keeps_the_region() -> None:
+    run_child(
+        """
+        # three adjacent read/write pages: the kernel merges them into one mapping
+        merged = MapAlloc()
+        batch = sorted((merged.alloc(P) for _ in range(64)), key=lambda r: r.address)
+        trio = next(
+            batch[i : i + 3]
+            for i in range(62)
+            if batch[i].address + P == batch[i + 1].address == batch[i + 2].address - P
+        )
+        for r in batch:
+            if r not in trio:
+                r.close()
+        middle = trio[1]
+        middle[:] = b"\\x05" * P
+        """,
+        FILL_TO_THE_LIMIT,
+        """
+        try:
+            merged.dealloc(middle)
+        except OSError as exc:
+            assert exc.errno == errno.ENOMEM, exc
+        else:
+            raise AssertionError("unmapping the middle of a mapping needed no new mapping")
+        assert not middle.closed
+        assert bytes(middle) == b"\\x05" * P
+        regions.pop().close()
+        regions.pop().close()
+        merged.dealloc(middle)  # with room again, it works
+        assert middle.closed
+        for r in regions + [trio[0], trio[2]]:
+            r.close()
+        assert _mman.mapped_bytes() == 0
+        """,
+    )

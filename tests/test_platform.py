@@ -1,0 +1,263 @@
+"""The platform adapter: permission fallbacks, errno translation, /proc and /sys readers."""
+
+from __future__ import annotations
+
+import errno
+import resource
+from pathlib import Path
+
+import pytest
+
+from mmap_alloc import AllocError, MapAlloc, Perm, _mman
+from mmap_alloc._platform import (
+    PAGE_SIZE,
+    PLATFORMS,
+    HugePagePool,
+    alloc_error,
+    effective_perms,
+    format_size,
+    hugepage_dir,
+    hugepage_pool,
+    hugepage_pools,
+    mapping_count,
+    mappings,
+    max_map_count,
+    memlock_limit,
+    overcommit_mode,
+    read_int,
+    read_text,
+    thp_mode,
+)
+from mmap_alloc.perm import ALL_PERMS
+
+R, W, X = Perm.READ, Perm.WRITE, Perm.EXEC
+
+# The fallback table of every known platform, written out in full.
+EXPECTED: dict[str, dict[Perm, Perm]] = {
+    "linux": {p: p for p in ALL_PERMS},
+    "darwin": {**{p: p for p in ALL_PERMS}, W: R | W, W | X: R | W | X},
+    "win32": {**{p: p for p in ALL_PERMS}, W: R | W, W | X: R | W | X},
+}
+CASES = [(platform, perm) for platform in PLATFORMS for perm in ALL_PERMS]
+CASE_IDS = [f"{platform}-{perm}" for platform, perm in CASES]
+
+
+# ---------------------------------------------------------------- permissions
+
+
+def test_the_known_platforms_are_linux_macos_and_windows() -> None:
+    assert set(PLATFORMS) == {"linux", "darwin", "win32"}
+
+
+@pytest.mark.parametrize(("platform", "requested"), CASES, ids=CASE_IDS)
+def test_effective_perms_follows_the_platform_table(platform: str, requested: Perm) -> None:
+    assert effective_perms(requested, platform) == EXPECTED[platform][requested]
+
+
+@pytest.mark.parametrize(("platform", "requested"), CASES, ids=CASE_IDS)
+def test_effective_perms_is_never_more_restrictive(platform: str, requested: Perm) -> None:
+    granted = effective_perms(requested, platform)
+    assert granted & requested == requested
+
+
+@pytest.mark.parametrize(("platform", "requested"), CASES, ids=CASE_IDS)
+def test_effective_perms_keeps_a_combination_the_platform_supports(
+    platform: str, requested: Perm
+) -> None:
+    granted = effective_perms(requested, platform)
+    assert effective_perms(granted, platform) == granted
+
+
+@pytest.mark.parametrize(("platform", "requested"), CASES, ids=CASE_IDS)
+def test_effective_perms_returns_a_perm(platform: str, requested: Perm) -> None:
+    assert isinstance(effective_perms(requested, platform), Perm)
+
+
+@pytest.mark.parametrize("requested", ALL_PERMS, ids=str)
+def test_linux_gives_exactly_what_is_requested(requested: Perm) -> None:
+    assert effective_perms(requested, "linux") is requested
+
+
+def test_linux_with_a_version_suffix_is_linux() -> None:
+    assert effective_perms(W, "linux2") == W
+
+
+def test_windows_has_no_write_only_memory() -> None:
+    assert effective_perms(W, "win32") == R | W
+    assert effective_perms(W | X, "win32") == R | W | X
+
+
+def test_effective_perms_defaults_to_this_platform() -> None:
+    assert effective_perms(W) == W  # this suite runs on Linux
+
+
+def test_effective_perms_accepts_a_plain_int() -> None:
+    assert effective_perms(3, "win32") is R | W  # type: ignore[arg-type]
+
+
+def test_effective_perms_rejects_an_unknown_platform() -> None:
+    with pytest.raises(ValueError, match="unknown platform 'plan9'"):
+        effective_perms(R, "plan9")
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("code", [errno.ENOMEM, errno.EAGAIN])
+def test_alloc_error_turns_a_memory_refusal_into_alloc_error(code: int) -> None:
+    exc = alloc_error(OSError(code, "refused"), 12345)
+    assert isinstance(exc, AllocError)
+    assert isinstance(exc, MemoryError)
+    assert exc.errno == code
+    assert exc.size == 12345
+    assert "cannot map 12345 bytes" in str(exc)
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.EPERM, errno.EFAULT])
+def test_alloc_error_keeps_other_errors_as_they_are(code: int) -> None:
+    original = OSError(code, "other")
+    assert alloc_error(original, 1) is original
+
+
+def test_alloc_error_for_huge_pages_says_how_to_reserve_them() -> None:
+    exc = alloc_error(OSError(errno.ENOMEM, "refused"), 1, 2 << 20)
+    assert "2 MiB huge pages" in str(exc)
+    assert "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages" in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (0, "0 B"),
+        (1, "1 B"),
+        (1000, "1000 B"),
+        (1024, "1 KiB"),
+        (4096, "4 KiB"),
+        (1536, "1536 B"),
+        (2 << 20, "2 MiB"),
+        (1 << 30, "1 GiB"),
+        ((1 << 30) + 4096, "1048580 KiB"),
+    ],
+)
+def test_format_size_uses_the_largest_exact_unit(n: int, text: str) -> None:
+    assert format_size(n) == text
+
+
+# ---------------------------------------------------------------- /proc and /sys
+
+
+def test_page_size_is_the_kernels() -> None:
+    assert resource.getpagesize() == PAGE_SIZE
+    assert _mman.page_size() == PAGE_SIZE
+
+
+def test_thp_mode_is_the_bracketed_word() -> None:
+    text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    assert f"[{thp_mode()}]" in text
+    assert thp_mode() in {"always", "madvise", "never"}
+
+
+def test_max_map_count_reads_the_sysctl() -> None:
+    assert max_map_count() == int(Path("/proc/sys/vm/max_map_count").read_text())
+
+
+def test_overcommit_mode_reads_the_sysctl() -> None:
+    assert overcommit_mode() == int(Path("/proc/sys/vm/overcommit_memory").read_text())
+    assert overcommit_mode() in {0, 1, 2}
+
+
+def test_memlock_limit_is_the_rlimit() -> None:
+    assert memlock_limit() == resource.getrlimit(resource.RLIMIT_MEMLOCK)
+
+
+def test_read_text_and_read_int_fall_back_to_the_default(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    assert read_text(missing) == ""
+    assert read_text(missing, "x") == "x"
+    assert read_int(missing, -7) == -7
+    garbage = tmp_path / "garbage"
+    garbage.write_text("twelve\n")
+    assert read_int(garbage, -7) == -7
+    number = tmp_path / "number"
+    number.write_text(" 12\n")
+    assert read_text(number) == "12"
+    assert read_int(number, -7) == 12
+
+
+def test_hugepage_pools_list_the_sysfs_folders_smallest_first() -> None:
+    folders = sorted(
+        int(p.name[len("hugepages-") : -2]) * 1024
+        for p in Path("/sys/kernel/mm/hugepages").glob("hugepages-*kB")
+    )
+    pools = hugepage_pools()
+    assert [pool.size for pool in pools] == folders
+    for pool in pools:
+        folder = hugepage_dir(pool.size)
+        assert pool.reserved == int((folder / "nr_hugepages").read_text())
+        assert 0 <= pool.free <= pool.reserved
+
+
+def test_hugepage_dir_names_the_size_in_kib() -> None:
+    assert hugepage_dir(2 << 20) == Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+
+
+def test_hugepage_pool_finds_a_size_or_none() -> None:
+    for pool in hugepage_pools():
+        assert hugepage_pool(pool.size) == pool
+    assert hugepage_pool(PAGE_SIZE) is None
+    assert hugepage_pool(3) is None
+
+
+def test_hugepage_pool_is_a_plain_record() -> None:
+    pool = HugePagePool(2 << 20, 8, 3)
+    assert (pool.size, pool.reserved, pool.free) == (2 << 20, 8, 3)
+
+
+def test_mappings_parse_every_line_of_proc_self_maps() -> None:
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    parsed = mappings()
+    # the two reads may differ by a mapping or two made in between
+    assert abs(len(parsed) - len(lines)) <= 2
+    assert any(m.name == "[stack]" for m in parsed)
+    for m in parsed:
+        assert m.start < m.end
+        assert m.start % PAGE_SIZE == 0
+        assert m.end % PAGE_SIZE == 0
+
+
+def test_mappings_show_a_region_with_its_perms(alloc: MapAlloc) -> None:
+    with MapAlloc(write=False, exec=True).alloc(3 * PAGE_SIZE) as region:
+        start, end = region.address, region.address + region.capacity
+        covering = [m for m in mappings() if m.start <= start and end <= m.end]
+        assert len(covering) == 1
+        assert covering[0].perms == R | X
+        assert covering[0].private
+        assert covering[0].name == ""
+
+
+def test_mappings_keep_names_with_spaces(tmp_path: Path) -> None:
+    path = tmp_path / "a name with spaces"
+    path.write_bytes(b"x" * PAGE_SIZE)
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert m[0] == ord("x")
+        names = [mapping.name for mapping in mappings()]
+    assert str(path) in names
+
+
+def test_mapping_count_counts_the_lines() -> None:
+    a = mapping_count()
+    lines = len(Path("/proc/self/maps").read_text().splitlines())
+    b = mapping_count()
+    assert min(a, b) - 2 <= lines <= max(a, b) + 2
+
+
+def test_mapping_count_grows_by_one_for_a_separate_mapping() -> None:
+    before = mapping_count()
+    address = _mman.mmap(PAGE_SIZE, _mman.PROT_NONE, 0)  # PROT_NONE: merges with nothing here
+    try:
+        assert mapping_count() in (before, before + 1)
+        assert any(m.start <= address < m.end and m.perms == Perm.NONE for m in mappings())
+    finally:
+        _mman.munmap(address, PAGE_SIZE)
