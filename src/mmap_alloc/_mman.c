@@ -36,6 +36,7 @@
 
 typedef struct {
     PyTypeObject *region_type;
+    PyTypeObject *allocator_type;
 } module_state;
 
 typedef struct {
@@ -286,23 +287,15 @@ region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
     return (PyObject *)self;
 }
 
-/* Region._map(size, capacity, prot, flags, owner): map and wrap in one step */
+/* Map `capacity` bytes and wrap them in a new region of type cls; NULL with
+ * OSError set when the kernel refuses. */
 static PyObject *
-region_map(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
+map_region(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, int prot, int flags,
+           PyObject *owner)
 {
-    Py_ssize_t size, capacity;
-    int prot, flags;
     void *p;
     PyObject *region;
 
-    if (check_nargs("_map", nargs, 5) < 0 || arg_ssize(args[0], &size) < 0
-        || arg_ssize(args[1], &capacity) < 0 || arg_int(args[2], &prot) < 0
-        || arg_int(args[3], &flags) < 0)
-        return NULL;
-    if (size > capacity) {
-        PyErr_SetString(PyExc_ValueError, "size exceeds capacity");
-        return NULL;
-    }
     if (capacity >= SLOW_CALL_BYTES || (flags & (MAP_POPULATE | MAP_HUGETLB))) {
         Py_BEGIN_ALLOW_THREADS
         p = mmap(NULL, (size_t)capacity, prot, flags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -312,12 +305,30 @@ region_map(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
         p = mmap(NULL, (size_t)capacity, prot, flags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
         return PyErr_SetFromErrno(PyExc_OSError);
-    region = region_wrap((PyTypeObject *)cls, p, size, capacity, prot, args[4]);
+    region = region_wrap(cls, p, size, capacity, prot, owner);
     if (region == NULL)
         munmap(p, (size_t)capacity);
     else
         mapped_bytes += capacity;
     return region;
+}
+
+/* Region._map(size, capacity, prot, flags, owner): map and wrap in one step */
+static PyObject *
+region_map(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t size, capacity;
+    int prot, flags;
+
+    if (check_nargs("_map", nargs, 5) < 0 || arg_ssize(args[0], &size) < 0
+        || arg_ssize(args[1], &capacity) < 0 || arg_int(args[2], &prot) < 0
+        || arg_int(args[3], &flags) < 0)
+        return NULL;
+    if (size > capacity) {
+        PyErr_SetString(PyExc_ValueError, "size exceeds capacity");
+        return NULL;
+    }
+    return map_region((PyTypeObject *)cls, size, capacity, prot, flags, args[4]);
 }
 
 /* Region._adopt(address, size, capacity, prot, owner): own an existing mapping */
@@ -888,6 +899,186 @@ static PyType_Spec region_spec = {
 };
 
 /* ------------------------------------------------------------------ */
+/* Allocator: the fast path of MapAlloc.alloc() and MapAlloc.dealloc()  */
+
+/*
+ * MapAlloc (allocator.py) subclasses this type. alloc(size) with an exact
+ * int in range and no alignment, and dealloc(region) of a region of the
+ * configured type, are done here; every other call (other argument types,
+ * alignment, errors) goes to
+ * the Python methods _alloc(size, align=None) and _dealloc(region), which
+ * hold the policy and the error messages.
+ */
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t page;
+    Py_ssize_t mask;
+    Py_ssize_t max_size;
+    int prot;
+    int flags;
+    PyTypeObject *region_type;  /* the type of the regions made; NULL until configured */
+} AllocatorObject;
+
+static PyObject *
+call_python(PyObject *self, const char *name, PyObject *const *args, Py_ssize_t nargs,
+            PyObject *kwnames)
+{
+    PyObject *method, *tuple = NULL, *kwargs = NULL, *result = NULL;
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
+
+    method = PyObject_GetAttrString(self, name);
+    if (method == NULL)
+        return NULL;
+    tuple = PyTuple_New(nargs);
+    if (tuple == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        Py_INCREF(args[i]);
+        PyTuple_SetItem(tuple, i, args[i]);
+    }
+    if (nkw > 0) {
+        kwargs = PyDict_New();
+        if (kwargs == NULL)
+            goto done;
+        for (Py_ssize_t i = 0; i < nkw; i++) {
+            if (PyDict_SetItem(kwargs, PyTuple_GetItem(kwnames, i), args[nargs + i]) < 0)
+                goto done;
+        }
+    }
+    result = PyObject_Call(method, tuple, kwargs);
+done:
+    Py_DECREF(method);
+    Py_XDECREF(tuple);
+    Py_XDECREF(kwargs);
+    return result;
+}
+
+static PyObject *
+allocator_alloc(AllocatorObject *self, PyObject *const *args, Py_ssize_t nargs,
+                PyObject *kwnames)
+{
+    if (self->region_type != NULL && nargs == 1 && kwnames == NULL
+        && PyLong_CheckExact(args[0])) {
+        Py_ssize_t size = PyLong_AsSsize_t(args[0]);
+        if (size > 0 && size <= self->max_size) {
+            PyObject *region = map_region(self->region_type, size,
+                                          (size + self->mask) & ~self->mask, self->prot,
+                                          self->flags, (PyObject *)self);
+            if (region != NULL)
+                return region;
+        }
+        PyErr_Clear();  /* overflow, or a refusal: _alloc() says what went wrong */
+    }
+    return call_python((PyObject *)self, "_alloc", args, nargs, kwnames);
+}
+
+static PyObject *
+allocator_dealloc(AllocatorObject *self, PyObject *region)
+{
+    if (self->region_type != NULL && Py_TYPE(region) == self->region_type)
+        return region_release((RegionObject *)region, (PyObject *)self);
+    return call_python((PyObject *)self, "_dealloc", &region, 1, NULL);
+}
+
+/* _configure(page, max_size, prot, flags, region_type) */
+static PyObject *
+allocator_configure(AllocatorObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t page, max_size;
+    int prot, flags;
+
+    if (check_nargs("_configure", nargs, 5) < 0 || arg_ssize(args[0], &page) < 0
+        || arg_ssize(args[1], &max_size) < 0 || arg_int(args[2], &prot) < 0
+        || arg_int(args[3], &flags) < 0)
+        return NULL;
+    if (page <= 0 || (page & (page - 1)) || !PyType_Check(args[4])) {
+        PyErr_SetString(PyExc_ValueError, "bad allocator configuration");
+        return NULL;
+    }
+    self->page = page;
+    self->mask = page - 1;
+    self->max_size = max_size;
+    self->prot = prot;
+    self->flags = flags;
+    {
+        PyTypeObject *old = self->region_type;
+        Py_INCREF(args[4]);
+        self->region_type = (PyTypeObject *)args[4];
+        Py_XDECREF((PyObject *)old);
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+allocator_traverse(AllocatorObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->region_type);
+    Py_VISIT(Py_TYPE((PyObject *)self));
+    return 0;
+}
+
+static int
+allocator_clear(AllocatorObject *self)
+{
+    Py_CLEAR(self->region_type);
+    return 0;
+}
+
+static void
+allocator_dealloc_object(AllocatorObject *self)
+{
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+
+    PyObject_GC_UnTrack(self);
+    allocator_clear(self);
+    tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef allocator_methods[] = {
+    {"alloc", (PyCFunction)(void (*)(void))allocator_alloc, METH_FASTCALL | METH_KEYWORDS,
+     "alloc(size, align=None) -> Region\n\n"
+     "A new region of at least size bytes, zero-filled, page-aligned (or aligned\n"
+     "to align, a power of two)."},
+    {"dealloc", (PyCFunction)allocator_dealloc, METH_O,
+     "dealloc(region)\n\n"
+     "Unmap the region. BufferError while a buffer of it is exported."},
+    {"_configure", (PyCFunction)(void (*)(void))allocator_configure, METH_FASTCALL,
+     "_configure(page, max_size, prot, flags, region_type)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef allocator_members[] = {
+    {"_page", T_PYSSIZET, offsetof(AllocatorObject, page), READONLY, "The page size."},
+    {"_mask", T_PYSSIZET, offsetof(AllocatorObject, mask), READONLY, "page - 1."},
+    {"_max_size", T_PYSSIZET, offsetof(AllocatorObject, max_size), READONLY,
+     "The largest size alloc() takes."},
+    {"_prot", T_INT, offsetof(AllocatorObject, prot), READONLY, "PROT_* of new regions."},
+    {"_flags", T_INT, offsetof(AllocatorObject, flags), READONLY, "MAP_* of new regions."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot allocator_slots[] = {
+    {Py_tp_doc, "The system-call fast path of MapAlloc."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, allocator_dealloc_object},
+    {Py_tp_traverse, allocator_traverse},
+    {Py_tp_clear, allocator_clear},
+    {Py_tp_methods, allocator_methods},
+    {Py_tp_members, allocator_members},
+    {0, NULL},
+};
+
+static PyType_Spec allocator_spec = {
+    .name = "mmap_alloc._mman.Allocator",
+    .basicsize = sizeof(AllocatorObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = allocator_slots,
+};
+
+/* ------------------------------------------------------------------ */
 /* module                                                              */
 
 static PyMethodDef mman_methods[] = {
@@ -963,6 +1154,11 @@ mman_exec(PyObject *m)
         return -1;
     if (PyModule_AddObjectRef(m, "Region", (PyObject *)st->region_type) < 0)
         return -1;
+    st->allocator_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &allocator_spec, NULL);
+    if (st->allocator_type == NULL)
+        return -1;
+    if (PyModule_AddObjectRef(m, "Allocator", (PyObject *)st->allocator_type) < 0)
+        return -1;
     return add_constants(m);
 }
 
@@ -970,6 +1166,7 @@ static int
 mman_traverse(PyObject *m, visitproc visit, void *arg)
 {
     Py_VISIT(get_state(m)->region_type);
+    Py_VISIT(get_state(m)->allocator_type);
     return 0;
 }
 
@@ -977,6 +1174,7 @@ static int
 mman_clear(PyObject *m)
 {
     Py_CLEAR(get_state(m)->region_type);
+    Py_CLEAR(get_state(m)->allocator_type);
     return 0;
 }
 
