@@ -123,6 +123,42 @@ check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t expected)
     return 0;
 }
 
+/* Call the Python method `name` of self with a vectorcall's arguments: the
+ * C fast paths hand every case they do not take to a Python method. */
+static PyObject *
+call_python(PyObject *self, const char *name, PyObject *const *args, Py_ssize_t nargs,
+            PyObject *kwnames)
+{
+    PyObject *method, *tuple = NULL, *kwargs = NULL, *result = NULL;
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
+
+    method = PyObject_GetAttrString(self, name);
+    if (method == NULL)
+        return NULL;
+    tuple = PyTuple_New(nargs);
+    if (tuple == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        Py_INCREF(args[i]);
+        PyTuple_SetItem(tuple, i, args[i]);
+    }
+    if (nkw > 0) {
+        kwargs = PyDict_New();
+        if (kwargs == NULL)
+            goto done;
+        for (Py_ssize_t i = 0; i < nkw; i++) {
+            if (PyDict_SetItem(kwargs, PyTuple_GetItem(kwnames, i), args[nargs + i]) < 0)
+                goto done;
+        }
+    }
+    result = PyObject_Call(method, tuple, kwargs);
+done:
+    Py_DECREF(method);
+    Py_XDECREF(tuple);
+    Py_XDECREF(kwargs);
+    return result;
+}
+
 /* ------------------------------------------------------------------ */
 /* module functions on raw addresses (private: the Python layer only)  */
 
@@ -525,6 +561,98 @@ region_zero(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* mprotect [offset, offset + length) to prot; common and mixed describe all
+ * pages afterwards. -1 with an exception set (BufferError, OSError) on failure. */
+static int
+protect_range(RegionObject *self, Py_ssize_t offset, Py_ssize_t length, int prot, int common,
+              int mixed)
+{
+    if ((self->prot & ~common & (PROT_READ | PROT_WRITE))
+        && (self->exports > self->pins || self->busy > 0)
+        && region_check_idle(self, "remove read or write permission") < 0)
+        return -1;
+    if (length > 0 && mprotect(self->data + offset, (size_t)length, prot) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->prot = common;
+    self->mixed = mixed != 0;
+    return 0;
+}
+
+/* The protection a whole-region fast path may set, or -1 when the call must
+ * go to the Python layer (a mixed region, arguments other than one permission
+ * value, EXEC removed under functions from region.function()). */
+static int
+whole_region_prot(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
+                  PyObject *kwnames, long prot)
+{
+#ifndef __linux__
+    return -1;  /* elsewhere the Python layer maps requested to supported permissions */
+#endif
+    if (kwnames != NULL || self->data == NULL || self->mixed)
+        return -1;
+    if (nargs == 1) {
+        if (!PyLong_Check(args[0]) || PyBool_Check(args[0]))
+            return -1;
+        prot = PyLong_AsLong(args[0]);
+        if (prot == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return -1;
+        }
+    }
+    else if (nargs != 0)
+        return -1;
+    if (prot < 0 || prot > (PROT_READ | PROT_WRITE | PROT_EXEC))
+        return -1;
+    if (self->pins > 0 && (self->prot & ~prot & PROT_EXEC))
+        return -1;
+    return (int)prot;
+}
+
+/* protect(perms, offset=0, length=None): the whole-region case here, the rest
+ * (ranges, mixed regions, errors) in Region._protect_pages() */
+static PyObject *
+region_protect_public(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
+                      PyObject *kwnames)
+{
+    int prot = nargs == 1 ? whole_region_prot(self, args, nargs, kwnames, 0) : -1;
+
+    if (prot >= 0 && protect_range(self, 0, self->capacity, prot, prot, 0) == 0)
+        Py_RETURN_NONE;
+    PyErr_Clear();
+    return call_python((PyObject *)self, "_protect_pages", args, nargs, kwnames);
+}
+
+/* make_exec(offset=0, length=None): read/exec, then flush the instruction cache */
+static PyObject *
+region_make_exec(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
+                 PyObject *kwnames)
+{
+    int prot = whole_region_prot(self, args, nargs, kwnames, PROT_READ | PROT_EXEC);
+
+    if (nargs == 0 && prot >= 0
+        && protect_range(self, 0, self->capacity, prot, prot, 0) == 0) {
+        __builtin___clear_cache(self->data, self->data + self->capacity);
+        Py_RETURN_NONE;
+    }
+    PyErr_Clear();
+    return call_python((PyObject *)self, "_make_exec_pages", args, nargs, kwnames);
+}
+
+/* make_writable(offset=0, length=None): read/write, not executable */
+static PyObject *
+region_make_writable(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
+                     PyObject *kwnames)
+{
+    int prot = whole_region_prot(self, args, nargs, kwnames, PROT_READ | PROT_WRITE);
+
+    if (nargs == 0 && prot >= 0 && protect_range(self, 0, self->capacity, prot, prot, 0) == 0)
+        Py_RETURN_NONE;
+    PyErr_Clear();
+    return call_python((PyObject *)self, "_make_writable_pages", args, nargs, kwnames);
+}
+
 /* _protect(offset, length, prot, common, mixed): mprotect a range; common is
  * the protection all pages share afterwards and mixed whether they differ,
  * both computed by the caller. */
@@ -539,14 +667,8 @@ region_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
         || arg_int(args[2], &prot) < 0 || arg_int(args[3], &common) < 0
         || arg_int(args[4], &mixed) < 0)
         return NULL;
-    if ((self->prot & ~common & (PROT_READ | PROT_WRITE))
-        && (self->exports > self->pins || self->busy > 0)
-        && region_check_idle(self, "remove read or write permission") < 0)
+    if (protect_range(self, offset, length, prot, common, mixed) < 0)
         return NULL;
-    if (length > 0 && mprotect(self->data + offset, (size_t)length, prot) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    self->prot = common;
-    self->mixed = mixed != 0;
     Py_RETURN_NONE;
 }
 
@@ -841,6 +963,18 @@ static PyMethodDef region_methods[] = {
      "_zero(offset, length, prot): zero bytes within pages of protection prot."},
     {"_protect", (PyCFunction)(void (*)(void))region_protect, METH_FASTCALL,
      "_protect(offset, length, prot, common, mixed): mprotect a range."},
+    {"protect", (PyCFunction)(void (*)(void))region_protect_public,
+     METH_FASTCALL | METH_KEYWORDS,
+     "protect(perms, offset=0, length=None)\n\n"
+     "Set the protection of whole pages [offset, offset + length); None: to the end.\n"
+     "BufferError, changing nothing, if it would remove READ or WRITE while a buffer\n"
+     "is exported, or EXEC while a function from function() lives."},
+    {"make_exec", (PyCFunction)(void (*)(void))region_make_exec, METH_FASTCALL | METH_KEYWORDS,
+     "make_exec(offset=0, length=None)\n\n"
+     "Make the pages read/exec, then flush the instruction cache for them."},
+    {"make_writable", (PyCFunction)(void (*)(void))region_make_writable,
+     METH_FASTCALL | METH_KEYWORDS,
+     "make_writable(offset=0, length=None)\n\nMake the pages read/write (not executable)."},
     {"_pin", (PyCFunction)region_pin, METH_O,
      "_pin(delta): 1 pins the region for a function, -1 releases the pin."},
     {"_advise", (PyCFunction)(void (*)(void))region_advise, METH_FASTCALL,
@@ -918,40 +1052,6 @@ typedef struct {
     int flags;
     PyTypeObject *region_type;  /* the type of the regions made; NULL until configured */
 } AllocatorObject;
-
-static PyObject *
-call_python(PyObject *self, const char *name, PyObject *const *args, Py_ssize_t nargs,
-            PyObject *kwnames)
-{
-    PyObject *method, *tuple = NULL, *kwargs = NULL, *result = NULL;
-    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
-
-    method = PyObject_GetAttrString(self, name);
-    if (method == NULL)
-        return NULL;
-    tuple = PyTuple_New(nargs);
-    if (tuple == NULL)
-        goto done;
-    for (Py_ssize_t i = 0; i < nargs; i++) {
-        Py_INCREF(args[i]);
-        PyTuple_SetItem(tuple, i, args[i]);
-    }
-    if (nkw > 0) {
-        kwargs = PyDict_New();
-        if (kwargs == NULL)
-            goto done;
-        for (Py_ssize_t i = 0; i < nkw; i++) {
-            if (PyDict_SetItem(kwargs, PyTuple_GetItem(kwnames, i), args[nargs + i]) < 0)
-                goto done;
-        }
-    }
-    result = PyObject_Call(method, tuple, kwargs);
-done:
-    Py_DECREF(method);
-    Py_XDECREF(tuple);
-    Py_XDECREF(kwargs);
-    return result;
-}
 
 static PyObject *
 allocator_alloc(AllocatorObject *self, PyObject *const *args, Py_ssize_t nargs,

@@ -13,8 +13,14 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .. import MapAlloc
-from .._platform import PAGE_SIZE, format_size
+from .. import MapAlloc, Perm
+from .._platform import (
+    PAGE_SIZE,
+    default_hugepage_size,
+    format_size,
+    hugepage_pool,
+)
+from ..hugepages import thp_available
 from . import _limits
 from .harness import Case, Variant
 
@@ -44,6 +50,10 @@ class Scale:
     @property
     def growth_end(self) -> int:
         return 16 * MiB if self.quick else GiB
+
+    @property
+    def random_read_size(self) -> int:
+        return 64 * MiB if self.quick else GiB
 
     @property
     def commit_size(self) -> int:
@@ -133,25 +143,28 @@ def growth(scale: Scale) -> Iterator[Case]:
     allocator = MapAlloc()
     memset = ctypes.memset
 
-    def ours(n: int) -> None:
-        for _ in range(n):
-            region = allocator.alloc(start)
-            memset(region.address, 1, start)
-            size = start
-            while size < end:
-                allocator.realloc(region, size * 2)
-                memset(region.address + size, 1, size)
-                size *= 2
-            allocator.dealloc(region)
-
     def by_bytearray(n: int) -> None:
         for _ in range(n):
             buffer = bytearray(b"\1") * start
             while len(buffer) < end:
                 buffer *= 2
 
+    def grow(allocator: MapAlloc) -> Callable[[int], None]:
+        def run(n: int) -> None:
+            for _ in range(n):
+                region = allocator.alloc(start)
+                memset(region.address, 1, start)
+                size = start
+                while size < end:
+                    allocator.realloc(region, size * 2)
+                    memset(region.address + size, 1, size)
+                    size *= 2
+                allocator.dealloc(region)
+
+        return run
+
     variants = [
-        Variant("mmap_alloc realloc", ours),
+        Variant("mmap_alloc realloc", grow(allocator)),
         Variant("C limit", lambda n: _limits.grow_by_doubling(n, start, end)),
         Variant("bytearray *= 2", by_bytearray),
     ]
@@ -168,6 +181,8 @@ def growth(scale: Scale) -> Iterator[Case]:
                     array = np.resize(array, len(array) * 2)
 
         variants.append(Variant("numpy.resize", by_numpy))
+    if thp_available():
+        variants.insert(1, Variant("mmap_alloc realloc, THP", grow(MapAlloc(huge="thp"))))
     yield Case(
         f"growth by doubling 4 KiB -> {format_size(end)}",
         "growth",
@@ -177,6 +192,54 @@ def growth(scale: Scale) -> Iterator[Case]:
         "C limit",
         target=1.15,
         note="mmap + memset + mremap doubling",
+    )
+
+
+def protect_flips(scale: Scale) -> Iterator[Case]:
+    """Case 4: flip 64 KiB between read/write and read/exec (W^X)."""
+    size = 64 * KiB
+    allocator = MapAlloc()
+    region = allocator.alloc(size)
+    address = region.address
+    libc = _libc()
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    mprotect = libc.mprotect
+    rx = mmap.PROT_READ | mmap.PROT_EXEC
+
+    def flips(n: int) -> None:
+        make_exec, make_writable = region.make_exec, region.make_writable
+        for _ in range(n):
+            make_exec()
+            make_writable()
+
+    read_exec, read_write = Perm.READ | Perm.EXEC, Perm.READ | Perm.WRITE
+
+    def protects(n: int) -> None:
+        protect = region.protect
+        for _ in range(n):
+            protect(read_exec)
+            protect(read_write)
+
+    def ctypes_libc(n: int) -> None:
+        for _ in range(n):
+            mprotect(address, size, rx)
+            mprotect(address, size, _PROT_RW)
+
+    yield Case(
+        "protect flip rw- <-> r-x, 64 KiB",
+        "protection",
+        scale.ops(2000),
+        (
+            Variant("mmap_alloc make_exec+make_writable", flips),
+            Variant("mmap_alloc protect x2", protects),
+            Variant("C limit", lambda n: _limits.protect_flip(n, address, size)),
+            Variant("ctypes libc", ctypes_libc),
+        ),
+        "mmap_alloc make_exec+make_writable",
+        "C limit",
+        target=1.10,
+        note="mprotect r-x + mprotect rw-",
+        close=region.close,
     )
 
 
@@ -208,6 +271,42 @@ def commit_uncommit(scale: Scale) -> Iterator[Case]:
     )
 
 
+def random_reads(scale: Scale) -> Iterator[Case]:
+    """Case 7: random 8-byte reads over a large buffer, huge pages against 4 KiB pages."""
+    size = scale.random_read_size
+    reads = 1 << 20 if scale.quick else 1 << 22
+    regions = {"4 KiB pages": MapAlloc(commit=True).alloc(size)}
+    if thp_available():
+        regions["THP"] = MapAlloc(huge="thp", commit=True).alloc(size)
+    pool = hugepage_pool(default_hugepage_size() or 0)
+    if pool is not None and pool.free * pool.size >= size:
+        regions["hugetlb"] = MapAlloc(huge="hugetlb", commit=True).alloc(size)
+    subject = "THP" if "THP" in regions else "hugetlb" if "hugetlb" in regions else None
+
+    def reader(name: str) -> Variant:
+        region = regions[name]
+        address = region.address
+        return Variant(name, lambda n: _limits.random_reads(n * reads, address, size, 0x9E3779B9))
+
+    def close() -> None:
+        for region in regions.values():
+            region.close()
+
+    if subject is None:
+        close()
+        return
+    yield Case(
+        f"random 8-byte reads over {format_size(size)}",
+        "huge pages",
+        1,
+        tuple(reader(name) for name in regions),
+        subject,
+        "4 KiB pages",
+        note=f"{reads:,} reads per op, from C",
+        close=close,
+    )
+
+
 def python_bytes_per_object(make: Callable[[], object], count: int) -> float:
     """Bytes of Python heap (tracemalloc) each live object of ``make()`` holds."""
     tracemalloc.start()
@@ -236,5 +335,7 @@ CASE_GROUPS: tuple[Callable[[Scale], Iterator[Case]], ...] = (
     round_trips,
     touched_round_trips,
     growth,
+    protect_flips,
     commit_uncommit,
+    random_reads,
 )
