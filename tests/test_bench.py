@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mmap_alloc import MapAlloc
+from mmap_alloc import MapAlloc, Perm
 from mmap_alloc._platform import PAGE_SIZE as P
 from mmap_alloc.bench import _limits, cases, report
 from mmap_alloc.bench.harness import Case, Runner, Variant
@@ -87,12 +87,14 @@ def test_a_case_is_closed_after_it_runs() -> None:
 
 
 def test_c_limit_loops_run_without_error() -> None:
-    assert _limits.map_unmap(100, 64 * 1024, 0, 1) is None
-    assert _limits.grow_by_doubling(2, P, 64 * P) is None
+    _limits.map_unmap(100, 64 * 1024, 0, 1)
+    _limits.grow_by_doubling(2, P, 64 * P)
     alloc = MapAlloc()
     with alloc.alloc(16 * P) as region:
-        assert _limits.protect_flip(10, region.address, region.capacity) is None
-        assert _limits.commit_uncommit(2, region.address, region.capacity) is None
+        _limits.protect_flip(10, region.address, region.capacity)
+        _limits.commit_uncommit(2, region.address, region.capacity)
+        assert region.perms == Perm.READ | Perm.WRITE
+        assert bytes(region) == bytes(16 * P)
 
 
 def test_c_limit_reports_a_failed_mmap_as_oserror() -> None:
