@@ -10,7 +10,14 @@ setup(
             define_macros=[("Py_LIMITED_API", "0x030B0000")],
             py_limited_api=True,
             extra_compile_args=["-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
-        )
+        ),
+        Extension(
+            "mmap_alloc.bench._limits",
+            sources=["src/mmap_alloc/bench/_limits.c"],
+            define_macros=[("Py_LIMITED_API", "0x030B0000")],
+            py_limited_api=True,
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        ),
     ],
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

@@ -37,6 +37,7 @@
 typedef struct {
     PyTypeObject *region_type;
     PyTypeObject *pool_type;
+    PyTypeObject *allocator_type;
 } module_state;
 
 typedef struct {
@@ -52,6 +53,11 @@ typedef struct {
     PyObject *owner;       /* the allocator that made it, or None */
     PyObject *weakreflist;
 } RegionObject;
+
+/* Mapping and unmapping this much or more may take long enough (populating
+ * or freeing pages) to be worth releasing the GIL; smaller calls take about
+ * as long as releasing and taking it back. */
+#define SLOW_CALL_BYTES (1 << 20)
 
 /* Bytes mapped by this module and not unmapped yet: every successful
  * mmap, munmap and mremap here adjusts it (the GIL is held when it does).
@@ -116,6 +122,42 @@ check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t expected)
         return -1;
     }
     return 0;
+}
+
+/* Call the Python method `name` of self with a vectorcall's arguments: the
+ * C fast paths hand every case they do not take to a Python method. */
+static PyObject *
+call_python(PyObject *self, const char *name, PyObject *const *args, Py_ssize_t nargs,
+            PyObject *kwnames)
+{
+    PyObject *method, *tuple = NULL, *kwargs = NULL, *result = NULL;
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
+
+    method = PyObject_GetAttrString(self, name);
+    if (method == NULL)
+        return NULL;
+    tuple = PyTuple_New(nargs);
+    if (tuple == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        Py_INCREF(args[i]);
+        PyTuple_SetItem(tuple, i, args[i]);
+    }
+    if (nkw > 0) {
+        kwargs = PyDict_New();
+        if (kwargs == NULL)
+            goto done;
+        for (Py_ssize_t i = 0; i < nkw; i++) {
+            if (PyDict_SetItem(kwargs, PyTuple_GetItem(kwnames, i), args[nargs + i]) < 0)
+                goto done;
+        }
+    }
+    result = PyObject_Call(method, tuple, kwargs);
+done:
+    Py_DECREF(method);
+    Py_XDECREF(tuple);
+    Py_XDECREF(kwargs);
+    return result;
 }
 
 /* ------------------------------------------------------------------ */
@@ -282,14 +324,38 @@ region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
     return (PyObject *)self;
 }
 
+/* Map `capacity` bytes and wrap them in a new region of type cls; NULL with
+ * OSError set when the kernel refuses. */
+static PyObject *
+map_region(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, int prot, int flags,
+           PyObject *owner)
+{
+    void *p;
+    PyObject *region;
+
+    if (capacity >= SLOW_CALL_BYTES || (flags & (MAP_POPULATE | MAP_HUGETLB))) {
+        Py_BEGIN_ALLOW_THREADS
+        p = mmap(NULL, (size_t)capacity, prot, flags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        Py_END_ALLOW_THREADS
+    }
+    else
+        p = mmap(NULL, (size_t)capacity, prot, flags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    region = region_wrap(cls, p, size, capacity, prot, owner);
+    if (region == NULL)
+        munmap(p, (size_t)capacity);
+    else
+        mapped_bytes += capacity;
+    return region;
+}
+
 /* Region._map(size, capacity, prot, flags, owner): map and wrap in one step */
 static PyObject *
 region_map(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t size, capacity;
     int prot, flags;
-    void *p;
-    PyObject *region;
 
     if (check_nargs("_map", nargs, 5) < 0 || arg_ssize(args[0], &size) < 0
         || arg_ssize(args[1], &capacity) < 0 || arg_int(args[2], &prot) < 0
@@ -299,17 +365,7 @@ region_map(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "size exceeds capacity");
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
-    p = mmap(NULL, (size_t)capacity, prot, flags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    Py_END_ALLOW_THREADS
-    if (p == MAP_FAILED)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    region = region_wrap((PyTypeObject *)cls, p, size, capacity, prot, args[4]);
-    if (region == NULL)
-        munmap(p, (size_t)capacity);
-    else
-        mapped_bytes += capacity;
-    return region;
+    return map_region((PyTypeObject *)cls, size, capacity, prot, flags, args[4]);
 }
 
 /* Region._adopt(address, size, capacity, prot, owner): own an existing mapping */
@@ -349,9 +405,13 @@ region_close(RegionObject *self, PyObject *unused)
     if (region_check_idle(self, "close the region") < 0)
         return NULL;
     self->data = NULL;
-    Py_BEGIN_ALLOW_THREADS
-    rc = munmap(p, (size_t)self->capacity);
-    Py_END_ALLOW_THREADS
+    if (self->capacity >= SLOW_CALL_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = munmap(p, (size_t)self->capacity);
+        Py_END_ALLOW_THREADS
+    }
+    else
+        rc = munmap(p, (size_t)self->capacity);
     if (rc != 0) {
         /* e.g. ENOMEM at vm.max_map_count: the mapping is still there */
         self->data = p;
@@ -359,6 +419,22 @@ region_close(RegionObject *self, PyObject *unused)
     }
     mapped_bytes -= self->capacity;
     Py_RETURN_NONE;
+}
+
+/* _release(owner): close the region, which must belong to owner and be open;
+ * the checks and the unmap in one call, for the allocator's dealloc path */
+static PyObject *
+region_release(RegionObject *self, PyObject *owner)
+{
+    if (self->owner != owner) {
+        PyErr_SetString(PyExc_ValueError, "region was allocated by another allocator");
+        return NULL;
+    }
+    if (self->data == NULL) {
+        PyErr_SetString(PyExc_ValueError, "region was already freed");
+        return NULL;
+    }
+    return region_close(self, NULL);
 }
 
 /* _resize(size, capacity, flags) -> address: mremap, or only the size when
@@ -486,6 +562,98 @@ region_zero(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* mprotect [offset, offset + length) to prot; common and mixed describe all
+ * pages afterwards. -1 with an exception set (BufferError, OSError) on failure. */
+static int
+protect_range(RegionObject *self, Py_ssize_t offset, Py_ssize_t length, int prot, int common,
+              int mixed)
+{
+    if ((self->prot & ~common & (PROT_READ | PROT_WRITE))
+        && (self->exports > self->pins || self->busy > 0)
+        && region_check_idle(self, "remove read or write permission") < 0)
+        return -1;
+    if (length > 0 && mprotect(self->data + offset, (size_t)length, prot) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->prot = common;
+    self->mixed = mixed != 0;
+    return 0;
+}
+
+/* The protection a whole-region fast path may set, or -1 when the call must
+ * go to the Python layer (a mixed region, arguments other than one permission
+ * value, EXEC removed under functions from region.function()). */
+static int
+whole_region_prot(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
+                  PyObject *kwnames, long prot)
+{
+#ifndef __linux__
+    return -1;  /* elsewhere the Python layer maps requested to supported permissions */
+#endif
+    if (kwnames != NULL || self->data == NULL || self->mixed)
+        return -1;
+    if (nargs == 1) {
+        if (!PyLong_Check(args[0]) || PyBool_Check(args[0]))
+            return -1;
+        prot = PyLong_AsLong(args[0]);
+        if (prot == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return -1;
+        }
+    }
+    else if (nargs != 0)
+        return -1;
+    if (prot < 0 || prot > (PROT_READ | PROT_WRITE | PROT_EXEC))
+        return -1;
+    if (self->pins > 0 && (self->prot & ~prot & PROT_EXEC))
+        return -1;
+    return (int)prot;
+}
+
+/* protect(perms, offset=0, length=None): the whole-region case here, the rest
+ * (ranges, mixed regions, errors) in Region._protect_pages() */
+static PyObject *
+region_protect_public(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
+                      PyObject *kwnames)
+{
+    int prot = nargs == 1 ? whole_region_prot(self, args, nargs, kwnames, 0) : -1;
+
+    if (prot >= 0 && protect_range(self, 0, self->capacity, prot, prot, 0) == 0)
+        Py_RETURN_NONE;
+    PyErr_Clear();
+    return call_python((PyObject *)self, "_protect_pages", args, nargs, kwnames);
+}
+
+/* make_exec(offset=0, length=None): read/exec, then flush the instruction cache */
+static PyObject *
+region_make_exec(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
+                 PyObject *kwnames)
+{
+    int prot = whole_region_prot(self, args, nargs, kwnames, PROT_READ | PROT_EXEC);
+
+    if (nargs == 0 && prot >= 0
+        && protect_range(self, 0, self->capacity, prot, prot, 0) == 0) {
+        __builtin___clear_cache(self->data, self->data + self->capacity);
+        Py_RETURN_NONE;
+    }
+    PyErr_Clear();
+    return call_python((PyObject *)self, "_make_exec_pages", args, nargs, kwnames);
+}
+
+/* make_writable(offset=0, length=None): read/write, not executable */
+static PyObject *
+region_make_writable(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
+                     PyObject *kwnames)
+{
+    int prot = whole_region_prot(self, args, nargs, kwnames, PROT_READ | PROT_WRITE);
+
+    if (nargs == 0 && prot >= 0 && protect_range(self, 0, self->capacity, prot, prot, 0) == 0)
+        Py_RETURN_NONE;
+    PyErr_Clear();
+    return call_python((PyObject *)self, "_make_writable_pages", args, nargs, kwnames);
+}
+
 /* _protect(offset, length, prot, common, mixed): mprotect a range; common is
  * the protection all pages share afterwards and mixed whether they differ,
  * both computed by the caller. */
@@ -500,14 +668,8 @@ region_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
         || arg_int(args[2], &prot) < 0 || arg_int(args[3], &common) < 0
         || arg_int(args[4], &mixed) < 0)
         return NULL;
-    if ((self->prot & ~common & (PROT_READ | PROT_WRITE))
-        && (self->exports > self->pins || self->busy > 0)
-        && region_check_idle(self, "remove read or write permission") < 0)
+    if (protect_range(self, offset, length, prot, common, mixed) < 0)
         return NULL;
-    if (length > 0 && mprotect(self->data + offset, (size_t)length, prot) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    self->prot = common;
-    self->mixed = mixed != 0;
     Py_RETURN_NONE;
 }
 
@@ -790,6 +952,8 @@ static PyMethodDef region_methods[] = {
      "_adopt(address, size, capacity, prot, owner): own an existing mapping."},
     {"close", (PyCFunction)region_close, METH_NOARGS,
      "Unmap the region. Closing a closed region does nothing."},
+    {"_release", (PyCFunction)region_release, METH_O,
+     "_release(owner): close the region, checking that owner made it and it is open."},
     {"_resize", (PyCFunction)(void (*)(void))region_resize, METH_FASTCALL,
      "_resize(size, capacity, flags) -> address: mremap the mapping."},
     {"_swap", (PyCFunction)region_swap, METH_O,
@@ -800,6 +964,18 @@ static PyMethodDef region_methods[] = {
      "_zero(offset, length, prot): zero bytes within pages of protection prot."},
     {"_protect", (PyCFunction)(void (*)(void))region_protect, METH_FASTCALL,
      "_protect(offset, length, prot, common, mixed): mprotect a range."},
+    {"protect", (PyCFunction)(void (*)(void))region_protect_public,
+     METH_FASTCALL | METH_KEYWORDS,
+     "protect(perms, offset=0, length=None)\n\n"
+     "Set the protection of whole pages [offset, offset + length); None: to the end.\n"
+     "BufferError, changing nothing, if it would remove READ or WRITE while a buffer\n"
+     "is exported, or EXEC while a function from function() lives."},
+    {"make_exec", (PyCFunction)(void (*)(void))region_make_exec, METH_FASTCALL | METH_KEYWORDS,
+     "make_exec(offset=0, length=None)\n\n"
+     "Make the pages read/exec, then flush the instruction cache for them."},
+    {"make_writable", (PyCFunction)(void (*)(void))region_make_writable,
+     METH_FASTCALL | METH_KEYWORDS,
+     "make_writable(offset=0, length=None)\n\nMake the pages read/write (not executable)."},
     {"_pin", (PyCFunction)region_pin, METH_O,
      "_pin(delta): 1 pins the region for a function, -1 releases the pin."},
     {"_advise", (PyCFunction)(void (*)(void))region_advise, METH_FASTCALL,
@@ -1924,6 +2100,152 @@ static PyType_Spec pool_spec = {
 };
 
 /* ------------------------------------------------------------------ */
+/* Allocator: the fast path of MapAlloc.alloc() and MapAlloc.dealloc()  */
+
+/*
+ * MapAlloc (allocator.py) subclasses this type. alloc(size) with an exact
+ * int in range and no alignment, and dealloc(region) of a region of the
+ * configured type, are done here; every other call (other argument types,
+ * alignment, errors) goes to
+ * the Python methods _alloc(size, align=None) and _dealloc(region), which
+ * hold the policy and the error messages.
+ */
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t page;
+    Py_ssize_t mask;
+    Py_ssize_t max_size;
+    int prot;
+    int flags;
+    PyTypeObject *region_type;  /* the type of the regions made; NULL until configured */
+} AllocatorObject;
+
+static PyObject *
+allocator_alloc(AllocatorObject *self, PyObject *const *args, Py_ssize_t nargs,
+                PyObject *kwnames)
+{
+    if (self->region_type != NULL && nargs == 1 && kwnames == NULL
+        && PyLong_CheckExact(args[0])) {
+        Py_ssize_t size = PyLong_AsSsize_t(args[0]);
+        if (size > 0 && size <= self->max_size) {
+            PyObject *region = map_region(self->region_type, size,
+                                          (size + self->mask) & ~self->mask, self->prot,
+                                          self->flags, (PyObject *)self);
+            if (region != NULL)
+                return region;
+        }
+        PyErr_Clear();  /* overflow, or a refusal: _alloc() says what went wrong */
+    }
+    return call_python((PyObject *)self, "_alloc", args, nargs, kwnames);
+}
+
+static PyObject *
+allocator_dealloc(AllocatorObject *self, PyObject *region)
+{
+    if (self->region_type != NULL && Py_TYPE(region) == self->region_type)
+        return region_release((RegionObject *)region, (PyObject *)self);
+    return call_python((PyObject *)self, "_dealloc", &region, 1, NULL);
+}
+
+/* _configure(page, max_size, prot, flags, region_type) */
+static PyObject *
+allocator_configure(AllocatorObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t page, max_size;
+    int prot, flags;
+
+    if (check_nargs("_configure", nargs, 5) < 0 || arg_ssize(args[0], &page) < 0
+        || arg_ssize(args[1], &max_size) < 0 || arg_int(args[2], &prot) < 0
+        || arg_int(args[3], &flags) < 0)
+        return NULL;
+    if (page <= 0 || (page & (page - 1)) || !PyType_Check(args[4])) {
+        PyErr_SetString(PyExc_ValueError, "bad allocator configuration");
+        return NULL;
+    }
+    self->page = page;
+    self->mask = page - 1;
+    self->max_size = max_size;
+    self->prot = prot;
+    self->flags = flags;
+    {
+        PyTypeObject *old = self->region_type;
+        Py_INCREF(args[4]);
+        self->region_type = (PyTypeObject *)args[4];
+        Py_XDECREF((PyObject *)old);
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+allocator_traverse(AllocatorObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->region_type);
+    Py_VISIT(Py_TYPE((PyObject *)self));
+    return 0;
+}
+
+static int
+allocator_clear(AllocatorObject *self)
+{
+    Py_CLEAR(self->region_type);
+    return 0;
+}
+
+static void
+allocator_dealloc_object(AllocatorObject *self)
+{
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+
+    PyObject_GC_UnTrack(self);
+    allocator_clear(self);
+    tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef allocator_methods[] = {
+    {"alloc", (PyCFunction)(void (*)(void))allocator_alloc, METH_FASTCALL | METH_KEYWORDS,
+     "alloc(size, align=None) -> Region\n\n"
+     "A new region of at least size bytes, zero-filled, page-aligned (or aligned\n"
+     "to align, a power of two)."},
+    {"dealloc", (PyCFunction)allocator_dealloc, METH_O,
+     "dealloc(region)\n\n"
+     "Unmap the region. BufferError while a buffer of it is exported."},
+    {"_configure", (PyCFunction)(void (*)(void))allocator_configure, METH_FASTCALL,
+     "_configure(page, max_size, prot, flags, region_type)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef allocator_members[] = {
+    {"_page", T_PYSSIZET, offsetof(AllocatorObject, page), READONLY, "The page size."},
+    {"_mask", T_PYSSIZET, offsetof(AllocatorObject, mask), READONLY, "page - 1."},
+    {"_max_size", T_PYSSIZET, offsetof(AllocatorObject, max_size), READONLY,
+     "The largest size alloc() takes."},
+    {"_prot", T_INT, offsetof(AllocatorObject, prot), READONLY, "PROT_* of new regions."},
+    {"_flags", T_INT, offsetof(AllocatorObject, flags), READONLY, "MAP_* of new regions."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot allocator_slots[] = {
+    {Py_tp_doc, "The system-call fast path of MapAlloc."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, allocator_dealloc_object},
+    {Py_tp_traverse, allocator_traverse},
+    {Py_tp_clear, allocator_clear},
+    {Py_tp_methods, allocator_methods},
+    {Py_tp_members, allocator_members},
+    {0, NULL},
+};
+
+static PyType_Spec allocator_spec = {
+    .name = "mmap_alloc._mman.Allocator",
+    .basicsize = sizeof(AllocatorObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = allocator_slots,
+};
+
+/* ------------------------------------------------------------------ */
 /* module                                                              */
 
 static PyMethodDef mman_methods[] = {
@@ -2004,6 +2326,11 @@ mman_exec(PyObject *m)
         return -1;
     if (PyModule_AddObjectRef(m, "Pool", (PyObject *)st->pool_type) < 0)
         return -1;
+    st->allocator_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &allocator_spec, NULL);
+    if (st->allocator_type == NULL)
+        return -1;
+    if (PyModule_AddObjectRef(m, "Allocator", (PyObject *)st->allocator_type) < 0)
+        return -1;
     return add_constants(m);
 }
 
@@ -2012,6 +2339,7 @@ mman_traverse(PyObject *m, visitproc visit, void *arg)
 {
     Py_VISIT(get_state(m)->region_type);
     Py_VISIT(get_state(m)->pool_type);
+    Py_VISIT(get_state(m)->allocator_type);
     return 0;
 }
 
@@ -2020,6 +2348,7 @@ mman_clear(PyObject *m)
 {
     Py_CLEAR(get_state(m)->region_type);
     Py_CLEAR(get_state(m)->pool_type);
+    Py_CLEAR(get_state(m)->allocator_type);
     return 0;
 }
 

@@ -35,7 +35,7 @@ class Layout(NamedTuple):
     align: int
 
 
-class MapAlloc:
+class MapAlloc(_mman.Allocator):
     """An allocator whose every allocation is its own memory mapping.
 
     Sizes round up to whole pages; fresh memory reads as zero; permissions,
@@ -52,14 +52,9 @@ class MapAlloc:
     __slots__ = (
         "__weakref__",
         "_commit",
-        "_flags",
         "_huge",
-        "_mask",
-        "_max_size",
         "_obj_layout",
-        "_page",
         "_perms",
-        "_prot",
         "_requested",
     )
 
@@ -80,8 +75,8 @@ class MapAlloc:
         if cls is MapAlloc and (huge is not None or huge_pagesize is not None):
             from .hugepages import HugeMapAlloc
 
-            return cast(Self, object.__new__(HugeMapAlloc))
-        return object.__new__(cls)
+            return cast(Self, _mman.Allocator.__new__(HugeMapAlloc))
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -110,13 +105,10 @@ class MapAlloc:
         if size % align:
             raise ValueError(f"obj_size={size} must be a multiple of obj_align={align}")
 
-        self._page = page
-        self._mask = page - 1
-        self._max_size = _args.MAX_SIZE + 1 - page
         self._requested = Perm.of(read=read, write=write, exec=exec)
         self._perms = effective_perms(self._requested)
-        self._prot = int(self._perms)
-        self._flags = flags
+        # alloc() and dealloc() are the C base's: the common case in one call
+        self._configure(page, _args.MAX_SIZE + 1 - page, int(self._perms), flags, Region)
         self._commit = commit
         self._huge = hugetlb
         self._obj_layout = Layout(size, align)
@@ -171,9 +163,11 @@ class MapAlloc:
 
     # ------------------------------------------------------------ allocation
 
-    def alloc(self, size: int, align: int | None = None) -> Region:
-        """A new region of at least ``size`` bytes, zero-filled, page-aligned
-        (or aligned to ``align``, a power of two)."""
+    # alloc(size, align=None) and dealloc(region) are inherited from the C base,
+    # which does the common case itself and hands every other to these two.
+
+    def _alloc(self, size: int, align: int | None = None) -> Region:
+        """alloc() for what the C fast path does not take: checks, alignment, errors."""
         if type(size) is not int or not 0 < size <= self._max_size:
             size = _args.size(size, self._page)
         capacity = (size + self._mask) & ~self._mask
@@ -229,12 +223,13 @@ class MapAlloc:
                 raise
         return region
 
-    def dealloc(self, region: Region) -> None:
-        """Unmap the region. BufferError while a buffer of it is exported."""
-        self._owned(region)
-        if region.closed:
-            raise ValueError("region was already freed")
-        region.close()
+    def _dealloc(self, region: Region) -> None:
+        """dealloc() for what the C fast path does not take: other types."""
+        try:
+            release = region._release
+        except AttributeError:
+            raise TypeError(f"expected a Region, not {type(region).__name__}") from None
+        release(self)
 
     # ------------------------------------------------------------ resizing
 

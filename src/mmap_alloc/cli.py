@@ -13,6 +13,7 @@ import platform
 import resource
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -141,10 +142,46 @@ def _add_info(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     parser.set_defaults(run=_run_info)
 
 
+# ---------------------------------------------------------------- bench
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("--plot needs matplotlib: pip install 'mmap-alloc[bench]'", file=sys.stderr)
+            return 2
+    bench.run(quick=args.quick, json_path=args.json, plot_path=args.plot, rounds=args.rounds)
+    return 0
+
+
+def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "bench",
+        help="measure mmap_alloc against the system calls from C, and against peers",
+        description="Time each case's variants interleaved in rounds and print, per case, "
+        "the median time per operation with its range and each variant's ratio to the "
+        "case's reference (the same system calls made from a C loop).",
+    )
+    parser.add_argument("--quick", action="store_true", help="a run of seconds (smaller cases)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="also draw a chart (needs matplotlib)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, metavar="N", help="measured rounds per case (default 15, quick 3)"
+    )
+    parser.set_defaults(run=_run_bench)
+
+
 # ---------------------------------------------------------------- the parser
 
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_info,
+    _add_bench,
 ]
 """Functions that each add one subcommand; its parser sets ``run`` (args -> exit status)."""
 

@@ -61,20 +61,16 @@ class Region(_mman.Region):
         self._check_open()
         return self._mixed
 
-    def protect(self, perms: Perm, offset: int = 0, length: int | None = None) -> None:
-        """Set the protection of whole pages [offset, offset + length); None: to the end.
+    # protect(), make_exec() and make_writable() are the C base's: it changes a
+    # whole region itself and hands every other case to these three.
 
-        BufferError, changing nothing, if it would remove READ or WRITE while a
-        buffer is exported, or EXEC while a function from function() lives.
-        """
+    def _protect_pages(self, perms: Perm, offset: int = 0, length: int | None = None) -> None:
         protection.protect(self, perms, offset, length)
 
-    def make_exec(self, offset: int = 0, length: int | None = None) -> None:
-        """Make the pages read/exec, then flush the instruction cache for them."""
+    def _make_exec_pages(self, offset: int = 0, length: int | None = None) -> None:
         protection.make_exec(self, offset, length)
 
-    def make_writable(self, offset: int = 0, length: int | None = None) -> None:
-        """Make the pages read/write (not executable)."""
+    def _make_writable_pages(self, offset: int = 0, length: int | None = None) -> None:
         protection.make_writable(self, offset, length)
 
     def writable(

@@ -1,0 +1,224 @@
+/*
+ * _limits: the system calls mmap_alloc makes, made from C loops.
+ *
+ * Each function runs one benchmark case's work `n` times with no Python in
+ * between, so its time per operation is the floor ("the limit") that the
+ * library is measured against. Used by `python -m mmap_alloc bench` only;
+ * not part of the library's API.
+ */
+#define Py_LIMITED_API 0x030B0000
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define ANON (MAP_PRIVATE | MAP_ANONYMOUS)
+
+static int
+parse(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, Py_ssize_t *out)
+{
+    if (nargs != expected) {
+        PyErr_Format(PyExc_TypeError, "expected %zd arguments, got %zd", expected, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        out[i] = PyLong_AsSsize_t(args[i]);
+        if (out[i] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+static void
+touch(char *p, Py_ssize_t length, long page)
+{
+    for (Py_ssize_t off = 0; off < length; off += page)
+        ((volatile char *)p)[off] = 1;
+}
+
+/* map_unmap(n, size, flags, touch_pages): mmap + (touch) + munmap, n times */
+static PyObject *
+map_unmap(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[4];
+    long page = sysconf(_SC_PAGESIZE);
+    int err = 0;
+
+    if (parse(args, nargs, 4, a) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < a[0]; i++) {
+        char *p = mmap(NULL, (size_t)a[1], PROT_READ | PROT_WRITE, ANON | (int)a[2], -1, 0);
+        if (p == MAP_FAILED) {
+            err = errno;
+            break;
+        }
+        if (a[3])
+            touch(p, a[1], page);
+        munmap(p, (size_t)a[1]);
+    }
+    Py_END_ALLOW_THREADS
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+/* grow_by_doubling(n, start, end): n times, map `start` bytes, fill them, and
+ * double with mremap until `end`, filling each new half */
+static PyObject *
+grow_by_doubling(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[3];
+    int err = 0;
+
+    if (parse(args, nargs, 3, a) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < a[0] && !err; i++) {
+        Py_ssize_t size = a[1];
+        char *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, ANON, -1, 0);
+        if (p == MAP_FAILED) {
+            err = errno;
+            break;
+        }
+        memset(p, 1, (size_t)size);
+        while (size < a[2]) {
+            char *q = mremap(p, (size_t)size, (size_t)size * 2, MREMAP_MAYMOVE);
+            if (q == MAP_FAILED) {
+                err = errno;
+                break;
+            }
+            p = q;
+            memset(p + size, 1, (size_t)size);
+            size *= 2;
+        }
+        munmap(p, (size_t)size);
+    }
+    Py_END_ALLOW_THREADS
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+/* protect_flip(n, address, length): mprotect read/exec then read/write, n times */
+static PyObject *
+protect_flip(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[3];
+    int err = 0;
+
+    if (parse(args, nargs, 3, a) < 0)
+        return NULL;
+    for (Py_ssize_t i = 0; i < a[0]; i++) {
+        if (mprotect((void *)a[1], (size_t)a[2], PROT_READ | PROT_EXEC) != 0
+            || mprotect((void *)a[1], (size_t)a[2], PROT_READ | PROT_WRITE) != 0) {
+            err = errno;
+            break;
+        }
+    }
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+/* commit_uncommit(n, address, length): MADV_POPULATE_WRITE then MADV_DONTNEED, n times */
+static PyObject *
+commit_uncommit(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[3];
+    int err = 0;
+
+    if (parse(args, nargs, 3, a) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < a[0]; i++) {
+#ifdef MADV_POPULATE_WRITE
+        if (madvise((void *)a[1], (size_t)a[2], MADV_POPULATE_WRITE) != 0
+#else
+        if (madvise((void *)a[1], (size_t)a[2], MADV_WILLNEED) != 0
+#endif
+            || madvise((void *)a[1], (size_t)a[2], MADV_DONTNEED) != 0) {
+            err = errno;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+/* random_reads(n, address, length, seed) -> sum: n reads of 8 bytes at random
+ * 8-byte-aligned offsets (xorshift), so that page walks dominate */
+static PyObject *
+random_reads(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[4];
+    uint64_t x, sum = 0;
+
+    if (parse(args, nargs, 4, a) < 0)
+        return NULL;
+    if (a[2] < 8) {
+        PyErr_SetString(PyExc_ValueError, "length must be at least 8");
+        return NULL;
+    }
+    x = (uint64_t)a[3] | 1;
+    Py_BEGIN_ALLOW_THREADS
+    {
+        const uint64_t *base = (const uint64_t *)a[1];
+        uint64_t words = (uint64_t)a[2] / 8;
+        for (Py_ssize_t i = 0; i < a[0]; i++) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            sum += base[x % words];
+        }
+    }
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLongLong(sum);
+}
+
+static PyMethodDef limits_methods[] = {
+    {"map_unmap", (PyCFunction)(void (*)(void))map_unmap, METH_FASTCALL,
+     "map_unmap(n, size, flags, touch): mmap + (touch each page) + munmap, n times"},
+    {"grow_by_doubling", (PyCFunction)(void (*)(void))grow_by_doubling, METH_FASTCALL,
+     "grow_by_doubling(n, start, end): grow a filled mapping by mremap doubling, n times"},
+    {"protect_flip", (PyCFunction)(void (*)(void))protect_flip, METH_FASTCALL,
+     "protect_flip(n, address, length): mprotect r-x then rw-, n times"},
+    {"commit_uncommit", (PyCFunction)(void (*)(void))commit_uncommit, METH_FASTCALL,
+     "commit_uncommit(n, address, length): MADV_POPULATE_WRITE + MADV_DONTNEED, n times"},
+    {"random_reads", (PyCFunction)(void (*)(void))random_reads, METH_FASTCALL,
+     "random_reads(n, address, length, seed) -> sum of n random 8-byte reads"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyModuleDef_Slot limits_slots[] = {
+    {0, NULL},
+};
+
+static struct PyModuleDef limits_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "mmap_alloc.bench._limits",
+    .m_doc = "System calls from C loops: the floor benchmarks compare against.",
+    .m_size = 0,
+    .m_methods = limits_methods,
+    .m_slots = limits_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__limits(void)
+{
+    return PyModuleDef_Init(&limits_module);
+}

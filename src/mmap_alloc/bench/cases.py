@@ -1,0 +1,341 @@
+"""The benchmark cases: mmap_alloc against the same system calls from C, and peers.
+
+Every case has a "C limit" variant: the system calls mmap_alloc makes for
+the work, made from a C loop (mmap_alloc.bench._limits). The ratio of
+mmap_alloc to it is what mmap_alloc costs on top of the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import tracemalloc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .. import MapAlloc, Perm
+from .._platform import (
+    PAGE_SIZE,
+    default_hugepage_size,
+    format_size,
+    hugepage_pool,
+)
+from ..hugepages import thp_available
+from . import _limits
+from .harness import Case, Variant
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+_MAP_POPULATE: int = getattr(mmap, "MAP_POPULATE", 0x8000)
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big a run is: quick (seconds, a smoke test) or full."""
+
+    quick: bool
+
+    @property
+    def round_trip_sizes(self) -> tuple[int, ...]:
+        return (4 * KiB, 64 * KiB, 2 * MiB, 64 * MiB)
+
+    @property
+    def touched_sizes(self) -> tuple[int, ...]:
+        return (
+            (4 * KiB, 64 * KiB, 2 * MiB) if self.quick else (4 * KiB, 64 * KiB, 2 * MiB, 64 * MiB)
+        )
+
+    @property
+    def growth_end(self) -> int:
+        return 16 * MiB if self.quick else GiB
+
+    @property
+    def random_read_size(self) -> int:
+        return 64 * MiB if self.quick else GiB
+
+    @property
+    def commit_size(self) -> int:
+        return 8 * MiB if self.quick else 64 * MiB
+
+    def ops(self, full: int) -> int:
+        """Operations per batch: ``full`` scaled down for a quick run."""
+        return max(1, full // 10) if self.quick else full
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.munmap.restype = ctypes.c_int
+    return libc
+
+
+def _round_trip_variants(size: int, *, populate: bool) -> tuple[Variant, ...]:
+    allocator = MapAlloc(commit=populate)
+    alloc, dealloc = allocator.alloc, allocator.dealloc
+    flags = _MAP_POPULATE if populate else 0
+    libc = _libc()
+    libc_mmap, libc_munmap = libc.mmap, libc.munmap
+
+    def ours(n: int) -> None:
+        for _ in range(n):
+            dealloc(alloc(size))
+
+    def stdlib(n: int) -> None:
+        for _ in range(n):
+            mmap.mmap(-1, size, flags=_ANON | flags).close()
+
+    def ctypes_libc(n: int) -> None:
+        for _ in range(n):
+            libc_munmap(libc_mmap(None, size, _PROT_RW, _ANON | flags, -1, 0), size)
+
+    return (
+        Variant("mmap_alloc", ours),
+        Variant("C limit", lambda n: _limits.map_unmap(n, size, flags, 0)),
+        Variant("stdlib mmap", stdlib),
+        Variant("ctypes libc", ctypes_libc),
+    )
+
+
+def round_trips(scale: Scale) -> Iterator[Case]:
+    """Case 1: alloc + dealloc of untouched memory."""
+    for size in scale.round_trip_sizes:
+        yield Case(
+            f"alloc+dealloc {format_size(size)}",
+            "round trip",
+            scale.ops(2000),
+            _round_trip_variants(size, populate=False),
+            "mmap_alloc",
+            "C limit",
+            target=1.10,
+            note="mmap + munmap",
+        )
+
+
+def touched_round_trips(scale: Scale) -> Iterator[Case]:
+    """Case 2: alloc + dealloc with every page faulted in (commit=True, MAP_POPULATE)."""
+    for size in scale.touched_sizes:
+        yield Case(
+            f"alloc+dealloc {format_size(size)}, every page touched",
+            "round trip, touched",
+            max(1, scale.ops(2000) * 4 * KiB // size * 4),
+            _round_trip_variants(size, populate=True),
+            "mmap_alloc",
+            "C limit",
+            target=1.10,
+            note="mmap(MAP_POPULATE) + munmap",
+        )
+
+
+def growth(scale: Scale) -> Iterator[Case]:
+    """Case 3: grow a filled buffer by doubling from 4 KiB, keeping its contents."""
+    start, end = 4 * KiB, scale.growth_end
+    allocator = MapAlloc()
+    memset = ctypes.memset
+
+    def by_bytearray(n: int) -> None:
+        for _ in range(n):
+            buffer = bytearray(b"\1") * start
+            while len(buffer) < end:
+                buffer *= 2
+
+    def grow(allocator: MapAlloc) -> Callable[[int], None]:
+        def run(n: int) -> None:
+            for _ in range(n):
+                region = allocator.alloc(start)
+                memset(region.address, 1, start)
+                size = start
+                while size < end:
+                    allocator.realloc(region, size * 2)
+                    memset(region.address + size, 1, size)
+                    size *= 2
+                allocator.dealloc(region)
+
+        return run
+
+    variants = [
+        Variant("mmap_alloc realloc", grow(allocator)),
+        Variant("C limit", lambda n: _limits.grow_by_doubling(n, start, end)),
+        Variant("bytearray *= 2", by_bytearray),
+    ]
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+
+        def by_numpy(n: int) -> None:
+            for _ in range(n):
+                array = np.ones(start, np.uint8)
+                while len(array) < end:
+                    array = np.resize(array, len(array) * 2)
+
+        variants.append(Variant("numpy.resize", by_numpy))
+    if thp_available():
+        variants.insert(1, Variant("mmap_alloc realloc, THP", grow(MapAlloc(huge="thp"))))
+    yield Case(
+        f"growth by doubling 4 KiB -> {format_size(end)}",
+        "growth",
+        1,
+        tuple(variants),
+        "mmap_alloc realloc",
+        "C limit",
+        target=1.15,
+        note="mmap + memset + mremap doubling",
+    )
+
+
+def protect_flips(scale: Scale) -> Iterator[Case]:
+    """Case 4: flip 64 KiB between read/write and read/exec (W^X)."""
+    size = 64 * KiB
+    allocator = MapAlloc()
+    region = allocator.alloc(size)
+    address = region.address
+    libc = _libc()
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    mprotect = libc.mprotect
+    rx = mmap.PROT_READ | mmap.PROT_EXEC
+
+    def flips(n: int) -> None:
+        make_exec, make_writable = region.make_exec, region.make_writable
+        for _ in range(n):
+            make_exec()
+            make_writable()
+
+    read_exec, read_write = Perm.READ | Perm.EXEC, Perm.READ | Perm.WRITE
+
+    def protects(n: int) -> None:
+        protect = region.protect
+        for _ in range(n):
+            protect(read_exec)
+            protect(read_write)
+
+    def ctypes_libc(n: int) -> None:
+        for _ in range(n):
+            mprotect(address, size, rx)
+            mprotect(address, size, _PROT_RW)
+
+    yield Case(
+        "protect flip rw- <-> r-x, 64 KiB",
+        "protection",
+        scale.ops(2000),
+        (
+            Variant("mmap_alloc make_exec+make_writable", flips),
+            Variant("mmap_alloc protect x2", protects),
+            Variant("C limit", lambda n: _limits.protect_flip(n, address, size)),
+            Variant("ctypes libc", ctypes_libc),
+        ),
+        "mmap_alloc make_exec+make_writable",
+        "C limit",
+        target=1.10,
+        note="mprotect r-x + mprotect rw-",
+        close=region.close,
+    )
+
+
+def commit_uncommit(scale: Scale) -> Iterator[Case]:
+    """Case 5: commit then uncommit a whole region."""
+    size = scale.commit_size
+    allocator = MapAlloc()
+    region = allocator.alloc(size)
+    address = region.address
+
+    def ours(n: int) -> None:
+        for _ in range(n):
+            allocator.commit(region)
+            allocator.uncommit(region)
+
+    yield Case(
+        f"commit+uncommit {format_size(size)}",
+        "commit",
+        2 if scale.quick else 5,
+        (
+            Variant("mmap_alloc", ours),
+            Variant("C limit", lambda n: _limits.commit_uncommit(n, address, size)),
+        ),
+        "mmap_alloc",
+        "C limit",
+        target=1.10,
+        note="madvise(MADV_POPULATE_WRITE) + madvise(MADV_DONTNEED)",
+        close=region.close,
+    )
+
+
+def random_reads(scale: Scale) -> Iterator[Case]:
+    """Case 7: random 8-byte reads over a large buffer, huge pages against 4 KiB pages."""
+    size = scale.random_read_size
+    reads = 1 << 20 if scale.quick else 1 << 22
+    regions = {"4 KiB pages": MapAlloc(commit=True).alloc(size)}
+    if thp_available():
+        regions["THP"] = MapAlloc(huge="thp", commit=True).alloc(size)
+    pool = hugepage_pool(default_hugepage_size() or 0)
+    if pool is not None and pool.free * pool.size >= size:
+        regions["hugetlb"] = MapAlloc(huge="hugetlb", commit=True).alloc(size)
+    subject = "THP" if "THP" in regions else "hugetlb" if "hugetlb" in regions else None
+
+    def reader(name: str) -> Variant:
+        region = regions[name]
+        address = region.address
+        return Variant(name, lambda n: _limits.random_reads(n * reads, address, size, 0x9E3779B9))
+
+    def close() -> None:
+        for region in regions.values():
+            region.close()
+
+    if subject is None:
+        close()
+        return
+    yield Case(
+        f"random 8-byte reads over {format_size(size)}",
+        "huge pages",
+        1,
+        tuple(reader(name) for name in regions),
+        subject,
+        "4 KiB pages",
+        note=f"{reads:,} reads per op, from C",
+        close=close,
+    )
+
+
+def python_bytes_per_object(make: Callable[[], object], count: int) -> float:
+    """Bytes of Python heap (tracemalloc) each live object of ``make()`` holds."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        objects = [make() for _ in range(count)]
+        after = tracemalloc.get_traced_memory()[0]
+        holder = 8 * count  # the list's own pointers
+        result = (after - before - holder) / count
+        del objects
+        return result
+    finally:
+        tracemalloc.stop()
+
+
+def memory_per_region(count: int = 2000) -> dict[str, float]:
+    """Case 8: Python-side bytes per live Region against a stdlib mmap object."""
+    allocator = MapAlloc()
+    return {
+        "mmap_alloc Region": python_bytes_per_object(lambda: allocator.alloc(PAGE_SIZE), count),
+        "stdlib mmap.mmap": python_bytes_per_object(lambda: mmap.mmap(-1, PAGE_SIZE), count),
+    }
+
+
+CASE_GROUPS: tuple[Callable[[Scale], Iterator[Case]], ...] = (
+    round_trips,
+    touched_round_trips,
+    growth,
+    protect_flips,
+    commit_uncommit,
+    random_reads,
+)
