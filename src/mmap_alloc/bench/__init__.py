@@ -78,8 +78,12 @@ def run(
         for case in suite:
             progress.describe(case.name)
             results.append(runner.run(case))
-        progress.describe("memory per object")
-        extras = {"Python heap bytes per live object (tracemalloc)": cases.memory_per_region()}
+        progress.describe("memory")
+        extras = {
+            "Python heap bytes per live object (tracemalloc)": cases.memory_per_region(),
+            "ObjectPool, live 64-byte objects, every byte written": cases.pool_memory(scale),
+            "ObjectPool per-object overhead, % (mapped + bookkeeping)": cases.pool_overhead(),
+        }
     out.write(report.table(results, extras))
     command = "python -m mmap_alloc bench" + (" --quick" if quick else "")
     if json_path is not None:

@@ -161,7 +161,8 @@ commit_uncommit(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* random_reads(n, address, length, seed) -> sum: n reads of 8 bytes at random
- * 8-byte-aligned offsets (xorshift), so that page walks dominate */
+ * 8-byte-aligned offsets (xorshift). Each offset depends on the value read
+ * before it, so reads cannot overlap and every TLB miss costs its full walk. */
 static PyObject *
 random_reads(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -180,10 +181,14 @@ random_reads(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
         const uint64_t *base = (const uint64_t *)a[1];
         uint64_t words = (uint64_t)a[2] / 8;
         for (Py_ssize_t i = 0; i < a[0]; i++) {
+            uint64_t value;
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            sum += base[x % words];
+            value = base[(x ^ sum) % words];
+            sum += value;
+            x ^= value & 1;  /* dependent on the load, whatever the buffer holds */
+            x |= 1;
         }
     }
     Py_END_ALLOW_THREADS

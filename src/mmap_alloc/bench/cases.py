@@ -8,23 +8,27 @@ mmap_alloc to it is what mmap_alloc costs on top of the kernel.
 from __future__ import annotations
 
 import ctypes
+import gc
 import mmap
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .. import MapAlloc, Perm
+from .. import MapAlloc, ObjectPool, Perm
 from .._platform import (
     PAGE_SIZE,
     default_hugepage_size,
     format_size,
     hugepage_pool,
+    mapping_count,
 )
 from ..hugepages import thp_available
 from . import _limits
 from .harness import Case, Variant
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+POOL_OBJ = 64
+POOL_BATCH = 10_000
 
 _MAP_POPULATE: int = getattr(mmap, "MAP_POPULATE", 0x8000)
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
@@ -307,6 +311,125 @@ def random_reads(scale: Scale) -> Iterator[Case]:
     )
 
 
+def pool_pairs(scale: Scale) -> Iterator[Case]:
+    """Case 6: an ObjectPool alloc()+free() pair against the floor of any free
+    list visible from Python (list.pop()+list.append()) and against peers; and
+    alloc_many()+free_many() per object against the single pair."""
+    pool = ObjectPool(POOL_OBJ)
+    keep = pool.alloc_many(1000)  # a pool in use, not an empty one
+    items = [object() for _ in range(1000)]
+    libc = _libc()
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.restype = None
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def pool_pair(n: int) -> None:
+        alloc, free = pool.alloc, pool.free
+        for _ in range(n):
+            free(alloc())
+
+    def list_pair(n: int) -> None:
+        pop, append = items.pop, items.append
+        for _ in range(n):
+            append(pop())
+
+    def by_bytearray(n: int) -> None:
+        for _ in range(n):
+            bytearray(POOL_OBJ)
+
+    def by_ctypes(n: int) -> None:
+        create = ctypes.create_string_buffer
+        for _ in range(n):
+            create(POOL_OBJ)
+
+    def by_malloc(n: int) -> None:
+        malloc, free = libc.malloc, libc.free
+        for _ in range(n):
+            free(malloc(POOL_OBJ))
+
+    def batch(n: int) -> None:
+        alloc_many, free_many = pool.alloc_many, pool.free_many
+        for _ in range(max(1, n // POOL_BATCH)):
+            free_many(alloc_many(POOL_BATCH))
+
+    def close() -> None:
+        pool.free_many(keep)
+        pool.close()
+
+    pairs = scale.ops(200_000)
+    yield Case(
+        f"ObjectPool alloc+free, {POOL_OBJ} B",
+        "pool",
+        pairs,
+        (
+            Variant("ObjectPool", pool_pair),
+            Variant("list.pop+append", list_pair),
+            Variant("bytearray", by_bytearray),
+            Variant("ctypes.create_string_buffer", by_ctypes),
+            Variant("libc malloc+free (ctypes)", by_malloc),
+        ),
+        "ObjectPool",
+        "list.pop+append",
+        target=2.0,
+        note="bound methods in locals, as in a hot loop",
+    )
+    yield Case(
+        f"ObjectPool alloc_many+free_many({POOL_BATCH:,}), per object",
+        "pool",
+        max(POOL_BATCH, pairs),
+        (Variant("alloc_many+free_many", batch), Variant("alloc+free pair", pool_pair)),
+        "alloc_many+free_many",
+        "alloc+free pair",
+        target=0.5,
+        note="per object",
+        close=close,
+    )
+
+
+def resident_bytes() -> int:
+    """The process's resident set size."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE_SIZE
+
+
+def pool_memory(scale: Scale) -> dict[str, float]:
+    """Memory of many live 64-byte objects, every byte written (target for a
+    million: at most 70 MiB resident and 200 mappings)."""
+    count = 100_000 if scale.quick else 1_000_000
+    gc.collect()
+    maps, rss = mapping_count(), resident_bytes()
+    pool = ObjectPool(POOL_OBJ)
+    memset = ctypes.memset
+    for _ in range(count // POOL_BATCH):
+        for address in pool.alloc_many(POOL_BATCH):
+            memset(address, 0xA5, POOL_OBJ)
+    stats = pool.stats()
+    figures = {
+        "live objects": float(stats.live),
+        "slabs": float(stats.slabs),
+        "slabs resident + bookkeeping (MiB)": (stats.resident + stats.metadata) / MiB,
+        "process RSS growth (MiB)": (resident_bytes() - rss) / MiB,
+        "new mappings": float(mapping_count() - maps),
+    }
+    pool.close()
+    return figures
+
+
+def pool_overhead() -> dict[str, float]:
+    """Per-object memory overhead in percent (mapped + bookkeeping beyond the
+    objects' strides) of pools filled to 16 slabs (target: at most 2% from 64 B)."""
+    figures = {}
+    for obj_size in (64, 256, 4096):
+        pool = ObjectPool(obj_size)
+        pool.alloc_many(16 * (pool.slab_size // pool.stride))
+        stats = pool.stats()
+        used = stats.mapped + stats.metadata
+        figures[f"{obj_size} B objects"] = 100 * (used / (stats.live * pool.stride) - 1)
+        pool.close()
+    return figures
+
+
 def python_bytes_per_object(make: Callable[[], object], count: int) -> float:
     """Bytes of Python heap (tracemalloc) each live object of ``make()`` holds."""
     tracemalloc.start()
@@ -337,5 +460,6 @@ CASE_GROUPS: tuple[Callable[[Scale], Iterator[Case]], ...] = (
     growth,
     protect_flips,
     commit_uncommit,
+    pool_pairs,
     random_reads,
 )
