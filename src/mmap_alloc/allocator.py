@@ -215,9 +215,13 @@ class MapAlloc(_mman.Allocator):
             if isinstance(exc, OSError):
                 raise alloc_error(exc, size, self._huge) from None
             raise
+        return self._prefault(region)
+
+    def _prefault(self, region: Region) -> Region:
+        """A new region, committed if this allocator commits (closed if that fails)."""
         if self._commit and self._prot & _RW:
             try:
-                self._populate(region, 0, capacity)
+                self._populate(region, 0, region.capacity)
             except BaseException:
                 region.close()
                 raise

@@ -235,13 +235,7 @@ class HugeMapAlloc(MapAlloc):
                 backing = self._advise_thp(region, strict=config.mode is HugePages.THP)
         if backing is not Backing.NORMAL:
             self._backings[region] = backing
-        if self._commit and self._prot & _READ:
-            try:
-                self._populate(region, 0, capacity)
-            except BaseException:
-                region.close()
-                raise
-        return region
+        return self._prefault(region)
 
     def _advise_thp(self, region: Region, strict: bool) -> Backing:
         assert _MADV_HUGEPAGE is not None
