@@ -43,7 +43,6 @@ from .region import Region
 _MADV_HUGEPAGE: int | None = getattr(_mman, "MADV_HUGEPAGE", None)
 _MAP_HUGETLB: int | None = getattr(_mman, "MAP_HUGETLB", None)
 _HAS_POPULATE = hasattr(_mman, "MADV_POPULATE_WRITE")
-_READ = 1
 _RW = 3
 
 
