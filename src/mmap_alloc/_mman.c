@@ -966,16 +966,16 @@ static PyMethodDef region_methods[] = {
      "_protect(offset, length, prot, common, mixed): mprotect a range."},
     {"protect", (PyCFunction)(void (*)(void))region_protect_public,
      METH_FASTCALL | METH_KEYWORDS,
-     "protect(perms, offset=0, length=None)\n\n"
+     "protect($self, /, perms, offset=0, length=None)\n--\n\n"
      "Set the protection of whole pages [offset, offset + length); None: to the end.\n"
      "BufferError, changing nothing, if it would remove READ or WRITE while a buffer\n"
      "is exported, or EXEC while a function from function() lives."},
     {"make_exec", (PyCFunction)(void (*)(void))region_make_exec, METH_FASTCALL | METH_KEYWORDS,
-     "make_exec(offset=0, length=None)\n\n"
+     "make_exec($self, /, offset=0, length=None)\n--\n\n"
      "Make the pages read/exec, then flush the instruction cache for them."},
     {"make_writable", (PyCFunction)(void (*)(void))region_make_writable,
      METH_FASTCALL | METH_KEYWORDS,
-     "make_writable(offset=0, length=None)\n\nMake the pages read/write (not executable)."},
+     "make_writable($self, /, offset=0, length=None)\n--\n\nMake the pages read/write (not executable)."},
     {"_pin", (PyCFunction)region_pin, METH_O,
      "_pin(delta): 1 pins the region for a function, -1 releases the pin."},
     {"_advise", (PyCFunction)(void (*)(void))region_advise, METH_FASTCALL,
@@ -2044,16 +2044,16 @@ pool_specialize(PyObject *cls, PyObject *unused)
 
 static PyMethodDef pool_methods[] = {
     {"alloc", (PyCFunction)(void (*)(void))pool_alloc, METH_FASTCALL,
-     "alloc() -> int: the address of a free object (its contents are undefined)."},
+     "alloc($self, /)\n--\n\nThe address of a free object (its contents are undefined)."},
     {"alloc_zeroed", (PyCFunction)(void (*)(void))pool_alloc_zeroed, METH_FASTCALL,
-     "alloc_zeroed() -> int: the address of a free object whose bytes are zero."},
+     "alloc_zeroed($self, /)\n--\n\nThe address of a free object whose bytes are zero."},
     {"free", (PyCFunction)pool_free, METH_O,
-     "free(address): give an object back. ValueError (nothing changed) for an address\n"
+     "free($self, address, /)\n--\n\nGive an object back. ValueError (nothing changed) for an address\n"
      "that is not the start of a live object of this pool."},
     {"alloc_many", (PyCFunction)pool_alloc_many, METH_O,
-     "alloc_many(n) -> list[int]: the addresses of n free objects (all or none)."},
+     "alloc_many($self, n, /)\n--\n\nThe addresses of n free objects (all or none)."},
     {"free_many", (PyCFunction)pool_free_many, METH_O,
-     "free_many(addresses): give objects back; all of them, or none and ValueError."},
+     "free_many($self, addresses, /)\n--\n\nGive objects back: all of them, or none and ValueError."},
     {"_locate", (PyCFunction)pool_locate_method, METH_O,
      "_locate(address) -> (region, offset) of a live object."},
     {"_configure", (PyCFunction)(void (*)(void))pool_configure, METH_FASTCALL,
@@ -2205,11 +2205,11 @@ allocator_dealloc_object(AllocatorObject *self)
 
 static PyMethodDef allocator_methods[] = {
     {"alloc", (PyCFunction)(void (*)(void))allocator_alloc, METH_FASTCALL | METH_KEYWORDS,
-     "alloc(size, align=None) -> Region\n\n"
+     "alloc($self, /, size, align=None)\n--\n\n"
      "A new region of at least size bytes, zero-filled, page-aligned (or aligned\n"
      "to align, a power of two)."},
     {"dealloc", (PyCFunction)allocator_dealloc, METH_O,
-     "dealloc(region)\n\n"
+     "dealloc($self, region, /)\n--\n\n"
      "Unmap the region. BufferError while a buffer of it is exported."},
     {"_configure", (PyCFunction)(void (*)(void))allocator_configure, METH_FASTCALL,
      "_configure(page, max_size, prot, flags, region_type)"},
