@@ -412,8 +412,13 @@ class MapAlloc:
                 common &= perms
             target._protect(0, 0, 0, common, int(len(runs) > 1))
             region._swap(target)
+        except OSError as exc:  # e.g. ENOMEM at vm.max_map_count: the region is as it was
+            raise alloc_error(exc, size, self._huge) from None
         finally:
-            target.close()
+            # After the swap this unmaps the old pages; should the kernel refuse
+            # (map count), they are given back when ``target`` is collected.
+            with contextlib.suppress(OSError):
+                target.close()
 
 
 def _clip_runs(runs: list[tuple[int, int, Perm]], capacity: int) -> list[tuple[int, int, int]]:
