@@ -17,6 +17,7 @@ operation's number is its place in the list.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 from collections.abc import Callable
@@ -41,16 +42,36 @@ NoArgs = ctypes.CFUNCTYPE(None)
 DOCUMENTED = (ValueError, TypeError, BufferError, IndexError, OverflowError, MapAllocError)
 
 # Interesting integers for sizes, offsets and indexes.
-SPECIAL = [0, 1, -1, PAGE - 1, PAGE, PAGE + 1, 2 * PAGE, 3 * PAGE + 7, 1 << 24, 1 << 47,
-           1 << 63, (1 << 63) - 1, -(1 << 63), 1 << 64, 1 << 100]
+SPECIAL = [
+    0,
+    1,
+    -1,
+    PAGE - 1,
+    PAGE,
+    PAGE + 1,
+    2 * PAGE,
+    3 * PAGE + 7,
+    1 << 24,
+    1 << 47,
+    1 << 63,
+    (1 << 63) - 1,
+    -(1 << 63),
+    1 << 64,
+    1 << 100,
+]
 
 
 class State:
     """The allocators, live regions, their buffers and functions, and freed regions."""
 
     def __init__(self) -> None:
-        self.allocs = [MapAlloc(), MapAlloc(write=False), MapAlloc(exec=True),
-                       MapAlloc(read=False, write=False), MapAlloc(commit=True)]
+        self.allocs = [
+            MapAlloc(),
+            MapAlloc(write=False),
+            MapAlloc(exec=True),
+            MapAlloc(read=False, write=False),
+            MapAlloc(commit=True),
+        ]
         self.regions: list[tuple[Region, MapAlloc]] = []
         self.freed: list[tuple[Region, MapAlloc]] = []
         self.exports: list[Any] = []
@@ -118,8 +139,13 @@ def op_alloc(state: State, fdp: atheris.FuzzedDataProvider) -> None:
     how = fdp.ConsumeIntInRange(0, 4)
     size = maybe_evil(state, fdp, integer(fdp))
     align = None if fdp.ConsumeBool() else maybe_evil(state, fdp, integer(fdp, 1 << 18))
-    region = [alloc.alloc, alloc.alloc_zeroed, alloc.alloc_excess, alloc.reserve,
-              lambda size, align: alloc.alloc_obj()][how](size, align)
+    region = [
+        alloc.alloc,
+        alloc.alloc_zeroed,
+        alloc.alloc_excess,
+        alloc.reserve,
+        lambda size, align: alloc.alloc_obj(),
+    ][how](size, align)
     state.regions.append((region, alloc))
 
 
@@ -141,8 +167,9 @@ def op_commit(state: State, fdp: atheris.FuzzedDataProvider) -> None:
 def op_protect(state: State, fdp: atheris.FuzzedDataProvider) -> None:
     if (item := pick(state, fdp)) is not None:
         region, _ = item
-        perms: Any = fdp.ConsumeIntInRange(0, 8) if fdp.ConsumeBool() else Perm(
-            fdp.ConsumeIntInRange(0, 7))
+        perms: Any = (
+            fdp.ConsumeIntInRange(0, 8) if fdp.ConsumeBool() else Perm(fdp.ConsumeIntInRange(0, 7))
+        )
         region.protect(perms, maybe_evil(state, fdp, page_offset(fdp)), length(fdp))
 
 
@@ -178,9 +205,9 @@ def op_read(state: State, fdp: atheris.FuzzedDataProvider) -> None:
         region, _ = item
         start = maybe_evil(state, fdp, integer(fdp))
         if fdp.ConsumeBool():
-            region[start]  # noqa: B018
+            region[start]
         else:
-            region[start : integer(fdp) : fdp.ConsumeIntInRange(1, 3)]  # noqa: B018
+            region[start : integer(fdp) : fdp.ConsumeIntInRange(1, 3)]
 
 
 def op_export(state: State, fdp: atheris.FuzzedDataProvider) -> None:
@@ -227,14 +254,29 @@ def op_free(state: State, fdp: atheris.FuzzedDataProvider) -> None:
 def op_use_freed(state: State, fdp: atheris.FuzzedDataProvider) -> None:
     if state.freed:
         region, alloc = state.freed[fdp.ConsumeIntInRange(0, len(state.freed) - 1)]
-        [lambda: alloc.dealloc(region), lambda: bytes(region), lambda: region.protect(Perm.READ),
-         lambda: alloc.realloc(region, PAGE), lambda: region[0],
-         lambda: alloc.commit(region)][fdp.ConsumeIntInRange(0, 5)]()
+        [
+            lambda: alloc.dealloc(region),
+            lambda: bytes(region),
+            lambda: region.protect(Perm.READ),
+            lambda: alloc.realloc(region, PAGE),
+            lambda: region[0],
+            lambda: alloc.commit(region),
+        ][fdp.ConsumeIntInRange(0, 5)]()
 
 
 OPS: list[Callable[[State, atheris.FuzzedDataProvider], None]] = [
-    op_alloc, op_realloc, op_commit, op_protect, op_flip, op_write, op_read, op_export,
-    op_release, op_function, op_free, op_use_freed,
+    op_alloc,
+    op_realloc,
+    op_commit,
+    op_protect,
+    op_flip,
+    op_write,
+    op_read,
+    op_export,
+    op_release,
+    op_function,
+    op_free,
+    op_use_freed,
 ]
 
 
@@ -286,10 +328,8 @@ def run_one(data: bytes) -> None:
             if fdp.remaining_bytes() == 0:
                 break
             operation = OPS[fdp.ConsumeIntInRange(0, len(OPS) - 1)]
-            try:
+            with contextlib.suppress(*DOCUMENTED):
                 operation(state, fdp)
-            except DOCUMENTED:
-                pass
             settle(state)
         check_against_kernel(state)
     finally:

@@ -142,7 +142,9 @@ def run_child(
             check=False,
         )
     except subprocess.TimeoutExpired as exc:
-        return ChildResult(-signal.SIGKILL, _text(exc.stdout), _text(exc.stderr) + "\n(timeout)", None)
+        return ChildResult(
+            -signal.SIGKILL, _text(exc.stdout), _text(exc.stderr) + "\n(timeout)", None
+        )
     value = None
     stdout = done.stdout
     if _RESULT_MARK in stdout:
@@ -195,7 +197,9 @@ def page_perms(vmas: list[Vma], start: int, length: int, page: int) -> list[Perm
     for vma in vmas:
         if vma.end <= start or vma.start >= end:
             continue
-        for index in range((max(vma.start, start) - start) // page, (min(vma.end, end) - start) // page):
+        for index in range(
+            (max(vma.start, start) - start) // page, (min(vma.end, end) - start) // page
+        ):
             pages[index] = vma.perms
     return pages
 

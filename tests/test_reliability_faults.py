@@ -18,10 +18,10 @@ import threading
 from typing import Any
 
 import pytest
-from reliability_support import page_perms, read_maps, run_child, status_kib
 
 from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, Perm, Region
 from mmap_alloc._platform import PAGE_SIZE, mapping_count, max_map_count
+from reliability_support import page_perms, read_maps, run_child, status_kib
 
 PAGE = PAGE_SIZE
 MIB = 1 << 20
@@ -39,9 +39,15 @@ def snapshot(region: Region, maps: bool = True) -> tuple[Any, ...]:
     """What must not change when an operation on the region fails (the
     protections from /proc/self/maps unless ``maps`` is false: at the map
     count limit that file has 65,000 lines)."""
-    return (region.address, region.size, region.capacity, region._prot, region._mixed,
-            region.protections() if maps else None,
-            ctypes.string_at(region.address, min(region.size, 256)) if region._prot & 1 else None)
+    return (
+        region.address,
+        region.size,
+        region.capacity,
+        region._prot,
+        region._mixed,
+        region.protections() if maps else None,
+        ctypes.string_at(region.address, min(region.size, 256)) if region._prot & 1 else None,
+    )
 
 
 # ---------------------------------------------------------------- RLIMIT_AS
@@ -101,8 +107,14 @@ def exhaust_address_space(limit_mib: int, threads: int, rounds: int) -> dict[str
         barrier.wait()
         barrier.wait()
         gc.collect()
-        sizes.append({"baseline": baseline, "peak": peak, "after": status_kib("VmSize"),
-                      "regions": sum(allocated)})
+        sizes.append(
+            {
+                "baseline": baseline,
+                "peak": peak,
+                "after": status_kib("VmSize"),
+                "regions": sum(allocated),
+            }
+        )
         allocated[:] = [0] * threads
     for thread in workers:
         thread.join()
@@ -114,8 +126,9 @@ def exhaust_address_space(limit_mib: int, threads: int, rounds: int) -> dict[str
 
 
 def test_address_space_limit_with_eight_threads_loses_nothing() -> None:
-    result = run_child("test_reliability_faults", "exhaust_address_space", 256, 8, 3,
-                       env=CHILD_ENV).check()
+    result = run_child(
+        "test_reliability_faults", "exhaust_address_space", 256, 8, 3, env=CHILD_ENV
+    ).check()
     print(result)
     rounds = result["rounds"]
     faults = result["faults"]
@@ -154,8 +167,9 @@ def exhaust_map_count(attempts: int) -> dict[str, Any]:
     rnd = random.Random(7)
     middle = victims[1:-1]
 
-    def attempt(name: str, call: Any, region: Region,
-                errors: tuple[type[BaseException], ...]) -> None:
+    def attempt(
+        name: str, call: Any, region: Region, errors: tuple[type[BaseException], ...]
+    ) -> None:
         before = snapshot(region, maps=False)
         try:
             call()
@@ -176,12 +190,16 @@ def exhaust_map_count(attempts: int) -> dict[str, Any]:
         attempt("protect", lambda v=victim: v.protect(R, PAGE, PAGE), victim, (AllocError,))
         attempt("make_exec", lambda v=victim: v.make_exec(PAGE, PAGE), victim, (AllocError,))
         if victim.capacity == 4 * PAGE:
-            attempt("shrink_in_place", lambda v=victim: rw.shrink_in_place(v, PAGE), victim,
-                    (CannotReallocInPlace,))
-            attempt("realloc smaller", lambda v=victim: rw.realloc(v, PAGE), victim,
-                    (AllocError,))
-            attempt("realloc larger", lambda v=victim: rw.realloc(v, 64 * PAGE), victim,
-                    (AllocError,))
+            attempt(
+                "shrink_in_place",
+                lambda v=victim: rw.shrink_in_place(v, PAGE),
+                victim,
+                (CannotReallocInPlace,),
+            )
+            attempt("realloc smaller", lambda v=victim: rw.realloc(v, PAGE), victim, (AllocError,))
+            attempt(
+                "realloc larger", lambda v=victim: rw.realloc(v, 64 * PAGE), victim, (AllocError,)
+            )
         attempt("dealloc", lambda v=victim: rw.dealloc(v), victim, (OSError,))
         if victim.closed:
             middle.remove(victim)
@@ -205,22 +223,39 @@ def exhaust_map_count(attempts: int) -> dict[str, Any]:
             assert region[: len(expected)] == expected
         rw.dealloc(region)
     gc.collect()
-    return {"faults": faults, "fillers": len(fillers), "at_limit": at_limit,
-            "start": start_count, "end": mapping_count()}
+    return {
+        "faults": faults,
+        "fillers": len(fillers),
+        "at_limit": at_limit,
+        "start": start_count,
+        "end": mapping_count(),
+    }
 
 
 def map_count_exhaustion(attempts: int) -> None:
     limit = max_map_count()
     if limit <= 0 or limit > 1_000_000:
         pytest.skip(f"vm.max_map_count is {limit}: too large to exhaust in a test")
-    result = run_child("test_reliability_faults", "exhaust_map_count", attempts,
-                       env={"PYTHONMALLOC": "malloc"}, timeout=1800).check()
+    result = run_child(
+        "test_reliability_faults",
+        "exhaust_map_count",
+        attempts,
+        env={"PYTHONMALLOC": "malloc"},
+        timeout=1800,
+    ).check()
     print(result)
     faults = result["faults"]
     assert result["fillers"] > limit - 2000
     assert result["at_limit"] >= limit - 10
-    for name in ("alloc", "protect", "make_exec", "shrink_in_place", "realloc smaller",
-                 "realloc larger", "dealloc"):
+    for name in (
+        "alloc",
+        "protect",
+        "make_exec",
+        "shrink_in_place",
+        "realloc smaller",
+        "realloc larger",
+        "dealloc",
+    ):
         assert faults.get(name, 0) >= 1, (name, faults)
     assert result["end"] <= result["start"] + 5
 

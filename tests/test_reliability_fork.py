@@ -6,6 +6,7 @@ threads and forks never involve the test runner.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -14,10 +15,10 @@ import traceback
 from collections.abc import Callable
 
 import pytest
-from reliability_support import describe_status, run_child
 
 from mmap_alloc import CannotReallocInPlace, MapAlloc, Perm, Region
 from mmap_alloc._platform import PAGE_SIZE
+from reliability_support import describe_status, run_child
 
 PAGE = PAGE_SIZE
 R, RW = Perm.READ, Perm.READ | Perm.WRITE
@@ -58,10 +59,8 @@ def exercise(alloc: MapAlloc, rnd: random.Random, rounds: int) -> None:
         if region.capacity > PAGE:
             region.protect(R, PAGE, PAGE)
         alloc.realloc(region, rnd.randrange(1, 12 * PAGE))
-        try:
+        with contextlib.suppress(CannotReallocInPlace):
             alloc.grow_in_place(region, region.size + PAGE)
-        except CannotReallocInPlace:
-            pass
         assert region[0] == 0x5A
         alloc.dealloc(region)
 
@@ -87,8 +86,9 @@ def child_frees_what_parent_made() -> dict[str, int]:
         exercise(alloc, random.Random(1), 50)
 
     status = wait(in_child(body), 60)
-    assert status == 0, describe_status(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else
-                                        os.WEXITSTATUS(status))
+    assert status == 0, describe_status(
+        -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    )
     # The parent's regions are untouched by what the child did.
     for region, pattern in made:
         assert bytes(region) == pattern
@@ -152,8 +152,7 @@ def test_child_frees_regions_made_before_fork_and_allocates_new_ones() -> None:
 
 
 def test_hundred_forks_from_a_thread_while_another_allocates() -> None:
-    counts = run_child("test_reliability_fork", "forks_while_allocating", 100,
-                       timeout=300).check()
+    counts = run_child("test_reliability_fork", "forks_while_allocating", 100, timeout=300).check()
     assert counts["hung"] == 0, counts
     assert counts["failed"] == 0, counts
     assert counts["forks"] == 100
@@ -162,7 +161,8 @@ def test_hundred_forks_from_a_thread_while_another_allocates() -> None:
 
 @pytest.mark.stress
 def test_thousands_of_forks_from_a_thread_while_another_allocates() -> None:
-    counts = run_child("test_reliability_fork", "forks_while_allocating", 3000,
-                       timeout=3600).check()
+    counts = run_child(
+        "test_reliability_fork", "forks_while_allocating", 3000, timeout=3600
+    ).check()
     print(counts)
     assert counts["forks"] == 3000 and counts["hung"] == counts["failed"] == 0

@@ -12,6 +12,7 @@ import sys
 import tempfile
 
 import pytest
+
 from reliability_support import TESTS, describe_status
 
 pytest.importorskip("atheris", reason="atheris is not installed (pip install 'mmap-alloc[fuzz]')")
@@ -24,9 +25,19 @@ def fuzz(runs: int, seed: int, timeout: float) -> str:
     """Run the harness on ``runs`` generated inputs; fail on any finding or crash."""
     with tempfile.TemporaryDirectory() as folder:
         done = subprocess.run(
-            [sys.executable, str(HARNESS), f"-runs={runs}", f"-seed={seed}",
-             f"-artifact_prefix={folder}/", "-print_final_stats=1", "-rss_limit_mb=2048"],
-            capture_output=True, text=True, timeout=timeout, check=False,
+            [
+                sys.executable,
+                str(HARNESS),
+                f"-runs={runs}",
+                f"-seed={seed}",
+                f"-artifact_prefix={folder}/",
+                "-print_final_stats=1",
+                "-rss_limit_mb=2048",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
     assert done.returncode == 0, (
         f"the fuzzer {describe_status(done.returncode)}:\n{done.stderr[-6000:]}"

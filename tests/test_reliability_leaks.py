@@ -17,10 +17,10 @@ import tracemalloc
 from typing import Any
 
 import pytest
-from reliability_support import run_child
 
 from mmap_alloc import AllocError, MapAlloc, Perm
 from mmap_alloc._platform import PAGE_SIZE, mapping_count
+from reliability_support import run_child
 
 PAGE = PAGE_SIZE
 NoArgs = ctypes.CFUNCTYPE(None)
@@ -38,6 +38,7 @@ def cycle(alloc: MapAlloc, index: int) -> None:
     with memoryview(region) as view:
         try:
             alloc.dealloc(region)
+            raise AssertionError("dealloc of an exported region succeeded")
         except BufferError:
             pass
         assert view[0] == ord("l")
@@ -51,11 +52,13 @@ def cycle(alloc: MapAlloc, index: int) -> None:
         alloc.uncommit(region)
         try:
             alloc.alloc(1 << 60)
+            raise AssertionError("an allocation of 1 EiB succeeded")
         except AllocError:
             pass
     alloc.dealloc(region)
     try:
         alloc.dealloc(region)
+        raise AssertionError("a double free succeeded")
     except ValueError:
         pass
 

@@ -24,6 +24,7 @@ MapAllocMachine's bases (see the note above it).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import os
 import signal
@@ -41,16 +42,16 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from reliability_support import mapped_bytes, page_perms, read_maps
 
-from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, Perm, Region
+from mmap_alloc import CannotReallocInPlace, MapAlloc, Perm, Region
 from mmap_alloc._platform import PAGE_SIZE
+from reliability_support import mapped_bytes, page_perms, read_maps
 
 try:
     import numpy
-    import numpy.random  # noqa: F401  (hypothesis seeds it: load it before the mapping count)
+    import numpy.random
 except ImportError:  # numpy is optional: the model then exports memoryviews and ctypes only
-    numpy = None
+    numpy = None  # type: ignore[assignment]
 
 PAGE = PAGE_SIZE
 R, W, X = Perm.READ, Perm.WRITE, Perm.EXEC
@@ -158,8 +159,13 @@ class MachineBase(RuleBasedStateMachine):
     def add(self, region: Region, alloc: MapAlloc, perms: Perm, zero_size: int) -> None:
         assert not region.closed
         self.live.append(
-            Model(region, alloc, bytearray(zero_size), [perms] * (region.capacity // PAGE),
-                  region.address)
+            Model(
+                region,
+                alloc,
+                bytearray(zero_size),
+                [perms] * (region.capacity // PAGE),
+                region.address,
+            )
         )
 
     def forget(self, model: Model) -> None:
@@ -170,8 +176,9 @@ class MachineBase(RuleBasedStateMachine):
         self.freed.append((model.region, model.alloc))
         del self.freed[:-4]
 
-    def range_of(self, model: Model, offset_pages: int, misalign: bool,
-                 length: int | None) -> tuple[int, int | None, bool]:
+    def range_of(
+        self, model: Model, offset_pages: int, misalign: bool, length: int | None
+    ) -> tuple[int, int | None, bool]:
         """(offset, length, valid) for the page-range arguments of commit/protect."""
         offset = offset_pages * PAGE + (1 if misalign else 0)
         valid = not misalign and offset <= model.capacity
@@ -195,7 +202,10 @@ class MachineBase(RuleBasedStateMachine):
             region = model.region
             assert not region.closed
             assert (region.address, region.size, len(region), region.capacity) == (
-                model.address, model.size, model.size, model.capacity
+                model.address,
+                model.size,
+                model.size,
+                model.capacity,
             )
             assert region._exports == len(model.exports) + len(model.functions)
             assert region._pins == len(model.functions)
@@ -209,7 +219,7 @@ class MachineBase(RuleBasedStateMachine):
             self.check_contents(model)
             spans.append((model.address, model.address + model.capacity))
         spans.sort()
-        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             assert end <= start, "live regions overlap"
 
     def check_contents(self, model: Model) -> None:
@@ -221,7 +231,9 @@ class MachineBase(RuleBasedStateMachine):
         for index, perms in enumerate(model.pages):
             start, end = index * PAGE, min((index + 1) * PAGE, model.size)
             if perms & R and start < end:
-                assert ctypes.string_at(region.address + start, end - start) == model.data[start:end]
+                assert (
+                    ctypes.string_at(region.address + start, end - start) == model.data[start:end]
+                )
 
     def teardown(self) -> None:
         for model in list(self.live):
@@ -325,10 +337,12 @@ class CoreRules(MachineBase):
             model.resize(new_size, capacity_of(new_size))
 
     @precondition(lambda self: self.live)
-    @rule(index=indexes, offset=offsets, misalign=st.booleans(), length=lengths,
-          commit=st.booleans())
-    def commit_or_uncommit(self, index: int, offset: int, misalign: bool, length: int | None,
-                           commit: bool) -> None:
+    @rule(
+        index=indexes, offset=offsets, misalign=st.booleans(), length=lengths, commit=st.booleans()
+    )
+    def commit_or_uncommit(
+        self, index: int, offset: int, misalign: bool, length: int | None, commit: bool
+    ) -> None:
         model = self.pick(index)
         start, length, valid = self.range_of(model, offset, misalign, length)
         name = "commit" if commit else "uncommit"
@@ -351,8 +365,12 @@ class CoreRules(MachineBase):
                 model.data[start:end] = bytes(end - start)
 
     @precondition(lambda self: self.live)
-    @rule(index=indexes, at=st.integers(0, MAX_PAGES * PAGE), length=st.integers(1, 3 * PAGE),
-          fill=st.integers(0, 255))
+    @rule(
+        index=indexes,
+        at=st.integers(0, MAX_PAGES * PAGE),
+        length=st.integers(1, 3 * PAGE),
+        fill=st.integers(0, 255),
+    )
     def write(self, index: int, at: int, length: int, fill: int) -> None:
         """region[a:b] = pattern through the safe API (or directly into pages the
         model knows are writable when the region's buffer cannot be)."""
@@ -395,7 +413,7 @@ class CoreRules(MachineBase):
         with self.expect(f"export {kind}", error):
             if kind == "numpy":
                 assert numpy is not None
-                array = numpy.frombuffer(region, dtype=numpy.uint8)
+                array = numpy.frombuffer(region, dtype=numpy.uint8)  # type: ignore[call-overload]
                 assert array.flags.writeable == bool(perms & W)
                 model.exports.append(array)
             else:
@@ -406,7 +424,7 @@ class CoreRules(MachineBase):
     @precondition(lambda self: any(model.exports for model in self.live))
     @rule(index=indexes, which=indexes, fill=st.integers(0, 255))
     def write_through_export(self, index: int, which: int, fill: int) -> None:
-        model = next(m for m in self.live[index % len(self.live):] + self.live if m.exports)
+        model = next(m for m in self.live[index % len(self.live) :] + self.live if m.exports)
         export = model.exports[which % len(model.exports)]
         with memoryview(export).cast("B") as view:  # a view of its own: released here
             if view.readonly:
@@ -421,7 +439,7 @@ class CoreRules(MachineBase):
     @precondition(lambda self: any(model.exports for model in self.live))
     @rule(index=indexes, which=indexes)
     def release_export(self, index: int, which: int) -> None:
-        model = next(m for m in self.live[index % len(self.live):] + self.live if m.exports)
+        model = next(m for m in self.live[index % len(self.live) :] + self.live if m.exports)
         export = model.exports.pop(which % len(model.exports))
         COUNTS["release"] += 1
         if isinstance(export, memoryview):
@@ -459,10 +477,28 @@ class CoreRules(MachineBase):
             other.realloc(model.region, PAGE)
 
     @precondition(lambda self: self.freed)
-    @rule(index=indexes, op=st.sampled_from([
-        "dealloc", "realloc", "grow", "shrink", "commit", "uncommit", "getitem", "setitem",
-        "bytes", "memoryview", "protect", "protections", "address", "function", "close",
-    ]))
+    @rule(
+        index=indexes,
+        op=st.sampled_from(
+            [
+                "dealloc",
+                "realloc",
+                "grow",
+                "shrink",
+                "commit",
+                "uncommit",
+                "getitem",
+                "setitem",
+                "bytes",
+                "memoryview",
+                "protect",
+                "protections",
+                "address",
+                "function",
+                "close",
+            ]
+        ),
+    )
     def use_after_free(self, index: int, op: str) -> None:
         region, alloc = self.freed[index % len(self.freed)]
         calls: dict[str, Callable[[], object]] = {
@@ -491,8 +527,9 @@ class ProtectionRules(MachineBase):
     """protect(), make_exec(), make_writable(), writable() and function()."""
 
     @staticmethod
-    def expected_protect_error(model: Model, before: list[Perm], perms: Perm,
-                               pages: range) -> type[BaseException] | None:
+    def expected_protect_error(
+        model: Model, before: list[Perm], perms: Perm, pages: range
+    ) -> type[BaseException] | None:
         """BufferError when protecting ``pages`` of a region whose pages are
         ``before`` would take EXEC from a pinned page or READ/WRITE from the
         exported buffer; else None."""
@@ -505,8 +542,15 @@ class ProtectionRules(MachineBase):
             return BufferError
         return None
 
-    def apply_protect(self, model: Model, name: str, call: Callable[[], object], perms: Perm,
-                      offset: int, length: int | None) -> bool:
+    def apply_protect(
+        self,
+        model: Model,
+        name: str,
+        call: Callable[[], object],
+        perms: Perm,
+        offset: int,
+        length: int | None,
+    ) -> bool:
         pages = self.span(model, offset, length)
         error = self.expected_protect_error(model, model.pages, perms, pages)
         with self.expect(name, error):
@@ -517,14 +561,24 @@ class ProtectionRules(MachineBase):
         return error is None
 
     @precondition(lambda self: self.live)
-    @rule(index=indexes, perms=perm_values, offset=offsets, misalign=st.booleans(),
-          length=lengths, as_int=st.booleans())
-    def protect(self, index: int, perms: Perm, offset: int, misalign: bool, length: int | None,
-                as_int: bool) -> None:
+    @rule(
+        index=indexes,
+        perms=perm_values,
+        offset=offsets,
+        misalign=st.booleans(),
+        length=lengths,
+        as_int=st.booleans(),
+    )
+    def protect(
+        self, index: int, perms: Perm, offset: int, misalign: bool, length: int | None, as_int: bool
+    ) -> None:
         model = self.pick(index)
         start, length, valid = self.range_of(model, offset, misalign, length)
-        value: int | Perm = int(perms) if as_int else perms
-        call = lambda: model.region.protect(value, start, length)  # noqa: E731
+        value: Any = int(perms) if as_int else perms
+
+        def call() -> None:
+            model.region.protect(value, start, length)
+
         if not valid:
             with self.expect("protect", ValueError):
                 call()
@@ -532,12 +586,19 @@ class ProtectionRules(MachineBase):
         self.apply_protect(model, "protect", call, perms, start, length)
 
     @precondition(lambda self: self.live)
-    @rule(index=indexes, helper=st.sampled_from(["make_exec", "make_writable"]), offset=offsets,
-          length=lengths)
+    @rule(
+        index=indexes,
+        helper=st.sampled_from(["make_exec", "make_writable"]),
+        offset=offsets,
+        length=lengths,
+    )
     def flip(self, index: int, helper: str, offset: int, length: int | None) -> None:
         model = self.pick(index)
         start, length, valid = self.range_of(model, offset, False, length)
-        call = lambda: getattr(model.region, helper)(start, length)  # noqa: E731
+
+        def call() -> None:
+            getattr(model.region, helper)(start, length)
+
         if not valid:
             with self.expect(helper, ValueError):
                 call()
@@ -584,7 +645,7 @@ class ProtectionRules(MachineBase):
     @precondition(lambda self: any(model.functions for model in self.live))
     @rule(index=indexes)
     def release_function(self, index: int) -> None:
-        model = next(m for m in self.live[index % len(self.live):] + self.live if m.functions)
+        model = next(m for m in self.live[index % len(self.live) :] + self.live if m.functions)
         COUNTS["release function"] += 1
         model.functions.pop()
 
@@ -642,16 +703,38 @@ def run_model(examples: int, steps: int) -> dict[str, int]:
 
 def _run_model(examples: int, steps: int, report: Path) -> dict[str, int]:
     env = dict(os.environ)
-    env.update({IN_CHILD_ENV: "1", EXAMPLES_ENV: str(examples), STEPS_ENV: str(steps),
-                REPORT_ENV: str(report)})
+    env.update(
+        {
+            IN_CHILD_ENV: "1",
+            EXAMPLES_ENV: str(examples),
+            STEPS_ENV: str(steps),
+            REPORT_ENV: str(report),
+        }
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-         f"{__file__}::TestMapAllocModel", "-m", ""],
-        capture_output=True, text=True, env=env, timeout=3600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            f"{__file__}::TestMapAllocModel",
+            "-m",
+            "",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+        check=False,
     )
     if done.returncode < 0:
-        pytest.fail(f"the model crashed the child with {signal.Signals(-done.returncode).name}:\n"
-                    f"{done.stdout[-8000:]}\n{done.stderr[-4000:]}")
+        pytest.fail(
+            f"the model crashed the child with {signal.Signals(-done.returncode).name}:\n"
+            f"{done.stdout[-8000:]}\n{done.stderr[-4000:]}"
+        )
     assert done.returncode == 0, f"{done.stdout[-12000:]}\n{done.stderr[-4000:]}"
     counts: dict[str, int] = json.loads(report.read_text())
     print(json.dumps(counts, indent=1, sort_keys=True))
@@ -666,6 +749,7 @@ def test_model_keeps_every_promise() -> None:
 
 @pytest.mark.stress
 def test_model_keeps_every_promise_long() -> None:
-    counts = run_model(int(os.environ.get(EXAMPLES_ENV, "3000")),
-                       int(os.environ.get(STEPS_ENV, "60")))
+    counts = run_model(
+        int(os.environ.get(EXAMPLES_ENV, "3000")), int(os.environ.get(STEPS_ENV, "60"))
+    )
     assert counts["examples"] >= 1000

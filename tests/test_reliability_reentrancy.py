@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from reliability_support import page_perms, read_maps, run_forked
 
 from mmap_alloc import MapAlloc, MapAllocError, Perm, Region
 from mmap_alloc._platform import PAGE_SIZE
+from reliability_support import page_perms, read_maps, run_forked
 
 PAGE = PAGE_SIZE
 RW = Perm.READ | Perm.WRITE
@@ -52,7 +52,7 @@ ACTIONS: dict[str, Callable[[MapAlloc, Region], object]] = {
     "uncommit": lambda alloc, region: alloc.uncommit(region),
 }
 
-E = Callable[[int], Evil]  # makes an evil integer of the given value
+E = Callable[[int], Any]  # makes an evil integer of the given value
 
 # The calls: (alloc, region, evil) -> the call, with one evil integer argument.
 CALLS: dict[str, Callable[[MapAlloc, Region, E], object]] = {

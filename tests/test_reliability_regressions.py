@@ -8,10 +8,9 @@ RLIMIT_AS (test_reliability_faults).
 
 from __future__ import annotations
 
-from reliability_support import run_forked
-
 from mmap_alloc import AllocError, MapAlloc, Perm, Region
 from mmap_alloc._platform import PAGE_SIZE
+from reliability_support import run_forked
 
 PAGE = PAGE_SIZE
 R, RW = Perm.READ, Perm.READ | Perm.WRITE

@@ -13,10 +13,10 @@ import threading
 from typing import Any
 
 import pytest
-from reliability_support import run_child
 
 from mmap_alloc import CannotReallocInPlace, MapAlloc, Perm, Region
 from mmap_alloc._platform import PAGE_SIZE
+from reliability_support import run_child
 
 PAGE = PAGE_SIZE
 R, RW = Perm.READ, Perm.READ | Perm.WRITE
@@ -158,7 +158,9 @@ def close_races_read(runs: int) -> dict[str, int]:
         region[:] = bytes([run % 251]) * region.size
         started = threading.Event()
 
-        def read(region: Region = region, expected: int = run % 251) -> None:
+        def read(
+            region: Region = region, expected: int = run % 251, started: threading.Event = started
+        ) -> None:
             started.set()
             while True:
                 try:
@@ -194,8 +196,7 @@ def test_sixteen_threads_hand_regions_over_and_keep_their_cookies() -> None:
 
 @pytest.mark.stress
 def test_sixteen_threads_hand_regions_over_and_keep_their_cookies_long() -> None:
-    counts = run_child("test_reliability_threads", "handover", 16, 20000, 2,
-                       timeout=3600).check()
+    counts = run_child("test_reliability_threads", "handover", 16, 20000, 2, timeout=3600).check()
     print(counts)
     assert counts["allocated"] == counts["freed"] == 8 * 20000
 
@@ -214,7 +215,6 @@ def test_close_racing_read_never_crashes_fifty_of_fifty() -> None:
 
 @pytest.mark.stress
 def test_close_racing_read_never_crashes_long() -> None:
-    outcomes = run_child("test_reliability_threads", "close_races_read", 5000,
-                         timeout=3600).check()
+    outcomes = run_child("test_reliability_threads", "close_races_read", 5000, timeout=3600).check()
     print(outcomes)
     assert outcomes["runs"] == outcomes["closed reads"] == 5000
