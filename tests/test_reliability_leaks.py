@@ -87,7 +87,7 @@ def count_leaks(cycles: int) -> dict[str, Any]:
 
 
 def check_no_leaks(cycles: int) -> None:
-    result = run_child("test_reliability_leaks", "count_leaks", cycles).check()
+    result = run_child("test_reliability_leaks", "count_leaks", cycles, timeout=3600).check()
     print(result)
     before, after = result["before"], result["after"]
     assert after["alloc refcount"] == before["alloc refcount"]
