@@ -29,15 +29,6 @@ from mmap_alloc import Perm
 
 TESTS = Path(__file__).resolve().parent
 
-STRESS_ENV = "MMAP_ALLOC_STRESS"
-"""Set (to anything but "" or "0") to run the long forms outside ``-m stress`` too."""
-
-
-def stress_requested() -> bool:
-    """Whether the long forms were asked for through the environment."""
-    return os.environ.get(STRESS_ENV, "") not in ("", "0")
-
-
 def describe_status(status: int) -> str:
     """A wait status (or a negative subprocess return code) in words."""
     if status < 0:
