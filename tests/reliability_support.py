@@ -30,6 +30,7 @@ from mmap_alloc import Perm
 
 TESTS = Path(__file__).resolve().parent
 
+
 def describe_status(status: int) -> str:
     """A wait status (or a negative subprocess return code) in words."""
     if status < 0:
