@@ -254,21 +254,25 @@ class MapAlloc(_mman.Allocator):
                 self._zero(region, old_size, new_size)
             region._resize(new_size, old_capacity, 0)
             return region
-        if capacity > old_capacity:
-            if region._exports:
-                raise BufferError(
-                    f"cannot move the region: it has {region._exports} exported buffer(s) "
-                    f"and {new_size} bytes do not fit in its capacity {old_capacity}"
-                )
-            self._zero(region, old_size, old_capacity)
-        try:
-            region._resize(new_size, capacity, _MAYMOVE)
-        except OSError as exc:
-            if exc.errno not in (errno.EFAULT, errno.EINVAL):
-                raise alloc_error(exc, new_size, self._huge) from None
-            # The mapping spans several kernel mappings (mixed protections) or
-            # cannot be remapped (hugetlb): copy it instead.
-            self._move_by_copy(region, new_size, capacity)
+        with protection.lock:  # the pages and their protections change
+            if capacity > old_capacity:
+                if region._exports:
+                    raise BufferError(
+                        f"cannot move the region: it has {region._exports} exported buffer(s) "
+                        f"and {new_size} bytes do not fit in its capacity {old_capacity}"
+                    )
+                self._zero(region, old_size, old_capacity)
+            try:
+                region._resize(new_size, capacity, _MAYMOVE)
+            except OSError as exc:
+                if exc.errno not in (errno.EFAULT, errno.EINVAL):
+                    raise alloc_error(exc, new_size, self._huge) from None
+                # The mapping spans several kernel mappings (mixed protections) or
+                # cannot be remapped (hugetlb): copy it instead.
+                self._move_by_copy(region, new_size, capacity)
+            else:
+                if capacity < old_capacity and region._mixed:
+                    _settle(region)
         return region
 
     def grow_in_place(self, region: Region, new_size: int) -> None:
@@ -280,14 +284,15 @@ class MapAlloc(_mman.Allocator):
         if size < old_size:
             raise ValueError(f"new_size={size} is smaller than the region's size {old_size}")
         capacity = max((size + self._mask) & ~self._mask, old_capacity)
-        self._zero(region, old_size, min(size, old_capacity))
-        try:
-            region._resize(size, capacity, 0)
-        except OSError as exc:
-            raise CannotReallocInPlace(
-                f"cannot grow the region at 0x{region.address:x} from {old_capacity} to "
-                f"{capacity} bytes in place: {exc.strerror}"
-            ) from exc
+        with protection.lock:  # new pages take the protection of the last one
+            self._zero(region, old_size, min(size, old_capacity))
+            try:
+                region._resize(size, capacity, 0)
+            except OSError as exc:
+                raise CannotReallocInPlace(
+                    f"cannot grow the region at 0x{region.address:x} from {old_capacity} to "
+                    f"{capacity} bytes in place: {exc.strerror}"
+                ) from exc
 
     def shrink_in_place(self, region: Region, new_size: int) -> None:
         """Shrink the region without moving it, unmapping the pages it no longer needs."""
@@ -300,12 +305,15 @@ class MapAlloc(_mman.Allocator):
                 f"cannot shrink the region: it has {region._exports} exported buffer(s)"
             )
         capacity = (size + self._mask) & ~self._mask
-        try:
-            region._resize(size, capacity, 0)
-        except OSError as exc:
-            raise CannotReallocInPlace(
-                f"cannot shrink the region in place: {exc.strerror}"
-            ) from exc
+        with protection.lock:
+            try:
+                region._resize(size, capacity, 0)
+            except OSError as exc:
+                raise CannotReallocInPlace(
+                    f"cannot shrink the region in place: {exc.strerror}"
+                ) from exc
+            if region._mixed:
+                _settle(region)
 
     def usable_size(self, size: int, align: int | None = None) -> tuple[int, int]:
         """The range of sizes whose allocation gets the same pages as ``size``:
@@ -377,18 +385,23 @@ class MapAlloc(_mman.Allocator):
         page = self._page
         full_start = -(-start // page) * page
         full_end = end // page * page
-        # Partial pages are zeroed one page at a time: pages may differ in protection.
-        head_end = min(end, full_start)
-        if start < head_end:
-            region._zero(start, head_end - start, _prot_at(region, start))
-        if full_start < full_end:
-            region._advise(full_start, full_end - full_start, _DONTNEED)
-        tail_start = max(full_end, head_end)
-        if tail_start < end:
-            region._zero(tail_start, end - tail_start, _prot_at(region, tail_start))
+        with protection.lock:  # the protections read here must hold until the bytes are zero
+            # Partial pages are zeroed one page at a time: pages may differ in protection.
+            head_end = min(end, full_start)
+            if start < head_end:
+                region._zero(start, head_end - start, _prot_at(region, start))
+            if full_start < full_end:
+                region._advise(full_start, full_end - full_start, _DONTNEED)
+            tail_start = max(full_end, head_end)
+            if tail_start < end:
+                region._zero(tail_start, end - tail_start, _prot_at(region, tail_start))
 
     def _populate(self, region: Region, start: int, length: int) -> None:
         """Prefault [start, start + length) for reading or, if allowed, writing."""
+        with protection.lock:
+            self._populate_locked(region, start, length)
+
+    def _populate_locked(self, region: Region, start: int, length: int) -> None:
         if region._mixed:
             accessible = False
             for offset, run, perms in region.protections():
@@ -435,8 +448,13 @@ class MapAlloc(_mman.Allocator):
                 common &= perms
             target._protect(0, 0, 0, common, int(len(runs) > 1))
             region._swap(target)
+        except OSError as exc:  # e.g. ENOMEM at vm.max_map_count: the region is as it was
+            raise alloc_error(exc, size, self._huge) from None
         finally:
-            target.close()
+            # After the swap this unmaps the old pages; should the kernel refuse
+            # (map count), they are given back when ``target`` is collected.
+            with contextlib.suppress(OSError):
+                target.close()
 
     def _map_like(self, region: Region, size: int, capacity: int) -> Region:
         """A new writable mapping backed like ``region``, for _move_by_copy."""
@@ -469,6 +487,16 @@ def _clip_runs(runs: list[tuple[int, int, Perm]], capacity: int) -> list[tuple[i
     offset, _n, perms = clipped[-1]
     clipped[-1] = (offset, capacity - offset, perms)
     return clipped
+
+
+def _settle(region: Region) -> None:
+    """Recount the protection the pages share after a shrink of a mixed region
+    (the pages left may all be alike again)."""
+    runs = region.protections()
+    common = _RW | int(Perm.EXEC)
+    for _offset, _n, perms in runs:
+        common &= perms
+    region._protect(0, 0, 0, common, int(len(runs) > 1))
 
 
 def _prot_at(region: Region, offset: int) -> int:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import platform
+import threading
 import weakref
 from _ctypes import CFuncPtr
 from collections.abc import Iterator
@@ -53,6 +55,21 @@ _CODE_ALIGN: int = {
 }.get(platform.machine().lower(), 4)
 
 
+lock = threading.RLock()
+"""Held while a region's protections are read and acted on (protect, resize,
+zeroing, prefaulting), so that ``_prot`` and ``_mixed`` never go stale under
+threads: a buffer exported on a stale ``_prot`` could reach a PROT_NONE page."""
+
+
+def _new_lock_in_child() -> None:
+    # The thread that held the lock at fork does not exist in the child.
+    global lock  # noqa: PLW0603
+    lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 # ---------------------------------------------------------------- protection
 
 
@@ -69,30 +86,31 @@ def protect(region: Region, perms: object, offset: object = 0, length: object = 
     if region.closed:
         raise ValueError("region is closed")
     prot = _IN_FORCE[_perms(perms)]
-    capacity = region.capacity
-    if type(offset) is int and offset == 0 and length is None:
-        start, n = 0, capacity
-    else:
-        start, n = _args.page_range(offset, length, capacity, _page_size(region))
+    whole = type(offset) is int and offset == 0 and length is None
+    if not whole:  # argument checks (which may run user code) before taking the lock
+        start, n = _args.page_range(offset, length, region.capacity, _page_size(region))
         if n == 0:
             return
-    if region._mixed:
-        _protect_mixed(region, prot, start, n)
-        return
-    old = region._prot
-    if old & ~prot & _EXEC and region._pins:
-        raise _exec_pinned(region)
-    if n == capacity or prot == old:
-        common, mixed = prot, 0
-    else:
-        common, mixed = old & prot, 1
-    try:
-        region._protect(start, n, prot, common, mixed)
-    except OSError as exc:
-        # mprotect can fail part-way across several kernel mappings: put the rest back.
-        with contextlib.suppress(OSError):
-            region._protect(start, n, old, old, 0)
-        raise _protect_error(exc, start, n) from None
+    with lock:
+        if whole:
+            start, n = 0, region.capacity
+        if region._mixed:
+            _protect_mixed(region, prot, start, n)
+            return
+        old = region._prot
+        if old & ~prot & _EXEC and region._pins:
+            raise _exec_pinned(region)
+        if n == region.capacity or prot == old:
+            common, mixed = prot, 0
+        else:
+            common, mixed = old & prot, 1
+        try:
+            region._protect(start, n, prot, common, mixed)
+        except OSError as exc:
+            # mprotect can fail part-way across several kernel mappings: put the rest back.
+            with contextlib.suppress(OSError):
+                region._protect(start, n, old, old, 0)
+            raise _protect_error(exc, start, n) from None
 
 
 def _protect_mixed(region: Region, prot: int, start: int, n: int) -> None:
@@ -166,9 +184,11 @@ def perms_at(region: Region, offset: int) -> Perm:
 def make_exec(region: Region, offset: object = 0, length: object = None) -> None:
     """Make the pages read/exec (no longer writable), then flush the
     instruction cache for them."""
-    protect(region, _RX, offset, length)
     start, n = _range(region, offset, length)
-    region._flush_icache(start, n)
+    with lock:
+        protect(region, _RX, start, n)
+        if n:
+            region._flush_icache(start, n)
 
 
 def make_writable(region: Region, offset: object = 0, length: object = None) -> None:
@@ -199,15 +219,16 @@ def flush_icache(region: Region, offset: object = 0, length: object = None) -> N
     start, n = _range(region, offset, length)
     if n == 0:
         return
-    if not region._mixed:
-        if region._prot & _READ:
-            region._flush_icache(start, n)
-        return
-    end = start + n
-    for run_start, run_length, perms in runs(region):
-        lo, hi = max(run_start, start), min(run_start + run_length, end)
-        if lo < hi and perms & _READ:
-            region._flush_icache(lo, hi - lo)
+    with lock:
+        if not region._mixed:
+            if region._prot & _READ:
+                region._flush_icache(start, n)
+            return
+        end = start + n
+        for run_start, run_length, perms in runs(region):
+            lo, hi = max(run_start, start), min(run_start + run_length, end)
+            if lo < hi and perms & _READ:
+                region._flush_icache(lo, hi - lo)
 
 
 def function(region: Region, prototype: type[F], offset: object = 0) -> F:
@@ -235,21 +256,22 @@ def function(region: Region, prototype: type[F], offset: object = 0) -> F:
             f"offset must be a multiple of {_CODE_ALIGN} (instruction alignment on "
             f"{platform.machine()}), got {at}"
         )
-    perms = perms_at(region, at)
-    if not perms & _EXEC:
-        raise ValueError(
-            f"the code at offset {at} is not executable ({perms}): "
-            "call make_exec() or protect() first"
-        )
-    fn = _function_type(prototype)(region.address + at)
-    fn.region = region  # type: ignore[attr-defined]
-    fn.offset = at  # type: ignore[attr-defined]
-    region._pin(1)
-    try:
-        weakref.finalize(fn, region._pin, -1)
-    except BaseException:
-        region._pin(-1)
-        raise
+    with lock:  # the page must stay executable until the pin holds it so
+        perms = perms_at(region, at)
+        if not perms & _EXEC:
+            raise ValueError(
+                f"the code at offset {at} is not executable ({perms}): "
+                "call make_exec() or protect() first"
+            )
+        fn = _function_type(prototype)(region.address + at)
+        fn.region = region  # type: ignore[attr-defined]
+        fn.offset = at  # type: ignore[attr-defined]
+        region._pin(1)
+        try:
+            weakref.finalize(fn, region._pin, -1)
+        except BaseException:
+            region._pin(-1)
+            raise
     return fn
 
 
