@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
-import re
-import sys
-import tempfile
 from collections.abc import Iterator
 
 import pytest

@@ -66,7 +66,7 @@ STEPS_ENV = "MMAP_ALLOC_MODEL_STEPS"
 REPORT_ENV = "MMAP_ALLOC_MODEL_REPORT"
 
 # Allocator settings the model uses: name -> MapAlloc keyword arguments.
-SETTINGS: dict[str, dict[str, bool]] = {
+SETTINGS: dict[str, dict[str, Any]] = {
     "rw": {},
     "r": {"write": False},
     "rx": {"write": False, "exec": True},
