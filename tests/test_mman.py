@@ -194,3 +194,42 @@ def test_swap_exchanges_mappings_of_idle_regions() -> None:
 def test_an_empty_mincore_range_is_empty() -> None:
     with MapAlloc().alloc(P) as region:
         assert region._mincore(P, 0) == b""
+
+
+# ---------------------------------------------------------------- no lock on the fast paths
+# protect(perms), make_exec() and make_writable() of a whole region run in C
+# without the Python layer's lock; the calls below let the Python layer act on
+# what it read without a window in which such a call could make it wrong.
+
+
+def test_protect_with_a_stale_expectation_changes_nothing() -> None:
+    rw = int(Perm.READ | Perm.WRITE)
+    with MapAlloc().alloc(2 * P) as region:
+        stale = int(Perm.READ)  # what the caller believed, uniform
+        assert region._protect(0, P, int(Perm.NONE), int(Perm.NONE), 1, stale) is False
+        assert region.protections() == [(0, 2 * P, Perm.READ | Perm.WRITE)]
+        assert (region._prot, region._mixed) == (rw, False)
+        assert region._protect(0, P, int(Perm.READ), int(Perm.READ), 1, rw) is True
+        assert region.protections() == [(0, P, Perm.READ), (P, P, Perm.READ | Perm.WRITE)]
+
+
+def test_zero_of_a_uniform_region_reads_its_protection_when_it_acts() -> None:
+    with MapAlloc().alloc(P) as region:
+        region[:] = b"\1" * P
+        region.protect(Perm.READ)  # not writable: _zero lends WRITE for the memset
+        region._zero(10, 20, -1)
+        assert region[:40] == b"\1" * 10 + bytes(20) + b"\1" * 10
+        assert region.protections() == [(0, P, Perm.READ)]
+
+
+def test_zero_of_a_mixed_region_needs_the_protection() -> None:
+    with MapAlloc().alloc(2 * P) as region:
+        region.protect(Perm.READ, 0, P)
+        with pytest.raises(ValueError, match="mixed"):
+            region._zero(0, 10, -1)
+
+
+def test_flush_icache_of_an_unreadable_region_does_nothing() -> None:
+    with MapAlloc(read=False, write=False).alloc(P) as region:
+        region._flush_icache(0, P)  # would fault on arm64 if it touched the page
+        region.flush_icache()

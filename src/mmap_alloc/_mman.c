@@ -530,8 +530,8 @@ region_copy_from(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* _zero(offset, length, prot): zero bytes within pages whose protection is
- * prot; pages without write permission are made writable for the memset and
- * restored afterwards. */
+ * prot (-1: the region's, which must be uniform); pages without write
+ * permission are made writable for the memset and restored afterwards. */
 static PyObject *
 region_zero(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -546,6 +546,13 @@ region_zero(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (length == 0)
         Py_RETURN_NONE;
+    if (prot < 0) {  /* the region's own protection, read now: it may have just changed */
+        if (self->mixed) {
+            PyErr_SetString(PyExc_ValueError, "_zero() of a mixed region needs the protection");
+            return NULL;
+        }
+        prot = self->prot;
+    }
     start = self->data + offset;
     first = (char *)((uintptr_t)start & ~(uintptr_t)(page - 1));
     last = (char *)(((uintptr_t)start + (uintptr_t)length + (uintptr_t)page - 1)
@@ -654,23 +661,27 @@ region_make_writable(RegionObject *self, PyObject *const *args, Py_ssize_t nargs
     return call_python((PyObject *)self, "_make_writable_pages", args, nargs, kwnames);
 }
 
-/* _protect(offset, length, prot, common, mixed): mprotect a range; common is
- * the protection all pages share afterwards and mixed whether they differ,
- * both computed by the caller. */
+/* _protect(offset, length, prot, common, mixed[, expected]) -> bool: mprotect
+ * a range; common is the protection all pages share afterwards and mixed
+ * whether they differ, both computed by the caller from the state `expected`
+ * (prot | mixed << 3); False, changing nothing, if the state is no longer that. */
 static PyObject *
 region_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t offset, length;
-    int prot, common, mixed;
+    int prot, common, mixed, expected = -1;
 
-    if (check_nargs("_protect", nargs, 5) < 0 || region_check_open(self) < 0
-        || region_check_range(self, args, &offset, &length) < 0
-        || arg_int(args[2], &prot) < 0 || arg_int(args[3], &common) < 0
-        || arg_int(args[4], &mixed) < 0)
+    if (nargs != 6 && check_nargs("_protect", nargs, 5) < 0)
         return NULL;
+    if (region_check_open(self) < 0 || region_check_range(self, args, &offset, &length) < 0
+        || arg_int(args[2], &prot) < 0 || arg_int(args[3], &common) < 0
+        || arg_int(args[4], &mixed) < 0 || (nargs == 6 && arg_int(args[5], &expected) < 0))
+        return NULL;
+    if (expected >= 0 && expected != (self->prot | self->mixed << 3))
+        Py_RETURN_FALSE;  /* changed since the caller computed common and mixed */
     if (protect_range(self, offset, length, prot, common, mixed) < 0)
         return NULL;
-    Py_RETURN_NONE;
+    Py_RETURN_TRUE;
 }
 
 /* _pin(delta): 1 pins the region for a function made by region.function(),
@@ -807,6 +818,8 @@ region_flush_icache(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (check_nargs("_flush_icache", nargs, 2) < 0 || region_check_open(self) < 0
         || region_check_range(self, args, &offset, &length) < 0)
         return NULL;
+    if (!self->mixed && !(self->prot & PROT_READ))
+        Py_RETURN_NONE;  /* cache maintenance by address needs read access (arm64) */
     __builtin___clear_cache(self->data + offset, self->data + offset + length);
     Py_RETURN_NONE;
 }
@@ -963,7 +976,7 @@ static PyMethodDef region_methods[] = {
     {"_zero", (PyCFunction)(void (*)(void))region_zero, METH_FASTCALL,
      "_zero(offset, length, prot): zero bytes within pages of protection prot."},
     {"_protect", (PyCFunction)(void (*)(void))region_protect, METH_FASTCALL,
-     "_protect(offset, length, prot, common, mixed): mprotect a range."},
+     "_protect(offset, length, prot, common, mixed[, expected]) -> bool: mprotect a range."},
     {"protect", (PyCFunction)(void (*)(void))region_protect_public,
      METH_FASTCALL | METH_KEYWORDS,
      "protect($self, /, perms, offset=0, length=None)\n--\n\n"

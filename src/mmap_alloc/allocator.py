@@ -500,9 +500,11 @@ def _settle(region: Region) -> None:
 
 
 def _prot_at(region: Region, offset: int) -> int:
-    """The protection of the page at ``offset``."""
+    """The protection of the page at ``offset``; -1, for the C layer to read it
+    when it acts, if the region is uniform (the C fast path of protect() may
+    change it at any moment without the lock)."""
     if not region._mixed:
-        return int(region._prot)
+        return -1
     for start, n, perms in region.protections():
         if start <= offset < start + n:
             return int(perms)

@@ -105,7 +105,10 @@ def protect(region: Region, perms: object, offset: object = 0, length: object = 
         else:
             common, mixed = old & prot, 1
         try:
-            region._protect(start, n, prot, common, mixed)
+            if not region._protect(start, n, prot, common, mixed, old):
+                # another thread changed the whole region (the C fast path
+                # takes no lock) since ``old`` was read: compute again
+                protect(region, perms, start, n)
         except OSError as exc:
             # mprotect can fail part-way across several kernel mappings: put the rest back.
             with contextlib.suppress(OSError):
@@ -256,18 +259,20 @@ def function(region: Region, prototype: type[F], offset: object = 0) -> F:
             f"offset must be a multiple of {_CODE_ALIGN} (instruction alignment on "
             f"{platform.machine()}), got {at}"
         )
-    with lock:  # the page must stay executable until the pin holds it so
-        perms = perms_at(region, at)
-        if not perms & _EXEC:
-            raise ValueError(
-                f"the code at offset {at} is not executable ({perms}): "
-                "call make_exec() or protect() first"
-            )
-        fn = _function_type(prototype)(region.address + at)
-        fn.region = region  # type: ignore[attr-defined]
-        fn.offset = at  # type: ignore[attr-defined]
+    with lock:
+        # Pin first: from then on no thread can remove EXEC, not even through
+        # the C fast path of make_writable(), so the check below stays true.
         region._pin(1)
         try:
+            perms = perms_at(region, at)
+            if not perms & _EXEC:
+                raise ValueError(
+                    f"the code at offset {at} is not executable ({perms}): "
+                    "call make_exec() or protect() first"
+                )
+            fn = _function_type(prototype)(region.address + at)
+            fn.region = region  # type: ignore[attr-defined]
+            fn.offset = at  # type: ignore[attr-defined]
             weakref.finalize(fn, region._pin, -1)
         except BaseException:
             region._pin(-1)
