@@ -54,9 +54,10 @@ typedef struct {
     PyObject *weakreflist;
 } RegionObject;
 
-/* Mapping and unmapping this much or more may take long enough (populating
- * or freeing pages) to be worth releasing the GIL; smaller calls take about
- * as long as releasing and taking it back. */
+/* Unmapping this much or more may take long enough (freeing the pages) to be
+ * worth releasing the GIL; smaller calls take about as long as releasing it
+ * and taking it back. A lazy mmap takes as long whatever its size: it keeps
+ * the GIL unless it faults pages in (MAP_POPULATE) or reserves huge pages. */
 #define SLOW_CALL_BYTES (1 << 20)
 
 /* Bytes mapped by this module and not unmapped yet: every successful
@@ -333,7 +334,7 @@ map_region(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, int prot, in
     void *p;
     PyObject *region;
 
-    if (capacity >= SLOW_CALL_BYTES || (flags & (MAP_POPULATE | MAP_HUGETLB))) {
+    if (flags & (MAP_POPULATE | MAP_HUGETLB)) {  /* faults pages in, or reserves them */
         Py_BEGIN_ALLOW_THREADS
         p = mmap(NULL, (size_t)capacity, prot, flags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         Py_END_ALLOW_THREADS

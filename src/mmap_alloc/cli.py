@@ -154,7 +154,13 @@ def _run_bench(args: argparse.Namespace) -> int:
         except ImportError:
             print("--plot needs matplotlib: pip install 'mmap-alloc[bench]'", file=sys.stderr)
             return 2
-    bench.run(quick=args.quick, json_path=args.json, plot_path=args.plot, rounds=args.rounds)
+    bench.run(
+        quick=args.quick,
+        json_path=args.json,
+        plot_path=args.plot,
+        rounds=args.rounds,
+        only=args.only,
+    )
     return 0
 
 
@@ -173,6 +179,9 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument(
         "--rounds", type=int, metavar="N", help="measured rounds per case (default 15, quick 3)"
+    )
+    parser.add_argument(
+        "--only", metavar="TEXT", help="run only the cases whose name contains TEXT"
     )
     parser.set_defaults(run=_run_bench)
 
