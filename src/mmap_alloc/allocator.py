@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from .stats import AllocStats
 
 _MAP_POPULATE: int = getattr(_mman, "MAP_POPULATE", 0)
+_MAP_HUGETLB: int = getattr(_mman, "MAP_HUGETLB", 0)
+_MAP_NORESERVE = _mman.MAP_NORESERVE
+_NONE = int(Perm.NONE)
 _MAYMOVE = _mman.MREMAP_MAYMOVE
 _DONTNEED = _mman.MADV_DONTNEED
 _POPULATE_READ: int | None = getattr(_mman, "MADV_POPULATE_READ", None)
@@ -191,30 +194,14 @@ class MapAlloc(_mman.Allocator):
         alignment = _args.power_of_two(align, "align")
         if alignment <= self._page:
             return self.alloc(size)
-        span = capacity + alignment - self._page
-        if span > self._max_size:
+        if capacity + alignment - self._page > self._max_size:
             raise alloc_error(OSError(errno.ENOMEM, "too large"), size, self._huge)
+        granule = self._page if self._flags & _MAP_HUGETLB else PAGE_SIZE
+        flags = self._flags & ~_MAP_POPULATE  # the excess is not to be faulted in
         try:
-            address = _mman.mmap(span, self._prot, self._flags & ~_MAP_POPULATE)
+            region = map_aligned(self, size, capacity, alignment, self._prot, flags, granule)
         except OSError as exc:
             raise alloc_error(exc, size, self._huge) from None
-        front = -address & (alignment - 1)
-        back = span - front - capacity
-        try:
-            if front:
-                _mman.munmap(address, front)
-        except OSError as exc:
-            _release(address, span)
-            raise alloc_error(exc, size, self._huge) from None
-        try:
-            if back:
-                _mman.munmap(address + front + capacity, back)
-            region = Region._adopt(address + front, size, capacity, self._prot, self)
-        except BaseException as exc:
-            _release(address + front, span - front)
-            if isinstance(exc, OSError):
-                raise alloc_error(exc, size, self._huge) from None
-            raise
         return self._prefault(region)
 
     def _prefault(self, region: Region) -> Region:
@@ -345,7 +332,23 @@ class MapAlloc(_mman.Allocator):
         nothing counted against RAM or the commit limit. Make pieces usable
         with ``region.protect()``; release them with uncommit() +
         ``protect(Perm.NONE)``. Normal-page allocators only."""
-        return protection.reserve(self, size, align)
+        if self.huge_pagesize is not None:
+            raise ValueError(
+                "reserve() needs an allocator of normal pages: hugetlb pages cannot be "
+                "reserved without taking them from the huge page pool"
+            )
+        page = self._page
+        n = _args.size(size, page)
+        capacity = -(-n // page) * page
+        alignment = page if align is None else _args.power_of_two(align, "align")
+        if capacity + max(alignment - page, 0) > self._max_size:
+            raise alloc_error(OSError(errno.ENOMEM, "too large"), n)
+        try:
+            if alignment <= page:
+                return Region._map(n, capacity, _NONE, _MAP_NORESERVE, self)
+            return map_aligned(self, n, capacity, alignment, _NONE, _MAP_NORESERVE, PAGE_SIZE)
+        except OSError as exc:
+            raise alloc_error(exc, n) from None
 
     # ------------------------------------------------------------ objects
 
@@ -509,6 +512,48 @@ def _prot_at(region: Region, offset: int) -> int:
         if start <= offset < start + n:
             return int(perms)
     return int(region._prot)
+
+
+def map_aligned(
+    owner: MapAlloc,
+    size: int,
+    capacity: int,
+    alignment: int,
+    prot: int,
+    flags: int,
+    granule: int = PAGE_SIZE,
+) -> Region:
+    """A new region of ``capacity`` bytes at a multiple of ``alignment``.
+
+    ``granule`` is the alignment the kernel guarantees for such a mapping (the
+    huge page size for hugetlb). Recent kernels align mappings of whole huge
+    pages already, so a capacity that is a multiple of the alignment is first
+    mapped as it is; otherwise ``alignment - granule`` bytes more are mapped
+    and the excess on both sides unmapped. Raises OSError, leaving nothing
+    mapped.
+    """
+    if capacity % alignment == 0:
+        region = Region._map(size, capacity, prot, flags, owner)
+        if not region.address & (alignment - 1):
+            return region
+        region.close()
+    span = capacity + alignment - granule
+    address = _mman.mmap(span, prot, flags)
+    front = -address & (alignment - 1)
+    back = span - front - capacity
+    try:
+        if front:
+            _mman.munmap(address, front)
+    except BaseException:
+        _release(address, span)
+        raise
+    try:
+        if back:
+            _mman.munmap(address + front + capacity, back)
+        return Region._adopt(address + front, size, capacity, prot, owner)
+    except BaseException:
+        _release(address + front, span - front)
+        raise
 
 
 def _release(address: int, length: int) -> None:

@@ -36,7 +36,7 @@ from ._platform import (
     thp_mode,
     thp_size,
 )
-from .allocator import MapAlloc, _release
+from .allocator import MapAlloc, map_aligned
 from .exceptions import CannotReallocInPlace
 from .region import Region
 
@@ -219,15 +219,15 @@ class HugeMapAlloc(MapAlloc):
         backing = Backing.NORMAL
         if config.mode is HugePages.PREFER and config.hugetlb is not None:
             try:
-                region = _map_aligned(
-                    self, size, capacity, alignment, self._prot, config.hugetlb_flags
+                region = map_aligned(
+                    self, size, capacity, alignment, self._prot, config.hugetlb_flags, self._page
                 )
                 backing = Backing.HUGETLB
             except OSError:
                 region = None  # the pool cannot supply it: fall back
         if region is None:
             try:
-                region = _map_aligned(self, size, capacity, alignment, self._prot, 0)
+                region = map_aligned(self, size, capacity, alignment, self._prot, 0)
             except OSError as exc:
                 raise alloc_error(exc, size) from None
             if config.thp is not None:
@@ -259,12 +259,14 @@ class HugeMapAlloc(MapAlloc):
         backing = self._backing_of(region)
         if backing is Backing.HUGETLB:
             try:
-                return _map_aligned(self, size, capacity, self._page, _RW, config.hugetlb_flags)
+                return map_aligned(
+                    self, size, capacity, self._page, _RW, config.hugetlb_flags, self._page
+                )
             except OSError as exc:
                 if config.mode is not HugePages.PREFER:
                     raise alloc_error(exc, size, config.hugetlb) from None
         try:
-            target = _map_aligned(self, size, capacity, self._page, _RW, 0)
+            target = map_aligned(self, size, capacity, self._page, _RW, 0)
         except OSError as exc:
             raise alloc_error(exc, size) from None
         new = Backing.NORMAL
@@ -348,34 +350,3 @@ def backing_of(region: Region) -> Backing:
     if isinstance(owner, HugeMapAlloc):
         return owner._backing_of(region)
     return Backing.NORMAL
-
-
-def _map_aligned(
-    owner: MapAlloc, size: int, capacity: int, alignment: int, prot: int, flags: int
-) -> Region:
-    """A region of ``capacity`` bytes at a multiple of ``alignment``.
-
-    Recent kernels place mappings of whole huge pages on a huge page boundary
-    already; otherwise over-map and trim the excess.
-    """
-    region = Region._map(size, capacity, prot, flags, owner)
-    if not region.address & (alignment - 1):
-        return region
-    region.close()
-    span = capacity + alignment
-    address = _mman.mmap(span, prot, flags)
-    front = -address & (alignment - 1)
-    try:
-        if front:
-            _mman.munmap(address, front)
-    except BaseException:
-        _release(address, span)
-        raise
-    try:
-        back = span - front - capacity
-        if back:
-            _mman.munmap(address + front + capacity, back)
-        return Region._adopt(address + front, size, capacity, prot, owner)
-    except BaseException:
-        _release(address + front, span - front)
-        raise

@@ -1,8 +1,8 @@
-"""Protection of page ranges, executable code (W^X), and address-space reservations.
+"""Protection of page ranges, and executable code (W^X).
 
 The Region methods protect(), protections(), make_exec(), make_writable(),
-writable(), flush_icache() and function(), and MapAlloc.reserve(), are thin
-wrappers around the functions here.
+writable(), flush_icache() and function() are thin wrappers around the
+functions here.
 
 The C layer keeps two facts per region: the protection common to all pages
 (``_prot``) and whether pages differ (``_mixed``). protect() computes both
@@ -23,13 +23,12 @@ from _ctypes import CFuncPtr
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _args, _mman
-from ._platform import PAGE_SIZE, alloc_error, effective_perms
+from . import _args
+from ._platform import PAGE_SIZE, effective_perms
 from .exceptions import AllocError
 from .perm import ALL_PERMS, Perm
 
 if TYPE_CHECKING:
-    from .allocator import MapAlloc
     from .region import Region
 
 F = TypeVar("F", bound=CFuncPtr)
@@ -302,59 +301,6 @@ def _function_type(prototype: type[F]) -> type[F]:
     return cls
 
 
-# ---------------------------------------------------------------- reservations
-
-
-def reserve(alloc: MapAlloc, size: object, align: object = None) -> Region:
-    """Address space only: ``size`` bytes (whole pages) of PROT_NONE,
-    MAP_NORESERVE memory, counted against neither RAM nor the commit limit.
-
-    Make pieces usable with protect() and give them back with
-    ``alloc.uncommit()`` + ``protect(Perm.NONE)``.
-    """
-    from .region import Region
-
-    if alloc.huge_pagesize is not None:
-        raise ValueError(
-            "reserve() needs an allocator of normal pages: hugetlb pages cannot be "
-            "reserved without taking them from the huge page pool"
-        )
-    page = alloc.page_size
-    n = _args.size(size, page)
-    capacity = -(-n // page) * page
-    alignment = page if align is None else _args.power_of_two(align, "align")
-    flags = _mman.MAP_NORESERVE
-    if alignment <= page:
-        try:
-            return Region._map(n, capacity, _NONE, flags, alloc)
-        except OSError as exc:
-            raise alloc_error(exc, n) from None
-    span = capacity + alignment - page
-    if span > _args.MAX_SIZE + 1 - page:
-        raise alloc_error(OSError(errno.ENOMEM, "too large"), n)
-    try:
-        address = _mman.mmap(span, _NONE, flags)
-    except OSError as exc:
-        raise alloc_error(exc, n) from None
-    front = -address & (alignment - 1)
-    back = span - front - capacity
-    try:
-        if front:
-            _mman.munmap(address, front)
-        if back:
-            _mman.munmap(address + front + capacity, back)
-    except OSError as exc:
-        # A trim that fails (map count) leaves the whole span mapped: give it back.
-        with contextlib.suppress(OSError):
-            _mman.munmap(address, span)
-        raise alloc_error(exc, n) from None
-    try:
-        return Region._adopt(address + front, n, capacity, _NONE, alloc)
-    except BaseException:
-        _mman.munmap(address + front, capacity)
-        raise
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -405,7 +351,6 @@ __all__ = [
     "make_writable",
     "perms_at",
     "protect",
-    "reserve",
     "runs",
     "writable",
 ]
