@@ -33,6 +33,17 @@ parse(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, Py_ssize_t *
     return 0;
 }
 
+/* None, or OSError for the errno a loop stopped at */
+static PyObject *
+finish(int err)
+{
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
 static void
 touch(char *p, Py_ssize_t length, long page)
 {
@@ -62,11 +73,7 @@ map_unmap(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
         munmap(p, (size_t)a[1]);
     }
     Py_END_ALLOW_THREADS
-    if (err) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
+    return finish(err);
 }
 
 /* grow_by_doubling(n, start, end): n times, map `start` bytes, fill them, and
@@ -101,11 +108,7 @@ grow_by_doubling(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
         munmap(p, (size_t)size);
     }
     Py_END_ALLOW_THREADS
-    if (err) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
+    return finish(err);
 }
 
 /* protect_flip(n, address, length): mprotect read/exec then read/write, n times */
@@ -124,11 +127,7 @@ protect_flip(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
     }
-    if (err) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
+    return finish(err);
 }
 
 /* commit_uncommit(n, address, length): MADV_POPULATE_WRITE then MADV_DONTNEED, n times */
@@ -153,11 +152,7 @@ commit_uncommit(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     Py_END_ALLOW_THREADS
-    if (err) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
+    return finish(err);
 }
 
 /* random_reads(n, address, length, seed) -> sum: n reads of 8 bytes at random
