@@ -1,4 +1,5 @@
-"""Builds the one C extension; everything else is in pyproject.toml."""
+"""Builds the C extensions (the system-call layer and the benchmark's C loops);
+everything else is in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -9,7 +10,12 @@ setup(
             sources=["src/mmap_alloc/_mman.c"],
             define_macros=[("Py_LIMITED_API", "0x030B0000")],
             py_limited_api=True,
-            extra_compile_args=["-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+            extra_compile_args=[
+                "-Wall",
+                "-Wextra",
+                "-Wno-unused-parameter",
+                "-Wno-missing-field-initializers",
+            ],
         ),
         Extension(
             "mmap_alloc.bench._limits",
