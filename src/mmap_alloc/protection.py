@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=CFuncPtr)
 
-_NONE = int(Perm.NONE)
 _READ = int(Perm.READ)
 _EXEC = int(Perm.EXEC)
 _RW = int(Perm.READ | Perm.WRITE)
