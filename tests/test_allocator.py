@@ -923,3 +923,11 @@ def test_a_child_process_check_reports_a_crash() -> None:
         ctypes.string_at(8, 1)
 
     assert run_in_child(body) == SIGSEGV
+
+
+def test_alloc_takes_align_none_by_position_or_by_name(alloc: MapAlloc) -> None:
+    for region in (alloc.alloc(10, None), alloc.alloc(10, align=None), alloc.alloc_zeroed(10)):
+        assert (region.size, region.capacity, region.address % P) == (10, P, 0)
+        alloc.dealloc(region)
+    with pytest.raises(TypeError, match="alig"):
+        alloc.alloc(10, alig=None)  # type: ignore[call-arg]

@@ -2134,12 +2134,27 @@ typedef struct {
     PyTypeObject *region_type;  /* the type of the regions made; NULL until configured */
 } AllocatorObject;
 
+/* Whether alloc()'s arguments after the size leave the alignment out: none,
+ * or align=None given by position or by name. */
+static int
+no_alignment(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
+
+    if (nargs + nkw == 1)
+        return 1;
+    if (nargs + nkw != 2 || args[1] != Py_None)
+        return 0;
+    return nkw == 0
+           || PyUnicode_CompareWithASCIIString(PyTuple_GetItem(kwnames, 0), "align") == 0;
+}
+
 static PyObject *
 allocator_alloc(AllocatorObject *self, PyObject *const *args, Py_ssize_t nargs,
                 PyObject *kwnames)
 {
-    if (self->region_type != NULL && nargs == 1 && kwnames == NULL
-        && PyLong_CheckExact(args[0])) {
+    if (self->region_type != NULL && nargs >= 1 && PyLong_CheckExact(args[0])
+        && no_alignment(args, nargs, kwnames)) {
         Py_ssize_t size = PyLong_AsSsize_t(args[0]);
         if (size > 0 && size <= self->max_size) {
             PyObject *region = map_region(self->region_type, size,
