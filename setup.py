@@ -1,14 +1,19 @@
-"""Builds the C extensions (the system-call layer and the benchmark's C loops);
+"""Builds the C extensions (the safety kernel and the benchmark's C loops);
 everything else is in pyproject.toml."""
 
+from pathlib import Path
+
 from setuptools import Extension, setup
+
+KERNEL = sorted(str(path) for path in Path("src/mmap_alloc/_mman").glob("*.c"))
 
 setup(
     ext_modules=[
         Extension(
             "mmap_alloc._mman",
-            sources=["src/mmap_alloc/_mman.c"],
-            define_macros=[("Py_LIMITED_API", "0x030B0000")],
+            sources=KERNEL,
+            depends=["src/mmap_alloc/_mman/mman.h"],
+            define_macros=[("Py_LIMITED_API", "0x030B0000"), ("_GNU_SOURCE", "1")],
             py_limited_api=True,
             extra_compile_args=[
                 "-Wall",

@@ -27,7 +27,7 @@ import atheris
 
 with atheris.instrument_imports():
     from mmap_alloc import MapAlloc, MapAllocError, Perm, Region
-    from mmap_alloc._platform import PAGE_SIZE
+    from mmap_alloc._linux import PAGE_SIZE, mappings
 
 try:
     import numpy
@@ -291,19 +291,32 @@ def settle(state: State) -> None:
         if region.closed:
             state.regions.remove(item)
             state.freed = [*state.freed[-3:], item]
-        elif region._prot & Perm.READ:
+        elif region._prot >= 0 and region._prot & Perm.READ:
             bytes(region)
+
+
+def kernel_runs(region: Region) -> list[tuple[int, int, Perm]]:
+    """The (offset, length, perms) runs of the region in /proc/self/maps."""
+    start, end = region.address, region.address + region.capacity
+    runs: list[tuple[int, int, Perm]] = []
+    for m in mappings():
+        lo, hi = max(m.start, start), min(m.end, end)
+        if lo >= hi:
+            continue
+        if runs and runs[-1][2] == m.perms and runs[-1][0] + runs[-1][1] == lo - start:
+            runs[-1] = (runs[-1][0], hi - start - runs[-1][0], m.perms)
+        else:
+            runs.append((lo - start, hi - lo, m.perms))
+    return runs
 
 
 def check_against_kernel(state: State) -> None:
     for region, _ in state.regions:
-        runs = region.protections()
+        runs = kernel_runs(region)
         assert sum(n for _, n, _ in runs) == region.capacity, "part of a region is unmapped"
-        common = Perm.READ | Perm.WRITE | Perm.EXEC
-        for _, _, perms in runs:
-            common &= perms
-        assert region._prot == common, (region._prot, runs)
+        assert region.protections() == runs, (region.protections(), runs)
         assert region.mixed == (len(runs) > 1)
+        assert region._prot == (-1 if region.mixed else runs[0][2]), (region._prot, runs)
 
 
 def cleanup(state: State) -> None:

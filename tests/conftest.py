@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from mmap_alloc import MapAlloc, _mman
-from mmap_alloc._platform import PAGE_SIZE
+from mmap_alloc._linux import PAGE_SIZE
 
 
 def _open_regions() -> list[_mman.Region]:

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Container
 
 from mmap_alloc import MapAlloc, Perm, Region
-from mmap_alloc._platform import PAGE_SIZE, mappings
+from mmap_alloc._linux import PAGE_SIZE, mappings
 
 
 def perms_at(address: int) -> Perm | None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmap_alloc import AllocError, CannotReallocInPlace, Layout, MapAlloc, Perm, Region
-from mmap_alloc._platform import PAGE_SIZE as P
+from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc.perm import ALL_PERMS
 from support import (
     SIGSEGV,
@@ -386,11 +386,11 @@ def test_realloc_grow_zeroes_bytes_past_the_old_size_without_write_permission(
         region[:] = pattern(3 * P)
         with memoryview(region):  # keeps the capacity while the size shrinks
             alloc.realloc(region, 100)
-        region._protect(0, region.capacity, int(perms), int(perms), 0)
+        region.protect(Perm(int(perms)), 0, region.capacity)
         alloc.realloc(region, 2 * P + 100)  # partial page, whole page, partial page
         alloc.realloc(region, 5 * P)  # and past the capacity
         assert kernel_runs(region) == [(0, 5 * P, perms)]
-        region._protect(0, region.capacity, int(R), int(R), 0)
+        region.protect(Perm(int(R)), 0, region.capacity)
         assert bytes(region) == pattern(100) + bytes(5 * P - 100)
 
 
@@ -533,13 +533,13 @@ def test_realloc_of_another_allocators_region_is_value_error(alloc: MapAlloc) ->
 def test_realloc_of_a_mixed_region_copies_contents_and_protections(alloc: MapAlloc) -> None:
     with alloc.alloc(3 * P) as region:
         region[:] = data = pattern(3 * P)
-        region._protect(P, P, int(Perm.NONE), int(Perm.NONE), 1)  # an unreadable middle page
-        region._protect(2 * P, P, int(R), int(Perm.NONE), 1)
+        region.protect(Perm(int(Perm.NONE)), P, P)  # an unreadable middle page
+        region.protect(Perm(int(R)), 2 * P, P)
         alloc.realloc(region, 5 * P)
         assert kernel_runs(region) == [(0, P, R | W), (P, P, Perm.NONE), (2 * P, 3 * P, R)]
         assert region.protections() == kernel_runs(region)
-        assert region._prot == Perm.NONE and region.mixed
-        region._protect(0, region.capacity, int(R), int(R), 0)
+        assert region._prot == -1 and region.mixed
+        region.protect(Perm(int(R)), 0, region.capacity)
         assert bytes(region) == data + bytes(2 * P)
 
 
@@ -548,7 +548,7 @@ def test_realloc_of_a_mixed_region_leaves_no_mapping_behind() -> None:
     ours = {X, Perm.NONE}
     before = mapped_intervals(perms=ours)
     with alloc.alloc(2 * P) as region:
-        region._protect(P, P, int(Perm.NONE), int(Perm.NONE), 1)
+        region.protect(Perm(int(Perm.NONE)), P, P)
         alloc.realloc(region, 8 * P)
         new = subtract(mapped_intervals(perms=ours), before)
         assert new == [(region.address, region.address + 8 * P)]
@@ -561,7 +561,7 @@ def test_realloc_within_the_capacity_of_a_mixed_region_zeroes_each_page_safely()
         region[:] = pattern(3 * P)
         with memoryview(region):
             alloc.realloc(region, 100)
-        region._protect(P, P, int(R), int(R), 1)  # a read-only page in the middle
+        region.protect(Perm(int(R)), P, P)  # a read-only page in the middle
         alloc.realloc(region, 2 * P + 100)  # used to memset the read-only page: SIGSEGV
         assert kernel_runs(region) == [(0, P, R | W), (P, P, R), (2 * P, P, R | W)]
         assert bytes(region[100:]) == bytes(2 * P)

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mmap_alloc import AllocError
-from mmap_alloc._args import MAX_SIZE, integer, page_range, power_of_two, size
+from mmap_alloc._args import MAX_SIZE, integer, power_of_two, size
 
 P = 4096
 
@@ -99,62 +99,3 @@ def test_power_of_two_accepts_powers_of_two(k: int) -> None:
 def test_power_of_two_refuses_everything_else(n: int) -> None:
     with pytest.raises(ValueError, match=rf"^align must be a positive power of two, got {n}$"):
         power_of_two(n, "align")
-
-
-# ---------------------------------------------------------------- page_range
-
-
-@given(
-    capacity_pages=st.integers(0, 64),
-    offset_pages=st.integers(0, 64),
-    length=st.none() | st.integers(0, 64 * P),
-)
-def test_page_range_gives_whole_pages_within_the_capacity(
-    capacity_pages: int, offset_pages: int, length: int | None
-) -> None:
-    capacity, offset = capacity_pages * P, offset_pages * P
-    try:
-        start, n = page_range(offset, length, capacity, P)
-    except ValueError:
-        rounded = 0 if length is None else -(-length // P) * P
-        assert offset > capacity or offset + rounded > capacity
-        return
-    assert start == offset
-    assert n % P == 0
-    assert start + n <= capacity
-    if length is None:
-        assert start + n == capacity
-    else:
-        assert n - P < length <= n or length == n == 0
-
-
-@pytest.mark.parametrize("offset", [1, P - 1, P + 1, -P])
-def test_page_range_refuses_offsets_that_are_not_aligned_or_negative(offset: int) -> None:
-    with pytest.raises(ValueError, match="offset must be a non-negative multiple of the page size"):
-        page_range(offset, None, 4 * P, P)
-
-
-def test_page_range_refuses_a_negative_length() -> None:
-    with pytest.raises(ValueError, match="length must not be negative, got -1"):
-        page_range(0, -1, 4 * P, P)
-
-
-def test_page_range_refuses_an_offset_past_the_capacity() -> None:
-    with pytest.raises(ValueError, match=f"offset {5 * P} lies outside the region"):
-        page_range(5 * P, None, 4 * P, P)
-
-
-def test_page_range_refuses_a_length_past_the_capacity() -> None:
-    with pytest.raises(ValueError, match="lies outside the region"):
-        page_range(P, 3 * P + 1, 4 * P, P)
-
-
-def test_page_range_at_the_end_is_empty() -> None:
-    assert page_range(4 * P, None, 4 * P, P) == (4 * P, 0)
-    assert page_range(4 * P, 0, 4 * P, P) == (4 * P, 0)
-
-
-@pytest.mark.parametrize(("offset", "length"), [(0.0, None), (True, None), (0, 1.5), (0, "1")])
-def test_page_range_refuses_values_that_are_not_integers(offset: object, length: object) -> None:
-    with pytest.raises(TypeError, match=r"(offset|length) must be an integer"):
-        page_range(offset, length, 4 * P, P)

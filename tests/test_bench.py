@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mmap_alloc import MapAlloc, Perm
-from mmap_alloc._platform import PAGE_SIZE as P
+from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc.bench import _limits, cases, report
 from mmap_alloc.bench.harness import Case, Runner, Variant
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from mmap_alloc import Layout, MapAlloc, MapAllocBuilder, Perm
-from mmap_alloc._platform import PAGE_SIZE as P
+from mmap_alloc._linux import PAGE_SIZE as P
 
 R, W, X = Perm.READ, Perm.WRITE, Perm.EXEC
 

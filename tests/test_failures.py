@@ -14,12 +14,12 @@ import textwrap
 
 import pytest
 
-from mmap_alloc._platform import max_map_count
+from mmap_alloc._linux import max_map_count
 
 PRELUDE = """
 import ctypes, errno, resource
-from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, _mman
-from mmap_alloc._platform import PAGE_SIZE as P, mapping_count
+from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, Perm, _mman
+from mmap_alloc._linux import PAGE_SIZE as P, mapping_count
 MiB = 1 << 20
 
 def limit_address_space(n):
@@ -111,7 +111,7 @@ def test_failing_realloc_by_copy_past_the_address_space_limit_leaves_the_region_
         alloc = MapAlloc()
         region = alloc.alloc(2 * P)
         region[:] = b"\\x07" * (2 * P)
-        region._protect(P, P, 1, 1, 1)  # mixed protections: mremap cannot move it
+        region.protect(Perm(1), P, P)  # mixed protections: mremap cannot move it
         before = (region.address, region.size, region.capacity, _mman.mapped_bytes())
         try:
             alloc.realloc(region, 512 * MiB)
@@ -217,7 +217,7 @@ def test_a_close_that_must_split_a_mapping_at_the_limit_fails_and_keeps_the_regi
         """
         try:
             merged.dealloc(middle)
-        except OSError as exc:
+        except AllocError as exc:
             assert exc.errno == errno.ENOMEM, exc
         else:
             raise AssertionError("unmapping the middle of a mapping needed no new mapping")

@@ -1,29 +1,26 @@
-"""The C layer: system calls, the exporting Region base type, and its byte accounting."""
+"""The C layer: the Region base type, its protection record, exports, pins,
+views, byte accounting, and fork."""
 
 from __future__ import annotations
 
-import errno
+import gc
+import itertools
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from mmap_alloc import MapAlloc, Perm, _mman
-from mmap_alloc._platform import PAGE_SIZE as P
-from support import mapped_intervals, subtract
+from mmap_alloc import MapAlloc, Perm, Region, _mman
+from mmap_alloc._linux import PAGE_SIZE as P
+from support import kernel_runs, run_in_child
 
 MiB = 1 << 20
+RW = Perm.READ | Perm.WRITE
+ALLOC = MapAlloc()
 
 
-def exec_only() -> MapAlloc:
-    """Pages that never merge with the interpreter's own (--x)."""
-    return MapAlloc(read=False, write=False, exec=True)
-
-
-def exec_intervals() -> list[tuple[int, int]]:
-    return mapped_intervals(perms={Perm.EXEC})
-
-
-def new_bytes(before: list[tuple[int, int]]) -> int:
-    return sum(end - start for start, end in subtract(exec_intervals(), before))
+def four_pages() -> Region:
+    return ALLOC.alloc(4 * P)
 
 
 def test_page_size() -> None:
@@ -33,101 +30,38 @@ def test_page_size() -> None:
 def test_constants_are_the_kernels() -> None:
     assert (_mman.PROT_NONE, _mman.PROT_READ, _mman.PROT_WRITE, _mman.PROT_EXEC) == (0, 1, 2, 4)
     assert _mman.MADV_DONTNEED == 4
-    assert _mman.MREMAP_MAYMOVE == 1
+    assert (_mman.MADV_GUARD_INSTALL, _mman.MADV_GUARD_REMOVE) == (102, 103)
 
 
 # ---------------------------------------------------------------- accounting
 
 
-def test_mapped_bytes_follow_what_the_kernel_maps() -> None:
-    alloc = exec_only()
-    start, before = _mman.mapped_bytes(), exec_intervals()
-    with alloc.alloc(3 * P) as region:
-        assert _mman.mapped_bytes() - start == new_bytes(before) == 3 * P
-        alloc.realloc(region, 10 * P)
-        assert _mman.mapped_bytes() - start == new_bytes(before) == 10 * P
-        alloc.realloc(region, P)
-        assert _mman.mapped_bytes() - start == new_bytes(before) == P
-        with alloc.alloc(P, 2 * MiB):
-            assert _mman.mapped_bytes() - start == new_bytes(before) == 2 * P
-    assert _mman.mapped_bytes() == start
-
-
-def test_mapped_bytes_follow_raw_calls() -> None:
+def test_mapped_bytes_follow_regions() -> None:
     start = _mman.mapped_bytes()
-    address = _mman.mmap(P + 1, _mman.PROT_READ, 0)
-    assert _mman.mapped_bytes() - start == 2 * P
-    _mman.munmap(address + P, P)
-    assert _mman.mapped_bytes() - start == P
-    _mman.munmap(address, 1)
-    assert _mman.mapped_bytes() == start
-
-
-def test_failed_calls_change_no_count() -> None:
-    start = _mman.mapped_bytes()
-    with pytest.raises(OSError) as info:
-        _mman.mmap(0, _mman.PROT_READ, 0)
-    assert info.value.errno == errno.EINVAL
-    with pytest.raises(OSError) as info:
-        _mman.munmap(1, P)
-    assert info.value.errno == errno.EINVAL
-    with pytest.raises(OSError) as info:
-        _mman.mmap(1 << 47, _mman.PROT_READ | _mman.PROT_WRITE, 0)
-    assert info.value.errno == errno.ENOMEM
+    with ALLOC.alloc(3 * P) as region:
+        assert _mman.mapped_bytes() - start == 3 * P
+        ALLOC.realloc(region, 10 * P)
+        assert _mman.mapped_bytes() - start == 10 * P
+        ALLOC.realloc(region, P)
+        assert _mman.mapped_bytes() - start == P
+        with ALLOC.alloc(P, 2 * MiB):
+            assert _mman.mapped_bytes() - start == 2 * P
     assert _mman.mapped_bytes() == start
 
 
 def test_a_region_freed_by_the_collector_is_counted_out() -> None:
     start = _mman.mapped_bytes()
-    region = MapAlloc().alloc(5 * P)
+    region = ALLOC.alloc(5 * P)
     assert _mman.mapped_bytes() - start == 5 * P
     del region
     assert _mman.mapped_bytes() == start
 
 
-# ---------------------------------------------------------------- raw functions
-
-
-def test_raw_mmap_gives_private_anonymous_zeroed_memory() -> None:
-    import ctypes
-
-    address = _mman.mmap(P, _mman.PROT_READ | _mman.PROT_WRITE, 0)
-    try:
-        assert address % P == 0
-        assert ctypes.string_at(address, P) == bytes(P)
-    finally:
-        _mman.munmap(address, P)
-
-
-def test_raw_mprotect_and_madvise() -> None:
-    address = _mman.mmap(P, _mman.PROT_NONE, 0)
-    try:
-        _mman.mprotect(address, P, _mman.PROT_READ)
-        _mman.madvise(address, P, _mman.MADV_DONTNEED)
-        with pytest.raises(OSError) as info:
-            _mman.madvise(address + 1, P, _mman.MADV_DONTNEED)
-        assert info.value.errno == errno.EINVAL
-    finally:
-        _mman.munmap(address, P)
-
-
-@pytest.mark.parametrize(
-    ("function", "args"),
-    [
-        (_mman.mmap, (P, 0)),
-        (_mman.munmap, (0,)),
-        (_mman.mprotect, (0, P)),
-        (_mman.madvise, (0, P, 0, 0)),
-    ],
-)
-def test_raw_functions_check_their_argument_count(function: object, args: tuple[int, ...]) -> None:
-    with pytest.raises(TypeError, match="takes exactly"):
-        function(*args)  # type: ignore[operator]
-
-
-def test_raw_functions_refuse_negative_lengths() -> None:
-    with pytest.raises(ValueError, match="negative size"):
-        _mman.mmap(-1, 0, 0)
+def test_a_refused_mapping_changes_no_count() -> None:
+    start = _mman.mapped_bytes()
+    with pytest.raises(MemoryError):
+        ALLOC.alloc(1 << 47)
+    assert _mman.mapped_bytes() == start
 
 
 # ---------------------------------------------------------------- the Region base type
@@ -138,98 +72,258 @@ def test_region_base_type_cannot_be_instantiated() -> None:
         _mman.Region()
 
 
-def test_map_refuses_a_size_larger_than_the_capacity() -> None:
-    from mmap_alloc import Region
-
-    with pytest.raises(ValueError, match="size exceeds capacity"):
-        Region._map(2 * P, P, 3, 0, None)
-
-
-def test_adopt_refuses_a_null_address() -> None:
-    from mmap_alloc import Region
-
-    with pytest.raises(ValueError, match="bad mapping"):
-        Region._adopt(0, P, P, 3, None)
-
-
-def test_resize_refuses_a_size_larger_than_the_capacity() -> None:
-    with MapAlloc().alloc(P) as region, pytest.raises(ValueError, match="bad size or capacity"):
-        region._resize(2 * P, P, 0)
+@pytest.mark.parametrize(
+    "args",
+    [
+        (2 * P, P, 3, 0, 0, 0, P, P),  # size past the capacity
+        (0, P, 3, 0, 0, 0, P, P),  # empty
+        (P, P + 1, 3, 0, 0, 0, P, P),  # capacity not whole pages
+        (P, P, 8, 0, 0, 0, P, P),  # no such protection
+        (P, P, 3, 0, 0, 0, P, 3 * P),  # alignment not a power of two
+        (P, P, 3, 0, 0, 0, P, P // 2),  # alignment below the page
+    ],
+)
+def test_map_refuses_bad_parameters(args: tuple[int, int, int, int, int, int, int, int]) -> None:
+    with pytest.raises(ValueError, match="bad mapping parameters"):
+        Region._map(*args, None, None)
 
 
-def test_private_range_methods_check_the_range() -> None:
-    with MapAlloc().alloc(P) as region:
-        for call in (
-            lambda: region._zero(0, P + 1, 3),
-            lambda: region._advise(P, 1, _mman.MADV_DONTNEED),
-            lambda: region._mincore(2 * P, 0),
-            lambda: region._protect(0, 2 * P, 1, 1, 0),
-            lambda: region._flush_icache(0, P + 1),
-        ):
-            with pytest.raises(ValueError, match="range lies outside the region"):
-                call()
-        assert region.perms == Perm.READ | Perm.WRITE
+def test_map_reports_the_kernels_refusal_as_os_error() -> None:
+    with pytest.raises(OSError) as info:
+        Region._map(P, 1 << 47, 3, 0, 0, 0, P, P, None, None)
+    assert info.value.errno == 12
 
 
-def test_swap_and_copy_need_another_region() -> None:
-    with MapAlloc().alloc(P) as region:
-        with pytest.raises(TypeError, match="needs another region"):
-            region._swap(b"x")  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="needs another region"):
-            region._copy_from(b"x", 1)  # type: ignore[arg-type]
+def test_map_records_owner_backing_page_and_alignment() -> None:
+    owner, backing = object(), "normal"
+    region = Region._map(10, P, 3, 0, 0, 0, P, 1 << 21, owner, backing)
+    with region:
+        assert region._owner is owner and region._backing is backing
+        assert (region.size, region.capacity, region._page, region._align) == (10, P, P, 1 << 21)
+        assert region.address % (1 << 21) == 0
 
 
-def test_swap_exchanges_mappings_of_idle_regions() -> None:
-    alloc = MapAlloc()
-    with alloc.alloc(P) as a, alloc.alloc(2 * P) as b:
-        a[0], b[0] = 1, 2
-        a_address, b_address = a.address, b.address
-        a._swap(b)
-        assert (a.address, a.capacity, a[0]) == (b_address, 2 * P, 2)
-        assert (b.address, b.capacity, b[0]) == (a_address, P, 1)
-        with memoryview(b), pytest.raises(BufferError):
-            a._swap(b)
+# ---------------------------------------------------------------- the record
 
 
-def test_an_empty_mincore_range_is_empty() -> None:
-    with MapAlloc().alloc(P) as region:
-        assert region._mincore(P, 0) == b""
+def test_a_new_region_has_one_run() -> None:
+    with four_pages() as region:
+        assert region._runs() == [(0, 4 * P, 3, 0)]
+        assert region._prot == 3 and not region.mixed
 
 
-# ---------------------------------------------------------------- no lock on the fast paths
-# protect(perms), make_exec() and make_writable() of a whole region run in C
-# without the Python layer's lock; the calls below let the Python layer act on
-# what it read without a window in which such a call could make it wrong.
+def test_protecting_the_middle_splits_the_record_in_three() -> None:
+    with four_pages() as region:
+        region.protect(Perm.READ, P, 2 * P)
+        assert region._runs() == [(0, P, 3, 0), (P, 2 * P, 1, 0), (3 * P, P, 3, 0)]
+        assert region._prot == -1 and region.mixed
 
 
-def test_protect_with_a_stale_expectation_changes_nothing() -> None:
-    rw = int(Perm.READ | Perm.WRITE)
-    with MapAlloc().alloc(2 * P) as region:
-        stale = int(Perm.READ)  # what the caller believed, uniform
-        assert region._protect(0, P, int(Perm.NONE), int(Perm.NONE), 1, stale) is False
-        assert region.protections() == [(0, 2 * P, Perm.READ | Perm.WRITE)]
-        assert (region._prot, region._mixed) == (rw, False)
-        assert region._protect(0, P, int(Perm.READ), int(Perm.READ), 1, rw) is True
-        assert region.protections() == [(0, P, Perm.READ), (P, P, Perm.READ | Perm.WRITE)]
+def test_alike_neighbours_merge_back_into_one_run() -> None:
+    with four_pages() as region:
+        region.protect(Perm.READ, P, P)
+        region.protect(Perm.NONE, 2 * P, P)
+        region.protect(RW, P, 2 * P)
+        assert region._runs() == [(0, 4 * P, 3, 0)]
 
 
-def test_zero_of_a_uniform_region_reads_its_protection_when_it_acts() -> None:
-    with MapAlloc().alloc(P) as region:
-        region[:] = b"\1" * P
-        region.protect(Perm.READ)  # not writable: _zero lends WRITE for the memset
-        region._zero(10, 20, -1)
-        assert region[:40] == b"\1" * 10 + bytes(20) + b"\1" * 10
-        assert region.protections() == [(0, P, Perm.READ)]
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7), st.integers(1, 8)), max_size=12))
+def test_the_record_matches_the_kernel_after_any_protects(
+    changes: list[tuple[int, int, int]],
+) -> None:
+    with ALLOC.alloc(8 * P) as region:
+        for prot, first, count in changes:
+            region.protect(Perm(prot), first * P, min(count, 8 - first) * P)
+        assert region.protections() == kernel_runs(region)
+        runs = region._runs()
+        assert all(a[2:] != b[2:] for a, b in itertools.pairwise(runs))  # merged
+        assert sum(length for _, length, _, _ in runs) == 8 * P
 
 
-def test_zero_of_a_mixed_region_needs_the_protection() -> None:
-    with MapAlloc().alloc(2 * P) as region:
-        region.protect(Perm.READ, 0, P)
-        with pytest.raises(ValueError, match="mixed"):
-            region._zero(0, 10, -1)
+def test_dontfork_is_a_flag_of_the_run() -> None:
+    with four_pages() as region:
+        region.advise("dontfork", P, P)
+        assert region._runs() == [(0, P, 3, 0), (P, P, 3, 2), (2 * P, 2 * P, 3, 0)]
+        assert not region.mixed  # the protection is the same everywhere
+        region.advise("dofork", P, P)
+        assert region._runs() == [(0, 4 * P, 3, 0)]
 
 
-def test_flush_icache_of_an_unreadable_region_does_nothing() -> None:
-    with MapAlloc(read=False, write=False).alloc(P) as region:
-        region._flush_icache(0, P)  # would fault on arm64 if it touched the page
-        region.flush_icache()
+# ---------------------------------------------------------------- exports
+
+
+def test_each_buffer_is_counted_once_and_released() -> None:
+    with four_pages() as region:
+        first = memoryview(region)
+        second = region.view(10, 20)
+        assert region._exports == 2
+        first.release()
+        assert region._exports == 1
+        del second
+        assert region._exports == 0
+
+
+def test_an_export_blocks_only_the_access_it_needs() -> None:
+    with four_pages() as region:
+        with region.view(P, 10):  # writable: needs READ and WRITE of page 1
+            region.protect(Perm.NONE, 2 * P, P)  # another page: fine
+            with pytest.raises(BufferError, match="1 exported buffer"):
+                region.protect(Perm.READ, P, P)
+        region.protect(Perm.READ, P, P)
+        with region.view(P, 10) as view:  # read-only now: needs READ only
+            assert view.readonly
+            region.protect(Perm.READ | Perm.EXEC, P, P)
+            with pytest.raises(BufferError):
+                region.protect(Perm.EXEC, P, P)
+
+
+def test_the_exporter_of_a_view_cannot_reach_the_region() -> None:
+    with four_pages() as region, region.view() as view:
+        assert type(view.obj) is _mman.View
+        assert not [name for name in dir(view.obj) if not name.startswith("__")]
+        with pytest.raises(TypeError):
+            _mman.View()
+
+
+# ---------------------------------------------------------------- pins
+
+
+def test_a_pin_counts_once_and_dies_with_its_last_reference() -> None:
+    with MapAlloc(exec=True).alloc(P) as region:
+        pin = region._pin(0)
+        assert region._pins == 1
+        assert pin.address == region.address
+        with pytest.raises(BufferError):
+            region.close()
+        del pin
+        assert region._pins == 0
+
+
+def test_a_pin_needs_executable_code() -> None:
+    with four_pages() as region:
+        with pytest.raises(ValueError, match="not executable"):
+            region._pin(0)
+        assert region._pins == 0
+
+
+def test_a_pin_in_a_reference_cycle_holds_until_collected() -> None:
+    with MapAlloc(exec=True).alloc(P) as region:
+        holder: list[object] = [region._pin(0)]
+        holder.append(holder)
+        del holder
+        assert region._pins == 1
+        gc.collect()
+        assert region._pins == 0
+
+
+def test_pins_cannot_be_made_directly() -> None:
+    with pytest.raises(TypeError):
+        _mman.Pin()
+
+
+# ---------------------------------------------------------------- fork
+
+
+def test_a_busy_count_does_not_survive_into_a_forked_child() -> None:
+    import threading
+
+    region = ALLOC.alloc(64 * MiB)
+    started, release = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        started.set()
+        while not release.is_set():
+            ALLOC.commit(region)  # the GIL is released while the kernel works
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    started.wait()
+    try:
+        for _ in range(200):
+            if region._busy:
+                break
+        status = run_in_child(region.close)  # the thread inside commit() is not in the child
+    finally:
+        release.set()
+        thread.join()
+    assert status == 0
+    region.close()
+
+
+def test_dontfork_pages_are_zero_pages_in_a_child() -> None:
+    with four_pages() as region:
+        region[:] = b"\1" * len(region)
+        region.advise("dontfork", P, P)
+        view = memoryview(region)
+
+        def child() -> None:
+            assert view[P : 2 * P] == bytes(P)  # mapped, zero, not a hole
+            assert view[0] == 1 and view[2 * P] == 1
+            assert region._runs() == [(0, 4 * P, 3, 0)]
+
+        assert run_in_child(child) == 0
+        view.release()
+        assert region[P] == 1
+
+
+# ---------------------------------------------------------------- page ranges
+# Every method taking (offset, length) of whole pages reads them this way.
+
+
+@given(
+    capacity_pages=st.integers(1, 64),
+    offset_pages=st.integers(0, 64),
+    length=st.none() | st.integers(0, 64 * P),
+)
+def test_page_range_gives_whole_pages_within_the_capacity(
+    capacity_pages: int, offset_pages: int, length: int | None
+) -> None:
+    capacity, offset = capacity_pages * P, offset_pages * P
+    region = ALLOC.alloc(capacity)
+    try:
+        start, n = region._page_range(offset, length)
+    except ValueError:
+        rounded = 0 if length is None else -(-length // P) * P
+        assert offset > capacity or offset + rounded > capacity
+        return
+    finally:
+        region.close()
+    assert start == offset
+    assert n % P == 0
+    assert start + n <= capacity
+    if length is None:
+        assert start + n == capacity
+    else:
+        assert n - P < length <= n or length == n == 0
+
+
+@pytest.mark.parametrize("offset", [1, P - 1, P + 1, -P])
+def test_page_range_refuses_offsets_that_are_not_aligned_or_negative(offset: int) -> None:
+    with pytest.raises(ValueError, match="offset must be a non-negative multiple of the page size"):
+        four_pages()._page_range(offset, None)
+
+
+def test_page_range_refuses_a_negative_length() -> None:
+    with pytest.raises(ValueError, match="length must not be negative, got -1"):
+        four_pages()._page_range(0, -1)
+
+
+def test_page_range_refuses_an_offset_past_the_capacity() -> None:
+    with pytest.raises(ValueError, match=f"offset {5 * P} lies outside the region"):
+        four_pages()._page_range(5 * P, None)
+
+
+def test_page_range_refuses_a_length_past_the_capacity() -> None:
+    with pytest.raises(ValueError, match="lies outside the region"):
+        four_pages()._page_range(P, 3 * P + 1)
+
+
+def test_page_range_at_the_end_is_empty() -> None:
+    assert four_pages()._page_range(4 * P, None) == (4 * P, 0)
+    assert four_pages()._page_range(4 * P, 0) == (4 * P, 0)
+
+
+@pytest.mark.parametrize(("offset", "length"), [(0.0, None), (True, None), (0, 1.5), (0, "1")])
+def test_page_range_refuses_values_that_are_not_integers(offset: object, length: object) -> None:
+    with pytest.raises(TypeError, match=r"(offset|length) must be an integer"):
+        four_pages()._page_range(offset, length)

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from mmap_alloc import MapAlloc
-from mmap_alloc._platform import mappings
-from mmap_alloc.hugepages import Backing, thp_available
+from mmap_alloc._linux import mappings
+from mmap_alloc.backings import Backing, thp_available
 
 np = pytest.importorskip("numpy")
 mnp = pytest.importorskip("mmap_alloc.numpy")

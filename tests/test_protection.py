@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmap_alloc import AllocError, MapAlloc, Perm, Region, _mman
-from mmap_alloc._platform import hugepage_pools, mapping_count
+from mmap_alloc._linux import hugepage_pools, mapping_count
 from mmap_alloc.perm import ALL_PERMS
 
 R, W, X = Perm.READ, Perm.WRITE, Perm.EXEC
@@ -42,7 +42,7 @@ def machine_code(operation: str) -> bytes:
 def maps_perms(region: Region) -> list[Perm]:
     """The protection of each page of the region, parsed from /proc/self/maps here
     (independently of the library's reader)."""
-    page = region._owner.page_size
+    page = region._page
     start, end = region.address, region.address + region.capacity
     pages: list[Perm] = []
     with open("/proc/self/maps") as maps:
@@ -62,7 +62,7 @@ def expanded(runs: list[tuple[int, int, Perm]], page: int) -> list[Perm]:
 
 def assert_agrees_with_maps(region: Region, expected: list[Perm] | None = None) -> None:
     """protections(), perms and mixed say what /proc/self/maps says."""
-    page = region._owner.page_size
+    page = region._page
     actual = maps_perms(region)
     runs = region.protections()
     assert sum(length for _o, length, _p in runs) == region.capacity
@@ -159,7 +159,7 @@ def test_protect_with_zero_length_changes_nothing(region: Region) -> None:
 
 
 def test_protect_accepts_the_int_value_of_perms(region: Region) -> None:
-    region.protect(1)  # type: ignore[arg-type]
+    region.protect(1)
     assert region.perms == R
 
 
@@ -256,7 +256,7 @@ def test_bad_range_is_a_value_error_and_changes_nothing(
 
 
 def page_size_is(size: int) -> bool:
-    from mmap_alloc._platform import PAGE_SIZE
+    from mmap_alloc._linux import PAGE_SIZE
 
     if size != PAGE_SIZE:
         pytest.skip("these ranges are written for 4 KiB pages")
@@ -301,8 +301,8 @@ def test_failed_mprotect_at_map_count_limit_leaves_protections_as_they_were() ->
     # splits until enough mappings have been released for them to succeed.
     result = run_child(
         """
-        from mmap_alloc import AllocError, MapAlloc, Perm, _mman
-        from mmap_alloc._platform import PAGE_SIZE as page
+        from mmap_alloc import AllocError, MapAlloc, Perm
+        from mmap_alloc._linux import PAGE_SIZE as page
 
         RW, R = Perm.READ | Perm.WRITE, Perm.READ
         alloc = MapAlloc()
@@ -311,10 +311,11 @@ def test_failed_mprotect_at_map_count_limit_leaves_protections_as_they_were() ->
         mixed.protect(R, page, page)
         before = {"uniform": uniform.protections(), "mixed": mixed.protections()}
         fillers = []
+        makers = (MapAlloc(write=False), MapAlloc(read=False, write=False))
         try:
             while True:  # alternate protections so that neighbours never merge
-                fillers.append(_mman.mmap(page, 1 + len(fillers) % 2, 0))
-        except OSError:
+                fillers.append(makers[len(fillers) % 2].alloc(page))
+        except AllocError:
             pass
         failures = {"uniform": 0, "mixed": 0}
         for name, region, offset in (("uniform", uniform, page), ("mixed", mixed, 2 * page)):
@@ -325,7 +326,7 @@ def test_failed_mprotect_at_map_count_limit_leaves_protections_as_they_were() ->
                 except AllocError:
                     failures[name] += 1
                     assert region.protections() == before[name], region.protections()
-                    _mman.munmap(fillers.pop(), page)
+                    fillers.pop().close()
         RX = Perm.READ | Perm.EXEC
         assert uniform.protections() == [(0, page, RW), (page, page, RX), (2 * page, page, RW)]
         assert mixed.protections() == [

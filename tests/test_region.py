@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from mmap_alloc import MapAlloc, Perm, Region
-from mmap_alloc._platform import PAGE_SIZE as P
+from mmap_alloc._linux import PAGE_SIZE as P
 from support import SIGSEGV, pattern, run_in_child
 
 R, W, X = Perm.READ, Perm.WRITE, Perm.EXEC
@@ -62,7 +62,7 @@ def test_perms_are_those_in_force(perms: Perm) -> None:
 def test_protections_cover_the_capacity(alloc: MapAlloc) -> None:
     with alloc.alloc(3 * P) as r:
         assert r.protections() == [(0, 3 * P, R | W)]
-        r._protect(P, P, int(R), int(R), 1)
+        r.protect(Perm(int(R)), P, P)
         assert r.protections() == [(0, P, R | W), (P, P, R), (2 * P, P, R | W)]
 
 

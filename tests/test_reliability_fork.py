@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 
 from mmap_alloc import CannotReallocInPlace, MapAlloc, Perm, Region
-from mmap_alloc._platform import PAGE_SIZE
+from mmap_alloc._linux import PAGE_SIZE
 from reliability_support import describe_status, run_child
 
 PAGE = PAGE_SIZE

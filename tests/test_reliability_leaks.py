@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from mmap_alloc import AllocError, MapAlloc, Perm
-from mmap_alloc._platform import PAGE_SIZE, mapping_count
+from mmap_alloc._linux import PAGE_SIZE, mapping_count
 from reliability_support import run_child
 
 PAGE = PAGE_SIZE

@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from mmap_alloc import CannotReallocInPlace, MapAlloc, Perm, Region
-from mmap_alloc._platform import PAGE_SIZE
+from mmap_alloc._linux import PAGE_SIZE
 from reliability_support import mapped_bytes, page_perms, read_maps
 
 try:
@@ -96,6 +96,15 @@ def common(pages: list[Perm]) -> Perm:
 
 
 @dataclass
+class Export:
+    """A live buffer of a region: the pages it covers and whether it is writable."""
+
+    obj: Any
+    pages: range
+    writable: bool
+
+
+@dataclass
 class Model:
     """What one live region should be."""
 
@@ -104,8 +113,16 @@ class Model:
     data: bytearray  # the bytes [0, size)
     pages: list[Perm]  # the protection of each page of the capacity
     address: int
-    exports: list[Any] = field(default_factory=list)
+    exports: list[Export] = field(default_factory=list)
     functions: list[Any] = field(default_factory=list)
+
+    def touched(self, start: int, stop: int) -> list[Perm]:
+        """The protections of the pages bytes [start, stop) touch."""
+        return [self.pages[i] for i in range(start // PAGE, -(-stop // PAGE))]
+
+    def access(self, start: int, stop: int) -> Perm:
+        """What every page bytes [start, stop) touch allows."""
+        return common(self.touched(start, stop))
 
     @property
     def size(self) -> int:
@@ -207,7 +224,7 @@ class MachineBase(RuleBasedStateMachine):
                 model.size,
                 model.capacity,
             )
-            assert region._exports == len(model.exports) + len(model.functions)
+            assert region._exports == len(model.exports)
             assert region._pins == len(model.functions)
             assert page_perms(vmas, model.address, model.capacity, PAGE) == model.pages, (
                 "protections differ from /proc/self/maps"
@@ -215,7 +232,7 @@ class MachineBase(RuleBasedStateMachine):
             assert region.mixed == (len(set(model.pages)) > 1)
             if not region.mixed:
                 assert region.perms == model.pages[0]
-            assert Perm(region._prot) == common(model.pages)
+            assert region._prot == (-1 if region.mixed else model.pages[0])
             self.check_contents(model)
             spans.append((model.address, model.address + model.capacity))
         spans.sort()
@@ -224,7 +241,7 @@ class MachineBase(RuleBasedStateMachine):
 
     def check_contents(self, model: Model) -> None:
         region = model.region
-        if common(model.pages) & R:
+        if model.access(0, model.size) & R:
             assert bytes(region) == model.data
             return
         # Not readable through the buffer: compare the readable pages directly.
@@ -296,13 +313,18 @@ class CoreRules(MachineBase):
     def realloc(self, index: int, new_size: int) -> None:
         model = self.pick(index)
         new_capacity = capacity_of(new_size)
-        if model.busy and new_capacity > model.capacity:
+        stays = new_capacity == model.capacity or (new_capacity < model.capacity and model.exports)
+        if (
+            (new_capacity > model.capacity and model.busy)
+            or (stays and model.functions and new_size > model.size)  # would re-zero pinned code
+            or (not stays and model.functions)  # would drop or move pinned code
+        ):
             with self.expect("realloc", BufferError):
                 model.alloc.realloc(model.region, new_size)
             return
         with self.expect("realloc", None):
             assert model.alloc.realloc(model.region, new_size) is model.region
-        if model.busy or new_capacity == model.capacity:
+        if stays:
             assert model.region.address == model.address, "realloc moved a region it must keep"
             model.resize(new_size, model.capacity)
         else:
@@ -315,6 +337,10 @@ class CoreRules(MachineBase):
         model = self.pick(index)
         if new_size < model.size:
             with self.expect("grow_in_place", ValueError):
+                model.alloc.grow_in_place(model.region, new_size)
+            return
+        if model.functions and min(new_size, model.capacity) > model.size:
+            with self.expect("grow_in_place", BufferError):  # would re-zero pinned code
                 model.alloc.grow_in_place(model.region, new_size)
             return
         COUNTS["grow_in_place"] += 1
@@ -352,9 +378,13 @@ class CoreRules(MachineBase):
                 call(model.region, start, length)
             return
         pages = self.span(model, start, length)
-        if commit:
-            readable = any(model.pages[i] & R for i in pages)
-            with self.expect(name, None if readable or not pages else ValueError):
+        if commit:  # pages that can be read or written are committed; none at all: ValueError
+            reachable = any(model.pages[i] & RW for i in pages)
+            with self.expect(name, None if reachable or not pages else ValueError):
+                call(model.region, start, length)
+            return
+        if model.functions and pages:
+            with self.expect(name, BufferError):  # pinned code keeps its contents
                 call(model.region, start, length)
             return
         with self.expect(name, None):
@@ -378,8 +408,7 @@ class CoreRules(MachineBase):
         start = at % model.size
         stop = min(start + length, model.size)
         payload = bytes((fill + i) & 0xFF for i in range(stop - start))
-        perms = common(model.pages)
-        error = BufferError if not perms & R else TypeError if not perms & W else None
+        error = None if model.access(start, stop) & W else TypeError  # writing needs WRITE only
         with self.expect("write", error):
             model.region[start:stop] = payload
         if error is None:
@@ -393,7 +422,9 @@ class CoreRules(MachineBase):
     def read(self, index: int, at: int, length: int) -> None:
         model = self.pick(index)
         start = at % model.size
-        error = None if common(model.pages) & R else BufferError
+        stop = min(start + length, model.size)
+        readable = model.access(start, start + 1) & R and model.access(start, stop) & R
+        error = None if readable else BufferError
         with self.expect("read", error):
             assert model.region[start] == model.data[start]
             assert model.region[start : start + length] == model.data[start : start + length]
@@ -402,30 +433,33 @@ class CoreRules(MachineBase):
     @rule(index=indexes, kind=st.sampled_from(EXPORT_KINDS))
     def export(self, index: int, kind: str) -> None:
         model = self.pick(index)
-        perms = common(model.pages)
+        perms = model.access(0, model.size)  # a buffer of the region covers its size
         region = model.region
+        pages = range(-(-model.size // PAGE))
+        writable = bool(perms & R and perms & W)
         if kind == "ctypes":
             error = BufferError if not perms & R else TypeError if not perms & W else None
             with self.expect("export ctypes", error):
-                model.exports.append((ctypes.c_char * model.size).from_buffer(region))
+                obj: Any = (ctypes.c_char * model.size).from_buffer(region)
+                model.exports.append(Export(obj, pages, writable))
             return
         error = None if perms & R else BufferError
         with self.expect(f"export {kind}", error):
             if kind == "numpy":
                 assert numpy is not None
                 array = numpy.frombuffer(region, dtype=numpy.uint8)  # type: ignore[call-overload]
-                assert array.flags.writeable == bool(perms & W)
-                model.exports.append(array)
+                assert array.flags.writeable == writable
+                model.exports.append(Export(array, pages, writable))
             else:
                 view = memoryview(region)
-                assert view.readonly == (not perms & W)
-                model.exports.append(view)
+                assert view.readonly == (not writable)
+                model.exports.append(Export(view, pages, writable))
 
     @precondition(lambda self: any(model.exports for model in self.live))
     @rule(index=indexes, which=indexes, fill=st.integers(0, 255))
     def write_through_export(self, index: int, which: int, fill: int) -> None:
         model = next(m for m in self.live[index % len(self.live) :] + self.live if m.exports)
-        export = model.exports[which % len(model.exports)]
+        export = model.exports[which % len(model.exports)].obj
         with memoryview(export).cast("B") as view:  # a view of its own: released here
             if view.readonly:
                 return
@@ -440,7 +474,7 @@ class CoreRules(MachineBase):
     @rule(index=indexes, which=indexes)
     def release_export(self, index: int, which: int) -> None:
         model = next(m for m in self.live[index % len(self.live) :] + self.live if m.exports)
-        export = model.exports.pop(which % len(model.exports))
+        export = model.exports.pop(which % len(model.exports)).obj
         COUNTS["release"] += 1
         if isinstance(export, memoryview):
             export.release()
@@ -533,13 +567,13 @@ class ProtectionRules(MachineBase):
         """BufferError when protecting ``pages`` of a region whose pages are
         ``before`` would take EXEC from a pinned page or READ/WRITE from the
         exported buffer; else None."""
-        after = list(before)
-        for i in pages:
-            after[i] = perms
-        if model.functions and any(before[i] & X and not perms & X for i in pages):
+        changed = [i for i in pages if before[i] != perms]
+        if model.functions and any(before[i] & X and not perms & X for i in changed):
             return BufferError
-        if model.exports and common(before) & ~common(after) & RW:
-            return BufferError
+        for export in model.exports:  # each needs READ, and WRITE if writable, of its pages
+            covered = [i for i in changed if i in export.pages]
+            if covered and (not perms & R or (export.writable and not perms & W)):
+                return BufferError
         return None
 
     def apply_protect(
@@ -609,28 +643,25 @@ class ProtectionRules(MachineBase):
     @precondition(lambda self: self.live)
     @rule(index=indexes, fill=st.integers(0, 255))
     def writable_block(self, index: int, fill: int) -> None:
-        """with region.writable(): write; read/exec after (or BufferError at either end)."""
+        """with region.writable(): write; read/exec after. Entry refuses (BufferError,
+        nothing changed) what leaving could not undo: functions pinning executable
+        pages, or writable buffers that read/exec pages would break."""
         model = self.pick(index)
         all_pages = range(len(model.pages))
-        enter_error = self.expected_protect_error(model, model.pages, RW, all_pages)
-        exit_error = self.expected_protect_error(model, [RW] * len(all_pages), R | X, all_pages)
+        enter_error = self.expected_protect_error(
+            model, model.pages, R | X, all_pages
+        ) or self.expected_protect_error(model, model.pages, RW, all_pages)
         COUNTS["writable()"] += 1
         if enter_error is not None:
             with pytest.raises(enter_error), model.region.writable():
                 pass
             COUNTS["writable(): BufferError on entry"] += 1
             return
-        try:
-            with model.region.writable():
-                model.pages = [RW] * len(all_pages)
-                model.region[0] = fill
-                model.data[0] = fill
-        except BufferError:
-            assert exit_error is BufferError
-            COUNTS["writable(): BufferError on exit"] += 1
-        else:
-            assert exit_error is None
-            model.pages = [R | X] * len(all_pages)
+        with model.region.writable():
+            model.pages = [RW] * len(all_pages)
+            model.region[0] = fill
+            model.data[0] = fill
+        model.pages = [R | X] * len(all_pages)
 
     @precondition(lambda self: self.live)
     @rule(index=indexes, at=st.integers(0, MAX_PAGES * PAGE))

@@ -9,7 +9,7 @@ RLIMIT_AS (test_reliability_faults).
 from __future__ import annotations
 
 from mmap_alloc import AllocError, MapAlloc, Perm, Region
-from mmap_alloc._platform import PAGE_SIZE
+from mmap_alloc._linux import PAGE_SIZE
 from reliability_support import run_forked
 
 PAGE = PAGE_SIZE

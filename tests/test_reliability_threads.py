@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from mmap_alloc import CannotReallocInPlace, MapAlloc, Perm, Region
-from mmap_alloc._platform import PAGE_SIZE
+from mmap_alloc._linux import PAGE_SIZE
 from reliability_support import run_child
 
 PAGE = PAGE_SIZE

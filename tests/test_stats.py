@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from mmap_alloc import MapAlloc, Perm, Region, stats
-from mmap_alloc.hugepages import Backing, thp_available
+from mmap_alloc.backings import Backing, thp_available
 from mmap_alloc.stats import AllocStats, RegionStats
 
 needs_thp = pytest.mark.skipif(not thp_available(), reason="transparent huge pages unavailable")

@@ -5,9 +5,9 @@ in-place resizing and huge pages, after the Rust crate mmap-alloc.
 """
 
 from .allocator import Layout, MapAlloc
+from .backings import Backing
 from .builder import MapAllocBuilder
 from .exceptions import AllocError, CannotReallocInPlace, MapAllocError
-from .hugepages import Backing
 from .perm import Perm
 from .pool import ObjectPool, PoolStats
 from .region import Region

@@ -43,29 +43,3 @@ def power_of_two(value: object, name: str) -> int:
     if n <= 0 or n & (n - 1):
         raise ValueError(f"{name} must be a positive power of two, got {n}")
     return n
-
-
-def page_range(offset: object, length: object, capacity: int, page: int) -> tuple[int, int]:
-    """(offset, length) of whole pages within ``capacity`` bytes.
-
-    ``offset`` must be page-aligned; ``length`` rounds up to whole pages;
-    None means to the end of the capacity.
-    """
-    start = integer(offset, "offset")
-    if start < 0 or start % page:
-        raise ValueError(
-            f"offset must be a non-negative multiple of the page size {page}, got {start}"
-        )
-    if start > capacity:
-        raise ValueError(f"offset {start} lies outside the region (capacity {capacity})")
-    if length is None:
-        return start, capacity - start
-    n = integer(length, "length")
-    if n < 0:
-        raise ValueError(f"length must not be negative, got {n}")
-    n = -(-n // page) * page
-    if n > capacity - start:
-        raise ValueError(
-            f"offset {start} + length {n} lies outside the region (capacity {capacity})"
-        )
-    return start, n

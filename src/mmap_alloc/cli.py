@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from ._platform import (
+from ._linux import (
     PAGE_SIZE,
     format_size,
     hugepage_pools,

@@ -1,8 +1,10 @@
-"""The library's own exceptions."""
+"""The library's own exceptions (the C layer raises them too)."""
 
 from __future__ import annotations
 
 import errno as _errno
+
+from . import _mman
 
 
 class MapAllocError(Exception):
@@ -23,3 +25,9 @@ class AllocError(MapAllocError, MemoryError):
 
 class CannotReallocInPlace(MapAllocError):
     """The region cannot grow or shrink without moving; nothing was changed."""
+
+
+CLOSED = "region is closed"
+"""The message of the ValueError for any use of a closed region."""
+
+_mman._register_errors(AllocError, CannotReallocInPlace)

@@ -1,22 +1,28 @@
-"""Region: one live allocation, a mapping that exports itself as a buffer."""
+"""Region: one live allocation, a mapping that is a bytes-like object.
+
+The C base (``_mman.Region``) owns everything that keeps memory safe: the
+mapping, the record of each page's protection, exports, pins, and every
+change of them. This class adds what is plain Python: properties that read
+the record as Perm values, the context manager, and conveniences.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import operator
+import math
 from _ctypes import CFuncPtr
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _mman, protection
+from . import _args, _mman, protection, stats
+from ._linux import ADVICE, ADVICE_SINCE, memlock_error
+from .backings import Backing
+from .exceptions import CLOSED
 from .perm import Perm
 
 if TYPE_CHECKING:
-    from numpy.typing import NDArray
-
-    from .hugepages import Backing
-    from .stats import RegionStats
+    from numpy.typing import DTypeLike, NDArray
 
 _F = TypeVar("_F", bound=CFuncPtr)
 
@@ -25,11 +31,13 @@ class Region(_mman.Region):
     """One live allocation: whole pages from the kernel, owned by this object.
 
     Made by MapAlloc.alloc() and its siblings, never directly. ``len(region)``
-    is the size asked for; ``capacity`` the bytes mapped. The region exports
-    its ``size`` bytes through the buffer protocol (memoryview, numpy,
-    ctypes.from_buffer); while any such buffer lives the region cannot be
-    unmapped, moved, shrunk, or lose read or write permission. Reading needs
-    READ (else BufferError), writing needs WRITE (else TypeError).
+    is the size asked for; ``capacity`` the bytes mapped. A region is a
+    bytes-like object of fixed length: ``region[i]``, ``region[a:b]``,
+    ``region[a:b] = data``, ``sub in region``, ``find()``, ``iter()``, and the
+    buffer protocol (memoryview, numpy, ctypes.from_buffer). Reading needs
+    READ (else BufferError), writing needs WRITE (else TypeError). While a
+    buffer lives, the pages it covers cannot be unmapped, moved, or lose the
+    access it needs.
 
     ``address`` is for interop with ctypes or cffi: memory behind it is only
     valid while the region is open.
@@ -39,69 +47,125 @@ class Region(_mman.Region):
 
     @property
     def perms(self) -> Perm:
-        """The permissions in force for the whole region.
-
-        ValueError when its pages differ (``mixed``): see protections().
-        """
-        self._check_open()
-        if self._mixed:
+        """The permissions of the whole region; ValueError when its pages
+        differ (``mixed``): see protections()."""
+        prot = self._prot
+        if prot < 0:
             raise ValueError("the region's pages differ in protection; see region.protections()")
-        return Perm(self._prot)
-
-    def protections(self) -> list[tuple[int, int, Perm]]:
-        """The (offset, length, perms) runs that cover the capacity, as the
-        kernel reports them in /proc/self/maps."""
-        return protection.runs(self)
-
-    # Protection and code: the logic is in protection.py.
+        return Perm(prot)
 
     @property
-    def mixed(self) -> bool:
-        """Whether pages of the region differ in protection."""
-        self._check_open()
-        return self._mixed
+    def backing(self) -> Backing:
+        """What backs the region, as recorded when it was mapped."""
+        if self.closed:
+            raise ValueError(CLOSED)
+        return Backing(str(self._backing))
 
-    # protect(), make_exec() and make_writable() are the C base's: it changes a
-    # whole region itself and hands every other case to these three.
-
-    def _protect_pages(self, perms: Perm, offset: int = 0, length: int | None = None) -> None:
-        protection.protect(self, perms, offset, length)
-
-    def _make_exec_pages(self, offset: int = 0, length: int | None = None) -> None:
-        protection.make_exec(self, offset, length)
-
-    def _make_writable_pages(self, offset: int = 0, length: int | None = None) -> None:
-        protection.make_writable(self, offset, length)
+    def protections(self) -> list[tuple[int, int, Perm]]:
+        """The (offset, length, perms) runs that cover the capacity, from the
+        region's own record (the authority its buffers are checked against)."""
+        runs: list[tuple[int, int, Perm]] = []
+        for offset, length, prot, _flags in self._runs():
+            if runs and runs[-1][2] == prot:
+                runs[-1] = (runs[-1][0], runs[-1][1] + length, runs[-1][2])
+            else:
+                runs.append((offset, length, Perm(prot)))
+        return runs
 
     def writable(
         self, offset: int = 0, length: int | None = None
-    ) -> contextlib.AbstractContextManager[Region]:
+    ) -> AbstractContextManager[Region]:
         """``with region.writable(): ...`` read/write inside, read/exec (flushed) after."""
         return protection.writable(self, offset, length)
 
-    def flush_icache(self, offset: int = 0, length: int | None = None) -> None:
-        """Make code written to the pages visible to instruction fetch (no-op on x86)."""
-        protection.flush_icache(self, offset, length)
-
     def function(self, prototype: type[_F], offset: int = 0) -> _F:
         """A ctypes function for the code at ``offset``; it pins the region
-        (no close, move, shrink, or loss of EXEC) while it exists."""
+        (no close, move, shrink, re-zeroing, or loss of EXEC) while it exists."""
         return protection.function(self, prototype, offset)
 
-    def _check_open(self) -> None:
-        if self.closed:
-            raise ValueError("region is closed")
+    def advise(self, advice: str, offset: int = 0, length: int | None = None) -> None:
+        """madvise(2) whole pages by name: "normal", "random", "sequential",
+        "willneed", "dontneed", "free", "cold", "pageout", "hugepage",
+        "nohugepage", "collapse", "dontfork", "dofork", "dontdump", "dodump",
+        "wipeonfork", "keeponfork", "populate_read", "populate_write".
+
+        Advice that discards contents ("dontneed", "free", "pageout") follows
+        uncommit's rules: refused (BufferError) while functions pin the region.
+        An unknown name is a ValueError; one the kernel lacks an OSError naming it.
+        """
+        try:
+            value = ADVICE[advice]
+        except (KeyError, TypeError):
+            names = ", ".join(ADVICE)
+            raise ValueError(f"unknown advice {advice!r}; one of: {names}") from None
+        try:
+            self._madvise(value, offset, length)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            since = ADVICE_SINCE.get(advice)
+            need = f" (needs {since})" if since else ""
+            raise OSError(exc.errno, f"madvise({advice!r}) failed: {exc.strerror}{need}") from None
+
+    def lock(self, offset: int = 0, length: int | None = None, *, on_fault: bool = False) -> None:
+        """Lock pages in memory (mlock; with ``on_fault``, mlock2(MLOCK_ONFAULT):
+        pages are locked as they are faulted in). AllocError naming
+        RLIMIT_MEMLOCK when the limit refuses; ``stats().locked_bytes`` tells."""
+        try:
+            self._mlock(bool(on_fault), offset, length)
+        except OSError as exc:
+            raise memlock_error(exc, self.capacity if length is None else length) from None
+
+    def unlock(self, offset: int = 0, length: int | None = None) -> None:
+        """Unlock pages locked by lock()."""
+        self._munlock(offset, length)
+
+    def stats(self) -> stats.RegionStats:
+        """Residency, huge page and locked bytes, page size and protections, measured now."""
+        return stats.region_stats(self)
+
+    def ndarray(
+        self, dtype: DTypeLike, shape: int | tuple[int, ...], offset: int = 0
+    ) -> NDArray[Any]:
+        """A C-ordered numpy array of ``shape`` and ``dtype`` over the region's
+        bytes at ``offset`` (needs numpy).
+
+        The array, and every view of it, pins those bytes: the region cannot be
+        unmapped or made unreadable under it. Read-only where a page lacks
+        WRITE; BufferError where one lacks READ. Works on the usable middle of
+        a region with guard pages.
+        """
+        import numpy as np
+
+        dt = array_dtype(dtype)
+        dims = array_shape(shape)
+        start = _args.integer(offset, "offset")
+        if start < 0:
+            raise ValueError(f"offset must not be negative, got {start}")
+        if start % dt.alignment:
+            raise ValueError(
+                f"offset {start} is not a multiple of the alignment {dt.alignment} of dtype {dt}"
+            )
+        nbytes = math.prod(dims) * dt.itemsize
+        if start + nbytes > self.size:
+            raise ValueError(
+                f"{nbytes} bytes at offset {start} do not fit in the region's {self.size} bytes"
+            )
+        pin = ArrayPin(self, start, nbytes)
+        array: NDArray[Any] = np.asarray(pin).view(dt).reshape(dims)
+        return array
 
     def __repr__(self) -> str:
         if self.closed:
             return f"<Region closed size={self.size}>"
+        perms = "mixed" if self.mixed else str(self.perms)
         return (
-            f"<Region {'mixed' if self._mixed else self.perms} address=0x{self.address:x} "
-            f"size={self.size} capacity={self.capacity}>"
+            f"<Region {perms} address=0x{self.address:x} size={self.size} capacity={self.capacity}>"
         )
 
     def __enter__(self) -> Region:
-        self._check_open()
+        if self.closed:
+            raise ValueError(CLOSED)
         return self
 
     def __exit__(
@@ -110,65 +174,66 @@ class Region(_mman.Region):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except BufferError as error:
+            # the body's exception is the one to see; the region stays open
+            exc.add_note(f"and the region was not closed: {error}")
 
-    @overload
-    def __getitem__(self, key: int) -> int: ...
-    @overload
-    def __getitem__(self, key: slice) -> bytes: ...
+    if TYPE_CHECKING:
 
-    def __getitem__(self, key: int | slice) -> int | bytes:
-        """A byte (an int) or a slice (bytes), bounds-checked as for bytearray."""
-        if not isinstance(key, slice):
-            key = _index(key)
-        with memoryview(self) as view:
-            item = view[key]
-            if isinstance(item, memoryview):
-                with item:
-                    return item.tobytes()
-            return int(item)
-
-    def __setitem__(self, key: int | slice, value: int | bytes) -> None:
-        """Write a byte or a slice; a slice keeps its length (the region cannot resize)."""
-        if not isinstance(key, slice):
-            key = _index(key)
-        with memoryview(self) as view:
-            view[key] = value  # type: ignore[index, assignment]
-
-    def __iter__(self) -> Iterator[int]:
-        """The bytes as ints, from a snapshot taken now."""
-        return iter(bytes(self))
-
-    @property
-    def backing(self) -> Backing:
-        """What backs the region: normal pages, THP (advised), or hugetlb pages."""
-        from .hugepages import backing_of
-
-        self._check_open()
-        return backing_of(self)
-
-    def stats(self) -> RegionStats:
-        """Residency, huge page use, kernel page size and protections, measured now."""
-        from .stats import region_stats
-
-        return region_stats(self)
-
-    def ndarray(self, dtype: Any, shape: int | tuple[int, ...], offset: int = 0) -> NDArray[Any]:
-        """A numpy array over the region's bytes at ``offset`` (needs numpy).
-
-        The array, and every view of it, pins the region: it cannot be unmapped
-        while any of them lives. A read-only region gives a read-only array.
-        """
-        from .numpy import ndarray
-
-        return ndarray(self, dtype, shape, offset)
+        def __iter__(self) -> Iterator[int]: ...
 
 
-def _index(key: object) -> int:
-    """An index as bytearray takes it: an int or an object with __index__."""
-    try:
-        return operator.index(key)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(
-            f"region indices must be integers or slices, not {type(key).__name__}"
-        ) from None
+class ArrayPin:
+    """The root of a numpy array's ``base`` chain: it holds a view of the
+    region (an export) for as long as any array over it lives. numpy finds the
+    memory through ``__array_interface__``; user code cannot release the view
+    (as it could ``array.base.release()`` on a memoryview numpy held)."""
+
+    __slots__ = ("__array_interface__", "_view", "region")
+
+    def __init__(self, region: Region, offset: int, nbytes: int) -> None:
+        view = region.view(offset, nbytes)  # the export: pins the bytes from here on
+        self._view = view
+        self.region = region
+        self.__array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (region.address + offset, view.readonly),
+            "version": 3,
+        }
+
+
+def array_dtype(dtype: DTypeLike) -> Any:
+    """``dtype`` as a numpy dtype that can live in raw memory."""
+    import numpy as np
+
+    dt = np.dtype(dtype)
+    if dt.hasobject:
+        raise TypeError(f"dtype {dt} holds Python objects, which cannot live in raw memory")
+    if dt.itemsize == 0:
+        raise ValueError(f"dtype {dt} has no size")
+    return dt
+
+
+def array_shape(shape: object) -> tuple[int, ...]:
+    """``shape`` as a tuple of non-negative ints."""
+    import numpy as np
+
+    if isinstance(shape, int | np.integer):
+        dims: tuple[object, ...] = (shape,)
+    else:
+        try:
+            dims = tuple(shape)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(
+                f"shape must be an int or a tuple of ints, not {type(shape).__name__}"
+            ) from None
+    result = tuple(_args.integer(n, "shape") for n in dims)
+    if any(n < 0 for n in result):
+        raise ValueError(f"shape must not have negative dimensions, got {result}")
+    return result

@@ -2,26 +2,24 @@
 
 Everything here is measured when asked, from the kernel: residency from
 mincore(2), huge page use from PAGEMAP_SCAN (exact, page by page; Linux 6.7)
-or else /proc/self/smaps, the kernel page size from /proc/self/smaps.
-Nothing is recorded per allocation, so allocators pay nothing for it.
+or else /proc/self/smaps, locked bytes and the kernel page size from
+/proc/self/smaps. Nothing is recorded per allocation, so allocators pay
+nothing for it. Regions are taken by what they offer (address, capacity,
+protections()), so this module imports none of the classes it describes.
 """
 
 from __future__ import annotations
 
 import gc
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
-from ._platform import PAGE_SIZE, pagemap_huge_bytes, smaps
-from .hugepages import Backing, backing_of
+from . import _mman
+from ._linux import PAGE_SIZE, pagemap_huge_bytes, resident_bytes, smaps
+from .exceptions import CLOSED
 from .perm import Perm
-from .region import Region
 
-if TYPE_CHECKING:
-    from .allocator import MapAlloc
-
-_RESIDENT = bytes(b & 1 for b in range(256))  # mincore: bit 0 of each byte
-_HUGE_FIELDS = ("AnonHugePages", "Private_Hugetlb", "Shared_Hugetlb")
+_HUGE_FIELDS = ("AnonHugePages", "ShmemPmdMapped", "Private_Hugetlb", "Shared_Hugetlb")
 
 
 @dataclass(frozen=True)
@@ -30,12 +28,14 @@ class RegionStats:
 
     size: int
     capacity: int
-    backing: Backing
+    backing: str
     """What was asked for and recorded (see Backing)."""
     resident_bytes: int
     """Bytes of the capacity in memory now (mincore)."""
     huge_bytes: int
     """Bytes of the capacity mapped by resident huge pages (THP or hugetlb)."""
+    locked_bytes: int
+    """Bytes of the capacity locked in memory (mlock; smaps ``Locked:``)."""
     kernel_page_size: int
     """The page size the kernel maps the region with (KernelPageSize in smaps)."""
     protections: tuple[tuple[int, int, Perm], ...]
@@ -54,60 +54,62 @@ class AllocStats:
     """Bytes of those regions in memory now (mincore)."""
 
 
-def resident_bytes(region: Region) -> int:
-    """Bytes of the region's capacity that are in memory now."""
-    vector = region._mincore(0, region.capacity)
-    return (len(vector) - vector.translate(_RESIDENT).count(0)) * PAGE_SIZE
+def _overlap(entry_start: int, entry_end: int, start: int, end: int) -> int:
+    return max(0, min(entry_end, end) - max(entry_start, start))
 
 
-def region_stats(region: Region) -> RegionStats:
-    """Residency, huge page use, kernel page size and protections of ``region``."""
+def region_stats(region: Any) -> RegionStats:
+    """Residency, huge page and locked bytes, kernel page size and protections."""
     if region.closed:
-        raise ValueError("region is closed")
+        raise ValueError(CLOSED)
     start = region.address
     end = start + region.capacity
-    resident = resident_bytes(region)
     entries = smaps(start, end)
     huge = pagemap_huge_bytes(start, end)
     if huge is None:
         # Per mapping: exact unless the kernel merged the region with a neighbour,
         # then at most the overlap.
         huge = sum(
-            min(sum(e.sizes.get(f, 0) for f in _HUGE_FIELDS), min(e.end, end) - max(e.start, start))
+            min(sum(e.sizes.get(f, 0) for f in _HUGE_FIELDS), _overlap(e.start, e.end, start, end))
             for e in entries
         )
+    # smaps counts locked bytes per mapping: scale a mapping that reaches past
+    # the region (merged with a neighbour) to the part inside it
+    locked = sum(
+        e.sizes.get("Locked", 0) * _overlap(e.start, e.end, start, end) // (e.end - e.start)
+        for e in entries
+    )
     page = max((e.sizes.get("KernelPageSize", PAGE_SIZE) for e in entries), default=PAGE_SIZE)
     return RegionStats(
         size=region.size,
         capacity=region.capacity,
-        backing=backing_of(region),
-        resident_bytes=resident,
+        backing=region.backing,
+        resident_bytes=resident_bytes(start, region.capacity),
         huge_bytes=huge,
+        locked_bytes=locked,
         kernel_page_size=page,
         protections=tuple(region.protections()),
     )
 
 
-def live_regions(alloc: MapAlloc) -> list[Region]:
-    """The open regions ``alloc`` made, found through the garbage collector.
-
-    Every region refers to its allocator, and regions are tracked by the
-    collector, so no bookkeeping is needed at allocation time. Regions made
-    before a gc.freeze() are not seen.
-    """
+def live_regions(owner: object, region_type: type[_mman.Region]) -> list[_mman.Region]:
+    """The open regions of ``region_type`` that ``owner`` made, found through
+    the garbage collector: every region refers to its allocator and is tracked
+    by the collector, so no bookkeeping is needed at allocation time. Regions
+    made before a gc.freeze() are not seen."""
     return [
         obj
-        for obj in gc.get_referrers(alloc)
-        if isinstance(obj, Region) and obj._owner is alloc and not obj.closed
+        for obj in gc.get_referrers(owner)
+        if isinstance(obj, region_type) and obj._owner is owner and not obj.closed
     ]
 
 
-def alloc_stats(alloc: MapAlloc) -> AllocStats:
-    """Live regions, bytes mapped and bytes resident of ``alloc``."""
+def alloc_stats(owner: object, region_type: type[_mman.Region]) -> AllocStats:
+    """Live regions, bytes mapped and bytes resident of an allocator."""
     regions = mapped = resident = 0
-    for region in live_regions(alloc):
+    for region in live_regions(owner, region_type):
         try:
-            resident += resident_bytes(region)
+            resident += resident_bytes(region.address, region.capacity)
         except ValueError:  # closed by another thread meanwhile
             continue
         regions += 1

@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .. import MapAlloc, ObjectPool, Perm
-from .._platform import (
+from .._linux import (
     PAGE_SIZE,
     default_hugepage_size,
     format_size,
     hugepage_pool,
     mapping_count,
 )
-from ..hugepages import thp_available
+from ..backings import thp_available
 from . import _limits
 from .harness import Case, Variant
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._platform import PAGE_SIZE, thp_mode
+from .._linux import PAGE_SIZE, thp_mode
 from .harness import CaseResult
 
 

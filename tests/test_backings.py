@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, MapAllocBuilder, Region, _mman
-from mmap_alloc import hugepages as hp
-from mmap_alloc._platform import (
+from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, MapAllocBuilder, Region
+from mmap_alloc import backings as hp
+from mmap_alloc._linux import (
     PAGE_SIZE,
     default_hugepage_size,
     hugepage_dir,
@@ -22,7 +22,7 @@ from mmap_alloc._platform import (
     thp_mode,
     thp_size,
 )
-from mmap_alloc.hugepages import Backing
+from mmap_alloc.backings import Backing
 
 HUGE = 2 << 20
 NEEDED = 8  # free 2 MiB hugetlb pages the hugetlb tests use at most at once
@@ -219,36 +219,6 @@ def test_thp_realloc_keeps_alignment_contents_and_backing() -> None:
         alloc.dealloc(region)
 
 
-@needs_thp
-def test_thp_region_moved_off_a_huge_page_boundary_is_moved_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """As older kernels' mremap may do; the region is copied to an aligned mapping."""
-
-    def realloc_off_boundary(alloc: MapAlloc, region: Region, new_size: int) -> Region:
-        capacity = -(-new_size // thp_size()) * thp_size()
-        span = _mman.mmap(capacity + 2 * thp_size(), 3, 0)
-        start = -(-span // thp_size()) * thp_size() + PAGE_SIZE
-        _mman.munmap(span, start - span)
-        _mman.munmap(start + capacity, span + capacity + 2 * thp_size() - start - capacity)
-        moved = Region._adopt(start, new_size, capacity, 3, alloc)
-        moved._copy_from(region, region.size)
-        region._swap(moved)
-        moved.close()
-        return region
-
-    alloc = MapAlloc(huge="thp")
-    region = alloc.alloc(thp_size())
-    region[100] = 42
-    monkeypatch.setattr(MapAlloc, "realloc", realloc_off_boundary)
-    region = alloc.realloc(region, 2 * thp_size())
-    with region:
-        assert region.address % thp_size() == 0
-        assert region[100] == 42
-        assert region.backing == Backing.THP
-        assert region.stats().capacity == 2 * thp_size()
-
-
 # ---------------------------------------------------------------- hugetlb
 
 
@@ -357,13 +327,19 @@ def test_hugetlb_realloc_grows_by_copying_into_hugetlb_pages(hugetlb_alloc: MapA
     assert free_pages() == free
 
 
-def test_hugetlb_grow_in_place_beyond_the_capacity_is_refused_clearly(
+def test_hugetlb_grow_in_place_maps_the_next_huge_page_or_changes_nothing(
     hugetlb_alloc: MapAlloc,
 ) -> None:
     with hugetlb_alloc.alloc(HUGE) as region:
-        with pytest.raises(CannotReallocInPlace, match="hugetlb"):
+        address = region.address
+        try:
             hugetlb_alloc.grow_in_place(region, 2 * HUGE)
-        assert region.capacity == HUGE
+        except CannotReallocInPlace:
+            assert (region.address, region.capacity) == (address, HUGE)
+        else:
+            assert (region.address, region.capacity) == (address, 2 * HUGE)
+            region[2 * HUGE - 1] = 1
+            assert region.stats().kernel_page_size == HUGE
 
 
 def test_hugetlb_shrink_in_place_returns_the_pages(hugetlb_alloc: MapAlloc) -> None:

@@ -1,4 +1,5 @@
-"""The platform adapter: permission tables, errno translation, /proc readers.
+"""The Linux adapter: the kernel's constants, errno translation, and every
+reader of /proc, /sys and pagemap the library uses.
 
 Everything the public modules need to know about the operating system is
 asked here, so that they read as policy.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import resource
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,37 +18,57 @@ from .exceptions import AllocError
 from .perm import Perm
 
 PAGE_SIZE: int = _mman.page_size()
+"""The kernel's base page size."""
 
-PLATFORMS = ("linux", "darwin", "win32")
-"""The platforms whose permission rules are known (see effective_perms)."""
+PROT_NONE = _mman.PROT_NONE
+PROT_READ = _mman.PROT_READ
+PROT_WRITE = _mman.PROT_WRITE
+PROT_EXEC = _mman.PROT_EXEC
+MAP_NORESERVE = _mman.MAP_NORESERVE
+MAP_HUGETLB = _mman.MAP_HUGETLB
+MAP_HUGE_SHIFT = _mman.MAP_HUGE_SHIFT
+MADV_DONTNEED = _mman.MADV_DONTNEED
+MADV_HUGEPAGE = _mman.MADV_HUGEPAGE
 
-_RW = Perm.READ | Perm.WRITE
-_RWX = Perm.READ | Perm.WRITE | Perm.EXEC
-
-# Requested -> in force, where a platform cannot give exactly what was asked.
-# Every entry grants at least the requested permissions (never more restrictive).
-_FALLBACKS: dict[str, dict[Perm, Perm]] = {
-    "linux": {},
-    # Apple's pmap cannot express write without read.
-    "darwin": {Perm.WRITE: _RW, Perm.WRITE | Perm.EXEC: _RWX},
-    # VirtualAlloc has no write-only page protection (PAGE_READWRITE, PAGE_EXECUTE_READWRITE).
-    "win32": {Perm.WRITE: _RW, Perm.WRITE | Perm.EXEC: _RWX},
+ADVICE: dict[str, int] = {
+    "normal": _mman.MADV_NORMAL,
+    "random": _mman.MADV_RANDOM,
+    "sequential": _mman.MADV_SEQUENTIAL,
+    "willneed": _mman.MADV_WILLNEED,
+    "dontneed": _mman.MADV_DONTNEED,
+    "free": _mman.MADV_FREE,
+    "cold": _mman.MADV_COLD,
+    "pageout": _mman.MADV_PAGEOUT,
+    "hugepage": _mman.MADV_HUGEPAGE,
+    "nohugepage": _mman.MADV_NOHUGEPAGE,
+    "collapse": _mman.MADV_COLLAPSE,
+    "dontfork": _mman.MADV_DONTFORK,
+    "dofork": _mman.MADV_DOFORK,
+    "dontdump": _mman.MADV_DONTDUMP,
+    "dodump": _mman.MADV_DODUMP,
+    "wipeonfork": _mman.MADV_WIPEONFORK,
+    "keeponfork": _mman.MADV_KEEPONFORK,
+    "populate_read": _mman.MADV_POPULATE_READ,
+    "populate_write": _mman.MADV_POPULATE_WRITE,
 }
+"""madvise(2) advice by the name region.advise() takes."""
 
+ADVICE_SINCE: dict[str, str] = {
+    "free": "Linux 4.5",
+    "wipeonfork": "Linux 4.14",
+    "keeponfork": "Linux 4.14",
+    "cold": "Linux 5.4",
+    "pageout": "Linux 5.4",
+    "populate_read": "Linux 5.14",
+    "populate_write": "Linux 5.14",
+    "collapse": "Linux 6.1",
+}
+"""The kernel that introduced each newer advice, for error messages."""
 
-def effective_perms(requested: Perm, platform: str = sys.platform) -> Perm:
-    """The permissions in force when ``requested`` is asked for on ``platform``.
-
-    A combination the platform supports is used exactly; one it does not is
-    replaced by one that is no more restrictive.
-    """
-    key = "linux" if platform.startswith("linux") else platform
-    try:
-        table = _FALLBACKS[key]
-    except KeyError:
-        raise ValueError(f"unknown platform {platform!r}; known: {', '.join(PLATFORMS)}") from None
-    requested = Perm(requested)
-    return table.get(requested, requested)
+RUN_GUARD = 1
+"""A flag of a protection run (Region._runs()): guard pages (MADV_GUARD_INSTALL)."""
+RUN_DONTFORK = 2
+"""A flag of a protection run: pages advised MADV_DONTFORK."""
 
 
 def alloc_error(exc: OSError, size: int, huge_pagesize: int | None = None) -> Exception:
@@ -292,3 +312,33 @@ def pagemap_huge_bytes(start: int, end: int) -> int | None:
     finally:
         os.close(fd)
     return total
+
+
+# ---------------------------------------------------------------- residency
+
+_RESIDENT = bytes(b & 1 for b in range(256))  # mincore: bit 0 of each byte
+
+
+def resident_bytes(address: int, length: int) -> int:
+    """Bytes of [address, address + length) in memory now (mincore), in base pages."""
+    vector = _mman.mincore(address, length)
+    return (len(vector) - vector.translate(_RESIDENT).count(0)) * PAGE_SIZE
+
+
+# ---------------------------------------------------------------- errors
+
+
+def memlock_error(exc: OSError, length: int) -> Exception:
+    """The exception a refused mlock of ``length`` bytes becomes: an AllocError
+    naming RLIMIT_MEMLOCK and its value where the limit is the reason."""
+    if exc.errno not in (errno.ENOMEM, errno.EAGAIN, errno.EPERM):
+        return exc
+    soft, _hard = memlock_limit()
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+    return AllocError(
+        f"cannot lock {length} bytes in memory: {os.strerror(exc.errno or errno.ENOMEM)} "
+        f"(RLIMIT_MEMLOCK is {limit}; raise it with `ulimit -l` or setrlimit, "
+        "or run with CAP_IPC_LOCK)",
+        errno=exc.errno or errno.ENOMEM,
+        size=length,
+    )

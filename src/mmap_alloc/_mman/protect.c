@@ -1,0 +1,356 @@
+/*
+ * Page protection: protect, make_exec, make_writable, flush_icache, and pins.
+ * Each is one call: arguments converted first, then checked against the
+ * record, exports and pins, then mprotect and the record updated together.
+ */
+#include "mman.h"
+
+#include <stdio.h>
+
+/* Read the kernel's view of [start, end) back into the record: for the rare
+ * case where mprotect failed part-way and putting it back failed too. */
+static void
+resync_from_maps(RegionObject *self, Py_ssize_t start, Py_ssize_t end)
+{
+    FILE *maps = fopen("/proc/self/maps", "r");
+    uintptr_t base = (uintptr_t)self->data;
+    char line[512];
+
+    if (maps == NULL)
+        return;
+    while (fgets(line, sizeof line, maps)) {
+        unsigned long lo, hi;
+        char perms[5];
+        Py_ssize_t a, b;
+        int prot;
+        if (sscanf(line, "%lx-%lx %4s", &lo, &hi, perms) != 3)
+            continue;
+        if (hi <= base + (uintptr_t)start || lo >= base + (uintptr_t)end)
+            continue;
+        a = (Py_ssize_t)((lo > base + (uintptr_t)start ? lo : base + (uintptr_t)start) - base);
+        b = (Py_ssize_t)((hi < base + (uintptr_t)end ? hi : base + (uintptr_t)end) - base);
+        prot = (perms[0] == 'r' ? PROT_READ : 0) | (perms[1] == 'w' ? PROT_WRITE : 0)
+               | (perms[2] == 'x' ? PROT_EXEC : 0);
+        if (rec_reserve(&self->rec, 2) == 0)
+            rec_set(&self->rec, a, b, prot, 0, 0);
+        else
+            PyErr_Clear();
+    }
+    fclose(maps);
+}
+
+int
+region_set_prot(RegionObject *self, Py_ssize_t start, Py_ssize_t end, int prot)
+{
+    int err, broken = 0;
+
+    if (start >= end)
+        return 0;
+    if (rec_reserve(&self->rec, 2) < 0)
+        return -1;
+    if (mprotect(self->data + start, (size_t)(end - start), prot) == 0) {
+        rec_set(&self->rec, start, end, prot, 0, 0);
+        return 0;
+    }
+    err = errno;
+    /* mprotect works mapping by mapping and may stop part-way: put back what
+     * it changed, so that a failed call changes nothing */
+    for (Py_ssize_t i = rec_find(&self->rec, start);
+         i < self->rec.n && rec_start(&self->rec, i) < end; i++) {
+        Py_ssize_t lo = rec_start(&self->rec, i), hi = self->rec.runs[i].end;
+        lo = lo > start ? lo : start;
+        hi = hi < end ? hi : end;
+        if (mprotect(self->data + lo, (size_t)(hi - lo), self->rec.runs[i].prot) != 0)
+            broken = 1;
+    }
+    if (broken)
+        resync_from_maps(self, start, end);
+    raise_syscall_error(err, end - start, "change the protection of");
+    return -1;
+}
+
+/* Whether [start, end) already has prot everywhere (no system call needed). */
+static int
+already(RegionObject *self, Py_ssize_t start, Py_ssize_t end, int prot)
+{
+    PageRecord *rec = &self->rec;
+
+    for (Py_ssize_t i = rec_find(rec, start); i < rec->n && rec_start(rec, i) < end; i++)
+        if (rec->runs[i].prot != prot)
+            return 0;
+    return 1;
+}
+
+/* The checks of one protect() call: BufferError when the change would take
+ * EXEC from pinned code or access from an exported buffer. */
+static int
+check_range(RegionObject *self, Py_ssize_t start, Py_ssize_t n, int prot)
+{
+    Py_ssize_t end = start + n;
+
+    if (n == 0 || already(self, start, end, prot))
+        return 0;
+    if (self->pins > 0 && !(prot & PROT_EXEC)
+        && (rec_access_any(&self->rec, start, end) & PROT_EXEC)) {
+        PyErr_Format(PyExc_BufferError,
+                     "cannot remove EXEC: %zd function(s) made by region.function() run code "
+                     "in the region; delete them first", self->pins);
+        return -1;
+    }
+    if (self->nexports > 0 && region_exports_conflict(self, start, end, prot))
+        return -1;
+    return 0;
+}
+
+/* The checks and the change of one protect() call. */
+static int
+protect_range(RegionObject *self, Py_ssize_t start, Py_ssize_t n, int prot)
+{
+    if (n == 0 || already(self, start, start + n, prot))
+        return 0;
+    if (check_range(self, start, n, prot) < 0)
+        return -1;
+    return region_set_prot(self, start, start + n, prot);
+}
+
+/* Parse (perms, offset, length) or (offset, length) and resolve the range. */
+static int
+parse_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+              const char *fname, int *prot, Py_ssize_t *start, Py_ssize_t *n)
+{
+    PyObject *perms = NULL, *offset, *length;
+    int rc = -1;
+
+    /* the common call, protect(perms) / make_exec(): no conversion needed */
+    if (kwnames == NULL && nargs == (prot == NULL ? 0 : 1)
+        && (prot == NULL || PyLong_CheckExact(args[0]) || (PyLong_Check(args[0])
+                                                          && !PyBool_Check(args[0])))) {
+        if (prot != NULL) {
+            long v = PyLong_AsLong(args[0]);
+            if (v < 0 || v > PROT_ALL) {
+                if (v == -1 && PyErr_Occurred())
+                    PyErr_Clear();
+                PyErr_Format(PyExc_ValueError,
+                             "perms must combine Perm.READ, WRITE and EXEC, got %R", args[0]);
+                return -1;
+            }
+            *prot = (int)v;
+        }
+        if (region_check_open(self) < 0)
+            return -1;
+        *start = 0;
+        *n = self->capacity;
+        return 0;
+    }
+    if (convert_range_args(args, nargs, kwnames, prot != NULL, fname, &offset, &length,
+                           prot != NULL ? &perms : NULL, "perms") < 0)
+        return -1;
+    if (prot != NULL) {
+        long v = PyLong_AsLong(perms);
+        if (v < 0 || v > PROT_ALL) {
+            if (v == -1 && PyErr_Occurred())
+                PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "perms must combine Perm.READ, WRITE and EXEC, got %R",
+                         perms);
+            goto done;
+        }
+        *prot = (int)v;
+    }
+    if (region_check_open(self) < 0 || page_range(self, offset, length, start, n) < 0)
+        goto done;
+    rc = 0;
+done:
+    Py_XDECREF(perms);
+    Py_DECREF(offset);
+    Py_DECREF(length);
+    return rc;
+}
+
+/* _check_protect(perms, offset=0, length=None): raise what protect() would,
+ * changing nothing */
+PyObject *
+region_check_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
+                     PyObject *kwnames)
+{
+    int prot;
+    Py_ssize_t start, n;
+
+    if (parse_protect(self, args, nargs, kwnames, "protect", &prot, &start, &n) < 0
+        || check_range(self, start, n, prot) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+PyObject *
+region_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    int prot;
+    Py_ssize_t start, n;
+
+    if (parse_protect(self, args, nargs, kwnames, "protect", &prot, &start, &n) < 0
+        || protect_range(self, start, n, prot) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static void
+flush_readable(RegionObject *self, Py_ssize_t start, Py_ssize_t end)
+{
+    PageRecord *rec = &self->rec;
+
+    /* cache maintenance by address needs read access (arm64) */
+    for (Py_ssize_t i = rec_find(rec, start); i < rec->n && rec_start(rec, i) < end; i++) {
+        Py_ssize_t lo = rec_start(rec, i), hi = rec->runs[i].end;
+        lo = lo > start ? lo : start;
+        hi = hi < end ? hi : end;
+        if (run_access(&rec->runs[i]) & PROT_READ)
+            __builtin___clear_cache(self->data + lo, self->data + hi);
+    }
+}
+
+PyObject *
+region_make_exec(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
+                 PyObject *kwnames)
+{
+    Py_ssize_t start, n;
+
+    if (parse_protect(self, args, nargs, kwnames, "make_exec", NULL, &start, &n) < 0
+        || protect_range(self, start, n, PROT_READ | PROT_EXEC) < 0)
+        return NULL;
+    flush_readable(self, start, start + n);
+    Py_RETURN_NONE;
+}
+
+PyObject *
+region_make_writable(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
+                     PyObject *kwnames)
+{
+    Py_ssize_t start, n;
+
+    if (parse_protect(self, args, nargs, kwnames, "make_writable", NULL, &start, &n) < 0
+        || protect_range(self, start, n, PROT_RW) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+PyObject *
+region_flush_icache(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
+                    PyObject *kwnames)
+{
+    Py_ssize_t start, n;
+
+    if (parse_protect(self, args, nargs, kwnames, "flush_icache", NULL, &start, &n) < 0)
+        return NULL;
+    flush_readable(self, start, start + n);
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------ */
+/* pins                                                                */
+
+typedef struct {
+    PyObject_HEAD
+    RegionObject *region;
+    char *address;
+} PinObject;
+
+/* _pin(offset) -> Pin: the code at offset must be executable; from now until
+ * the Pin is deallocated, the region keeps its pages, contents and EXEC. */
+PyObject *
+region_pin(RegionObject *self, PyObject *arg)
+{
+    Py_ssize_t offset;
+    PinObject *pin;
+
+    if (arg_ssize(arg, "offset", &offset) < 0)
+        return NULL;
+    /* allocate first: an allocation may run the garbage collector (and its
+     * finalizers), which must not land between the check and the pin */
+    pin = PyObject_GC_New(PinObject, Pin_Type);
+    if (pin == NULL)
+        return NULL;
+    pin->region = NULL;
+    if (region_check_open(self) < 0)
+        goto fail;
+    if (offset >= self->capacity) {
+        PyErr_Format(PyExc_ValueError, "offset %zd lies outside the region (capacity %zd)",
+                     offset, self->capacity);
+        goto fail;
+    }
+    {
+        int access = run_access(&self->rec.runs[rec_find(&self->rec, offset)]);
+        if (!(access & PROT_EXEC)) {
+            PyErr_Format(PyExc_ValueError,
+                         "the code at offset %zd is not executable (%c%c-): call make_exec() "
+                         "or protect() first", offset, access & PROT_READ ? 'r' : '-',
+                         access & PROT_WRITE ? 'w' : '-');
+            goto fail;
+        }
+    }
+    pin->region = (RegionObject *)Py_NewRef((PyObject *)self);
+    pin->address = self->data + offset;
+    self->pins++;
+    PyObject_GC_Track(pin);
+    return (PyObject *)pin;
+fail:
+    Py_DECREF(pin);
+    return NULL;
+}
+
+static PyObject *
+pin_get_address(PinObject *pin, void *closure)
+{
+    return PyLong_FromVoidPtr(pin->address);
+}
+
+
+static int
+pin_traverse(PinObject *pin, visitproc visit, void *arg)
+{
+    Py_VISIT(pin->region);
+    Py_VISIT(Py_TYPE((PyObject *)pin));
+    return 0;
+}
+
+static void
+pin_dealloc(PinObject *pin)
+{
+    PyTypeObject *tp = Py_TYPE((PyObject *)pin);
+    RegionObject *region = pin->region;
+
+    PyObject_GC_UnTrack(pin);
+    if (region != NULL) {
+        region->pins--;   /* exactly once: only a Pin's death unpins */
+        Py_DECREF(region);
+    }
+    PyObject_GC_Del(pin);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+pin_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyErr_SetString(PyExc_TypeError, "pins are made by Region.function()");
+    return NULL;
+}
+
+static PyGetSetDef pin_getset[] = {
+    {"address", (getter)pin_get_address, NULL, "The address of the pinned code.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot pin_slots[] = {
+    {Py_tp_doc, "Keeps a region's code in place while it lives; unpins when it dies."},
+    {Py_tp_new, pin_new},
+    {Py_tp_getset, pin_getset},
+    {Py_tp_traverse, pin_traverse},
+    {Py_tp_dealloc, pin_dealloc},
+    {0, NULL},
+};
+
+PyType_Spec pin_spec = {
+    .name = "mmap_alloc._mman.Pin",
+    .basicsize = sizeof(PinObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = pin_slots,
+};

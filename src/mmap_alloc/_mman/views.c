@@ -1,0 +1,182 @@
+/*
+ * Views: exporters of part of a region (Region.view) or of one pool object
+ * (ObjectPool.view). A view pins what it covers for as long as it lives, and
+ * exposes nothing else: memoryview.obj of a view cannot close, move or free
+ * the memory under it.
+ */
+#include "mman.h"
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *owner;            /* the region or pool kept alive */
+    RegionObject *region;       /* region memory: the region (borrowed from owner) */
+    Export *export;             /* its export entry */
+    Py_ssize_t *pool_exports;   /* pool memory: the slab's export count */
+    char *base;
+    Py_ssize_t length;
+    int writable;
+} ViewObject;
+
+static void
+view_unpin(ViewObject *v)
+{
+    if (v->export != NULL) {
+        region_unexport(v->region, v->export);
+        v->export = NULL;
+    }
+    if (v->pool_exports != NULL) {
+        (*v->pool_exports)--;
+        v->pool_exports = NULL;
+    }
+}
+
+/* A view of [start, end) of region memory (region != NULL) or of raw pool
+ * memory at base (pool_exports != NULL): checks, pins, wraps in a memoryview. */
+PyObject *
+view_new(PyObject *owner, RegionObject *region, char *base, Py_ssize_t start, Py_ssize_t end,
+         int writable, Py_ssize_t *pool_exports)
+{
+    ViewObject *v;
+    PyObject *memory;
+
+    /* allocated before the checks: a collection it may start must not land
+     * between them and the pin */
+    v = PyObject_GC_New(ViewObject, View_Type);
+    if (v == NULL)
+        return NULL;
+    v->owner = NULL;
+    v->region = NULL;
+    v->export = NULL;
+    v->pool_exports = NULL;
+    if (region != NULL) {
+        int access;
+        if (region_check_open(region) < 0)
+            goto fail;
+        if (end > region->size && end > region->capacity) {
+            PyErr_SetString(PyExc_ValueError, "the range lies outside the region");
+            goto fail;
+        }
+        access = start < end ? rec_access_all(&region->rec, start, end) : PROT_RW;
+        if (!(access & PROT_READ)) {
+            PyErr_Format(PyExc_BufferError,
+                         "bytes %zd to %zd of the region are not readable "
+                         "(see region.protections())", start, end);
+            goto fail;
+        }
+        writable = writable && (access & PROT_WRITE);
+        v->export = region_export(region, start, end, writable);
+        if (v->export == NULL)
+            goto fail;
+        v->region = region;
+        base = region->data;
+    }
+    else {
+        (*pool_exports)++;
+        v->pool_exports = pool_exports;
+    }
+    v->owner = Py_NewRef(owner);
+    v->base = base + start;
+    v->length = end - start;
+    v->writable = writable;
+    PyObject_GC_Track(v);
+    memory = PyMemoryView_FromObject((PyObject *)v);
+    Py_DECREF(v);
+    return memory;
+fail:
+    Py_DECREF(v);
+    return NULL;
+}
+
+static int
+view_getbuffer(ViewObject *v, Py_buffer *buffer, int flags)
+{
+    buffer->obj = NULL;
+    if (v->owner == NULL) {
+        PyErr_SetString(PyExc_BufferError, "the view was released");
+        return -1;
+    }
+    if ((flags & PyBUF_WRITABLE) && !v->writable) {
+        PyErr_SetString(PyExc_BufferError, "the view is read-only");
+        return -1;
+    }
+    return PyBuffer_FillInfo(buffer, (PyObject *)v, v->base, v->length, !v->writable, flags);
+}
+
+static int
+view_traverse(ViewObject *v, visitproc visit, void *arg)
+{
+    Py_VISIT(v->owner);
+    Py_VISIT(Py_TYPE((PyObject *)v));
+    return 0;
+}
+
+static void
+view_dealloc(ViewObject *v)
+{
+    PyTypeObject *tp = Py_TYPE((PyObject *)v);
+
+    PyObject_GC_UnTrack(v);
+    view_unpin(v);
+    Py_CLEAR(v->owner);
+    PyObject_GC_Del(v);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+view_type_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyErr_SetString(PyExc_TypeError, "views are made by Region.view() and ObjectPool.view()");
+    return NULL;
+}
+
+static PyType_Slot view_slots[] = {
+    {Py_tp_doc, "Exports part of a region, or one pool object, and pins it while it lives."},
+    {Py_tp_new, view_type_new},
+    {Py_tp_traverse, view_traverse},
+    {Py_tp_dealloc, view_dealloc},
+    {Py_bf_getbuffer, view_getbuffer},
+    {0, NULL},
+};
+
+PyType_Spec view_spec = {
+    .name = "mmap_alloc._mman.View",
+    .basicsize = sizeof(ViewObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = view_slots,
+};
+
+/* view(offset=0, length=None): bytes [offset, offset + length) of the region */
+PyObject *
+region_view(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *offset, *length;
+    Py_ssize_t start, n;
+
+    if (convert_range_args(args, nargs, kwnames, 0, "view", &offset, &length, NULL, NULL) < 0)
+        return NULL;
+    start = PyLong_AsSsize_t(offset);
+    n = length == Py_None ? -1 : PyLong_AsSsize_t(length);
+    Py_DECREF(offset);
+    Py_DECREF(length);
+    if (PyErr_Occurred() || start < 0 || (length != Py_None && n < 0)) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "offset and length must not be negative");
+        return NULL;
+    }
+    if (region_check_open(self) < 0)
+        return NULL;
+    if (start > self->size) {
+        PyErr_Format(PyExc_ValueError, "offset %zd lies outside the region (size %zd)", start,
+                     self->size);
+        return NULL;
+    }
+    if (n < 0)
+        n = self->size - start;
+    if (n > self->size - start) {
+        PyErr_Format(PyExc_ValueError,
+                     "offset %zd + length %zd lies outside the region (size %zd)", start, n,
+                     self->size);
+        return NULL;
+    }
+    return view_new((PyObject *)self, self, NULL, start, start + n, 1, NULL);
+}
