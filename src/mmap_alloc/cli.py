@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, features
 from ._platform import (
     PAGE_SIZE,
     format_size,
@@ -76,6 +76,10 @@ def machine_info() -> dict[str, Any]:
         "overcommit_mode": overcommit_mode(),
         "memlock_limit": {"soft": _limit(soft), "hard": _limit(hard)},
         "permissions": [probe_perms(perms) for perms in ALL_PERMS],
+        "features": [
+            {"name": f.name, "available": f.available, "detail": f.detail}
+            for f in features.all_features()
+        ],
     }
 
 
@@ -122,6 +126,11 @@ def format_info(info: dict[str, Any]) -> str:
         else:
             note = "replaced by a less restrictive combination"
         lines.append(f"  {entry['requested']:<10} {entry['in_force'] or '?':<10} {note}")
+    lines += ["", "kernel features (probed: mmap_alloc.features)"]
+    width = max((len(entry["name"]) for entry in info["features"]), default=0)
+    for entry in info["features"]:
+        feature = features.Feature(entry["name"], entry["available"], entry["detail"])
+        lines.append(f"  {feature.name:<{width}}  {feature}")
     return "\n".join(lines)
 
 
@@ -134,9 +143,11 @@ def _run_info(args: argparse.Namespace) -> int:
 def _add_info(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "info",
-        help="show what this machine offers: page sizes, huge pages, limits, permissions",
-        description="Show page and huge page sizes, THP mode, limits, and which "
-        "permission combinations the kernel gives (probed by real allocations).",
+        help="show what this machine offers: page sizes, huge pages, limits, permissions, "
+        "kernel features",
+        description="Show page and huge page sizes, THP mode, limits, which "
+        "permission combinations the kernel gives (probed by real allocations), and which "
+        "kernel features are available (each probed; a missing one says why).",
     )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.set_defaults(run=_run_info)
