@@ -8,6 +8,7 @@ import pty
 import subprocess
 import sys
 import threading
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,13 @@ def test_plot_in_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     path = tmp_path / "missing" / "bench.png"
     assert f"argument --plot: cannot write {path}" in usage_error("--quick", "--plot", str(path))
+
+
+def test_plot_without_matplotlib_is_a_usage_error(tmp_path: Path) -> None:
+    if find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed")
+    line = usage_error("--quick", "--plot", str(tmp_path / "chart.png"))
+    assert "argument --plot: needs matplotlib: pip install 'mmap-alloc[bench]'" in line
 
 
 def test_plot_to_a_format_matplotlib_cannot_write_is_a_usage_error(tmp_path: Path) -> None:
