@@ -7,6 +7,7 @@ Runs on x86-64 and arm64 (Linux): the two encodings are below.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import platform
 import struct
@@ -36,6 +37,8 @@ def add_code(machine: str) -> bytes:
 
 
 def main() -> None:
+    # no options: the parser gives --help, and a stray argument is a usage error (exit 2)
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     machine = platform.machine().lower()
     code = add_code(machine)
     alloc = MapAlloc()  # read/write, not executable

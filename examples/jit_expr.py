@@ -14,8 +14,15 @@ as a Python function runs over the same values for comparison.
 
 Grammar: numbers, ``x``, ``+ - * /``, unary ``-``, ``e ** k`` (integer k from
 0 to 16), ``sqrt(e)``, ``abs(e)``, ``min(a, b)``, ``max(a, b)``. As in IEEE
-arithmetic, division by zero gives inf and sqrt of a negative number NaN
-(where Python would raise).
+arithmetic, division by zero gives inf (NaN for 0/0), sqrt of a negative
+number NaN and overflow inf, where Python would raise; ``min``/``max`` give
+their second argument when either is NaN (the rule of minsd/maxsd).
+
+The results are checked against the expression evaluated by Python with
+those same rules (Python's own arithmetic wherever it gives a value); inf
+equals inf of the same sign and NaN equals NaN in that comparison. Python's
+speed is that of the expression as written, unless Python raises for some x:
+then that of the version with the IEEE rules, and the output says so.
 """
 
 from __future__ import annotations
@@ -73,7 +80,10 @@ def sse_rip(prefix: int, opcode: int, reg: int) -> bytes:
 def number(node: ast.expr) -> float | None:
     """The value of a numeric literal, or None for any other node."""
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return float(node.value)  # type: ignore[arg-type]
+        try:
+            return float(node.value)  # type: ignore[arg-type]
+        except OverflowError:
+            raise ValueError(f"the constant {node.value!r} is too large for a float64") from None
     return None
 
 
@@ -189,10 +199,113 @@ def parse(expression: str) -> ast.expr:
 
 
 def python_function(expression: str) -> Callable[[float], float]:
-    """The same expression as a Python function of x."""
+    """The same expression as a Python function of x, with Python's own rules
+    (it raises where IEEE arithmetic gives inf or NaN)."""
     namespace = {"sqrt": math.sqrt, "abs": abs, "min": min, "max": max}
     function: Callable[[float], float] = eval(f"lambda x: {expression}", namespace)
     return function
+
+
+# ------------------------------------------------------------------ IEEE rules in Python
+
+
+def ieee_div(a: float, b: float) -> float:
+    """a / b as divsd computes it: +-inf for a nonzero a over zero, NaN for 0/0."""
+    try:
+        return a / b
+    except ZeroDivisionError:
+        if a == 0 or math.isnan(a):
+            return math.nan
+        return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def ieee_sqrt(a: float) -> float:
+    """sqrt as sqrtsd computes it: NaN below zero (sqrt(-0.0) is -0.0)."""
+    return math.nan if a < 0 else math.sqrt(a)
+
+
+def ieee_pow(a: float, k: int) -> float:
+    """a ** k for an integer k >= 0: +-inf where Python raises OverflowError."""
+    try:
+        return a**k
+    except OverflowError:
+        return math.copysign(math.inf, a) if k % 2 else math.inf
+
+
+def ieee_min(a: float, b: float) -> float:
+    """minsd: a if a < b, else b (so b whenever either is NaN)."""
+    return a if a < b else b
+
+
+def ieee_max(a: float, b: float) -> float:
+    """maxsd: a if a > b, else b (so b whenever either is NaN)."""
+    return a if a > b else b
+
+
+class _IEEEForm(ast.NodeTransformer):
+    """Rewrites an expression so that Python follows the IEEE rules the code does:
+    constants become floats, ``/``, ``**``, sqrt, min and max call the functions above."""
+
+    def visit_Constant(self, node: ast.Constant) -> ast.expr:
+        if type(node.value) is int:
+            return ast.copy_location(ast.Constant(float(node.value)), node)
+        return node
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.expr:
+        if isinstance(node.op, ast.Pow):  # the exponent stays an int
+            return self._call("ieee_pow", node, self.visit(node.left), node.right)
+        self.generic_visit(node)
+        if isinstance(node.op, ast.Div):
+            return self._call("ieee_div", node, node.left, node.right)
+        return node
+
+    def visit_Call(self, node: ast.Call) -> ast.expr:
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Name) and node.func.id in ("sqrt", "min", "max"):
+            node.func = ast.copy_location(ast.Name(f"ieee_{node.func.id}", ast.Load()), node.func)
+        return node
+
+    @staticmethod
+    def _call(name: str, node: ast.expr, *args: ast.expr) -> ast.expr:
+        return ast.copy_location(ast.Call(ast.Name(name, ast.Load()), list(args), []), node)
+
+
+def ieee_function(expression: str) -> Callable[[float], float]:
+    """The expression as a Python function of x that follows the IEEE rules:
+    Python's own result wherever Python gives one, inf or NaN where it raises."""
+    tree = ast.parse(f"lambda x: {expression}", mode="eval")
+    tree = ast.fix_missing_locations(_IEEEForm().visit(tree))
+    namespace = {
+        "ieee_div": ieee_div,
+        "ieee_sqrt": ieee_sqrt,
+        "ieee_pow": ieee_pow,
+        "ieee_min": ieee_min,
+        "ieee_max": ieee_max,
+        "abs": abs,
+    }
+    function: Callable[[float], float] = eval(compile(tree, "<expression>", "eval"), namespace)
+    return function
+
+
+def difference(got: float, expected: float) -> float:
+    """How far ``got`` is from ``expected``: 0 when they are equal (inf equals inf
+    of the same sign, NaN equals NaN), inf when only one is inf or NaN, else the
+    relative difference."""
+    if got == expected or (math.isnan(got) and math.isnan(expected)):
+        return 0.0
+    if not (math.isfinite(got) and math.isfinite(expected)):
+        return math.inf
+    return abs(got - expected) / max(abs(expected), 1e-300)
+
+
+def first_failure(f: Callable[[float], float], xs: list[float]) -> tuple[float, Exception] | None:
+    """The first x for which ``f`` raises an arithmetic error, with the error."""
+    for x in xs:
+        try:
+            f(x)
+        except (ArithmeticError, ValueError) as exc:
+            return x, exc
+    return None
 
 
 Kernel = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
@@ -226,11 +339,32 @@ def time_jit(region: Region, source: int, target: int, n: int, runs: int) -> flo
     return best_of(runs, lambda: kernel(source, target, n))
 
 
+def count(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("expression", nargs="?", default=DEFAULT)
-    parser.add_argument("--n", type=int, default=1_000_000, help="array length")
-    parser.add_argument("--runs", type=int, default=3, help="timings to take the best of")
+    parser.add_argument("--n", type=count, default=1_000_000, help="array length (0 or more)")
+    parser.add_argument(
+        "--runs", type=positive, default=3, help="timings to take the best of (1 or more)"
+    )
     parser.add_argument("--dump", action="store_true", help="print the machine code in hex")
     args = parser.parse_args()
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -245,26 +379,41 @@ def main() -> None:
     region[: len(code)] = code
     region.make_exec()
 
+    print(f"expression  : {args.expression}")
+    print(f"machine code: {len(code)} bytes at 0x{region.address:x} ({region.perms})")
+    if args.dump:
+        print(code.hex(" "))
     n = args.n
+    if n == 0:
+        print("n           : 0 values: nothing to time or compare")
+        alloc.dealloc(region)
+        return
+
     xs = [-5.0 + 10.0 * i / max(n - 1, 1) for i in range(n)]
     src = array.array("d", xs)
     dst = array.array("d", bytes(8 * n))
     source, target = src.buffer_info()[0], dst.buffer_info()[0]
 
-    t_python, expected = time_python(python_function(args.expression), xs, args.runs)
+    reference = ieee_function(args.expression)
+    failure = None
+    try:
+        t_python, _ = time_python(python_function(args.expression), xs, args.runs)
+    except (ArithmeticError, ValueError):
+        failure = first_failure(python_function(args.expression), xs)
+        t_python, _ = time_python(reference, xs, args.runs)
+    expected = [reference(x) for x in xs]
     t_jit = time_jit(region, source, target, n, args.runs)
 
-    worst = max(
-        (abs(a - b) / max(abs(b), 1e-300) for a, b in zip(dst, expected, strict=True)),
-        default=0.0,
-    )
-    print(f"expression  : {args.expression}")
-    print(f"machine code: {len(code)} bytes at 0x{region.address:x} ({region.perms})")
-    if args.dump:
-        print(code.hex(" "))
+    worst = max((difference(a, b) for a, b in zip(dst, expected, strict=True)), default=0.0)
     print(f"n           : {n} float64 values")
+    if failure is not None:
+        x, error = failure
+        print(
+            f"pure Python raises {type(error).__name__} ({error}) at x = {x:g}: "
+            "timing it with the IEEE rules instead"
+        )
     print(f"pure Python : {t_python * 1e3:9.3f} ms")
-    print(f"JIT         : {t_jit * 1e3:9.3f} ms  ({t_python / t_jit:.0f}x faster than pure Python)")
+    print(f"JIT         : {t_jit * 1e3:9.3f} ms  ({speedup(t_python, t_jit)})")
     try:
         import numpy as np
     except ImportError:
@@ -272,13 +421,28 @@ def main() -> None:
     else:
         vector = np.frombuffer(src, dtype=np.float64)
         names = {"sqrt": np.sqrt, "abs": np.abs, "min": np.minimum, "max": np.maximum, "x": vector}
-        t_numpy = best_of(args.runs, lambda: eval(args.expression, names))
+        with np.errstate(all="ignore"):  # inf and NaN, as above
+            t_numpy = best_of(args.runs, lambda: eval(args.expression, names))
         print(f"numpy       : {t_numpy * 1e3:9.3f} ms  (JIT {t_numpy / t_jit:.1f}x numpy's speed)")
+    infinite = sum(1 for value in dst if math.isinf(value))
+    nans = sum(1 for value in dst if math.isnan(value))
+    if infinite or nans:
+        print(f"non-finite  : {infinite} inf, {nans} NaN (IEEE results)")
     print(f"max relative difference from Python: {worst:.3g}")
     if worst > 1e-12:
         raise SystemExit("the JIT disagrees with Python")
 
     alloc.dealloc(region)
+
+
+def speedup(slow: float, fast: float) -> str:
+    """The JIT's time ``fast`` against Python's ``slow``, in words."""
+    if fast <= 0 or slow <= 0:
+        return "too fast to compare with pure Python"
+    ratio = slow / fast
+    if ratio >= 1.5:
+        return f"{ratio:.0f}x faster than pure Python"
+    return f"{ratio:.2f}x the speed of pure Python"
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""The benchmark suite: the harness's arithmetic, the C limits, and the command."""
+"""The benchmark suite: the harness's arithmetic, the C loops, and the command."""
 
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 import sys
+import threading
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ import pytest
 from mmap_alloc import MapAlloc, Perm
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc.bench import _limits, cases, report
-from mmap_alloc.bench.harness import Case, Runner, Variant
+from mmap_alloc.bench.harness import Case, CaseResult, Runner, Variant
 
 
 def fixed_cost(ns_per_op: float) -> Variant:
@@ -86,7 +90,7 @@ def test_a_case_is_closed_after_it_runs() -> None:
     assert closed == [True]
 
 
-def test_c_limit_loops_run_without_error() -> None:
+def test_c_loops_run_without_error() -> None:
     _limits.map_unmap(100, 64 * 1024, 0, 1)
     _limits.grow_by_doubling(2, P, 64 * P)
     alloc = MapAlloc()
@@ -97,12 +101,12 @@ def test_c_limit_loops_run_without_error() -> None:
         assert bytes(region) == bytes(16 * P)
 
 
-def test_c_limit_reports_a_failed_mmap_as_oserror() -> None:
+def test_c_loop_reports_a_failed_mmap_as_oserror() -> None:
     with pytest.raises(OSError):
         _limits.map_unmap(1, 1 << 62, 0, 0)
 
 
-def test_c_limit_random_reads_read_the_buffer() -> None:
+def test_c_loop_random_reads_read_the_buffer() -> None:
     alloc = MapAlloc()
     with alloc.alloc(P) as region:
         assert _limits.random_reads(1000, region.address, P, 7) == 0
@@ -135,6 +139,7 @@ def test_quick_command_prints_every_case_and_writes_json(tmp_path: Path) -> None
         check=True,
     )
     data = json.loads(out.read_text())
+    assert data["quick"] is True
     names = [case["name"] for case in data["cases"]]
     assert "alloc+dealloc 4 KiB" in names
     assert any(name.startswith("protect flip") for name in names)
@@ -143,3 +148,225 @@ def test_quick_command_prints_every_case_and_writes_json(tmp_path: Path) -> None
         reference = next(v for v in case["variants"] if v["name"] == case["reference"])
         assert reference["ratio"] == 1.0
     assert data["machine"]["page_size"] == P
+
+
+def bench(*args: str, stderr: int = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+    """``python -m mmap_alloc bench ARGS`` in a child, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "mmap_alloc", "bench", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def usage_error(*args: str) -> str:
+    """The error line of a bench command that must fail as argparse does: exit
+    status 2, nothing on stdout, one ``error:`` line on stderr, no traceback."""
+    result = bench(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("python -m mmap_alloc bench: error: ")
+    assert result.stderr.startswith("usage: ")
+    return errors[0]
+
+
+# ---------------------------------------------------------------- bad arguments
+
+
+def test_zero_rounds_is_a_usage_error() -> None:
+    assert usage_error("--quick", "--rounds", "0").endswith(
+        "argument --rounds: must be at least 1, got 0"
+    )
+
+
+def test_negative_rounds_is_a_usage_error() -> None:
+    assert "argument --rounds: must be at least 1, got -1" in usage_error("--rounds", "-1")
+
+
+def test_rounds_that_are_not_a_number_are_a_usage_error() -> None:
+    assert "argument --rounds: expected a whole number, got 'many'" in usage_error(
+        "--rounds", "many"
+    )
+
+
+def test_only_matching_no_case_is_a_usage_error_listing_the_cases() -> None:
+    line = usage_error("--quick", "--only", "no such case")
+    assert "argument --only: no case name contains 'no such case'" in line
+    assert "'alloc+dealloc 4 KiB'" in line
+
+
+def test_json_in_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "bench.json"
+    line = usage_error("--quick", "--json", str(path))
+    assert f"argument --json: cannot write {path}: No such file or directory" in line
+
+
+def test_json_onto_a_directory_is_a_usage_error(tmp_path: Path) -> None:
+    assert f"argument --json: {tmp_path} is a directory" in usage_error(
+        "--quick", "--json", str(tmp_path)
+    )
+
+
+def test_json_below_a_regular_file_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    line = usage_error("--quick", "--json", str(tmp_path / "file" / "bench.json"))
+    assert "argument --json: cannot write" in line
+    assert "Not a directory" in line
+
+
+def test_plot_in_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "missing" / "bench.png"
+    assert f"argument --plot: cannot write {path}" in usage_error("--quick", "--plot", str(path))
+
+
+def test_plot_without_matplotlib_is_a_usage_error(tmp_path: Path) -> None:
+    if find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed")
+    line = usage_error("--quick", "--plot", str(tmp_path / "chart.png"))
+    assert "argument --plot: needs matplotlib: pip install 'mmap-alloc[bench]'" in line
+
+
+def test_plot_to_a_format_matplotlib_cannot_write_is_a_usage_error(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    line = usage_error("--quick", "--plot", str(tmp_path / "chart.txt"))
+    assert "argument --plot: 'chart.txt' does not end in a format matplotlib writes" in line
+    assert "png" in line
+
+
+def test_an_unwritable_path_is_found_without_changing_an_existing_file(tmp_path: Path) -> None:
+    from mmap_alloc import cli
+
+    existing = tmp_path / "old.json"
+    existing.write_text("kept")
+    assert cli.unwritable(existing) is None
+    assert existing.read_text() == "kept"
+    assert cli.unwritable(tmp_path / "new.json") is None
+    assert not (tmp_path / "new.json").exists()
+
+
+def test_run_refuses_fewer_than_one_round() -> None:
+    from mmap_alloc import bench as suite
+
+    with pytest.raises(ValueError, match="rounds must be at least 1, got 0"):
+        suite.run(quick=True, rounds=0, only="alloc+dealloc 4 KiB")
+
+
+# ---------------------------------------------------------------- output
+
+
+def test_output_piped_to_a_file_has_no_carriage_return_and_no_progress(tmp_path: Path) -> None:
+    log = tmp_path / "bench.log"
+    with log.open("w") as file:
+        done = subprocess.run(
+            [sys.executable, "-m", "mmap_alloc", "bench", "--quick", "--only", "protect flip"],
+            stdout=file,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+            check=False,
+        )
+    assert done.returncode == 0
+    text = log.read_bytes()
+    assert b"\r" not in text
+    assert b"[1/1]" not in text  # the progress line: only on a terminal
+    assert b"protect flip rw- <-> r-x, 64 KiB" in text
+
+
+def test_progress_on_a_terminal_names_each_case_once_and_is_cleared() -> None:
+    pytest.importorskip("rich")
+    controller, terminal = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the child closed the terminal
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        done = bench("--quick", "--only", "protect flip", "--rounds", "2", stderr=terminal)
+    finally:
+        os.close(terminal)
+        reader.join(timeout=30)
+        os.close(controller)
+    assert done.returncode == 0
+    shown = b"".join(chunks)
+    assert b"[1/1] protect flip rw- <-> r-x, 64 KiB" in shown
+    assert shown.rstrip().endswith(b"\x1b[2K")  # the line is erased before the report
+    assert "protect flip" in done.stdout
+
+
+def test_a_quick_run_is_labelled_a_smoke_run_without_verdicts() -> None:
+    done = bench("--quick", "--only", "protect flip", "--rounds", "1")
+    assert done.returncode == 0
+    assert done.stdout.startswith("QUICK RUN: a smoke test")
+    assert "quick run: not a verdict (<= 1.10)" in done.stdout
+    assert "MISSED" not in done.stdout
+    assert " met (" not in done.stdout
+
+
+def test_the_report_says_what_the_c_loop_reference_is_and_is_not() -> None:
+    text = report.header(quick=False, rounds=15)
+    assert not text.startswith("QUICK")
+    assert 'Reference "C loop": the same system calls mmap_alloc makes' in text
+    assert "not a lower bound for other strategies" in text
+
+
+def test_every_case_with_system_calls_has_a_c_loop_reference() -> None:
+    suite = [case for group in cases.CASE_GROUPS for case in group(cases.Scale(quick=True))]
+    try:
+        names = {variant.name for case in suite for variant in case.variants}
+        assert "C loop" in names
+        assert "C limit" not in names
+        for case in suite:
+            if case.group in ("round trip", "round trip, touched", "growth", "protection"):
+                assert case.reference == "C loop"
+    finally:
+        for case in suite:
+            if case.close is not None:
+                case.close()
+
+
+def ran(target: float) -> CaseResult:
+    """A case with a target whose subject took twice the reference's time."""
+    return Runner(rounds=1).run(
+        case_of(Variant("slow", lambda n: None), Variant("fast", lambda n: None), target=target)
+    )
+
+
+def test_a_quick_run_gives_no_verdict_even_for_a_missed_target() -> None:
+    result = ran(0.001)
+    assert report.verdict(result, quick=True) == "quick run: not a verdict (<= 0.00)"
+
+
+def test_quick_json_has_no_verdicts() -> None:
+    data = report.to_json([ran(1.0)], {}, "python -m mmap_alloc bench --quick", quick=True)
+    assert data["quick"] is True
+    assert data["cases"][0]["met"] is None
+    assert data["cases"][0]["verdict"].startswith("quick run: not a verdict")
+
+
+def test_counts_print_as_integers_and_other_figures_with_decimals() -> None:
+    text = report.table([], {"pool": {"live objects": 1_000_000, "slabs": 62, "MiB": 61.25}})
+    assert "live objects  1,000,000" in text
+    assert "slabs         62\n" in text
+    assert "MiB           61.2" in text
+
+
+def test_pool_memory_counts_are_integers() -> None:
+    figures = cases.pool_memory(cases.Scale(quick=True))
+    assert figures["live objects"] == 100_000
+    for name in ("live objects", "slabs", "new mappings"):
+        assert type(figures[name]) is int

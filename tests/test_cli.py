@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import mmap_alloc
-from mmap_alloc import cli
+from mmap_alloc import cli, features
 from mmap_alloc.perm import ALL_PERMS
 
 KEYS = {
@@ -30,6 +30,7 @@ KEYS = {
     "overcommit_mode",
     "memlock_limit",
     "permissions",
+    "features",
 }
 
 
@@ -121,6 +122,23 @@ def test_info_json_linux_gives_every_permission_combination_exactly(
         }
 
 
+def test_info_json_lists_every_kernel_feature_probe(info: dict[str, Any]) -> None:
+    assert [entry["name"] for entry in info["features"]] == [
+        probe.__name__ for probe in features.PROBES
+    ]
+    for entry in info["features"]:
+        assert set(entry) == {"name", "available", "detail"}
+        assert isinstance(entry["available"], bool)
+        assert entry["available"] or entry["detail"]
+
+
+def test_info_json_features_are_the_probes_answers(info: dict[str, Any]) -> None:
+    answers = {f.name: f for f in features.all_features()}
+    for name in ("memfd_secret", "madv_guard_install", "madv_populate", "thp", "shmem_thp"):
+        entry = next(e for e in info["features"] if e["name"] == name)
+        assert entry["available"] == answers[name].available
+
+
 # ---------------------------------------------------------------- info as a table
 
 
@@ -142,6 +160,27 @@ def test_info_prints_a_readable_table() -> None:
     assert f"{resource.getpagesize()} bytes" in out
     assert "  rwx        rwx        exact" in out
     assert out.count("exact") == 8
+
+
+def test_info_table_says_available_or_missing_with_the_reason_for_each_feature() -> None:
+    result = run("info")
+    assert result.returncode == 0, result.stderr
+    section = result.stdout.split("kernel features", 1)[1].splitlines()[1:]
+    assert [line.split()[0] for line in section] == [p.__name__ for p in features.PROBES]
+    for line in section:
+        state = line.split(None, 1)[1]
+        assert state.startswith(("available", "missing: "))
+
+
+def test_format_info_shows_a_missing_feature_with_its_reason() -> None:
+    data = cli.machine_info()
+    data["features"] = [
+        {"name": "memfd_secret", "available": False, "detail": "kernel lacks memfd_secret"},
+        {"name": "thp", "available": True, "detail": "enabled = madvise"},
+    ]
+    text = cli.format_info(data)
+    assert "  memfd_secret  missing: kernel lacks memfd_secret" in text
+    assert "  thp           available (enabled = madvise)" in text
 
 
 def test_format_info_shows_failed_and_replaced_probes() -> None:

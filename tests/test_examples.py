@@ -29,7 +29,25 @@ def run_example(name: str, *args: str) -> str:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
     return result.stdout
+
+
+def usage_error(name: str, *args: str) -> str:
+    """Run an example that must refuse its arguments as argparse does: exit
+    status 2, one ``error:`` line, no traceback; that line."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
 
 
 @pytest.mark.skipif(
@@ -92,3 +110,81 @@ def test_jit_expr_refuses_what_it_cannot_compile(expression: str, message: str) 
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- IEEE results and arguments
+
+jit_only = pytest.mark.skipif(not X86_64, reason="the expression JIT emits x86-64 code")
+
+
+@jit_only
+def test_jit_expr_gives_nan_where_python_sqrt_raises() -> None:
+    out = run_example("jit_expr.py", "--n", "1001", "--runs", "1", "--", "sqrt(-1 - x*x)")
+    assert "pure Python raises ValueError (math domain error) at x = -5" in out
+    assert "non-finite  : 0 inf, 1001 NaN" in out
+    assert "max relative difference from Python: 0\n" in out
+
+
+@jit_only
+def test_jit_expr_gives_inf_where_python_division_raises() -> None:
+    out = run_example("jit_expr.py", "--n", "1001", "--runs", "1", "--", "1/(x-x)")
+    assert "pure Python raises ZeroDivisionError" in out
+    assert "non-finite  : 1001 inf, 0 NaN" in out
+    assert "max relative difference from Python: 0\n" in out
+
+
+@jit_only
+def test_jit_expr_counts_inf_equal_to_inf() -> None:
+    out = run_example("jit_expr.py", "--n", "1001", "--runs", "1", "--", "1e308 * x * 10")
+    assert "raises" not in out  # Python overflows to inf without raising here
+    assert " inf, 0 NaN" in out
+    assert "max relative difference from Python: 0\n" in out
+
+
+@jit_only
+def test_jit_expr_zero_by_zero_is_nan_on_both_sides() -> None:
+    out = run_example("jit_expr.py", "--n", "11", "--runs", "1", "--", "(x - x) / (x - x)")
+    assert "non-finite  : 0 inf, 11 NaN" in out
+    assert "max relative difference from Python: 0\n" in out
+
+
+@jit_only
+def test_jit_expr_with_no_values_has_nothing_to_time() -> None:
+    out = run_example("jit_expr.py", "--n", "0")
+    assert "nothing to time" in out
+    assert "faster" not in out
+
+
+@jit_only
+def test_jit_expr_negative_n_is_a_usage_error() -> None:
+    assert "argument --n: must be 0 or more, got -5" in usage_error("jit_expr.py", "--n", "-5")
+
+
+@jit_only
+def test_jit_expr_zero_runs_is_a_usage_error() -> None:
+    assert "argument --runs: must be at least 1, got 0" in usage_error("jit_expr.py", "--runs", "0")
+
+
+@jit_only
+def test_jit_expr_runs_that_are_not_a_number_are_a_usage_error() -> None:
+    assert "argument --runs: expected a whole number, got 'x'" in usage_error(
+        "jit_expr.py", "--runs", "x"
+    )
+
+
+@jit_only
+def test_jit_expr_refuses_a_constant_too_large_for_a_double() -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "jit_expr.py"), "--n", "10", "--", "x + " + "9" * 400],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "too large for a float64" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_jit_add_refuses_arguments() -> None:
+    assert "unrecognized arguments: --n" in usage_error("jit_add.py", "--n", "3")

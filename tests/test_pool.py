@@ -926,7 +926,7 @@ def test_pool_against_a_model() -> None:
         os.close(read_end)
         code = 0
         try:
-            run_state_machine_as_test(  # type: ignore[no-untyped-call]
+            run_state_machine_as_test(  # type: ignore[no-untyped-call,unused-ignore]
                 PoolMachine,
                 settings=settings(
                     max_examples=60,

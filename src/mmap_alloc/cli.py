@@ -14,9 +14,9 @@ import resource
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, features
 from ._linux import (
     PAGE_SIZE,
     format_size,
@@ -76,6 +76,10 @@ def machine_info() -> dict[str, Any]:
         "overcommit_mode": overcommit_mode(),
         "memlock_limit": {"soft": _limit(soft), "hard": _limit(hard)},
         "permissions": [probe_perms(perms) for perms in ALL_PERMS],
+        "features": [
+            {"name": f.name, "available": f.available, "detail": f.detail}
+            for f in features.all_features()
+        ],
     }
 
 
@@ -122,6 +126,11 @@ def format_info(info: dict[str, Any]) -> str:
         else:
             note = "replaced by a less restrictive combination"
         lines.append(f"  {entry['requested']:<10} {entry['in_force'] or '?':<10} {note}")
+    lines += ["", "kernel features (probed: mmap_alloc.features)"]
+    width = max((len(entry["name"]) for entry in info["features"]), default=0)
+    for entry in info["features"]:
+        feature = features.Feature(entry["name"], entry["available"], entry["detail"])
+        lines.append(f"  {feature.name:<{width}}  {feature}")
     return "\n".join(lines)
 
 
@@ -134,9 +143,11 @@ def _run_info(args: argparse.Namespace) -> int:
 def _add_info(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "info",
-        help="show what this machine offers: page sizes, huge pages, limits, permissions",
-        description="Show page and huge page sizes, THP mode, limits, and which "
-        "permission combinations the kernel gives (probed by real allocations).",
+        help="show what this machine offers: page sizes, huge pages, limits, permissions, "
+        "kernel features",
+        description="Show page and huge page sizes, THP mode, limits, which "
+        "permission combinations the kernel gives (probed by real allocations), and which "
+        "kernel features are available (each probed; a missing one says why).",
     )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.set_defaults(run=_run_info)
@@ -145,22 +156,73 @@ def _add_info(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 # ---------------------------------------------------------------- bench
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot be written, or None when it can.
+
+    Found out by opening it for appending, which leaves an existing file as it
+    was; a file the check created is removed again.
+    """
+    if path.is_dir():
+        return f"{path} is a directory"
+    existed = path.exists()
+    try:
+        with path.open("ab"):
+            pass
+    except OSError as exc:
+        return f"cannot write {path}: {exc.strerror or exc}"
+    if not existed:
+        path.unlink(missing_ok=True)
+    return None
+
+
+def plot_problem(path: Path) -> str | None:
+    """Why a chart cannot be drawn into ``path``, or None when it can."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        return "needs matplotlib: pip install 'mmap-alloc[bench]'"
+    formats: dict[str, str] = FigureCanvasAgg.get_supported_filetypes()
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        known = ", ".join(sorted(formats))
+        return f"{path.name!r} does not end in a format matplotlib writes ({known})"
+    return unwritable(path)
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("--plot needs matplotlib: pip install 'mmap-alloc[bench]'", file=sys.stderr)
-            return 2
-    bench.run(
-        quick=args.quick,
-        json_path=args.json,
-        plot_path=args.plot,
-        rounds=args.rounds,
-        only=args.only,
-    )
+    error: Callable[[str], NoReturn] = args.error
+    # checked before the run, which takes minutes, rather than after it
+    if args.json is not None and (problem := unwritable(args.json)) is not None:
+        error(f"argument --json: {problem}")
+    if args.plot is not None and (problem := plot_problem(args.plot)) is not None:
+        error(f"argument --plot: {problem}")
+    try:
+        bench.run(
+            quick=args.quick,
+            json_path=args.json,
+            plot_path=args.plot,
+            rounds=args.rounds,
+            only=args.only,
+        )
+    except bench.NoCaseMatches as exc:
+        error(f"argument --only: {exc}")
+    except OSError as exc:  # the disk filled up, the directory went away
+        name = exc.filename if exc.filename is not None else "the results"
+        print(f"{args.prog}: error: cannot write {name}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -170,20 +232,29 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="measure mmap_alloc against the system calls from C, and against peers",
         description="Time each case's variants interleaved in rounds and print, per case, "
         "the median time per operation with its range and each variant's ratio to the "
-        "case's reference (the same system calls made from a C loop).",
+        'case\'s reference: the same system calls made from a C loop ("C loop"), which '
+        "is what mmap_alloc costs on top of the kernel, not a lower bound for other ways "
+        "of doing the work.",
     )
-    parser.add_argument("--quick", action="store_true", help="a run of seconds (smaller cases)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run of seconds (smaller cases, 3 rounds): no measurement, no verdicts",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
         "--plot", type=Path, metavar="FILE.png", help="also draw a chart (needs matplotlib)"
     )
     parser.add_argument(
-        "--rounds", type=int, metavar="N", help="measured rounds per case (default 15, quick 3)"
+        "--rounds",
+        type=positive_int,
+        metavar="N",
+        help="measured rounds per case, at least 1 (default 15, quick 3)",
     )
     parser.add_argument(
         "--only", metavar="TEXT", help="run only the cases whose name contains TEXT"
     )
-    parser.set_defaults(run=_run_bench)
+    parser.set_defaults(run=_run_bench, error=parser.error, prog=parser.prog)
 
 
 # ---------------------------------------------------------------- the parser

@@ -2,9 +2,10 @@
  * _limits: the system calls mmap_alloc makes, made from C loops.
  *
  * Each function runs one benchmark case's work `n` times with no Python in
- * between, so its time per operation is the floor ("the limit") that the
- * library is measured against. Used by `python -m mmap_alloc bench` only;
- * not part of the library's API.
+ * between: the "C loop" reference the library is measured against (what
+ * mmap_alloc adds on top of the kernel; not a lower bound for other ways of
+ * doing the work). Used by `python -m mmap_alloc bench` only; not part of
+ * the library's API.
  */
 #define Py_LIMITED_API 0x030B0000
 #define PY_SSIZE_T_CLEAN

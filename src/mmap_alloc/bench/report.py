@@ -12,6 +12,21 @@ from typing import Any
 from .._linux import PAGE_SIZE, thp_mode
 from .harness import CaseResult
 
+Figures = dict[str, int | float]
+"""Named figures of a measurement without rounds: counts are ints, the rest floats."""
+
+REFERENCE_NOTE = (
+    'Reference "C loop": the same system calls mmap_alloc makes, made from a C loop with\n'
+    "no Python in between; the ratio to it is what mmap_alloc adds on top of the kernel.\n"
+    "It is not a lower bound for other strategies: a peer that does the work another way\n"
+    "(huge pages, memory malloc already holds, a copy instead of mremap) may beat it.\n"
+)
+
+QUICK_NOTE = (
+    "QUICK RUN: a smoke test with smaller cases and few rounds. Its figures are not\n"
+    "measurements and its verdicts are not verdicts; run without --quick to measure.\n"
+)
+
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
@@ -44,20 +59,39 @@ def format_time(ns: float) -> str:
     return f"{ns:.3g} ns"
 
 
-def verdict(result: CaseResult) -> str:
-    met = result.met
-    if met is None:
+def header(*, quick: bool, rounds: int) -> str:
+    """What the report's figures are: the method in one line, the reference, a quick run's label."""
+    lines = (
+        f"mmap_alloc bench: {rounds} measured round(s) per case; times are medians per\n"
+        "operation, ratios medians of per-round ratios to the case's reference.\n"
+    )
+    return (QUICK_NOTE if quick else "") + lines + REFERENCE_NOTE + "\n"
+
+
+def verdict(result: CaseResult, *, quick: bool = False) -> str:
+    """``met`` or ``MISSED`` against the case's target; a quick run gives none."""
+    if result.case.target is None:
         return ""
     sign = ">=" if result.case.higher_is_better else "<="
-    return f"{'met' if met else 'MISSED'} ({sign} {result.case.target:.2f})"
+    target = f"({sign} {result.case.target:.2f})"
+    if quick:
+        return f"quick run: not a verdict {target}"
+    return f"{'met' if result.met else 'MISSED'} {target}"
 
 
-def table(results: Sequence[CaseResult], extras: dict[str, dict[str, float]]) -> str:
+def format_figure(value: float) -> str:
+    """A count as an integer with thousands separators, any other figure with one decimal."""
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.1f}"
+
+
+def table(results: Sequence[CaseResult], extras: dict[str, Figures], *, quick: bool = False) -> str:
     """The results as a plain-text table, a block per case."""
     lines = []
     for result in results:
         case = result.case
-        lines.append(f"{case.name}  [{case.note}]  {verdict(result)}".rstrip())
+        lines.append(f"{case.name}  [{case.note}]  {verdict(result, quick=quick)}".rstrip())
         width = max(len(v.name) for v in result.variants)
         for v in result.variants:
             lines.append(
@@ -70,17 +104,23 @@ def table(results: Sequence[CaseResult], extras: dict[str, dict[str, float]]) ->
         lines.append(title)
         width = max(len(name) for name in values)
         for name, value in values.items():
-            lines.append(f"  {name:<{width}}  {value:,.1f}")
+            lines.append(f"  {name:<{width}}  {format_figure(value)}")
         lines.append("")
     return "\n".join(lines)
 
 
 def to_json(
-    results: Sequence[CaseResult], extras: dict[str, dict[str, float]], command: str
+    results: Sequence[CaseResult],
+    extras: dict[str, Figures],
+    command: str,
+    *,
+    quick: bool = False,
 ) -> dict[str, Any]:
-    """The results as plain data."""
+    """The results as plain data; a quick run is marked and has no verdicts (``met`` null)."""
     return {
         "command": command,
+        "quick": quick,
+        "note": (QUICK_NOTE if quick else "") + REFERENCE_NOTE,
         "machine": machine(),
         "cases": [
             {
@@ -94,7 +134,8 @@ def to_json(
                 "target": r.case.target,
                 "higher_is_better": r.case.higher_is_better,
                 "ratio": r.ratio,
-                "met": r.met,
+                "met": None if quick else r.met,
+                "verdict": verdict(r, quick=quick),
                 "variants": [
                     {
                         "name": v.name,
@@ -117,7 +158,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def plot(results: Sequence[CaseResult], path: Path) -> None:
+def plot(results: Sequence[CaseResult], path: Path, *, quick: bool = False) -> None:
     """A horizontal bar chart of every variant's ratio to its case's reference."""
     import matplotlib
 
@@ -140,7 +181,8 @@ def plot(results: Sequence[CaseResult], path: Path) -> None:
     axes.set_xscale("log")
     axes.axvline(1.0, color="black", linewidth=0.8)
     axes.set_xlabel("time relative to the case's reference (log scale; 1 = reference)")
-    axes.set_title("mmap_alloc (blue) and peers (grey) against the reference of each case")
+    title = "mmap_alloc (blue) and peers (grey) against the reference of each case"
+    axes.set_title(("quick run, not a measurement: " if quick else "") + title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

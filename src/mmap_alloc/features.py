@@ -1,0 +1,384 @@
+"""What the running kernel offers: one probe per feature the library uses or will use.
+
+Each probe tries the feature for real where that is cheap and harmless (a
+system call on a page of its own, an ioctl, a file under /proc or /sys),
+and answers with a :class:`Feature`: its name, whether it is available, and
+a detail that says why when it is missing, or the value when one matters.
+
+A probe never raises, and runs once per process (``functools.cache``): a
+kernel does not gain system calls while it runs. Values that root can change
+at run time (sysctls, THP modes, the hugetlb pools) are those of the first
+call; :func:`clear_cache` makes the next call probe again.
+
+    >>> from mmap_alloc import features
+    >>> for feature in features.all_features():
+    ...     print(feature.name, feature.available, feature.detail)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import functools
+import mmap
+import os
+import platform
+import struct
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "Feature",
+    "all_features",
+    "clear_cache",
+    "hugetlb",
+    "madv_collapse",
+    "madv_guard_install",
+    "madv_populate",
+    "memfd_exec",
+    "memfd_secret",
+    "pagemap_scan",
+    "shmem_thp",
+    "thp",
+]
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One kernel feature: whether this process can use it, and why not or with what value."""
+
+    name: str
+    available: bool
+    detail: str
+
+    def __str__(self) -> str:
+        if self.available:
+            return "available" + (f" ({self.detail})" if self.detail else "")
+        return f"missing: {self.detail}"
+
+
+# Linux numbers every system call added since 5.1 alike on all architectures
+# but alpha, mips and ia64 (include/uapi/asm-generic/unistd.h for arm64).
+_MEMFD_SECRET = {"x86_64": 447, "aarch64": 447, "arm64": 447, "riscv64": 447, "s390x": 447}
+MADV_POPULATE_READ = 22
+MADV_POPULATE_WRITE = 23
+MADV_COLLAPSE = 25
+MADV_GUARD_INSTALL = 102
+MADV_GUARD_REMOVE = 103
+MFD_CLOEXEC = 0x1
+MFD_EXEC = 0x10
+# _IOWR('f', 16, struct pm_scan_arg): the value of mmap_alloc._platform, copied
+_PAGEMAP_SCAN = (3 << 30) | (96 << 16) | (ord("f") << 8) | 16
+_PAGE_IS_PRESENT = 1 << 3
+
+_PAGE = mmap.PAGESIZE
+_HUGE = 2 << 20
+_THP = Path("/sys/kernel/mm/transparent_hugepage")
+_HUGEPAGES = Path("/sys/kernel/mm/hugepages")
+_MEMFD_NOEXEC = Path("/proc/sys/vm/memfd_noexec")
+
+
+def _errno_text(exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return f"{code}: {exc.strerror}" if exc.strerror else code
+
+
+def _libc_syscall() -> Callable[..., int]:
+    """libc's ``syscall()``, errno kept for ``ctypes.get_errno()``."""
+    function: Callable[..., int] = ctypes.CDLL(None, use_errno=True).syscall
+    return function
+
+
+def _anonymous(size: int) -> mmap.mmap:
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def _address(mapping: mmap.mmap) -> int:
+    """The address of a stdlib mapping (the ctypes object is gone when this returns,
+    so the mapping can still be closed)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+
+
+def _bracketed(path: Path) -> str | None:
+    """The [selected] word of a sysfs choice file such as THP's ``enabled``."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    for word in text.split():
+        if word.startswith("[") and word.endswith("]"):
+            return word[1:-1]
+    return None
+
+
+def _kernel_knows(name: str, advice: int, size: int = 2 * _PAGE, touch: bool = False) -> str | None:
+    """None if madvise ``advice`` succeeds on a private anonymous page, else why not."""
+    mapping = _anonymous(size)
+    try:
+        if touch:
+            mapping[0] = 1
+        mapping.madvise(advice, 0, size)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return "EINVAL"
+        return f"{name} failed: {_errno_text(exc)}"
+    finally:
+        mapping.close()
+    return None
+
+
+# ---------------------------------------------------------------- probes
+
+
+@functools.cache
+def memfd_secret() -> Feature:
+    """memfd_secret(2): memory removed from the kernel's direct map (Linux 5.14)."""
+    name = "memfd_secret"
+    try:
+        number = _MEMFD_SECRET.get(platform.machine().lower())
+        if number is None:
+            return Feature(name, False, f"system call number unknown on {platform.machine()}")
+        syscall = _libc_syscall()
+        fd = int(syscall(number, 0))
+        if fd < 0:
+            code = ctypes.get_errno()
+            if code == errno.ENOSYS:
+                reason = "kernel lacks memfd_secret (needs Linux 5.14 and secretmem.enable)"
+            else:
+                reason = f"memfd_secret(0) failed: {_errno_text(OSError(code, os.strerror(code)))}"
+            return Feature(name, False, reason)
+        os.close(fd)
+        return Feature(name, True, f"system call {number}")
+    except Exception as exc:  # a probe reports, never raises
+        return Feature(name, False, f"probe failed: {exc}")
+
+
+@functools.cache
+def madv_guard_install() -> Feature:
+    """MADV_GUARD_INSTALL: guard pages without a mapping of their own (Linux 6.13)."""
+    name = "madv_guard_install"
+    try:
+        mapping = _anonymous(2 * _PAGE)
+        try:
+            mapping.madvise(MADV_GUARD_INSTALL, 0, _PAGE)
+            mapping.madvise(MADV_GUARD_REMOVE, 0, _PAGE)
+        finally:
+            mapping.close()
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return Feature(name, False, "needs Linux 6.13")
+        return Feature(name, False, f"MADV_GUARD_INSTALL failed: {_errno_text(exc)}")
+    except Exception as exc:
+        return Feature(name, False, f"probe failed: {exc}")
+    return Feature(name, True, f"madvise advice {MADV_GUARD_INSTALL}")
+
+
+@functools.cache
+def madv_populate() -> Feature:
+    """MADV_POPULATE_READ / MADV_POPULATE_WRITE: fault pages in with one call (Linux 5.14)."""
+    name = "madv_populate"
+    try:
+        for advice_name, advice in (
+            ("MADV_POPULATE_READ", MADV_POPULATE_READ),
+            ("MADV_POPULATE_WRITE", MADV_POPULATE_WRITE),
+        ):
+            problem = _kernel_knows(advice_name, advice)
+            if problem == "EINVAL":
+                return Feature(name, False, f"kernel refuses {advice_name}: needs Linux 5.14")
+            if problem is not None:
+                return Feature(name, False, problem)
+    except Exception as exc:
+        return Feature(name, False, f"probe failed: {exc}")
+    return Feature(name, True, f"advice {MADV_POPULATE_READ} and {MADV_POPULATE_WRITE}")
+
+
+@functools.cache
+def madv_collapse() -> Feature:
+    """MADV_COLLAPSE: make a range into transparent huge pages now (Linux 6.1)."""
+    name = "madv_collapse"
+    try:
+        mapping = _anonymous(2 * _HUGE)
+        try:
+            offset = -_address(mapping) % _HUGE
+            mapping[offset] = 1  # a range with no page at all is refused with EINVAL too
+            mapping.madvise(MADV_COLLAPSE, offset, _HUGE)
+        finally:
+            mapping.close()
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return Feature(
+                name, False, "kernel refuses MADV_COLLAPSE: needs Linux 6.1 with THP built in"
+            )
+        # EAGAIN, ENOMEM, EBUSY: the kernel knows the advice, this collapse did not happen
+        return Feature(name, True, f"known to the kernel; the probe's collapse: {_errno_text(exc)}")
+    except Exception as exc:
+        return Feature(name, False, f"probe failed: {exc}")
+    return Feature(name, True, "collapsed a 2 MiB range")
+
+
+@functools.cache
+def memfd_exec() -> Feature:
+    """Executable memfds: vm.memfd_noexec (Linux 6.3) and memfd_create(MFD_EXEC)."""
+    try:
+        available, detail = _memfd_exec()
+    except Exception as exc:
+        available, detail = False, f"probe failed: {exc}"
+    return Feature("memfd_exec", available, detail)
+
+
+_NOEXEC_MEANING = {
+    0: "executable memfds allowed",
+    1: "memfds are noexec unless created with MFD_EXEC",
+    2: "executable memfds refused",
+}
+
+
+def _memfd_exec() -> tuple[bool, str]:
+    try:
+        noexec: int | None = int(_MEMFD_NOEXEC.read_text())
+    except (OSError, ValueError):
+        noexec = None  # before Linux 6.3
+    setting = "" if noexec is None else f"vm.memfd_noexec = {noexec}: "
+    setting += _NOEXEC_MEANING.get(noexec, "unknown value") if noexec is not None else ""
+    try:
+        os.close(os.memfd_create("mmap_alloc-probe", MFD_CLOEXEC | MFD_EXEC))
+    except OSError as exc:
+        if noexec is None and exc.errno == errno.EINVAL:
+            return True, "kernel before 6.3: memfds are executable, MFD_EXEC unknown"
+        tried = f"memfd_create(MFD_EXEC) failed: {_errno_text(exc)}"
+        return False, f"{setting}; {tried}" if setting else tried
+    if noexec is None:
+        return True, "MFD_EXEC accepted (no vm.memfd_noexec)"
+    return noexec < 2, f"{setting}; MFD_EXEC accepted"
+
+
+@functools.cache
+def shmem_thp() -> Feature:
+    """Transparent huge pages for shared memory (memfd, tmpfs)."""
+    name = "shmem_thp"
+    mode = _bracketed(_THP / "shmem_enabled")
+    if mode is None:
+        return Feature(name, False, "no shmem_enabled: kernel without shmem THP")
+    if mode in ("always", "within_size", "advise"):
+        return Feature(name, True, f"shmem_enabled = {mode}")
+    return Feature(name, False, f"shmem_enabled = {mode} (root can set advise)")
+
+
+@functools.cache
+def thp() -> Feature:
+    """Transparent huge pages for anonymous memory."""
+    name = "thp"
+    mode = _bracketed(_THP / "enabled")
+    if mode is None:
+        return Feature(name, False, "no transparent_hugepage/enabled: kernel without THP")
+    if mode in ("always", "madvise"):
+        return Feature(name, True, f"enabled = {mode}")
+    return Feature(name, False, f"enabled = {mode} (root can set madvise)")
+
+
+@functools.cache
+def hugetlb() -> Feature:
+    """hugetlb pages: available when a pool has free pages; the detail lists every pool."""
+    name = "hugetlb"
+    pools: list[tuple[int, int, int]] = []
+    try:
+        for folder in _HUGEPAGES.glob("hugepages-*kB"):
+            size = int(folder.name[len("hugepages-") : -len("kB")]) * 1024
+            total = int((folder / "nr_hugepages").read_text())
+            free = int((folder / "free_hugepages").read_text())
+            pools.append((size, free, total))
+    except (OSError, ValueError) as exc:
+        return Feature(name, False, f"cannot read {_HUGEPAGES}: {exc}")
+    if not pools:
+        return Feature(name, False, "no pools: kernel without hugetlbfs")
+    pools.sort()
+    listing = "; ".join(f"{_size(size)}: {free} free of {total}" for size, free, total in pools)
+    if any(free for _, free, _ in pools):
+        return Feature(name, True, listing)
+    return Feature(
+        name,
+        False,
+        f"no free pages ({listing}); as root: echo 8 > /proc/sys/vm/nr_hugepages",
+    )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+@functools.cache
+def pagemap_scan() -> Feature:
+    """The PAGEMAP_SCAN ioctl of /proc/self/pagemap: page categories of a range (Linux 6.7)."""
+    name = "pagemap_scan"
+    try:
+        mapping = _anonymous(_PAGE)
+        try:
+            mapping[0] = 1
+            start = _address(mapping)
+            vec = array("Q", bytes(24))  # one struct page_region
+            # struct pm_scan_arg: size, flags, start, end, walk_end, vec, vec_len,
+            # max_pages, category_inverted, category_mask, category_anyof_mask, return_mask
+            arg = bytearray(
+                struct.pack(
+                    "12Q",
+                    96,
+                    0,
+                    start,
+                    start + _PAGE,
+                    0,
+                    vec.buffer_info()[0],
+                    1,
+                    0,
+                    0,
+                    _PAGE_IS_PRESENT,
+                    0,
+                    _PAGE_IS_PRESENT,
+                )
+            )
+            fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+            try:
+                found = fcntl.ioctl(fd, _PAGEMAP_SCAN, arg, True)
+            finally:
+                os.close(fd)
+        finally:
+            mapping.close()
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EINVAL):
+            return Feature(name, False, "needs Linux 6.7")
+        return Feature(name, False, f"PAGEMAP_SCAN failed: {_errno_text(exc)}")
+    except Exception as exc:
+        return Feature(name, False, f"probe failed: {exc}")
+    if found != 1:
+        return Feature(name, False, f"PAGEMAP_SCAN answered {found} regions for one present page")
+    return Feature(name, True, "ioctl on /proc/self/pagemap")
+
+
+PROBES: tuple[Callable[[], Feature], ...] = (
+    memfd_secret,
+    madv_guard_install,
+    madv_populate,
+    madv_collapse,
+    memfd_exec,
+    shmem_thp,
+    pagemap_scan,
+    thp,
+    hugetlb,
+)
+"""Every probe, in the order ``all_features()`` and ``info`` list them."""
+
+
+def all_features() -> list[Feature]:
+    """Every probe's answer."""
+    return [probe() for probe in PROBES]
+
+
+def clear_cache() -> None:
+    """Forget every answer, so that the next call of a probe probes again."""
+    for probe in PROBES:
+        probe.cache_clear()  # type: ignore[attr-defined]
