@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
 import os
@@ -11,12 +10,13 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mmap_alloc import features
+from mmap_alloc._linux import hugepage_pools, sysfs_choice
 from mmap_alloc.features import Feature
 
 NAMES = [
@@ -105,9 +105,9 @@ def test_a_probe_runs_once_per_process() -> None:
 
 
 def test_clear_cache_makes_the_next_call_probe_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(features, "_libc_syscall", fake_syscall(errno.ENOSYS))
+    monkeypatch.setattr(features, "_mman", fake_syscall(errno.ENOSYS))
     first = features.memfd_secret()
-    monkeypatch.setattr(features, "_libc_syscall", fake_syscall(errno.EMFILE))
+    monkeypatch.setattr(features, "_mman", fake_syscall(errno.EMFILE))
     assert features.memfd_secret() is first
     features.clear_cache()
     assert "EMFILE" in features.memfd_secret().detail
@@ -216,20 +216,24 @@ def test_memfd_exec_in_a_pid_namespace_with_memfd_noexec(
 # ---------------------------------------------------------------- simulated kernels
 
 
-def fake_syscall(code: int) -> Callable[[], Callable[..., int]]:
-    """A replacement of libc's syscall() that fails with errno ``code``."""
+class FakeKernel:
+    """Stands in for the C layer: memfd_secret fails with errno ``code``."""
 
-    def syscall(*args: object) -> int:
-        ctypes.set_errno(code)
-        return -1
+    def __init__(self, code: int) -> None:
+        self.code = code
 
-    return lambda: syscall
+    def memfd_secret(self, flags: int) -> int:
+        raise OSError(self.code, os.strerror(self.code))
+
+
+def fake_syscall(code: int) -> FakeKernel:
+    return FakeKernel(code)
 
 
 def test_memfd_secret_without_the_system_call_is_missing_and_says_why(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(features, "_libc_syscall", fake_syscall(errno.ENOSYS))
+    monkeypatch.setattr(features, "_mman", fake_syscall(errno.ENOSYS))
     assert features.memfd_secret() == Feature(
         "memfd_secret",
         False,
@@ -238,17 +242,18 @@ def test_memfd_secret_without_the_system_call_is_missing_and_says_why(
 
 
 def test_memfd_secret_refused_otherwise_names_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(features, "_libc_syscall", fake_syscall(errno.EMFILE))
+    monkeypatch.setattr(features, "_mman", fake_syscall(errno.EMFILE))
     feature = features.memfd_secret()
     assert not feature.available
     assert feature.detail.startswith("memfd_secret(0) failed: EMFILE")
 
 
 def test_a_probe_that_breaks_reports_instead_of_raising(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken() -> Callable[..., int]:
-        raise OSError(errno.ENOENT, "no libc")
+    class Broken:
+        def memfd_secret(self, flags: int) -> int:
+            raise RuntimeError("no kernel layer")
 
-    monkeypatch.setattr(features, "_libc_syscall", broken)
+    monkeypatch.setattr(features, "_mman", Broken())
     feature = features.memfd_secret()
     assert not feature.available
     assert feature.detail.startswith("probe failed:")
@@ -280,7 +285,8 @@ def test_madvise_probes_without_the_advice_are_missing(monkeypatch: pytest.Monke
 
 
 def test_thp_without_sysfs_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(features, "_THP", tmp_path / "nothing")
+    monkeypatch.setattr(features, "thp_mode", lambda: "unknown")
+    monkeypatch.setattr(features, "shmem_thp_mode", lambda: None)
     assert not features.thp().available
     assert "kernel without THP" in features.thp().detail
     assert not features.shmem_thp().available
@@ -288,7 +294,9 @@ def test_thp_without_sysfs_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 def test_shmem_thp_advise_is_available(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / "shmem_enabled").write_text("always within_size [advise] never deny force\n")
-    monkeypatch.setattr(features, "_THP", tmp_path)
+    monkeypatch.setattr(
+        features, "shmem_thp_mode", lambda: sysfs_choice(tmp_path / "shmem_enabled")
+    )
     assert features.shmem_thp() == Feature("shmem_thp", True, "shmem_enabled = advise")
 
 
@@ -299,7 +307,7 @@ def test_hugetlb_with_empty_pools_is_missing_and_says_how_to_reserve(
     pool.mkdir()
     (pool / "nr_hugepages").write_text("0\n")
     (pool / "free_hugepages").write_text("0\n")
-    monkeypatch.setattr(features, "_HUGEPAGES", tmp_path)
+    monkeypatch.setattr(features, "hugepage_pools", lambda: hugepage_pools(tmp_path))
     feature = features.hugetlb()
     assert not feature.available
     assert feature.detail.startswith("no free pages (2 MiB: 0 free of 0)")
@@ -314,5 +322,5 @@ def test_hugetlb_with_free_pages_is_available(
         pool.mkdir()
         (pool / "nr_hugepages").write_text("4\n")
         (pool / "free_hugepages").write_text(f"{free}\n")
-    monkeypatch.setattr(features, "_HUGEPAGES", tmp_path)
+    monkeypatch.setattr(features, "hugepage_pools", lambda: hugepage_pools(tmp_path))
     assert features.hugetlb() == Feature("hugetlb", True, "2 MiB: 3 free of 4; 1 GiB: 0 free of 4")

@@ -65,6 +65,19 @@ ADVICE_SINCE: dict[str, str] = {
 }
 """The kernel that introduced each newer advice, for error messages."""
 
+MADV_POPULATE_READ = _mman.MADV_POPULATE_READ
+MADV_POPULATE_WRITE = _mman.MADV_POPULATE_WRITE
+MADV_COLLAPSE = _mman.MADV_COLLAPSE
+MADV_GUARD_INSTALL = _mman.MADV_GUARD_INSTALL
+MADV_GUARD_REMOVE = _mman.MADV_GUARD_REMOVE
+
+MFD_CLOEXEC = 0x1
+MFD_ALLOW_SEALING = 0x2
+MFD_HUGETLB = 0x4
+MFD_NOEXEC_SEAL = 0x8
+MFD_EXEC = 0x10
+"""memfd_create(2) flags (os.memfd_create predates the last two)."""
+
 RUN_GUARD = 1
 """A flag of a protection run (Region._runs()): guard pages (MADV_GUARD_INSTALL)."""
 RUN_DONTFORK = 2
@@ -115,11 +128,12 @@ class HugePagePool:
     free: int
 
 
-def hugepage_pools() -> list[HugePagePool]:
-    """The hugetlb page sizes this kernel supports, smallest first."""
+def hugepage_pools(folder: Path = _HUGEPAGES) -> list[HugePagePool]:
+    """The hugetlb page sizes this kernel supports, smallest first (``folder``:
+    where the pools are described, for tests)."""
     pools = []
     try:
-        entries = list(_HUGEPAGES.iterdir())
+        entries = list(folder.iterdir())
     except OSError:
         return []
     for entry in entries:
@@ -162,11 +176,29 @@ def read_int(path: str | Path, default: int) -> int:
         return default
 
 
+def sysfs_choice(path: str | Path) -> str | None:
+    """The [selected] word of a sysfs choice file, or None if it cannot be read."""
+    text = read_text(path)
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else None
+
+
 def thp_mode() -> str:
     """The transparent huge page mode: always, madvise, never (or unknown)."""
-    text = read_text("/sys/kernel/mm/transparent_hugepage/enabled")
-    start, end = text.find("["), text.find("]")
-    return text[start + 1 : end] if 0 <= start < end else "unknown"
+    return sysfs_choice("/sys/kernel/mm/transparent_hugepage/enabled") or "unknown"
+
+
+def shmem_thp_mode() -> str | None:
+    """The shared memory THP mode (always, within_size, advise, never, deny, force),
+    or None for a kernel without it."""
+    return sysfs_choice("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+
+
+def memfd_noexec() -> int | None:
+    """vm.memfd_noexec (Linux 6.3): 0 executable memfds allowed, 1 noexec unless
+    MFD_EXEC, 2 refused; None before 6.3."""
+    value = read_int("/proc/sys/vm/memfd_noexec", -1)
+    return None if value < 0 else value
 
 
 def max_map_count() -> int:
@@ -274,22 +306,22 @@ def smaps(start: int, end: int) -> list[SmapsEntry]:
 
 
 # PAGEMAP_SCAN (Linux 6.7): page categories of a range of this process.
-_PAGEMAP_SCAN = (3 << 30) | (96 << 16) | (ord("f") << 8) | 16  # _IOWR('f', 16, struct pm_scan_arg)
-_PAGE_IS_PRESENT = 1 << 3
-_PAGE_IS_HUGE = 1 << 6
+PAGEMAP_SCAN = (3 << 30) | (96 << 16) | (ord("f") << 8) | 16  # _IOWR('f', 16, struct pm_scan_arg)
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_HUGE = 1 << 6
 _SCAN_REGIONS = 64
 
 
-def pagemap_huge_bytes(start: int, end: int) -> int | None:
-    """Bytes of [start, end) mapped by resident huge pages (THP or hugetlb),
-    exactly, page by page; None when the kernel has no PAGEMAP_SCAN."""
+def pagemap_ranges(start: int, end: int, categories: int) -> list[tuple[int, int]] | None:
+    """The [start, end) address ranges of [start, end) whose pages have every
+    category of ``categories`` (PAGE_IS_*), page by page, from the PAGEMAP_SCAN
+    ioctl; None when the kernel has no PAGEMAP_SCAN."""
     import fcntl
     import struct
     from array import array
 
     vec = array("Q", bytes(24 * _SCAN_REGIONS))  # struct page_region {start, end, categories}
-    wanted = _PAGE_IS_PRESENT | _PAGE_IS_HUGE
-    total = 0
+    found: list[tuple[int, int]] = []
     try:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY)
     except OSError:
@@ -298,11 +330,10 @@ def pagemap_huge_bytes(start: int, end: int) -> int | None:
         while start < end:
             # struct pm_scan_arg: size, flags, start, end, walk_end, vec, vec_len,
             # max_pages, category_inverted, category_mask, category_anyof_mask, return_mask
-            fields = (96, 0, start, end, 0, vec.buffer_info()[0], _SCAN_REGIONS, 0, 0, wanted)
-            arg = bytearray(struct.pack("12Q", *fields, 0, wanted))
-            count = fcntl.ioctl(fd, _PAGEMAP_SCAN, arg, True)
-            for i in range(count):
-                total += vec[3 * i + 1] - vec[3 * i]
+            fields = (96, 0, start, end, 0, vec.buffer_info()[0], _SCAN_REGIONS, 0, 0)
+            arg = bytearray(struct.pack("12Q", *fields, categories, 0, categories))
+            count = fcntl.ioctl(fd, PAGEMAP_SCAN, arg, True)
+            found.extend((vec[3 * i], vec[3 * i + 1]) for i in range(count))
             walk_end = struct.unpack_from("Q", arg, 32)[0]
             if walk_end <= start:
                 break
@@ -311,7 +342,14 @@ def pagemap_huge_bytes(start: int, end: int) -> int | None:
         return None
     finally:
         os.close(fd)
-    return total
+    return found
+
+
+def pagemap_huge_bytes(start: int, end: int) -> int | None:
+    """Bytes of [start, end) mapped by resident huge pages (THP or hugetlb),
+    exactly, page by page; None when the kernel has no PAGEMAP_SCAN."""
+    ranges = pagemap_ranges(start, end, PAGE_IS_PRESENT | PAGE_IS_HUGE)
+    return None if ranges is None else sum(hi - lo for lo, hi in ranges)
 
 
 # ---------------------------------------------------------------- residency

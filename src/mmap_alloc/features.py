@@ -19,16 +19,31 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import functools
 import mmap
 import os
-import platform
-import struct
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+
+from . import _mman
+from ._linux import (
+    MADV_COLLAPSE,
+    MADV_GUARD_INSTALL,
+    MADV_GUARD_REMOVE,
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
+    MFD_CLOEXEC,
+    MFD_EXEC,
+    PAGE_IS_PRESENT,
+    PAGE_SIZE,
+    format_size,
+    hugepage_pools,
+    memfd_noexec,
+    pagemap_ranges,
+    shmem_thp_mode,
+    thp_mode,
+    thp_size,
+)
 
 __all__ = [
     "Feature",
@@ -60,36 +75,9 @@ class Feature:
         return f"missing: {self.detail}"
 
 
-# Linux numbers every system call added since 5.1 alike on all architectures
-# but alpha, mips and ia64 (include/uapi/asm-generic/unistd.h for arm64).
-_MEMFD_SECRET = {"x86_64": 447, "aarch64": 447, "arm64": 447, "riscv64": 447, "s390x": 447}
-MADV_POPULATE_READ = 22
-MADV_POPULATE_WRITE = 23
-MADV_COLLAPSE = 25
-MADV_GUARD_INSTALL = 102
-MADV_GUARD_REMOVE = 103
-MFD_CLOEXEC = 0x1
-MFD_EXEC = 0x10
-# _IOWR('f', 16, struct pm_scan_arg): the value of mmap_alloc._platform, copied
-_PAGEMAP_SCAN = (3 << 30) | (96 << 16) | (ord("f") << 8) | 16
-_PAGE_IS_PRESENT = 1 << 3
-
-_PAGE = mmap.PAGESIZE
-_HUGE = 2 << 20
-_THP = Path("/sys/kernel/mm/transparent_hugepage")
-_HUGEPAGES = Path("/sys/kernel/mm/hugepages")
-_MEMFD_NOEXEC = Path("/proc/sys/vm/memfd_noexec")
-
-
 def _errno_text(exc: OSError) -> str:
     code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
     return f"{code}: {exc.strerror}" if exc.strerror else code
-
-
-def _libc_syscall() -> Callable[..., int]:
-    """libc's ``syscall()``, errno kept for ``ctypes.get_errno()``."""
-    function: Callable[..., int] = ctypes.CDLL(None, use_errno=True).syscall
-    return function
 
 
 def _anonymous(size: int) -> mmap.mmap:
@@ -102,19 +90,9 @@ def _address(mapping: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(mapping))
 
 
-def _bracketed(path: Path) -> str | None:
-    """The [selected] word of a sysfs choice file such as THP's ``enabled``."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    for word in text.split():
-        if word.startswith("[") and word.endswith("]"):
-            return word[1:-1]
-    return None
-
-
-def _kernel_knows(name: str, advice: int, size: int = 2 * _PAGE, touch: bool = False) -> str | None:
+def _kernel_knows(
+    name: str, advice: int, size: int = 2 * PAGE_SIZE, touch: bool = False
+) -> str | None:
     """None if madvise ``advice`` succeeds on a private anonymous page, else why not."""
     mapping = _anonymous(size)
     try:
@@ -138,22 +116,16 @@ def memfd_secret() -> Feature:
     """memfd_secret(2): memory removed from the kernel's direct map (Linux 5.14)."""
     name = "memfd_secret"
     try:
-        number = _MEMFD_SECRET.get(platform.machine().lower())
-        if number is None:
-            return Feature(name, False, f"system call number unknown on {platform.machine()}")
-        syscall = _libc_syscall()
-        fd = int(syscall(number, 0))
-        if fd < 0:
-            code = ctypes.get_errno()
-            if code == errno.ENOSYS:
-                reason = "kernel lacks memfd_secret (needs Linux 5.14 and secretmem.enable)"
-            else:
-                reason = f"memfd_secret(0) failed: {_errno_text(OSError(code, os.strerror(code)))}"
-            return Feature(name, False, reason)
-        os.close(fd)
-        return Feature(name, True, f"system call {number}")
+        os.close(_mman.memfd_secret(0))
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:
+            reason = "kernel lacks memfd_secret (needs Linux 5.14 and secretmem.enable)"
+        else:
+            reason = f"memfd_secret(0) failed: {_errno_text(exc)}"
+        return Feature(name, False, reason)
     except Exception as exc:  # a probe reports, never raises
         return Feature(name, False, f"probe failed: {exc}")
+    return Feature(name, True, "system call 447")
 
 
 @functools.cache
@@ -161,10 +133,10 @@ def madv_guard_install() -> Feature:
     """MADV_GUARD_INSTALL: guard pages without a mapping of their own (Linux 6.13)."""
     name = "madv_guard_install"
     try:
-        mapping = _anonymous(2 * _PAGE)
+        mapping = _anonymous(2 * PAGE_SIZE)
         try:
-            mapping.madvise(MADV_GUARD_INSTALL, 0, _PAGE)
-            mapping.madvise(MADV_GUARD_REMOVE, 0, _PAGE)
+            mapping.madvise(MADV_GUARD_INSTALL, 0, PAGE_SIZE)
+            mapping.madvise(MADV_GUARD_REMOVE, 0, PAGE_SIZE)
         finally:
             mapping.close()
     except OSError as exc:
@@ -200,11 +172,11 @@ def madv_collapse() -> Feature:
     """MADV_COLLAPSE: make a range into transparent huge pages now (Linux 6.1)."""
     name = "madv_collapse"
     try:
-        mapping = _anonymous(2 * _HUGE)
+        mapping = _anonymous(2 * thp_size())
         try:
-            offset = -_address(mapping) % _HUGE
+            offset = -_address(mapping) % thp_size()
             mapping[offset] = 1  # a range with no page at all is refused with EINVAL too
-            mapping.madvise(MADV_COLLAPSE, offset, _HUGE)
+            mapping.madvise(MADV_COLLAPSE, offset, thp_size())
         finally:
             mapping.close()
     except OSError as exc:
@@ -237,10 +209,7 @@ _NOEXEC_MEANING = {
 
 
 def _memfd_exec() -> tuple[bool, str]:
-    try:
-        noexec: int | None = int(_MEMFD_NOEXEC.read_text())
-    except (OSError, ValueError):
-        noexec = None  # before Linux 6.3
+    noexec = memfd_noexec()  # None before Linux 6.3
     setting = "" if noexec is None else f"vm.memfd_noexec = {noexec}: "
     setting += _NOEXEC_MEANING.get(noexec, "unknown value") if noexec is not None else ""
     try:
@@ -259,7 +228,7 @@ def _memfd_exec() -> tuple[bool, str]:
 def shmem_thp() -> Feature:
     """Transparent huge pages for shared memory (memfd, tmpfs)."""
     name = "shmem_thp"
-    mode = _bracketed(_THP / "shmem_enabled")
+    mode = shmem_thp_mode()
     if mode is None:
         return Feature(name, False, "no shmem_enabled: kernel without shmem THP")
     if mode in ("always", "within_size", "advise"):
@@ -271,8 +240,8 @@ def shmem_thp() -> Feature:
 def thp() -> Feature:
     """Transparent huge pages for anonymous memory."""
     name = "thp"
-    mode = _bracketed(_THP / "enabled")
-    if mode is None:
+    mode = thp_mode()
+    if mode == "unknown":
         return Feature(name, False, "no transparent_hugepage/enabled: kernel without THP")
     if mode in ("always", "madvise"):
         return Feature(name, True, f"enabled = {mode}")
@@ -283,20 +252,13 @@ def thp() -> Feature:
 def hugetlb() -> Feature:
     """hugetlb pages: available when a pool has free pages; the detail lists every pool."""
     name = "hugetlb"
-    pools: list[tuple[int, int, int]] = []
-    try:
-        for folder in _HUGEPAGES.glob("hugepages-*kB"):
-            size = int(folder.name[len("hugepages-") : -len("kB")]) * 1024
-            total = int((folder / "nr_hugepages").read_text())
-            free = int((folder / "free_hugepages").read_text())
-            pools.append((size, free, total))
-    except (OSError, ValueError) as exc:
-        return Feature(name, False, f"cannot read {_HUGEPAGES}: {exc}")
+    pools = hugepage_pools()
     if not pools:
         return Feature(name, False, "no pools: kernel without hugetlbfs")
-    pools.sort()
-    listing = "; ".join(f"{_size(size)}: {free} free of {total}" for size, free, total in pools)
-    if any(free for _, free, _ in pools):
+    listing = "; ".join(
+        f"{format_size(pool.size)}: {pool.free} free of {pool.reserved}" for pool in pools
+    )
+    if any(pool.free for pool in pools):
         return Feature(name, True, listing)
     return Feature(
         name,
@@ -305,57 +267,24 @@ def hugetlb() -> Feature:
     )
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale} {unit}"
-    return f"{n} B"
-
-
 @functools.cache
 def pagemap_scan() -> Feature:
     """The PAGEMAP_SCAN ioctl of /proc/self/pagemap: page categories of a range (Linux 6.7)."""
     name = "pagemap_scan"
     try:
-        mapping = _anonymous(_PAGE)
+        mapping = _anonymous(PAGE_SIZE)
         try:
             mapping[0] = 1
             start = _address(mapping)
-            vec = array("Q", bytes(24))  # one struct page_region
-            # struct pm_scan_arg: size, flags, start, end, walk_end, vec, vec_len,
-            # max_pages, category_inverted, category_mask, category_anyof_mask, return_mask
-            arg = bytearray(
-                struct.pack(
-                    "12Q",
-                    96,
-                    0,
-                    start,
-                    start + _PAGE,
-                    0,
-                    vec.buffer_info()[0],
-                    1,
-                    0,
-                    0,
-                    _PAGE_IS_PRESENT,
-                    0,
-                    _PAGE_IS_PRESENT,
-                )
-            )
-            fd = os.open("/proc/self/pagemap", os.O_RDONLY)
-            try:
-                found = fcntl.ioctl(fd, _PAGEMAP_SCAN, arg, True)
-            finally:
-                os.close(fd)
+            found = pagemap_ranges(start, start + PAGE_SIZE, PAGE_IS_PRESENT)
         finally:
             mapping.close()
-    except OSError as exc:
-        if exc.errno in (errno.ENOTTY, errno.EINVAL):
-            return Feature(name, False, "needs Linux 6.7")
-        return Feature(name, False, f"PAGEMAP_SCAN failed: {_errno_text(exc)}")
     except Exception as exc:
         return Feature(name, False, f"probe failed: {exc}")
-    if found != 1:
-        return Feature(name, False, f"PAGEMAP_SCAN answered {found} regions for one present page")
+    if found is None:
+        return Feature(name, False, "needs Linux 6.7")
+    if found != [(start, start + PAGE_SIZE)]:
+        return Feature(name, False, f"PAGEMAP_SCAN answered {found} for one present page")
     return Feature(name, True, "ioctl on /proc/self/pagemap")
 
 

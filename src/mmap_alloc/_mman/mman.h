@@ -1,23 +1,26 @@
 /*
  * _mman: the safety kernel of mmap_alloc.
  *
- * What C owns (everything whose state keeps memory safe), one file each:
- *   module.c     module init, constants, plain system calls on raw addresses
- *                that cannot hurt (mincore, probes), the registered exception
- *                types, the fork generation, and the unmap graveyard;
- *   pages.c      the protection record of a mapping: runs of pages with their
- *                PROT_* bits and flags (guard, dontfork); pure data, no Python;
- *   region.c     Region: one mapping, its record, its exports, pins and busy
- *                count; creation, close, the buffer protocol, item and slice
- *                access, find and iteration;
- *   protect.c    protect / make_exec / make_writable / flush_icache, and pins
- *                (the Pin token whose deallocation unpins exactly once);
- *   resize.c     realloc, grow and shrink in place, move by copy, zeroing of
- *                exposed bytes;
- *   advise.c     commit (populate), uncommit and other advice, mlock, mincore;
- *   views.c      sub-range exporters (Region.view, pool object views);
- *   allocator.c  the alloc/dealloc fast path of MapAlloc;
- *   pool.c       ObjectPool: slabs it owns, their free bitmaps, views.
+ * What C owns (everything whose state keeps memory safe), one concern a file:
+ *   module.c      module init, constants, errors, argument helpers, aligned
+ *                 mapping, the fork generation, the unmap graveyard, and the
+ *                 plain calls that cannot hurt (mincore, memfd_secret, probes);
+ *   pages.c       the protection record of a mapping: runs of pages with their
+ *                 PROT_* bits and flags (guard, dontfork); pure data, no Python;
+ *   region.c      Region: one mapping, its record, exports, pins and busy
+ *                 count; creation, close, the buffer protocol, introspection;
+ *   bytes.c       Region as a bytes-like object: items, slices, find, iteration;
+ *   protect.c     protect / make_exec / make_writable / flush_icache, and pins
+ *                 (the Pin token whose deallocation unpins exactly once);
+ *   resize.c      realloc, grow and shrink in place, move by copy, zeroing of
+ *                 exposed bytes;
+ *   advise.c      commit (populate), uncommit and other advice, mlock, mincore;
+ *   views.c       sub-range exporters (Region.view, ObjectPool.view);
+ *   allocator.c   the alloc/dealloc fast path of MapAlloc;
+ *   pool.c, pool_batch.c (with pool.h)
+ *                 ObjectPool: the slabs it owns, free bitmaps, views, batches;
+ *   secret.c, shared.c, codeheap.c
+ *                 the kernels of SecretBuffer, SharedRegion and CodeHeap.
  *
  * The rule: every change of that state is one C call that checks and acts
  * with no Python code able to run in between (no callback, no decref of an
@@ -48,37 +51,97 @@
 /* Linux ABI values the C library's headers may predate. */
 #ifndef MAP_FIXED_NOREPLACE
 #define MAP_FIXED_NOREPLACE 0x100000
+/* Each capability adds its functions and types to the module here (module.c
+ * calls them once, at import). */
+int secret_init(PyObject *module);
+int shared_init(PyObject *module);
+int codeheap_init(PyObject *module);
+
 #endif
 #ifndef MAP_HUGE_SHIFT
 #define MAP_HUGE_SHIFT 26
+/* Each capability adds its functions and types to the module here (module.c
+ * calls them once, at import). */
+int secret_init(PyObject *module);
+int shared_init(PyObject *module);
+int codeheap_init(PyObject *module);
+
 #endif
 #ifndef MADV_FREE
 #define MADV_FREE 8
+/* Each capability adds its functions and types to the module here (module.c
+ * calls them once, at import). */
+int secret_init(PyObject *module);
+int shared_init(PyObject *module);
+int codeheap_init(PyObject *module);
+
 #endif
 #ifndef MADV_WIPEONFORK
 #define MADV_WIPEONFORK 18
 #define MADV_KEEPONFORK 19
+/* Each capability adds its functions and types to the module here (module.c
+ * calls them once, at import). */
+int secret_init(PyObject *module);
+int shared_init(PyObject *module);
+int codeheap_init(PyObject *module);
+
 #endif
 #ifndef MADV_COLD
 #define MADV_COLD 20
 #define MADV_PAGEOUT 21
+/* Each capability adds its functions and types to the module here (module.c
+ * calls them once, at import). */
+int secret_init(PyObject *module);
+int shared_init(PyObject *module);
+int codeheap_init(PyObject *module);
+
 #endif
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22
 #define MADV_POPULATE_WRITE 23
+/* Each capability adds its functions and types to the module here (module.c
+ * calls them once, at import). */
+int secret_init(PyObject *module);
+int shared_init(PyObject *module);
+int codeheap_init(PyObject *module);
+
 #endif
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE 25
+/* Each capability adds its functions and types to the module here (module.c
+ * calls them once, at import). */
+int secret_init(PyObject *module);
+int shared_init(PyObject *module);
+int codeheap_init(PyObject *module);
+
 #endif
 #ifndef MADV_GUARD_INSTALL
 #define MADV_GUARD_INSTALL 102
 #define MADV_GUARD_REMOVE 103
+/* Each capability adds its functions and types to the module here (module.c
+ * calls them once, at import). */
+int secret_init(PyObject *module);
+int shared_init(PyObject *module);
+int codeheap_init(PyObject *module);
+
 #endif
 #ifndef MLOCK_ONFAULT
 #define MLOCK_ONFAULT 1
+/* Each capability adds its functions and types to the module here (module.c
+ * calls them once, at import). */
+int secret_init(PyObject *module);
+int shared_init(PyObject *module);
+int codeheap_init(PyObject *module);
+
 #endif
 #ifndef MREMAP_FIXED
 #define MREMAP_FIXED 2
+/* Each capability adds its functions and types to the module here (module.c
+ * calls them once, at import). */
+int secret_init(PyObject *module);
+int shared_init(PyObject *module);
+int codeheap_init(PyObject *module);
+
 #endif
 
 #define PROT_RW (PROT_READ | PROT_WRITE)
@@ -270,6 +333,17 @@ int convert_range_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwname
                        Py_ssize_t first, const char *fname, PyObject **offset,
                        PyObject **length, PyObject **extra, const char *extra_name);
 
+/* bytes.c: the bytes-like protocol of Region */
+int region_check_readable(RegionObject *self, Py_ssize_t start, Py_ssize_t end);
+int region_check_writable(RegionObject *self, Py_ssize_t start, Py_ssize_t end);
+Py_ssize_t region_length(RegionObject *self);
+PyObject *region_subscript(RegionObject *self, PyObject *key);
+int region_ass_subscript(RegionObject *self, PyObject *key, PyObject *value);
+PyObject *region_find(RegionObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *region_rfind(RegionObject *self, PyObject *const *args, Py_ssize_t nargs);
+int region_contains(RegionObject *self, PyObject *sub);
+PyObject *region_iter(RegionObject *self);
+
 /* method implementations spread over files */
 PyObject *region_protect(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_check_protect(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
@@ -292,5 +366,11 @@ int region_set_prot(RegionObject *self, Py_ssize_t start, Py_ssize_t end, int pr
 /* a memoryview of [start, end) of a region (pinning it), or of raw pool memory */
 PyObject *view_new(PyObject *owner, RegionObject *region, char *base, Py_ssize_t start,
                    Py_ssize_t end, int writable, Py_ssize_t *pool_exports);
+
+/* Each capability adds its functions and types to the module here (module.c
+ * calls them once, at import). */
+int secret_init(PyObject *module);
+int shared_init(PyObject *module);
+int codeheap_init(PyObject *module);
 
 #endif

@@ -501,6 +501,26 @@ mman_sync_core(PyObject *module, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* memfd_secret(flags) -> fd: a file of secret memory (pages removed from the
+ * kernel's direct map); OSError (ENOSYS: kernel without it) */
+static PyObject *
+mman_memfd_secret(PyObject *module, PyObject *arg)
+{
+    int flags;
+    long fd;
+
+    if (arg_int(arg, &flags) < 0)
+        return NULL;
+#ifdef SYS_memfd_secret
+    fd = syscall(SYS_memfd_secret, (unsigned int)flags);
+#else
+    fd = syscall(447, (unsigned int)flags);
+#endif
+    if (fd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(fd);
+}
+
 static PyMethodDef mman_methods[] = {
     {"page_size", mman_page_size, METH_NOARGS,
      "page_size($module, /)\n--\n\nThe kernel's base page size."},
@@ -508,6 +528,8 @@ static PyMethodDef mman_methods[] = {
      "mapped_bytes($module, /)\n--\n\nBytes this module has mapped and not unmapped yet."},
     {"mincore", (PyCFunction)(void (*)(void))mman_mincore, METH_FASTCALL,
      "mincore($module, address, length, /)\n--\n\nOne byte per page; bit 0: resident."},
+    {"memfd_secret", mman_memfd_secret, METH_O,
+     "memfd_secret($module, flags, /)\n--\n\nA file descriptor of secret memory (Linux 5.14)."},
     {"sync_core", mman_sync_core, METH_NOARGS,
      "sync_core($module, /)\n--\n\nSerialise instruction fetch on every thread (arm64)."},
     {"_register_errors", (PyCFunction)(void (*)(void))mman_register_errors, METH_FASTCALL,
@@ -579,6 +601,8 @@ mman_exec(PyObject *m)
     Pin_Type = st->pin_type;
     View_Type = st->view_type;
     Iter_Type = st->iter_type;
+    if (secret_init(m) < 0 || shared_init(m) < 0 || codeheap_init(m) < 0)
+        return -1;
     return add_constants(m);
 }
 

@@ -1,0 +1,498 @@
+/*
+ * A region as a bytes-like object: len(), item and slice access with steps,
+ * assignment, `in`, find/rfind and lazy iteration, each checked against the
+ * protection record of the pages it touches (an unreadable page is a
+ * BufferError, an unwritable one a TypeError), never through a memoryview.
+ */
+#include "mman.h"
+
+/* 0 if every page bytes [start, end) touch is readable; else BufferError
+ * naming the first that is not, and -1. */
+int
+region_check_readable(RegionObject *self, Py_ssize_t start, Py_ssize_t end)
+{
+    PageRecord *rec = &self->rec;
+
+    if (start >= end)
+        return 0;
+    if (rec->n == 1) {
+        if (run_access(&rec->runs[0]) & PROT_READ)
+            return 0;
+        PyErr_Format(PyExc_BufferError, "region is not readable (its pages are %s)",
+                     rec->runs[0].flags & RUN_GUARD ? "guard pages" : "not readable");
+        return -1;
+    }
+    for (Py_ssize_t i = rec_find(rec, start); i < rec->n && rec_start(rec, i) < end; i++) {
+        if (!(run_access(&rec->runs[i]) & PROT_READ)) {
+            Py_ssize_t at = rec_start(rec, i) > start ? rec_start(rec, i) : start;
+            PyErr_Format(PyExc_BufferError,
+                         "the region is not readable at offset %zd (see region.protections())",
+                         at);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int
+region_check_writable(RegionObject *self, Py_ssize_t start, Py_ssize_t end)
+{
+    PageRecord *rec = &self->rec;
+
+    if (start >= end)
+        return 0;
+    if (rec->n == 1 && (run_access(&rec->runs[0]) & PROT_WRITE))
+        return 0;
+    for (Py_ssize_t i = rec_find(rec, start); i < rec->n && rec_start(rec, i) < end; i++) {
+        if (!(run_access(&rec->runs[i]) & PROT_WRITE)) {
+            Py_ssize_t at = rec_start(rec, i) > start ? rec_start(rec, i) : start;
+            PyErr_Format(PyExc_TypeError,
+                         "cannot write to the region at offset %zd: its pages are %s", at,
+                         (run_access(&rec->runs[i]) & PROT_READ) ? "read-only"
+                                                                 : "not writable");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* bytes-like access                                                   */
+
+Py_ssize_t
+region_length(RegionObject *self)
+{
+    if (region_check_open(self) < 0)
+        return -1;
+    return self->size;
+}
+
+/* Read one byte at i (bounds checked by the caller). */
+static PyObject *
+byte_at(RegionObject *self, Py_ssize_t i)
+{
+    PageRecord *rec = &self->rec;
+    int access = rec->n == 1 ? run_access(&rec->runs[0])
+                             : run_access(&rec->runs[rec_find(rec, i)]);
+
+    if (!(access & PROT_READ)) {
+        region_check_readable(self, i, i + 1);   /* sets the BufferError */
+        return NULL;
+    }
+    return PyLong_FromLong((unsigned char)self->data[i]);
+}
+
+static int
+slice_of(RegionObject *self, PyObject *key, Py_ssize_t *start, Py_ssize_t *stop,
+         Py_ssize_t *step, Py_ssize_t *length)
+{
+    if (PySlice_Unpack(key, start, stop, step) < 0)
+        return -1;
+    if (region_check_open(self) < 0)
+        return -1;
+    *length = PySlice_AdjustIndices(self->size, start, stop, *step);
+    return 0;
+}
+
+static int
+index_of(RegionObject *self, PyObject *key, Py_ssize_t *i)
+{
+    Py_ssize_t v;
+
+    if (PyLong_Check(key)) {
+        v = PyLong_AsSsize_t(key);
+        if (v == -1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return -1;
+            PyErr_Clear();
+            PyErr_SetString(PyExc_IndexError, "cannot fit 'int' into an index-sized integer");
+            return -1;
+        }
+    }
+    else if (PyIndex_Check(key)) {
+        v = PyNumber_AsSsize_t(key, PyExc_IndexError);
+        if (v == -1 && PyErr_Occurred())
+            return -1;
+    }
+    else {
+        PyObject *name = PyType_GetName(Py_TYPE(key));
+        if (name != NULL) {
+            PyErr_Format(PyExc_TypeError, "region indices must be integers or slices, not %U",
+                         name);
+            Py_DECREF(name);
+        }
+        return -1;
+    }
+    if (region_check_open(self) < 0)
+        return -1;
+    if (v < 0)
+        v += self->size;
+    if (v < 0 || v >= self->size) {
+        PyErr_SetString(PyExc_IndexError, "region index out of range");
+        return -1;
+    }
+    *i = v;
+    return 0;
+}
+
+PyObject *
+region_subscript(RegionObject *self, PyObject *key)
+{
+    Py_ssize_t i, start, stop, step, length;
+    PyObject *result;
+    char *out;
+
+    if (!PySlice_Check(key)) {
+        if (index_of(self, key, &i) < 0)
+            return NULL;
+        return byte_at(self, i);
+    }
+    if (slice_of(self, key, &start, &stop, &step, &length) < 0)
+        return NULL;
+    if (length == 0)
+        return PyBytes_FromStringAndSize(NULL, 0);
+    if (step == 1) {
+        if (region_check_readable(self, start, start + length) < 0)
+            return NULL;
+        return PyBytes_FromStringAndSize(self->data + start, length);
+    }
+    if (region_check_readable(self, step > 0 ? start : start + (length - 1) * step,
+                       (step > 0 ? start + (length - 1) * step : start) + 1) < 0)
+        return NULL;
+    result = PyBytes_FromStringAndSize(NULL, length);
+    if (result == NULL)
+        return NULL;
+    /* no Python code ran since the checks: the bytes object is not GC-tracked */
+    out = PyBytes_AsString(result);
+    for (Py_ssize_t k = 0, at = start; k < length; k++, at += step)
+        out[k] = self->data[at];
+    return result;
+}
+
+static int
+byte_value(PyObject *value, unsigned char *out)
+{
+    long v;
+    PyObject *i;
+
+    if (PyLong_Check(value))
+        v = PyLong_AsLong(value);
+    else {
+        i = PyNumber_Index(value);
+        if (i == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_TypeError, "an integer is required");
+            }
+            return -1;
+        }
+        v = PyLong_AsLong(i);
+        Py_DECREF(i);
+    }
+    if (v == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();
+        v = -1;
+    }
+    if (v < 0 || v > 255) {
+        PyErr_SetString(PyExc_ValueError, "byte must be in range(0, 256)");
+        return -1;
+    }
+    *out = (unsigned char)v;
+    return 0;
+}
+
+int
+region_ass_subscript(RegionObject *self, PyObject *key, PyObject *value)
+{
+    Py_ssize_t i, start, stop, step, length;
+    unsigned char byte;
+    PyObject *data = NULL;
+    Py_buffer buf;
+    int rc = -1;
+
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "region does not support item deletion");
+        return -1;
+    }
+    if (!PySlice_Check(key)) {
+        /* convert both first: __index__ may run Python code */
+        if (byte_value(value, &byte) < 0 || index_of(self, key, &i) < 0)
+            return -1;
+        if (region_check_writable(self, i, i + 1) < 0)
+            return -1;
+        self->data[i] = (char)byte;
+        return 0;
+    }
+    if (PyObject_CheckBuffer(value))
+        data = Py_NewRef(value);
+    else if (PyLong_Check(value) || PyUnicode_Check(value) || PyIndex_Check(value)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "can assign only bytes, buffers, or iterables of ints in range(0, 256)");
+        return -1;
+    }
+    else {
+        data = PyBytes_FromObject(value);   /* an iterable of ints */
+        if (data == NULL)
+            return -1;
+    }
+    if (PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(data);
+        return -1;
+    }
+    if (slice_of(self, key, &start, &stop, &step, &length) < 0)
+        goto done;
+    if (buf.len != length) {
+        PyErr_Format(PyExc_ValueError,
+                     "region slice assignment is wrong size: %zd byte(s) given for a slice "
+                     "of %zd byte(s) (a region cannot change its length)", buf.len, length);
+        goto done;
+    }
+    if (length == 0) {
+        rc = 0;
+        goto done;
+    }
+    if (step == 1) {
+        if (region_check_writable(self, start, start + length) < 0)
+            goto done;
+        memmove(self->data + start, buf.buf, (size_t)length);
+    }
+    else {
+        Py_ssize_t lo = step > 0 ? start : start + (length - 1) * step;
+        Py_ssize_t hi = (step > 0 ? start + (length - 1) * step : start) + 1;
+        const char *src = buf.buf;
+        char *copy = NULL;
+        if (region_check_writable(self, lo, hi) < 0)
+            goto done;
+        if (src >= self->data && src < self->data + self->capacity) {
+            copy = PyMem_Malloc((size_t)length);   /* the source is the region itself */
+            if (copy == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            memcpy(copy, src, (size_t)length);
+            src = copy;
+        }
+        for (Py_ssize_t k = 0, at = start; k < length; k++, at += step)
+            self->data[at] = src[k];
+        PyMem_Free(copy);
+    }
+    rc = 0;
+done:
+    PyBuffer_Release(&buf);
+    Py_DECREF(data);
+    return rc;
+}
+
+/* A needle: one byte value, or a bytes-like object (its buffer held in buf). */
+typedef struct {
+    Py_buffer buf;
+    unsigned char byte;
+    int is_byte;
+} Needle;
+
+static int
+needle_get(PyObject *sub, Needle *n)
+{
+    n->is_byte = 0;
+    if (PyLong_Check(sub) || (!PyObject_CheckBuffer(sub) && PyIndex_Check(sub))) {
+        n->is_byte = 1;
+        return byte_value(sub, &n->byte);
+    }
+    if (!PyObject_CheckBuffer(sub)) {
+        PyObject *name = PyType_GetName(Py_TYPE(sub));
+        if (name != NULL) {
+            PyErr_Format(PyExc_TypeError, "a bytes-like object or an int is required, not %U",
+                         name);
+            Py_DECREF(name);
+        }
+        return -1;
+    }
+    return PyObject_GetBuffer(sub, &n->buf, PyBUF_SIMPLE);
+}
+
+static void
+needle_release(Needle *n)
+{
+    if (!n->is_byte)
+        PyBuffer_Release(&n->buf);
+}
+
+/* Find needle in data[start, end): its index, or -1. */
+static Py_ssize_t
+search(const char *data, Py_ssize_t start, Py_ssize_t end, const Needle *n, int reverse)
+{
+    const char *needle = n->is_byte ? (const char *)&n->byte : n->buf.buf;
+    Py_ssize_t len = n->is_byte ? 1 : n->buf.len;
+    const char *p;
+
+    if (len > end - start)
+        return -1;
+    if (len == 0)
+        return reverse ? end : start;
+    if (!reverse) {
+        if (len == 1)
+            p = memchr(data + start, needle[0], (size_t)(end - start));
+        else
+            p = memmem(data + start, (size_t)(end - start), needle, (size_t)len);
+        return p == NULL ? -1 : p - data;
+    }
+    for (Py_ssize_t last = end - len; last >= start;) {
+        p = memrchr(data + start, needle[0], (size_t)(last - start + 1));
+        if (p == NULL)
+            return -1;
+        if (memcmp(p, needle, (size_t)len) == 0)
+            return p - data;
+        last = (p - data) - 1;
+    }
+    return -1;
+}
+
+/* find/rfind(sub, start=None, end=None) as bytes.find: indices clipped, negatives from the end */
+static PyObject *
+region_find_impl(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, int reverse)
+{
+    Needle needle;
+    Py_ssize_t start = 0, end = PY_SSIZE_T_MAX, found = -1, asked;
+    PyObject *result = NULL;
+
+    if (check_nargs(reverse ? "rfind" : "find", nargs, 1, 3) < 0)
+        return NULL;
+    if (nargs > 1 && args[1] != Py_None) {
+        start = PyNumber_AsSsize_t(args[1], NULL);
+        if (start == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (nargs > 2 && args[2] != Py_None) {
+        end = PyNumber_AsSsize_t(args[2], NULL);
+        if (end == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (needle_get(args[0], &needle) < 0)
+        return NULL;
+    if (region_check_open(self) < 0)
+        goto done;
+    asked = start;
+    PySlice_AdjustIndices(self->size, &start, &end, 1);
+    if (asked <= self->size && start <= end) {   /* else absent, as for bytes */
+        if (region_check_readable(self, start, end) < 0)
+            goto done;
+        found = search(self->data, start, end, &needle, reverse);
+    }
+    result = PyLong_FromSsize_t(found);
+done:
+    needle_release(&needle);
+    return result;
+}
+
+PyObject *
+region_find(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return region_find_impl(self, args, nargs, 0);
+}
+
+PyObject *
+region_rfind(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return region_find_impl(self, args, nargs, 1);
+}
+
+int
+region_contains(RegionObject *self, PyObject *sub)
+{
+    Needle needle;
+    int rc = -1;
+
+    if (needle_get(sub, &needle) < 0)
+        return -1;
+    if (region_check_open(self) == 0 && region_check_readable(self, 0, self->size) == 0)
+        rc = search(self->data, 0, self->size, &needle, 0) >= 0;
+    needle_release(&needle);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ */
+/* iteration: one byte at a time, never a copy                         */
+
+typedef struct {
+    PyObject_HEAD
+    RegionObject *region;   /* NULL once exhausted */
+    Py_ssize_t index;
+} IterObject;
+
+PyObject *
+region_iter(RegionObject *self)
+{
+    IterObject *it;
+
+    if (region_check_open(self) < 0)
+        return NULL;
+    it = PyObject_GC_New(IterObject, Iter_Type);
+    if (it == NULL)
+        return NULL;
+    it->region = (RegionObject *)Py_NewRef((PyObject *)self);
+    it->index = 0;
+    PyObject_GC_Track(it);
+    return (PyObject *)it;
+}
+
+static PyObject *
+iter_next(IterObject *it)
+{
+    RegionObject *r = it->region;
+
+    if (r == NULL)
+        return NULL;
+    if (region_check_open(r) < 0)
+        return NULL;
+    if (it->index >= r->size) {
+        it->region = NULL;
+        Py_DECREF(r);
+        return NULL;
+    }
+    return byte_at(r, it->index++);
+}
+
+static int
+iter_traverse(IterObject *it, visitproc visit, void *arg)
+{
+    Py_VISIT(it->region);
+    Py_VISIT(Py_TYPE((PyObject *)it));
+    return 0;
+}
+
+static int
+iter_clear(IterObject *it)
+{
+    Py_CLEAR(it->region);
+    return 0;
+}
+
+static void
+iter_dealloc(IterObject *it)
+{
+    PyTypeObject *tp = Py_TYPE((PyObject *)it);
+    PyObject_GC_UnTrack(it);
+    iter_clear(it);
+    PyObject_GC_Del(it);
+    Py_DECREF(tp);
+}
+
+static PyType_Slot iter_slots[] = {
+    {Py_tp_doc, "An iterator over a region's bytes as ints."},
+    {Py_tp_iter, PyObject_SelfIter},
+    {Py_tp_iternext, iter_next},
+    {Py_tp_traverse, iter_traverse},
+    {Py_tp_clear, iter_clear},
+    {Py_tp_dealloc, iter_dealloc},
+    {0, NULL},
+};
+
+PyType_Spec iter_spec = {
+    .name = "mmap_alloc._mman.RegionIterator",
+    .basicsize = sizeof(IterObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = iter_slots,
+};
+
