@@ -185,7 +185,7 @@ class Allocator:
         populate: bool,
         attempts: Iterable[tuple[int, int, int, object]],
         region_type: type[Region],
-        slow: Callable[[Self, object, object], Region],
+        slow: Callable[..., Region],
         /,
     ) -> None: ...
     def alloc(self, size: int, align: int | None = None) -> Region: ...

@@ -20,7 +20,7 @@ class Layout(NamedTuple):
     align: int
 
 
-def _alloc_slow(alloc: MapAlloc, size: object, align: object) -> _mman.Region:
+def _alloc_slow(alloc: MapAlloc, size: object, align: object = None) -> _mman.Region:
     """alloc() for what the C fast path does not take: argument checks,
     alignment, and the error a refusal becomes."""
     page = alloc._page
@@ -33,6 +33,9 @@ def _alloc_slow(alloc: MapAlloc, size: object, align: object) -> _mman.Region:
         return alloc._map(n, capacity, alignment)
     except OSError as exc:
         raise alloc._pages.alloc_error(exc, n) from None
+
+
+_alloc_slow.__qualname__ = "MapAlloc.alloc"  # what argument errors name
 
 
 class MapAlloc(_mman.Allocator):

@@ -4,8 +4,8 @@
  * as the allocator's backing says (up to three attempts, best first, given
  * once by _configure) in one call; every other case, and a refusal by the
  * kernel, goes to the slow path given once (a Python function called as
- * slow(allocator, size, align)), which holds the argument checks and the
- * error messages. dealloc(region) is complete here.
+ * slow(allocator, *args, **kwargs)), which holds the argument checks, the
+ * other options and the error messages. dealloc(region) is complete here.
  */
 #include "mman.h"
 
@@ -61,7 +61,7 @@ static PyObject *
 allocator_alloc(AllocatorObject *self, PyObject *const *args, Py_ssize_t nargs,
                 PyObject *kwnames)
 {
-    PyObject *size_obj = NULL, *align_obj = Py_None, *region;
+    PyObject *region;
     Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
 
     if (self->region_type == NULL) {
@@ -77,31 +77,28 @@ allocator_alloc(AllocatorObject *self, PyObject *const *args, Py_ssize_t nargs,
         }
         PyErr_Clear();   /* the slow path says what went wrong */
     }
-    /* alloc(size, align=None), by position or name */
-    if (nargs > 2) {
-        PyErr_Format(PyExc_TypeError, "alloc() takes at most 2 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    if (nargs >= 1)
-        size_obj = args[0];
-    if (nargs == 2)
-        align_obj = args[1];
-    for (Py_ssize_t k = 0; k < nkw; k++) {
-        PyObject *key = PyTuple_GetItem(kwnames, k);
-        if (PyUnicode_CompareWithASCIIString(key, "size") == 0 && size_obj == NULL)
-            size_obj = args[nargs + k];
-        else if (PyUnicode_CompareWithASCIIString(key, "align") == 0 && nargs < 2)
-            align_obj = args[nargs + k];
-        else {
-            PyErr_Format(PyExc_TypeError, "alloc() got an unexpected keyword argument %R", key);
+    /* everything else is the slow path's: slow(self, *args, **kwargs) */
+    {
+        PyObject *tuple = PyTuple_New(nargs + 1), *kwargs = NULL, *result = NULL;
+        if (tuple == NULL)
             return NULL;
+        PyTuple_SetItem(tuple, 0, Py_NewRef((PyObject *)self));
+        for (Py_ssize_t k = 0; k < nargs; k++)
+            PyTuple_SetItem(tuple, k + 1, Py_NewRef(args[k]));
+        if (nkw > 0) {
+            kwargs = PyDict_New();
+            if (kwargs == NULL)
+                goto done;
+            for (Py_ssize_t k = 0; k < nkw; k++)
+                if (PyDict_SetItem(kwargs, PyTuple_GetItem(kwnames, k), args[nargs + k]) < 0)
+                    goto done;
         }
+        result = PyObject_Call(self->slow, tuple, kwargs);
+    done:
+        Py_DECREF(tuple);
+        Py_XDECREF(kwargs);
+        return result;
     }
-    if (size_obj == NULL) {
-        PyErr_SetString(PyExc_TypeError, "alloc() missing required argument 'size'");
-        return NULL;
-    }
-    return PyObject_CallFunctionObjArgs(self->slow, (PyObject *)self, size_obj, align_obj, NULL);
 }
 
 /* _map(size, capacity, align) -> Region: the attempts with an alignment (OSError
