@@ -933,7 +933,7 @@ def test_alloc_takes_align_none_by_position_or_by_name(alloc: MapAlloc) -> None:
         alloc.alloc(10, alig=None)  # type: ignore[call-arg]
 
 
-# ---------------------------------------------------------------- promises kept since the kernel moved to C
+# ---------------------------------------------------------------- promises of the C kernel
 
 
 def test_realloc_that_moves_keeps_a_large_alignment(alloc: MapAlloc) -> None:
@@ -962,7 +962,7 @@ def test_grown_pages_of_a_committing_allocator_are_prefaulted() -> None:
 def test_realloc_of_a_reservation_leaves_its_closed_pages_uncommitted() -> None:
     alloc = MapAlloc()
     size = 255 * P  # below the THP size: the kernel packs such mappings together
-    spares = []
+    spares: list[Region] = []
     for _ in range(64):  # a reservation with a mapping right after it: growth must move
         blocker = alloc.alloc(P)
         space = alloc.reserve(size)

@@ -754,7 +754,7 @@ def test_dealloc_of_reservation_unmaps_it(alloc: MapAlloc) -> None:
 
 
 def test_protect_with_a_value_past_the_flags_is_a_value_error(region: Region) -> None:
-    with pytest.raises(ValueError, match="perms must combine Perm.READ, WRITE and EXEC"):
+    with pytest.raises(ValueError, match=r"perms must combine Perm\.READ, WRITE and EXEC"):
         region.protect(Perm(8))
     assert region.protections() == [(0, region.capacity, R | W)]
 
