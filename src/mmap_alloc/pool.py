@@ -13,8 +13,10 @@ import functools
 from dataclasses import dataclass
 from types import TracebackType
 
-from . import _args, _mman
+from ._args import power_of_two
+from ._args import size as size_argument
 from ._linux import resident_bytes
+from ._mman import Pool
 from .allocator import MapAlloc
 
 DEFAULT_ALIGN = 16
@@ -59,7 +61,7 @@ class PoolStats:
     """Bytes of the pool's own bookkeeping in C memory (free bitmaps, slab table)."""
 
 
-class ObjectPool(_mman.Pool):
+class ObjectPool(Pool):
     """A pool of fixed-size objects with stable addresses, carved from slabs.
 
     ``ObjectPool(obj_size, align=16, alloc=MapAlloc(), slab_size=None)``: each
@@ -97,8 +99,8 @@ class ObjectPool(_mman.Pool):
         elif not isinstance(alloc, MapAlloc):
             raise TypeError(f"alloc must be a MapAlloc, not {type(alloc).__name__}")
         page = alloc.page_size
-        size = _args.size(obj_size, page, "obj_size")
-        alignment = DEFAULT_ALIGN if align is None else _args.power_of_two(align, "align")
+        size = size_argument(obj_size, page, "obj_size")
+        alignment = DEFAULT_ALIGN if align is None else power_of_two(align, "align")
         if alignment > page:
             raise ValueError(f"align={alignment} exceeds the page size {page}")
         stride = -(-size // alignment) * alignment
@@ -106,7 +108,7 @@ class ObjectPool(_mman.Pool):
             per_slab = min(max(MAX_DEFAULT_SLAB_SIZE // stride, 1), OBJECTS_PER_SLAB)
             slab = max(MIN_SLAB_SIZE, per_slab * stride)
         else:
-            slab = _args.size(slab_size, page, "slab_size")
+            slab = size_argument(slab_size, page, "slab_size")
             if slab < stride:
                 raise ValueError(
                     f"slab_size={slab} cannot hold one object of {size} bytes (stride {stride})"

@@ -2,9 +2,10 @@
  * _mman: the safety kernel of mmap_alloc.
  *
  * What C owns (everything whose state keeps memory safe), one concern a file:
- *   module.c      module init, constants, errors, argument helpers, aligned
- *                 mapping, the fork generation, the unmap graveyard, and the
+ *   module.c      the module: init, types, constants, the fork hook, and the
  *                 plain calls that cannot hurt (mincore, memfd_secret, probes);
+ *   common.c      what every file uses: errors, argument helpers, aligned
+ *                 mapping, the byte count, the fork generation, the graveyard;
  *   pages.c       the protection record of a mapping: runs of pages with their
  *                 PROT_* bits and flags (guard, dontfork); pure data, no Python;
  *   region.c      Region: one mapping, its record, exports, pins and busy
@@ -281,7 +282,12 @@ PyObject *region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity,
                      const MapSpec *spec, PyObject *owner);
 /* Unmap a closed-off mapping; a refusal (vm.max_map_count) sends it to the graveyard. */
 void unmap_or_bury(char *p, Py_ssize_t length);
+/* Retry the unmaps the kernel refused (ngraves of them wait). */
+extern Py_ssize_t ngraves;
+void flush_graveyard(void);
 int region_close_mapping(RegionObject *self);
+/* In a forked child: map zero pages where MADV_DONTFORK left holes. */
+void region_after_fork_in_child(void);
 /* Record that the region has MADV_DONTFORK pages (remapped in a forked child). */
 int region_track_dontfork(RegionObject *self);
 /* Export bookkeeping, used by the buffer protocol and views. */
@@ -292,7 +298,7 @@ void region_unexport(RegionObject *self, Export *e);
 int region_exports_conflict(RegionObject *self, Py_ssize_t start, Py_ssize_t end, int prot);
 
 /* ------------------------------------------------------------------ */
-/* mapping helpers (module.c)                                          */
+/* mapping helpers (common.c)                                          */
 
 /* mmap `length` bytes at a multiple of align (over-map and trim); natural is
  * the alignment the kernel gives such a mapping anyway (the page; the huge
@@ -303,7 +309,7 @@ void *map_aligned(Py_ssize_t length, Py_ssize_t align, Py_ssize_t natural, int p
 Py_ssize_t round_up(Py_ssize_t n, Py_ssize_t page);
 
 /* ------------------------------------------------------------------ */
-/* errors (module.c)                                                   */
+/* errors (common.c)                                                   */
 
 /* The library's exception types, registered once by exceptions.py. */
 extern PyObject *AllocError_Type;          /* falls back to MemoryError */
@@ -317,7 +323,7 @@ PyObject *raise_os_error(int err, const char *format, ...);
 PyObject *raise_syscall_error(int err, Py_ssize_t size, const char *what);
 
 /* ------------------------------------------------------------------ */
-/* argument helpers (module.c)                                         */
+/* argument helpers (common.c)                                         */
 
 int arg_ssize(PyObject *o, const char *name, Py_ssize_t *out);   /* __index__, >= 0 */
 int arg_int(PyObject *o, int *out);
