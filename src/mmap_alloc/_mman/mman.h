@@ -52,97 +52,37 @@
 /* Linux ABI values the C library's headers may predate. */
 #ifndef MAP_FIXED_NOREPLACE
 #define MAP_FIXED_NOREPLACE 0x100000
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MAP_HUGE_SHIFT
 #define MAP_HUGE_SHIFT 26
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MADV_FREE
 #define MADV_FREE 8
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MADV_WIPEONFORK
 #define MADV_WIPEONFORK 18
 #define MADV_KEEPONFORK 19
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MADV_COLD
 #define MADV_COLD 20
 #define MADV_PAGEOUT 21
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22
 #define MADV_POPULATE_WRITE 23
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE 25
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MADV_GUARD_INSTALL
 #define MADV_GUARD_INSTALL 102
 #define MADV_GUARD_REMOVE 103
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MLOCK_ONFAULT
 #define MLOCK_ONFAULT 1
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MREMAP_FIXED
 #define MREMAP_FIXED 2
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 
 #define PROT_RW (PROT_READ | PROT_WRITE)
