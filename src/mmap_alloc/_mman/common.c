@@ -329,11 +329,11 @@ flush_graveyard(void)
 }
 
 void
-unmap_or_bury(char *p, Py_ssize_t length)
+unmap_or_bury(char *p, Py_ssize_t length, int release_gil)
 {
     int rc;
 
-    if (length >= SLOW_CALL_BYTES) {
+    if (release_gil) {
         Py_BEGIN_ALLOW_THREADS
         rc = munmap(p, (size_t)length);
         Py_END_ALLOW_THREADS

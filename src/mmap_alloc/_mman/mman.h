@@ -88,8 +88,11 @@
 #define PROT_RW (PROT_READ | PROT_WRITE)
 #define PROT_ALL (PROT_READ | PROT_WRITE | PROT_EXEC)
 
-/* System calls on this many bytes or more release the GIL: below it,
- * releasing and taking the GIL back costs about as much as the call. */
+/* System calls that fault in or free this many bytes or more release the GIL:
+ * below it, releasing and taking the GIL back costs about as much as the
+ * call. Unmapping pages nobody touched is fast whatever their number, so
+ * munmap keeps the GIL unless the library committed the pages itself (as
+ * numpy keeps it when it frees a large array). */
 #define SLOW_CALL_BYTES (1 << 20)
 
 /* ------------------------------------------------------------------ */
@@ -150,6 +153,8 @@ typedef struct Export {
 #define REGION_SHARED 1      /* MAP_SHARED of fd; realloc does not apply */
 #define REGION_OWNS_FD 2     /* close fd when the region closes */
 #define REGION_PRIVATE 4     /* held by a library object, never handed to users */
+#define REGION_DONTFORK 8    /* has MADV_DONTFORK pages: on the list the fork hook remaps */
+#define REGION_COMMITTED 16  /* the library faulted pages in: unmapping them takes long */
 
 typedef struct {
     PyObject_HEAD
@@ -164,7 +169,7 @@ typedef struct {
     int fd;                 /* the file mapped (REGION_SHARED), else -1 */
     unsigned int flags;     /* REGION_* */
     PageRecord rec;         /* protection of each page: the authority */
-    Export exports;         /* sentinel of the list of live buffers */
+    Export *exports;        /* the live buffers, a doubly linked list */
     Py_ssize_t nexports;
     Py_ssize_t pins;        /* live Pin tokens (functions from function()) */
     Py_ssize_t busy;        /* calls running without the GIL, in fork generation busy_gen */
@@ -207,7 +212,15 @@ int region_init_types(PyObject *module);
 
 int is_region(PyObject *o);
 int region_check_open(RegionObject *self);
-Py_ssize_t region_busy(RegionObject *self);
+
+/* Calls running without the GIL on the region, counted in this process only
+ * (a forked child does not inherit the threads that made them). */
+static inline Py_ssize_t
+region_busy(RegionObject *self)
+{
+    return self->busy_gen == fork_generation ? self->busy : 0;
+}
+
 void region_busy_enter(RegionObject *self);
 void region_busy_leave(RegionObject *self);
 /* BufferError unless nothing pins, exports or uses the region: for unmap, move, shrink. */
@@ -220,8 +233,16 @@ PyObject *region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t
  * (errno set) when the kernel refuses; nothing left mapped on any failure. */
 PyObject *region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity,
                      const MapSpec *spec, PyObject *owner);
+/* Whether unmapping the region is slow enough to release the GIL for. */
+static inline int
+region_unmap_is_slow(RegionObject *self)
+{
+    return self->capacity >= SLOW_CALL_BYTES && (self->flags & REGION_COMMITTED);
+}
+
 /* Unmap a closed-off mapping; a refusal (vm.max_map_count) sends it to the graveyard. */
-void unmap_or_bury(char *p, Py_ssize_t length);
+void unmap_or_bury(char *p, Py_ssize_t length, int release_gil);
+
 /* Retry the unmaps the kernel refused (ngraves of them wait). */
 extern Py_ssize_t ngraves;
 void flush_graveyard(void);

@@ -108,7 +108,7 @@ slab_reset(PoolObject *self, Slab *s, int zeroed)
 static void
 slab_unmap(Slab *s)
 {
-    unmap_or_bury(s->base, s->capacity);
+    unmap_or_bury(s->base, s->capacity, s->capacity >= SLOW_CALL_BYTES);
     PyMem_Free(s);
 }
 
