@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from types import TracebackType
 
 from ._args import power_of_two
 from ._args import size as size_argument
 from ._linux import resident_bytes
 from ._mman import Pool
 from .allocator import MapAlloc
+from .closing import ClosesOnExit
 
 DEFAULT_ALIGN = 16
 """Object alignment when none is given: what malloc guarantees on 64-bit."""
@@ -61,7 +61,7 @@ class PoolStats:
     """Bytes of the pool's own bookkeeping in C memory (free bitmaps, slab table)."""
 
 
-class ObjectPool(Pool):
+class ObjectPool(Pool, ClosesOnExit):
     """A pool of fixed-size objects with stable addresses, carved from slabs.
 
     ``ObjectPool(obj_size, align=16, alloc=MapAlloc(), slab_size=None)``: each
@@ -85,6 +85,8 @@ class ObjectPool(Pool):
     """
 
     __slots__ = ("_align", "_allocator", "_obj_size", "_slab_size", "_stride")
+
+    noun = "pool"
 
     def __init__(
         self,
@@ -178,25 +180,6 @@ class ObjectPool(Pool):
             resident=resident,
             metadata=metadata,
         )
-
-    def __enter__(self) -> ObjectPool:
-        if self.closed:
-            raise ValueError("pool is closed")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except BufferError as error:
-            exc.add_note(f"and the pool was not closed: {error}")
 
     def __repr__(self) -> str:
         if self.closed:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 from _ctypes import CFuncPtr
 from collections.abc import Iterator
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._args import integer
 from ._linux import ADVICE, ADVICE_SINCE, memlock_error
 from ._mman import Region as KernelRegion
 from .backings import Backing
+from .closing import ClosesOnExit
 from .exceptions import CLOSED
 from .perm import Perm
 from .protection import Writable, function
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 _F = TypeVar("_F", bound=CFuncPtr)
 
 
-class Region(KernelRegion):
+class Region(KernelRegion, ClosesOnExit):
     """One live allocation: whole pages from the kernel, owned by this object.
 
     Made by MapAlloc.alloc() and its siblings, never directly. ``len(region)``
@@ -46,6 +46,8 @@ class Region(KernelRegion):
     """
 
     __slots__ = ()
+
+    noun = "region"
 
     @property
     def perms(self) -> Perm:
@@ -162,26 +164,6 @@ class Region(KernelRegion):
         return (
             f"<Region {perms} address=0x{self.address:x} size={self.size} capacity={self.capacity}>"
         )
-
-    def __enter__(self) -> Region:
-        if self.closed:
-            raise ValueError(CLOSED)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except BufferError as error:
-            # the body's exception is the one to see; the region stays open
-            exc.add_note(f"and the region was not closed: {error}")
 
     if TYPE_CHECKING:
 
