@@ -7,10 +7,11 @@ in-place resizing and huge pages, after the Rust crate mmap-alloc.
 from .allocator import Layout, MapAlloc
 from .backings import Backing
 from .builder import MapAllocBuilder
-from .exceptions import AllocError, CannotReallocInPlace, MapAllocError
+from .exceptions import AllocError, CannotReallocInPlace, MapAllocError, MemoryCorruptionError
 from .perm import Perm
 from .pool import ObjectPool, PoolStats
 from .region import Region
+from .secret import SecretBuffer
 from .stats import AllocStats, RegionStats
 
 __all__ = [
@@ -22,11 +23,13 @@ __all__ = [
     "MapAlloc",
     "MapAllocBuilder",
     "MapAllocError",
+    "MemoryCorruptionError",
     "ObjectPool",
     "Perm",
     "PoolStats",
     "Region",
     "RegionStats",
+    "SecretBuffer",
 ]
 
 __version__ = "0.1.0"
