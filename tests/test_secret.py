@@ -1037,7 +1037,7 @@ def test_a_signal_handler_using_the_buffer_mid_call_cannot_crash_or_open_it_unre
 
 @pytest.mark.stress
 def test_a_signal_handler_using_the_buffer_mid_call_stress() -> None:
-    run_forked(interrupt_at_random, 0.0002, 100_000, 8)
+    run_forked(interrupt_at_random, 0.0002, 10_000, 8, timeout=600)
 
 
 def test_a_garbage_collection_callback_using_the_buffer_mid_call_cannot_crash() -> None:

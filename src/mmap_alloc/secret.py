@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, NoReturn, Self, SupportsIndex
 
@@ -242,7 +243,7 @@ class SecretBuffer(_mman.Secret):
             buf.write(view)
         return buf
 
-    def open(self, write: bool = False) -> _Opened:
+    def open(self, write: bool = False) -> AbstractContextManager[memoryview]:
         """``with buf.open(write=False) as view:`` a memoryview of the secret,
         read-only unless ``write``; the pages are opened as far as the block
         needs and their previous access is restored when it ends (also when
@@ -283,7 +284,7 @@ class SecretBuffer(_mman.Secret):
         )
 
 
-class _Opened:
+class _Opened(AbstractContextManager[memoryview]):
     """The context manager of SecretBuffer.open()."""
 
     __slots__ = ("_buf", "_previous", "_view", "_write")

@@ -813,6 +813,7 @@ secret_dealloc(SecretObject *self)
     if (self->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
     if (self->base != NULL) {
+        /* (an mprotect refused here leaves the pages unwiped, but still unmapped) */
         int can_wipe = self->access == PROT_RW
                        || mprotect(secret_pages(self), (size_t)self->inner, PROT_RW) == 0;
         if (secret_release(self, can_wipe)) {
@@ -838,7 +839,10 @@ secret_dealloc(SecretObject *self)
 static void
 secret_after_fork_in_child(void)
 {
-    for (SecretObject *s = registry.next; s != &registry; s = s->next) {
+    SecretObject *s = registry.next, *next;
+
+    for (; s != &registry; s = next) {
+        next = s->next;
         s->forked = 1;
         s->locked = 0;
         if (s->backend == BACKEND_MEMFD_SECRET) {
@@ -847,6 +851,16 @@ secret_after_fork_in_child(void)
                      -1, 0) != MAP_FAILED) {
                 madvise(pages, (size_t)s->inner, MADV_DONTDUMP);
                 madvise(pages, (size_t)s->inner, MADV_WIPEONFORK);
+            }
+            else {
+                /* no memory for the zero pages: the buffer is closed in the
+                 * child (its API says so; nothing wipes or reads the hole) */
+                registry_remove(s);
+                munmap(s->base, (size_t)s->total);
+                mapped_bytes -= s->total;
+                s->base = NULL;
+                s->data = NULL;
+                s->access = PROT_NONE;
             }
         }
     }
