@@ -74,6 +74,21 @@ def subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]]) -> lis
     return result
 
 
+def vm_flags(address: int) -> set[str]:
+    """The VmFlags /proc/self/smaps shows for the mapping holding ``address``
+    (two-letter codes: ``dd`` no dump, ``wf`` wipe on fork, ``lo`` locked ...)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            key = line.split(maxsplit=1)[0]
+            if not key.endswith(":"):
+                lo, _, hi = key.partition("-")
+                inside = int(lo, 16) <= address < int(hi, 16)
+            elif inside and key == "VmFlags:":
+                return set(line.split()[1:])
+    raise LookupError(f"no mapping holds {address:#x}")
+
+
 def is_mapped(start: int, end: int) -> bool:
     """Whether any byte of [start, end) is mapped."""
     return any(m.start < end and start < m.end for m in mappings())

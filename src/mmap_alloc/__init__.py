@@ -8,10 +8,11 @@ from ._version import __version__
 from .allocator import Layout, MapAlloc
 from .backings import Backing
 from .builder import MapAllocBuilder
-from .exceptions import AllocError, CannotReallocInPlace, MapAllocError
+from .exceptions import AllocError, CannotReallocInPlace, MapAllocError, MemoryCorruptionError
 from .perm import Perm
 from .pool import ObjectPool, PoolStats
 from .region import Region
+from .secret import SecretBuffer
 from .stats import AllocStats, RegionStats
 
 __all__ = [
@@ -23,10 +24,12 @@ __all__ = [
     "MapAlloc",
     "MapAllocBuilder",
     "MapAllocError",
+    "MemoryCorruptionError",
     "ObjectPool",
     "Perm",
     "PoolStats",
     "Region",
     "RegionStats",
+    "SecretBuffer",
     "__version__",
 ]
