@@ -24,7 +24,7 @@ from .._linux import (
     mapping_count,
 )
 from ..backings import thp_available
-from . import _limits
+from . import _limits, region_cases
 from .harness import Case, Variant
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -465,4 +465,5 @@ CASE_GROUPS: tuple[Callable[[Scale], Iterator[Case]], ...] = (
     commit_uncommit,
     pool_pairs,
     random_reads,
+    *region_cases.CASES,
 )
