@@ -301,21 +301,36 @@ region_ass_subscript(RegionObject *self, PyObject *key, PyObject *value)
         self->data[i] = (char)byte;
         return 0;
     }
-    if (PyObject_CheckBuffer(value))
-        data = Py_NewRef(value);
+    /* the bytes to write, converted before any check (an iterable runs Python code) */
+    if (PyObject_CheckBuffer(value)) {
+        if (PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE) == 0)
+            data = Py_NewRef(value);
+        else if (PyErr_ExceptionMatches(PyExc_BufferError)) {
+            PyErr_Clear();   /* not contiguous: a copy, as bytearray makes */
+            data = PyByteArray_FromObject(value);
+            if (data == NULL)
+                return -1;
+            if (PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE) < 0) {
+                Py_DECREF(data);
+                return -1;
+            }
+        }
+        else
+            return -1;
+    }
     else if (PyUnicode_Check(value) || PyNumber_Check(value)) {
         PyErr_SetString(PyExc_TypeError,
                         "can assign only bytes, buffers, or iterables of ints in range(0, 256)");
         return -1;
     }
     else {
-        data = PyBytes_FromObject(value);   /* an iterable of ints */
+        data = PyByteArray_FromObject(value);   /* an iterable of ints, as bytearray reads it */
         if (data == NULL)
             return -1;
-    }
-    if (PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE) < 0) {
-        Py_DECREF(data);
-        return -1;
+        if (PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(data);
+            return -1;
+        }
     }
     if (slice_of(self, key, &start, &stop, &step, &length) < 0)
         goto done;
