@@ -324,7 +324,18 @@ region_ass_subscript(RegionObject *self, PyObject *key, PyObject *value)
         return -1;
     }
     else {
-        data = PyByteArray_FromObject(value);   /* an iterable of ints, as bytearray reads it */
+        /* an iterable of ints, read as bytearray reads it */
+        PyObject *items = PyObject_GetIter(value);
+        if (items == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_TypeError, "can assign only bytes, buffers, or iterables "
+                                                 "of ints in range(0, 256)");
+            }
+            return -1;
+        }
+        data = PyByteArray_FromObject(items);
+        Py_DECREF(items);
         if (data == NULL)
             return -1;
         if (PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE) < 0) {
@@ -378,19 +389,21 @@ typedef struct {
     int is_byte;
 } Needle;
 
-/* sub -> a needle, as bytes.find and `in` read it: an object with __index__
- * is a byte value (even one that also has a buffer, as a numpy integer),
- * anything else must be bytes-like; `what` names it in the TypeError (NULL:
- * the buffer protocol's own message, as `in` gives it). */
+/* sub -> a needle, as bytes reads it. find/rfind (`what` names the argument
+ * in the TypeError): a bytes-like object, else an int (or __index__) byte
+ * value. `in` (what == NULL): an int or __index__ first, so an object with
+ * both (a numpy integer) is a byte value there, else a bytes-like object. */
 static int
 needle_get(PyObject *sub, Needle *n, const char *what)
 {
     n->is_byte = 0;
+    if (what != NULL && PyObject_CheckBuffer(sub))
+        return PyObject_GetBuffer(sub, &n->buf, PyBUF_SIMPLE);
     if (PyLong_Check(sub) || PyIndex_Check(sub)) {
         n->is_byte = 1;
         return byte_value(sub, &n->byte);
     }
-    if (what != NULL && !PyObject_CheckBuffer(sub)) {
+    if (what != NULL) {
         PyObject *name = PyType_GetName(Py_TYPE(sub));
         if (name != NULL) {
             PyErr_Format(PyExc_TypeError, "%s should be integer or bytes-like object, not '%U'",
