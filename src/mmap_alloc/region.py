@@ -195,9 +195,12 @@ class Region(_mman.Region):
 
 
 _EINVAL_HINTS = {
+    "dontneed": "pages locked by lock() cannot be discarded",
+    "free": "it applies to private anonymous memory that lock() did not lock",
+    "pageout": "it does not apply to pages locked by lock()",
+    "cold": "it does not apply to pages locked by lock()",
     "hugepage": "it needs transparent huge pages (THP not 'never')",
     "collapse": "it needs transparent huge pages and a range holding a whole aligned huge page",
-    "free": "it applies to private anonymous memory only",
     "wipeonfork": "it applies to private anonymous memory only",
     "keeponfork": "it applies to private anonymous memory only",
 }
