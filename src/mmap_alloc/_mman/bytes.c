@@ -302,7 +302,7 @@ region_ass_subscript(RegionObject *self, PyObject *key, PyObject *value)
         return 0;
     }
     /* the bytes to write, converted before any check (an iterable runs Python code) */
-    if (PyObject_CheckBuffer(value)) {
+    if (PyBytes_CheckExact(value) || PyObject_CheckBuffer(value)) {
         if (PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE) == 0)
             data = Py_NewRef(value);
         else if (PyErr_ExceptionMatches(PyExc_BufferError)) {

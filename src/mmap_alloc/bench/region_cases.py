@@ -1,4 +1,5 @@
-"""Region as a bytes-like object against the stdlib ``mmap.mmap``, in the same run.
+"""Region as a bytes-like object against the stdlib ``mmap.mmap``, in the same run
+(``python -m mmap_alloc bench --only bytes-like``).
 
 Both objects map the same number of bytes with the same contents, and each
 variant runs the same Python loop over the same operation, so the ratio is
@@ -133,10 +134,10 @@ def item_and_slice_access(scale: Scale) -> Iterator[Case]:
     """r[i], r[i] = v, r[a:b] and r[a:b] = data (64 bytes) against mmap.mmap."""
     ops = scale.ops(1_000_000)
     for name, make in (
-        ("r[i]", _item_get),
-        ("r[i] = v", _item_set),
-        ("r[a:b], 64 bytes", _slice_get),
-        ("r[a:b] = data, 64 bytes", _slice_set),
+        ("bytes-like r[i]", _item_get),
+        ("bytes-like r[i] = v", _item_set),
+        ("bytes-like r[a:b], 64 bytes", _slice_get),
+        ("bytes-like r[a:b] = data, 64 bytes", _slice_set),
     ):
         region, stdlib, close = _pair(64 * KiB)
         yield Case(
@@ -174,7 +175,7 @@ def find_at_the_end(scale: Scale) -> Iterator[Case]:
         return run
 
     yield Case(
-        f"find 16-byte needle in {format_size(size)}",
+        f"bytes-like find of a 16-byte needle in {format_size(size)}",
         _GROUP,
         2 if scale.quick else 5,
         _variants(make, region, stdlib),
@@ -201,7 +202,7 @@ def iteration(scale: Scale) -> Iterator[Case]:
         return run
 
     yield Case(
-        f"iteration over {format_size(size)}",
+        f"bytes-like iteration over {format_size(size)}",
         _GROUP,
         1 if scale.quick else 3,
         (*_variants(make, region, stdlib), Variant("bytearray", make(reference))),
