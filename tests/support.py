@@ -76,17 +76,19 @@ def subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]]) -> lis
 
 def vm_flags(address: int) -> set[str]:
     """The VmFlags /proc/self/smaps shows for the mapping holding ``address``
-    (two-letter codes: ``dd`` no dump, ``wf`` wipe on fork, ``lo`` locked ...)."""
+    (two-letter codes: "dc" dontfork, "dd" dontdump, "wf" wipeonfork, "hg"
+    hugepage, "nh" nohugepage, "rr" random, "sr" sequential, "lo" locked,
+    "lf" locked on fault), read here independently of the library."""
     inside = False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            key = line.split(maxsplit=1)[0]
+    with open("/proc/self/smaps") as lines:
+        for line in lines:
+            key, _, rest = line.partition(" ")
             if not key.endswith(":"):
                 lo, _, hi = key.partition("-")
                 inside = int(lo, 16) <= address < int(hi, 16)
             elif inside and key == "VmFlags:":
-                return set(line.split()[1:])
-    raise LookupError(f"no mapping holds {address:#x}")
+                return set(rest.split())
+    raise AssertionError(f"nothing is mapped at 0x{address:x}")
 
 
 def is_mapped(start: int, end: int) -> bool:
@@ -137,10 +139,10 @@ def run_in_child(body: Callable[[], None]) -> int:
         try:
             body()
         except BaseException:
+            code = 1  # first: printing may fail (a child that dropped privileges cannot import)
             import traceback
 
             traceback.print_exc()
-            code = 1
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -24,7 +24,7 @@ from .._linux import (
     mapping_count,
 )
 from ..backings import thp_available
-from . import _limits
+from . import _limits, region_cases
 from .harness import Case, Variant
 from .secret_cases import secret_round_trips
 
@@ -467,4 +467,5 @@ CASE_GROUPS: tuple[Callable[[Scale], Iterator[Case]], ...] = (
     pool_pairs,
     random_reads,
     secret_round_trips,
+    *region_cases.CASES,
 )
