@@ -45,7 +45,7 @@ from typing import Any
 import pytest
 
 import mmap_alloc
-from mmap_alloc import MapAlloc, MapAllocError, ObjectPool, Perm, Region, _mman
+from mmap_alloc import MapAlloc, MapAllocError, ObjectPool, Perm, Region, SecretBuffer, _mman
 from mmap_alloc._linux import PAGE_SIZE
 from reliability_support import page_perms, read_maps, run_forked
 
@@ -82,6 +82,7 @@ class World:
     code_alloc: MapAlloc
     regions: list[Region]
     pool: ObjectPool
+    secret: SecretBuffer
     exports: list[tuple[object, Any]] = field(default_factory=list)
     functions: list[tuple[Region, Any]] = field(default_factory=list)
     objects: list[int] = field(default_factory=list)
@@ -105,7 +106,11 @@ def make_world() -> World:
     code[: len(RET)] = RET
     code.make_exec()
     world = World(
-        alloc, code_alloc, [plain, mixed, reservation, code], ObjectPool(64, slab_size=PAGE)
+        alloc,
+        code_alloc,
+        [plain, mixed, reservation, code],
+        ObjectPool(64, slab_size=PAGE),
+        SecretBuffer.from_bytes(b"k" * 100, lock="best_effort"),
     )
     world.functions.append((code, code.function(NoArgs)))
     world.objects.extend(world.pool.alloc_many(70))  # more than one slab
@@ -120,6 +125,7 @@ def teardown(world: World) -> None:
     for region in world.regions:
         region.close()
     world.pool.close()
+    world.secret.close()
 
 
 # ---------------------------------------------------------------- operations
@@ -345,6 +351,35 @@ def op_pool_close(world: World) -> None:
     call(world, world.pool.close)
 
 
+def _read_secret(secret: SecretBuffer) -> None:
+    with secret.open() as view:
+        view[0:10].tobytes()
+
+
+def op_secret_read(world: World) -> None:
+    call(world, _read_secret, world.secret)
+
+
+def op_secret_write(world: World) -> None:
+    call(world, world.secret.write, b"0123456789", 5)
+
+
+def op_secret_noaccess(world: World) -> None:
+    call(world, world.secret.noaccess)
+
+
+def op_secret_readwrite(world: World) -> None:
+    call(world, world.secret.readwrite)
+
+
+def op_secret_compare(world: World) -> None:
+    call(world, world.secret.compare, b"k" * 100)
+
+
+def op_secret_close(world: World) -> None:
+    call(world, world.secret.close)
+
+
 OPERATIONS: dict[str, Callable[[World], None]] = {
     name[3:]: function for name, function in sorted(globals().items()) if name.startswith("op_")
 }
@@ -384,6 +419,10 @@ def check(world: World) -> None:
         assert region._pins == pins, ("pins", region._pins, pins)
         if region._prot >= 0 and region._prot & R:
             bytes(region)  # a page the record calls readable that is not: SIGSEGV here
+    secret = world.secret
+    if not secret.closed and secret.access != "none":
+        with secret.open() as view:  # the pages the kernel says are open really are
+            bytes(view)
     pool = world.pool
     assert len(set(world.objects)) == len(world.objects)
     if not pool.closed:
@@ -525,6 +564,8 @@ SHORT_OTHERS = [
     "realloc_grow",
     "realloc_mixed",
     "release",
+    "secret_close",
+    "secret_noaccess",
     "shrink_in_place",
     "uncommit",
 ]

@@ -386,15 +386,24 @@ def resident_bytes(address: int, length: int) -> int:
 
 def memlock_error(exc: OSError, length: int) -> Exception:
     """The exception a refused mlock of ``length`` bytes becomes: an AllocError
-    naming RLIMIT_MEMLOCK and its value where the limit is the reason."""
+    naming RLIMIT_MEMLOCK and its value where the limit can be the reason, and
+    vm.max_map_count where the limit cannot (no limit, or CAP_IPC_LOCK)."""
     if exc.errno not in (errno.ENOMEM, errno.EAGAIN, errno.EPERM):
         return exc
     soft, _hard = memlock_limit()
-    limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+    reason = os.strerror(exc.errno or errno.ENOMEM)
+    if soft == resource.RLIM_INFINITY or os.geteuid() == 0:
+        hint = (
+            "RLIMIT_MEMLOCK does not bind here; locking part of a mapping splits it, "
+            f"and the process may hold vm.max_map_count ({max_map_count()}) mappings"
+        )
+    else:
+        hint = (
+            f"RLIMIT_MEMLOCK is {soft} bytes; raise it with `ulimit -l` or setrlimit, "
+            "or run with CAP_IPC_LOCK"
+        )
     return AllocError(
-        f"cannot lock {length} bytes in memory: {os.strerror(exc.errno or errno.ENOMEM)} "
-        f"(RLIMIT_MEMLOCK is {limit}; raise it with `ulimit -l` or setrlimit, "
-        "or run with CAP_IPC_LOCK)",
+        f"cannot lock {length} bytes in memory: {reason} ({hint})",
         errno=exc.errno or errno.ENOMEM,
         size=length,
     )
