@@ -47,7 +47,7 @@ import pytest
 import mmap_alloc
 from mmap_alloc import MapAlloc, MapAllocError, ObjectPool, Perm, Region, SecretBuffer, _mman
 from mmap_alloc._linux import PAGE_SIZE
-from reliability_support import page_perms, read_maps, run_forked
+from support import page_perms, read_maps, run_forked
 
 try:
     import numpy

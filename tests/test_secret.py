@@ -37,8 +37,7 @@ from mmap_alloc import (
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mapping_count, mappings, max_map_count
 from mmap_alloc.features import Feature
-from reliability_support import run_forked, status_kib
-from support import SIGSEGV, perms_at, run_in_child, vm_flags
+from support import SIGSEGV, perms_at, run_forked, run_in_child, status_kib, vm_flags
 
 KiB = 1 << 10
 SIGABRT = -signal.SIGABRT
