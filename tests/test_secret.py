@@ -68,7 +68,7 @@ def make(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Mak
     """SecretBuffer() for each backend and guard mode this kernel offers."""
     kind: str = request.param
     if kind == "anonymous+mprotect":
-        monkeypatch.setattr(features, "madv_guard_install", missing("madv_guard_install"))
+        monkeypatch.setattr(secret, "madv_guard_install", missing("madv_guard_install"))
     backend = "memfd_secret" if kind == "memfd_secret" else "anonymous"
 
     def new(size: int, **options: Any) -> SecretBuffer:
@@ -138,7 +138,7 @@ def test_the_anonymous_backend_guards_with_madv_guard_install_where_available() 
 def test_without_madv_guard_install_the_guards_are_prot_none_pages(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(features, "madv_guard_install", missing("madv_guard_install"))
+    monkeypatch.setattr(secret, "madv_guard_install", missing("madv_guard_install"))
     with SecretBuffer(32, backend="anonymous") as buf:
         base, total, _pages, _inner = buf._mapping
         assert buf.guard == "mprotect"
@@ -420,7 +420,7 @@ def test_memfd_secret_past_rlimit_memlock_raises_naming_the_limit_whatever_lock_
 def test_without_memfd_secret_that_backend_raises_and_auto_takes_anonymous(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(features, "memfd_secret", missing("memfd_secret"))
+    monkeypatch.setattr(secret, "memfd_secret", missing("memfd_secret"))
     with pytest.raises(OSError, match="backend='memfd_secret' is not available") as caught:
         SecretBuffer(32, backend="memfd_secret")
     assert caught.value.errno == errno.ENOSYS

@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, NoReturn, Self, SupportsIndex
 
-from . import _args, _mman, features
+from ._args import size as size_argument
 from ._linux import (
     PAGE_SIZE,
     PROT_NONE,
@@ -34,7 +34,9 @@ from ._linux import (
     max_map_count,
     memlock_error,
 )
+from ._mman import Secret
 from .exceptions import AllocError, MemoryCorruptionError
+from .features import madv_guard_install, memfd_secret
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -156,7 +158,7 @@ def _creation_error(exc: OSError, size: int, backend: int) -> Exception:
 
 
 def _memfd_secret_missing() -> OSError:
-    feature = features.memfd_secret()
+    feature = memfd_secret()
     return OSError(
         errno.ENOSYS,
         f"backend='memfd_secret' is not available here: {feature.detail}; "
@@ -164,7 +166,7 @@ def _memfd_secret_missing() -> OSError:
     )
 
 
-class SecretBuffer(_mman.Secret):
+class SecretBuffer(Secret):
     """Memory for secrets: guarded, locked, never dumped, wiped on close.
 
     ``SecretBuffer(size, *, lock="required", backend="auto", on_corruption="abort")``
@@ -208,13 +210,13 @@ class SecretBuffer(_mman.Secret):
         backend: str = "auto",
         on_corruption: str = "abort",
     ) -> Self:
-        n = _args.size(size, PAGE_SIZE)
+        n = size_argument(size, PAGE_SIZE)
         lock_code = _LOCK_CODE[_choice(lock, "lock", LOCKS)]
         _choice(backend, "backend", BACKENDS)
         abort = _choice(on_corruption, "on_corruption", ON_CORRUPTION) == "abort"
         _budget.take(n)
         if backend != "anonymous":
-            if not features.memfd_secret().available:
+            if not memfd_secret().available:
                 if backend == "memfd_secret":
                     raise _memfd_secret_missing()
             else:
@@ -225,7 +227,7 @@ class SecretBuffer(_mman.Secret):
                     # (the syscall, or the lock limit its pages count against)
                     if backend == "memfd_secret" or exc.filename == "mmap":
                         raise _creation_error(exc, n, _BACKEND_MEMFD_SECRET) from None
-        guard = _GUARD_MADVISE if features.madv_guard_install().available else _GUARD_MPROTECT
+        guard = _GUARD_MADVISE if madv_guard_install().available else _GUARD_MPROTECT
         try:
             return cls._create(n, _BACKEND_ANONYMOUS, guard, lock_code, abort)
         except OSError as exc:

@@ -215,4 +215,4 @@ def iteration(scale: Scale) -> Iterator[Case]:
 
 
 CASES = (item_and_slice_access, find_at_the_end, iteration)
-"""The groups of this module, registered in cases.CASE_GROUPS."""
+"""The groups of this module, listed in suite.CASE_GROUPS."""
