@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import platform
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,24 @@ def memfd_noexec() -> int | None:
     MFD_EXEC, 2 refused; None before 6.3."""
     value = read_int("/proc/sys/vm/memfd_noexec", -1)
     return None if value < 0 else value
+
+
+def mmap_min_addr() -> int:
+    """vm.mmap_min_addr: the lowest address a process may map (65536 if unknown)."""
+    return read_int("/proc/sys/vm/mmap_min_addr", 65536)
+
+
+def selinux_mode() -> str | None:
+    """SELinux: "enforcing" or "permissive", or None where it is not enabled."""
+    value = read_text("/sys/fs/selinux/enforce")
+    if value == "":
+        return None
+    return "enforcing" if value == "1" else "permissive"
+
+
+USER_ADDRESS_END: int = 1 << 47 if platform.machine().lower() in ("x86_64", "amd64") else 1 << 48
+"""The end of the user address space with 4-level page tables (x86-64: 47 bits,
+arm64: 48 bits); a kernel with fewer bits refuses addresses past its end."""
 
 
 def max_map_count() -> int:
