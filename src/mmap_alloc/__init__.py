@@ -1,13 +1,15 @@
 """mmap_alloc: page-granular memory straight from the kernel.
 
 Memory with chosen read/write/exec permissions, explicit commit and uncommit,
-in-place resizing and huge pages, after the Rust crate mmap-alloc.
+in-place resizing and huge pages, after the Rust crate mmap-alloc; and code
+memory for JITs (CodeHeap: one memfd mapped read/write and read/exec).
 """
 
 from .allocator import Layout, MapAlloc
 from .backings import Backing
 from .builder import MapAllocBuilder
 from .exceptions import AllocError, CannotReallocInPlace, MapAllocError
+from .jit import CodeBlock, CodeHeap, CodeHeapStats
 from .perm import Perm
 from .pool import ObjectPool, PoolStats
 from .region import Region
@@ -18,6 +20,9 @@ __all__ = [
     "AllocStats",
     "Backing",
     "CannotReallocInPlace",
+    "CodeBlock",
+    "CodeHeap",
+    "CodeHeapStats",
     "Layout",
     "MapAlloc",
     "MapAllocBuilder",

@@ -8,6 +8,7 @@ asked here, so that they read as policy.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import platform
 import resource
@@ -246,6 +247,10 @@ class Mapping:
     name: str
 
 
+_perms_of = functools.cache(Perm.parse)
+"""Perm.parse of the "rwx" column, remembered (a few of them recur on every line)."""
+
+
 def mappings() -> list[Mapping]:
     """The process's mappings, as /proc/self/maps lists them."""
     result = []
@@ -258,7 +263,7 @@ def mappings() -> list[Mapping]:
                 Mapping(
                     int(start, 16),
                     int(end, 16),
-                    Perm.parse(flags[:3]),
+                    _perms_of(flags[:3]),
                     flags[3] == "p",
                     fields[5].strip() if len(fields) > 5 else "",
                 )
