@@ -698,6 +698,24 @@ def test_a_forked_child_runs_the_code_but_may_not_write_or_allocate(heap: CodeHe
     assert fn(2, 2) == 4
 
 
+@needs_code
+def test_a_forked_child_freeing_blocks_leaves_the_parents_code_alone(heap: CodeHeap) -> None:
+    """The child shares the heap's pages: its frees must not zero the code
+    the parent runs (a freed block is zeroed in the heap's own process only)."""
+    block = heap.alloc(16)
+    block.write(add())
+
+    def child() -> None:
+        heap.free(block)
+        assert block.closed
+
+    run_forked(child)
+    assert ctypes.string_at(block.address, len(add())) == add()
+    fn = block.function(IntOp)
+    assert fn(2, 3) == 5
+    del fn
+
+
 # ---------------------------------------------------------------- re-entrancy
 
 

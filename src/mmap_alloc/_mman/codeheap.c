@@ -344,13 +344,16 @@ block_unlink(CodeHeapObject *heap, CodeBlockObject *block)
     heap->used -= block->extent;
 }
 
-/* Return a live block's range to its open heap (zeroed) and mark it freed. */
+/* Return a live block's range to its open heap (zeroed) and mark it freed.
+ * In a child after fork() the pages are the parent's too: only the child's
+ * bookkeeping changes, the parent's code is left alone. */
 static void
 block_release(CodeBlockObject *block)
 {
     CodeHeapObject *heap = block->heap;
 
-    memset(heap->rw + block->start, 0, (size_t)block->extent);
+    if (heap->gen == fork_generation)
+        memset(heap->rw + block->start, 0, (size_t)block->extent);
     spans_give(heap, block->start, block->extent);
     block_unlink(heap, block);
     block->start = -1;
