@@ -24,7 +24,7 @@ import platform
 from _ctypes import CFuncPtr
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from . import _args, _mman, _near
 from ._linux import (
@@ -269,9 +269,7 @@ class CodeHeap(_mman.CodeHeap):
         alignment = _args.power_of_two(align, "align")
         if alignment > PAGE_SIZE:
             raise ValueError(f"align must be at most the page size {PAGE_SIZE}, got {alignment}")
-        block = self._alloc(n, alignment)
-        assert isinstance(block, CodeBlock)
-        return block
+        return cast(CodeBlock, self._alloc(n, alignment))  # a CodeBlock: given to _open
 
     def stats(self) -> CodeHeapStats:
         """Capacity, bytes used and free, blocks, the largest free run,
