@@ -7,6 +7,7 @@ calling convention) and, where a test patches it, where the patch goes.
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import struct
 
@@ -19,6 +20,17 @@ SUPPORTED = X86_64 or ARM64
 
 needs_code = pytest.mark.skipif(not SUPPORTED, reason=f"no test encodings for {MACHINE}")
 x86_64_only = pytest.mark.skipif(not X86_64, reason="call rel32 is an x86-64 instruction")
+
+EMULATED = os.environ.get("ARM64_EMULATED", "")
+"""Set by the arm64 test runs under emulation (/work/shared/arm64/run-tests)."""
+
+REWRITES_RUN_CODE = pytest.mark.skipif(
+    EMULATED != "",
+    reason=f"under {EMULATED}: the emulator keeps running its translation of code that "
+    "already ran when that code is rewritten through another mapping of the same memory "
+    "(seen with qemu-user 7.2); this needs a real processor",
+)
+"""For tests that rewrite, through the heap's read/write view, code that already ran."""
 
 IntOp = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int)
 IntFn = ctypes.CFUNCTYPE(ctypes.c_int)
