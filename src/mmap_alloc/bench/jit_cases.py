@@ -115,7 +115,7 @@ def code_heap(scale: Scale) -> Iterator[Case]:
     yield Case(
         "call a function of 16 bytes of code",
         "code heap",
-        scale.ops(20000),
+        scale.ops(100_000),
         (call("heap"), call("region")),
         "CodeHeap function",
         "Region function",
