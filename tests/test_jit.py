@@ -223,7 +223,8 @@ def test_a_thousand_branch_patches_while_another_thread_calls(heap: CodeHeap) ->
 def test_a_branch_site_reaches_each_target(heap: CodeHeap) -> None:
     """The encodings the patching tests use: each fresh site, written once,
     lands on its target (this also runs under an emulator)."""
-    blocks = []  # kept: a freed block's place would be reused, and its code ran already
+    # kept: a freed block's place would be reused, and its code ran already
+    blocks: list[CodeBlock] = []
     for k in range(4):
         target = heap.alloc(16)
         target.write(returns(200 + k))
