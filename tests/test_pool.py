@@ -641,11 +641,18 @@ def test_child_grows_a_pool_that_a_thread_was_growing_at_fork() -> None:
     held, release = threading.Event(), threading.Event()
 
     class SlowAlloc(MapAlloc):
-        def alloc(self, size: int, align: int | None = None) -> Region:
+        def alloc(
+            self,
+            size: int,
+            align: int | None = None,
+            *,
+            near: int | None = None,
+            within: int = 1 << 31,
+        ) -> Region:
             if threading.current_thread() is not threading.main_thread():
                 held.set()
                 release.wait()  # inside the pool's growth, holding nothing
-            return super().alloc(size, align)
+            return super().alloc(size, align, near=near, within=within)
 
     with ObjectPool(64, slab_size=PAGE_SIZE, alloc=SlowAlloc()) as pool:
         grower = threading.Thread(target=lambda: pool.free(pool.alloc()))

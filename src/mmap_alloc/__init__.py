@@ -1,7 +1,8 @@
 """mmap_alloc: page-granular memory straight from the kernel.
 
 Memory with chosen read/write/exec permissions, explicit commit and uncommit,
-in-place resizing and huge pages, after the Rust crate mmap-alloc.
+in-place resizing and huge pages, after the Rust crate mmap-alloc; and code
+memory for JITs (CodeHeap: one memfd mapped read/write and read/exec).
 """
 
 from ._version import __version__
@@ -9,6 +10,7 @@ from .allocator import Layout, MapAlloc
 from .backings import Backing
 from .builder import MapAllocBuilder
 from .exceptions import AllocError, CannotReallocInPlace, MapAllocError, MemoryCorruptionError
+from .jit import CodeBlock, CodeHeap, CodeHeapStats
 from .perm import Perm
 from .pool import ObjectPool, PoolStats
 from .region import Region
@@ -20,6 +22,9 @@ __all__ = [
     "AllocStats",
     "Backing",
     "CannotReallocInPlace",
+    "CodeBlock",
+    "CodeHeap",
+    "CodeHeapStats",
     "Layout",
     "MapAlloc",
     "MapAllocBuilder",

@@ -8,7 +8,9 @@ asked here, so that they read as policy.
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import platform
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +221,24 @@ def memfd_noexec() -> int | None:
     return None if value < 0 else value
 
 
+def mmap_min_addr() -> int:
+    """vm.mmap_min_addr: the lowest address a process may map (65536 if unknown)."""
+    return read_int("/proc/sys/vm/mmap_min_addr", 65536)
+
+
+def selinux_mode() -> str | None:
+    """SELinux: "enforcing" or "permissive", or None where it is not enabled."""
+    value = read_text("/sys/fs/selinux/enforce")
+    if value == "":
+        return None
+    return "enforcing" if value == "1" else "permissive"
+
+
+USER_ADDRESS_END: int = 1 << 47 if platform.machine().lower() in ("x86_64", "amd64") else 1 << 48
+"""The end of the user address space with 4-level page tables (x86-64: 47 bits,
+arm64: 48 bits); a kernel with fewer bits refuses addresses past its end."""
+
+
 def max_map_count() -> int:
     """vm.max_map_count: how many mappings a process may hold (-1 if unknown)."""
     return read_int("/proc/sys/vm/max_map_count", -1)
@@ -245,6 +265,10 @@ class Mapping:
     name: str
 
 
+_perms_of = functools.cache(Perm.parse)
+"""Perm.parse of the "rwx" column, remembered (a few of them recur on every line)."""
+
+
 def mappings() -> list[Mapping]:
     """The process's mappings, as /proc/self/maps lists them."""
     result = []
@@ -257,7 +281,7 @@ def mappings() -> list[Mapping]:
                 Mapping(
                     int(start, 16),
                     int(end, 16),
-                    Perm.parse(flags[:3]),
+                    _perms_of(flags[:3]),
                     flags[3] == "p",
                     fields[5].strip() if len(fields) > 5 else "",
                 )

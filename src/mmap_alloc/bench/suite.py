@@ -19,6 +19,7 @@ from .cases import (
     touched_round_trips,
 )
 from .harness import Case
+from .jit_cases import code_heap
 from .region_cases import CASES as REGION_CASES
 from .secret_cases import secret_round_trips
 
@@ -31,5 +32,6 @@ CASE_GROUPS: tuple[Callable[[Scale], Iterator[Case]], ...] = (
     pool_pairs,
     random_reads,
     secret_round_trips,
+    code_heap,
     *REGION_CASES,
 )
