@@ -572,7 +572,7 @@ def test_freed_blocks_refuse_every_use(heap: CodeHeap) -> None:
         lambda: block.function(IntFn),
         lambda: block.writer().__enter__(),
     ):
-        with pytest.raises(ValueError, match="the block is freed"):
+        with pytest.raises(ValueError, match="block is freed"):
             use()
 
 

@@ -24,7 +24,7 @@ import platform
 from _ctypes import CFuncPtr
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 from ._args import integer, power_of_two
 from ._args import size as size_argument
@@ -39,8 +39,9 @@ from ._linux import (
 from ._mman import CodeBlock as KernelCodeBlock
 from ._mman import CodeHeap as KernelCodeHeap
 from ._near import DEFAULT_WITHIN, PLACEMENT_ERRORS, check_near, map_near
+from .closing import ClosesOnExit
 from .exceptions import AllocError
-from .protection import CODE_ALIGN
+from .protection import CODE_ALIGN, function_type
 
 __all__ = ["CodeBlock", "CodeHeap", "CodeHeapStats"]
 
@@ -75,7 +76,7 @@ class CodeHeapStats:
     exported: int
 
 
-class CodeBlock(KernelCodeBlock):
+class CodeBlock(KernelCodeBlock, ClosesOnExit):
     """A block of a :class:`CodeHeap`: ``size`` bytes of code at ``address``.
 
     Made by :meth:`CodeHeap.alloc`. ``address`` is in the heap's read/exec
@@ -93,6 +94,9 @@ class CodeBlock(KernelCodeBlock):
     """
 
     __slots__ = ()
+
+    noun = "block"
+    closed_word = "freed"
 
     def writer(self) -> BlockWriter:
         """``with block.writer() as view:`` a writable memoryview of the block's
@@ -130,7 +134,7 @@ class CodeBlock(KernelCodeBlock):
                 f"{platform.machine()}), got {at}"
             )
         pin = self._pin(at)  # checks and pins in one call; unpins when the pin dies
-        fn = _function_type(prototype)(pin.address)
+        fn = function_type(prototype, __name__)(pin.address)
         fn._mmap_alloc_pin = pin  # type: ignore[attr-defined]
         fn.block = self  # type: ignore[attr-defined]
         fn.offset = at  # type: ignore[attr-defined]
@@ -140,25 +144,6 @@ class CodeBlock(KernelCodeBlock):
         if self.closed:
             return f"<CodeBlock freed size={self.size}>"
         return f"<CodeBlock address=0x{self.address:x} size={self.size}>"
-
-    def __enter__(self) -> CodeBlock:
-        if self.closed:
-            raise ValueError("the block is freed")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except BufferError as error:
-            exc.add_note(f"and the block was not freed: {error}")
 
 
 class BlockWriter:
@@ -191,29 +176,7 @@ class BlockWriter:
             view.release()  # it keeps the block exported until it dies
 
 
-_function_types: dict[type[Any], type[Any]] = {}
-
-
-def _function_type(prototype: type[F]) -> type[F]:
-    """A subclass of ``prototype`` whose instances can hold their pin."""
-    try:
-        return _function_types[prototype]
-    except KeyError:
-        pass
-    namespace: dict[str, object] = {
-        name: getattr(prototype, name)
-        for name in ("_flags_", "_restype_", "_argtypes_")
-        if hasattr(prototype, name)
-    }
-    namespace["__doc__"] = "Machine code in a CodeBlock, called through ctypes; pins the block."
-    namespace["__module__"] = __name__
-    metaclass: Any = type(prototype)
-    cls: type[F] = metaclass(prototype.__name__, (prototype,), namespace)
-    _function_types[prototype] = cls
-    return cls
-
-
-class CodeHeap(KernelCodeHeap):
+class CodeHeap(KernelCodeHeap, ClosesOnExit):
     """Memory for generated code: ``capacity`` bytes of one memfd mapped twice,
     read/write (to write code through) and read/exec (to run it).
 
@@ -236,6 +199,8 @@ class CodeHeap(KernelCodeHeap):
     """
 
     __slots__ = ()
+
+    noun = "code heap"
 
     def __init__(
         self,
@@ -298,25 +263,6 @@ class CodeHeap(KernelCodeHeap):
             f"<CodeHeap address=0x{self.address:x} capacity={format_size(self.capacity)} "
             f"blocks={stats.blocks} used={stats.used}>"
         )
-
-    def __enter__(self) -> CodeHeap:
-        if self.closed:
-            raise ValueError("the code heap is closed")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except BufferError as error:
-            exc.add_note(f"and the code heap was not closed: {error}")
 
 
 def _open_error(exc: OSError, size: int) -> Exception:
