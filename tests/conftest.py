@@ -15,6 +15,14 @@ def _open_regions() -> list[_mman.Region]:
     return [o for o in gc.get_objects() if isinstance(o, _mman.Region) and not o.closed]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long forms (``-m stress``) run as long as they need: the per-test
+    timeout of pyproject.toml is for the normal run."""
+    for item in items:
+        if item.get_closest_marker("stress") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(0))
+
+
 @pytest.fixture(autouse=True)
 def no_mapping_leak() -> Iterator[None]:
     """Every test unmaps every byte the library mapped for it, and no more.

@@ -182,8 +182,17 @@ def exhaust_map_count(attempts: int) -> dict[str, Any]:
         else:  # it found room after all (e.g. a neighbour merged): fine, if consistent
             faults[name + " (succeeded)"] = faults.get(name + " (succeeded)", 0) + 1
 
+    def refill() -> None:
+        """Take any room an operation that succeeded made (a merge, a move)."""
+        try:
+            while True:
+                fillers.append((rw if len(fillers) % 2 else ro).alloc(PAGE))
+        except AllocError:
+            pass
+
     for _ in range(attempts):
         victim = rnd.choice(middle)
+        refill()
         try:
             rw.alloc(PAGE)
             raise AssertionError("alloc succeeded at the map count limit")

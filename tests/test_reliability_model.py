@@ -751,6 +751,8 @@ def _run_model(examples: int, steps: int, report: Path) -> dict[str, int]:
             "-x",
             "-p",
             "no:cacheprovider",
+            "-p",
+            "no:timeout",
             f"{__file__}::TestMapAllocModel",
             "-m",
             "",
