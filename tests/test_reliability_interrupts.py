@@ -573,6 +573,7 @@ def interrupt_everywhere(name: str, others: list[str]) -> dict[str, int]:
             runs += 1
     gc.collect()
     assert _mman.mapped_bytes() == start, "a mapping leaked"
+    print({"operation": name, "lines": lines, "runs": runs}, flush=True)  # shown with -s
     return {"lines": lines, "runs": runs}
 
 
@@ -717,6 +718,7 @@ def random_signals(seconds: float, seed: int) -> dict[str, int]:
     teardown(world)
     gc.collect()
     assert _mman.mapped_bytes() == start, "a mapping leaked"
+    print(counts, flush=True)  # shown with -s
     return counts
 
 
