@@ -19,7 +19,6 @@ ARM64 = MACHINE in ("aarch64", "arm64")
 SUPPORTED = X86_64 or ARM64
 
 needs_code = pytest.mark.skipif(not SUPPORTED, reason=f"no test encodings for {MACHINE}")
-x86_64_only = pytest.mark.skipif(not X86_64, reason="call rel32 is an x86-64 instruction")
 
 EMULATED = os.environ.get("ARM64_EMULATED", "")
 """Set by the arm64 test runs under emulation (/work/shared/arm64/run-tests)."""
@@ -92,17 +91,32 @@ def branch_patch(site: int, target: int) -> bytes:
     return branch(site, target)[BRANCH_PATCH_OFFSET : BRANCH_PATCH_OFFSET + 4]
 
 
-def call_rel32(site: int, target: int) -> bytes:
-    """x86-64 ``long f(long x) { return target(x); }`` with ``call rel32``
-    (the stack kept 16-byte aligned around the call)."""
-    assert X86_64
-    rel = target - (site + 4 + 5)  # sub rsp, 8 is 4 bytes; the call ends 5 later
-    assert -(1 << 31) <= rel < 1 << 31, "target out of rel32 reach"
-    return (
-        bytes([0x48, 0x83, 0xEC, 0x08])  # sub rsp, 8
-        + b"\xe8"
-        + struct.pack("<i", rel)  # call rel32
-        + bytes([0x48, 0x83, 0xC4, 0x08, 0xC3])  # add rsp, 8; ret
+CALL_REACH = 1 << 31 if X86_64 else 1 << 27
+"""How far a direct call reaches: x86-64 ``call rel32`` +-2 GiB, arm64 ``bl`` +-128 MiB."""
+
+
+def call_near(site: int, target: int) -> bytes:
+    """``long f(long x) { return target(x); }`` at address ``site``, calling
+    ``target`` directly: x86-64 ``call rel32`` (the stack kept 16-byte aligned
+    around the call), arm64 ``bl imm26`` (the frame record saved around it)."""
+    if X86_64:
+        rel = target - (site + 4 + 5)  # sub rsp, 8 is 4 bytes; the call ends 5 later
+        assert -(1 << 31) <= rel < 1 << 31, "target out of rel32 reach"
+        return (
+            bytes([0x48, 0x83, 0xEC, 0x08])  # sub rsp, 8
+            + b"\xe8"
+            + struct.pack("<i", rel)  # call rel32
+            + bytes([0x48, 0x83, 0xC4, 0x08, 0xC3])  # add rsp, 8; ret
+        )
+    rel = target - (site + 8)  # the bl is the third instruction
+    assert rel % 4 == 0 and -(1 << 27) <= rel < 1 << 27, "target out of bl reach"
+    return struct.pack(
+        "<5I",
+        0xA9BF7BFD,  # stp x29, x30, [sp, #-16]!
+        0x910003FD,  # mov x29, sp
+        0x94000000 | ((rel >> 2) & 0x3FFFFFF),  # bl target
+        0xA8C17BFD,  # ldp x29, x30, [sp], #16
+        0xD65F03C0,  # ret
     )
 
 

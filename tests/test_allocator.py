@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import itertools
-import platform
 import sys
 import threading
 
@@ -13,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from machine_code import CALL_REACH, call_near, needs_code
 from mmap_alloc import AllocError, CannotReallocInPlace, Layout, MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mappings
@@ -1022,18 +1022,16 @@ def test_alloc_near_honours_a_small_within_and_the_alignment(alloc: MapAlloc) ->
         assert region.address % (16 * P) == 0
 
 
-@pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="call rel32 is x86-64 code"
-)
-def test_code_in_a_region_near_libc_calls_it_with_call_rel32() -> None:
-    """Generated code reaches libc's labs with call rel32 (a 32-bit displacement)."""
+@needs_code
+def test_code_in_a_region_near_libc_calls_it_directly() -> None:
+    """Generated code reaches libc's labs with a direct call: call rel32 (a
+    32-bit displacement) on x86-64, bl (26 bits of instructions) on arm64."""
     target = libc_labs()
     alloc = MapAlloc()
-    region = alloc.alloc(P, near=target)
-    rel = target - (region.address + 9)  # the call ends 9 bytes in
-    assert -GiB2 <= rel < GiB2
-    code = b"\x48\x83\xec\x08" + b"\xe8" + rel.to_bytes(4, "little", signed=True)
-    region[: len(code) + 5] = code + b"\x48\x83\xc4\x08\xc3"  # sub rsp,8; call; add rsp,8; ret
+    region = alloc.alloc(P, near=target, within=CALL_REACH)
+    assert within_reach(region, target, CALL_REACH)
+    code = call_near(region.address, target)
+    region[: len(code)] = code
     region.make_exec()
     labs = region.function(ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long))
     assert labs(-1234) == 1234

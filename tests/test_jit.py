@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from machine_code import (
     BRANCH_PATCH_OFFSET,
     BRANCH_SIZE,
+    CALL_REACH,
     RETURN_PATCH_OFFSET,
     REWRITES_RUN_CODE,
     IntFn,
@@ -31,13 +32,12 @@ from machine_code import (
     add,
     branch,
     branch_patch,
-    call_rel32,
+    call_near,
     libc_address,
     needs_code,
     returns,
     returns_patch,
     sub,
-    x86_64_only,
 )
 from mmap_alloc import AllocError, CodeBlock, CodeHeap, CodeHeapStats, Perm, _mman
 from mmap_alloc._linux import PAGE_SIZE, Mapping, mappings
@@ -687,12 +687,13 @@ def test_a_heap_near_libc_lies_within_reach_of_it() -> None:
         assert sorted(perms for _, _, perms in views) == sorted([RW, RX])
 
 
-@x86_64_only
-def test_code_in_a_heap_near_libc_calls_it_with_call_rel32() -> None:
+@needs_code
+def test_code_in_a_heap_near_libc_calls_it_directly() -> None:
+    """call rel32 on x86-64, bl on arm64: the heap lies within the call's reach."""
     target = libc_address("labs")
-    with CodeHeap(SMALL, near=target) as heap:
+    with CodeHeap(SMALL, near=target, within=CALL_REACH) as heap:
         block = heap.alloc(32)
-        block.write(call_rel32(block.address, target))
+        block.write(call_near(block.address, target))
         labs = block.function(LongFn)
         assert labs(-42) == 42
         assert labs(7) == 7
