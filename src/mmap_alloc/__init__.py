@@ -11,6 +11,7 @@ from .exceptions import AllocError, CannotReallocInPlace, MapAllocError
 from .perm import Perm
 from .pool import ObjectPool, PoolStats
 from .region import Region
+from .shared import SharedRegion
 from .stats import AllocStats, RegionStats
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "PoolStats",
     "Region",
     "RegionStats",
+    "SharedRegion",
 ]
 
 __version__ = "0.1.0"

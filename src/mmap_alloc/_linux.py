@@ -78,21 +78,36 @@ MFD_NOEXEC_SEAL = 0x8
 MFD_EXEC = 0x10
 """memfd_create(2) flags (os.memfd_create predates the last two)."""
 
+F_SEAL_NAMES: dict[str, int] = {
+    "seal": _mman.F_SEAL_SEAL,
+    "shrink": _mman.F_SEAL_SHRINK,
+    "grow": _mman.F_SEAL_GROW,
+    "write": _mman.F_SEAL_WRITE,
+    "future_write": _mman.F_SEAL_FUTURE_WRITE,
+    "exec": 0x20,
+}
+"""memfd seals (fcntl F_ADD_SEALS) by the names SharedRegion.seals uses
+(F_SEAL_FUTURE_WRITE is Linux 5.1, F_SEAL_EXEC 6.3)."""
+
 RUN_GUARD = 1
 """A flag of a protection run (Region._runs()): guard pages (MADV_GUARD_INSTALL)."""
 RUN_DONTFORK = 2
 """A flag of a protection run: pages advised MADV_DONTFORK."""
 
 
-def alloc_error(exc: OSError, size: int, huge_pagesize: int | None = None) -> Exception:
+def alloc_error(
+    exc: OSError, size: int, huge_pagesize: int | None = None, *, action: str = "map"
+) -> Exception:
     """The exception a failed mapping of ``size`` bytes becomes.
 
-    ENOMEM (and EAGAIN, a locked-memory refusal) is an AllocError; anything
-    else stays the OSError it was.
+    ENOMEM (and EAGAIN, a locked-memory refusal, and ENOSPC, an empty hugetlb
+    pool or a full file system behind fallocate) is an AllocError; anything
+    else stays the OSError it was. ``action`` is the verb of the message
+    ("map", "back" for fallocate).
     """
-    if exc.errno not in (errno.ENOMEM, errno.EAGAIN):
+    if exc.errno not in (errno.ENOMEM, errno.EAGAIN, errno.ENOSPC):
         return exc
-    message = f"cannot map {size} bytes: {os.strerror(exc.errno or errno.ENOMEM)}"
+    message = f"cannot {action} {size} bytes: {os.strerror(exc.errno or errno.ENOMEM)}"
     if huge_pagesize is not None:
         message += (
             f"; the pool of {format_size(huge_pagesize)} huge pages may be empty: reserve pages "
@@ -199,6 +214,75 @@ def memfd_noexec() -> int | None:
     MFD_EXEC, 2 refused; None before 6.3."""
     value = read_int("/proc/sys/vm/memfd_noexec", -1)
     return None if value < 0 else value
+
+
+def fd_target(fd: int) -> str:
+    """What file descriptor ``fd`` of this process refers to, as /proc/self/fd
+    shows it ("/memfd:name (deleted)", "socket:[...]", a path), or "" if unknown."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def open_fds() -> list[int]:
+    """The file descriptors open in this process now."""
+    return sorted(int(name) for name in os.listdir("/proc/self/fd"))
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (fields in kB scaled; counts as they are)."""
+    result: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as lines:
+            for line in lines:
+                key, _, rest = line.partition(":")
+                fields = rest.split()
+                if fields and fields[0].isdigit():
+                    scale = 1024 if fields[1:2] == ["kB"] else 1
+                    result[key] = int(fields[0]) * scale
+    except OSError:
+        pass
+    return result
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes this process's memory cgroup may still charge (limit - usage), or
+    None without a limit (cgroup v2 memory.max, or v1 memory.limit_in_bytes)."""
+    try:
+        with open("/proc/self/cgroup") as lines:
+            entries = [line.rstrip("\n").split(":", 2) for line in lines]
+    except OSError:
+        return None
+    for _id, controllers, path in entries:
+        if controllers == "":
+            files = (Path("/sys/fs/cgroup", path.lstrip("/")), "memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            files = (
+                Path("/sys/fs/cgroup/memory", path.lstrip("/")),
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            )
+        else:
+            continue
+        folder, limit_file, usage_file = files
+        limit = read_int(folder / limit_file, -1)
+        usage = read_int(folder / usage_file, -1)
+        if 0 <= limit < 1 << 60 and usage >= 0:
+            return max(0, limit - usage)
+    return None
+
+
+def memory_available() -> int | None:
+    """Bytes that can be given to new pages now without waking the OOM killer:
+    MemAvailable + SwapFree of /proc/meminfo, at most the memory cgroup's
+    headroom; None if the kernel does not say."""
+    info = meminfo()
+    if "MemAvailable" not in info:
+        return None
+    available = info["MemAvailable"] + info.get("SwapFree", 0)
+    headroom = _cgroup_headroom()
+    return available if headroom is None else min(available, headroom)
 
 
 def max_map_count() -> int:
