@@ -47,9 +47,13 @@ def hold(region: SharedRegion, ready: Event) -> None:
         signal.pause()
 
 
-def describe(region: SharedRegion) -> tuple[int, int, bytes, bool]:
-    """What a worker sees of a region handed to it."""
-    return region.size, region.capacity, bytes(region[:5]), region.readonly
+def describe(region: SharedRegion) -> tuple[int, int, bytes, bool, bool]:
+    """What a worker sees of a region handed to it (the last item: whether its
+    descriptor is close-on-exec)."""
+    import fcntl
+
+    cloexec = bool(fcntl.fcntl(region.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+    return region.size, region.capacity, bytes(region[:5]), region.readonly, cloexec
 
 
 def array_sum(region: SharedRegion, count: int) -> float:

@@ -347,6 +347,7 @@ def test_a_pool_worker_maps_a_region_passed_as_an_argument(method: str) -> None:
                     3 * P,
                     b"pool!",
                     False,
+                    True,
                 )
 
 
@@ -781,6 +782,33 @@ def test_seal_write_while_another_mapping_is_writable_changes_nothing() -> None:
         assert region.protections() == kernel_runs(region) == [(0, P, Perm.READ | Perm.WRITE)]
         region[0] = 1
         assert peer[0] == 1
+
+
+def test_refresh_maps_the_growth_of_a_file_sealed_against_writing() -> None:
+    with SharedRegion.create(P) as region:
+        region.seal(write=True)
+        os.ftruncate(region.fd, 3 * P)  # the write seal does not stop growth
+        with blocked_after(region):
+            assert region.refresh() == 3 * P
+        assert region.protections() == kernel_runs(region) == [(0, 3 * P, Perm.READ)]
+        assert region[:] == bytes(3 * P)
+
+
+def test_a_spawned_child_that_gets_a_region_at_start_owns_a_close_on_exec_descriptor() -> None:
+    ctx = spawn()
+    ready, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    with SharedRegion.create(P) as region:
+        child = ctx.Process(target=shared_workers.write_then_read, args=(region, ready, go, out))
+        child.start()
+        assert ready.wait(60)
+        fds = os.listdir(f"/proc/{child.pid}/fd")
+        memfds = [fd for fd in fds if "memfd:" in os.readlink(f"/proc/{child.pid}/fd/{fd}")]
+        assert len(memfds) == 1
+        flags = Path(f"/proc/{child.pid}/fdinfo/{memfds[0]}").read_text()
+        assert int(flags.split("flags:")[1].split()[0], 8) & os.O_CLOEXEC
+        go.set()
+        out.get(timeout=60)
+        child.join(60)
 
 
 def test_seal_seal_forbids_further_seals() -> None:

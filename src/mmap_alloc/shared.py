@@ -271,15 +271,19 @@ class SharedRegion(Region):
         seals = F_SEAL_NAMES["shrink"] if seal_shrink else 0
         args = (label, seals, pages.page, pages.align, pages.advice, pages.backing)
         try:
-            try:
-                region = _mman._shared_create(cls, n, flags, *args)
-            except OSError as exc:
-                # vm.memfd_noexec = 2 refuses memfds that do not give up exec
-                if exc.filename != "memfd_create" or exc.errno != errno.EINVAL:
-                    raise
-                if memfd_noexec() != 2:
-                    raise
-                region = _mman._shared_create(cls, n, flags | MFD_NOEXEC_SEAL, *args)
+            while True:
+                try:
+                    region = _mman._shared_create(cls, n, flags, *args)
+                    break
+                except InterruptedError:
+                    continue  # a signal came during fallocate: nothing was left, again
+                except OSError as exc:
+                    # vm.memfd_noexec = 2 refuses memfds that do not give up exec
+                    if exc.filename != "memfd_create" or exc.errno != errno.EINVAL:
+                        raise
+                    if memfd_noexec() != 2 or flags & MFD_NOEXEC_SEAL:
+                        raise
+                    flags |= MFD_NOEXEC_SEAL
         except OSError as exc:
             if exc.filename == "madvise" and pages.backing is Backing.THP:
                 raise OSError(

@@ -179,6 +179,30 @@ file_size(int fd, Py_ssize_t *size)
     return 0;
 }
 
+/* mmap of the region's file. A mapping without PROT_WRITE goes through a
+ * read-only open of the file when the kernel refuses it on the region's own
+ * descriptor (kernels before 6.7 refuse any shared mapping of a descriptor
+ * open for writing once the file is sealed against writing). */
+static char *
+map_file(RegionObject *self, char *addr, Py_ssize_t length, int prot, int flags, Py_ssize_t offset)
+{
+    char path[64];
+    char *p = mmap(addr, (size_t)length, prot, flags, self->fd, (off_t)offset);
+    int ro, err;
+
+    if (p != MAP_FAILED || (prot & PROT_WRITE) || (errno != EPERM && errno != EACCES))
+        return p;
+    snprintf(path, sizeof path, "/proc/self/fd/%d", self->fd);
+    ro = open(path, O_RDONLY | O_CLOEXEC);
+    if (ro < 0)
+        return MAP_FAILED;
+    p = mmap(addr, (size_t)length, prot, flags, ro, (off_t)offset);
+    err = errno;
+    close(ro);
+    errno = err;
+    return p;
+}
+
 /* Apply the record's protection and flags to a fresh mapping of the file at
  * p (mapped with the protection of the first run, on [0, upto)); -1 with
  * errno set. prot_mask clears bits from every run (PROT_WRITE for a
@@ -221,8 +245,8 @@ extend_in_place(RegionObject *self, Py_ssize_t newcap, int prot)
     }
     /* several kernel mappings (mixed protections), or a kernel that refuses
      * to mremap this mapping: map the file's next pages right after it */
-    p = mmap(self->data + cap, (size_t)(newcap - cap), prot,
-             MAP_SHARED | MAP_FIXED_NOREPLACE, self->fd, (off_t)cap);
+    p = map_file(self, self->data + cap, newcap - cap, prot, MAP_SHARED | MAP_FIXED_NOREPLACE,
+                 cap);
     if (p == MAP_FAILED)
         return -1;
     if (p != self->data + cap) {   /* a kernel that took it as a hint */
@@ -269,9 +293,16 @@ move_mapping(RegionObject *self, Py_ssize_t newcap)
             return -1;
     }
     /* a new mapping of the whole file: the pages are the same pages */
-    p = map_aligned(newcap, self->align, natural, prot0, MAP_SHARED, self->fd, 0);
-    if (p == MAP_FAILED)
+    hint = map_aligned(newcap, self->align, natural, PROT_NONE, MAP_NORESERVE, -1, 0);
+    if (hint == MAP_FAILED)
         return -1;
+    p = map_file(self, hint, newcap, prot0, MAP_SHARED | MAP_FIXED, 0);
+    if (p == MAP_FAILED) {
+        err = errno;
+        munmap(hint, (size_t)newcap);
+        errno = err;
+        return -1;
+    }
     if (apply_record(self, p, cap, prot0, 0) != 0) {
         err = errno;
         munmap(p, (size_t)newcap);
@@ -340,6 +371,13 @@ drop_tail(RegionObject *self, Py_ssize_t newcap)
 static int
 map_growth(RegionObject *self, Py_ssize_t newcap, int reserved, int prot, const char *what)
 {
+    /* room in the record, now: another thread may have used what the caller
+     * reserved while the GIL was released */
+    if (rec_reserve(&self->rec, 1) < 0) {
+        if (reserved)
+            munmap(self->data + self->capacity, (size_t)(newcap - self->capacity));
+        return -1;
+    }
     if (!reserved && extend_in_place(self, newcap, prot) != 0) {
         if (self->nexports > 0 || self->pins > 0 || region_busy(self) > 0) {
             PyErr_Format(PyExc_BufferError,
@@ -348,8 +386,6 @@ map_growth(RegionObject *self, Py_ssize_t newcap, int reserved, int prot, const 
                          what, self->nexports, self->pins);
             return -1;
         }
-        if (rec_reserve(&self->rec, 1) < 0)
-            return -1;
         if (move_mapping(self, newcap) != 0) {
             step_error(errno, "mremap");
             return -1;
@@ -548,6 +584,9 @@ shared_attach(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         }
     }
+    step = "fcntl";
+    if (fcntl(own, F_SETFD, FD_CLOEXEC) != 0)   /* an inherited one may lack it */
+        goto fail;
     step = "fstat";
     if (fstat(own, &st) != 0)
         goto fail;
@@ -651,8 +690,6 @@ shared_resize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return step_error(EPERM, "F_SEAL_GROW");
     if ((tsize < fsize || newcap < cap) && region_check_idle(self, "shrink the region") < 0)
         return NULL;
-    if (newcap > cap && rec_reserve(&self->rec, 1) < 0)
-        return NULL;
     prot = self->rec.runs[self->rec.n - 1].prot;
 
     /* bytes past the end of the file in its last page may hold what was
@@ -688,9 +725,9 @@ shared_resize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         /* nothing can touch the pages past the new end: idle, GIL held */
         if (ftruncate(self->fd, (off_t)tsize) != 0)
             return step_error(errno, "ftruncate");
-        if (drop_tail(self, newcap) != 0)
-            errno = 0;   /* the kernel keeps the pages (map count): they stay past size */
     }
+    if (newcap < cap && drop_tail(self, newcap) != 0)
+        errno = 0;   /* the kernel keeps the pages (map count): they stay past size */
     if (newcap > cap && map_growth(self, newcap, reserved, prot, "map the grown file") < 0)
         return NULL;
     self->size = new_size;
@@ -719,9 +756,8 @@ shared_refresh(PyObject *module, PyObject *region)
         return step_error(ENOMEM, "size");
     newcap = round_up(fsize, self->page);
     if (newcap > self->capacity) {
-        if (rec_reserve(&self->rec, 1) < 0
-            || map_growth(self, newcap, 0, self->rec.runs[self->rec.n - 1].prot,
-                          "map the file's growth") < 0)
+        if (map_growth(self, newcap, 0, self->rec.runs[self->rec.n - 1].prot,
+                       "map the file's growth") < 0)
             return NULL;
     }
     else if (newcap < self->capacity) {
