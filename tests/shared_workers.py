@@ -61,3 +61,12 @@ def array_sum(region: SharedRegion, count: int) -> float:
     import numpy as np
 
     return float(region.ndarray(np.float64, count).sum())
+
+
+def take_from_queue(inbox: Queue[Any], out: Queue[Any]) -> None:
+    """Take a region from a queue (it was put there after this process
+    started), write to it, report what it held."""
+    region = inbox.get(timeout=60)
+    out.put(bytes(region[:5]))
+    region[5:10] = b"taken"
+    region.close()

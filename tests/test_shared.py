@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import shared_workers
-from mmap_alloc import AllocError, MapAlloc, Perm, Region, SharedRegion, _mman
+from mmap_alloc import AllocError, MapAlloc, Perm, Region, SharedRegion, _fdshare, _mman
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mapping_count, shmem_thp_mode, thp_size
 from mmap_alloc.backings import Backing
@@ -41,7 +41,13 @@ needs_numpy = pytest.mark.skipif(find_spec("numpy") is None, reason="needs numpy
 
 
 def open_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
+    """The descriptors open now (not the one listing them used, closed by then)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            os.readlink(f"/proc/self/fd/{name}")
+            found.add(int(name))
+    return found
 
 
 def inode_mapped(inode: int) -> bool:
@@ -349,6 +355,43 @@ def test_a_pool_worker_maps_a_region_passed_as_an_argument(method: str) -> None:
                     False,
                     True,
                 )
+
+
+def test_a_region_put_on_a_queue_reaches_a_running_process() -> None:
+    ctx = spawn()
+    inbox, out = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=shared_workers.take_from_queue, args=(inbox, out))
+    child.start()
+    try:
+        with SharedRegion.create(P) as region:
+            region[:5] = b"queue"
+            inbox.put(region)
+            assert out.get(timeout=60) == b"queue"
+            child.join(60)
+            assert region[5:10] == b"taken"
+    finally:
+        child.join(60)
+    assert child.exitcode == 0
+
+
+def test_a_thousand_pickles_through_multiprocessing_leave_nothing_behind() -> None:
+    from multiprocessing.reduction import ForkingPickler
+
+    def settled() -> set[int]:
+        deadline = time.monotonic() + 10
+        while _fdshare._sharer.pending and time.monotonic() < deadline:
+            time.sleep(0.01)  # the sender's thread closes what receivers took
+        return open_fds()
+
+    with SharedRegion.create(P) as region:
+        pickle.loads(ForkingPickler.dumps(region)).close()
+        fds, maps = settled(), mapping_count()
+        for _ in range(1000):
+            peer = pickle.loads(ForkingPickler.dumps(region))
+            peer[0] = 1
+            peer.close()
+        assert settled() == fds
+        assert mapping_count() == maps
 
 
 def test_pickling_outside_multiprocessing_is_a_type_error() -> None:

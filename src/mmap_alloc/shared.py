@@ -22,7 +22,7 @@ import os
 import struct
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, cast
 
-from . import _args, _mman
+from . import _args, _fdshare, _mman
 from ._linux import (
     F_SEAL_NAMES,
     MADV_HUGEPAGE,
@@ -194,12 +194,21 @@ def _register_pickling() -> None:
 
 
 def _reduce(region: SharedRegion) -> tuple[Any, tuple[Any, ...]]:
-    """multiprocessing's pickling of a region: a duplicate of its descriptor
-    travels (to a child being started, through the forkserver, or through
-    multiprocessing's resource sharer for queues and pools), not its bytes."""
-    from multiprocessing import reduction
+    """multiprocessing's pickling of a region: its descriptor travels, not its
+    bytes: with a process being started (multiprocessing passes it, as it
+    does for sockets), else (queues, pools) through _fdshare."""
+    from multiprocessing import context, reduction
 
-    return _rebuild, (reduction.DupFd(region.fd), region.size, region._flags())
+    fd, flags = region.fd, region._flags()
+    handle: Any
+    if context.get_spawning_popen() is not None:
+        handle = reduction.DupFd(fd)
+    else:
+        try:
+            handle = _fdshare.share(fd, readonly=bool(flags & _FLAG_READONLY))
+        except OSError:  # no Unix socket to serve it from: multiprocessing's way
+            handle = reduction.DupFd(fd)
+    return _rebuild, (handle, region.size, flags)
 
 
 def _rebuild(dupfd: Any, size: int, flags: int) -> SharedRegion:
@@ -317,15 +326,7 @@ class SharedRegion(Region):
         import socket as _socket
 
         sock = _check_socket(sock)
-        fd_size = struct.calcsize("i")
-        data, ancillary, msg_flags, _address = sock.recvmsg(
-            _MESSAGE.size, _socket.CMSG_SPACE(fd_size), _socket.MSG_CMSG_CLOEXEC
-        )
-        fds: list[int] = []
-        for level, kind, payload in ancillary:
-            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % fd_size
-                fds.extend(struct.unpack(f"{usable // fd_size}i", payload[:usable]))
+        data, fds, msg_flags = _fdshare.recv_fds(sock, _MESSAGE.size)
         if not data and not fds:
             raise EOFError("the peer closed the socket before sending a region")
         if len(fds) != 1 or msg_flags & _socket.MSG_CTRUNC or len(data) != _MESSAGE.size:

@@ -26,6 +26,7 @@ from .._linux import (
 from ..backings import thp_available
 from . import _limits
 from .harness import Case, Variant
+from .shared_cases import shared_memory_cases
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 C_LOOP = "C loop"
@@ -465,4 +466,5 @@ CASE_GROUPS: tuple[Callable[[Scale], Iterator[Case]], ...] = (
     commit_uncommit,
     pool_pairs,
     random_reads,
+    shared_memory_cases,
 )
