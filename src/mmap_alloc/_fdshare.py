@@ -130,8 +130,30 @@ class _Sharer:
         self.listener, self.notices, self.address = None, None, ""
 
 
+class _Notices:
+    """The receiver's side: one unbound datagram socket for every notice."""
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+
+    def socket(self) -> socket.socket:
+        sock = self.sock
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(_NOTICE_TIMEOUT)
+            self.sock = sock
+        return sock
+
+    def forget(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+
+
 _sharer = _Sharer()
+_notices = _Notices()
 os.register_at_fork(after_in_child=_sharer.forget)
+os.register_at_fork(after_in_child=_notices.forget)
 
 
 @dataclass(frozen=True)
@@ -170,10 +192,8 @@ class SharedFd:
         """Tell the sender to close its duplicate: a datagram, not answered. It
         waits only while the sender's queue of them is full (net.unix.
         max_dgram_qlen, 10 by default), and at most a few seconds."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notice:
-            notice.settimeout(_NOTICE_TIMEOUT)
-            with contextlib.suppress(OSError):  # a sender gone has nothing to close
-                notice.sendto(self.token, self.address + "-done")
+        with contextlib.suppress(OSError):  # a sender gone has nothing to close
+            _notices.socket().sendto(self.token, self.address + "-done")
 
     def _fetch(self) -> int:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as conn:

@@ -503,22 +503,17 @@ shared_create(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return wrap_shared(cls, p, fd, size, capacity, PROT_RW, page, align, advice, args[8]);
 }
 
-/* Whether fd is a memfd: F_GET_SEALS works (shmem or hugetlbfs) and its name
- * says memfd (a file of /dev/shm answers F_GET_SEALS too). -1: errno set. */
+/* Whether fd is a memfd: F_GET_SEALS works (a file of shmem or hugetlbfs)
+ * and no name leads to it (st_nlink 0), so no process can open it but
+ * through a descriptor (a file of /dev/shm answers F_GET_SEALS too). -1 with
+ * errno set. */
 static int
-check_memfd(int fd, int *seals)
+check_memfd(int fd, int *seals, struct stat *st)
 {
-    char path[64], target[16];
-    ssize_t n;
-
     *seals = fcntl(fd, F_GET_SEALS);
-    if (*seals < 0)
+    if (*seals < 0 || fstat(fd, st) != 0)
         return -1;
-    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
-    n = readlink(path, target, sizeof target);
-    if (n < 0)
-        return -1;
-    if (n < 7 || memcmp(target, "/memfd:", 7) != 0) {
+    if (st->st_nlink != 0 || !S_ISREG(st->st_mode)) {
         errno = EINVAL;
         return -1;
     }
@@ -556,7 +551,7 @@ shared_attach(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (own < 0)
         return step_error(errno, "dup");
     step = "memfd";
-    if (check_memfd(own, &seals) != 0)
+    if (check_memfd(own, &seals, &st) != 0)
         goto fail;
     if (readonly) {
         char path[64];
@@ -588,7 +583,7 @@ shared_attach(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (fcntl(own, F_SETFD, FD_CLOEXEC) != 0)   /* an inherited one may lack it */
         goto fail;
     step = "fstat";
-    if (fstat(own, &st) != 0)
+    if (readonly && fstat(own, &st) != 0)   /* the same file: only to be sure */
         goto fail;
     fsize = (Py_ssize_t)st.st_size;
     page = (Py_ssize_t)st.st_blksize;
