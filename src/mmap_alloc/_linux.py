@@ -8,6 +8,7 @@ asked here, so that they read as policy.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import resource
 from dataclasses import dataclass
@@ -95,25 +96,26 @@ RUN_DONTFORK = 2
 """A flag of a protection run: pages advised MADV_DONTFORK."""
 
 
-def alloc_error(
-    exc: OSError, size: int, huge_pagesize: int | None = None, *, action: str = "map"
-) -> Exception:
+def alloc_error(exc: OSError, size: int, huge_pagesize: int | None = None) -> Exception:
     """The exception a failed mapping of ``size`` bytes becomes.
 
-    ENOMEM (and EAGAIN, a locked-memory refusal, and ENOSPC, an empty hugetlb
-    pool or a full file system behind fallocate) is an AllocError; anything
-    else stays the OSError it was. ``action`` is the verb of the message
-    ("map", "back" for fallocate).
+    ENOMEM (and EAGAIN, a locked-memory refusal) is an AllocError; anything
+    else stays the OSError it was.
     """
-    if exc.errno not in (errno.ENOMEM, errno.EAGAIN, errno.ENOSPC):
+    if exc.errno not in (errno.ENOMEM, errno.EAGAIN):
         return exc
-    message = f"cannot {action} {size} bytes: {os.strerror(exc.errno or errno.ENOMEM)}"
+    message = f"cannot map {size} bytes: {os.strerror(exc.errno or errno.ENOMEM)}"
     if huge_pagesize is not None:
-        message += (
-            f"; the pool of {format_size(huge_pagesize)} huge pages may be empty: reserve pages "
-            f"with `echo N > {hugepage_dir(huge_pagesize)}/nr_hugepages` (as root)"
-        )
+        message += hugetlb_hint(huge_pagesize)
     return AllocError(message, errno=exc.errno or errno.ENOMEM, size=size)
+
+
+def hugetlb_hint(huge_pagesize: int) -> str:
+    """How to fill an empty hugetlb pool, for messages ("; the pool ...")."""
+    return (
+        f"; the pool of {format_size(huge_pagesize)} huge pages may be empty: reserve pages "
+        f"with `echo N > {hugepage_dir(huge_pagesize)}/nr_hugepages` (as root)"
+    )
 
 
 def format_size(n: int) -> str:
@@ -246,9 +248,10 @@ def meminfo() -> dict[str, int]:
     return result
 
 
-def _cgroup_headroom() -> int | None:
-    """Bytes this process's memory cgroup may still charge (limit - usage), or
-    None without a limit (cgroup v2 memory.max, or v1 memory.limit_in_bytes)."""
+@functools.cache
+def _memory_cgroup() -> tuple[Path, Path] | None:
+    """The limit and usage files of this process's memory cgroup, if it has a
+    limit (cgroup v2 memory.max, or v1 memory.limit_in_bytes); looked up once."""
     try:
         with open("/proc/self/cgroup") as lines:
             entries = [line.rstrip("\n").split(":", 2) for line in lines]
@@ -256,33 +259,44 @@ def _cgroup_headroom() -> int | None:
         return None
     for _id, controllers, path in entries:
         if controllers == "":
-            files = (Path("/sys/fs/cgroup", path.lstrip("/")), "memory.max", "memory.current")
+            folder = Path("/sys/fs/cgroup", path.lstrip("/"))
+            files = (folder / "memory.max", folder / "memory.current")
         elif "memory" in controllers.split(","):
-            files = (
-                Path("/sys/fs/cgroup/memory", path.lstrip("/")),
-                "memory.limit_in_bytes",
-                "memory.usage_in_bytes",
-            )
+            folder = Path("/sys/fs/cgroup/memory", path.lstrip("/"))
+            files = (folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes")
         else:
             continue
-        folder, limit_file, usage_file = files
-        limit = read_int(folder / limit_file, -1)
-        usage = read_int(folder / usage_file, -1)
-        if 0 <= limit < 1 << 60 and usage >= 0:
-            return max(0, limit - usage)
+        if 0 <= read_int(files[0], -1) < 1 << 60:
+            return files
     return None
+
+
+@functools.cache
+def memory_ceiling() -> int:
+    """The most memory this process could ever get: the machine's physical
+    memory and swap, or its memory cgroup's limit if lower (read once)."""
+    ceiling = os.sysconf("SC_PHYS_PAGES") * PAGE_SIZE + meminfo().get("SwapTotal", 0)
+    cgroup = _memory_cgroup()
+    if cgroup is not None:
+        ceiling = min(ceiling, read_int(cgroup[0], ceiling))
+    return ceiling
 
 
 def memory_available() -> int | None:
     """Bytes that can be given to new pages now without waking the OOM killer:
     MemAvailable + SwapFree of /proc/meminfo, at most the memory cgroup's
-    headroom; None if the kernel does not say."""
+    headroom; None if the kernel does not say. (Reads /proc and /sys: about
+    0.1-1 ms.)"""
     info = meminfo()
     if "MemAvailable" not in info:
         return None
     available = info["MemAvailable"] + info.get("SwapFree", 0)
-    headroom = _cgroup_headroom()
-    return available if headroom is None else min(available, headroom)
+    cgroup = _memory_cgroup()
+    if cgroup is not None:
+        limit, usage = read_int(cgroup[0], -1), read_int(cgroup[1], -1)
+        if limit >= 0 and usage >= 0:
+            available = min(available, max(0, limit - usage))
+    return available
 
 
 def max_map_count() -> int:

@@ -31,13 +31,14 @@ from ._linux import (
     MFD_HUGETLB,
     MFD_NOEXEC_SEAL,
     PAGE_SIZE,
-    alloc_error,
     default_hugepage_size,
     fd_target,
     format_size,
     hugepage_pools,
+    hugetlb_hint,
     memfd_noexec,
     memory_available,
+    memory_ceiling,
     shmem_thp_mode,
     thp_size,
 )
@@ -122,7 +123,11 @@ def _memfd_name(name: object) -> bytes:
 
 def _check_memory(size: int, what: str) -> None:
     """AllocError before backing ``size`` bytes that the machine cannot give:
-    fallocate would take them from everything else and wake the OOM killer."""
+    fallocate would take them from everything else and wake the OOM killer.
+    Requests up to 1/16 of all the memory there could be are let through
+    without reading /proc (which costs more than making a small region)."""
+    if size <= memory_ceiling() // 16:
+        return
     available = memory_available()
     if available is not None and size > available:
         raise AllocError(
@@ -149,10 +154,10 @@ def _error(exc: OSError, size: int, what: str, hugetlb: int | None = None) -> Ex
         errno.ENOSPC,
         errno.EAGAIN,
     ):
-        error = alloc_error(exc, size, hugetlb, action="back" if step == "fallocate" else "map")
-        if isinstance(error, AllocError):
-            error.args = (f"cannot {what}: {error.args[0]}",)
-        return error
+        message = f"cannot {what}: {step}: {os.strerror(exc.errno or errno.ENOMEM)}"
+        if hugetlb is not None:
+            message += hugetlb_hint(hugetlb)
+        return AllocError(message, errno=exc.errno or errno.ENOMEM, size=size)
     return OSError(exc.errno, f"cannot {what}: {step} failed: {exc.strerror}")
 
 
