@@ -179,9 +179,11 @@ def read_maps() -> list[Vma]:
     for line in b"".join(chunks).splitlines():
         span, flags = line.split(maxsplit=2)[:2]
         lo, hi = span.split(b"-")
-        perms = Perm.of(read=flags[0:1] == b"r", write=flags[1:2] == b"w", exec=flags[2:3] == b"x")
-        vmas.append(Vma(int(lo, 16), int(hi, 16), perms))
+        vmas.append(Vma(int(lo, 16), int(hi, 16), _PERMS[flags[:3]]))
     return vmas
+
+
+_PERMS = {str(perms).encode(): perms for perms in map(Perm, range(8))}
 
 
 def page_perms(vmas: list[Vma], start: int, length: int, page: int) -> list[Perm | None]:

@@ -931,3 +931,55 @@ def test_alloc_takes_align_none_by_position_or_by_name(alloc: MapAlloc) -> None:
         alloc.dealloc(region)
     with pytest.raises(TypeError, match="alig"):
         alloc.alloc(10, alig=None)  # type: ignore[call-arg]
+
+
+# ---------------------------------------------------------------- promises of the C kernel
+
+
+def test_realloc_that_moves_keeps_a_large_alignment(alloc: MapAlloc) -> None:
+    align = 2 << 20
+    blockers = []
+    try:
+        for _ in range(5):
+            region = alloc.alloc(P, align)
+            blockers.append(alloc.alloc(P))  # probably right after it: growth must move
+            alloc.realloc(region, 64 * P)
+            assert region.address % align == 0
+            assert region._align == align
+            region.close()
+    finally:
+        for blocker in blockers:
+            blocker.close()
+
+
+def test_grown_pages_of_a_committing_allocator_are_prefaulted() -> None:
+    alloc = MapAlloc(commit=True)
+    with alloc.alloc(P) as region:
+        alloc.realloc(region, 64 * P)
+        assert region.stats().resident_bytes == 64 * P
+
+
+def test_realloc_of_a_reservation_leaves_its_closed_pages_uncommitted() -> None:
+    alloc = MapAlloc()
+    size = 255 * P  # below the THP size: the kernel packs such mappings together
+    spares: list[Region] = []
+    for _ in range(64):  # a reservation with a mapping right after it: growth must move
+        blocker = alloc.alloc(P)
+        space = alloc.reserve(size)
+        if space.address + size == blocker.address:
+            break
+        spares += (space, blocker)
+    else:
+        pytest.skip("the kernel never placed a mapping right after a reservation")
+    for spare in spares:
+        spare.close()
+    with blocker, space:
+        space.protect(R | W, 0, P)
+        space[0] = 1
+        address, before = space.address, rss()
+        alloc.realloc(space, 512 << 20)  # several kernel mappings: a move by copy
+        assert space.address != address
+        assert rss() - before < 8 << 20
+        assert space[0] == 1
+        assert space.stats().resident_bytes <= 2 * P
+        assert space.protections() == [(0, P, R | W), (P, (512 << 20) - P, Perm.NONE)]

@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -105,9 +105,9 @@ def test_a_probe_runs_once_per_process() -> None:
 
 
 def test_clear_cache_makes_the_next_call_probe_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(features, "_mman", fake_syscall(errno.ENOSYS))
+    monkeypatch.setattr(features, "kernel_memfd_secret", fake_syscall(errno.ENOSYS))
     first = features.memfd_secret()
-    monkeypatch.setattr(features, "_mman", fake_syscall(errno.EMFILE))
+    monkeypatch.setattr(features, "kernel_memfd_secret", fake_syscall(errno.EMFILE))
     assert features.memfd_secret() is first
     features.clear_cache()
     assert "EMFILE" in features.memfd_secret().detail
@@ -216,24 +216,19 @@ def test_memfd_exec_in_a_pid_namespace_with_memfd_noexec(
 # ---------------------------------------------------------------- simulated kernels
 
 
-class FakeKernel:
-    """Stands in for the C layer: memfd_secret fails with errno ``code``."""
+def fake_syscall(code: int) -> Callable[[int], int]:
+    """Stands in for the C layer's memfd_secret: fails with errno ``code``."""
 
-    def __init__(self, code: int) -> None:
-        self.code = code
+    def memfd_secret(flags: int) -> int:
+        raise OSError(code, os.strerror(code))
 
-    def memfd_secret(self, flags: int) -> int:
-        raise OSError(self.code, os.strerror(self.code))
-
-
-def fake_syscall(code: int) -> FakeKernel:
-    return FakeKernel(code)
+    return memfd_secret
 
 
 def test_memfd_secret_without_the_system_call_is_missing_and_says_why(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(features, "_mman", fake_syscall(errno.ENOSYS))
+    monkeypatch.setattr(features, "kernel_memfd_secret", fake_syscall(errno.ENOSYS))
     assert features.memfd_secret() == Feature(
         "memfd_secret",
         False,
@@ -242,18 +237,17 @@ def test_memfd_secret_without_the_system_call_is_missing_and_says_why(
 
 
 def test_memfd_secret_refused_otherwise_names_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(features, "_mman", fake_syscall(errno.EMFILE))
+    monkeypatch.setattr(features, "kernel_memfd_secret", fake_syscall(errno.EMFILE))
     feature = features.memfd_secret()
     assert not feature.available
     assert feature.detail.startswith("memfd_secret(0) failed: EMFILE")
 
 
 def test_a_probe_that_breaks_reports_instead_of_raising(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Broken:
-        def memfd_secret(self, flags: int) -> int:
-            raise RuntimeError("no kernel layer")
+    def broken(flags: int) -> int:
+        raise RuntimeError("no kernel layer")
 
-    monkeypatch.setattr(features, "_mman", Broken())
+    monkeypatch.setattr(features, "kernel_memfd_secret", broken)
     feature = features.memfd_secret()
     assert not feature.available
     assert feature.detail.startswith("probe failed:")

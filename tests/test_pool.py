@@ -944,3 +944,10 @@ def test_pool_against_a_model() -> None:
     with os.fdopen(read_end, "rb") as report:
         failure = report.read().decode(errors="replace")
     assert _wait(pid, timeout=300) == 0, failure
+
+
+def test_alloc_many_takes_any_integer_with_index(pool: ObjectPool) -> None:
+    numpy = pytest.importorskip("numpy")
+    addresses = pool.alloc_many(numpy.int64(3))
+    assert len(addresses) == 3
+    pool.free_many(addresses)

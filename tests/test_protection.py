@@ -748,3 +748,42 @@ def test_dealloc_of_reservation_unmaps_it(alloc: MapAlloc) -> None:
     reservation.protect(RW, 4096 * 10, 4096)
     alloc.dealloc(reservation)
     assert mapping_count() == before
+
+
+# ---------------------------------------------------------------- deviations fixed
+
+
+def test_protect_with_a_value_past_the_flags_is_a_value_error(region: Region) -> None:
+    with pytest.raises(ValueError, match=r"perms must combine Perm\.READ, WRITE and EXEC"):
+        region.protect(Perm(8))
+    assert region.protections() == [(0, region.capacity, R | W)]
+
+
+def test_writable_refuses_to_start_while_a_writable_buffer_covers_the_pages(
+    region: Region,
+) -> None:
+    with memoryview(region):
+        with pytest.raises(BufferError), region.writable():
+            pytest.fail("the block ran")  # pragma: no cover
+        assert region.protections() == [(0, region.capacity, R | W)]
+
+
+def test_writable_keeps_the_blocks_exception_when_leaving_fails(region: Region) -> None:
+    region.make_exec()
+    with pytest.raises(KeyError) as info, region.writable():
+        view = memoryview(region)  # a writable buffer still alive when the block ends
+        raise KeyError("from the block")
+    assert any("stay read/write" in note for note in info.value.__notes__)
+    view.release()
+    region.make_exec()
+
+
+def test_a_function_blocks_writable_with_a_clear_error() -> None:
+    import ctypes
+
+    alloc = MapAlloc(exec=True)
+    with alloc.alloc(4096) as code:
+        function = code.function(ctypes.CFUNCTYPE(None))
+        with pytest.raises(BufferError, match="function"), code.writable():
+            pass  # pragma: no cover
+        del function

@@ -461,3 +461,14 @@ def test_a_numpy_view_of_a_numpy_array_keeps_the_pin() -> None:
         alloc.dealloc(r)
     del view
     alloc.dealloc(r)
+
+
+def test_with_block_keeps_its_exception_when_the_region_cannot_close() -> None:
+    region = MapAlloc().alloc(P)
+    with pytest.raises(KeyError) as info, region:
+        view = memoryview(region)
+        raise KeyError("from the body")
+    assert any("not closed" in note for note in info.value.__notes__)
+    assert not region.closed
+    view.release()
+    region.close()

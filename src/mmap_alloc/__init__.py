@@ -4,6 +4,7 @@ Memory with chosen read/write/exec permissions, explicit commit and uncommit,
 in-place resizing and huge pages, after the Rust crate mmap-alloc.
 """
 
+from ._version import __version__
 from .allocator import Layout, MapAlloc
 from .backings import Backing
 from .builder import MapAllocBuilder
@@ -29,6 +30,5 @@ __all__ = [
     "Region",
     "RegionStats",
     "SharedRegion",
+    "__version__",
 ]
-
-__version__ = "0.1.0"

@@ -14,43 +14,71 @@ import resource
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _mman
+# the kernel's flags, named once for the whole library (see __all__)
+from ._mman import (
+    F_SEAL_FUTURE_WRITE,
+    F_SEAL_GROW,
+    F_SEAL_SEAL,
+    F_SEAL_SHRINK,
+    F_SEAL_WRITE,
+    MADV_COLD,
+    MADV_COLLAPSE,
+    MADV_DODUMP,
+    MADV_DOFORK,
+    MADV_DONTDUMP,
+    MADV_DONTFORK,
+    MADV_DONTNEED,
+    MADV_FREE,
+    MADV_GUARD_INSTALL,
+    MADV_GUARD_REMOVE,
+    MADV_HUGEPAGE,
+    MADV_KEEPONFORK,
+    MADV_NOHUGEPAGE,
+    MADV_NORMAL,
+    MADV_PAGEOUT,
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
+    MADV_RANDOM,
+    MADV_SEQUENTIAL,
+    MADV_WILLNEED,
+    MADV_WIPEONFORK,
+    MAP_HUGE_SHIFT,
+    MAP_HUGETLB,
+    MAP_NORESERVE,
+    PROT_EXEC,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+    mincore,
+    page_size,
+)
 from .exceptions import AllocError
 from .perm import Perm
 
-PAGE_SIZE: int = _mman.page_size()
+PAGE_SIZE: int = page_size()
 """The kernel's base page size."""
 
-PROT_NONE = _mman.PROT_NONE
-PROT_READ = _mman.PROT_READ
-PROT_WRITE = _mman.PROT_WRITE
-PROT_EXEC = _mman.PROT_EXEC
-MAP_NORESERVE = _mman.MAP_NORESERVE
-MAP_HUGETLB = _mman.MAP_HUGETLB
-MAP_HUGE_SHIFT = _mman.MAP_HUGE_SHIFT
-MADV_DONTNEED = _mman.MADV_DONTNEED
-MADV_HUGEPAGE = _mman.MADV_HUGEPAGE
 
 ADVICE: dict[str, int] = {
-    "normal": _mman.MADV_NORMAL,
-    "random": _mman.MADV_RANDOM,
-    "sequential": _mman.MADV_SEQUENTIAL,
-    "willneed": _mman.MADV_WILLNEED,
-    "dontneed": _mman.MADV_DONTNEED,
-    "free": _mman.MADV_FREE,
-    "cold": _mman.MADV_COLD,
-    "pageout": _mman.MADV_PAGEOUT,
-    "hugepage": _mman.MADV_HUGEPAGE,
-    "nohugepage": _mman.MADV_NOHUGEPAGE,
-    "collapse": _mman.MADV_COLLAPSE,
-    "dontfork": _mman.MADV_DONTFORK,
-    "dofork": _mman.MADV_DOFORK,
-    "dontdump": _mman.MADV_DONTDUMP,
-    "dodump": _mman.MADV_DODUMP,
-    "wipeonfork": _mman.MADV_WIPEONFORK,
-    "keeponfork": _mman.MADV_KEEPONFORK,
-    "populate_read": _mman.MADV_POPULATE_READ,
-    "populate_write": _mman.MADV_POPULATE_WRITE,
+    "normal": MADV_NORMAL,
+    "random": MADV_RANDOM,
+    "sequential": MADV_SEQUENTIAL,
+    "willneed": MADV_WILLNEED,
+    "dontneed": MADV_DONTNEED,
+    "free": MADV_FREE,
+    "cold": MADV_COLD,
+    "pageout": MADV_PAGEOUT,
+    "hugepage": MADV_HUGEPAGE,
+    "nohugepage": MADV_NOHUGEPAGE,
+    "collapse": MADV_COLLAPSE,
+    "dontfork": MADV_DONTFORK,
+    "dofork": MADV_DOFORK,
+    "dontdump": MADV_DONTDUMP,
+    "dodump": MADV_DODUMP,
+    "wipeonfork": MADV_WIPEONFORK,
+    "keeponfork": MADV_KEEPONFORK,
+    "populate_read": MADV_POPULATE_READ,
+    "populate_write": MADV_POPULATE_WRITE,
 }
 """madvise(2) advice by the name region.advise() takes."""
 
@@ -66,11 +94,6 @@ ADVICE_SINCE: dict[str, str] = {
 }
 """The kernel that introduced each newer advice, for error messages."""
 
-MADV_POPULATE_READ = _mman.MADV_POPULATE_READ
-MADV_POPULATE_WRITE = _mman.MADV_POPULATE_WRITE
-MADV_COLLAPSE = _mman.MADV_COLLAPSE
-MADV_GUARD_INSTALL = _mman.MADV_GUARD_INSTALL
-MADV_GUARD_REMOVE = _mman.MADV_GUARD_REMOVE
 
 MFD_CLOEXEC = 0x1
 MFD_ALLOW_SEALING = 0x2
@@ -80,11 +103,11 @@ MFD_EXEC = 0x10
 """memfd_create(2) flags (os.memfd_create predates the last two)."""
 
 F_SEAL_NAMES: dict[str, int] = {
-    "seal": _mman.F_SEAL_SEAL,
-    "shrink": _mman.F_SEAL_SHRINK,
-    "grow": _mman.F_SEAL_GROW,
-    "write": _mman.F_SEAL_WRITE,
-    "future_write": _mman.F_SEAL_FUTURE_WRITE,
+    "seal": F_SEAL_SEAL,
+    "shrink": F_SEAL_SHRINK,
+    "grow": F_SEAL_GROW,
+    "write": F_SEAL_WRITE,
+    "future_write": F_SEAL_FUTURE_WRITE,
     "exec": 0x20,
 }
 """memfd seals (fcntl F_ADD_SEALS) by the names SharedRegion.seals uses
@@ -225,11 +248,6 @@ def fd_target(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return ""
-
-
-def open_fds() -> list[int]:
-    """The file descriptors open in this process now."""
-    return sorted(int(name) for name in os.listdir("/proc/self/fd"))
 
 
 def meminfo() -> dict[str, int]:
@@ -457,7 +475,7 @@ _RESIDENT = bytes(b & 1 for b in range(256))  # mincore: bit 0 of each byte
 
 def resident_bytes(address: int, length: int) -> int:
     """Bytes of [address, address + length) in memory now (mincore), in base pages."""
-    vector = _mman.mincore(address, length)
+    vector = mincore(address, length)
     return (len(vector) - vector.translate(_RESIDENT).count(0)) * PAGE_SIZE
 
 
@@ -478,3 +496,85 @@ def memlock_error(exc: OSError, length: int) -> Exception:
         errno=exc.errno or errno.ENOMEM,
         size=length,
     )
+
+
+__all__ = [
+    "ADVICE",
+    "ADVICE_SINCE",
+    "F_SEAL_FUTURE_WRITE",
+    "F_SEAL_GROW",
+    "F_SEAL_NAMES",
+    "F_SEAL_SEAL",
+    "F_SEAL_SHRINK",
+    "F_SEAL_WRITE",
+    "MADV_COLD",
+    "MADV_COLLAPSE",
+    "MADV_DODUMP",
+    "MADV_DOFORK",
+    "MADV_DONTDUMP",
+    "MADV_DONTFORK",
+    "MADV_DONTNEED",
+    "MADV_FREE",
+    "MADV_GUARD_INSTALL",
+    "MADV_GUARD_REMOVE",
+    "MADV_HUGEPAGE",
+    "MADV_KEEPONFORK",
+    "MADV_NOHUGEPAGE",
+    "MADV_NORMAL",
+    "MADV_PAGEOUT",
+    "MADV_POPULATE_READ",
+    "MADV_POPULATE_WRITE",
+    "MADV_RANDOM",
+    "MADV_SEQUENTIAL",
+    "MADV_WILLNEED",
+    "MADV_WIPEONFORK",
+    "MAP_HUGETLB",
+    "MAP_HUGE_SHIFT",
+    "MAP_NORESERVE",
+    "MFD_ALLOW_SEALING",
+    "MFD_CLOEXEC",
+    "MFD_EXEC",
+    "MFD_HUGETLB",
+    "MFD_NOEXEC_SEAL",
+    "PAGEMAP_SCAN",
+    "PAGE_IS_HUGE",
+    "PAGE_IS_PRESENT",
+    "PAGE_SIZE",
+    "PROT_EXEC",
+    "PROT_NONE",
+    "PROT_READ",
+    "PROT_WRITE",
+    "RUN_DONTFORK",
+    "RUN_GUARD",
+    "HugePagePool",
+    "Mapping",
+    "SmapsEntry",
+    "alloc_error",
+    "default_hugepage_size",
+    "fd_target",
+    "format_size",
+    "hugepage_dir",
+    "hugepage_pool",
+    "hugepage_pools",
+    "hugetlb_hint",
+    "mapping_count",
+    "mappings",
+    "max_map_count",
+    "memfd_noexec",
+    "meminfo",
+    "memlock_error",
+    "memlock_limit",
+    "memory_available",
+    "memory_ceiling",
+    "overcommit_mode",
+    "pagemap_huge_bytes",
+    "pagemap_ranges",
+    "read_int",
+    "read_text",
+    "resident_bytes",
+    "shmem_thp_mode",
+    "smaps",
+    "sysfs_choice",
+    "thp_mode",
+    "thp_size",
+]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
-from . import _args, _mman, backings
+from ._args import MAX_SIZE, power_of_two
+from ._args import size as size_argument
 from ._linux import MADV_DONTNEED, MAP_NORESERVE, PAGE_SIZE, PROT_NONE, alloc_error
-from .backings import Backing, HugePages, PageSource
+from ._mman import Allocator
+from ._mman import Region as KernelRegion
+from .backings import Backing, HugePages, PageSource, select
 from .exceptions import CLOSED
 from .perm import Perm, effective_perms
 from .region import Region
@@ -20,13 +23,13 @@ class Layout(NamedTuple):
     align: int
 
 
-def _alloc_slow(alloc: MapAlloc, size: object, align: object = None) -> _mman.Region:
+def _alloc_slow(alloc: MapAlloc, size: object, align: object = None) -> KernelRegion:
     """alloc() for what the C fast path does not take: argument checks,
     alignment, and the error a refusal becomes."""
     page = alloc._page
-    n = _args.size(size, page)
+    n = size_argument(size, page)
     capacity = (n + page - 1) & -page
-    alignment = page if align is None else max(page, _args.power_of_two(align, "align"))
+    alignment = page if align is None else max(page, power_of_two(align, "align"))
     if capacity + alignment - page > alloc._max_size:
         raise alloc._pages.alloc_error(OSError(12, "too large"), n)
     try:
@@ -38,7 +41,7 @@ def _alloc_slow(alloc: MapAlloc, size: object, align: object = None) -> _mman.Re
 _alloc_slow.__qualname__ = "MapAlloc.alloc"  # what argument errors name
 
 
-class MapAlloc(_mman.Allocator):
+class MapAlloc(Allocator):
     """An allocator whose every allocation is its own memory mapping.
 
     Sizes round up to whole pages; fresh memory reads as zero; permissions,
@@ -69,11 +72,11 @@ class MapAlloc(_mman.Allocator):
         for name, flag in (("read", read), ("write", write), ("exec", exec), ("commit", commit)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, not {type(flag).__name__}")
-        pages = backings.select(huge, huge_pagesize)
+        pages = select(huge, huge_pagesize)
         page = pages.page
-        align = page if obj_align is None else _args.power_of_two(obj_align, "obj_align")
+        align = page if obj_align is None else power_of_two(obj_align, "obj_align")
         try:
-            size = page if obj_size is None else _args.size(obj_size, page, "obj_size")
+            size = page if obj_size is None else size_argument(obj_size, page, "obj_size")
         except MemoryError as exc:  # a configuration error, found at build() as all are
             raise ValueError(str(exc)) from None
         if size % page:
@@ -88,7 +91,7 @@ class MapAlloc(_mman.Allocator):
         attempts = tuple(attempt.spec() for attempt in pages.attempts)
         self._configure(
             page,
-            _args.MAX_SIZE + 1 - page,
+            MAX_SIZE + 1 - page,
             int(self._perms),
             commit,
             attempts,
@@ -161,15 +164,15 @@ class MapAlloc(_mman.Allocator):
 
     def alloc_excess(self, size: int, align: int | None = None) -> Region:
         """As alloc(), with the region's size the whole capacity."""
-        n = _args.size(size, self._page)
+        n = size_argument(size, self._page)
         return self.alloc((n + self._mask) & ~self._mask, align)
 
     def usable_size(self, size: int, align: int | None = None) -> tuple[int, int]:
         """The range of sizes whose allocation gets the same pages as ``size``:
         (rounded - page + 1, rounded)."""
-        n = _args.size(size, self._page)
+        n = size_argument(size, self._page)
         if align is not None:
-            _args.power_of_two(align, "align")
+            power_of_two(align, "align")
         rounded = (n + self._mask) & ~self._mask
         return rounded - self._page + 1, rounded
 
@@ -183,11 +186,9 @@ class MapAlloc(_mman.Allocator):
                 "reserve() needs an allocator of normal pages: huge pages cannot be "
                 "reserved without taking them from the huge page pool"
             )
-        n = _args.size(size, PAGE_SIZE)
+        n = size_argument(size, PAGE_SIZE)
         capacity = -(-n // PAGE_SIZE) * PAGE_SIZE
-        alignment = (
-            PAGE_SIZE if align is None else max(PAGE_SIZE, _args.power_of_two(align, "align"))
-        )
+        alignment = PAGE_SIZE if align is None else max(PAGE_SIZE, power_of_two(align, "align"))
         if capacity + alignment - PAGE_SIZE > self._max_size:
             raise alloc_error(OSError(12, "too large"), n)
         try:
@@ -217,7 +218,7 @@ class MapAlloc(_mman.Allocator):
         pins it, none that would move it or re-zero its bytes.
         """
         self._owned(region)
-        size = _args.size(new_size, self._page, "new_size")
+        size = size_argument(new_size, self._page, "new_size")
         try:
             region._resize(size, 0)
         except OSError as exc:
@@ -234,12 +235,12 @@ class MapAlloc(_mman.Allocator):
         """Grow the region without moving it; CannotReallocInPlace when the
         pages after it are taken. Allowed while buffers are exported."""
         self._owned(region)
-        region._resize(_args.size(new_size, self._page, "new_size"), 1)
+        region._resize(size_argument(new_size, self._page, "new_size"), 1)
 
     def shrink_in_place(self, region: Region, new_size: int) -> None:
         """Shrink the region without moving it, unmapping the pages it no longer needs."""
         self._owned(region)
-        region._resize(_args.size(new_size, self._page, "new_size"), 2)
+        region._resize(size_argument(new_size, self._page, "new_size"), 2)
 
     # ------------------------------------------------------------ commit
 
@@ -289,7 +290,7 @@ class MapAlloc(_mman.Allocator):
     # ------------------------------------------------------------ helpers
 
     def _owned(self, region: object, *, closed_ok: bool = False) -> None:
-        if not isinstance(region, _mman.Region):
+        if not isinstance(region, KernelRegion):
             raise TypeError(f"expected a Region, not {type(region).__name__}")
         if region._owner is not self:
             raise ValueError("region was allocated by another allocator")

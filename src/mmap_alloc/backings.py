@@ -28,7 +28,7 @@ import errno
 from dataclasses import dataclass
 from enum import StrEnum
 
-from . import _args
+from ._args import integer
 from ._linux import (
     MADV_HUGEPAGE,
     MAP_HUGE_SHIFT,
@@ -141,7 +141,7 @@ def select(huge: object, huge_pagesize: object) -> PageSource:
             raise ValueError(f"huge must be None or one of {choices}, got {huge!r}") from None
     else:
         raise TypeError(f"huge must be a str or None, not {type(huge).__name__}")
-    size = None if huge_pagesize is None else _args.integer(huge_pagesize, "huge_pagesize")
+    size = None if huge_pagesize is None else integer(huge_pagesize, "huge_pagesize")
 
     if mode is HugePages.THP:
         page = _thp_page(size)

@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__, features
 from ._linux import (
     PAGE_SIZE,
     format_size,
@@ -27,7 +26,9 @@ from ._linux import (
     overcommit_mode,
     thp_mode,
 )
+from ._version import __version__
 from .allocator import MapAlloc
+from .features import Feature, all_features
 from .perm import ALL_PERMS, Perm
 
 OVERCOMMIT_MODES = {0: "heuristic", 1: "always", 2: "never"}
@@ -77,8 +78,7 @@ def machine_info() -> dict[str, Any]:
         "memlock_limit": {"soft": _limit(soft), "hard": _limit(hard)},
         "permissions": [probe_perms(perms) for perms in ALL_PERMS],
         "features": [
-            {"name": f.name, "available": f.available, "detail": f.detail}
-            for f in features.all_features()
+            {"name": f.name, "available": f.available, "detail": f.detail} for f in all_features()
         ],
     }
 
@@ -129,7 +129,7 @@ def format_info(info: dict[str, Any]) -> str:
     lines += ["", "kernel features (probed: mmap_alloc.features)"]
     width = max((len(entry["name"]) for entry in info["features"]), default=0)
     for entry in info["features"]:
-        feature = features.Feature(entry["name"], entry["available"], entry["detail"])
+        feature = Feature(entry["name"], entry["available"], entry["detail"])
         lines.append(f"  {feature.name:<{width}}  {feature}")
     return "\n".join(lines)
 

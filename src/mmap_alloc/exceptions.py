@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno as _errno
 
-from . import _mman
+from ._mman import _register_errors
 
 
 class MapAllocError(Exception):
@@ -30,4 +30,4 @@ class CannotReallocInPlace(MapAllocError):
 CLOSED = "region is closed"
 """The message of the ValueError for any use of a closed region."""
 
-_mman._register_errors(AllocError, CannotReallocInPlace)
+_register_errors(AllocError, CannotReallocInPlace)

@@ -25,7 +25,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import _mman
 from ._linux import (
     MADV_COLLAPSE,
     MADV_GUARD_INSTALL,
@@ -44,6 +43,7 @@ from ._linux import (
     thp_mode,
     thp_size,
 )
+from ._mman import memfd_secret as kernel_memfd_secret
 
 __all__ = [
     "Feature",
@@ -116,7 +116,7 @@ def memfd_secret() -> Feature:
     """memfd_secret(2): memory removed from the kernel's direct map (Linux 5.14)."""
     name = "memfd_secret"
     try:
-        os.close(_mman.memfd_secret(0))
+        os.close(kernel_memfd_secret(0))
     except OSError as exc:
         if exc.errno == errno.ENOSYS:
             reason = "kernel lacks memfd_secret (needs Linux 5.14 and secretmem.enable)"

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from types import TracebackType
 
-from . import _args, _mman
+from ._args import power_of_two
+from ._args import size as size_argument
 from ._linux import resident_bytes
+from ._mman import Pool
 from .allocator import MapAlloc
+from .closing import ClosesOnExit
 
 DEFAULT_ALIGN = 16
 """Object alignment when none is given: what malloc guarantees on 64-bit."""
@@ -59,7 +61,7 @@ class PoolStats:
     """Bytes of the pool's own bookkeeping in C memory (free bitmaps, slab table)."""
 
 
-class ObjectPool(_mman.Pool):
+class ObjectPool(Pool, ClosesOnExit):
     """A pool of fixed-size objects with stable addresses, carved from slabs.
 
     ``ObjectPool(obj_size, align=16, alloc=MapAlloc(), slab_size=None)``: each
@@ -84,6 +86,8 @@ class ObjectPool(_mman.Pool):
 
     __slots__ = ("_align", "_allocator", "_obj_size", "_slab_size", "_stride")
 
+    noun = "pool"
+
     def __init__(
         self,
         obj_size: int,
@@ -97,8 +101,8 @@ class ObjectPool(_mman.Pool):
         elif not isinstance(alloc, MapAlloc):
             raise TypeError(f"alloc must be a MapAlloc, not {type(alloc).__name__}")
         page = alloc.page_size
-        size = _args.size(obj_size, page, "obj_size")
-        alignment = DEFAULT_ALIGN if align is None else _args.power_of_two(align, "align")
+        size = size_argument(obj_size, page, "obj_size")
+        alignment = DEFAULT_ALIGN if align is None else power_of_two(align, "align")
         if alignment > page:
             raise ValueError(f"align={alignment} exceeds the page size {page}")
         stride = -(-size // alignment) * alignment
@@ -106,7 +110,7 @@ class ObjectPool(_mman.Pool):
             per_slab = min(max(MAX_DEFAULT_SLAB_SIZE // stride, 1), OBJECTS_PER_SLAB)
             slab = max(MIN_SLAB_SIZE, per_slab * stride)
         else:
-            slab = _args.size(slab_size, page, "slab_size")
+            slab = size_argument(slab_size, page, "slab_size")
             if slab < stride:
                 raise ValueError(
                     f"slab_size={slab} cannot hold one object of {size} bytes (stride {stride})"
@@ -176,25 +180,6 @@ class ObjectPool(_mman.Pool):
             resident=resident,
             metadata=metadata,
         )
-
-    def __enter__(self) -> ObjectPool:
-        if self.closed:
-            raise ValueError("pool is closed")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except BufferError as error:
-            exc.add_note(f"and the pool was not closed: {error}")
 
     def __repr__(self) -> str:
         if self.closed:

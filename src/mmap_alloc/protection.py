@@ -12,14 +12,13 @@ from __future__ import annotations
 import platform
 from _ctypes import CFuncPtr
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Generic, TypeVar
 
-from . import _args
-
-if TYPE_CHECKING:
-    from .region import Region
+from ._args import integer
+from ._mman import Region
 
 F = TypeVar("F", bound=CFuncPtr)
+R = TypeVar("R", bound=Region)
 
 CODE_ALIGN: int = {
     "x86_64": 1,
@@ -47,7 +46,7 @@ def function(region: Region, prototype: type[F], offset: object = 0) -> F:
             "prototype must be a ctypes function type such as "
             f"ctypes.CFUNCTYPE(ctypes.c_int), not {prototype!r}"
         )
-    at = _args.integer(offset, "offset")
+    at = integer(offset, "offset")
     if at % CODE_ALIGN:
         raise ValueError(
             f"offset must be a multiple of {CODE_ALIGN} (instruction alignment on "
@@ -83,7 +82,7 @@ def _function_type(prototype: type[F]) -> type[F]:
     return cls
 
 
-class Writable:
+class Writable(Generic[R]):
     """``with region.writable(offset, length):`` read/write inside, read/exec
     (instruction cache flushed) after, even when the block raises.
 
@@ -96,12 +95,12 @@ class Writable:
 
     __slots__ = ("_length", "_offset", "_region")
 
-    def __init__(self, region: Region, offset: int, length: int | None) -> None:
+    def __init__(self, region: R, offset: int, length: int | None) -> None:
         self._region = region
         self._offset = offset
         self._length = length
 
-    def __enter__(self) -> Region:
+    def __enter__(self) -> R:
         region = self._region
         region._check_protect(5, self._offset, self._length)  # could the block be left?
         region.make_writable(self._offset, self._length)
@@ -119,8 +118,3 @@ class Writable:
             if exc is None:
                 raise
             exc.add_note(f"and the pages stay read/write: {error}")
-
-
-def writable(region: Region, offset: int = 0, length: int | None = None) -> Writable:
-    """The context manager of Region.writable()."""
-    return Writable(region, offset, length)

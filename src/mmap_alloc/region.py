@@ -11,15 +11,17 @@ from __future__ import annotations
 import math
 from _ctypes import CFuncPtr
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _args, _mman, protection, stats
+from ._args import integer
 from ._linux import ADVICE, ADVICE_SINCE, memlock_error
+from ._mman import Region as KernelRegion
 from .backings import Backing
+from .closing import ClosesOnExit
 from .exceptions import CLOSED
 from .perm import Perm
+from .protection import Writable, function
+from .stats import RegionStats, region_stats
 
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike, NDArray
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 _F = TypeVar("_F", bound=CFuncPtr)
 
 
-class Region(_mman.Region):
+class Region(KernelRegion, ClosesOnExit):
     """One live allocation: whole pages from the kernel, owned by this object.
 
     Made by MapAlloc.alloc() and its siblings, never directly. ``len(region)``
@@ -44,6 +46,8 @@ class Region(_mman.Region):
     """
 
     __slots__ = ()
+
+    noun = "region"
 
     @property
     def perms(self) -> Perm:
@@ -72,16 +76,14 @@ class Region(_mman.Region):
                 runs.append((offset, length, Perm(prot)))
         return runs
 
-    def writable(
-        self, offset: int = 0, length: int | None = None
-    ) -> AbstractContextManager[Region]:
+    def writable(self, offset: int = 0, length: int | None = None) -> Writable[Region]:
         """``with region.writable(): ...`` read/write inside, read/exec (flushed) after."""
-        return protection.writable(self, offset, length)
+        return Writable(self, offset, length)
 
     def function(self, prototype: type[_F], offset: int = 0) -> _F:
         """A ctypes function for the code at ``offset``; it pins the region
         (no close, move, shrink, re-zeroing, or loss of EXEC) while it exists."""
-        return protection.function(self, prototype, offset)
+        return function(self, prototype, offset)
 
     def advise(self, advice: str, offset: int = 0, length: int | None = None) -> None:
         """madvise(2) whole pages by name: "normal", "random", "sequential",
@@ -120,9 +122,9 @@ class Region(_mman.Region):
         """Unlock pages locked by lock()."""
         self._munlock(offset, length)
 
-    def stats(self) -> stats.RegionStats:
+    def stats(self) -> RegionStats:
         """Residency, huge page and locked bytes, page size and protections, measured now."""
-        return stats.region_stats(self)
+        return region_stats(self)
 
     def ndarray(
         self, dtype: DTypeLike, shape: int | tuple[int, ...], offset: int = 0
@@ -139,7 +141,7 @@ class Region(_mman.Region):
 
         dt = array_dtype(dtype)
         dims = array_shape(shape)
-        start = _args.integer(offset, "offset")
+        start = integer(offset, "offset")
         if start < 0:
             raise ValueError(f"offset must not be negative, got {start}")
         if start % dt.alignment:
@@ -162,26 +164,6 @@ class Region(_mman.Region):
         return (
             f"<Region {perms} address=0x{self.address:x} size={self.size} capacity={self.capacity}>"
         )
-
-    def __enter__(self) -> Region:
-        if self.closed:
-            raise ValueError(CLOSED)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except BufferError as error:
-            # the body's exception is the one to see; the region stays open
-            exc.add_note(f"and the region was not closed: {error}")
 
     if TYPE_CHECKING:
 
@@ -233,7 +215,7 @@ def array_shape(shape: object) -> tuple[int, ...]:
             raise TypeError(
                 f"shape must be an int or a tuple of ints, not {type(shape).__name__}"
             ) from None
-    result = tuple(_args.integer(n, "shape") for n in dims)
+    result = tuple(integer(n, "shape") for n in dims)
     if any(n < 0 for n in result):
         raise ValueError(f"shape must not have negative dimensions, got {result}")
     return result

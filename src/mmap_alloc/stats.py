@@ -14,8 +14,8 @@ import gc
 from dataclasses import dataclass
 from typing import Any
 
-from . import _mman
 from ._linux import PAGE_SIZE, pagemap_huge_bytes, resident_bytes, smaps
+from ._mman import Region as KernelRegion
 from .exceptions import CLOSED
 from .perm import Perm
 
@@ -92,7 +92,7 @@ def region_stats(region: Any) -> RegionStats:
     )
 
 
-def live_regions(owner: object, region_type: type[_mman.Region]) -> list[_mman.Region]:
+def live_regions(owner: object, region_type: type[KernelRegion]) -> list[KernelRegion]:
     """The open regions of ``region_type`` that ``owner`` made, found through
     the garbage collector: every region refers to its allocator and is tracked
     by the collector, so no bookkeeping is needed at allocation time. Regions
@@ -104,7 +104,7 @@ def live_regions(owner: object, region_type: type[_mman.Region]) -> list[_mman.R
     ]
 
 
-def alloc_stats(owner: object, region_type: type[_mman.Region]) -> AllocStats:
+def alloc_stats(owner: object, region_type: type[KernelRegion]) -> AllocStats:
     """Live regions, bytes mapped and bytes resident of an allocator."""
     regions = mapped = resident = 0
     for region in live_regions(owner, region_type):

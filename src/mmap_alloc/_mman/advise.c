@@ -79,6 +79,7 @@ region_populate(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyO
     }
     err = advise_pieces(self, pieces, count, total);
     PyMem_Free(pieces);
+    self->flags |= REGION_COMMITTED;
     if (err) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);

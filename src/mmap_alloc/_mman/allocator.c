@@ -31,12 +31,16 @@ allocator_map(AllocatorObject *self, Py_ssize_t size, Py_ssize_t capacity, Py_ss
     PyObject *region = NULL;
 
     for (int k = 0; k < self->nattempts; k++) {
-        MapSpec spec = self->attempts[k];
-        if (align > spec.align)
-            spec.align = align;
+        const MapSpec *spec = &self->attempts[k];
+        MapSpec aligned;
+        if (align > spec->align) {
+            aligned = *spec;
+            aligned.align = align;
+            spec = &aligned;
+        }
         if (k > 0)
             PyErr_Clear();
-        region = region_map(self->region_type, size, capacity, &spec, (PyObject *)self);
+        region = region_map(self->region_type, size, capacity, spec, (PyObject *)self);
         if (region != NULL)
             return region;
     }
@@ -124,7 +128,22 @@ static PyObject *
 allocator_dealloc(AllocatorObject *self, PyObject *region)
 {
     PyObject *region_release(RegionObject *, PyObject *);
+    RegionObject *r = (RegionObject *)region;
 
+    /* the common case in one go: a region of ours, open, idle, plain */
+    if (Py_TYPE(region) == self->region_type && r->owner == (PyObject *)self
+        && r->data != NULL && r->nexports == 0 && r->pins == 0 && region_busy(r) == 0
+        && (r->flags & ~REGION_COMMITTED) == 0 && !region_unmap_is_slow(r)) {
+        char *p = r->data;
+        r->data = NULL;
+        if (munmap(p, (size_t)r->capacity) == 0) {
+            mapped_bytes -= r->capacity;
+            if (ngraves)
+                flush_graveyard();
+            Py_RETURN_NONE;
+        }
+        r->data = p;   /* refused (vm.max_map_count): the general path says why */
+    }
     if (!is_region(region)) {
         PyObject *name = PyType_GetName(Py_TYPE(region));
         if (name != NULL) {

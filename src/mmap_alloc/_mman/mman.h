@@ -2,9 +2,10 @@
  * _mman: the safety kernel of mmap_alloc.
  *
  * What C owns (everything whose state keeps memory safe), one concern a file:
- *   module.c      module init, constants, errors, argument helpers, aligned
- *                 mapping, the fork generation, the unmap graveyard, and the
+ *   module.c      the module: init, types, constants, the fork hook, and the
  *                 plain calls that cannot hurt (mincore, memfd_secret, probes);
+ *   common.c      what every file uses: errors, argument helpers, aligned
+ *                 mapping, the byte count, the fork generation, the graveyard;
  *   pages.c       the protection record of a mapping: runs of pages with their
  *                 PROT_* bits and flags (guard, dontfork); pure data, no Python;
  *   region.c      Region: one mapping, its record, exports, pins and busy
@@ -51,104 +52,47 @@
 /* Linux ABI values the C library's headers may predate. */
 #ifndef MAP_FIXED_NOREPLACE
 #define MAP_FIXED_NOREPLACE 0x100000
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MAP_HUGE_SHIFT
 #define MAP_HUGE_SHIFT 26
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MADV_FREE
 #define MADV_FREE 8
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MADV_WIPEONFORK
 #define MADV_WIPEONFORK 18
 #define MADV_KEEPONFORK 19
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MADV_COLD
 #define MADV_COLD 20
 #define MADV_PAGEOUT 21
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22
 #define MADV_POPULATE_WRITE 23
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE 25
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MADV_GUARD_INSTALL
 #define MADV_GUARD_INSTALL 102
 #define MADV_GUARD_REMOVE 103
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MLOCK_ONFAULT
 #define MLOCK_ONFAULT 1
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 #ifndef MREMAP_FIXED
 #define MREMAP_FIXED 2
-/* Each capability adds its functions and types to the module here (module.c
- * calls them once, at import). */
-int secret_init(PyObject *module);
-int shared_init(PyObject *module);
-int codeheap_init(PyObject *module);
-
 #endif
 
 #define PROT_RW (PROT_READ | PROT_WRITE)
 #define PROT_ALL (PROT_READ | PROT_WRITE | PROT_EXEC)
 
-/* System calls on this many bytes or more release the GIL: below it,
- * releasing and taking the GIL back costs about as much as the call. */
+/* System calls that fault in or free this many bytes or more release the GIL:
+ * below it, releasing and taking the GIL back costs about as much as the
+ * call. Unmapping pages nobody touched is fast whatever their number, so
+ * munmap keeps the GIL unless the library committed the pages itself (as
+ * numpy keeps it when it frees a large array). */
 #define SLOW_CALL_BYTES (1 << 20)
 
 /* ------------------------------------------------------------------ */
@@ -209,6 +153,8 @@ typedef struct Export {
 #define REGION_SHARED 1      /* MAP_SHARED of fd; realloc does not apply */
 #define REGION_OWNS_FD 2     /* close fd when the region closes */
 #define REGION_PRIVATE 4     /* held by a library object, never handed to users */
+#define REGION_DONTFORK 8    /* has MADV_DONTFORK pages: on the list the fork hook remaps */
+#define REGION_COMMITTED 16  /* the library faulted pages in: unmapping them takes long */
 
 typedef struct {
     PyObject_HEAD
@@ -223,7 +169,7 @@ typedef struct {
     int fd;                 /* the file mapped (REGION_SHARED), else -1 */
     unsigned int flags;     /* REGION_* */
     PageRecord rec;         /* protection of each page: the authority */
-    Export exports;         /* sentinel of the list of live buffers */
+    Export *exports;        /* the live buffers, a doubly linked list */
     Py_ssize_t nexports;
     Py_ssize_t pins;        /* live Pin tokens (functions from function()) */
     Py_ssize_t busy;        /* calls running without the GIL, in fork generation busy_gen */
@@ -266,7 +212,15 @@ int region_init_types(PyObject *module);
 
 int is_region(PyObject *o);
 int region_check_open(RegionObject *self);
-Py_ssize_t region_busy(RegionObject *self);
+
+/* Calls running without the GIL on the region, counted in this process only
+ * (a forked child does not inherit the threads that made them). */
+static inline Py_ssize_t
+region_busy(RegionObject *self)
+{
+    return self->busy_gen == fork_generation ? self->busy : 0;
+}
+
 void region_busy_enter(RegionObject *self);
 void region_busy_leave(RegionObject *self);
 /* BufferError unless nothing pins, exports or uses the region: for unmap, move, shrink. */
@@ -279,9 +233,22 @@ PyObject *region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t
  * (errno set) when the kernel refuses; nothing left mapped on any failure. */
 PyObject *region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity,
                      const MapSpec *spec, PyObject *owner);
+/* Whether unmapping the region is slow enough to release the GIL for. */
+static inline int
+region_unmap_is_slow(RegionObject *self)
+{
+    return self->capacity >= SLOW_CALL_BYTES && (self->flags & REGION_COMMITTED);
+}
+
 /* Unmap a closed-off mapping; a refusal (vm.max_map_count) sends it to the graveyard. */
-void unmap_or_bury(char *p, Py_ssize_t length);
+void unmap_or_bury(char *p, Py_ssize_t length, int release_gil);
+
+/* Retry the unmaps the kernel refused (ngraves of them wait). */
+extern Py_ssize_t ngraves;
+void flush_graveyard(void);
 int region_close_mapping(RegionObject *self);
+/* In a forked child: map zero pages where MADV_DONTFORK left holes. */
+void region_after_fork_in_child(void);
 /* Record that the region has MADV_DONTFORK pages (remapped in a forked child). */
 int region_track_dontfork(RegionObject *self);
 /* Export bookkeeping, used by the buffer protocol and views. */
@@ -292,7 +259,7 @@ void region_unexport(RegionObject *self, Export *e);
 int region_exports_conflict(RegionObject *self, Py_ssize_t start, Py_ssize_t end, int prot);
 
 /* ------------------------------------------------------------------ */
-/* mapping helpers (module.c)                                          */
+/* mapping helpers (common.c)                                          */
 
 /* mmap `length` bytes at a multiple of align (over-map and trim); natural is
  * the alignment the kernel gives such a mapping anyway (the page; the huge
@@ -303,7 +270,7 @@ void *map_aligned(Py_ssize_t length, Py_ssize_t align, Py_ssize_t natural, int p
 Py_ssize_t round_up(Py_ssize_t n, Py_ssize_t page);
 
 /* ------------------------------------------------------------------ */
-/* errors (module.c)                                                   */
+/* errors (common.c)                                                   */
 
 /* The library's exception types, registered once by exceptions.py. */
 extern PyObject *AllocError_Type;          /* falls back to MemoryError */
@@ -317,7 +284,7 @@ PyObject *raise_os_error(int err, const char *format, ...);
 PyObject *raise_syscall_error(int err, Py_ssize_t size, const char *what);
 
 /* ------------------------------------------------------------------ */
-/* argument helpers (module.c)                                         */
+/* argument helpers (common.c)                                         */
 
 int arg_ssize(PyObject *o, const char *name, Py_ssize_t *out);   /* __index__, >= 0 */
 int arg_int(PyObject *o, int *out);

@@ -108,7 +108,7 @@ slab_reset(PoolObject *self, Slab *s, int zeroed)
 static void
 slab_unmap(Slab *s)
 {
-    unmap_or_bury(s->base, s->capacity);
+    unmap_or_bury(s->base, s->capacity, s->capacity >= SLOW_CALL_BYTES);
     PyMem_Free(s);
 }
 
@@ -318,24 +318,35 @@ pool_alloc_zeroed(PoolObject *self, PyObject *const *args, Py_ssize_t nargs)
     return pool_alloc_impl(self, nargs, 1);
 }
 
+/* The live object arg names: its address, slab and index; -1 with the
+ * ValueError (or TypeError) for anything else. */
+static int
+pool_live_object(PoolObject *self, PyObject *arg, uintptr_t *a, Slab **s, uint32_t *i)
+{
+    int code = pool_address_arg(arg, a);
+
+    if (code < 0 || pool_check_open(self) < 0)
+        return -1;
+    if (code == 0)
+        code = pool_locate(self, *a, s, i);
+    if (code == LOC_OK && slab_is_free(*s, *i))
+        code = -1;
+    if (code != LOC_OK) {
+        pool_bad_address(self, arg, *a, code, *s, *i);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *
 pool_free(PoolObject *self, PyObject *arg)
 {
     uintptr_t a = 0;
     Slab *s = NULL;
     uint32_t i = 0;
-    int code = pool_address_arg(arg, &a);
 
-    if (code < 0 || pool_check_open(self) < 0)
+    if (pool_live_object(self, arg, &a, &s, &i) < 0)
         return NULL;
-    if (code == 0)
-        code = pool_locate(self, a, &s, &i);
-    if (code == LOC_OK && slab_is_free(s, i))
-        code = -1;
-    if (code != LOC_OK) {
-        pool_bad_address(self, arg, a, code, s, i);
-        return NULL;
-    }
     if (slab_give(self, s, i) && self->nempty > self->keep_empty)
         pool_release(self);
     Py_RETURN_NONE;
@@ -386,18 +397,9 @@ pool_view(PoolObject *self, PyObject *arg)
     uintptr_t a = 0;
     Slab *s = NULL;
     uint32_t i = 0;
-    int code = pool_address_arg(arg, &a);
 
-    if (code < 0 || pool_check_open(self) < 0)
+    if (pool_live_object(self, arg, &a, &s, &i) < 0)
         return NULL;
-    if (code == 0)
-        code = pool_locate(self, a, &s, &i);
-    if (code == LOC_OK && slab_is_free(s, i))
-        code = -1;
-    if (code != LOC_OK) {
-        pool_bad_address(self, arg, a, code, s, i);
-        return NULL;
-    }
     if (!(s->prot & PROT_READ)) {
         PyErr_SetString(PyExc_BufferError, "the pool's memory is not readable");
         return NULL;

@@ -36,12 +36,6 @@ region_check_open(RegionObject *self)
     return 0;
 }
 
-Py_ssize_t
-region_busy(RegionObject *self)
-{
-    return self->busy_gen == fork_generation ? self->busy : 0;
-}
-
 void
 region_busy_enter(RegionObject *self)
 {
@@ -93,6 +87,7 @@ region_track_dontfork(RegionObject *self)
     for (Py_ssize_t i = 0; i < ndontfork; i++)
         if (dontfork[i] == self)
             return 0;
+    self->flags |= REGION_DONTFORK;
     if (ndontfork == cap_dontfork) {
         Py_ssize_t cap = cap_dontfork ? cap_dontfork * 2 : 8;
         RegionObject **d = PyMem_Realloc(dontfork, (size_t)cap * sizeof(*d));
@@ -149,8 +144,8 @@ PyObject *
 region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
             const MapSpec *spec, PyObject *owner)
 {
-    allocfunc alloc = (allocfunc)PyType_GetSlot(cls, Py_tp_alloc);
-    RegionObject *self = (RegionObject *)alloc(cls, 0);
+    /* the generic allocator zero-fills: only the fields that are not zero are set */
+    RegionObject *self = (RegionObject *)PyType_GenericAlloc(cls, 0);
 
     if (self == NULL)
         return NULL;
@@ -163,8 +158,10 @@ region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
     self->advice = spec->advice;
     self->populate = spec->populate;
     self->fd = -1;
-    rec_init(&self->rec, capacity, spec->prot);
-    self->exports.next = self->exports.prev = &self->exports;
+    self->rec.one.end = capacity;
+    self->rec.one.prot = (unsigned char)spec->prot;
+    self->rec.runs = &self->rec.one;
+    self->rec.n = self->rec.cap = 1;
     self->busy_gen = fork_generation;
     self->owner = Py_NewRef(owner);
     self->backing = Py_NewRef(spec->backing ? spec->backing : Py_None);
@@ -178,11 +175,15 @@ region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, const MapSpe
     int populate = spec->populate && (spec->prot & PROT_RW);
     /* advised pages are prefaulted after the advice (THP: as huge pages) */
     int mflags = spec->mflags | (populate && !spec->advice ? MAP_POPULATE : 0);
+    int slow = populate && capacity >= SLOW_CALL_BYTES;
     Py_ssize_t natural = (spec->mflags & MAP_HUGETLB) ? spec->page : system_page;
-    char *p = map_aligned(capacity, spec->align, natural, spec->prot, mflags, -1,
-                          populate || (spec->mflags & MAP_HUGETLB));
     PyObject *region;
+    char *p;
 
+    if (spec->align <= natural && !slow)   /* the common case: one mmap, with the GIL */
+        p = mmap(NULL, (size_t)capacity, spec->prot, mflags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    else
+        p = map_aligned(capacity, spec->align, natural, spec->prot, mflags, -1, slow);
     if (p == MAP_FAILED)
         return PyErr_SetFromErrno(PyExc_OSError);
     if (spec->advice) {
@@ -202,8 +203,11 @@ region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, const MapSpe
     region = region_wrap(cls, p, size, capacity, spec, owner);
     if (region == NULL)
         munmap(p, (size_t)capacity);
-    else
+    else {
         mapped_bytes += capacity;
+        if (populate)
+            ((RegionObject *)region)->flags |= REGION_COMMITTED;
+    }
     return region;
 }
 
@@ -225,7 +229,7 @@ region_close_mapping(RegionObject *self)
     if (p == NULL)
         return 0;
     self->data = NULL;
-    if (self->capacity >= SLOW_CALL_BYTES) {
+    if (region_unmap_is_slow(self)) {
         Py_BEGIN_ALLOW_THREADS
         rc = munmap(p, (size_t)self->capacity);
         Py_END_ALLOW_THREADS
@@ -240,8 +244,10 @@ region_close_mapping(RegionObject *self)
         return -1;
     }
     mapped_bytes -= self->capacity;
-    region_untrack_dontfork(self);
-    region_drop_fd(self);
+    if (self->flags & REGION_DONTFORK)
+        region_untrack_dontfork(self);
+    if (self->fd >= 0)
+        region_drop_fd(self);
     return 0;
 }
 
@@ -321,10 +327,11 @@ region_export(RegionObject *self, Py_ssize_t start, Py_ssize_t end, int writable
     e->start = start;
     e->end = end;
     e->writable = writable;
-    e->next = &self->exports;
-    e->prev = self->exports.prev;
-    self->exports.prev->next = e;
-    self->exports.prev = e;
+    e->prev = NULL;
+    e->next = self->exports;
+    if (self->exports != NULL)
+        self->exports->prev = e;
+    self->exports = e;
     self->nexports++;
     return e;
 }
@@ -332,8 +339,12 @@ region_export(RegionObject *self, Py_ssize_t start, Py_ssize_t end, int writable
 void
 region_unexport(RegionObject *self, Export *e)
 {
-    e->prev->next = e->next;
-    e->next->prev = e->prev;
+    if (e->prev != NULL)
+        e->prev->next = e->next;
+    else
+        self->exports = e->next;
+    if (e->next != NULL)
+        e->next->prev = e->prev;
     self->nexports--;
     PyMem_Free(e);
 }
@@ -343,7 +354,7 @@ region_exports_conflict(RegionObject *self, Py_ssize_t start, Py_ssize_t end, in
 {
     Py_ssize_t n = 0;
 
-    for (Export *e = self->exports.next; e != &self->exports; e = e->next) {
+    for (Export *e = self->exports; e != NULL; e = e->next) {
         Py_ssize_t lo = e->start & ~(self->page - 1), hi = round_up(e->end, self->page);
         if (lo < end && start < hi && (!(prot & PROT_READ) || (e->writable && !(prot & PROT_WRITE))))
             n++;
@@ -563,7 +574,6 @@ static void
 region_dealloc(RegionObject *self)
 {
     PyTypeObject *tp = Py_TYPE((PyObject *)self);
-    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     char *p = self->data;
 
     PyObject_GC_UnTrack(self);
@@ -571,13 +581,16 @@ region_dealloc(RegionObject *self)
         PyObject_ClearWeakRefs((PyObject *)self);
     self->data = NULL;
     if (p != NULL) {
-        region_untrack_dontfork(self);
-        unmap_or_bury(p, self->capacity);
+        if (self->flags & REGION_DONTFORK)
+            region_untrack_dontfork(self);
+        unmap_or_bury(p, self->capacity, region_unmap_is_slow(self));
     }
-    region_drop_fd(self);
-    rec_free(&self->rec);
+    if (self->fd >= 0)
+        region_drop_fd(self);
+    if (self->rec.runs != &self->rec.one)
+        rec_free(&self->rec);
     region_clear(self);
-    tp_free(self);
+    PyObject_GC_Del(self);
     Py_DECREF(tp);
 }
 

@@ -317,7 +317,7 @@ move_by_copy(RegionObject *self, Py_ssize_t newcap, int mflags, int advice, PyOb
             self->backing = Py_NewRef(backing);
             Py_DECREF(previous);   /* a Backing member or None: no finalizer */
         }
-        unmap_or_bury(old, oldcap);
+        unmap_or_bury(old, oldcap, oldcap >= SLOW_CALL_BYTES);
         if (newcap > oldcap && self->populate)
             prepare_new_pages(self, oldcap, newcap);
     }

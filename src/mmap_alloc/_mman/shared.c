@@ -318,11 +318,15 @@ move_mapping(RegionObject *self, Py_ssize_t newcap)
             return -1;
         }
     }
-    /* the old mapping goes; mapped_bytes: + newcap now, - cap in unmap_or_bury,
-     * and the caller adds newcap - cap: take that back here */
-    mapped_bytes += cap;
-    unmap_or_bury(self->data, cap);
-    self->data = p;
+    /* the old mapping goes (the GIL held: nothing may see the region half
+     * moved); mapped_bytes: + cap here, - cap in unmap_or_bury, and the
+     * caller adds newcap - cap */
+    {
+        char *old = self->data;
+        self->data = p;
+        mapped_bytes += cap;
+        unmap_or_bury(old, cap, 0);
+    }
     return 0;
 }
 
@@ -434,7 +438,8 @@ wrap_shared(PyTypeObject *cls, char *p, int fd, Py_ssize_t size, Py_ssize_t capa
         return NULL;
     }
     ((RegionObject *)region)->fd = fd;
-    ((RegionObject *)region)->flags = REGION_SHARED | REGION_OWNS_FD;
+    /* every page is backed: unmapping a large one may take long (GIL released) */
+    ((RegionObject *)region)->flags |= REGION_SHARED | REGION_OWNS_FD | REGION_COMMITTED;
     mapped_bytes += capacity;
     return region;
 }
@@ -812,7 +817,7 @@ shared_seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return step_error(errno, "F_ADD_SEALS");
         Py_RETURN_NONE;
     }
-    for (Export *e = self->exports.next; e != &self->exports; e = e->next) {
+    for (Export *e = self->exports; e != NULL; e = e->next) {
         if (e->writable) {
             PyErr_Format(PyExc_BufferError,
                          "cannot seal the region against writing: it has %zd exported "

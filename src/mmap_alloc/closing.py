@@ -1,0 +1,51 @@
+"""Closing on leaving a with-block, without hiding the block's own exception."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Protocol, Self, cast
+
+
+class _Closable(Protocol):
+    @property
+    def closed(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class ClosesOnExit:
+    """``with obj: ...`` closes ``obj`` at the end of the block.
+
+    When the block raised and the close is refused (BufferError: a buffer is
+    still alive), the block's exception is the one that propagates; the
+    refusal is added to it as a note and the object stays open (it is freed
+    when collected). ``noun`` names the object in messages.
+    """
+
+    __slots__ = ()
+
+    noun = "object"
+
+    def __enter__(self) -> Self:
+        if _closable(self).closed:
+            raise ValueError(f"{self.noun} is closed")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        closable = _closable(self)
+        if exc is None:
+            closable.close()
+            return
+        try:
+            closable.close()
+        except BufferError as error:
+            exc.add_note(f"and the {self.noun} was not closed: {error}")
+
+
+def _closable(obj: object) -> _Closable:
+    return cast(_Closable, obj)  # a subclass of a type with close() and closed
