@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import gc
 import os
 import socket
 import time
@@ -13,6 +13,25 @@ import pytest
 
 from mmap_alloc import _fdshare
 from reliability_support import run_forked
+
+
+class Owner:
+    """Holds a memfd open, as a SharedRegion does."""
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("fdshare", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, 4096)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+
+def dup(owner: Owner) -> int:
+    if owner.fd < 0:
+        raise ValueError("closed")
+    return os.dup(owner.fd)
 
 
 def open_fds() -> set[int]:
@@ -25,47 +44,37 @@ def open_fds() -> set[int]:
     return found
 
 
-def settled(before: set[int] | None = None, timeout: float = 10.0) -> set[int]:
-    """The open descriptors once the sharer's thread has closed what it was
-    told to close (it does so after the receiver moved on): once no duplicate
-    waits and, if given, the set is ``before`` again."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (
-        _fdshare._sharer.pending or (before is not None and open_fds() != before)
-    ):
-        time.sleep(0.01)
-    return open_fds()
-
-
 @pytest.fixture
-def memfd() -> Iterator[int]:
-    fd = os.memfd_create("fdshare", os.MFD_CLOEXEC)
-    os.ftruncate(fd, 4096)
-    yield fd
-    os.close(fd)
+def owner() -> Iterator[Owner]:
+    owner = Owner()
+    yield owner
+    owner.close()
 
 
-def test_the_receiver_opens_the_file_through_proc_and_the_sender_closes_its_duplicate(
-    memfd: int,
+def share(owner: Owner, readonly: bool = False) -> _fdshare.SharedFd:
+    return _fdshare.share(owner, owner.fd, readonly=readonly, dup=dup)
+
+
+def test_the_receiver_opens_the_file_through_proc_and_the_sender_keeps_nothing(
+    owner: Owner,
 ) -> None:
-    handle = _fdshare.share(memfd, readonly=False)  # starts the sharer the first time
-    os.close(handle.detach())
-    before = settled()
-    handle = _fdshare.share(memfd, readonly=False)
-    assert len(open_fds() - before) == 1  # the duplicate, waiting
+    os.close(share(owner).detach())  # the sharer starts the first time
+    before = open_fds()
+    handle = share(owner)
+    assert open_fds() == before  # no duplicate waits in the sender
     fd = handle.detach()
     try:
-        assert os.fstat(fd).st_ino == os.fstat(memfd).st_ino
-        assert fd not in (memfd, handle.number)
+        assert os.fstat(fd).st_ino == os.fstat(owner.fd).st_ino
+        assert fd != owner.fd
         os.pwrite(fd, b"via proc", 0)
-        assert os.pread(memfd, 8, 0) == b"via proc"
+        assert os.pread(owner.fd, 8, 0) == b"via proc"
     finally:
         os.close(fd)
-    assert settled(before) == before
+    assert open_fds() == before
 
 
-def test_a_read_only_handle_opens_read_only(memfd: int) -> None:
-    fd = _fdshare.share(memfd, readonly=True).detach()
+def test_a_read_only_handle_opens_read_only(owner: Owner) -> None:
+    fd = share(owner, readonly=True).detach()
     try:
         with pytest.raises(OSError):
             os.pwrite(fd, b"x", 0)
@@ -73,52 +82,60 @@ def test_a_read_only_handle_opens_read_only(memfd: int) -> None:
         os.close(fd)
 
 
-def test_where_proc_refuses_the_receiver_fetches_the_descriptor_over_the_socket(
-    memfd: int, monkeypatch: pytest.MonkeyPatch
+def test_where_proc_refuses_the_receiver_gets_a_duplicate_over_the_socket(
+    owner: Owner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    os.close(_fdshare.share(memfd, readonly=False).detach())
-    before = settled()
+    os.close(share(owner).detach())
+    before = open_fds()
     monkeypatch.setattr(_fdshare.SharedFd, "_open_in_proc", lambda self: None)
-    fd = _fdshare.share(memfd, readonly=False).detach()
+    fd = share(owner).detach()
     try:
-        assert os.fstat(fd).st_ino == os.fstat(memfd).st_ino
+        assert os.fstat(fd).st_ino == os.fstat(owner.fd).st_ino
     finally:
         os.close(fd)
-    assert settled(before) == before
+    deadline = time.monotonic() + 10
+    while open_fds() != before and time.monotonic() < deadline:
+        time.sleep(0.01)  # the sharer's thread closes its side after the receiver has it
+    assert open_fds() == before
 
 
-def test_a_handle_is_taken_once(memfd: int) -> None:
-    handle = _fdshare.share(memfd, readonly=False)
-    os.close(handle.detach())
-    settled()
-    with pytest.raises(OSError, match="did not hand it over"):
+def test_a_handle_of_a_closed_owner_is_a_clear_error(owner: Owner) -> None:
+    handle = share(owner)
+    owner.close()
+    with pytest.raises(OSError, match="no longer has it open"):
         handle.detach()
 
 
-def test_a_handle_checks_the_file_it_gets(memfd: int) -> None:
-    handle = dataclasses.replace(_fdshare.share(memfd, readonly=False), file=(0, 1))
+def test_a_handle_never_gives_another_file(owner: Owner) -> None:
+    handle = share(owner)._replace(ino=1)
     with pytest.raises(OSError, match="not of the file that was pickled"):
         handle.detach()
 
 
-def test_a_stranger_without_the_token_gets_nothing(memfd: int) -> None:
-    handle = _fdshare.share(memfd, readonly=False)
+def test_a_stranger_without_the_token_gets_nothing(owner: Owner) -> None:
+    handle = share(owner)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.connect(handle.address)
         conn.sendall(os.urandom(16))
         data, fds, _flags = _fdshare.recv_fds(conn, 1)
     assert (data, fds) == (b"", [])
-    os.close(handle.detach())  # still there for the right token
 
 
-def _forked_child_forgets(number: int) -> None:
-    assert _fdshare._sharer.pending == {}
+def test_an_owner_has_one_token_which_goes_with_it() -> None:
+    owner = Owner()
+    first, second = share(owner), share(owner)
+    assert first.token == second.token
+    owner.close()
+    del owner
+    gc.collect()
+    assert first.token not in _fdshare._sharer.owners
+
+
+def _forked_child_forgets() -> None:
+    assert len(_fdshare._sharer.owners) == 0
     assert _fdshare._sharer.listener is None
-    with pytest.raises(OSError):
-        os.fstat(number)
 
 
-def test_a_forked_child_forgets_the_duplicates_of_its_parent(memfd: int) -> None:
-    handle = _fdshare.share(memfd, readonly=False)
-    run_forked(_forked_child_forgets, handle.number)
-    os.close(handle.detach())
+def test_a_forked_child_forgets_the_owners_of_its_parent(owner: Owner) -> None:
+    share(owner)
+    run_forked(_forked_child_forgets)

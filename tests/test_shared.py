@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import shared_workers
-from mmap_alloc import AllocError, MapAlloc, Perm, Region, SharedRegion, _fdshare, _mman
+from mmap_alloc import AllocError, MapAlloc, Perm, Region, SharedRegion, _mman
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mapping_count, shmem_thp_mode, thp_size
 from mmap_alloc.backings import Backing
@@ -377,21 +377,25 @@ def test_a_region_put_on_a_queue_reaches_a_running_process() -> None:
 def test_a_thousand_pickles_through_multiprocessing_leave_nothing_behind() -> None:
     from multiprocessing.reduction import ForkingPickler
 
-    def settled() -> set[int]:
-        deadline = time.monotonic() + 10
-        while _fdshare._sharer.pending and time.monotonic() < deadline:
-            time.sleep(0.01)  # the sender's thread closes what receivers took
-        return open_fds()
-
     with SharedRegion.create(P) as region:
         pickle.loads(ForkingPickler.dumps(region)).close()
-        fds, maps = settled(), mapping_count()
+        fds, maps = open_fds(), mapping_count()
         for _ in range(1000):
             peer = pickle.loads(ForkingPickler.dumps(region))
             peer[0] = 1
             peer.close()
-        assert settled() == fds
+        assert open_fds() == fds
         assert mapping_count() == maps
+
+
+def test_a_region_pickled_for_a_queue_must_stay_open_until_it_is_received() -> None:
+    from multiprocessing.reduction import ForkingPickler
+
+    region = SharedRegion.create(P)
+    blob = ForkingPickler.dumps(region)
+    region.close()
+    with pytest.raises(OSError, match="keep a region open until every process"):
+        pickle.loads(blob)
 
 
 def test_pickling_outside_multiprocessing_is_a_type_error() -> None:

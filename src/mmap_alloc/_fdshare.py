@@ -5,92 +5,76 @@ with the start (``get_spawning_popen()``). A pickle sent later through a
 Queue or a Pool's task pipe cannot carry one: multiprocessing's answer for
 sockets is its resource sharer, a thread of the sender that hands out
 duplicates over an authenticated connection (an HMAC challenge each way:
-about 1 ms a descriptor here, and a round trip through the sender). This is
-the same idea, lighter:
+about 1 ms a descriptor here, and a round trip through the sender). Here
+the pickle holds where the descriptor is instead:
 
-- the sender keeps a duplicate under a random 16-byte token; the pickle holds
-  the sender's pid, the duplicate's number, the token, the file's identity
-  (st_dev, st_ino) and the address of the sender's Unix socket (abstract
-  namespace), served by a daemon thread;
-- the receiver opens ``/proc/PID/fd/N`` of the sender (allowed between
-  processes of one user, as reading /proc/PID/fd is), checks it is the same
-  file, and tells the sender so with one datagram it does not wait for; the
-  sender's thread then closes its duplicate;
-- where /proc does not allow it (another user, a sender made non-dumpable,
-  /proc mounted with hidepid), the receiver fetches the descriptor over the
-  socket instead (SCM_RIGHTS; the sender serves only its own user and root,
-  checked with SO_PEERCRED, and only the right token).
+- the sender's pid, the descriptor's number and the file's identity
+  (st_dev, st_ino): the receiver opens ``/proc/PID/fd/N`` of the sender
+  (allowed between processes of one user, as listing /proc/PID/fd is) and
+  checks that it is that file. No message goes back to the sender;
+- for where /proc does not allow that (another user, a sender made
+  non-dumpable, /proc mounted with hidepid): a token and the address of a
+  Unix socket (abstract namespace) on which a daemon thread of the sender
+  hands a duplicate of the owner's descriptor (SCM_RIGHTS) to a process of
+  the same user or root (SO_PEERCRED) that presents the token.
 
-As with the resource sharer, a duplicate waits in the sender until a process
-unpickles it (or the sender exits): a pickle that is never loaded keeps its
-file alive that long.
+The owner must therefore still be open in the sender when the receiver
+loads the pickle, as a SharedMemory segment must not be unlinked before the
+others attach: the receiver otherwise gets a clear OSError, never another
+file (the identity is checked on both ways).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import socket
 import struct
 import threading
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 _TOKEN = 16
-_NOTICE_TIMEOUT = 5.0
 
 
 class _Sharer:
-    """The sender's side: pending duplicates and the thread that serves them."""
+    """The sender's side: a token per owner, and the thread that serves them."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.pending: dict[bytes, int] = {}
+        self.owners: weakref.WeakValueDictionary[bytes, Any] = weakref.WeakValueDictionary()
+        self.tokens: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+        self.dup: Callable[[Any], int] | None = None
         self.listener: socket.socket | None = None
-        self.notices: socket.socket | None = None
         self.address = ""
 
-    def put(self, fd: int) -> tuple[str, bytes, int]:
-        """Keep a duplicate of ``fd`` for one process to take: (address, token,
-        the duplicate's number)."""
+    def token(self, owner: object, dup: Callable[[Any], int]) -> tuple[str, bytes]:
+        """The socket's address and the owner's token (made on first use)."""
         with self.lock:
             if self.listener is None:
                 self._listen()
-            token = secrets.token_bytes(_TOKEN)
-            dup = os.dup(fd)
-            self.pending[token] = dup
-            return self.address, token, dup
+            self.dup = dup
+            token = self.tokens.get(owner)
+            if token is None:
+                token = secrets.token_bytes(_TOKEN)
+                self.tokens[owner] = token
+                self.owners[token] = owner
+            return self.address, token
 
     def _listen(self) -> None:
         address = f"\0mmap_alloc-{os.getpid()}-{secrets.token_hex(8)}"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        notices = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             listener.bind(address)
             listener.listen(128)
-            notices.bind(address + "-done")
         except OSError:
             listener.close()
-            notices.close()
             raise
-        for target, sock, name in (
-            (self._serve, listener, "mmap_alloc fd sharer"),
-            (self._close_taken, notices, "mmap_alloc fd sharer notices"),
-        ):
-            threading.Thread(target=target, args=(sock,), name=name, daemon=True).start()
-        self.listener, self.notices, self.address = listener, notices, address
-
-    def _close_taken(self, notices: socket.socket) -> None:
-        """Close the duplicates that receivers opened through /proc."""
-        while True:
-            try:
-                token = notices.recv(_TOKEN)
-            except OSError:
-                return  # closed (after a fork, in the child)
-            with self.lock:
-                fd = self.pending.pop(token, None)
-            if fd is not None:
-                os.close(fd)
+        threading.Thread(
+            target=self._serve, args=(listener,), name="mmap_alloc fd sharer", daemon=True
+        ).start()
+        self.listener, self.address = listener, address
 
     def _serve(self, listener: socket.socket) -> None:
         me = os.geteuid()
@@ -101,14 +85,18 @@ class _Sharer:
                 return  # closed (after a fork, in the child)
             with conn:
                 try:
-                    conn.settimeout(10)
                     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
                     if struct.unpack("3i", creds)[1] not in (me, 0):
                         continue
+                    conn.settimeout(10)
                     token = conn.recv(_TOKEN, socket.MSG_WAITALL)
                     with self.lock:
-                        fd = self.pending.pop(token, None)
-                    if fd is None:
+                        owner, dup = self.owners.get(token), self.dup
+                    if owner is None or dup is None:
+                        continue
+                    try:
+                        fd = dup(owner)  # atomic in C: the owner may be closing meanwhile
+                    except (OSError, ValueError):
                         continue
                     try:
                         socket.send_fds(conn, [b"\1"], [fd])
@@ -118,63 +106,36 @@ class _Sharer:
                     continue
 
     def forget(self) -> None:
-        """In a forked child: the thread is not there, the duplicates are the parent's."""
+        """In a forked child: the thread is not there; the owners are the parent's."""
         self.lock = threading.Lock()
-        for fd in self.pending.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.pending.clear()
-        for sock in (self.listener, self.notices):
-            if sock is not None:
-                sock.close()
-        self.listener, self.notices, self.address = None, None, ""
-
-
-class _Notices:
-    """The receiver's side: one unbound datagram socket for every notice."""
-
-    def __init__(self) -> None:
-        self.sock: socket.socket | None = None
-
-    def socket(self) -> socket.socket:
-        sock = self.sock
-        if sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            sock.settimeout(_NOTICE_TIMEOUT)
-            self.sock = sock
-        return sock
-
-    def forget(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-        self.sock = None
+        self.owners = weakref.WeakValueDictionary()
+        self.tokens = weakref.WeakKeyDictionary()
+        if self.listener is not None:
+            self.listener.close()
+        self.listener, self.address = None, ""
 
 
 _sharer = _Sharer()
-_notices = _Notices()
 os.register_at_fork(after_in_child=_sharer.forget)
-os.register_at_fork(after_in_child=_notices.forget)
 
 
-@dataclass(frozen=True)
-class SharedFd:
-    """A descriptor in a pickle: where it is, and the file it must be."""
+class SharedFd(NamedTuple):
+    """A descriptor in a pickle: where it is, and the file it must be (a
+    tuple: it pickles small and loads fast)."""
 
     pid: int
     number: int
     address: str
     token: bytes
-    file: tuple[int, int]  # st_dev, st_ino
+    dev: int
+    ino: int
     readonly: bool
 
     def detach(self) -> int:
-        """The descriptor, for the caller to own (once). OSError if the sender
-        is gone or has already given it out."""
+        """A new descriptor of the file, for the caller to own. OSError if the
+        sender has closed it or is gone."""
         fd = self._open_in_proc()
-        if fd is not None:
-            self._taken()
-            return fd
-        return self._fetch()
+        return fd if fd is not None else self._fetch()
 
     def _open_in_proc(self) -> int | None:
         flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC
@@ -183,17 +144,10 @@ class SharedFd:
         except OSError:
             return None
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != self.file:  # closed and reused meanwhile
+        if (st.st_dev, st.st_ino) != (self.dev, self.ino):  # closed, and the number reused
             os.close(fd)
             return None
         return fd
-
-    def _taken(self) -> None:
-        """Tell the sender to close its duplicate: a datagram, not answered. It
-        waits only while the sender's queue of them is full (net.unix.
-        max_dgram_qlen, 10 by default), and at most a few seconds."""
-        with contextlib.suppress(OSError):  # a sender gone has nothing to close
-            _notices.socket().sendto(self.token, self.address + "-done")
 
     def _fetch(self) -> int:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as conn:
@@ -202,17 +156,20 @@ class SharedFd:
                 conn.sendall(self.token)
                 _data, fds, _flags = recv_fds(conn, 1)
             except OSError as exc:
-                message = f"cannot fetch the descriptor from the process that pickled it: {exc}"
+                message = (
+                    f"cannot get the descriptor from process {self.pid}, which pickled it "
+                    f"(it must still be running): {exc}"
+                )
                 raise OSError(exc.errno, message) from None
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
             raise OSError(
-                "the process that pickled the descriptor did not hand it over "
-                "(it was taken already, or that process is gone)"
+                f"process {self.pid}, which pickled the descriptor, no longer has it open: keep "
+                "a region open until every process it was sent to has received it"
             )
         st = os.fstat(fds[0])
-        if (st.st_dev, st.st_ino) != self.file:
+        if (st.st_dev, st.st_ino) != (self.dev, self.ino):
             os.close(fds[0])
             raise OSError("the descriptor handed over is not of the file that was pickled")
         return fds[0]
@@ -233,9 +190,10 @@ def recv_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int], int]:
     return data, fds, flags
 
 
-def share(fd: int, *, readonly: bool) -> SharedFd:
-    """A picklable handle of a duplicate of ``fd``, for one process to take
-    (``readonly``: it is to be opened read-only, as ``fd`` is)."""
+def share(owner: object, fd: int, *, readonly: bool, dup: Callable[[Any], int]) -> SharedFd:
+    """A picklable handle of ``fd``, which ``owner`` holds open (``dup(owner)``
+    makes a new descriptor of it, or raises once the owner is closed);
+    ``readonly``: it is to be opened read-only, as ``fd`` is."""
     st = os.fstat(fd)
-    address, token, number = _sharer.put(fd)
-    return SharedFd(os.getpid(), number, address, token, (st.st_dev, st.st_ino), readonly)
+    address, token = _sharer.token(owner, dup)
+    return SharedFd(os.getpid(), fd, address, token, st.st_dev, st.st_ino, readonly)

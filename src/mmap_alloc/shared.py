@@ -200,8 +200,9 @@ def _register_pickling() -> None:
 
 def _reduce(region: SharedRegion) -> tuple[Any, tuple[Any, ...]]:
     """multiprocessing's pickling of a region: its descriptor travels, not its
-    bytes: with a process being started (multiprocessing passes it, as it
-    does for sockets), else (queues, pools) through _fdshare."""
+    bytes: with a process being started, as multiprocessing passes sockets;
+    else (queues, pools) where it is, for the receiver to open through /proc
+    (see _fdshare: the region must stay open until the receiver has it)."""
     from multiprocessing import context, reduction
 
     fd, flags = region.fd, region._flags()
@@ -210,7 +211,8 @@ def _reduce(region: SharedRegion) -> tuple[Any, tuple[Any, ...]]:
         handle = reduction.DupFd(fd)
     else:
         try:
-            handle = _fdshare.share(fd, readonly=bool(flags & _FLAG_READONLY))
+            readonly = bool(flags & _FLAG_READONLY)
+            handle = _fdshare.share(region, fd, readonly=readonly, dup=_mman._shared_dup)
         except OSError:  # no Unix socket to serve it from: multiprocessing's way
             handle = reduction.DupFd(fd)
     return _rebuild, (handle, region.size, flags)
@@ -396,7 +398,7 @@ class SharedRegion(Region):
         )
 
     def _flags(self) -> int:
-        flags = _FLAG_THP if self.backing is Backing.THP else 0
+        flags = _FLAG_THP if self._backing is Backing.THP else 0
         return flags | (_FLAG_READONLY if self._fd_readonly() else 0)
 
     def _fd_readonly(self) -> bool:

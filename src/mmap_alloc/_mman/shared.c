@@ -489,7 +489,7 @@ shared_create(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return step_error(err, "F_ADD_SEALS");
     }
     p = map_aligned(capacity, align, (mfd_flags & MFD_HUGETLB) ? page : system_page, PROT_RW,
-                    MAP_SHARED, fd, capacity >= SLOW_CALL_BYTES);
+                    MAP_SHARED, fd, 0);   /* no MAP_POPULATE: quick at any size */
     if (p == MAP_FAILED) {
         err = errno;
         close(fd);
@@ -611,8 +611,7 @@ shared_attach(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     natural = page > system_page ? page : system_page;
     prot = readonly ? PROT_READ : PROT_RW;
     step = "mmap";
-    p = map_aligned(capacity, align, natural, prot, MAP_SHARED, own,
-                    capacity >= SLOW_CALL_BYTES);
+    p = map_aligned(capacity, align, natural, prot, MAP_SHARED, own, 0);   /* quick */
     if (p == MAP_FAILED)
         goto fail;
     if (advice && madvise(p, (size_t)capacity, advice) != 0)

@@ -18,6 +18,7 @@ are listed, and freed when the last case of the group is closed.
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing
 from collections.abc import Callable, Iterator
 from multiprocessing.pool import Pool
@@ -164,6 +165,10 @@ class _Handover:
             array, pool = self.array(), self.pool
             for _ in range(n):
                 pool.apply(on_array, (array,))
+                # the worker frees its copy after it answers, the pool's thread the
+                # pickle after it sends it: wait for both, so that this variant pays
+                # for its own garbage, not the next variant of the round
+                pool.apply(int)
 
         variants = [Variant(OURS, ours), Variant(STDLIB, stdlib)]
         if pickle:
@@ -197,7 +202,7 @@ def handover(scale: Scale) -> Iterator[Case]:
     size = format_size(nbytes)
     note = "spawned Pool(1) made before timing; per handover"
     yield Case(
-        f"hand a {size} float64 array to a worker, read one value back",
+        f"shared: hand a {size} float64 array to a worker, read one value back",
         GROUP,
         1,
         shared.variants(total=False, pickle=True),
@@ -208,7 +213,7 @@ def handover(scale: Scale) -> Iterator[Case]:
         close=shared.close,
     )
     yield Case(
-        f"hand a {size} float64 array to a worker, read one value back (shared memory only)",
+        f"shared: hand a {size} float64 array to a worker, read one value back, vs shared_memory",
         GROUP,
         5,
         shared.variants(total=False, pickle=False),
@@ -219,7 +224,7 @@ def handover(scale: Scale) -> Iterator[Case]:
         close=shared.close,
     )
     yield Case(
-        f"hand a {size} float64 array to a worker, read its sum back",
+        f"shared: hand a {size} float64 array to a worker, read its sum back",
         GROUP,
         1,
         shared.variants(total=True, pickle=True),
@@ -232,30 +237,44 @@ def handover(scale: Scale) -> Iterator[Case]:
 
 
 def create_attach_close(scale: Scale) -> Iterator[Case]:
-    """Make a segment, map it a second time as another process would, close both."""
+    """Make a segment, map it a second time as another process would, close
+    both; and the same with every page written once (where shared_memory
+    finds its pages, at first touch)."""
+    memset = _memset()
     for size in (4 * KiB, MiB):
 
-        def ours(n: int, size: int = size) -> None:
+        def ours(n: int, size: int = size, write: bool = False) -> None:
             for _ in range(n):
                 region = SharedRegion.create(size)
-                SharedRegion.from_fd(region.fd).close()
+                peer = SharedRegion.from_fd(region.fd)
+                if write:
+                    memset(peer.address, 1, size)
+                peer.close()
                 region.close()
 
-        def stdlib(n: int, size: int = size) -> None:
+        def stdlib(n: int, size: int = size, write: bool = False) -> None:
             for _ in range(n):
                 shm = SharedMemory(create=True, size=size)
-                SharedMemory(name=shm.name).close()
+                peer = SharedMemory(name=shm.name)
+                if write:
+                    fill(peer, 0, size)
+                peer.close()
                 shm.close()
                 shm.unlink()
 
         yield Case(
-            f"shared segment create+attach+close {format_size(size)}",
+            f"shared: create+attach+close {format_size(size)}",
             GROUP,
             scale.ops(500),
-            (Variant(OURS, ours), Variant(STDLIB, stdlib)),
+            (
+                Variant(OURS, ours),
+                Variant(STDLIB, stdlib),
+                Variant(f"{OURS}, every page written", functools.partial(ours, write=True)),
+                Variant(f"{STDLIB}, every page written", functools.partial(stdlib, write=True)),
+            ),
             OURS,
             STDLIB,
-            note="SharedRegion backs every page at create; shared_memory none",
+            note="SharedRegion backs every page at create; shared_memory at first touch",
         )
 
 
@@ -267,6 +286,13 @@ def _buf(shm: SharedMemory) -> memoryview:
 
 def _memset() -> Callable[[int, int, int], object]:
     return ctypes.memset
+
+
+def fill(shm: SharedMemory, offset: int, length: int) -> None:
+    """memset ``length`` bytes of a SharedMemory segment at ``offset`` to 1."""
+    view = (ctypes.c_char * shm.size).from_buffer(_buf(shm))
+    ctypes.memset(ctypes.addressof(view) + offset, 1, length)
+    del view
 
 
 def shared_growth(scale: Scale) -> Iterator[Case]:
@@ -285,11 +311,6 @@ def shared_growth(scale: Scale) -> Iterator[Case]:
                 size *= 2
             region.close()
 
-    def fill(shm: SharedMemory, offset: int, length: int) -> None:
-        view = (ctypes.c_char * shm.size).from_buffer(_buf(shm))
-        memset(ctypes.addressof(view) + offset, 1, length)
-        del view
-
     def stdlib(n: int) -> None:
         for _ in range(n):
             shm = SharedMemory(create=True, size=start)
@@ -307,7 +328,7 @@ def shared_growth(scale: Scale) -> Iterator[Case]:
             shm.unlink()
 
     yield Case(
-        f"shared segment growth by doubling {format_size(start)} -> {format_size(end)}",
+        f"shared: growth by doubling {format_size(start)} -> {format_size(end)}",
         GROUP,
         1,
         (Variant(OURS, ours), Variant(STDLIB, stdlib)),
