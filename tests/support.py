@@ -1,13 +1,31 @@
-"""Helpers for the tests: what the kernel says about our mappings, and child processes."""
+"""Helpers for the tests: what the kernel says about our mappings, and child processes.
+
+/proc: ``read_maps`` (fast, for checks in loops), ``kernel_runs``,
+``perms_at``, ``page_perms``, ``mapped_intervals``, ``mapped_bytes``,
+``vm_flags``, ``status_kib``, ``rss``. Children, so that a crash on purpose
+fails one test instead of the runner: ``run_in_child(body)`` forks and
+returns the wait status (-N: killed by signal N); ``run_forked(func, *args)``
+forks and fails with the child's traceback, signal or hang;
+``fork_child``/``wait_child`` for tests that do work in between;
+``run_child(module, function, *args)`` starts a new interpreter (for rlimits,
+threads, map count exhaustion) and returns the function's JSON result.
+"""
 
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 import random
 import signal
+import subprocess
 import sys
+import time
+import traceback
 from collections.abc import Callable, Container
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from mmap_alloc import MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE, mappings
@@ -74,6 +92,23 @@ def subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]]) -> lis
     return result
 
 
+def vm_flags(address: int) -> set[str]:
+    """The VmFlags /proc/self/smaps shows for the mapping holding ``address``
+    (two-letter codes: "dc" dontfork, "dd" dontdump, "wf" wipeonfork, "hg"
+    hugepage, "nh" nohugepage, "rr" random, "sr" sequential, "lo" locked,
+    "lf" locked on fault), read here independently of the library."""
+    inside = False
+    with open("/proc/self/smaps") as lines:
+        for line in lines:
+            key, _, rest = line.partition(" ")
+            if not key.endswith(":"):
+                lo, _, hi = key.partition("-")
+                inside = int(lo, 16) <= address < int(hi, 16)
+            elif inside and key == "VmFlags:":
+                return set(rest.split())
+    raise AssertionError(f"nothing is mapped at 0x{address:x}")
+
+
 def is_mapped(start: int, end: int) -> bool:
     """Whether any byte of [start, end) is mapped."""
     return any(m.start < end and start < m.end for m in mappings())
@@ -122,10 +157,10 @@ def run_in_child(body: Callable[[], None]) -> int:
         try:
             body()
         except BaseException:
+            code = 1  # first: printing may fail (a child that dropped privileges cannot import)
             import traceback
 
             traceback.print_exc()
-            code = 1
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -137,3 +172,220 @@ def run_in_child(body: Callable[[], None]) -> int:
 
 
 SIGSEGV = -signal.SIGSEGV
+
+
+# ---------------------------------------------------------------- children and /proc (reliability)
+
+TESTS = Path(__file__).resolve().parent
+
+
+def describe_status(status: int) -> str:
+    """A wait status (or a negative subprocess return code) in words."""
+    if status < 0:
+        return f"killed by {signal.Signals(-status).name}"
+    return f"exited with status {status}"
+
+
+# ---------------------------------------------------------------- children
+
+
+def run_forked(func: Callable[..., object], *args: object, timeout: float = 60.0) -> None:
+    """Run ``func(*args)`` in a forked child; fail if it raises, crashes or hangs."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running the parent's cleanup
+        status = 0
+        try:
+            os.close(read_end)
+            faulthandler.disable()  # the parent reports a crash; no dump on the runner's stderr
+            try:
+                func(*args)
+            except BaseException:
+                status = 1
+                os.write(write_end, traceback.format_exc().encode())
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    signal.signal(signal.SIGALRM, _timeout_handler)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            report = pipe.read().decode(errors="replace")
+        _, status = os.waitpid(pid, 0)
+    except TimeoutError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError(f"{func.__name__} did not finish in {timeout} s") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    if os.WIFSIGNALED(status):
+        raise AssertionError(
+            f"{func.__name__} crashed the child: {describe_status(-os.WTERMSIG(status))}"
+        )
+    if os.WEXITSTATUS(status) != 0:
+        raise AssertionError(f"{func.__name__} failed in the child:\n{report}")
+
+
+def _timeout_handler(signum: int, frame: object) -> None:
+    raise TimeoutError
+
+
+@dataclass
+class ChildResult:
+    """What a child interpreter did: status, output, and its function's result."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    value: Any
+
+    def check(self) -> Any:
+        """The function's return value; AssertionError if the child failed or crashed."""
+        assert self.returncode == 0, (
+            f"child {describe_status(self.returncode)}\n--- stderr ---\n{self.stderr[-6000:]}"
+        )
+        return self.value
+
+
+_RESULT_MARK = "@@reliability-result@@"
+
+_CHILD_MAIN = f"""
+import json, sys
+sys.path.insert(0, {str(TESTS)!r})
+module = __import__(sys.argv[1])
+value = getattr(module, sys.argv[2])(*json.loads(sys.argv[3]))
+sys.stdout.flush()
+print({_RESULT_MARK!r} + json.dumps(value), flush=True)
+"""
+
+
+def run_child(
+    module: str,
+    function: str,
+    *args: object,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+) -> ChildResult:
+    """Call ``module.function(*args)`` (a module of this folder) in a new interpreter.
+
+    ``env`` adds to (does not replace) the environment. A child still running
+    after ``timeout`` seconds is killed (SIGKILL), which the result shows.
+    """
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD_MAIN, module, function, json.dumps(list(args))],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        return ChildResult(
+            -signal.SIGKILL, _text(exc.stdout), _text(exc.stderr) + "\n(timeout)", None
+        )
+    value = None
+    stdout = done.stdout
+    if _RESULT_MARK in stdout:
+        stdout, _, tail = stdout.rpartition(_RESULT_MARK)
+        value = json.loads(tail)
+    return ChildResult(done.returncode, stdout, done.stderr, value)
+
+
+def _text(data: str | bytes | None) -> str:
+    if data is None:
+        return ""
+    return data if isinstance(data, str) else data.decode(errors="replace")
+
+
+# ---------------------------------------------------------------- the kernel's view
+
+
+@dataclass(frozen=True)
+class Vma:
+    """One line of /proc/self/maps: [start, end) with its permissions."""
+
+    start: int
+    end: int
+    perms: Perm
+
+
+def read_maps() -> list[Vma]:
+    """/proc/self/maps, read in one go with few allocations (so that reading
+    it does not itself map memory between a change and the check)."""
+    fd = os.open("/proc/self/maps", os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    vmas = []
+    for line in b"".join(chunks).splitlines():
+        span, flags = line.split(maxsplit=2)[:2]
+        lo, hi = span.split(b"-")
+        vmas.append(Vma(int(lo, 16), int(hi, 16), _PERMS[flags[:3]]))
+    return vmas
+
+
+_PERMS = {str(perms).encode(): perms for perms in map(Perm, range(8))}
+
+
+def page_perms(vmas: list[Vma], start: int, length: int, page: int) -> list[Perm | None]:
+    """The protection of each page of [start, start + length); None where unmapped."""
+    pages: list[Perm | None] = [None] * (length // page)
+    end = start + length
+    for vma in vmas:
+        if vma.end <= start or vma.start >= end:
+            continue
+        for index in range(
+            (max(vma.start, start) - start) // page, (min(vma.end, end) - start) // page
+        ):
+            pages[index] = vma.perms
+    return pages
+
+
+def mapped_bytes(vmas: list[Vma], start: int, length: int) -> int:
+    """How many bytes of [start, start + length) are mapped."""
+    end = start + length
+    return sum(max(0, min(v.end, end) - max(v.start, start)) for v in vmas)
+
+
+def status_kib(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (VmSize, VmRSS ...)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def fork_child(body: Callable[[], object]) -> int:
+    """Fork; run ``body`` in the child, which leaves with 0 if it returns a true
+    value or None, 2 if it returns a false one, 3 if it raises. The child's pid."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 3
+        try:
+            result = body()
+            code = 0 if result is None or result else 2
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait_child(pid: int, timeout: float = 30.0) -> int:
+    """The child's wait status; it is killed (and SIGKILL reported) after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]

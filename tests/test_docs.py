@@ -4,11 +4,15 @@ Every ```python block of every page under docs/ runs, page by page, in the
 order of the page, in one fresh namespace per page (so a later block may use
 what an earlier one defined). A block that imports numpy is skipped when
 numpy is missing; a block right after the line ``<!-- no-test -->`` is not
-run at all (use it sparingly: for output that cannot run anywhere).
+run at all (use it sparingly: for output that cannot run anywhere); one
+right after ``<!-- needs-cpu -->`` is not run under an emulator
+(ARM64_EMULATED, set by the arm64 runs under qemu-user): for code that
+rewrites machine code which already ran, which qemu-user does not see.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from importlib.util import find_spec, module_from_spec, spec_from_file_location
@@ -18,6 +22,8 @@ import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 NO_TEST = "<!-- no-test -->"
+NEEDS_CPU = "<!-- needs-cpu -->"
+EMULATED = os.environ.get("ARM64_EMULATED", "")
 FENCE = re.compile(r"^```python\n(.*?)^```$", flags=re.M | re.S)
 NEEDS_NUMPY = re.compile(r"^\s*(import numpy|from numpy|import mmap_alloc\.numpy)", flags=re.M)
 
@@ -27,6 +33,7 @@ class Block:
     line: int
     code: str
     skipped: bool
+    needs_cpu: bool = False
 
 
 def blocks(text: str) -> list[Block]:
@@ -36,7 +43,12 @@ def blocks(text: str) -> list[Block]:
     for match in FENCE.finditer(text):
         before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
         found.append(
-            Block(text.count("\n", 0, match.start(1)) + 1, match.group(1), before == NO_TEST)
+            Block(
+                text.count("\n", 0, match.start(1)) + 1,
+                match.group(1),
+                before == NO_TEST,
+                before == NEEDS_CPU,
+            )
         )
     return found
 
@@ -52,13 +64,15 @@ def test_the_site_has_pages_with_examples() -> None:
 def test_blocks_finds_each_block_its_line_and_its_marker() -> None:
     text = "# t\n\n```python\na = 1\n```\n\n<!-- no-test -->\n```python\nb = 2\n```\n"
     assert blocks(text) == [Block(4, "a = 1\n", False), Block(9, "b = 2\n", True)]
+    text = "<!-- needs-cpu -->\n```python\nc = 3\n```\n"
+    assert blocks(text) == [Block(3, "c = 3\n", False, True)]
 
 
 @pytest.mark.parametrize("page", WITH_CODE, ids=[str(page.relative_to(DOCS)) for page in WITH_CODE])
 def test_page_examples_run_in_order(page: Path, capsys: pytest.CaptureFixture[str]) -> None:
     namespace: dict[str, object] = {"__name__": "docs"}
     for block in blocks(page.read_text()):
-        if block.skipped:
+        if block.skipped or (block.needs_cpu and EMULATED):
             continue
         if NEEDS_NUMPY.search(block.code) and find_spec("numpy") is None:
             continue

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from machine_code import REWRITES_RUN_CODE
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MACHINE = platform.machine().lower()
 X86_64 = MACHINE in ("x86_64", "amd64")
@@ -185,6 +187,30 @@ def test_jit_expr_refuses_a_constant_too_large_for_a_double() -> None:
     assert result.returncode == 1
     assert "too large for a float64" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(
+    not X86_64 and MACHINE not in ("aarch64", "arm64"), reason="x86-64 and arm64 only"
+)
+@REWRITES_RUN_CODE
+def test_jit_inline_cache_rewrites_the_call_site_a_thousand_times() -> None:
+    out = run_example("jit_inline_cache.py")
+    assert "1000 rewrites of the call site, 4000 calls through one function object" in out
+    assert "every result matched Python (4000 checked)" in out
+    assert "heap views in /proc/self/maps: r-x, rw-\n" in out
+
+
+@pytest.mark.skipif(
+    not X86_64 and MACHINE not in ("aarch64", "arm64"), reason="x86-64 and arm64 only"
+)
+@REWRITES_RUN_CODE
+def test_jit_inline_cache_takes_its_counts_and_seed() -> None:
+    out = run_example("jit_inline_cache.py", "--rewrites", "7", "--hits", "0", "--seed", "3")
+    assert "7 rewrites of the call site, 7 calls" in out
+
+
+def test_jit_inline_cache_refuses_zero_rewrites() -> None:
+    assert "--rewrites must be at least 1" in usage_error("jit_inline_cache.py", "--rewrites", "0")
 
 
 def test_jit_add_refuses_arguments() -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from mmap_alloc import _fdshare
-from reliability_support import run_forked
+from support import run_forked
 
 
 class Owner:

@@ -21,6 +21,7 @@ from mmap_alloc._linux import (
     mapping_count,
     mappings,
     max_map_count,
+    memlock_error,
     memlock_limit,
     overcommit_mode,
     read_int,
@@ -188,6 +189,17 @@ def test_mapping_count_grows_by_one_for_a_separate_mapping() -> None:
     with MapAlloc().reserve(PAGE_SIZE) as region:  # PROT_NONE: merges with nothing here
         assert mapping_count() in (before, before + 1)
         assert any(m.start <= region.address < m.end and m.perms == Perm.NONE for m in mappings())
+
+
+def test_a_lock_refused_without_a_memlock_limit_names_the_map_count() -> None:
+    exc = memlock_error(OSError(errno.ENOMEM, "no"), 4096)
+    assert isinstance(exc, AllocError)
+    assert "vm.max_map_count" in str(exc)  # this suite runs as root: the limit does not bind
+
+
+def test_other_lock_errors_stay_as_they_are() -> None:
+    original = OSError(errno.EINVAL, "bad range")
+    assert memlock_error(original, 4096) is original
 
 
 # ---------------------------------------------------------------- memory and descriptors

@@ -5,10 +5,13 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from mmap_alloc import MapAlloc
+from mmap_alloc import MapAlloc, Perm, Region
+from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mappings
 from mmap_alloc.backings import Backing, thp_available
 
@@ -93,6 +96,62 @@ def test_unreadable_region_gives_no_array() -> None:
     region = MapAlloc(read=False, write=False).alloc(4096)
     with region, pytest.raises(BufferError, match="not readable"):
         region.ndarray(np.uint8, 1)
+
+
+@pytest.fixture
+def guarded(alloc: MapAlloc) -> Iterator[Region]:
+    """Four pages: a guard page (no access), two read/write pages, a read-only page."""
+    region = alloc.alloc(4 * P)
+    region.protect(Perm.NONE, 0, P)
+    region.protect(Perm.READ, 3 * P, P)
+    yield region
+    region.close()
+
+
+@pytest.mark.parametrize("make", [Region.ndarray, mnp.ndarray], ids=["method", "numpy.ndarray"])
+def test_an_array_on_the_usable_middle_of_a_guarded_region_works(
+    guarded: Region, make: Any
+) -> None:
+    with pytest.raises(BufferError):
+        np.frombuffer(guarded, dtype=np.uint8)  # the whole region: the guard page is in it
+    array = make(guarded, np.float64, (2, P // 8), P)
+    array[1, -1] = 1.5
+    assert guarded[3 * P - 8 : 3 * P] == np.float64(1.5).tobytes()
+    assert array.flags.writeable
+    with pytest.raises(BufferError):
+        guarded.protect(Perm.READ, P, P)  # the array needs WRITE there
+    with pytest.raises(BufferError):
+        guarded.close()
+    del array
+
+
+@pytest.mark.parametrize("make", [Region.ndarray, mnp.ndarray], ids=["method", "numpy.ndarray"])
+def test_an_array_touching_a_read_only_page_is_read_only(guarded: Region, make: Any) -> None:
+    array = make(guarded, np.uint8, 16, 3 * P - 8)
+    assert not array.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        array[0] = 1
+    del array
+
+
+@pytest.mark.parametrize("make", [Region.ndarray, mnp.ndarray], ids=["method", "numpy.ndarray"])
+@pytest.mark.parametrize("offset", [0, P - 8], ids=["on-the-guard", "into-the-guard"])
+def test_an_array_touching_an_unreadable_page_is_buffer_error(
+    guarded: Region, make: Any, offset: int
+) -> None:
+    with pytest.raises(BufferError, match="not readable"):
+        make(guarded, np.uint8, 16, offset)
+    assert guarded._exports == 0
+
+
+def test_an_array_on_pages_opened_in_a_reservation(alloc: MapAlloc) -> None:
+    with alloc.reserve(64 * P) as reservation:
+        reservation.protect(Perm.READ | Perm.WRITE, 16 * P, 4 * P)
+        array = reservation.ndarray(np.int64, 4 * P // 8, 16 * P)
+        array[:] = 7
+        assert reservation[16 * P] == 7
+        del array
+        reservation.protect(Perm.NONE)
 
 
 def test_ndarray_of_a_closed_region_is_a_value_error(alloc: MapAlloc) -> None:

@@ -9,11 +9,8 @@ import itertools
 import os
 import queue
 import resource
-import signal
 import sys
 import threading
-import time
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +38,7 @@ except ImportError:  # pragma: no cover
 from mmap_alloc import MapAlloc, ObjectPool, PoolStats, Region, _mman
 from mmap_alloc import pool as pool_module
 from mmap_alloc._linux import PAGE_SIZE, hugepage_pool, mapping_count
+from support import fork_child, run_forked, wait_child
 
 MiB = 1 << 20
 
@@ -616,30 +614,6 @@ def test_threads_alloc_and_free_across_threads() -> None:
         assert shared.stats().slabs <= pool_module.KEEP_EMPTY + pool_module.KEEP_SPARE
 
 
-def _wait(pid: int, timeout: float = 30.0) -> int:
-    """The child's exit status; kills it (and fails) if it hangs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail("the child hung")
-
-
-def _child(body: object) -> None:
-    """Run ``body`` in this (forked) child and exit with 0 if it returns True."""
-    code = 1
-    try:
-        code = 0 if body() else 2  # type: ignore[operator]
-    except BaseException:
-        code = 3
-    finally:
-        os._exit(code)
-
-
 def test_child_allocates_and_frees_from_a_pool_made_before_fork() -> None:
     with ObjectPool(64, slab_size=PAGE_SIZE) as pool:
         parent = pool.alloc_many(100)
@@ -658,10 +632,7 @@ def test_child_allocates_and_frees_from_a_pool_made_before_fork() -> None:
             pool.close()
             return ok
 
-        pid = os.fork()
-        if pid == 0:
-            _child(body)
-        assert _wait(pid) == 0
+        assert wait_child(fork_child(body)) == 0
         assert len(pool) == 100  # the parent's pool is its own
         assert all(read(a, 64) == pattern(i, 64) for i, a in enumerate(parent))
 
@@ -670,24 +641,29 @@ def test_child_grows_a_pool_that_a_thread_was_growing_at_fork() -> None:
     held, release = threading.Event(), threading.Event()
 
     class SlowAlloc(MapAlloc):
-        def alloc(self, size: int, align: int | None = None) -> Region:
+        def alloc(
+            self,
+            size: int,
+            align: int | None = None,
+            *,
+            near: int | None = None,
+            within: int = 1 << 31,
+        ) -> Region:
             if threading.current_thread() is not threading.main_thread():
                 held.set()
                 release.wait()  # inside the pool's growth, holding nothing
-            return super().alloc(size, align)
+            return super().alloc(size, align, near=near, within=within)
 
     with ObjectPool(64, slab_size=PAGE_SIZE, alloc=SlowAlloc()) as pool:
         grower = threading.Thread(target=lambda: pool.free(pool.alloc()))
         grower.start()
         held.wait()
         try:
-            pid = os.fork()
-            if pid == 0:
-                _child(lambda: len(pool.alloc_many(1000)) == 1000)
+            pid = fork_child(lambda: len(pool.alloc_many(1000)) == 1000)
         finally:
             release.set()
             grower.join(timeout=60)
-        assert _wait(pid) == 0
+        assert wait_child(pid) == 0
 
 
 def test_alloc_many_that_cannot_map_a_slab_takes_nothing() -> None:
@@ -710,10 +686,7 @@ def test_alloc_many_that_cannot_map_a_slab_takes_nothing() -> None:
                 return False
             return len(pool) == 10 and all(a in pool for a in live) and pool.alloc() not in live
 
-        pid = os.fork()
-        if pid == 0:
-            _child(body)
-        assert _wait(pid) == 0
+        assert wait_child(fork_child(body)) == 0
 
 
 # ---------------------------------------------------------------- stress
@@ -920,30 +893,19 @@ def test_pool_against_a_model() -> None:
     """The state machine runs in a forked child: hypothesis grows Python's heap
     between the slabs the pools map and unmap, which leaves the parent with
     more (smaller) mappings than it had, though none leaked."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        code = 0
-        try:
-            run_state_machine_as_test(  # type: ignore[no-untyped-call,unused-ignore]
-                PoolMachine,
-                settings=settings(
-                    max_examples=60,
-                    stateful_step_count=40,
-                    deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow],
-                ),
-            )
-        except BaseException:
-            os.write(write_end, traceback.format_exc().encode())
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as report:
-        failure = report.read().decode(errors="replace")
-    assert _wait(pid, timeout=300) == 0, failure
+    run_forked(_run_pool_machine, timeout=300)
+
+
+def _run_pool_machine() -> None:
+    run_state_machine_as_test(  # type: ignore[no-untyped-call,unused-ignore]
+        PoolMachine,
+        settings=settings(
+            max_examples=60,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
 
 
 def test_alloc_many_takes_any_integer_with_index(pool: ObjectPool) -> None:

@@ -21,7 +21,7 @@ import pytest
 
 from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE, mapping_count, max_map_count
-from reliability_support import page_perms, read_maps, run_child, status_kib
+from support import page_perms, read_maps, run_child, status_kib
 
 PAGE = PAGE_SIZE
 MIB = 1 << 20

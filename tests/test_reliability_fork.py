@@ -10,45 +10,15 @@ import contextlib
 import os
 import random
 import threading
-import time
-import traceback
-from collections.abc import Callable
 
 import pytest
 
 from mmap_alloc import CannotReallocInPlace, MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE
-from reliability_support import describe_status, run_child
+from support import describe_status, fork_child, run_child, wait_child
 
 PAGE = PAGE_SIZE
 R, RW = Perm.READ, Perm.READ | Perm.WRITE
-
-
-def in_child(body: Callable[[], None]) -> int:
-    """Fork; run ``body`` in the child and leave with 0 (or 1 and a traceback)."""
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            body()
-            status = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(status)
-    return pid
-
-
-def wait(pid: int, timeout: float) -> int:
-    """The child's wait status; it is killed (and SIGKILL reported) after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        time.sleep(0.001)
-    os.kill(pid, 9)
-    return os.waitpid(pid, 0)[1]
 
 
 def exercise(alloc: MapAlloc, rnd: random.Random, rounds: int) -> None:
@@ -85,7 +55,7 @@ def child_frees_what_parent_made() -> dict[str, int]:
             alloc.dealloc(region)
         exercise(alloc, random.Random(1), 50)
 
-    status = wait(in_child(body), 60)
+    status = wait_child(fork_child(body), 60)
     assert status == 0, describe_status(
         -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
     )
@@ -123,9 +93,9 @@ def forks_while_allocating(forks: int) -> dict[str, int]:
 
     def fork_many() -> None:
         for _ in range(forks):
-            pid = in_child(child_body)
+            pid = fork_child(child_body)
             counts["forks"] += 1
-            statuses.append(wait(pid, 10))
+            statuses.append(wait_child(pid, 10))
             if statuses[-1] != 0:
                 break  # one hang or failure is enough to report
 

@@ -13,7 +13,7 @@ import tempfile
 
 import pytest
 
-from reliability_support import TESTS, describe_status
+from support import TESTS, describe_status
 
 pytest.importorskip("atheris", reason="atheris is not installed (pip install 'mmap-alloc[fuzz]')")
 

@@ -45,9 +45,19 @@ from typing import Any
 import pytest
 
 import mmap_alloc
-from mmap_alloc import MapAlloc, MapAllocError, ObjectPool, Perm, Region, _mman
+from mmap_alloc import (
+    CodeBlock,
+    CodeHeap,
+    MapAlloc,
+    MapAllocError,
+    ObjectPool,
+    Perm,
+    Region,
+    SecretBuffer,
+    _mman,
+)
 from mmap_alloc._linux import PAGE_SIZE
-from reliability_support import page_perms, read_maps, run_forked
+from support import page_perms, read_maps, run_forked
 
 try:
     import numpy
@@ -82,8 +92,11 @@ class World:
     code_alloc: MapAlloc
     regions: list[Region]
     pool: ObjectPool
+    secret: SecretBuffer
+    heap: CodeHeap
+    blocks: list[CodeBlock]
     exports: list[tuple[object, Any]] = field(default_factory=list)
-    functions: list[tuple[Region, Any]] = field(default_factory=list)
+    functions: list[tuple[object, Any]] = field(default_factory=list)
     objects: list[int] = field(default_factory=list)
     inside: int = 0
     """How deep the world is inside library calls made by operations."""
@@ -105,8 +118,17 @@ def make_world() -> World:
     code[: len(RET)] = RET
     code.make_exec()
     world = World(
-        alloc, code_alloc, [plain, mixed, reservation, code], ObjectPool(64, slab_size=PAGE)
+        alloc,
+        code_alloc,
+        [plain, mixed, reservation, code],
+        ObjectPool(64, slab_size=PAGE),
+        SecretBuffer.from_bytes(b"k" * 100, lock="best_effort"),
+        heap := CodeHeap(1 << 20),
+        [heap.alloc(64) for _ in range(3)],
     )
+    for block in world.blocks:
+        block.write(RET)
+    world.functions.append((world.blocks[0], world.blocks[0].function(NoArgs)))
     world.functions.append((code, code.function(NoArgs)))
     world.objects.extend(world.pool.alloc_many(70))  # more than one slab
     return world
@@ -120,6 +142,8 @@ def teardown(world: World) -> None:
     for region in world.regions:
         region.close()
     world.pool.close()
+    world.secret.close()
+    world.heap.close()
 
 
 # ---------------------------------------------------------------- operations
@@ -345,6 +369,68 @@ def op_pool_close(world: World) -> None:
     call(world, world.pool.close)
 
 
+def _read_secret(secret: SecretBuffer) -> None:
+    with secret.open() as view:
+        view[0:10].tobytes()
+
+
+def op_secret_read(world: World) -> None:
+    call(world, _read_secret, world.secret)
+
+
+def op_secret_write(world: World) -> None:
+    call(world, world.secret.write, b"0123456789", 5)
+
+
+def op_secret_noaccess(world: World) -> None:
+    call(world, world.secret.noaccess)
+
+
+def op_secret_readwrite(world: World) -> None:
+    call(world, world.secret.readwrite)
+
+
+def op_secret_compare(world: World) -> None:
+    call(world, world.secret.compare, b"k" * 100)
+
+
+def op_secret_close(world: World) -> None:
+    call(world, world.secret.close)
+
+
+def op_code_alloc(world: World) -> None:
+    world.blocks.append(call(world, world.heap.alloc, 48))
+
+
+def op_code_write(world: World) -> None:
+    call(world, world.blocks[-1].write, RET)
+
+
+def _write_through_writer(block: CodeBlock) -> None:
+    with block.writer() as view:
+        view[: len(RET)] = RET
+
+
+def op_code_writer(world: World) -> None:
+    call(world, _write_through_writer, world.blocks[0])
+
+
+def op_code_function(world: World) -> None:
+    block = world.blocks[-1]
+    world.functions.append((block, call(world, block.function, NoArgs)))
+
+
+def op_code_free(world: World) -> None:
+    block = world.blocks[-1]
+    call(world, world.heap.free, block)
+    if block.closed:
+        world.blocks.remove(block)
+
+
+def op_code_close(world: World) -> None:
+    call(world, world.heap.close)
+
+
 OPERATIONS: dict[str, Callable[[World], None]] = {
     name[3:]: function for name, function in sorted(globals().items()) if name.startswith("op_")
 }
@@ -384,6 +470,19 @@ def check(world: World) -> None:
         assert region._pins == pins, ("pins", region._pins, pins)
         if region._prot >= 0 and region._prot & R:
             bytes(region)  # a page the record calls readable that is not: SIGSEGV here
+    heap = world.heap
+    if not heap.closed:
+        for start in (heap.address, heap._writable_address):  # never writable and executable
+            for perms in page_perms(read_maps(), start, heap.capacity, PAGE):
+                assert perms is None or not (perms & W and perms & X), "rwx code heap"
+        for block in world.blocks:
+            if not block.closed:
+                pins = sum(1 for owner, _ in world.functions if owner is block)
+                assert block._pins == pins, ("block pins", block._pins, pins)
+    secret = world.secret
+    if not secret.closed and secret.access != "none":
+        with secret.open() as view:  # the pages the kernel says are open really are
+            bytes(view)
     pool = world.pool
     assert len(set(world.objects)) == len(world.objects)
     if not pool.closed:
@@ -515,6 +614,8 @@ def collect_everywhere(name: str, others: list[str]) -> None:
 NAMES = sorted(OPERATIONS)
 SHORT_OTHERS = [
     "close",
+    "code_close",
+    "code_free",
     "dealloc",
     "drop_function",
     "memoryview",
@@ -525,6 +626,8 @@ SHORT_OTHERS = [
     "realloc_grow",
     "realloc_mixed",
     "release",
+    "secret_close",
+    "secret_noaccess",
     "shrink_in_place",
     "uncommit",
 ]

@@ -20,7 +20,7 @@ import pytest
 
 from mmap_alloc import AllocError, MapAlloc, Perm
 from mmap_alloc._linux import PAGE_SIZE, mapping_count
-from reliability_support import run_child
+from support import run_child
 
 PAGE = PAGE_SIZE
 NoArgs = ctypes.CFUNCTYPE(None)

@@ -45,7 +45,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from mmap_alloc import CannotReallocInPlace, MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE
-from reliability_support import mapped_bytes, page_perms, read_maps
+from support import mapped_bytes, page_perms, read_maps
 
 try:
     import numpy

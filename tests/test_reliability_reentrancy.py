@@ -18,8 +18,7 @@ import pytest
 
 from mmap_alloc import MapAlloc, MapAllocError, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE
-from reliability_support import page_perms, read_maps, run_forked
-from support import kernel_runs
+from support import kernel_runs, page_perms, read_maps, run_forked
 
 PAGE = PAGE_SIZE
 RW = Perm.READ | Perm.WRITE

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from mmap_alloc import AllocError, MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE
-from reliability_support import run_forked
+from support import run_forked
 
 PAGE = PAGE_SIZE
 R, RW = Perm.READ, Perm.READ | Perm.WRITE

@@ -16,7 +16,7 @@ import pytest
 
 from mmap_alloc import CannotReallocInPlace, MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE
-from reliability_support import run_child
+from support import run_child
 
 PAGE = PAGE_SIZE
 R, RW = Perm.READ, Perm.READ | Perm.WRITE

@@ -29,8 +29,7 @@ from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mapping_count, shmem_thp_mode, thp_size
 from mmap_alloc.backings import Backing
 from mmap_alloc.features import madv_collapse
-from reliability_support import run_forked
-from support import is_mapped, kernel_runs
+from support import is_mapped, kernel_runs, run_forked
 
 MiB = 1 << 20
 HUGE_2M = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")

@@ -9,6 +9,7 @@ import pytest
 from mmap_alloc import MapAlloc, Perm, Region, stats
 from mmap_alloc.backings import Backing, thp_available
 from mmap_alloc.stats import AllocStats, RegionStats
+from support import adjacent_pair
 
 needs_thp = pytest.mark.skipif(not thp_available(), reason="transparent huge pages unavailable")
 
@@ -103,6 +104,53 @@ def test_huge_bytes_fall_back_to_smaps_without_pagemap_scan(
         from_smaps = region.stats().huge_bytes
     assert 0 < from_smaps <= 8 << 20
     assert exact > 0
+
+
+# ---------------------------------------------------------------- locked bytes
+
+
+def test_a_fresh_region_has_nothing_locked(alloc: MapAlloc, page: int) -> None:
+    with alloc.alloc(16 * page) as region:
+        touch(region, 16, page)
+        assert region.stats().locked_bytes == 0
+
+
+def test_lock_locks_every_page_of_the_range_and_unlock_releases_them(
+    alloc: MapAlloc, page: int
+) -> None:
+    with alloc.alloc(16 * page) as region:
+        region.lock()
+        assert region.stats().locked_bytes == 16 * page  # mlock faults every page in
+        assert region.stats().resident_bytes == 16 * page
+        region.unlock(0, 4 * page)
+        assert region.stats().locked_bytes == 12 * page
+        region.unlock()
+        assert region.stats().locked_bytes == 0
+
+
+def test_lock_on_fault_locks_only_the_pages_touched(alloc: MapAlloc, page: int) -> None:
+    with alloc.alloc(16 * page) as region:
+        region.lock(on_fault=True)
+        assert region.stats().locked_bytes == 0
+        assert region.stats().resident_bytes == 0
+        touch(region, 3, page)
+        assert region.stats().locked_bytes == 3 * page
+        region.unlock()
+        assert region.stats().locked_bytes == 0
+
+
+def test_locked_bytes_count_only_the_regions_own_pages(alloc: MapAlloc, page: int) -> None:
+    """Two locked neighbours may share one kernel mapping; the figure is per region."""
+    first, second = adjacent_pair(alloc, 4 * page, 4 * page)
+    with first, second:
+        first.lock(on_fault=True)
+        second.lock(on_fault=True)
+        touch(first, 1, page)
+        touch(second, 4, page)
+        assert first.stats().locked_bytes == page
+        assert second.stats().locked_bytes == 4 * page
+        first.unlock()
+        second.unlock()
 
 
 # ---------------------------------------------------------------- allocators

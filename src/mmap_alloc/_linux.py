@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import platform
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,6 +318,24 @@ def memory_available() -> int | None:
     return available
 
 
+def mmap_min_addr() -> int:
+    """vm.mmap_min_addr: the lowest address a process may map (65536 if unknown)."""
+    return read_int("/proc/sys/vm/mmap_min_addr", 65536)
+
+
+def selinux_mode() -> str | None:
+    """SELinux: "enforcing" or "permissive", or None where it is not enabled."""
+    value = read_text("/sys/fs/selinux/enforce")
+    if value == "":
+        return None
+    return "enforcing" if value == "1" else "permissive"
+
+
+USER_ADDRESS_END: int = 1 << 47 if platform.machine().lower() in ("x86_64", "amd64") else 1 << 48
+"""The end of the user address space with 4-level page tables (x86-64: 47 bits,
+arm64: 48 bits); a kernel with fewer bits refuses addresses past its end."""
+
+
 def max_map_count() -> int:
     """vm.max_map_count: how many mappings a process may hold (-1 if unknown)."""
     return read_int("/proc/sys/vm/max_map_count", -1)
@@ -343,6 +362,10 @@ class Mapping:
     name: str
 
 
+_perms_of = functools.cache(Perm.parse)
+"""Perm.parse of the "rwx" column, remembered (a few of them recur on every line)."""
+
+
 def mappings() -> list[Mapping]:
     """The process's mappings, as /proc/self/maps lists them."""
     result = []
@@ -355,7 +378,7 @@ def mappings() -> list[Mapping]:
                 Mapping(
                     int(start, 16),
                     int(end, 16),
-                    Perm.parse(flags[:3]),
+                    _perms_of(flags[:3]),
                     flags[3] == "p",
                     fields[5].strip() if len(fields) > 5 else "",
                 )
@@ -484,15 +507,24 @@ def resident_bytes(address: int, length: int) -> int:
 
 def memlock_error(exc: OSError, length: int) -> Exception:
     """The exception a refused mlock of ``length`` bytes becomes: an AllocError
-    naming RLIMIT_MEMLOCK and its value where the limit is the reason."""
+    naming RLIMIT_MEMLOCK and its value where the limit can be the reason, and
+    vm.max_map_count where the limit cannot (no limit, or CAP_IPC_LOCK)."""
     if exc.errno not in (errno.ENOMEM, errno.EAGAIN, errno.EPERM):
         return exc
     soft, _hard = memlock_limit()
-    limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+    reason = os.strerror(exc.errno or errno.ENOMEM)
+    if soft == resource.RLIM_INFINITY or os.geteuid() == 0:
+        hint = (
+            "RLIMIT_MEMLOCK does not bind here; locking part of a mapping splits it, "
+            f"and the process may hold vm.max_map_count ({max_map_count()}) mappings"
+        )
+    else:
+        hint = (
+            f"RLIMIT_MEMLOCK is {soft} bytes; raise it with `ulimit -l` or setrlimit, "
+            "or run with CAP_IPC_LOCK"
+        )
     return AllocError(
-        f"cannot lock {length} bytes in memory: {os.strerror(exc.errno or errno.ENOMEM)} "
-        f"(RLIMIT_MEMLOCK is {limit}; raise it with `ulimit -l` or setrlimit, "
-        "or run with CAP_IPC_LOCK)",
+        f"cannot lock {length} bytes in memory: {reason} ({hint})",
         errno=exc.errno or errno.ENOMEM,
         size=length,
     )

@@ -9,6 +9,7 @@ from ._args import size as size_argument
 from ._linux import MADV_DONTNEED, MAP_NORESERVE, PAGE_SIZE, PROT_NONE, alloc_error
 from ._mman import Allocator
 from ._mman import Region as KernelRegion
+from ._near import DEFAULT_WITHIN, check_near, map_near
 from .backings import Backing, HugePages, PageSource, select
 from .exceptions import CLOSED
 from .perm import Perm, effective_perms
@@ -23,13 +24,31 @@ class Layout(NamedTuple):
     align: int
 
 
-def _alloc_slow(alloc: MapAlloc, size: object, align: object = None) -> KernelRegion:
+def _alloc_slow(
+    alloc: MapAlloc,
+    size: object,
+    align: object = None,
+    *,
+    near: object = None,
+    within: object = DEFAULT_WITHIN,
+) -> KernelRegion:
     """alloc() for what the C fast path does not take: argument checks,
-    alignment, and the error a refusal becomes."""
+    alignment, placement near an address, and the error a refusal becomes."""
     page = alloc._page
     n = size_argument(size, page)
     capacity = (n + page - 1) & -page
     alignment = page if align is None else max(page, power_of_two(align, "align"))
+    if near is not None or within != DEFAULT_WITHIN:
+        address, reach = check_near(near, within)
+        return map_near(
+            address,
+            reach,
+            capacity,
+            alignment,
+            lambda at: alloc._map(n, capacity, alignment, at),
+            "a region",
+            alloc._pages.alloc_error,
+        )
     if capacity + alignment - page > alloc._max_size:
         raise alloc._pages.alloc_error(OSError(12, "too large"), n)
     try:
@@ -154,9 +173,23 @@ class MapAlloc(Allocator):
 
     if TYPE_CHECKING:
 
-        def alloc(self, size: int, align: int | None = None) -> Region:
+        def alloc(
+            self,
+            size: int,
+            align: int | None = None,
+            *,
+            near: int | None = None,
+            within: int = DEFAULT_WITHIN,
+        ) -> Region:
             """A new region of at least ``size`` bytes (whole pages), zero-filled,
-            page-aligned (or aligned to ``align``, a power of two)."""
+            page-aligned (or aligned to ``align``, a power of two).
+
+            With ``near``: every byte of the region lies less than ``within``
+            bytes from ``near`` (default 2 GiB: the reach of x86-64 ``call
+            rel32``), or AllocError. An existing mapping is never replaced. The
+            region keeps its address; realloc() may move it out of reach
+            (grow_in_place() never moves it).
+            """
 
     def alloc_zeroed(self, size: int, align: int | None = None) -> Region:
         """As alloc(): fresh pages from the kernel are zero-filled already."""
@@ -176,11 +209,22 @@ class MapAlloc(Allocator):
         rounded = (n + self._mask) & ~self._mask
         return rounded - self._page + 1, rounded
 
-    def reserve(self, size: int, align: int | None = None) -> Region:
+    def reserve(
+        self,
+        size: int,
+        align: int | None = None,
+        *,
+        near: int | None = None,
+        within: int = DEFAULT_WITHIN,
+    ) -> Region:
         """Address space only: a region of ``size`` bytes with Perm.NONE,
         nothing counted against RAM or the commit limit. Make pieces usable
         with ``region.protect()``; release them with uncommit() +
-        ``protect(Perm.NONE)``. Normal-page allocators only."""
+        ``protect(Perm.NONE)``. Normal-page allocators only.
+
+        With ``near``: every byte of it lies less than ``within`` bytes from
+        ``near`` (default 2 GiB), or AllocError; an existing mapping is never
+        replaced."""
         if self._pages.page != PAGE_SIZE:
             raise ValueError(
                 "reserve() needs an allocator of normal pages: huge pages cannot be "
@@ -189,9 +233,8 @@ class MapAlloc(Allocator):
         n = size_argument(size, PAGE_SIZE)
         capacity = -(-n // PAGE_SIZE) * PAGE_SIZE
         alignment = PAGE_SIZE if align is None else max(PAGE_SIZE, power_of_two(align, "align"))
-        if capacity + alignment - PAGE_SIZE > self._max_size:
-            raise alloc_error(OSError(12, "too large"), n)
-        try:
+
+        def map_at(address: int | None) -> Region:
             return Region._map(
                 n,
                 capacity,
@@ -203,7 +246,16 @@ class MapAlloc(Allocator):
                 alignment,
                 self,
                 Backing.NORMAL,
+                address,
             )
+
+        if near is not None or within != DEFAULT_WITHIN:
+            address, reach = check_near(near, within)
+            return map_near(address, reach, capacity, alignment, map_at, "a reservation")
+        if capacity + alignment - PAGE_SIZE > self._max_size:
+            raise alloc_error(OSError(12, "too large"), n)
+        try:
+            return map_at(None)
         except OSError as exc:
             raise alloc_error(exc, n) from None
 

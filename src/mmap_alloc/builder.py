@@ -59,7 +59,7 @@ class MapAllocBuilder:
         return dataclasses.replace(self, huge_page_size=size)
 
     def huge(self, mode: str | None) -> MapAllocBuilder:
-        """The huge page mode: "hugetlb", "thp" or "prefer" (see mmap_alloc.hugepages);
+        """The huge page mode: "hugetlb", "thp" or "prefer" (see mmap_alloc.backings);
         None for normal pages (or hugetlb pages if huge_pagesize is set)."""
         return dataclasses.replace(self, huge_mode=mode)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno as _errno
 
-from ._mman import _register_errors
+from ._mman import _register_errors, _register_secret_errors
 
 
 class MapAllocError(Exception):
@@ -27,7 +27,20 @@ class CannotReallocInPlace(MapAllocError):
     """The region cannot grow or shrink without moving; nothing was changed."""
 
 
+class MemoryCorruptionError(MapAllocError):
+    """The canary before a SecretBuffer was overwritten: a write out of bounds
+    corrupted memory next to the secret.
+
+    Raised by ``close()`` of a buffer made with ``on_corruption="raise"``,
+    after the buffer was wiped and unmapped. (The default, "abort", ends the
+    process at once, as libsodium does.) Found when a buffer is garbage
+    collected, it cannot be raised: Python reports it as an unraisable
+    exception (``sys.unraisablehook``).
+    """
+
+
 CLOSED = "region is closed"
 """The message of the ValueError for any use of a closed region."""
 
 _register_errors(AllocError, CannotReallocInPlace)
+_register_secret_errors(MemoryCorruptionError)

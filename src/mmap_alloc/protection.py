@@ -53,20 +53,21 @@ def function(region: Region, prototype: type[F], offset: object = 0) -> F:
             f"{platform.machine()}), got {at}"
         )
     pin = region._pin(at)  # checks and pins in one call; unpins when the pin dies
-    fn = _function_type(prototype)(pin.address)
+    fn = function_type(prototype, __name__)(pin.address)
     fn._mmap_alloc_pin = pin  # type: ignore[attr-defined]
     fn.region = region  # type: ignore[attr-defined]
     fn.offset = at  # type: ignore[attr-defined]
     return fn
 
 
-_function_types: dict[type[Any], type[Any]] = {}
+_function_types: dict[tuple[type[Any], str], type[Any]] = {}
 
 
-def _function_type(prototype: type[F]) -> type[F]:
-    """A subclass of ``prototype`` whose instances can hold their pin."""
+def function_type(prototype: type[F], module: str) -> type[F]:
+    """A subclass of ``prototype`` whose instances can hold their pin (one per
+    prototype and module, made once)."""
     try:
-        return _function_types[prototype]
+        return _function_types[prototype, module]
     except KeyError:
         pass
     namespace: dict[str, object] = {
@@ -74,11 +75,11 @@ def _function_type(prototype: type[F]) -> type[F]:
         for name in ("_flags_", "_restype_", "_argtypes_")
         if hasattr(prototype, name)
     }
-    namespace["__doc__"] = "Machine code in a Region, called through ctypes; pins the region."
-    namespace["__module__"] = __name__
+    namespace["__doc__"] = "Machine code called through ctypes; holds a pin on its memory."
+    namespace["__module__"] = module
     metaclass: Any = type(prototype)
     cls: type[F] = metaclass(prototype.__name__, (prototype,), namespace)
-    _function_types[prototype] = cls
+    _function_types[prototype, module] = cls
     return cls
 
 

@@ -8,6 +8,7 @@ the record as Perm values, the context manager, and conveniences.
 
 from __future__ import annotations
 
+import errno
 import math
 from _ctypes import CFuncPtr
 from collections.abc import Iterator
@@ -91,9 +92,13 @@ class Region(KernelRegion, ClosesOnExit):
         "nohugepage", "collapse", "dontfork", "dofork", "dontdump", "dodump",
         "wipeonfork", "keeponfork", "populate_read", "populate_write".
 
-        Advice that discards contents ("dontneed", "free", "pageout") follows
-        uncommit's rules: refused (BufferError) while functions pin the region.
-        An unknown name is a ValueError; one the kernel lacks an OSError naming it.
+        ``offset`` and ``length`` are read as for commit(): whole pages, the
+        length rounded up, None to the end. Advice that discards contents
+        ("dontneed", "free", "pageout") follows uncommit's rules: refused
+        (BufferError) while functions from function() pin the region. Pages
+        advised "dontfork" are zero pages in a forked child, never a hole.
+        An unknown name is a ValueError listing the names; advice the kernel
+        refuses an OSError naming it (and the kernel that introduced it).
         """
         try:
             value = ADVICE[advice]
@@ -105,21 +110,22 @@ class Region(KernelRegion, ClosesOnExit):
         except OSError as exc:
             if exc.errno is None:
                 raise
-            since = ADVICE_SINCE.get(advice)
-            need = f" (needs {since})" if since else ""
-            raise OSError(exc.errno, f"madvise({advice!r}) failed: {exc.strerror}{need}") from None
+            raise OSError(exc.errno, advice_error(advice, exc)) from None
 
     def lock(self, offset: int = 0, length: int | None = None, *, on_fault: bool = False) -> None:
-        """Lock pages in memory (mlock; with ``on_fault``, mlock2(MLOCK_ONFAULT):
-        pages are locked as they are faulted in). AllocError naming
-        RLIMIT_MEMLOCK when the limit refuses; ``stats().locked_bytes`` tells."""
+        """Lock whole pages in memory (mlock; with ``on_fault``,
+        mlock2(MLOCK_ONFAULT): pages are locked as they are faulted in, so only
+        touched pages count). ``offset`` and ``length`` as for advise().
+        AllocError naming RLIMIT_MEMLOCK and its value when the limit refuses;
+        ``stats().locked_bytes`` tells what is locked."""
         try:
-            self._mlock(bool(on_fault), offset, length)
+            self._mlock(1 if on_fault else 0, offset, length)
         except OSError as exc:
-            raise memlock_error(exc, self.capacity if length is None else length) from None
+            _start, n = self._page_range(offset, length)
+            raise memlock_error(exc, n) from None
 
     def unlock(self, offset: int = 0, length: int | None = None) -> None:
-        """Unlock pages locked by lock()."""
+        """Unlock pages locked by lock() (munlock); unlocking unlocked pages does nothing."""
         self._munlock(offset, length)
 
     def stats(self) -> RegionStats:
@@ -168,6 +174,34 @@ class Region(KernelRegion, ClosesOnExit):
     if TYPE_CHECKING:
 
         def __iter__(self) -> Iterator[int]: ...
+
+
+_EINVAL_HINTS = {
+    "dontneed": "pages locked by lock() cannot be discarded",
+    "free": "it applies to private anonymous memory that lock() did not lock",
+    "pageout": "it does not apply to pages locked by lock()",
+    "cold": "it does not apply to pages locked by lock()",
+    "hugepage": "it needs transparent huge pages (THP not 'never')",
+    "collapse": "it needs transparent huge pages and a range holding a whole aligned huge page",
+    "wipeonfork": "it applies to private anonymous memory only",
+    "keeponfork": "it applies to private anonymous memory only",
+}
+
+
+def advice_error(advice: str, exc: OSError) -> str:
+    """The message of an OSError from madvise: the advice by name, and where
+    the kernel answered EINVAL, the kernel that introduced the advice and
+    what else it needs."""
+    message = f"madvise({advice!r}) failed: {exc.strerror}"
+    if exc.errno != errno.EINVAL:
+        return message
+    notes = []
+    since = ADVICE_SINCE.get(advice)
+    if since:
+        notes.append(f"kernels before {since} lack it")
+    if advice in _EINVAL_HINTS:
+        notes.append(_EINVAL_HINTS[advice])
+    return f"{message} ({'; '.join(notes)})" if notes else message
 
 
 class ArrayPin:

@@ -14,7 +14,7 @@ import gc
 from dataclasses import dataclass
 from typing import Any
 
-from ._linux import PAGE_SIZE, pagemap_huge_bytes, resident_bytes, smaps
+from ._linux import PAGE_SIZE, SmapsEntry, pagemap_huge_bytes, resident_bytes, smaps
 from ._mman import Region as KernelRegion
 from .exceptions import CLOSED
 from .perm import Perm
@@ -35,7 +35,9 @@ class RegionStats:
     huge_bytes: int
     """Bytes of the capacity mapped by resident huge pages (THP or hugetlb)."""
     locked_bytes: int
-    """Bytes of the capacity locked in memory (mlock; smaps ``Locked:``)."""
+    """Bytes of the capacity locked in memory (region.lock(), mlock): smaps
+    ``Locked:``, resident pages only (``lock(on_fault=True)`` locks pages as
+    they are touched)."""
     kernel_page_size: int
     """The page size the kernel maps the region with (KernelPageSize in smaps)."""
     protections: tuple[tuple[int, int, Perm], ...]
@@ -58,6 +60,19 @@ def _overlap(entry_start: int, entry_end: int, start: int, end: int) -> int:
     return max(0, min(entry_end, end) - max(entry_start, start))
 
 
+def _locked_bytes(entry: SmapsEntry, start: int, end: int) -> int:
+    """Locked bytes of [start, end) in one smaps entry. smaps counts them per
+    mapping (``Locked:``, the mapping's resident pages when it is locked);
+    when the kernel merged the region with a locked neighbour, the mapping
+    reaches past the region, and the locked bytes inside are its resident
+    ones there (mincore): every resident page of a locked mapping is locked."""
+    locked: int = entry.sizes.get("Locked", 0)
+    if not locked or (start <= entry.start and entry.end <= end):
+        return locked
+    lo, hi = max(entry.start, start), min(entry.end, end)
+    return resident_bytes(lo, hi - lo) if lo < hi else 0
+
+
 def region_stats(region: Any) -> RegionStats:
     """Residency, huge page and locked bytes, kernel page size and protections."""
     if region.closed:
@@ -73,12 +88,7 @@ def region_stats(region: Any) -> RegionStats:
             min(sum(e.sizes.get(f, 0) for f in _HUGE_FIELDS), _overlap(e.start, e.end, start, end))
             for e in entries
         )
-    # smaps counts locked bytes per mapping: scale a mapping that reaches past
-    # the region (merged with a neighbour) to the part inside it
-    locked = sum(
-        e.sizes.get("Locked", 0) * _overlap(e.start, e.end, start, end) // (e.end - e.start)
-        for e in entries
-    )
+    locked = sum(_locked_bytes(e, start, end) for e in entries)
     page = max((e.sizes.get("KernelPageSize", PAGE_SIZE) for e in entries), default=PAGE_SIZE)
     return RegionStats(
         size=region.size,

@@ -26,7 +26,8 @@ typedef struct {
 /* Map capacity bytes with the first attempt the kernel accepts; NULL with
  * the last refusal's OSError set. */
 static PyObject *
-allocator_map(AllocatorObject *self, Py_ssize_t size, Py_ssize_t capacity, Py_ssize_t align)
+allocator_map(AllocatorObject *self, Py_ssize_t size, Py_ssize_t capacity, Py_ssize_t align,
+              char *address)
 {
     PyObject *region = NULL;
 
@@ -40,7 +41,8 @@ allocator_map(AllocatorObject *self, Py_ssize_t size, Py_ssize_t capacity, Py_ss
         }
         if (k > 0)
             PyErr_Clear();
-        region = region_map(self->region_type, size, capacity, spec, (PyObject *)self);
+        region = region_map_at(self->region_type, size, capacity, spec, (PyObject *)self,
+                               address);
         if (region != NULL)
             return region;
     }
@@ -75,7 +77,7 @@ allocator_alloc(AllocatorObject *self, PyObject *const *args, Py_ssize_t nargs,
     if (nargs >= 1 && PyLong_CheckExact(args[0]) && no_alignment(args, nargs, kwnames)) {
         Py_ssize_t size = PyLong_AsSsize_t(args[0]);
         if (size > 0 && size <= self->max_size) {
-            region = allocator_map(self, size, (size + self->mask) & ~self->mask, 0);
+            region = allocator_map(self, size, (size + self->mask) & ~self->mask, 0, NULL);
             if (region != NULL)
                 return region;
         }
@@ -105,23 +107,26 @@ allocator_alloc(AllocatorObject *self, PyObject *const *args, Py_ssize_t nargs,
     }
 }
 
-/* _map(size, capacity, align) -> Region: the attempts with an alignment (OSError
- * with errno when the kernel refuses them all) */
+/* _map(size, capacity, align, address=None) -> Region: the attempts with an
+ * alignment (OSError with errno when the kernel refuses them all); at address
+ * exactly when given, never replacing a mapping (see region_map_at) */
 static PyObject *
 allocator_map_method(AllocatorObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t size, capacity, align;
+    void *address = NULL;
 
-    if (check_nargs("_map", nargs, 3, 3) < 0 || arg_ssize(args[0], "size", &size) < 0
+    if (check_nargs("_map", nargs, 3, 4) < 0 || arg_ssize(args[0], "size", &size) < 0
         || arg_ssize(args[1], "capacity", &capacity) < 0
-        || arg_ssize(args[2], "align", &align) < 0)
+        || arg_ssize(args[2], "align", &align) < 0
+        || (nargs > 3 && args[3] != Py_None && arg_address(args[3], &address) < 0))
         return NULL;
     if (self->region_type == NULL || size == 0 || size > capacity || capacity % self->page
         || (align & (align - 1))) {
         PyErr_SetString(PyExc_ValueError, "bad mapping parameters");
         return NULL;
     }
-    return allocator_map(self, size, capacity, align);
+    return allocator_map(self, size, capacity, align, address);
 }
 
 static PyObject *
@@ -259,14 +264,16 @@ allocator_dealloc_object(AllocatorObject *self)
 
 static PyMethodDef allocator_methods[] = {
     {"alloc", (PyCFunction)(void (*)(void))allocator_alloc, METH_FASTCALL | METH_KEYWORDS,
-     "alloc($self, /, size, align=None)\n--\n\n"
+     "alloc($self, /, size, align=None, *, near=None, within=2147483648)\n--\n\n"
      "A new region of at least size bytes (whole pages), zero-filled, page-aligned\n"
-     "(or aligned to align, a power of two)."},
+     "(or aligned to align, a power of two); with near, every byte of it lies less\n"
+     "than within bytes from near."},
     {"dealloc", (PyCFunction)allocator_dealloc, METH_O,
      "dealloc($self, region, /)\n--\n\n"
      "Unmap the region. BufferError (nothing changed) while a buffer or function of it lives."},
     {"_map", (PyCFunction)(void (*)(void))allocator_map_method, METH_FASTCALL,
-     "_map(size, capacity, align) -> Region: map with the configured attempts."},
+     "_map(size, capacity, align, address=None) -> Region: map with the configured\n"
+     "attempts (at address exactly, never replacing a mapping, when given)."},
     {"_configure", (PyCFunction)(void (*)(void))allocator_configure, METH_FASTCALL,
      "_configure(page, max_size, prot, populate, attempts, region_type, slow)"},
     {NULL, NULL, 0, NULL},

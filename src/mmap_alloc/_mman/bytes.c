@@ -59,41 +59,77 @@ region_check_writable(RegionObject *self, Py_ssize_t start, Py_ssize_t end)
 /* ------------------------------------------------------------------ */
 /* bytes-like access                                                   */
 
+/* Whether the pages of a region all allow `need` (PROT_READ, PROT_WRITE)
+ * and its record is one run (the common case): the fast paths test this and
+ * nothing else, without a call. */
+static inline int
+uniform_allows(const RegionObject *self, int need)
+{
+    const Run *run = &self->rec.runs[0];
+
+    return self->rec.n == 1 && !(run->flags & RUN_GUARD) && (run->prot & need);
+}
+
 Py_ssize_t
 region_length(RegionObject *self)
 {
-    if (region_check_open(self) < 0)
+    if (self->data == NULL) {
+        PyErr_SetString(PyExc_ValueError, "region is closed");
         return -1;
+    }
     return self->size;
 }
 
-/* Read one byte at i (bounds checked by the caller). */
-static PyObject *
-byte_at(RegionObject *self, Py_ssize_t i)
+/* 0 if every element start + k * step (0 <= k < length) lies on a page that
+ * allows `need` (PROT_READ or PROT_WRITE); else the error of the first page
+ * that does not (BufferError for reading, TypeError for writing) and -1.
+ * Only the pages the elements touch count: an extended slice may step over
+ * a guard page. */
+static int
+check_pages(RegionObject *self, Py_ssize_t start, Py_ssize_t step, Py_ssize_t length, int need)
 {
     PageRecord *rec = &self->rec;
-    int access = rec->n == 1 ? run_access(&rec->runs[0])
-                             : run_access(&rec->runs[rec_find(rec, i)]);
+    Py_ssize_t lo, hi, stride;
 
-    if (!(access & PROT_READ)) {
-        region_check_readable(self, i, i + 1);   /* sets the BufferError */
-        return NULL;
+    if (step < 0) {   /* the same elements, walked upwards */
+        lo = start + (length - 1) * step;
+        stride = -step;
     }
-    return PyLong_FromLong((unsigned char)self->data[i]);
-}
-
-static int
-slice_of(RegionObject *self, PyObject *key, Py_ssize_t *start, Py_ssize_t *stop,
-         Py_ssize_t *step, Py_ssize_t *length)
-{
-    if (PySlice_Unpack(key, start, stop, step) < 0)
-        return -1;
-    if (region_check_open(self) < 0)
-        return -1;
-    *length = PySlice_AdjustIndices(self->size, start, stop, *step);
+    else {
+        lo = start;
+        stride = step;
+    }
+    hi = lo + (length - 1) * stride + 1;
+    for (Py_ssize_t i = rec_find(rec, lo); i < rec->n && rec_start(rec, i) < hi; i++) {
+        Py_ssize_t run_lo = rec_start(rec, i), first;
+        if (run_access(&rec->runs[i]) & need)
+            continue;
+        /* the first element at or above run_lo */
+        first = run_lo <= lo ? lo : lo + (run_lo - lo + stride - 1) / stride * stride;
+        if (first < hi && first < rec->runs[i].end) {
+            if (need == PROT_READ)
+                region_check_readable(self, first, first + 1);
+            else
+                region_check_writable(self, first, first + 1);
+            return -1;
+        }
+    }
     return 0;
 }
 
+/* check_pages without a call where the region's pages are alike */
+static inline int
+check_elements(RegionObject *self, Py_ssize_t start, Py_ssize_t step, Py_ssize_t length,
+               int need)
+{
+    if (length <= 0 || uniform_allows(self, need))
+        return 0;
+    return check_pages(self, start, step, length, need);
+}
+
+/* key -> an index of the region's bytes (negative from the end), or -1 with
+ * IndexError or TypeError set (as bytearray). Converts before it checks:
+ * __index__ may run Python code, so the region is checked open after it. */
 static int
 index_of(RegionObject *self, PyObject *key, Py_ssize_t *i)
 {
@@ -123,6 +159,17 @@ index_of(RegionObject *self, PyObject *key, Py_ssize_t *i)
         }
         return -1;
     }
+    *i = v;
+    return 0;
+}
+
+/* The converted index i as an offset within the open region, or -1 with
+ * ValueError (closed) or IndexError set. */
+static int
+bound_index(RegionObject *self, Py_ssize_t *i)
+{
+    Py_ssize_t v = *i;
+
     if (region_check_open(self) < 0)
         return -1;
     if (v < 0)
@@ -135,6 +182,20 @@ index_of(RegionObject *self, PyObject *key, Py_ssize_t *i)
     return 0;
 }
 
+static int
+slice_of(RegionObject *self, PyObject *key, Py_ssize_t *start, Py_ssize_t *stop,
+         Py_ssize_t *step, Py_ssize_t *length)
+{
+    if (PySlice_Unpack(key, start, stop, step) < 0)
+        return -1;
+    if (self->data == NULL) {
+        region_check_open(self);   /* sets the ValueError */
+        return -1;
+    }
+    *length = PySlice_AdjustIndices(self->size, start, stop, *step);
+    return 0;
+}
+
 PyObject *
 region_subscript(RegionObject *self, PyObject *key)
 {
@@ -142,60 +203,55 @@ region_subscript(RegionObject *self, PyObject *key)
     PyObject *result;
     char *out;
 
+    if (PyLong_CheckExact(key)) {
+        /* the fast path: an exact int on an open region whose pages are alike;
+         * anything else takes the full path, which raises the right error */
+        i = PyLong_AsSsize_t(key);
+        if (i == -1 && PyErr_Occurred())
+            PyErr_Clear();
+        else {
+            if (i < 0)
+                i += self->size;
+            if (i >= 0 && i < self->size && self->data != NULL
+                && uniform_allows(self, PROT_READ))
+                return PyLong_FromLong((unsigned char)self->data[i]);
+        }
+    }
     if (!PySlice_Check(key)) {
-        if (index_of(self, key, &i) < 0)
+        if (index_of(self, key, &i) < 0 || bound_index(self, &i) < 0
+            || check_elements(self, i, 1, 1, PROT_READ) < 0)
             return NULL;
-        return byte_at(self, i);
+        return PyLong_FromLong((unsigned char)self->data[i]);
     }
     if (slice_of(self, key, &start, &stop, &step, &length) < 0)
         return NULL;
     if (length == 0)
         return PyBytes_FromStringAndSize(NULL, 0);
-    if (step == 1) {
-        if (region_check_readable(self, start, start + length) < 0)
-            return NULL;
-        return PyBytes_FromStringAndSize(self->data + start, length);
-    }
-    if (region_check_readable(self, step > 0 ? start : start + (length - 1) * step,
-                       (step > 0 ? start + (length - 1) * step : start) + 1) < 0)
+    if (check_elements(self, start, step, length, PROT_READ) < 0)
         return NULL;
+    if (step == 1)
+        return PyBytes_FromStringAndSize(self->data + start, length);
     result = PyBytes_FromStringAndSize(NULL, length);
     if (result == NULL)
         return NULL;
-    /* no Python code ran since the checks: the bytes object is not GC-tracked */
+    /* no Python code ran since the checks: a bytes object is not GC-tracked */
     out = PyBytes_AsString(result);
     for (Py_ssize_t k = 0, at = start; k < length; k++, at += step)
         out[k] = self->data[at];
     return result;
 }
 
+/* value -> one byte, as bytearray converts an item: __index__, then
+ * ValueError("byte must be in range(0, 256)") */
 static int
 byte_value(PyObject *value, unsigned char *out)
 {
-    long v;
-    PyObject *i;
+    int overflow;
+    long v = PyLong_AsLongAndOverflow(value, &overflow);
 
-    if (PyLong_Check(value))
-        v = PyLong_AsLong(value);
-    else {
-        i = PyNumber_Index(value);
-        if (i == NULL) {
-            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
-                PyErr_Clear();
-                PyErr_SetString(PyExc_TypeError, "an integer is required");
-            }
-            return -1;
-        }
-        v = PyLong_AsLong(i);
-        Py_DECREF(i);
-    }
-    if (v == -1 && PyErr_Occurred()) {
-        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
-            return -1;
-        PyErr_Clear();
-        v = -1;
-    }
-    if (v < 0 || v > 255) {
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow || v < 0 || v > 255) {
         PyErr_SetString(PyExc_ValueError, "byte must be in range(0, 256)");
         return -1;
     }
@@ -216,30 +272,76 @@ region_ass_subscript(RegionObject *self, PyObject *key, PyObject *value)
         PyErr_SetString(PyExc_TypeError, "region does not support item deletion");
         return -1;
     }
+    if (PyLong_CheckExact(key) && PyLong_CheckExact(value)) {
+        /* the fast path: exact ints, an open region whose pages are alike */
+        long v = PyLong_AsLong(value);
+        if (v == -1 && PyErr_Occurred())
+            PyErr_Clear();   /* the full path below raises the right error */
+        else if (v >= 0 && v <= 255) {
+            i = PyLong_AsSsize_t(key);
+            if (i == -1 && PyErr_Occurred())
+                PyErr_Clear();
+            else {
+                if (i < 0)
+                    i += self->size;
+                if (i >= 0 && i < self->size && self->data != NULL
+                    && uniform_allows(self, PROT_WRITE)) {
+                    self->data[i] = (char)v;
+                    return 0;
+                }
+            }
+        }
+    }
     if (!PySlice_Check(key)) {
-        /* convert both first: __index__ may run Python code */
-        if (byte_value(value, &byte) < 0 || index_of(self, key, &i) < 0)
-            return -1;
-        if (region_check_writable(self, i, i + 1) < 0)
+        /* as bytearray: the index, then the value, then the bounds (both
+         * conversions may run Python code, so every check comes after them) */
+        if (index_of(self, key, &i) < 0 || byte_value(value, &byte) < 0
+            || bound_index(self, &i) < 0 || check_elements(self, i, 1, 1, PROT_WRITE) < 0)
             return -1;
         self->data[i] = (char)byte;
         return 0;
     }
-    if (PyObject_CheckBuffer(value))
-        data = Py_NewRef(value);
-    else if (PyLong_Check(value) || PyUnicode_Check(value) || PyIndex_Check(value)) {
+    /* the bytes to write, converted before any check (an iterable runs Python code) */
+    if (PyBytes_CheckExact(value) || PyObject_CheckBuffer(value)) {
+        if (PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE) == 0)
+            data = Py_NewRef(value);
+        else if (PyErr_ExceptionMatches(PyExc_BufferError)) {
+            PyErr_Clear();   /* not contiguous: a copy, as bytearray makes */
+            data = PyByteArray_FromObject(value);
+            if (data == NULL)
+                return -1;
+            if (PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE) < 0) {
+                Py_DECREF(data);
+                return -1;
+            }
+        }
+        else
+            return -1;
+    }
+    else if (PyUnicode_Check(value) || PyNumber_Check(value)) {
         PyErr_SetString(PyExc_TypeError,
                         "can assign only bytes, buffers, or iterables of ints in range(0, 256)");
         return -1;
     }
     else {
-        data = PyBytes_FromObject(value);   /* an iterable of ints */
+        /* an iterable of ints, read as bytearray reads it */
+        PyObject *items = PyObject_GetIter(value);
+        if (items == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_TypeError, "can assign only bytes, buffers, or iterables "
+                                                 "of ints in range(0, 256)");
+            }
+            return -1;
+        }
+        data = PyByteArray_FromObject(items);
+        Py_DECREF(items);
         if (data == NULL)
             return -1;
-    }
-    if (PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE) < 0) {
-        Py_DECREF(data);
-        return -1;
+        if (PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(data);
+            return -1;
+        }
     }
     if (slice_of(self, key, &start, &stop, &step, &length) < 0)
         goto done;
@@ -249,23 +351,18 @@ region_ass_subscript(RegionObject *self, PyObject *key, PyObject *value)
                      "of %zd byte(s) (a region cannot change its length)", buf.len, length);
         goto done;
     }
+    if (check_elements(self, start, step, length, PROT_WRITE) < 0)
+        goto done;
     if (length == 0) {
         rc = 0;
         goto done;
     }
-    if (step == 1) {
-        if (region_check_writable(self, start, start + length) < 0)
-            goto done;
+    if (step == 1)
         memmove(self->data + start, buf.buf, (size_t)length);
-    }
     else {
-        Py_ssize_t lo = step > 0 ? start : start + (length - 1) * step;
-        Py_ssize_t hi = (step > 0 ? start + (length - 1) * step : start) + 1;
         const char *src = buf.buf;
         char *copy = NULL;
-        if (region_check_writable(self, lo, hi) < 0)
-            goto done;
-        if (src >= self->data && src < self->data + self->capacity) {
+        if (src + length > self->data && src < self->data + self->capacity) {
             copy = PyMem_Malloc((size_t)length);   /* the source is the region itself */
             if (copy == NULL) {
                 PyErr_NoMemory();
@@ -292,19 +389,25 @@ typedef struct {
     int is_byte;
 } Needle;
 
+/* sub -> a needle, as bytes reads it. find/rfind (`what` names the argument
+ * in the TypeError): a bytes-like object, else an int (or __index__) byte
+ * value. `in` (what == NULL): an int or __index__ first, so an object with
+ * both (a numpy integer) is a byte value there, else a bytes-like object. */
 static int
-needle_get(PyObject *sub, Needle *n)
+needle_get(PyObject *sub, Needle *n, const char *what)
 {
     n->is_byte = 0;
-    if (PyLong_Check(sub) || (!PyObject_CheckBuffer(sub) && PyIndex_Check(sub))) {
+    if (what != NULL && PyObject_CheckBuffer(sub))
+        return PyObject_GetBuffer(sub, &n->buf, PyBUF_SIMPLE);
+    if (PyLong_Check(sub) || PyIndex_Check(sub)) {
         n->is_byte = 1;
         return byte_value(sub, &n->byte);
     }
-    if (!PyObject_CheckBuffer(sub)) {
+    if (what != NULL) {
         PyObject *name = PyType_GetName(Py_TYPE(sub));
         if (name != NULL) {
-            PyErr_Format(PyExc_TypeError, "a bytes-like object or an int is required, not %U",
-                         name);
+            PyErr_Format(PyExc_TypeError, "%s should be integer or bytes-like object, not '%U'",
+                         what, name);
             Py_DECREF(name);
         }
         return -1;
@@ -349,6 +452,27 @@ search(const char *data, Py_ssize_t start, Py_ssize_t end, const Needle *n, int 
     return -1;
 }
 
+/* A start or end argument of find/rfind, as bytes.find reads it: None keeps
+ * the default, an int (or __index__) is clipped to the ssize_t range. */
+static int
+find_index(PyObject *o, Py_ssize_t *out)
+{
+    Py_ssize_t v;
+
+    if (o == Py_None)
+        return 0;
+    if (!PyLong_Check(o) && !PyIndex_Check(o)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "slice indices must be integers or None or have an __index__ method");
+        return -1;
+    }
+    v = PyNumber_AsSsize_t(o, NULL);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    *out = v;
+    return 0;
+}
+
 /* find/rfind(sub, start=None, end=None) as bytes.find: indices clipped, negatives from the end */
 static PyObject *
 region_find_impl(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, int reverse)
@@ -359,24 +483,18 @@ region_find_impl(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, in
 
     if (check_nargs(reverse ? "rfind" : "find", nargs, 1, 3) < 0)
         return NULL;
-    if (nargs > 1 && args[1] != Py_None) {
-        start = PyNumber_AsSsize_t(args[1], NULL);
-        if (start == -1 && PyErr_Occurred())
-            return NULL;
-    }
-    if (nargs > 2 && args[2] != Py_None) {
-        end = PyNumber_AsSsize_t(args[2], NULL);
-        if (end == -1 && PyErr_Occurred())
-            return NULL;
-    }
-    if (needle_get(args[0], &needle) < 0)
+    /* convert everything first (as bytes.find: start, end, then the needle) */
+    if ((nargs > 1 && find_index(args[1], &start) < 0)
+        || (nargs > 2 && find_index(args[2], &end) < 0))
+        return NULL;
+    if (needle_get(args[0], &needle, "argument") < 0)
         return NULL;
     if (region_check_open(self) < 0)
         goto done;
     asked = start;
     PySlice_AdjustIndices(self->size, &start, &end, 1);
     if (asked <= self->size && start <= end) {   /* else absent, as for bytes */
-        if (region_check_readable(self, start, end) < 0)
+        if (check_elements(self, start, 1, end - start, PROT_READ) < 0)
             goto done;
         found = search(self->data, start, end, &needle, reverse);
     }
@@ -404,9 +522,10 @@ region_contains(RegionObject *self, PyObject *sub)
     Needle needle;
     int rc = -1;
 
-    if (needle_get(sub, &needle) < 0)
+    if (needle_get(sub, &needle, NULL) < 0)
         return -1;
-    if (region_check_open(self) == 0 && region_check_readable(self, 0, self->size) == 0)
+    if (region_check_open(self) == 0
+        && check_elements(self, 0, 1, self->size, PROT_READ) == 0)
         rc = search(self->data, 0, self->size, &needle, 0) >= 0;
     needle_release(&needle);
     return rc;
@@ -437,22 +556,47 @@ region_iter(RegionObject *self)
     return (PyObject *)it;
 }
 
+/* Each step checks the region as region[i] does: it may have been closed,
+ * shrunk or protected since the last one. */
 static PyObject *
 iter_next(IterObject *it)
 {
     RegionObject *r = it->region;
+    Py_ssize_t i = it->index;
 
     if (r == NULL)
         return NULL;
+    if (i < r->size && r->data != NULL && uniform_allows(r, PROT_READ)) {
+        it->index = i + 1;
+        return PyLong_FromLong((unsigned char)r->data[i]);
+    }
     if (region_check_open(r) < 0)
         return NULL;
-    if (it->index >= r->size) {
+    if (i >= r->size) {
         it->region = NULL;
         Py_DECREF(r);
         return NULL;
     }
-    return byte_at(r, it->index++);
+    if (check_elements(r, i, 1, 1, PROT_READ) < 0)
+        return NULL;
+    it->index = i + 1;
+    return PyLong_FromLong((unsigned char)r->data[i]);
 }
+
+static PyObject *
+iter_length_hint(IterObject *it, PyObject *unused)
+{
+    RegionObject *r = it->region;
+    Py_ssize_t left = r == NULL || r->data == NULL ? 0 : r->size - it->index;
+
+    return PyLong_FromSsize_t(left > 0 ? left : 0);
+}
+
+static PyMethodDef iter_methods[] = {
+    {"__length_hint__", (PyCFunction)iter_length_hint, METH_NOARGS,
+     "Bytes left to iterate over."},
+    {NULL, NULL, 0, NULL},
+};
 
 static int
 iter_traverse(IterObject *it, visitproc visit, void *arg)
@@ -483,6 +627,7 @@ static PyType_Slot iter_slots[] = {
     {Py_tp_doc, "An iterator over a region's bytes as ints."},
     {Py_tp_iter, PyObject_SelfIter},
     {Py_tp_iternext, iter_next},
+    {Py_tp_methods, iter_methods},
     {Py_tp_traverse, iter_traverse},
     {Py_tp_clear, iter_clear},
     {Py_tp_dealloc, iter_dealloc},

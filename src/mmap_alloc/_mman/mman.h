@@ -240,6 +240,12 @@ region_unmap_is_slow(RegionObject *self)
     return self->capacity >= SLOW_CALL_BYTES && (self->flags & REGION_COMMITTED);
 }
 
+/* As region_map, at address exactly (a multiple of spec->align; NULL: anywhere)
+ * with MAP_FIXED_NOREPLACE: never replaces a mapping. OSError EEXIST when the
+ * range is taken, EADDRNOTAVAIL when the kernel placed it elsewhere (a kernel
+ * before 4.17 takes the flag for a hint). */
+PyObject *region_map_at(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity,
+                        const MapSpec *spec, PyObject *owner, char *address);
 /* Unmap a closed-off mapping; a refusal (vm.max_map_count) sends it to the graveyard. */
 void unmap_or_bury(char *p, Py_ssize_t length, int release_gil);
 

@@ -168,24 +168,14 @@ region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
     return (PyObject *)self;
 }
 
-PyObject *
-region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, const MapSpec *spec,
-           PyObject *owner)
+/* Advise, prefault and wrap pages just mapped at p per spec; nothing left
+ * mapped on failure. */
+static PyObject *
+region_adopt(PyTypeObject *cls, char *p, Py_ssize_t size, Py_ssize_t capacity,
+             const MapSpec *spec, PyObject *owner, int populate)
 {
-    int populate = spec->populate && (spec->prot & PROT_RW);
-    /* advised pages are prefaulted after the advice (THP: as huge pages) */
-    int mflags = spec->mflags | (populate && !spec->advice ? MAP_POPULATE : 0);
-    int slow = populate && capacity >= SLOW_CALL_BYTES;
-    Py_ssize_t natural = (spec->mflags & MAP_HUGETLB) ? spec->page : system_page;
     PyObject *region;
-    char *p;
 
-    if (spec->align <= natural && !slow)   /* the common case: one mmap, with the GIL */
-        p = mmap(NULL, (size_t)capacity, spec->prot, mflags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    else
-        p = map_aligned(capacity, spec->align, natural, spec->prot, mflags, -1, slow);
-    if (p == MAP_FAILED)
-        return PyErr_SetFromErrno(PyExc_OSError);
     if (spec->advice) {
         if (madvise(p, (size_t)capacity, spec->advice) != 0) {
             int err = errno;
@@ -209,6 +199,65 @@ region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, const MapSpe
             ((RegionObject *)region)->flags |= REGION_COMMITTED;
     }
     return region;
+}
+
+/* Whether spec prefaults pages, and the mmap flags it maps them with
+ * (advised pages are prefaulted after the advice: THP as huge pages). */
+static int
+spec_flags(const MapSpec *spec, int *populate)
+{
+    *populate = spec->populate && (spec->prot & PROT_RW);
+    return spec->mflags | (*populate && !spec->advice ? MAP_POPULATE : 0);
+}
+
+PyObject *
+region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, const MapSpec *spec,
+           PyObject *owner)
+{
+    int populate, mflags = spec_flags(spec, &populate);
+    int slow = populate && capacity >= SLOW_CALL_BYTES;
+    Py_ssize_t natural = (spec->mflags & MAP_HUGETLB) ? spec->page : system_page;
+    char *p;
+
+    if (spec->align <= natural && !slow)   /* the common case: one mmap, with the GIL */
+        p = mmap(NULL, (size_t)capacity, spec->prot, mflags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    else
+        p = map_aligned(capacity, spec->align, natural, spec->prot, mflags, -1, slow);
+    if (p == MAP_FAILED)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return region_adopt(cls, p, size, capacity, spec, owner, populate);
+}
+
+PyObject *
+region_map_at(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, const MapSpec *spec,
+              PyObject *owner, char *address)
+{
+    int populate, mflags = spec_flags(spec, &populate);
+    char *p;
+
+    if (address == NULL)
+        return region_map(cls, size, capacity, spec, owner);
+    if ((uintptr_t)address % (uintptr_t)spec->align) {
+        errno = EINVAL;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    mflags |= MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE;
+    if (populate && capacity >= SLOW_CALL_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        p = mmap(address, (size_t)capacity, spec->prot, mflags, -1, 0);
+        Py_END_ALLOW_THREADS
+    }
+    else
+        p = mmap(address, (size_t)capacity, spec->prot, mflags, -1, 0);
+    if (p == MAP_FAILED)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (p != address) {
+        /* a kernel before 4.17 took MAP_FIXED_NOREPLACE for a hint */
+        munmap(p, (size_t)capacity);
+        errno = EADDRNOTAVAIL;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return region_adopt(cls, p, size, capacity, spec, owner, populate);
 }
 
 /* Close the fd a shared region owns. */
@@ -288,19 +337,22 @@ region_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 }
 
 /* Region._map(size, capacity, prot, mflags, advice, populate, page, align, owner,
- * backing): map pages and own them, in one step. OSError (errno) on refusal. */
+ * backing, address=None): map pages and own them, in one step (at address, a
+ * multiple of align, when given: see region_map_at). OSError (errno) on refusal. */
 static PyObject *
 region_map_method(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t size, capacity;
     MapSpec spec;
+    void *address = NULL;
 
-    if (check_nargs("_map", nargs, 10, 10) < 0 || arg_ssize(args[0], "size", &size) < 0
+    if (check_nargs("_map", nargs, 10, 11) < 0 || arg_ssize(args[0], "size", &size) < 0
         || arg_ssize(args[1], "capacity", &capacity) < 0 || arg_int(args[2], &spec.prot) < 0
         || arg_int(args[3], &spec.mflags) < 0 || arg_int(args[4], &spec.advice) < 0
         || arg_int(args[5], &spec.populate) < 0
         || arg_ssize(args[6], "page", &spec.page) < 0
-        || arg_ssize(args[7], "align", &spec.align) < 0)
+        || arg_ssize(args[7], "align", &spec.align) < 0
+        || (nargs > 10 && args[10] != Py_None && arg_address(args[10], &address) < 0))
         return NULL;
     if (size == 0 || size > capacity || spec.page <= 0 || (spec.page & (spec.page - 1))
         || capacity % spec.page || spec.align < spec.page || (spec.align & (spec.align - 1))
@@ -309,7 +361,7 @@ region_map_method(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     spec.backing = args[9];
-    return region_map((PyTypeObject *)cls, size, capacity, &spec, args[8]);
+    return region_map_at((PyTypeObject *)cls, size, capacity, &spec, args[8], address);
 }
 
 /* ------------------------------------------------------------------ */
@@ -598,8 +650,9 @@ PyObject *region_release(RegionObject *self, PyObject *owner);
 
 static PyMethodDef region_methods[] = {
     {"_map", (PyCFunction)(void (*)(void))region_map_method, METH_FASTCALL | METH_CLASS,
-     "_map(size, capacity, prot, mflags, advice, populate, page, align, owner, backing)\n"
-     "Map pages and own them (OSError with errno when the kernel refuses)."},
+     "_map(size, capacity, prot, mflags, advice, populate, page, align, owner, backing,\n"
+     "address=None)\nMap pages and own them (OSError with errno when the kernel refuses);\n"
+     "at address: MAP_FIXED_NOREPLACE (EEXIST: taken; EADDRNOTAVAIL: placed elsewhere)."},
     {"close", (PyCFunction)region_close, METH_NOARGS,
      "close($self, /)\n--\n\nUnmap the region; closing a closed region does nothing.\n"
      "BufferError (nothing changed) while a buffer or function of it lives."},

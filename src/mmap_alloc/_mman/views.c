@@ -145,38 +145,48 @@ PyType_Spec view_spec = {
     .slots = view_slots,
 };
 
+/* A converted offset or length argument (an exact int) as a Py_ssize_t;
+ * PY_SSIZE_T_MAX or PY_SSIZE_T_MIN beyond that range (they are refused
+ * below as outside the region, or negative). */
+static Py_ssize_t
+clipped(PyObject *o)
+{
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+
+    if (overflow)
+        return overflow > 0 ? PY_SSIZE_T_MAX : PY_SSIZE_T_MIN;
+    return (Py_ssize_t)v;
+}
+
 /* view(offset=0, length=None): bytes [offset, offset + length) of the region */
 PyObject *
 region_view(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *offset, *length;
+    PyObject *offset, *length, *result = NULL;
     Py_ssize_t start, n;
 
     if (convert_range_args(args, nargs, kwnames, 0, "view", &offset, &length, NULL, NULL) < 0)
         return NULL;
-    start = PyLong_AsSsize_t(offset);
-    n = length == Py_None ? -1 : PyLong_AsSsize_t(length);
+    start = clipped(offset);
+    n = length == Py_None ? -1 : clipped(length);
+    if (start < 0)
+        PyErr_Format(PyExc_ValueError, "offset must not be negative, got %R", offset);
+    else if (length != Py_None && n < 0)
+        PyErr_Format(PyExc_ValueError, "length must not be negative, got %R", length);
+    else if (region_check_open(self) < 0)
+        ;
+    else if (start > self->size)
+        PyErr_Format(PyExc_ValueError, "offset %R lies outside the region (size %zd)", offset,
+                     self->size);
+    else if (length != Py_None && n > self->size - start)
+        PyErr_Format(PyExc_ValueError,
+                     "offset %zd + length %R lies outside the region (size %zd)", start, length,
+                     self->size);
+    else
+        result = view_new((PyObject *)self, self, NULL, start,
+                          length == Py_None ? self->size : start + n, 1, NULL);
     Py_DECREF(offset);
     Py_DECREF(length);
-    if (PyErr_Occurred() || start < 0 || (length != Py_None && n < 0)) {
-        PyErr_Clear();
-        PyErr_SetString(PyExc_ValueError, "offset and length must not be negative");
-        return NULL;
-    }
-    if (region_check_open(self) < 0)
-        return NULL;
-    if (start > self->size) {
-        PyErr_Format(PyExc_ValueError, "offset %zd lies outside the region (size %zd)", start,
-                     self->size);
-        return NULL;
-    }
-    if (n < 0)
-        n = self->size - start;
-    if (n > self->size - start) {
-        PyErr_Format(PyExc_ValueError,
-                     "offset %zd + length %zd lies outside the region (size %zd)", start, n,
-                     self->size);
-        return NULL;
-    }
-    return view_new((PyObject *)self, self, NULL, start, start + n, 1, NULL);
+    return result;
 }

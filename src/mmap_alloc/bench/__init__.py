@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 from . import cases, report
 from .harness import Case, CaseResult, Runner
+from .suite import CASE_GROUPS
 
 __all__ = ["NoCaseMatches", "run"]
 
@@ -106,7 +107,7 @@ def run(
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     warmup = 1
-    suite: list[Case] = [case for group in cases.CASE_GROUPS for case in group(scale)]
+    suite: list[Case] = [case for group in CASE_GROUPS for case in group(scale)]
     # cases left out still own what they set up (and may share it): free it at the end
     skipped = [case for case in suite if only is not None and only not in case.name]
     suite = [case for case in suite if case not in skipped]

@@ -26,7 +26,6 @@ from .._linux import (
 from ..backings import thp_available
 from . import _limits
 from .harness import Case, Variant
-from .shared_cases import shared_memory_cases
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 C_LOOP = "C loop"
@@ -456,15 +455,3 @@ def memory_per_region(count: int = 2000) -> dict[str, int | float]:
         "mmap_alloc Region": python_bytes_per_object(lambda: allocator.alloc(PAGE_SIZE), count),
         "stdlib mmap.mmap": python_bytes_per_object(lambda: mmap.mmap(-1, PAGE_SIZE), count),
     }
-
-
-CASE_GROUPS: tuple[Callable[[Scale], Iterator[Case]], ...] = (
-    round_trips,
-    touched_round_trips,
-    growth,
-    protect_flips,
-    commit_uncommit,
-    pool_pairs,
-    random_reads,
-    shared_memory_cases,
-)
