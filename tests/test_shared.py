@@ -688,6 +688,29 @@ def test_shrinking_an_unsealed_region_truncates_the_file() -> None:
         assert peer.capacity == 2 * P
 
 
+def test_shrinking_the_file_takes_its_lost_pages_from_every_region_of_this_process() -> None:
+    with (
+        SharedRegion.create(4 * P, seal_shrink=False) as region,
+        SharedRegion.from_fd(region.fd) as peer,
+    ):
+        region.resize(P)
+        assert (peer.size, peer.capacity) == (P, P)
+        assert kernel_runs(peer) == [(0, P, Perm.READ | Perm.WRITE)]
+        assert peer[:] == bytes(P)  # every byte it still has is there: no SIGBUS
+
+
+def test_a_buffer_of_another_region_keeps_the_file_from_shrinking() -> None:
+    with (
+        SharedRegion.create(4 * P, seal_shrink=False) as region,
+        SharedRegion.from_fd(region.fd) as peer,
+    ):
+        with memoryview(peer), pytest.raises(BufferError, match="another region of this process"):
+            region.resize(P)
+        assert (region.size, region.file_size, peer.capacity) == (4 * P, 4 * P, 4 * P)
+        region.resize(2 * P)
+        assert peer.capacity == 2 * P
+
+
 def test_shrinking_with_an_export_is_a_buffer_error() -> None:
     with SharedRegion.create(4 * P, seal_shrink=False) as region:
         with memoryview(region), pytest.raises(BufferError):

@@ -447,9 +447,12 @@ class SharedRegion(Region):
         else moves (mremap; nothing is copied) unless a buffer, array or
         function of it keeps it in place: then BufferError, nothing changed.
         Shrinking needs the region unsealed against shrinking (PermissionError
-        otherwise) and no exported buffer (BufferError); pages past the new
-        end leave every mapping of the file, in every process: only shrink
-        what no one uses. Other processes see the new size after refresh().
+        otherwise) and no exported buffer (BufferError). The other regions of
+        this process on the file lose the pages past the new end in the same
+        call (BufferError, nothing changed, if a buffer pins one of them);
+        other processes fault (SIGBUS) on those pages until they refresh():
+        only shrink what no other process uses. Other processes see a new
+        size after refresh().
         """
         n = _args.size(new_size, PAGE_SIZE, "new_size")
         if self.closed:

@@ -423,16 +423,80 @@ check_granule(Py_ssize_t page, Py_ssize_t align)
     return 0;
 }
 
+/* ------------------------------------------------------------------ */
+/* the shared regions of this process, by file                         */
+
+/* Every shared region this module made, by weak reference, with its file.
+ * When one of them shrinks the file, the others of this process that map
+ * pages past the new end lose those pages in the same call (or, if one of
+ * them cannot, because a buffer or a call pins it, nothing happens): a
+ * region of this process never keeps a page the file no longer has. */
+typedef struct {
+    PyObject *ref;   /* weak reference to the region, without callback */
+    dev_t dev;
+    ino_t ino;
+} Member;
+
+static Member *members = NULL;
+static Py_ssize_t nmembers = 0, cap_members = 0;
+
+static RegionObject *
+member_region(Member *m)
+{
+    PyObject *o = PyWeakref_GetObject(m->ref);   /* borrowed; None once dead */
+
+    if (o == NULL || o == Py_None) {
+        PyErr_Clear();
+        return NULL;
+    }
+    return ((RegionObject *)o)->data != NULL ? (RegionObject *)o : NULL;
+}
+
+/* Room for one more member, dropping the dead ones first (their weak
+ * references have no callback: releasing them runs no Python code). */
+static int
+reserve_member(void)
+{
+    Py_ssize_t out = 0;
+
+    for (Py_ssize_t i = 0; i < nmembers; i++) {
+        if (member_region(&members[i]) != NULL)
+            members[out++] = members[i];
+        else
+            Py_DECREF(members[i].ref);
+    }
+    nmembers = out;
+    if (nmembers == cap_members) {
+        Py_ssize_t cap = cap_members ? cap_members * 2 : 16;
+        Member *m = PyMem_Realloc(members, (size_t)cap * sizeof(Member));
+        if (m == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        members = m;
+        cap_members = cap;
+    }
+    return 0;
+}
+
 /* Wrap a mapping of fd: the region owns both from here on (on failure, both
- * are released). */
+ * are released), and is a member. */
 static PyObject *
 wrap_shared(PyTypeObject *cls, char *p, int fd, Py_ssize_t size, Py_ssize_t capacity, int prot,
             Py_ssize_t page, Py_ssize_t align, int advice, PyObject *backing)
 {
     MapSpec spec = {prot, MAP_SHARED, advice, 0, page, align, backing};
-    PyObject *region = region_wrap(cls, p, size, capacity, &spec, Py_None);
+    PyObject *region, *ref;
+    struct stat st;
 
-    if (region == NULL) {
+    if (fstat(fd, &st) != 0) {
+        int err = errno;
+        munmap(p, (size_t)capacity);
+        close(fd);
+        return step_error(err, "fstat");
+    }
+    if (reserve_member() < 0 || (region = region_wrap(cls, p, size, capacity, &spec, Py_None))
+                                    == NULL) {
         munmap(p, (size_t)capacity);
         close(fd);
         return NULL;
@@ -441,7 +505,61 @@ wrap_shared(PyTypeObject *cls, char *p, int fd, Py_ssize_t size, Py_ssize_t capa
     /* every page is backed: unmapping a large one may take long (GIL released) */
     ((RegionObject *)region)->flags |= REGION_SHARED | REGION_OWNS_FD | REGION_COMMITTED;
     mapped_bytes += capacity;
+    ref = PyWeakref_NewRef(region, NULL);
+    if (ref == NULL) {
+        Py_DECREF(region);   /* a fresh region: its deallocation unmaps and closes */
+        return NULL;
+    }
+    members[nmembers].ref = ref;
+    members[nmembers].dev = st.st_dev;
+    members[nmembers].ino = st.st_ino;
+    nmembers++;
     return region;
+}
+
+/* The other regions of this process that map the file of self past fend
+ * (whole pages of it after the file is cut to fewer bytes): BufferError
+ * unless each of them can lose those pages; 0 when they all can. */
+static int
+check_peers_can_shrink(RegionObject *self, Py_ssize_t fend)
+{
+    struct stat st;
+
+    if (fstat(self->fd, &st) != 0) {
+        step_error(errno, "fstat");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nmembers; i++) {
+        RegionObject *r = member_region(&members[i]);
+        if (r == NULL || r == self || members[i].dev != st.st_dev || members[i].ino != st.st_ino)
+            continue;
+        if (round_up(fend, r->page) < r->capacity
+            && region_check_idle(r, "cut the file short under another region of this process "
+                                    "that maps it (it must lose those pages)") < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* After the file was cut to tsize bytes: every other region of this process
+ * on it loses the pages past the end (checked possible before), and its size
+ * is at most the file's. */
+static void
+shrink_peers(RegionObject *self, Py_ssize_t tsize)
+{
+    struct stat st;
+
+    if (fstat(self->fd, &st) != 0)
+        return;
+    for (Py_ssize_t i = 0; i < nmembers; i++) {
+        RegionObject *r = member_region(&members[i]);
+        if (r == NULL || r == self || members[i].dev != st.st_dev || members[i].ino != st.st_ino)
+            continue;
+        if (round_up(tsize, r->page) < r->capacity && tsize > 0)
+            drop_tail(r, round_up(tsize, r->page));
+        if (r->size > tsize && tsize > 0)
+            r->size = tsize;
+    }
 }
 
 /* _shared_create(cls, size, mfd_flags, name, seals, page, align, advice, backing)
@@ -689,6 +807,8 @@ shared_resize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return step_error(EPERM, "F_SEAL_GROW");
     if ((tsize < fsize || newcap < cap) && region_check_idle(self, "shrink the region") < 0)
         return NULL;
+    if (tsize < fsize && check_peers_can_shrink(self, tsize) < 0)
+        return NULL;
     prot = self->rec.runs[self->rec.n - 1].prot;
 
     /* bytes past the end of the file in its last page may hold what was
@@ -724,6 +844,7 @@ shared_resize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         /* nothing can touch the pages past the new end: idle, GIL held */
         if (ftruncate(self->fd, (off_t)tsize) != 0)
             return step_error(errno, "ftruncate");
+        shrink_peers(self, tsize);
     }
     if (newcap < cap && drop_tail(self, newcap) != 0)
         errno = 0;   /* the kernel keeps the pages (map count): they stay past size */
