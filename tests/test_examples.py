@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,26 @@ def test_jit_inline_cache_refuses_zero_rewrites() -> None:
 
 def test_jit_add_refuses_arguments() -> None:
     assert "unrecognized arguments: --n" in usage_error("jit_add.py", "--n", "3")
+
+
+# ---------------------------------------------------------------- shared memory
+
+
+@pytest.mark.skipif(find_spec("numpy") is None, reason="needs numpy")
+def test_shared_pool_sums_the_array_in_the_workers() -> None:
+    out = run_example("shared_pool.py", "--n", "100000", "--workers", "2")
+    assert "sum of 100,000 float64 by 2 worker(s): 4.99995e+09" in out
+    assert "equal: True" in out
+
+
+@pytest.mark.skipif(find_spec("numpy") is None, reason="needs numpy")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--n", "0"), "argument --n: must be positive, got 0"),
+        (("--workers", "-1"), "argument --workers: must be positive, got -1"),
+        (("--n", "x"), "argument --n: expected a whole number, got 'x'"),
+    ],
+)
+def test_shared_pool_refuses_bad_arguments(args: tuple[str, ...], message: str) -> None:
+    assert message in usage_error("shared_pool.py", *args)

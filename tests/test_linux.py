@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import errno
+import os
 import resource
 from pathlib import Path
 
 import pytest
 
-from mmap_alloc import AllocError, MapAlloc, Perm, _mman
+from mmap_alloc import AllocError, MapAlloc, Perm, _linux, _mman
 from mmap_alloc._linux import (
     PAGE_SIZE,
     HugePagePool,
@@ -199,3 +200,39 @@ def test_a_lock_refused_without_a_memlock_limit_names_the_map_count() -> None:
 def test_other_lock_errors_stay_as_they_are() -> None:
     original = OSError(errno.EINVAL, "bad range")
     assert memlock_error(original, 4096) is original
+
+
+# ---------------------------------------------------------------- memory and descriptors
+
+
+def test_memory_available_is_positive_and_within_the_ceiling() -> None:
+    available = _linux.memory_available()
+    assert available is not None
+    assert 0 < available <= _linux.memory_ceiling()
+
+
+def test_meminfo_reads_kilobytes_as_bytes() -> None:
+    info = _linux.meminfo()
+    assert info["MemTotal"] % 1024 == 0
+    assert info["MemTotal"] >= info["MemAvailable"] > 0
+
+
+def test_fd_target_names_what_a_descriptor_is() -> None:
+    fd = os.memfd_create("target")
+    try:
+        assert _linux.fd_target(fd).startswith("/memfd:target")
+    finally:
+        os.close(fd)
+    assert _linux.fd_target(-1) == ""
+
+
+def test_hugetlb_hint_says_how_to_reserve_pages() -> None:
+    hint = _linux.hugetlb_hint(2 << 20)
+    assert "echo N > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages" in hint
+
+
+def test_seal_names_are_the_kernels_bits() -> None:
+    assert _linux.F_SEAL_NAMES["seal"] == 1
+    assert _linux.F_SEAL_NAMES["shrink"] == 2
+    assert _linux.F_SEAL_NAMES["grow"] == 4
+    assert _linux.F_SEAL_NAMES["write"] == 8

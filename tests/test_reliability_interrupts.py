@@ -54,6 +54,7 @@ from mmap_alloc import (
     Perm,
     Region,
     SecretBuffer,
+    SharedRegion,
     _mman,
 )
 from mmap_alloc._linux import PAGE_SIZE
@@ -98,6 +99,8 @@ class World:
     exports: list[tuple[object, Any]] = field(default_factory=list)
     functions: list[tuple[object, Any]] = field(default_factory=list)
     objects: list[int] = field(default_factory=list)
+    shared: list[SharedRegion] = field(default_factory=list)
+    """A shared region (not sealed against shrinking) and a second mapping of its file."""
     inside: int = 0
     """How deep the world is inside library calls made by operations."""
 
@@ -131,6 +134,9 @@ def make_world() -> World:
     world.functions.append((world.blocks[0], world.blocks[0].function(NoArgs)))
     world.functions.append((code, code.function(NoArgs)))
     world.objects.extend(world.pool.alloc_many(70))  # more than one slab
+    shared = SharedRegion.create(3 * PAGE, seal_shrink=False)
+    shared.protect(R, PAGE, PAGE)
+    world.shared.extend((shared, SharedRegion.from_fd(shared.fd)))
     return world
 
 
@@ -144,6 +150,8 @@ def teardown(world: World) -> None:
     world.pool.close()
     world.secret.close()
     world.heap.close()
+    for region in world.shared:
+        region.close()
 
 
 # ---------------------------------------------------------------- operations
@@ -431,6 +439,50 @@ def op_code_close(world: World) -> None:
     call(world, world.heap.close)
 
 
+def op_shared_resize_grow(world: World) -> None:
+    region = world.shared[0]
+    call(world, region.resize, region.size + 5 * PAGE + 7)
+
+
+def op_shared_resize_shrink(world: World) -> None:
+    call(world, world.shared[0].resize, PAGE)
+
+
+def op_shared_refresh(world: World) -> None:
+    call(world, world.shared[1].refresh)
+
+
+def _seal_write(region: SharedRegion) -> None:
+    region.seal(write=True)
+
+
+def op_shared_seal_write(world: World) -> None:
+    call(world, _seal_write, world.shared[1])
+
+
+def op_shared_discard(world: World) -> None:
+    call(world, world.shared[0].discard, 0, PAGE)
+
+
+def op_shared_memoryview(world: World) -> None:
+    region = world.shared[1]
+    world.exports.append((region, call(world, memoryview, region)))
+
+
+def op_shared_close(world: World) -> None:
+    call(world, world.shared[0].close)
+
+
+def _pickle_round_trip(region: SharedRegion) -> None:
+    from multiprocessing.reduction import ForkingPickler
+
+    ForkingPickler.loads(ForkingPickler.dumps(region)).close()
+
+
+def op_shared_pickle(world: World) -> None:
+    call(world, _pickle_round_trip, world.shared[1])
+
+
 OPERATIONS: dict[str, Callable[[World], None]] = {
     name[3:]: function for name, function in sorted(globals().items()) if name.startswith("op_")
 }
@@ -456,7 +508,7 @@ def check(world: World) -> None:
     """Every promise, after an operation was cut or crossed by another."""
     gc.collect(1)  # buffers and functions that only a cut-off call held
     vmas = read_maps()
-    for region in world.regions:
+    for region in [*world.regions, *world.shared]:
         if region.closed:
             continue
         pages = page_perms(vmas, region.address, region.capacity, PAGE)
@@ -629,6 +681,8 @@ SHORT_OTHERS = [
     "release",
     "secret_close",
     "secret_noaccess",
+    "shared_close",
+    "shared_resize_shrink",
     "shrink_in_place",
     "uncommit",
 ]

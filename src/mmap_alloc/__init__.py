@@ -15,6 +15,7 @@ from .perm import Perm
 from .pool import ObjectPool, PoolStats
 from .region import Region
 from .secret import SecretBuffer
+from .shared import SharedRegion
 from .stats import AllocStats, RegionStats
 
 __all__ = [
@@ -36,5 +37,6 @@ __all__ = [
     "Region",
     "RegionStats",
     "SecretBuffer",
+    "SharedRegion",
     "__version__",
 ]

@@ -17,6 +17,11 @@ from pathlib import Path
 
 # the kernel's flags, named once for the whole library (see __all__)
 from ._mman import (
+    F_SEAL_FUTURE_WRITE,
+    F_SEAL_GROW,
+    F_SEAL_SEAL,
+    F_SEAL_SHRINK,
+    F_SEAL_WRITE,
     MADV_COLD,
     MADV_COLLAPSE,
     MADV_DODUMP,
@@ -98,6 +103,17 @@ MFD_NOEXEC_SEAL = 0x8
 MFD_EXEC = 0x10
 """memfd_create(2) flags (os.memfd_create predates the last two)."""
 
+F_SEAL_NAMES: dict[str, int] = {
+    "seal": F_SEAL_SEAL,
+    "shrink": F_SEAL_SHRINK,
+    "grow": F_SEAL_GROW,
+    "write": F_SEAL_WRITE,
+    "future_write": F_SEAL_FUTURE_WRITE,
+    "exec": 0x20,
+}
+"""memfd seals (fcntl F_ADD_SEALS) by the names SharedRegion.seals uses
+(F_SEAL_FUTURE_WRITE is Linux 5.1, F_SEAL_EXEC 6.3)."""
+
 RUN_GUARD = 1
 """A flag of a protection run (Region._runs()): guard pages (MADV_GUARD_INSTALL)."""
 RUN_DONTFORK = 2
@@ -114,11 +130,16 @@ def alloc_error(exc: OSError, size: int, huge_pagesize: int | None = None) -> Ex
         return exc
     message = f"cannot map {size} bytes: {os.strerror(exc.errno or errno.ENOMEM)}"
     if huge_pagesize is not None:
-        message += (
-            f"; the pool of {format_size(huge_pagesize)} huge pages may be empty: reserve pages "
-            f"with `echo N > {hugepage_dir(huge_pagesize)}/nr_hugepages` (as root)"
-        )
+        message += hugetlb_hint(huge_pagesize)
     return AllocError(message, errno=exc.errno or errno.ENOMEM, size=size)
+
+
+def hugetlb_hint(huge_pagesize: int) -> str:
+    """How to fill an empty hugetlb pool, for messages ("; the pool ...")."""
+    return (
+        f"; the pool of {format_size(huge_pagesize)} huge pages may be empty: reserve pages "
+        f"with `echo N > {hugepage_dir(huge_pagesize)}/nr_hugepages` (as root)"
+    )
 
 
 def format_size(n: int) -> str:
@@ -219,6 +240,82 @@ def memfd_noexec() -> int | None:
     MFD_EXEC, 2 refused; None before 6.3."""
     value = read_int("/proc/sys/vm/memfd_noexec", -1)
     return None if value < 0 else value
+
+
+def fd_target(fd: int) -> str:
+    """What file descriptor ``fd`` of this process refers to, as /proc/self/fd
+    shows it ("/memfd:name (deleted)", "socket:[...]", a path), or "" if unknown."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (fields in kB scaled; counts as they are)."""
+    result: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as lines:
+            for line in lines:
+                key, _, rest = line.partition(":")
+                fields = rest.split()
+                if fields and fields[0].isdigit():
+                    scale = 1024 if fields[1:2] == ["kB"] else 1
+                    result[key] = int(fields[0]) * scale
+    except OSError:
+        pass
+    return result
+
+
+@functools.cache
+def _memory_cgroup() -> tuple[Path, Path] | None:
+    """The limit and usage files of this process's memory cgroup, if it has a
+    limit (cgroup v2 memory.max, or v1 memory.limit_in_bytes); looked up once."""
+    try:
+        with open("/proc/self/cgroup") as lines:
+            entries = [line.rstrip("\n").split(":", 2) for line in lines]
+    except OSError:
+        return None
+    for _id, controllers, path in entries:
+        if controllers == "":
+            folder = Path("/sys/fs/cgroup", path.lstrip("/"))
+            files = (folder / "memory.max", folder / "memory.current")
+        elif "memory" in controllers.split(","):
+            folder = Path("/sys/fs/cgroup/memory", path.lstrip("/"))
+            files = (folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes")
+        else:
+            continue
+        if 0 <= read_int(files[0], -1) < 1 << 60:
+            return files
+    return None
+
+
+@functools.cache
+def memory_ceiling() -> int:
+    """The most memory this process could ever get: the machine's physical
+    memory and swap, or its memory cgroup's limit if lower (read once)."""
+    ceiling = os.sysconf("SC_PHYS_PAGES") * PAGE_SIZE + meminfo().get("SwapTotal", 0)
+    cgroup = _memory_cgroup()
+    if cgroup is not None:
+        ceiling = min(ceiling, read_int(cgroup[0], ceiling))
+    return ceiling
+
+
+def memory_available() -> int | None:
+    """Bytes that can be given to new pages now without waking the OOM killer:
+    MemAvailable + SwapFree of /proc/meminfo, at most the memory cgroup's
+    headroom; None if the kernel does not say. (Reads /proc and /sys: about
+    0.1-1 ms.)"""
+    info = meminfo()
+    if "MemAvailable" not in info:
+        return None
+    available = info["MemAvailable"] + info.get("SwapFree", 0)
+    cgroup = _memory_cgroup()
+    if cgroup is not None:
+        limit, usage = read_int(cgroup[0], -1), read_int(cgroup[1], -1)
+        if limit >= 0 and usage >= 0:
+            available = min(available, max(0, limit - usage))
+    return available
 
 
 def mmap_min_addr() -> int:
@@ -436,6 +533,12 @@ def memlock_error(exc: OSError, length: int) -> Exception:
 __all__ = [
     "ADVICE",
     "ADVICE_SINCE",
+    "F_SEAL_FUTURE_WRITE",
+    "F_SEAL_GROW",
+    "F_SEAL_NAMES",
+    "F_SEAL_SEAL",
+    "F_SEAL_SHRINK",
+    "F_SEAL_WRITE",
     "MADV_COLD",
     "MADV_COLLAPSE",
     "MADV_DODUMP",
@@ -480,16 +583,21 @@ __all__ = [
     "SmapsEntry",
     "alloc_error",
     "default_hugepage_size",
+    "fd_target",
     "format_size",
     "hugepage_dir",
     "hugepage_pool",
     "hugepage_pools",
+    "hugetlb_hint",
     "mapping_count",
     "mappings",
     "max_map_count",
     "memfd_noexec",
+    "meminfo",
     "memlock_error",
     "memlock_limit",
+    "memory_available",
+    "memory_ceiling",
     "overcommit_mode",
     "pagemap_huge_bytes",
     "pagemap_ranges",

@@ -315,3 +315,46 @@ class CodeBlock:
 class CodePin:
     @property
     def address(self) -> int: ...
+    def _map(self, size: int, capacity: int, align: int, /) -> Region: ...
+
+# ---------------------------------------------------------------- shared memory (shared.c)
+
+MFD_CLOEXEC: int
+MFD_ALLOW_SEALING: int
+MFD_HUGETLB: int
+F_SEAL_SEAL: int
+F_SEAL_SHRINK: int
+F_SEAL_GROW: int
+F_SEAL_WRITE: int
+F_SEAL_FUTURE_WRITE: int
+
+def _shared_create(
+    cls: type[Region],
+    size: int,
+    mfd_flags: int,
+    name: bytes,
+    seals: int,
+    page: int,
+    align: int,
+    advice: int,
+    backing: object,
+    /,
+) -> Region: ...
+def _shared_attach(
+    cls: type[Region],
+    fd: int,
+    take: bool,
+    readonly: bool,
+    size_hint: int,
+    align: int,
+    advice: int,
+    backing: object,
+    huge_backing: object,
+    /,
+) -> Region: ...
+def _shared_resize(region: Region, new_size: int, /) -> None: ...
+def _shared_refresh(region: Region, /) -> int: ...
+def _shared_seal(region: Region, seals: int, /) -> None: ...
+def _shared_discard(region: Region, /, offset: object = 0, length: object = None) -> None: ...
+def _shared_fd(region: Region, /) -> int: ...
+def _shared_dup(region: Region, /) -> int: ...

@@ -42,29 +42,52 @@ def _allocator(**options: Any) -> MapAlloc:
 
 
 def empty(
-    shape: object, dtype: DTypeLike = float, *, alloc: MapAlloc | None = None, **options: Any
+    shape: object,
+    dtype: DTypeLike = float,
+    *,
+    alloc: MapAlloc | None = None,
+    shared: bool = False,
+    **options: Any,
 ) -> NDArray[Any]:
     """A new array on a region of its own, freed when the last view of it is gone.
 
     ``options`` are MapAlloc's keyword arguments (``huge="thp"``,
     ``huge_pagesize=``, ``write=False``, ``commit=True`` ...); or pass an
     allocator as ``alloc``. Fresh pages read as zero, so this is zeros() too.
+
+    ``shared=True``: the region is a SharedRegion (``options`` are those of
+    SharedRegion.create: ``huge=``, ``seal_shrink=``, ``name=``), which other
+    processes can map: hand them ``region_of(array)`` and rebuild the array
+    there with ``region.ndarray(dtype, shape)``.
     """
     dt = array_dtype(dtype)
     dims = array_shape(shape)
+    nbytes = max(math.prod(dims) * dt.itemsize, 1)
+    if shared:
+        if alloc is not None:
+            raise TypeError("a shared array has no allocator: pass alloc or shared=True, not both")
+        from .shared import SharedRegion
+
+        region: Region = SharedRegion.create(nbytes, **options)
+        return region.ndarray(dt, dims)
     if alloc is None:
         alloc = _allocator(**options)
     elif options:
         raise TypeError("pass either alloc or allocator options, not both")
-    region = alloc.alloc(max(math.prod(dims) * dt.itemsize, 1))
+    region = alloc.alloc(nbytes)
     return region.ndarray(dt, dims)  # if this raises, the region is unmapped when collected
 
 
 def zeros(
-    shape: object, dtype: DTypeLike = float, *, alloc: MapAlloc | None = None, **options: Any
+    shape: object,
+    dtype: DTypeLike = float,
+    *,
+    alloc: MapAlloc | None = None,
+    shared: bool = False,
+    **options: Any,
 ) -> NDArray[Any]:
     """A new zero-filled array on a region of its own (see empty())."""
-    return empty(shape, dtype, alloc=alloc, **options)
+    return empty(shape, dtype, alloc=alloc, shared=shared, **options)
 
 
 def region_of(array: NDArray[Any]) -> Region | None:

@@ -22,6 +22,7 @@ from .harness import Case
 from .jit_cases import code_heap
 from .region_cases import CASES as REGION_CASES
 from .secret_cases import secret_round_trips
+from .shared_cases import shared_memory_cases
 
 CASE_GROUPS: tuple[Callable[[Scale], Iterator[Case]], ...] = (
     round_trips,
@@ -34,4 +35,5 @@ CASE_GROUPS: tuple[Callable[[Scale], Iterator[Case]], ...] = (
     secret_round_trips,
     code_heap,
     *REGION_CASES,
+    shared_memory_cases,
 )

@@ -1,0 +1,601 @@
+"""Shared memory between processes: memfd-backed regions.
+
+A :class:`SharedRegion` is a :class:`~mmap_alloc.Region` whose pages belong to
+an anonymous file (``memfd_create``) mapped ``MAP_SHARED``: every process that
+maps the file sees the same bytes. It is handed to another process by its
+file descriptor (``send()``/``receive()`` over a Unix socket, or as an
+argument of a multiprocessing Process, Pool or Queue), never by a name: there
+is nothing in /dev/shm, no resource tracker, and the memory goes back to the
+kernel when the last process closes it, whichever way that process ends.
+
+What the C layer (``_mman._shared_*``) does in one call each: create (back
+every page with fallocate, then map), attach, resize, refresh, seal, discard.
+This module holds the policy: options, argument checks, how pickling passes
+the descriptor, and the messages.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, cast
+
+from . import _args, _fdshare, _mman
+from ._linux import (
+    F_SEAL_NAMES,
+    MADV_HUGEPAGE,
+    MFD_ALLOW_SEALING,
+    MFD_CLOEXEC,
+    MFD_HUGETLB,
+    MFD_NOEXEC_SEAL,
+    PAGE_SIZE,
+    default_hugepage_size,
+    fd_target,
+    format_size,
+    hugepage_pools,
+    hugetlb_hint,
+    memfd_noexec,
+    memory_available,
+    memory_ceiling,
+    shmem_thp_mode,
+    thp_size,
+)
+from .backings import Backing
+from .exceptions import CLOSED, AllocError
+from .region import Region
+
+if TYPE_CHECKING:
+    import socket
+
+__all__ = ["SharedRegion"]
+
+_MFD_HUGE_SHIFT = 26
+_NAME_MAX = 249  # memfd_create: the name, without "memfd:", at most 249 bytes
+_SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+
+# send()/receive(): one message per region, the descriptor attached to it.
+_MESSAGE = struct.Struct("=8sQQ")  # magic, size, flags
+_MAGIC = b"mmapshr1"
+_FLAG_THP = 1
+_FLAG_READONLY = 2
+
+
+class _Pages(NamedTuple):
+    """How a shared region's pages are obtained."""
+
+    mfd_flags: int
+    page: int
+    align: int
+    advice: int
+    backing: Backing
+    hugetlb: int | None  # the hugetlb page size, if any
+
+
+def _pages(huge: object) -> _Pages:
+    if huge is None:
+        return _Pages(0, PAGE_SIZE, PAGE_SIZE, 0, Backing.NORMAL, None)
+    if huge == "thp":
+        mode = shmem_thp_mode()
+        if mode is None or mode == "deny":
+            raise ValueError(
+                f"huge='thp': shared memory cannot have transparent huge pages here "
+                f"(shmem_enabled is {mode or 'missing'}: {_SHMEM_ENABLED}; "
+                "mmap_alloc.features.shmem_thp() tells)"
+            )
+        return _Pages(0, PAGE_SIZE, thp_size(), MADV_HUGEPAGE, Backing.THP, None)
+    supported = [pool.size for pool in hugepage_pools()]
+    if huge == "hugetlb":
+        size = default_hugepage_size()
+        if size is None or size not in supported:
+            raise ValueError("huge='hugetlb': this machine has no hugetlb pages")
+    elif isinstance(huge, str):
+        raise ValueError(
+            f"huge must be None, 'thp', 'hugetlb' or a huge page size in bytes, got {huge!r}"
+        )
+    else:
+        try:
+            size = _args.integer(huge, "huge")
+        except TypeError:
+            raise TypeError(
+                f"huge must be None, 'thp', 'hugetlb' or an int, not {type(huge).__name__}"
+            ) from None
+        if size not in supported:
+            names = ", ".join(format_size(n) for n in supported) or "none"
+            raise ValueError(
+                f"huge={size} is not a huge page size of this machine (supported: {names})"
+            )
+    flags = MFD_HUGETLB | (size.bit_length() - 1) << _MFD_HUGE_SHIFT
+    return _Pages(flags, size, size, 0, Backing.HUGETLB, size)
+
+
+def _memfd_name(name: object) -> bytes:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, not {type(name).__name__}")
+    encoded = name.encode()
+    if b"\0" in encoded:
+        raise ValueError("name must not contain NUL characters")
+    if len(encoded) > _NAME_MAX:
+        raise ValueError(f"name must be at most {_NAME_MAX} bytes in UTF-8, got {len(encoded)}")
+    return encoded
+
+
+def _check_memory(size: int, what: str) -> None:
+    """AllocError before backing ``size`` bytes that the machine cannot give:
+    fallocate would take them from everything else and wake the OOM killer.
+    Requests up to 1/16 of all the memory there could be are let through
+    without reading /proc (which costs more than making a small region)."""
+    if size <= memory_ceiling() // 16:
+        return
+    available = memory_available()
+    if available is not None and size > available:
+        raise AllocError(
+            f"cannot {what}: {size} bytes asked for, {available} available "
+            "(MemAvailable + SwapFree in /proc/meminfo, within the memory cgroup's limit); "
+            "a shared region backs every page when it is made, so more would wake "
+            "the OOM killer",
+            errno=errno.ENOMEM,
+            size=size,
+        )
+
+
+def _error(exc: OSError, size: int, what: str, hugetlb: int | None = None) -> Exception:
+    """The exception a refused step of the C layer becomes (exc.filename: the step)."""
+    step = exc.filename
+    if step == "fallocate" and exc.errno == errno.EFBIG:
+        return AllocError(
+            f"cannot {what}: the file may not grow to {size} bytes (RLIMIT_FSIZE, `ulimit -f`)",
+            errno=errno.EFBIG,
+            size=size,
+        )
+    if step in ("fallocate", "mmap", "mremap", "size") and exc.errno in (
+        errno.ENOMEM,
+        errno.ENOSPC,
+        errno.EAGAIN,
+    ):
+        message = f"cannot {what}: {step}: {os.strerror(exc.errno or errno.ENOMEM)}"
+        if hugetlb is not None:
+            message += hugetlb_hint(hugetlb)
+        return AllocError(message, errno=exc.errno or errno.ENOMEM, size=size)
+    return OSError(exc.errno, f"cannot {what}: {step} failed: {exc.strerror}")
+
+
+def _attach_error(exc: OSError, fd: int) -> Exception:
+    step = exc.filename
+    if step in ("fd", "dup") and exc.errno == errno.EBADF:
+        return OSError(errno.EBADF, f"fd {fd} is not an open file descriptor")
+    if step == "memfd":
+        target = fd_target(fd) or "unknown"
+        return ValueError(
+            f"fd {fd} is not a memfd (it is {target}): SharedRegion maps only files made by "
+            "memfd_create, which no other process can cut short once sealed"
+        )
+    if step == "O_RDONLY":
+        return PermissionError(
+            errno.EACCES, f"fd {fd} is open read-only: map it with readonly=True"
+        )
+    if step == "F_SEAL_WRITE":
+        return PermissionError(
+            errno.EPERM,
+            f"the memfd of fd {fd} is sealed against writing: map it with readonly=True",
+        )
+    if step == "empty":
+        return ValueError(f"the memfd of fd {fd} is empty: there is nothing to map")
+    return _error(exc, 0, f"map the memfd of fd {fd}")
+
+
+_registered: list[bool] = []
+
+
+def _register_pickling() -> None:
+    """Teach multiprocessing's pickler to pass a SharedRegion by descriptor
+    (done when the first region is made: no region, nothing to pickle)."""
+    if not _registered:
+        from multiprocessing import reduction
+
+        reduction.register(SharedRegion, _reduce)
+        _registered.append(True)
+
+
+def _reduce(region: SharedRegion) -> tuple[Any, tuple[Any, ...]]:
+    """multiprocessing's pickling of a region: its descriptor travels, not its
+    bytes: with a process being started, as multiprocessing passes sockets;
+    else (queues, pools) where it is, for the receiver to open through /proc
+    (see _fdshare: the region must stay open until the receiver has it)."""
+    from multiprocessing import context, reduction
+
+    fd, flags = region.fd, region._flags()
+    handle: Any
+    if context.get_spawning_popen() is not None:
+        handle = reduction.DupFd(fd)
+    else:
+        try:
+            readonly = bool(flags & _FLAG_READONLY)
+            handle = _fdshare.share(region, fd, readonly=readonly, dup=_mman._shared_dup)
+        except OSError:  # no Unix socket to serve it from: multiprocessing's way
+            handle = reduction.DupFd(fd)
+    return _rebuild, (handle, region.size, flags)
+
+
+def _rebuild(dupfd: Any, size: int, flags: int) -> SharedRegion:
+    return SharedRegion._attach_fd(dupfd.detach(), size, flags)
+
+
+def _check_socket(sock: object) -> socket.socket:
+    import socket
+
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
+    if sock.fileno() < 0:
+        raise ValueError("the socket is closed")
+    if sock.family != socket.AF_UNIX:
+        raise ValueError(
+            "file descriptors travel only over Unix sockets (AF_UNIX), e.g. socket.socketpair()"
+        )
+    return sock
+
+
+class SharedRegion(Region):
+    """Memory shared between processes: a memfd mapped ``MAP_SHARED``.
+
+    Made by :meth:`create`, or from a descriptor another process handed over
+    (:meth:`receive`, :meth:`from_fd`, multiprocessing). A SharedRegion is a
+    Region: buffer protocol, ``view()``, ``ndarray()``, ``protect()``,
+    ``stats()``, the export rules (no close while a buffer lives). It owns
+    its descriptor (``fd``) and closes it when it closes or is collected.
+
+    Every page is backed when it is made or grown, so running out of memory
+    is an :class:`~mmap_alloc.AllocError` of that call, never a SIGBUS at
+    first touch. Sealed against shrinking (the default), no process can cut
+    the file short under a mapping.
+    """
+
+    __slots__ = ()
+
+    # ------------------------------------------------------------ making
+
+    @classmethod
+    def create(
+        cls,
+        size: int,
+        *,
+        huge: str | int | None = None,
+        seal_shrink: bool = True,
+        name: str = "mmap_alloc",
+    ) -> SharedRegion:
+        """A new shared region of ``size`` bytes, read/write, zero-filled.
+
+        ``huge``: None (base pages), ``"thp"`` (advised MADV_HUGEPAGE and
+        collapsed to transparent huge pages where the kernel can:
+        ``stats().huge_bytes`` says how much), ``"hugetlb"`` (the default
+        hugetlb page size) or a hugetlb page size in bytes; an empty pool is an
+        AllocError that says how to reserve pages. ``seal_shrink``: seal the
+        file against shrinking (F_SEAL_SHRINK), so no process can truncate it
+        under a mapping. ``name``: the label /proc shows ("memfd:NAME").
+
+        AllocError, changing nothing, if the memory is not there: more than
+        the machine has available is refused before anything is asked of the
+        kernel.
+        """
+        n = _args.size(size, PAGE_SIZE)
+        label = _memfd_name(name)
+        pages = _pages(huge)
+        if pages.hugetlb is None:
+            _check_memory(n, f"create a shared region of {n} bytes")
+        flags = MFD_CLOEXEC | MFD_ALLOW_SEALING | pages.mfd_flags
+        seals = F_SEAL_NAMES["shrink"] if seal_shrink else 0
+        args = (label, seals, pages.page, pages.align, pages.advice, pages.backing)
+        try:
+            while True:
+                try:
+                    region = _mman._shared_create(cls, n, flags, *args)
+                    break
+                except InterruptedError:
+                    continue  # a signal came during fallocate: nothing was left, again
+                except OSError as exc:
+                    # vm.memfd_noexec = 2 refuses memfds that do not give up exec
+                    if exc.filename != "memfd_create" or exc.errno != errno.EINVAL:
+                        raise
+                    if memfd_noexec() != 2 or flags & MFD_NOEXEC_SEAL:
+                        raise
+                    flags |= MFD_NOEXEC_SEAL
+        except OSError as exc:
+            if exc.filename == "madvise" and pages.backing is Backing.THP:
+                raise OSError(
+                    exc.errno,
+                    f"huge='thp': the kernel refused MADV_HUGEPAGE on shared memory "
+                    f"({exc.strerror}; shmem_enabled is {shmem_thp_mode()}: {_SHMEM_ENABLED})",
+                ) from None
+            raise _error(exc, n, f"create a shared region of {n} bytes", pages.hugetlb) from None
+        _register_pickling()
+        return cast(SharedRegion, region)
+
+    @classmethod
+    def from_fd(cls, fd: int, *, readonly: bool = False) -> SharedRegion:
+        """Map the memfd behind ``fd``: the region works on a duplicate, the
+        caller keeps ``fd`` (and closes it when done).
+
+        ``readonly``: map it read-only through a read-only open of the file,
+        so that the kernel refuses write access (protect() cannot add WRITE).
+        ValueError if ``fd`` is not a memfd. The region's size is the file's.
+        """
+        n = _args.integer(fd, "fd")
+        if n < 0:
+            raise ValueError(f"fd must not be negative, got {n}")
+        return cls._attach(n, take=False, readonly=bool(readonly), size=0, flags=0)
+
+    @classmethod
+    def receive(cls, sock: socket.socket, *, readonly: bool = False) -> SharedRegion:
+        """The region another process sent with :meth:`send` over the Unix
+        socket ``sock`` (blocks until it comes). ``readonly`` as for
+        :meth:`from_fd`. EOFError if the peer closed the socket first."""
+        import socket as _socket
+
+        sock = _check_socket(sock)
+        data, fds, msg_flags = _fdshare.recv_fds(sock, _MESSAGE.size)
+        if not data and not fds:
+            raise EOFError("the peer closed the socket before sending a region")
+        if len(fds) != 1 or msg_flags & _socket.MSG_CTRUNC or len(data) != _MESSAGE.size:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError(
+                "the message is not one of SharedRegion.send(): "
+                f"{len(data)} bytes and {len(fds)} file descriptor(s)"
+            )
+        magic, size, flags = _MESSAGE.unpack(data)
+        if magic != _MAGIC:
+            os.close(fds[0])
+            raise ValueError("the message is not one of SharedRegion.send()")
+        if flags & _FLAG_READONLY:
+            readonly = True
+        return cls._attach(fds[0], take=True, readonly=bool(readonly), size=size, flags=flags)
+
+    @classmethod
+    def _attach_fd(cls, fd: int, size: int, flags: int) -> SharedRegion:
+        """A region over ``fd``, which it owns from now on (multiprocessing)."""
+        return cls._attach(
+            fd, take=True, readonly=bool(flags & _FLAG_READONLY), size=size, flags=flags
+        )
+
+    @classmethod
+    def _attach(cls, fd: int, *, take: bool, readonly: bool, size: int, flags: int) -> SharedRegion:
+        if flags & _FLAG_THP:
+            align, advice, backing = thp_size(), MADV_HUGEPAGE, Backing.THP
+        else:
+            align, advice, backing = PAGE_SIZE, 0, Backing.NORMAL
+        try:
+            region = _mman._shared_attach(
+                cls, fd, take, readonly, size, align, advice, backing, Backing.HUGETLB
+            )
+        except OSError as exc:
+            raise _attach_error(exc, fd) from None
+        _register_pickling()
+        return cast(SharedRegion, region)
+
+    # ------------------------------------------------------------ handing over
+
+    def send(self, sock: socket.socket) -> None:
+        """Send the region to the process at the other end of the Unix socket
+        ``sock`` (SCM_RIGHTS): a duplicate of its descriptor travels, with its
+        size. The peer calls :meth:`receive`. Both sides then map the same
+        pages; each closes its own region."""
+        import socket as _socket
+
+        sock = _check_socket(sock)
+        message = _MESSAGE.pack(_MAGIC, self.size, self._flags())
+        fd = _mman._shared_dup(self)
+        try:
+            _socket.send_fds(sock, [message], [fd])
+        finally:
+            os.close(fd)
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        raise TypeError(
+            "a SharedRegion is pickled only by multiprocessing, which passes its file "
+            "descriptor (pass it to a Process, Pool or Queue of multiprocessing or "
+            "concurrent.futures); to another program, send() it over a Unix socket"
+        )
+
+    def _flags(self) -> int:
+        flags = _FLAG_THP if self._backing is Backing.THP else 0
+        return flags | (_FLAG_READONLY if self._fd_readonly() else 0)
+
+    def _fd_readonly(self) -> bool:
+        return fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+
+    # ------------------------------------------------------------ the file
+
+    @property
+    def fd(self) -> int:
+        """The region's file descriptor (a memfd, close-on-exec), owned by the
+        region: it is closed when the region closes. Duplicate it to keep it."""
+        fd: int = _mman._shared_fd(self)
+        return fd
+
+    @property
+    def readonly(self) -> bool:
+        """Whether the kernel refuses write access to the mapping: mapped
+        read-only (``readonly=True``) or sealed against writing."""
+        return self._fd_readonly() or "write" in self.seals
+
+    @property
+    def seals(self) -> frozenset[str]:
+        """The file's seals: a subset of {"seal", "shrink", "grow", "write"}
+        ("future_write" and "exec" too, for memfds made elsewhere with them)."""
+        bits = fcntl.fcntl(self.fd, fcntl.F_GET_SEALS)
+        return frozenset(name for name, bit in F_SEAL_NAMES.items() if bits & bit)
+
+    @property
+    def file_size(self) -> int:
+        """The file's size now: larger than ``size`` after another process
+        grew it (``refresh()`` maps it)."""
+        return os.fstat(self.fd).st_size
+
+    @property
+    def backed_bytes(self) -> int:
+        """Bytes of the file that memory backs now, in every process together
+        (its blocks): what discard() gives back shows here. ``stats()`` counts
+        this process's view instead (resident_bytes: the pages it has mapped)."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def resize(self, new_size: int) -> None:
+        """Make the file, and the region, ``new_size`` bytes.
+
+        Growing backs the new pages first (fallocate): AllocError, changing
+        nothing, when memory runs out. The region stays where it is if it can,
+        else moves (mremap; nothing is copied) unless a buffer, array or
+        function of it keeps it in place: then BufferError, nothing changed.
+        Shrinking needs the region unsealed against shrinking (PermissionError
+        otherwise) and no exported buffer (BufferError). The other regions of
+        this process on the file lose the pages past the new end in the same
+        call (BufferError, nothing changed, if a buffer pins one of them);
+        other processes fault (SIGBUS) on those pages until they refresh():
+        only shrink what no other process uses. Other processes see a new
+        size after refresh().
+        """
+        n = _args.size(new_size, PAGE_SIZE, "new_size")
+        if self.closed:
+            raise ValueError(CLOSED)
+        grow = n - self.file_size
+        if grow > 0 and self.backing is not Backing.HUGETLB:
+            _check_memory(grow, f"grow the shared region to {n} bytes")
+        while True:
+            try:
+                _mman._shared_resize(self, n)
+                return
+            except InterruptedError:
+                continue  # a signal came during fallocate, which undid itself: again
+            except OSError as exc:
+                raise self._resize_error(exc, n) from None
+
+    def _resize_error(self, exc: OSError, n: int) -> Exception:
+        step, what = exc.filename, f"resize the shared region from {self.size} to {n} bytes"
+        if step == "F_SEAL_SHRINK":
+            return PermissionError(
+                errno.EPERM,
+                f"cannot {what}: it is sealed against shrinking (seal_shrink=True, the default, "
+                f"or seal(shrink=True)); the file is {self.file_size} bytes",
+            )
+        if step == "F_SEAL_GROW":
+            return PermissionError(errno.EPERM, f"cannot {what}: it is sealed against growing")
+        if step == "F_SEAL_WRITE":
+            return PermissionError(
+                errno.EPERM, f"cannot {what}: it is sealed against writing, which freezes its size"
+            )
+        if step == "O_RDONLY":
+            return PermissionError(errno.EACCES, f"cannot {what}: it is mapped read-only")
+        error = _error(exc, n, what, self._page if self.backing is Backing.HUGETLB else None)
+        if step == "mremap":
+            error.args = (
+                f"{error.args[-1]}; the file is {self.file_size} bytes now: refresh() maps it "
+                "when the address space allows",
+            )
+        return error
+
+    def refresh(self) -> int:
+        """Map what another process did to the file's size; return the new size.
+
+        Growth is mapped (in place, or by moving the region when nothing keeps
+        it where it is: else BufferError). A file that shrank (possible only
+        without the shrink seal) loses its pages from the region, which must
+        then have no exported buffer (BufferError).
+        """
+        if self.closed:
+            raise ValueError(CLOSED)
+        try:
+            size: int = _mman._shared_refresh(self)
+        except OSError as exc:
+            raise _error(exc, self.file_size, "map the shared file's new size") from None
+        return size
+
+    def seal(
+        self, *, grow: bool = False, shrink: bool = False, write: bool = False, seal: bool = False
+    ) -> None:
+        """Add seals to the file; no seal can be taken off.
+
+        ``shrink``: no process can make it smaller; ``grow``: none can make it
+        larger; ``write``: none can change its bytes (this region is remapped
+        read-only first: BufferError while a writable buffer of it lives;
+        OSError EBUSY if another process still maps it writable); ``seal``:
+        no further seal can be added.
+        """
+        bits = 0
+        for name, flag in (("grow", grow), ("shrink", shrink), ("write", write), ("seal", seal)):
+            if flag:
+                bits |= F_SEAL_NAMES[name]
+        if self.closed:
+            raise ValueError(CLOSED)
+        try:
+            _mman._shared_seal(self, bits)
+        except OSError as exc:
+            if exc.filename == "F_SEAL_SEAL" or exc.errno == errno.EPERM:
+                raise PermissionError(
+                    errno.EPERM,
+                    "cannot add seals: the memfd is sealed against sealing (seal(seal=True), or "
+                    "made without MFD_ALLOW_SEALING)",
+                ) from None
+            if exc.errno == errno.EBUSY:
+                raise OSError(
+                    errno.EBUSY,
+                    "cannot seal against writing: another mapping of the file is writable (a "
+                    "region of this process or of another one), or its pages are pinned; it "
+                    "must be closed first",
+                ) from None
+            message = f"cannot seal: {exc.filename} failed: {exc.strerror}"
+            raise OSError(exc.errno, message) from None
+
+    def discard(self, offset: int = 0, length: int | None = None) -> None:
+        """Give the pages of [offset, offset + length) back to the kernel: they
+        read as zero afterwards, in every process (fallocate PUNCH_HOLE).
+
+        Unlike ``advise("dontneed")``, which on a shared region only drops this
+        process's page tables (the bytes stay in the file), this frees the
+        memory. Pages touched again are backed again on demand, so a later
+        shortage of memory shows at that touch (the OOM killer), not here.
+        Refused on hugetlb regions (a touch with the pool empty would be
+        SIGBUS) and on pinned code (BufferError).
+        """
+        try:
+            _mman._shared_discard(self, offset, length)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot discard pages: {exc.strerror}") from None
+
+    # ------------------------------------------------------------ protection
+
+    def protect(self, perms: int, offset: int = 0, length: int | None = None) -> None:
+        """As Region.protect(); PermissionError when WRITE is asked of a region
+        the kernel maps read-only (``readonly``)."""
+        try:
+            super().protect(perms, offset, length)
+        except PermissionError as exc:
+            raise self._readonly_error(exc) from None
+
+    def make_writable(self, offset: int = 0, length: int | None = None) -> None:
+        """As Region.make_writable(); PermissionError on a read-only region."""
+        try:
+            super().make_writable(offset, length)
+        except PermissionError as exc:
+            raise self._readonly_error(exc) from None
+
+    def _readonly_error(self, exc: PermissionError) -> PermissionError:
+        return PermissionError(
+            exc.errno,
+            f"{exc.strerror}: the region is mapped read-only (readonly=True, or sealed against "
+            "writing), and the kernel refuses it write access",
+        )
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return f"<SharedRegion closed size={self.size}>"
+        perms = "mixed" if self.mixed else str(self.perms)
+        seals = ",".join(sorted(self.seals)) or "none"
+        return (
+            f"<SharedRegion {perms} fd={self.fd} address=0x{self.address:x} size={self.size} "
+            f"capacity={self.capacity} seals={seals}>"
+        )
+
+    def __enter__(self) -> SharedRegion:
+        if self.closed:
+            raise ValueError(CLOSED)
+        return self

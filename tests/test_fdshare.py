@@ -1,0 +1,141 @@
+"""_fdshare: descriptors inside pickles for multiprocessing's queues and pools."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from mmap_alloc import _fdshare
+from support import run_forked
+
+
+class Owner:
+    """Holds a memfd open, as a SharedRegion does."""
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("fdshare", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, 4096)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+
+def dup(owner: Owner) -> int:
+    if owner.fd < 0:
+        raise ValueError("closed")
+    return os.dup(owner.fd)
+
+
+def open_fds() -> set[int]:
+    """The descriptors open now (not the one listing them used, closed by then)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            os.readlink(f"/proc/self/fd/{name}")
+            found.add(int(name))
+    return found
+
+
+@pytest.fixture
+def owner() -> Iterator[Owner]:
+    owner = Owner()
+    yield owner
+    owner.close()
+
+
+def share(owner: Owner, readonly: bool = False) -> _fdshare.SharedFd:
+    return _fdshare.share(owner, owner.fd, readonly=readonly, dup=dup)
+
+
+def test_the_receiver_opens_the_file_through_proc_and_the_sender_keeps_nothing(
+    owner: Owner,
+) -> None:
+    os.close(share(owner).detach())  # the sharer starts the first time
+    before = open_fds()
+    handle = share(owner)
+    assert open_fds() == before  # no duplicate waits in the sender
+    fd = handle.detach()
+    try:
+        assert os.fstat(fd).st_ino == os.fstat(owner.fd).st_ino
+        assert fd != owner.fd
+        os.pwrite(fd, b"via proc", 0)
+        assert os.pread(owner.fd, 8, 0) == b"via proc"
+    finally:
+        os.close(fd)
+    assert open_fds() == before
+
+
+def test_a_read_only_handle_opens_read_only(owner: Owner) -> None:
+    fd = share(owner, readonly=True).detach()
+    try:
+        with pytest.raises(OSError):
+            os.pwrite(fd, b"x", 0)
+    finally:
+        os.close(fd)
+
+
+def test_where_proc_refuses_the_receiver_gets_a_duplicate_over_the_socket(
+    owner: Owner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    os.close(share(owner).detach())
+    before = open_fds()
+    monkeypatch.setattr(_fdshare.SharedFd, "_open_in_proc", lambda self: None)
+    fd = share(owner).detach()
+    try:
+        assert os.fstat(fd).st_ino == os.fstat(owner.fd).st_ino
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + 10
+    while open_fds() != before and time.monotonic() < deadline:
+        time.sleep(0.01)  # the sharer's thread closes its side after the receiver has it
+    assert open_fds() == before
+
+
+def test_a_handle_of_a_closed_owner_is_a_clear_error(owner: Owner) -> None:
+    handle = share(owner)
+    owner.close()
+    with pytest.raises(OSError, match="no longer has it open"):
+        handle.detach()
+
+
+def test_a_handle_never_gives_another_file(owner: Owner) -> None:
+    handle = share(owner)._replace(ino=1)
+    with pytest.raises(OSError, match="not of the file that was pickled"):
+        handle.detach()
+
+
+def test_a_stranger_without_the_token_gets_nothing(owner: Owner) -> None:
+    handle = share(owner)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(handle.address)
+        conn.sendall(os.urandom(16))
+        data, fds, _flags = _fdshare.recv_fds(conn, 1)
+    assert (data, fds) == (b"", [])
+
+
+def test_an_owner_has_one_token_which_goes_with_it() -> None:
+    owner = Owner()
+    first, second = share(owner), share(owner)
+    assert first.token == second.token
+    owner.close()
+    del owner
+    gc.collect()
+    assert first.token not in _fdshare._sharer.owners
+
+
+def _forked_child_forgets() -> None:
+    assert len(_fdshare._sharer.owners) == 0
+    assert _fdshare._sharer.listener is None
+
+
+def test_a_forked_child_forgets_the_owners_of_its_parent(owner: Owner) -> None:
+    share(owner)
+    run_forked(_forked_child_forgets)
