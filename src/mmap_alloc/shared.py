@@ -22,7 +22,10 @@ import os
 import struct
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, cast
 
-from . import _args, _fdshare, _mman
+from ._args import integer
+from ._args import size as size_argument
+from ._fdshare import recv_fds
+from ._fdshare import share as share_descriptor
 from ._linux import (
     F_SEAL_NAMES,
     MADV_HUGEPAGE,
@@ -41,6 +44,16 @@ from ._linux import (
     memory_ceiling,
     shmem_thp_mode,
     thp_size,
+)
+from ._mman import (
+    _shared_attach,
+    _shared_create,
+    _shared_discard,
+    _shared_dup,
+    _shared_fd,
+    _shared_refresh,
+    _shared_resize,
+    _shared_seal,
 )
 from .backings import Backing
 from .exceptions import CLOSED, AllocError
@@ -96,7 +109,7 @@ def _pages(huge: object) -> _Pages:
         )
     else:
         try:
-            size = _args.integer(huge, "huge")
+            size = integer(huge, "huge")
         except TypeError:
             raise TypeError(
                 f"huge must be None, 'thp', 'hugetlb' or an int, not {type(huge).__name__}"
@@ -212,7 +225,7 @@ def _reduce(region: SharedRegion) -> tuple[Any, tuple[Any, ...]]:
     else:
         try:
             readonly = bool(flags & _FLAG_READONLY)
-            handle = _fdshare.share(region, fd, readonly=readonly, dup=_mman._shared_dup)
+            handle = share_descriptor(region, fd, readonly=readonly, dup=_shared_dup)
         except OSError:  # no Unix socket to serve it from: multiprocessing's way
             handle = reduction.DupFd(fd)
     return _rebuild, (handle, region.size, flags)
@@ -278,7 +291,7 @@ class SharedRegion(Region):
         the machine has available is refused before anything is asked of the
         kernel.
         """
-        n = _args.size(size, PAGE_SIZE)
+        n = size_argument(size, PAGE_SIZE)
         label = _memfd_name(name)
         pages = _pages(huge)
         if pages.hugetlb is None:
@@ -289,7 +302,7 @@ class SharedRegion(Region):
         try:
             while True:
                 try:
-                    region = _mman._shared_create(cls, n, flags, *args)
+                    region = _shared_create(cls, n, flags, *args)
                     break
                 except InterruptedError:
                     continue  # a signal came during fallocate: nothing was left, again
@@ -320,7 +333,7 @@ class SharedRegion(Region):
         so that the kernel refuses write access (protect() cannot add WRITE).
         ValueError if ``fd`` is not a memfd. The region's size is the file's.
         """
-        n = _args.integer(fd, "fd")
+        n = integer(fd, "fd")
         if n < 0:
             raise ValueError(f"fd must not be negative, got {n}")
         return cls._attach(n, take=False, readonly=bool(readonly), size=0, flags=0)
@@ -333,7 +346,7 @@ class SharedRegion(Region):
         import socket as _socket
 
         sock = _check_socket(sock)
-        data, fds, msg_flags = _fdshare.recv_fds(sock, _MESSAGE.size)
+        data, fds, msg_flags = recv_fds(sock, _MESSAGE.size)
         if not data and not fds:
             raise EOFError("the peer closed the socket before sending a region")
         if len(fds) != 1 or msg_flags & _socket.MSG_CTRUNC or len(data) != _MESSAGE.size:
@@ -365,7 +378,7 @@ class SharedRegion(Region):
         else:
             align, advice, backing = PAGE_SIZE, 0, Backing.NORMAL
         try:
-            region = _mman._shared_attach(
+            region = _shared_attach(
                 cls, fd, take, readonly, size, align, advice, backing, Backing.HUGETLB
             )
         except OSError as exc:
@@ -384,7 +397,7 @@ class SharedRegion(Region):
 
         sock = _check_socket(sock)
         message = _MESSAGE.pack(_MAGIC, self.size, self._flags())
-        fd = _mman._shared_dup(self)
+        fd = _shared_dup(self)
         try:
             _socket.send_fds(sock, [message], [fd])
         finally:
@@ -410,7 +423,7 @@ class SharedRegion(Region):
     def fd(self) -> int:
         """The region's file descriptor (a memfd, close-on-exec), owned by the
         region: it is closed when the region closes. Duplicate it to keep it."""
-        fd: int = _mman._shared_fd(self)
+        fd: int = _shared_fd(self)
         return fd
 
     @property
@@ -454,7 +467,7 @@ class SharedRegion(Region):
         only shrink what no other process uses. Other processes see a new
         size after refresh().
         """
-        n = _args.size(new_size, PAGE_SIZE, "new_size")
+        n = size_argument(new_size, PAGE_SIZE, "new_size")
         if self.closed:
             raise ValueError(CLOSED)
         grow = n - self.file_size
@@ -462,7 +475,7 @@ class SharedRegion(Region):
             _check_memory(grow, f"grow the shared region to {n} bytes")
         while True:
             try:
-                _mman._shared_resize(self, n)
+                _shared_resize(self, n)
                 return
             except InterruptedError:
                 continue  # a signal came during fallocate, which undid itself: again
@@ -504,7 +517,7 @@ class SharedRegion(Region):
         if self.closed:
             raise ValueError(CLOSED)
         try:
-            size: int = _mman._shared_refresh(self)
+            size: int = _shared_refresh(self)
         except OSError as exc:
             raise _error(exc, self.file_size, "map the shared file's new size") from None
         return size
@@ -527,7 +540,7 @@ class SharedRegion(Region):
         if self.closed:
             raise ValueError(CLOSED)
         try:
-            _mman._shared_seal(self, bits)
+            _shared_seal(self, bits)
         except OSError as exc:
             if exc.filename == "F_SEAL_SEAL" or exc.errno == errno.EPERM:
                 raise PermissionError(
@@ -557,7 +570,7 @@ class SharedRegion(Region):
         SIGBUS) and on pinned code (BufferError).
         """
         try:
-            _mman._shared_discard(self, offset, length)
+            _shared_discard(self, offset, length)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot discard pages: {exc.strerror}") from None
 
