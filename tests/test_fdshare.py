@@ -6,8 +6,10 @@ import contextlib
 import gc
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
+from types import CodeType, FrameType
 
 import pytest
 
@@ -139,3 +141,60 @@ def _forked_child_forgets() -> None:
 def test_a_forked_child_forgets_the_owners_of_its_parent(owner: Owner) -> None:
     share(owner)
     run_forked(_forked_child_forgets)
+
+
+def _lines(function: object) -> list[int]:
+    code = function.__code__  # type: ignore[attr-defined]
+    return sorted({line for _, _, line in code.co_lines() if line and line > code.co_firstlineno})
+
+
+def _share_with_a_hook_at(
+    code: CodeType, line: int, outer: Owner, inner: Owner
+) -> tuple[_fdshare.SharedFd, list[_fdshare.SharedFd]]:
+    """Share ``outer`` while a trace hook shares ``inner`` when ``line`` of
+    ``code`` first runs: the handle of each (none for ``inner`` if the line
+    never ran)."""
+    handles: list[_fdshare.SharedFd] = []
+
+    def on_line(frame: FrameType, event: str, arg: object) -> object:
+        if event == "line" and frame.f_lineno == line and not handles:
+            handles.append(share(inner))
+        return on_line
+
+    def tracer(frame: FrameType, event: str, arg: object) -> object:
+        return on_line if frame.f_code is code else None
+
+    sys.settrace(tracer)
+    try:
+        return share(outer), handles
+    finally:
+        sys.settrace(None)
+
+
+def _share_from_every_line_of_sharing() -> None:
+    """A trace hook shares another owner at each line of the sharer's own code,
+    as a signal handler or a finalizer on this thread may."""
+    sharer = _fdshare._sharer
+    targets = [(type(sharer).token, line) for line in _lines(type(sharer).token)]
+    targets += [(type(sharer)._listen, line) for line in _lines(type(sharer)._listen)]
+    reentered = 0
+    for function, line in targets:
+        sharer.forget()  # a sharer without its listener yet: _listen runs too
+        outer, inner = Owner(), Owner()
+        handle, handles = _share_with_a_hook_at(function.__code__, line, outer, inner)
+        if handles:  # else a line of a branch not taken
+            reentered += 1
+        for owner, shared in ((outer, handle), *((inner, h) for h in handles)):
+            fd = shared._fetch()  # through the listener: the one a hook started works too
+            try:
+                assert os.fstat(fd).st_ino == os.fstat(owner.fd).st_ino
+            finally:
+                os.close(fd)
+        outer.close()
+        inner.close()
+    # all but the five lines of the bind failure and of a listener a hook started
+    assert reentered >= len(targets) - 5, f"only {reentered} of {len(targets)} lines re-entered"
+
+
+def test_sharing_from_a_hook_inside_sharing_neither_hangs_nor_mixes_owners() -> None:
+    run_forked(_share_from_every_line_of_sharing, timeout=60)

@@ -42,7 +42,8 @@ class _Sharer:
     """The sender's side: a token per owner, and the thread that serves them."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # reentrant: a signal handler or finalizer on the thread holding it may pickle too
+        self.lock = threading.RLock()
         self.owners: weakref.WeakValueDictionary[bytes, Any] = weakref.WeakValueDictionary()
         self.tokens: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
         self.dup: Callable[[Any], int] | None = None
@@ -71,6 +72,9 @@ class _Sharer:
         except OSError:
             listener.close()
             raise
+        if self.listener is not None:  # a hook on this thread started one meanwhile
+            listener.close()
+            return
         threading.Thread(
             target=self._serve, args=(listener,), name="mmap_alloc fd sharer", daemon=True
         ).start()
@@ -107,7 +111,7 @@ class _Sharer:
 
     def forget(self) -> None:
         """In a forked child: the thread is not there; the owners are the parent's."""
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.owners = weakref.WeakValueDictionary()
         self.tokens = weakref.WeakKeyDictionary()
         if self.listener is not None:
