@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from types import CodeType, FrameType
+from typing import Any
 
 import pytest
 
@@ -143,8 +144,7 @@ def test_a_forked_child_forgets_the_owners_of_its_parent(owner: Owner) -> None:
     run_forked(_forked_child_forgets)
 
 
-def _lines(function: object) -> list[int]:
-    code = function.__code__  # type: ignore[attr-defined]
+def _lines(code: CodeType) -> list[int]:
     return sorted({line for _, _, line in code.co_lines() if line and line > code.co_firstlineno})
 
 
@@ -156,12 +156,12 @@ def _share_with_a_hook_at(
     never ran)."""
     handles: list[_fdshare.SharedFd] = []
 
-    def on_line(frame: FrameType, event: str, arg: object) -> object:
+    def on_line(frame: FrameType, event: str, arg: object) -> Any:
         if event == "line" and frame.f_lineno == line and not handles:
             handles.append(share(inner))
         return on_line
 
-    def tracer(frame: FrameType, event: str, arg: object) -> object:
+    def tracer(frame: FrameType, event: str, arg: object) -> Any:
         return on_line if frame.f_code is code else None
 
     sys.settrace(tracer)
@@ -175,13 +175,13 @@ def _share_from_every_line_of_sharing() -> None:
     """A trace hook shares another owner at each line of the sharer's own code,
     as a signal handler or a finalizer on this thread may."""
     sharer = _fdshare._sharer
-    targets = [(type(sharer).token, line) for line in _lines(type(sharer).token)]
-    targets += [(type(sharer)._listen, line) for line in _lines(type(sharer)._listen)]
+    codes = [type(sharer).token.__code__, type(sharer)._listen.__code__]
+    targets = [(code, line) for code in codes for line in _lines(code)]
     reentered = 0
-    for function, line in targets:
+    for code, line in targets:
         sharer.forget()  # a sharer without its listener yet: _listen runs too
         outer, inner = Owner(), Owner()
-        handle, handles = _share_with_a_hook_at(function.__code__, line, outer, inner)
+        handle, handles = _share_with_a_hook_at(code, line, outer, inner)
         if handles:  # else a line of a branch not taken
             reentered += 1
         for owner, shared in ((outer, handle), *((inner, h) for h in handles)):
