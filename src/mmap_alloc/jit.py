@@ -6,7 +6,7 @@ view that code is written through and a read/exec view that it runs from.
 Blocks of it are handed out by a bump allocator with a free list; writing
 a block needs no mprotect, and functions made from a block stay callable
 while the block is rewritten (inline caches, hot patching). This is the
-dual mapping .NET and others use; see docs/codeheap.md for when to prefer
+dual mapping .NET and others use; see docs/jit.md for when to prefer
 it to the make_writable()/make_exec() flip of a Region.
 
 The state that keeps memory safe (both mappings, the blocks, their pins and
