@@ -344,6 +344,9 @@ PyObject *region_mlock(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *
 PyObject *region_munlock(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_mincore(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_view(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
+/* unmap the pages of the region from newcap (< capacity, page-aligned) on and
+ * record it; -1 with errno set and nothing changed (resize.c) */
+int region_drop_tail(RegionObject *self, Py_ssize_t newcap);
 /* zero bytes [start, end) of the region, whichever their protection; -1 + exception */
 int region_zero(RegionObject *self, Py_ssize_t start, Py_ssize_t end);
 /* mprotect [start, end) to prot and record it, all or nothing; -1 + exception */

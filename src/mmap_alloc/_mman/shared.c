@@ -321,20 +321,6 @@ commit_growth(RegionObject *self, Py_ssize_t newcap, int prot)
     advise_new_pages(self, old, newcap);
 }
 
-/* Unmap [newcap, capacity): the caller checked the region is idle. */
-static int
-drop_tail(RegionObject *self, Py_ssize_t newcap)
-{
-    if (newcap >= self->capacity)
-        return 0;
-    if (munmap(self->data + newcap, (size_t)(self->capacity - newcap)) != 0)
-        return -1;
-    mapped_bytes -= self->capacity - newcap;
-    self->capacity = newcap;
-    rec_truncate(&self->rec, newcap);
-    return 0;
-}
-
 /* Map the file's pages up to newcap (> capacity): in place, or moved when
  * nothing pins the region where it is. reserved: the mapping was extended in
  * place already (by the caller, before the file grew). 0, or -1 with an
@@ -523,7 +509,7 @@ shrink_peers(RegionObject *self, Py_ssize_t tsize)
         if (r == NULL || r == self || members[i].dev != st.st_dev || members[i].ino != st.st_ino)
             continue;
         if (round_up(tsize, r->page) < r->capacity && tsize > 0)
-            drop_tail(r, round_up(tsize, r->page));
+            region_drop_tail(r, round_up(tsize, r->page));
         if (r->size > tsize && tsize > 0)
             r->size = tsize;
     }
@@ -813,7 +799,7 @@ shared_resize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return raise_step_error(errno, "ftruncate");
         shrink_peers(self, tsize);
     }
-    if (newcap < cap && drop_tail(self, newcap) != 0)
+    if (newcap < cap && region_drop_tail(self, newcap) != 0)
         errno = 0;   /* the kernel keeps the pages (map count): they stay past size */
     if (newcap > cap && map_growth(self, newcap, reserved, prot, "map the grown file") < 0)
         return NULL;
@@ -850,7 +836,7 @@ shared_refresh(PyObject *module, PyObject *region)
     else if (newcap < self->capacity) {
         if (region_check_idle(self, "unmap the pages the file lost") < 0)
             return NULL;
-        if (drop_tail(self, newcap) != 0)
+        if (region_drop_tail(self, newcap) != 0)
             return raise_step_error(errno, "munmap");
     }
     self->size = fsize;
