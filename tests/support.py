@@ -13,6 +13,7 @@ threads, map count exhaustion) and returns the function's JSON result.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -107,6 +108,16 @@ def vm_flags(address: int) -> set[str]:
             elif inside and key == "VmFlags:":
                 return set(rest.split())
     raise AssertionError(f"nothing is mapped at 0x{address:x}")
+
+
+def open_fds() -> set[int]:
+    """The descriptors open now (not the one listing them used, closed by then)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            os.readlink(f"/proc/self/fd/{name}")
+            found.add(int(name))
+    return found
 
 
 def is_mapped(start: int, end: int) -> bool:

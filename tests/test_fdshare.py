@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import socket
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 
 from mmap_alloc import _fdshare
-from support import run_forked
+from support import open_fds, run_forked
 
 
 class Owner:
@@ -35,16 +34,6 @@ def dup(owner: Owner) -> int:
     if owner.fd < 0:
         raise ValueError("closed")
     return os.dup(owner.fd)
-
-
-def open_fds() -> set[int]:
-    """The descriptors open now (not the one listing them used, closed by then)."""
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            os.readlink(f"/proc/self/fd/{name}")
-            found.add(int(name))
-    return found
 
 
 @pytest.fixture

@@ -603,8 +603,8 @@ def test_function_refuses_bad_prototypes_and_offsets(heap: CodeHeap) -> None:
 def test_blocks_and_pins_are_made_by_the_heap_only(heap: CodeHeap) -> None:
     with pytest.raises(TypeError, match=r"blocks are made by CodeHeap\.alloc"):
         CodeBlock()
-    with pytest.raises(TypeError, match="code pins are made by"):
-        _mman.CodePin()
+    with pytest.raises(TypeError, match=r"pins are made by Region\.function\(\) and CodeBlock"):
+        _mman.Pin()
     with pytest.raises(ValueError, match="open already"):
         heap._open(SMALL, 1, MEMFD_NAME, 0, CodeBlock)
     unopened = _mman.CodeHeap()

@@ -1207,3 +1207,21 @@ def test_the_public_names() -> None:
     assert mmap_alloc.SecretBuffer is secret.SecretBuffer
     assert mmap_alloc.MemoryCorruptionError is secret.MemoryCorruptionError
     assert issubclass(MemoryCorruptionError, MapAllocError)
+
+
+def test_entering_a_closed_buffer_is_a_value_error(make: Make) -> None:
+    buf = make(32)
+    buf.close()
+    with pytest.raises(ValueError, match="secret buffer is closed"), buf:
+        pass
+
+
+def test_with_block_keeps_its_exception_when_the_buffer_cannot_close(make: Make) -> None:
+    buf = make(32)
+    with pytest.raises(KeyError) as info, buf:
+        view = memoryview(buf)
+        raise KeyError("from the body")
+    assert any("secret buffer was not closed" in note for note in info.value.__notes__)
+    assert not buf.closed
+    view.release()
+    buf.close()

@@ -29,7 +29,7 @@ from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mapping_count, shmem_thp_mode, thp_size
 from mmap_alloc.backings import Backing
 from mmap_alloc.features import madv_collapse
-from support import is_mapped, kernel_runs, run_forked
+from support import is_mapped, kernel_runs, open_fds, run_forked
 
 MiB = 1 << 20
 HUGE_2M = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
@@ -37,16 +37,6 @@ needs_numpy = pytest.mark.skipif(find_spec("numpy") is None, reason="needs numpy
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def open_fds() -> set[int]:
-    """The descriptors open now (not the one listing them used, closed by then)."""
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            os.readlink(f"/proc/self/fd/{name}")
-            found.add(int(name))
-    return found
 
 
 def inode_mapped(inode: int) -> bool:
@@ -383,8 +373,9 @@ def test_a_thousand_pickles_through_multiprocessing_leave_nothing_behind() -> No
             peer = pickle.loads(ForkingPickler.dumps(region))
             peer[0] = 1
             peer.close()
-        assert open_fds() == fds
-        assert mapping_count() == maps
+        # other tests' pools may still be closing their own descriptors meanwhile
+        assert open_fds() - fds == set()
+        assert mapping_count() <= maps
 
 
 def test_a_region_pickled_for_a_queue_must_stay_open_until_it_is_received() -> None:

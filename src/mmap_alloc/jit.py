@@ -20,13 +20,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import platform
 from _ctypes import CFuncPtr
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar, cast
 
-from ._args import integer, power_of_two
+from ._args import power_of_two
 from ._args import size as size_argument
 from ._linux import (
     MFD_CLOEXEC,
@@ -41,7 +40,7 @@ from ._mman import CodeHeap as KernelCodeHeap
 from ._near import DEFAULT_WITHIN, PLACEMENT_ERRORS, check_near, map_near
 from .closing import ClosesOnExit
 from .exceptions import AllocError
-from .protection import CODE_ALIGN, function_type
+from .protection import code_offset, pinned_function
 
 __all__ = ["CodeBlock", "CodeHeap", "CodeHeapStats"]
 
@@ -120,22 +119,8 @@ class CodeBlock(KernelCodeBlock, ClosesOnExit):
         the function runs whatever was last written. Its ``block`` and
         ``offset`` attributes say where it lives.
         """
-        if not (isinstance(prototype, type) and issubclass(prototype, CFuncPtr)):
-            raise TypeError(
-                "prototype must be a ctypes function type such as "
-                f"ctypes.CFUNCTYPE(ctypes.c_int), not {prototype!r}"
-            )
-        at = integer(offset, "offset")
-        if at < 0:
-            raise ValueError(f"offset must not be negative, got {at}")
-        if at % CODE_ALIGN:
-            raise ValueError(
-                f"offset must be a multiple of {CODE_ALIGN} (instruction alignment on "
-                f"{platform.machine()}), got {at}"
-            )
-        pin = self._pin(at)  # checks and pins in one call; unpins when the pin dies
-        fn = function_type(prototype, __name__)(pin.address)
-        fn._mmap_alloc_pin = pin  # type: ignore[attr-defined]
+        at = code_offset(prototype, offset)
+        fn = pinned_function(self._pin(at), prototype, __name__)
         fn.block = self  # type: ignore[attr-defined]
         fn.offset = at  # type: ignore[attr-defined]
         return fn

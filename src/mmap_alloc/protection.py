@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from ._args import integer
-from ._mman import Region
+from ._mman import Pin, Region
 
 F = TypeVar("F", bound=CFuncPtr)
 R = TypeVar("R", bound=Region)
@@ -41,22 +41,37 @@ def function(region: Region, prototype: type[F], offset: object = 0) -> F:
     any page (BufferError). The page at ``offset`` must be executable. The
     function's ``region`` and ``offset`` attributes say where it lives.
     """
+    at = code_offset(prototype, offset)
+    fn = pinned_function(region._pin(at), prototype, __name__)
+    fn.region = region  # type: ignore[attr-defined]
+    fn.offset = at  # type: ignore[attr-defined]
+    return fn
+
+
+def code_offset(prototype: object, offset: object) -> int:
+    """``offset`` as an int after checking ``prototype`` is a ctypes function
+    type and ``offset`` a place where an instruction can start."""
     if not (isinstance(prototype, type) and issubclass(prototype, CFuncPtr)):
         raise TypeError(
             "prototype must be a ctypes function type such as "
             f"ctypes.CFUNCTYPE(ctypes.c_int), not {prototype!r}"
         )
     at = integer(offset, "offset")
+    if at < 0:
+        raise ValueError(f"offset must not be negative, got {at}")
     if at % CODE_ALIGN:
         raise ValueError(
             f"offset must be a multiple of {CODE_ALIGN} (instruction alignment on "
             f"{platform.machine()}), got {at}"
         )
-    pin = region._pin(at)  # checks and pins in one call; unpins when the pin dies
-    fn = function_type(prototype, __name__)(pin.address)
+    return at
+
+
+def pinned_function(pin: Pin, prototype: type[F], module: str) -> F:
+    """A function of type ``prototype`` calling the code ``pin`` holds in
+    place; it keeps the pin (checked and taken in one C call) until it dies."""
+    fn = function_type(prototype, module)(pin.address)
     fn._mmap_alloc_pin = pin  # type: ignore[attr-defined]
-    fn.region = region  # type: ignore[attr-defined]
-    fn.offset = at  # type: ignore[attr-defined]
     return fn
 
 

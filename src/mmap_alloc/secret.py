@@ -35,6 +35,7 @@ from ._linux import (
     memlock_error,
 )
 from ._mman import Secret
+from .closing import ClosesOnExit
 from .exceptions import AllocError, MemoryCorruptionError
 from .features import madv_guard_install, memfd_secret
 
@@ -166,7 +167,7 @@ def _memfd_secret_missing() -> OSError:
     )
 
 
-class SecretBuffer(Secret):
+class SecretBuffer(Secret, ClosesOnExit):
     """Memory for secrets: guarded, locked, never dumped, wiped on close.
 
     ``SecretBuffer(size, *, lock="required", backend="auto", on_corruption="abort")``
@@ -201,6 +202,8 @@ class SecretBuffer(Secret):
     """
 
     __slots__ = ()
+
+    noun = "secret buffer"
 
     def __new__(
         cls,
@@ -257,17 +260,6 @@ class SecretBuffer(Secret):
         buffer, then call noaccess() or readonly()).
         """
         return _Opened(self, bool(write))
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         name = type(self).__name__

@@ -9,7 +9,7 @@
  * Blocks are byte ranges of the heap (a bump pointer `top` and, below it, a
  * sorted list of free spans that coalesce). A block object owns its range
  * until it is freed (heap.free, block.close, or its deallocation). While a
- * block has pins (functions from block.function(): the CodePin tokens they
+ * block has pins (functions from block.function(): the Pin tokens they
  * hold) or exports (memoryviews from block.writer()), it cannot be freed and
  * the heap cannot be closed: both would let code or buffers outlive memory.
  * Code may be patched while pinned: writes go through the rw view.
@@ -60,19 +60,12 @@ struct CodeBlockObject {
     Py_ssize_t start;           /* offset in the heap; -1 when not live */
     Py_ssize_t size;            /* bytes asked for */
     Py_ssize_t extent;          /* bytes reserved: size rounded up to GRANULE */
-    Py_ssize_t pins;            /* live CodePin tokens */
+    Py_ssize_t pins;            /* live Pin tokens */
     Py_ssize_t exports;         /* live writer views (the View type's counter) */
 };
 
-typedef struct {
-    PyObject_HEAD
-    CodeBlockObject *block;
-    char *address;
-} CodePinObject;
-
 static PyTypeObject *CodeHeap_Type = NULL;
 static PyTypeObject *CodeBlock_Type = NULL;
-static PyTypeObject *CodePin_Type = NULL;
 
 /* ------------------------------------------------------------------ */
 /* instruction fetch                                                   */
@@ -118,19 +111,6 @@ make_coherent(CodeHeapObject *heap, Py_ssize_t off, Py_ssize_t n)
 
 /* ------------------------------------------------------------------ */
 /* errors and checks                                                   */
-
-/* OSError(err, strerror, step): which step of opening the heap failed */
-static PyObject *
-step_error(int err, const char *step)
-{
-    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "iss", err, strerror(err), step);
-
-    if (exc != NULL) {
-        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-        Py_DECREF(exc);
-    }
-    return NULL;
-}
 
 static int
 heap_check_open(CodeHeapObject *heap)
@@ -434,13 +414,13 @@ heap_open(CodeHeapObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "the code heap is open already");
         return NULL;
     }
-    fd = (int)syscall(SYS_memfd_create, name, (unsigned int)flags);
+    fd = memfd_open(name, (unsigned int)flags);
     if (fd < 0)
-        return step_error(errno, "memfd_create");
+        return raise_step_error(errno, "memfd_create");
     if (ftruncate(fd, (off_t)capacity) != 0) {
         err = errno;
         close(fd);
-        return step_error(err, "ftruncate");
+        return raise_step_error(err, "ftruncate");
     }
     /* the read/exec view first: at address, before the other view could take it */
     rx = mmap(address, (size_t)capacity, PROT_READ | PROT_EXEC,
@@ -453,14 +433,14 @@ heap_open(CodeHeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (rx == MAP_FAILED) {
         err = errno;
         close(fd);
-        return step_error(err, "mmap rx");
+        return raise_step_error(err, "mmap rx");
     }
     rw = mmap(NULL, (size_t)capacity, PROT_RW, MAP_SHARED, fd, 0);
     err = errno;
     close(fd);   /* the mappings keep the file */
     if (rw == MAP_FAILED) {
         munmap(rx, (size_t)capacity);
-        return step_error(err, "mmap rw");
+        return raise_step_error(err, "mmap rw");
     }
     self->rw = rw;
     self->rx = rx;
@@ -910,20 +890,19 @@ block_view(CodeBlockObject *self, PyObject *unused)
     return view;
 }
 
-/* _pin(offset) -> CodePin: from now until the token dies the block keeps its
+/* _pin(offset) -> Pin: from now until the token dies the block keeps its
  * range (no free, no heap close); its code may still be rewritten */
 static PyObject *
 block_pin(CodeBlockObject *self, PyObject *arg)
 {
     Py_ssize_t offset;
-    CodePinObject *pin;
+    PinObject *pin;
 
     if (arg_ssize(arg, "offset", &offset) < 0)
         return NULL;
-    pin = PyObject_GC_New(CodePinObject, CodePin_Type);
+    pin = pin_alloc();
     if (pin == NULL)
         return NULL;
-    pin->block = NULL;
     if (block_check_live(self) < 0)
         goto fail;
     if (offset >= self->size) {
@@ -931,11 +910,8 @@ block_pin(CodeBlockObject *self, PyObject *arg)
                      self->size);
         goto fail;
     }
-    pin->block = (CodeBlockObject *)Py_NewRef((PyObject *)self);
-    pin->address = self->heap->rx + self->start + offset;
-    self->pins++;
-    PyObject_GC_Track(pin);
-    return (PyObject *)pin;
+    return pin_attach(pin, (PyObject *)self, &self->pins,
+                      self->heap->rx + self->start + offset);
 fail:
     Py_DECREF(pin);
     return NULL;
@@ -1046,7 +1022,7 @@ static PyMethodDef block_methods[] = {
     {"_sync", (PyCFunction)(void (*)(void))block_sync, METH_FASTCALL,
      "_sync(offset, length): make bytes written through a view visible to instruction fetch."},
     {"_pin", (PyCFunction)block_pin, METH_O,
-     "_pin(offset) -> CodePin: pin the block for code at offset."},
+     "_pin(offset) -> Pin: pin the block for code at offset."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1079,76 +1055,17 @@ static PyType_Spec block_spec = {
     .slots = block_slots,
 };
 
-/* ------------------------------------------------------------------ */
-/* CodePin                                                             */
-
-static PyObject *
-codepin_get_address(CodePinObject *pin, void *closure)
-{
-    return PyLong_FromVoidPtr(pin->address);
-}
-
-static int
-codepin_traverse(CodePinObject *pin, visitproc visit, void *arg)
-{
-    Py_VISIT(pin->block);
-    Py_VISIT(Py_TYPE((PyObject *)pin));
-    return 0;
-}
-
-static void
-codepin_dealloc(CodePinObject *pin)
-{
-    PyTypeObject *tp = Py_TYPE((PyObject *)pin);
-    CodeBlockObject *block = pin->block;
-
-    PyObject_GC_UnTrack(pin);
-    if (block != NULL) {
-        block->pins--;   /* exactly once: only a token's death unpins */
-        Py_DECREF(block);
-    }
-    PyObject_GC_Del(pin);
-    Py_DECREF(tp);
-}
-
-static PyObject *
-codepin_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    PyErr_SetString(PyExc_TypeError, "code pins are made by CodeBlock.function()");
-    return NULL;
-}
-
-static PyGetSetDef codepin_getset[] = {
-    {"address", (getter)codepin_get_address, NULL, "The address of the pinned code.", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
-static PyType_Slot codepin_slots[] = {
-    {Py_tp_doc, "Keeps a code block allocated while it lives; unpins when it dies."},
-    {Py_tp_new, codepin_new},
-    {Py_tp_getset, codepin_getset},
-    {Py_tp_traverse, codepin_traverse},
-    {Py_tp_dealloc, codepin_dealloc},
-    {0, NULL},
-};
-
-static PyType_Spec codepin_spec = {
-    .name = "mmap_alloc._mman.CodePin",
-    .basicsize = sizeof(CodePinObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .slots = codepin_slots,
-};
 
 /* ------------------------------------------------------------------ */
 
 int
 codeheap_init(PyObject *module)
 {
-    PyObject *types[3];
-    PyType_Spec *specs[3] = {&heap_spec, &block_spec, &codepin_spec};
-    const char *names[3] = {"CodeHeap", "CodeBlock", "CodePin"};
+    PyObject *types[2];
+    PyType_Spec *specs[2] = {&heap_spec, &block_spec};
+    const char *names[2] = {"CodeHeap", "CodeBlock"};
 
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 2; i++) {
         types[i] = PyType_FromModuleAndSpec(module, specs[i], NULL);
         if (types[i] == NULL)
             return -1;
@@ -1160,6 +1077,5 @@ codeheap_init(PyObject *module)
     /* the module holds them for the life of the process, as Region_Type */
     CodeHeap_Type = (PyTypeObject *)types[0];
     CodeBlock_Type = (PyTypeObject *)types[1];
-    CodePin_Type = (PyTypeObject *)types[2];
     return 0;
 }

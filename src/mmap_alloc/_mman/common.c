@@ -7,6 +7,7 @@
 #include "mman.h"
 
 #include <stdarg.h>
+#include <sys/syscall.h>
 
 Py_ssize_t mapped_bytes = 0;
 unsigned long fork_generation = 0;
@@ -21,6 +22,18 @@ static PyObject *
 vformat(const char *format, va_list va)
 {
     return PyUnicode_FromFormatV(format, va);
+}
+
+/* raise the exception instance exc (a new reference, or NULL with an error
+ * set already); returns NULL */
+static PyObject *
+raise_instance(PyObject *exc)
+{
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
 }
 
 PyObject *
@@ -46,11 +59,7 @@ raise_alloc_error(int err, Py_ssize_t size, const char *format, ...)
     else
         exc = PyObject_CallFunctionObjArgs(type, message, NULL);
     Py_DECREF(message);
-    if (exc != NULL) {
-        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-        Py_DECREF(exc);
-    }
-    return NULL;
+    return raise_instance(exc);
 }
 
 PyObject *
@@ -66,11 +75,24 @@ raise_os_error(int err, const char *format, ...)
         return NULL;
     exc = PyObject_CallFunction(PyExc_OSError, "iO", err, message);
     Py_DECREF(message);
-    if (exc != NULL) {
-        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-        Py_DECREF(exc);
-    }
-    return NULL;
+    return raise_instance(exc);
+}
+
+PyObject *
+raise_step_error(int err, const char *step)
+{
+    return raise_instance(PyObject_CallFunction(PyExc_OSError, "iss", err, strerror(err), step));
+}
+
+int
+memfd_open(const char *name, unsigned int flags)
+{
+#ifdef SYS_memfd_create
+    return (int)syscall(SYS_memfd_create, name, flags);
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
 }
 
 PyObject *

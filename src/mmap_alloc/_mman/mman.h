@@ -274,6 +274,8 @@ int region_exports_conflict(RegionObject *self, Py_ssize_t start, Py_ssize_t end
 void *map_aligned(Py_ssize_t length, Py_ssize_t align, Py_ssize_t natural, int prot,
                   int mflags, int fd, int release_gil);
 Py_ssize_t round_up(Py_ssize_t n, Py_ssize_t page);
+/* memfd_create(2) by its system call number (no glibc wrapper needed); -1 + errno */
+int memfd_open(const char *name, unsigned int flags);
 
 /* ------------------------------------------------------------------ */
 /* errors (common.c)                                                   */
@@ -285,6 +287,10 @@ extern PyObject *CannotReallocInPlace_Type;
 PyObject *raise_alloc_error(int err, Py_ssize_t size, const char *format, ...);
 /* OSError(err, message); returns NULL. */
 PyObject *raise_os_error(int err, const char *format, ...);
+/* OSError(err, strerror(err), step): which step of a multi-call operation
+ * failed (the step is the exception's filename); returns NULL. Built without
+ * PyErr_SetFromErrno, which would run signal handlers on EINTR. */
+PyObject *raise_step_error(int err, const char *step);
 /* The error a failed mprotect/munmap/madvise becomes: ENOMEM/EAGAIN an AllocError
  * naming vm.max_map_count, others an OSError; returns NULL. */
 PyObject *raise_syscall_error(int err, Py_ssize_t size, const char *what);
@@ -324,6 +330,12 @@ PyObject *region_make_exec(RegionObject *, PyObject *const *, Py_ssize_t, PyObje
 PyObject *region_make_writable(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_flush_icache(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_pin(RegionObject *, PyObject *);
+/* A Pin token (protect.c): while it lives, the owner's pin counter stays
+ * raised by one; its deallocation lowers it exactly once. Allocate it before
+ * the checks (an allocation may run finalizers), attach it after them. */
+typedef struct PinObject PinObject;
+PinObject *pin_alloc(void);
+PyObject *pin_attach(PinObject *pin, PyObject *owner, Py_ssize_t *count, char *address);
 PyObject *region_runs(RegionObject *, PyObject *);
 PyObject *region_resize(RegionObject *, PyObject *const *, Py_ssize_t);
 PyObject *region_populate(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
@@ -332,6 +344,9 @@ PyObject *region_mlock(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *
 PyObject *region_munlock(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_mincore(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_view(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
+/* unmap the pages of the region from newcap (< capacity, page-aligned) on and
+ * record it; -1 with errno set and nothing changed (resize.c) */
+int region_drop_tail(RegionObject *self, Py_ssize_t newcap);
 /* zero bytes [start, end) of the region, whichever their protection; -1 + exception */
 int region_zero(RegionObject *self, Py_ssize_t start, Py_ssize_t end);
 /* mprotect [start, end) to prot and record it, all or nothing; -1 + exception */

@@ -16,16 +16,6 @@
  */
 #include "pool.h"
 
-int
-pool_check_open(PoolObject *self)
-{
-    if (self->closed || !self->configured) {
-        PyErr_SetString(PyExc_ValueError, "pool is closed");
-        return -1;
-    }
-    return 0;
-}
-
 /* The ValueError for a bad address (code from pool_locate, or -1 for an
  * object that is not allocated). */
 void
@@ -51,7 +41,7 @@ pool_bad_address(PoolObject *self, PyObject *arg, uintptr_t a, int code, Slab *s
 
 /* Take a free object of slab s (s->nfree > 0); *used: whether it may have
  * been written since the slab was mapped or uncommitted. */
-uint32_t
+static inline uint32_t
 slab_take(PoolObject *self, Slab *s, int *used)
 {
     uint32_t w = s->hint, i;
@@ -71,24 +61,6 @@ slab_take(PoolObject *self, Slab *s, int *used)
         s->fresh = i + 1;
     self->live++;
     return i;
-}
-
-/* Give object i of slab s back (it is allocated). 1 when the slab became empty. */
-int
-slab_give(PoolObject *self, Slab *s, uint32_t i)
-{
-    uint32_t w = i >> 6;
-
-    s->bits[w] |= (uint64_t)1 << (i & 63);
-    if (w < s->hint)
-        s->hint = w;
-    s->nfree++;
-    self->live--;
-    if (s->nfree == self->per_slab) {
-        self->nempty++;
-        return 1;
-    }
-    return 0;
 }
 
 static void
@@ -320,7 +292,7 @@ pool_alloc_zeroed(PoolObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* The live object arg names: its address, slab and index; -1 with the
  * ValueError (or TypeError) for anything else. */
-static int
+static inline int
 pool_live_object(PoolObject *self, PyObject *arg, uintptr_t *a, Slab **s, uint32_t *i)
 {
     int code = pool_address_arg(arg, a);

@@ -123,9 +123,35 @@ slab_is_free(Slab *s, uint32_t i)
     return (s->bits[i >> 6] >> (i & 63)) & 1;
 }
 
-int pool_check_open(PoolObject *self);
+static inline int
+pool_check_open(PoolObject *self)
+{
+    if (self->closed || !self->configured) {
+        PyErr_SetString(PyExc_ValueError, "pool is closed");
+        return -1;
+    }
+    return 0;
+}
+
+/* Give object i of slab s back (it is allocated). 1 when the slab became empty. */
+static inline int
+slab_give(PoolObject *self, Slab *s, uint32_t i)
+{
+    uint32_t w = i >> 6;
+
+    s->bits[w] |= (uint64_t)1 << (i & 63);
+    if (w < s->hint)
+        s->hint = w;
+    s->nfree++;
+    self->live--;
+    if (s->nfree == self->per_slab) {
+        self->nempty++;
+        return 1;
+    }
+    return 0;
+}
+
 void pool_bad_address(PoolObject *self, PyObject *arg, uintptr_t a, int code, Slab *s, uint32_t i);
-int slab_give(PoolObject *self, Slab *s, uint32_t i);
 void pool_release(PoolObject *self);
 int pool_add_slab(PoolObject *self);
 PyObject *address_object(uintptr_t a);

@@ -248,11 +248,36 @@ region_flush_icache(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
 /* ------------------------------------------------------------------ */
 /* pins                                                                */
 
-typedef struct {
+struct PinObject {
     PyObject_HEAD
-    RegionObject *region;
+    PyObject *owner;        /* strong: keeps *count alive */
+    Py_ssize_t *count;      /* the owner's pin counter */
     char *address;
-} PinObject;
+};
+
+PinObject *
+pin_alloc(void)
+{
+    PinObject *pin = PyObject_GC_New(PinObject, Pin_Type);
+
+    if (pin != NULL) {
+        pin->owner = NULL;
+        pin->count = NULL;
+        pin->address = NULL;
+    }
+    return pin;
+}
+
+PyObject *
+pin_attach(PinObject *pin, PyObject *owner, Py_ssize_t *count, char *address)
+{
+    pin->owner = Py_NewRef(owner);
+    pin->count = count;
+    pin->address = address;
+    (*count)++;
+    PyObject_GC_Track(pin);
+    return (PyObject *)pin;
+}
 
 /* _pin(offset) -> Pin: the code at offset must be executable; from now until
  * the Pin is deallocated, the region keeps its pages, contents and EXEC. */
@@ -266,10 +291,9 @@ region_pin(RegionObject *self, PyObject *arg)
         return NULL;
     /* allocate first: an allocation may run the garbage collector (and its
      * finalizers), which must not land between the check and the pin */
-    pin = PyObject_GC_New(PinObject, Pin_Type);
+    pin = pin_alloc();
     if (pin == NULL)
         return NULL;
-    pin->region = NULL;
     if (region_check_open(self) < 0)
         goto fail;
     if (offset >= self->capacity) {
@@ -287,11 +311,7 @@ region_pin(RegionObject *self, PyObject *arg)
             goto fail;
         }
     }
-    pin->region = (RegionObject *)Py_NewRef((PyObject *)self);
-    pin->address = self->data + offset;
-    self->pins++;
-    PyObject_GC_Track(pin);
-    return (PyObject *)pin;
+    return pin_attach(pin, (PyObject *)self, &self->pins, self->data + offset);
 fail:
     Py_DECREF(pin);
     return NULL;
@@ -307,7 +327,7 @@ pin_get_address(PinObject *pin, void *closure)
 static int
 pin_traverse(PinObject *pin, visitproc visit, void *arg)
 {
-    Py_VISIT(pin->region);
+    Py_VISIT(pin->owner);
     Py_VISIT(Py_TYPE((PyObject *)pin));
     return 0;
 }
@@ -316,12 +336,12 @@ static void
 pin_dealloc(PinObject *pin)
 {
     PyTypeObject *tp = Py_TYPE((PyObject *)pin);
-    RegionObject *region = pin->region;
+    PyObject *owner = pin->owner;
 
     PyObject_GC_UnTrack(pin);
-    if (region != NULL) {
-        region->pins--;   /* exactly once: only a Pin's death unpins */
-        Py_DECREF(region);
+    if (owner != NULL) {
+        (*pin->count)--;   /* exactly once: only a Pin's death unpins */
+        Py_DECREF(owner);
     }
     PyObject_GC_Del(pin);
     Py_DECREF(tp);
@@ -330,7 +350,7 @@ pin_dealloc(PinObject *pin)
 static PyObject *
 pin_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyErr_SetString(PyExc_TypeError, "pins are made by Region.function()");
+    PyErr_SetString(PyExc_TypeError, "pins are made by Region.function() and CodeBlock.function()");
     return NULL;
 }
 
@@ -340,7 +360,7 @@ static PyGetSetDef pin_getset[] = {
 };
 
 static PyType_Slot pin_slots[] = {
-    {Py_tp_doc, "Keeps a region's code in place while it lives; unpins when it dies."},
+    {Py_tp_doc, "Keeps the code of a region or code block in place while it lives; unpins when it dies."},
     {Py_tp_new, pin_new},
     {Py_tp_getset, pin_getset},
     {Py_tp_traverse, pin_traverse},

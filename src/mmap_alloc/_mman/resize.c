@@ -162,9 +162,8 @@ grown:
     return 0;
 }
 
-/* Give up the pages from newcap on. -1 with errno set, nothing changed. */
-static int
-shrink_mapping(RegionObject *self, Py_ssize_t newcap)
+int
+region_drop_tail(RegionObject *self, Py_ssize_t newcap)
 {
     if (munmap(self->data + newcap, (size_t)(self->capacity - newcap)) != 0)
         return -1;
@@ -430,7 +429,7 @@ region_resize(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         if (region_check_idle(self, "shrink the region") < 0)
             return NULL;
-        if (newcap < self->capacity && shrink_mapping(self, newcap) < 0)
+        if (newcap < self->capacity && region_drop_tail(self, newcap) < 0)
             return cannot_in_place(self, "shrink", newcap, errno);
         self->size = new_size;
         Py_RETURN_NONE;
@@ -458,7 +457,7 @@ region_resize(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (newcap < self->capacity) {
         if (region_check_idle(self, "shrink the region") < 0)
             return NULL;
-        if (shrink_mapping(self, newcap) < 0)
+        if (region_drop_tail(self, newcap) < 0)
             errno = 0;   /* the kernel keeps the pages (map count): keep the capacity */
         self->size = new_size;
         Py_RETURN_NONE;

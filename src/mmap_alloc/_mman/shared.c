@@ -55,41 +55,8 @@
 #ifndef FALLOC_FL_PUNCH_HOLE
 #define FALLOC_FL_PUNCH_HOLE 0x02
 #endif
-#ifndef SYS_memfd_create
-#if defined(__x86_64__)
-#define SYS_memfd_create 319
-#elif defined(__aarch64__)
-#define SYS_memfd_create 279
-#endif
-#endif
-
 /* ------------------------------------------------------------------ */
 /* helpers                                                             */
-
-/* OSError(err, strerror(err), step); returns NULL. Built without
- * PyErr_SetFromErrno, which would run signal handlers on EINTR. */
-static PyObject *
-step_error(int err, const char *step)
-{
-    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "iss", err, strerror(err), step);
-
-    if (exc != NULL) {
-        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-        Py_DECREF(exc);
-    }
-    return NULL;
-}
-
-static int
-memfd_create_fd(const char *name, unsigned int flags)
-{
-#ifdef SYS_memfd_create
-    return (int)syscall(SYS_memfd_create, name, flags);
-#else
-    errno = ENOSYS;
-    return -1;
-#endif
-}
 
 /* The region argument: an open shared region; NULL with an exception. */
 static RegionObject *
@@ -354,20 +321,6 @@ commit_growth(RegionObject *self, Py_ssize_t newcap, int prot)
     advise_new_pages(self, old, newcap);
 }
 
-/* Unmap [newcap, capacity): the caller checked the region is idle. */
-static int
-drop_tail(RegionObject *self, Py_ssize_t newcap)
-{
-    if (newcap >= self->capacity)
-        return 0;
-    if (munmap(self->data + newcap, (size_t)(self->capacity - newcap)) != 0)
-        return -1;
-    mapped_bytes -= self->capacity - newcap;
-    self->capacity = newcap;
-    rec_truncate(&self->rec, newcap);
-    return 0;
-}
-
 /* Map the file's pages up to newcap (> capacity): in place, or moved when
  * nothing pins the region where it is. reserved: the mapping was extended in
  * place already (by the caller, before the file grew). 0, or -1 with an
@@ -391,7 +344,7 @@ map_growth(RegionObject *self, Py_ssize_t newcap, int reserved, int prot, const 
             return -1;
         }
         if (move_mapping(self, newcap) != 0) {
-            step_error(errno, "mremap");
+            raise_step_error(errno, "mremap");
             return -1;
         }
     }
@@ -493,7 +446,7 @@ wrap_shared(PyTypeObject *cls, char *p, int fd, Py_ssize_t size, Py_ssize_t capa
         int err = errno;
         munmap(p, (size_t)capacity);
         close(fd);
-        return step_error(err, "fstat");
+        return raise_step_error(err, "fstat");
     }
     if (reserve_member() < 0 || (region = region_wrap(cls, p, size, capacity, &spec, Py_None))
                                     == NULL) {
@@ -526,7 +479,7 @@ check_peers_can_shrink(RegionObject *self, Py_ssize_t fend)
     struct stat st;
 
     if (fstat(self->fd, &st) != 0) {
-        step_error(errno, "fstat");
+        raise_step_error(errno, "fstat");
         return -1;
     }
     for (Py_ssize_t i = 0; i < nmembers; i++) {
@@ -556,7 +509,7 @@ shrink_peers(RegionObject *self, Py_ssize_t tsize)
         if (r == NULL || r == self || members[i].dev != st.st_dev || members[i].ino != st.st_ino)
             continue;
         if (round_up(tsize, r->page) < r->capacity && tsize > 0)
-            drop_tail(r, round_up(tsize, r->page));
+            region_drop_tail(r, round_up(tsize, r->page));
         if (r->size > tsize && tsize > 0)
             r->size = tsize;
     }
@@ -589,36 +542,36 @@ shared_create(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (size > PY_SSIZE_T_MAX - align)
-        return step_error(ENOMEM, "size");
+        return raise_step_error(ENOMEM, "size");
     capacity = round_up(size, page);
     fsize = (mfd_flags & MFD_HUGETLB) ? capacity : size;
 
-    fd = memfd_create_fd(name, (unsigned int)mfd_flags);
+    fd = memfd_open(name, (unsigned int)mfd_flags);
     if (fd < 0)
-        return step_error(errno, "memfd_create");
+        return raise_step_error(errno, "memfd_create");
     err = back_range(NULL, fd, 0, 0, fsize);
     if (err) {
         close(fd);
-        return step_error(err, "fallocate");
+        return raise_step_error(err, "fallocate");
     }
     if (seals && fcntl(fd, F_ADD_SEALS, seals) != 0) {
         err = errno;
         close(fd);
-        return step_error(err, "F_ADD_SEALS");
+        return raise_step_error(err, "F_ADD_SEALS");
     }
     p = map_aligned(capacity, align, (mfd_flags & MFD_HUGETLB) ? page : system_page, PROT_RW,
                     MAP_SHARED, fd, 0);   /* no MAP_POPULATE: quick at any size */
     if (p == MAP_FAILED) {
         err = errno;
         close(fd);
-        return step_error(err, "mmap");
+        return raise_step_error(err, "mmap");
     }
     if (advice) {
         if (madvise(p, (size_t)capacity, advice) != 0) {
             err = errno;
             munmap(p, (size_t)capacity);
             close(fd);
-            return step_error(err, "madvise");
+            return raise_step_error(err, "madvise");
         }
         if (advice == MADV_HUGEPAGE)
             collapse(NULL, p, capacity);
@@ -669,10 +622,10 @@ shared_attach(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (fd < 0)
-        return step_error(EBADF, "fd");
+        return raise_step_error(EBADF, "fd");
     own = take ? fd : fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (own < 0)
-        return step_error(errno, "dup");
+        return raise_step_error(errno, "dup");
     step = "memfd";
     if (check_memfd(own, &seals, &st) != 0)
         goto fail;
@@ -739,7 +692,7 @@ shared_attach(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 fail:
     err = errno;
     close(own);
-    return step_error(err, step);
+    return raise_step_error(err, step);
 }
 
 /* ------------------------------------------------------------------ */
@@ -758,13 +711,13 @@ file_state(RegionObject *self, Py_ssize_t *fsize, int *seals, int *writable)
     }
     err = file_size(self->fd, fsize);
     if (err) {
-        step_error(err, "fstat");
+        raise_step_error(err, "fstat");
         return -1;
     }
     *seals = fcntl(self->fd, F_GET_SEALS);
     flags = fcntl(self->fd, F_GETFL);
     if (*seals < 0 || flags < 0) {
-        step_error(errno, "fcntl");
+        raise_step_error(errno, "fcntl");
         return -1;
     }
     *writable = (flags & O_ACCMODE) != O_RDONLY;
@@ -791,20 +744,20 @@ shared_resize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (new_size > PY_SSIZE_T_MAX - (self->align > self->page ? self->align : self->page))
-        return step_error(ENOMEM, "size");
+        return raise_step_error(ENOMEM, "size");
     if (file_state(self, &fsize, &seals, &writable) < 0)
         return NULL;
     cap = self->capacity;
     newcap = round_up(new_size, self->page);
     tsize = is_hugetlb(self) ? newcap : new_size;
     if (!writable)
-        return step_error(EACCES, "O_RDONLY");
+        return raise_step_error(EACCES, "O_RDONLY");
     if (seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE) && tsize != fsize)
-        return step_error(EPERM, "F_SEAL_WRITE");
+        return raise_step_error(EPERM, "F_SEAL_WRITE");
     if (tsize < fsize && (seals & F_SEAL_SHRINK))
-        return step_error(EPERM, "F_SEAL_SHRINK");
+        return raise_step_error(EPERM, "F_SEAL_SHRINK");
     if (tsize > fsize && (seals & F_SEAL_GROW))
-        return step_error(EPERM, "F_SEAL_GROW");
+        return raise_step_error(EPERM, "F_SEAL_GROW");
     if ((tsize < fsize || newcap < cap) && region_check_idle(self, "shrink the region") < 0)
         return NULL;
     if (tsize < fsize && check_peers_can_shrink(self, tsize) < 0)
@@ -837,16 +790,16 @@ shared_resize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (err) {
             if (reserved)
                 munmap(self->data + cap, (size_t)(newcap - cap));
-            return step_error(err, "fallocate");
+            return raise_step_error(err, "fallocate");
         }
     }
     else if (tsize < fsize) {
         /* nothing can touch the pages past the new end: idle, GIL held */
         if (ftruncate(self->fd, (off_t)tsize) != 0)
-            return step_error(errno, "ftruncate");
+            return raise_step_error(errno, "ftruncate");
         shrink_peers(self, tsize);
     }
-    if (newcap < cap && drop_tail(self, newcap) != 0)
+    if (newcap < cap && region_drop_tail(self, newcap) != 0)
         errno = 0;   /* the kernel keeps the pages (map count): they stay past size */
     if (newcap > cap && map_growth(self, newcap, reserved, prot, "map the grown file") < 0)
         return NULL;
@@ -873,7 +826,7 @@ shared_refresh(PyObject *module, PyObject *region)
         return NULL;
     }
     if (fsize > PY_SSIZE_T_MAX - (self->align > self->page ? self->align : self->page))
-        return step_error(ENOMEM, "size");
+        return raise_step_error(ENOMEM, "size");
     newcap = round_up(fsize, self->page);
     if (newcap > self->capacity) {
         if (map_growth(self, newcap, 0, self->rec.runs[self->rec.n - 1].prot,
@@ -883,8 +836,8 @@ shared_refresh(PyObject *module, PyObject *region)
     else if (newcap < self->capacity) {
         if (region_check_idle(self, "unmap the pages the file lost") < 0)
             return NULL;
-        if (drop_tail(self, newcap) != 0)
-            return step_error(errno, "munmap");
+        if (region_drop_tail(self, newcap) != 0)
+            return raise_step_error(errno, "munmap");
     }
     self->size = fsize;
     return PyLong_FromSsize_t(fsize);
@@ -930,11 +883,11 @@ shared_seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (add == 0)
         Py_RETURN_NONE;
     if (seals & F_SEAL_SEAL)
-        return step_error(EPERM, "F_SEAL_SEAL");
+        return raise_step_error(EPERM, "F_SEAL_SEAL");
     if (!(add & F_SEAL_WRITE) || !writable) {
         /* an O_RDONLY open maps nothing writable: nothing to remap */
         if (fcntl(self->fd, F_ADD_SEALS, add) != 0)
-            return step_error(errno, "F_ADD_SEALS");
+            return raise_step_error(errno, "F_ADD_SEALS");
         Py_RETURN_NONE;
     }
     for (Export *e = self->exports; e != NULL; e = e->next) {
@@ -948,20 +901,20 @@ shared_seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     snprintf(path, sizeof path, "/proc/self/fd/%d", self->fd);
     ro = open(path, O_RDONLY | O_CLOEXEC);
     if (ro < 0)
-        return step_error(errno, "open");
+        return raise_step_error(errno, "open");
     if (remap_in_place(self, ro, PROT_WRITE) != 0) {
         err = errno;
         close(ro);
         if (remap_in_place(self, self->fd, 0) != 0)
             goto record_readonly;
-        return step_error(err, "mmap");
+        return raise_step_error(err, "mmap");
     }
     close(ro);
     if (fcntl(self->fd, F_ADD_SEALS, add) != 0) {
         err = errno;
         if (remap_in_place(self, self->fd, 0) != 0)
             goto record_readonly;
-        return step_error(err, "F_ADD_SEALS");
+        return raise_step_error(err, "F_ADD_SEALS");
     }
     for (Py_ssize_t i = 0; i < self->rec.n; i++)
         self->rec.runs[i].prot &= (unsigned char)~PROT_WRITE;
@@ -974,7 +927,7 @@ record_readonly:
     for (Py_ssize_t i = 0; i < self->rec.n; i++)
         self->rec.runs[i].prot &= (unsigned char)~PROT_WRITE;
     rec_merge(&self->rec);
-    return step_error(err, "mmap");
+    return raise_step_error(err, "mmap");
 }
 
 /* _shared_discard(region, offset=0, length=None): punch a hole in the file
@@ -1016,7 +969,7 @@ shared_discard(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObje
     }
     err = file_size(self->fd, &fsize);
     if (err)
-        return step_error(err, "fstat");
+        return raise_step_error(err, "fstat");
     fend = round_up(fsize, system_page);
     if (start + n > fend)
         n = fend - start;
@@ -1024,7 +977,7 @@ shared_discard(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObje
         Py_RETURN_NONE;
     err = back_range(self, self->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, n);
     if (err)
-        return step_error(err, "fallocate");
+        return raise_step_error(err, "fallocate");
     Py_RETURN_NONE;
 }
 
@@ -1052,7 +1005,7 @@ shared_dup(PyObject *module, PyObject *region)
         return NULL;
     fd = fcntl(self->fd, F_DUPFD_CLOEXEC, 0);
     if (fd < 0)
-        return step_error(errno, "dup");
+        return raise_step_error(errno, "dup");
     return PyLong_FromLong(fd);
 }
 
