@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import mmap
 import os
 import platform
 import re
@@ -251,6 +252,17 @@ def test_a_probe_that_breaks_reports_instead_of_raising(monkeypatch: pytest.Monk
     feature = features.memfd_secret()
     assert not feature.available
     assert feature.detail.startswith("probe failed:")
+
+
+def test_guard_advice_that_leaves_the_page_readable_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An emulator that answers success and does nothing (qemu-user does) is caught."""
+    monkeypatch.setattr(features, "MADV_GUARD_INSTALL", mmap.MADV_NORMAL)
+    monkeypatch.setattr(features, "MADV_GUARD_REMOVE", mmap.MADV_NORMAL)
+    assert features.madv_guard_install() == Feature(
+        "madv_guard_install", False, "MADV_GUARD_INSTALL was accepted but the page stayed readable"
+    )
 
 
 def test_madvise_probes_without_the_advice_are_missing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -90,6 +90,19 @@ def _address(mapping: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(mapping))
 
 
+def _kernel_can_read(address: int) -> bool:
+    """Whether the kernel can read the byte at ``address`` (a write(2) of it
+    into a pipe: EFAULT, not a signal, where it cannot)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    read_end, write_end = os.pipe()
+    try:
+        done = libc.write(write_end, ctypes.c_void_p(address), ctypes.c_size_t(1))
+        return bool(done == 1 or ctypes.get_errno() != errno.EFAULT)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 def _kernel_knows(
     name: str, advice: int, size: int = 2 * PAGE_SIZE, touch: bool = False
 ) -> str | None:
@@ -136,6 +149,7 @@ def madv_guard_install() -> Feature:
         mapping = _anonymous(2 * PAGE_SIZE)
         try:
             mapping.madvise(MADV_GUARD_INSTALL, 0, PAGE_SIZE)
+            guarded = not _kernel_can_read(_address(mapping))
             mapping.madvise(MADV_GUARD_REMOVE, 0, PAGE_SIZE)
         finally:
             mapping.close()
@@ -145,6 +159,9 @@ def madv_guard_install() -> Feature:
         return Feature(name, False, f"MADV_GUARD_INSTALL failed: {_errno_text(exc)}")
     except Exception as exc:
         return Feature(name, False, f"probe failed: {exc}")
+    if not guarded:
+        # qemu-user, for one, answers success to advice it does not carry out
+        return Feature(name, False, "MADV_GUARD_INSTALL was accepted but the page stayed readable")
     return Feature(name, True, f"madvise advice {MADV_GUARD_INSTALL}")
 
 
