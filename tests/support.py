@@ -9,6 +9,9 @@ forks and fails with the child's traceback, signal or hang;
 ``fork_child``/``wait_child`` for tests that do work in between;
 ``run_child(module, function, *args)`` starts a new interpreter (for rlimits,
 threads, map count exhaustion) and returns the function's JSON result.
+Emulation: ``EMULATED``, ``emulated_skip(effect)`` (a decorator) and
+``skip_if_emulated(effect)`` (inside a test) for kernel effects that an
+emulator answers itself.
 """
 
 from __future__ import annotations
@@ -27,8 +30,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mmap_alloc import MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE, mappings
+
+# ---------------------------------------------------------------- emulation
+
+EMULATED = os.environ.get("ARM64_EMULATED", "")
+"""The emulator running the suite ("qemu-user" in the arm64 runs of
+../shared/arm64/run-tests), empty on a real machine. qemu-user implements
+mmap, mprotect, madvise and friends itself on top of the host kernel, so
+some kernel effects the tests check are not the guest kernel's there."""
+
+
+def _emulated_reason(effect: str) -> str:
+    return f"under {EMULATED}: {effect}"
+
+
+def emulated_skip(effect: str) -> pytest.MarkDecorator:
+    """Skip the whole test under emulation: for a test that is about ``effect``,
+    a kernel effect the emulator does not reproduce (say which, in words)."""
+    return pytest.mark.skipif(EMULATED != "", reason=_emulated_reason(effect))
+
+
+def skip_if_emulated(effect: str) -> None:
+    """Inside a test, right before checking ``effect``: skip the rest under
+    emulation (what ran before it still counted); nothing on a real machine."""
+    if EMULATED:
+        pytest.skip(_emulated_reason(effect))
+
+
+FILLS_THE_MAP_COUNT = emulated_skip(
+    "filling vm.max_map_count makes tens of thousands of mappings, each of which the "
+    "emulator also tracks in its own page table: the run does not finish in reasonable time"
+)
+"""For tests that exhaust vm.max_map_count."""
 
 
 def perms_at(address: int) -> Perm | None:
@@ -139,6 +176,7 @@ def adjacent_pair(alloc: MapAlloc, first: int, second: int) -> tuple[Region, Reg
             if a.address + a.capacity == b.address:
                 return a, b
             spares += (a, b)
+        skip_if_emulated("mappings are never placed next to each other (its own allocator)")
         raise AssertionError("the kernel never placed two mappings next to each other")
     finally:
         for spare in spares:

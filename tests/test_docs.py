@@ -12,7 +12,6 @@ rewrites machine code which already ran, which qemu-user does not see.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from importlib.util import find_spec, module_from_spec, spec_from_file_location
@@ -20,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from support import EMULATED
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 NO_TEST = "<!-- no-test -->"
 NEEDS_CPU = "<!-- needs-cpu -->"
-EMULATED = os.environ.get("ARM64_EMULATED", "")
 FENCE = re.compile(r"^```python\n(.*?)^```$", flags=re.M | re.S)
 NEEDS_NUMPY = re.compile(r"^\s*(import numpy|from numpy|import mmap_alloc\.numpy)", flags=re.M)
 

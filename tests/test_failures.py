@@ -15,6 +15,7 @@ import textwrap
 import pytest
 
 from mmap_alloc._linux import max_map_count
+from support import FILLS_THE_MAP_COUNT
 
 PRELUDE = """
 import ctypes, errno, resource
@@ -145,6 +146,7 @@ assert len(regions) > 1000, len(regions)
 
 
 @pytest.mark.skipif(max_map_count() > 1_000_000, reason="vm.max_map_count is too high to reach")
+@FILLS_THE_MAP_COUNT
 def test_alloc_at_the_map_count_limit_is_alloc_error_and_every_region_can_be_freed() -> None:
     run_child(
         FILL_TO_THE_LIMIT,
@@ -166,6 +168,7 @@ def test_alloc_at_the_map_count_limit_is_alloc_error_and_every_region_can_be_fre
 
 
 @pytest.mark.skipif(max_map_count() > 1_000_000, reason="vm.max_map_count is too high to reach")
+@FILLS_THE_MAP_COUNT
 def test_a_realloc_that_must_move_at_the_map_count_limit_fails_and_keeps_the_region() -> None:
     run_child(
         """
@@ -196,6 +199,7 @@ def test_a_realloc_that_must_move_at_the_map_count_limit_fails_and_keeps_the_reg
 
 
 @pytest.mark.skipif(max_map_count() > 1_000_000, reason="vm.max_map_count is too high to reach")
+@FILLS_THE_MAP_COUNT
 def test_a_close_that_must_split_a_mapping_at_the_limit_fails_and_keeps_the_region() -> None:
     run_child(
         """

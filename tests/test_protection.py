@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from mmap_alloc import AllocError, MapAlloc, Perm, Region, _mman
 from mmap_alloc._linux import hugepage_pools, mapping_count
 from mmap_alloc.perm import ALL_PERMS
+from support import FILLS_THE_MAP_COUNT
 
 R, W, X = Perm.READ, Perm.WRITE, Perm.EXEC
 RW, RX = R | W, R | X
@@ -296,6 +297,7 @@ def test_closed_region_is_a_value_error(alloc: MapAlloc, call: object) -> None:
         call(region)  # type: ignore[operator]
 
 
+@FILLS_THE_MAP_COUNT
 def test_failed_mprotect_at_map_count_limit_leaves_protections_as_they_were() -> None:
     # In a child: exhaust vm.max_map_count with one-page mappings, then ask for
     # splits until enough mappings have been released for them to succeed.

@@ -21,7 +21,7 @@ import pytest
 
 from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE, mapping_count, max_map_count
-from support import page_perms, read_maps, run_child, status_kib
+from support import FILLS_THE_MAP_COUNT, page_perms, read_maps, run_child, status_kib
 
 PAGE = PAGE_SIZE
 MIB = 1 << 20
@@ -270,11 +270,13 @@ def map_count_exhaustion(attempts: int) -> None:
     assert result["end"] <= result["start"] + 5
 
 
+@FILLS_THE_MAP_COUNT
 def test_map_count_exhaustion_fails_cleanly_and_frees_everything() -> None:
     map_count_exhaustion(attempts=10)
 
 
 @pytest.mark.stress
+@FILLS_THE_MAP_COUNT
 def test_map_count_exhaustion_fails_cleanly_and_frees_everything_long() -> None:
     map_count_exhaustion(attempts=2000)
 

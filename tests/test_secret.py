@@ -37,7 +37,15 @@ from mmap_alloc import (
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mapping_count, mappings, max_map_count
 from mmap_alloc.features import Feature
-from support import SIGSEGV, perms_at, run_forked, run_in_child, status_kib, vm_flags
+from support import (
+    FILLS_THE_MAP_COUNT,
+    SIGSEGV,
+    perms_at,
+    run_forked,
+    run_in_child,
+    status_kib,
+    vm_flags,
+)
 
 KiB = 1 << 10
 SIGABRT = -signal.SIGABRT
@@ -891,6 +899,7 @@ def test_the_mapping_budget_refuses_before_anything_is_mapped(
 
 
 @pytest.mark.skipif(max_map_count() > 1_000_000, reason="vm.max_map_count is too high to reach")
+@FILLS_THE_MAP_COUNT
 def test_at_the_real_mapping_limit_a_secret_buffer_is_an_alloc_error_naming_it() -> None:
     def child() -> None:
         rw, ro = MapAlloc(), MapAlloc(write=False)
