@@ -64,9 +64,16 @@ def skip_if_emulated(effect: str) -> None:
 # What qemu-user (7.2) does differently from the kernel, named once for the
 # skips (and the count by kind in docs/reliability.md).
 RESIDENCY = (
-    "madvise(MADV_POPULATE_*), MAP_POPULATE and mincore do not reach the kernel "
-    "(the emulator ignores or refuses them): which pages are resident is not the kernel's answer"
+    "madvise(MADV_POPULATE_*) and MAP_POPULATE do not reach the kernel and mincore is "
+    "refused (ENOMEM) on pages the guest cannot read: which pages are resident is not "
+    "the kernel's answer"
 )
+THP = (
+    "madvise(MADV_HUGEPAGE, MADV_COLLAPSE) does not reach the kernel (the emulator answers "
+    "success and does nothing): no transparent huge pages where the kernel gives them on advice"
+)
+HUGETLB = "the emulator refuses hugetlb mappings (MAP_HUGETLB, hugetlb memfd) with EINVAL"
+MLOCK = "the emulator refuses mlock2(MLOCK_ONFAULT) with EINVAL"
 NOT_ADJACENT = "the emulator never places two new mappings next to each other"
 
 
