@@ -72,6 +72,14 @@ THP = (
     "madvise(MADV_HUGEPAGE, MADV_COLLAPSE) does not reach the kernel (the emulator answers "
     "success and does nothing): no transparent huge pages where the kernel gives them on advice"
 )
+
+
+def ignored_advice(advice: str) -> str:
+    """The reason for a test of ``advice`` (madvise names): qemu-user 7.2 hands only
+    MADV_DONTNEED to the kernel and answers success to the rest, doing nothing."""
+    return f"the emulator answers success to madvise({advice}) without passing it to the kernel"
+
+
 HUGETLB = "the emulator refuses hugetlb mappings (MAP_HUGETLB, hugetlb memfd) with EINVAL"
 MLOCK = "the emulator refuses mlock2(MLOCK_ONFAULT) with EINVAL"
 NOT_ADJACENT = "the emulator never places two new mappings next to each other"
