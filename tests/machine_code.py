@@ -33,6 +33,10 @@ IntFn = ctypes.CFUNCTYPE(ctypes.c_int)
 LongFn = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)
 
 
+RET = b"\xc3" if X86_64 else struct.pack("<I", 0xD65F03C0)
+"""A ``void f(void)`` that returns at once: ``ret`` (1 byte on x86-64, 4 on arm64)."""
+
+
 def add() -> bytes:
     """``int add(int a, int b)``."""
     if X86_64:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import platform
 import random
 import signal
 import sys
@@ -45,6 +44,7 @@ from typing import Any
 import pytest
 
 import mmap_alloc
+from machine_code import RET
 from mmap_alloc import (
     CodeBlock,
     CodeHeap,
@@ -72,11 +72,8 @@ LIBRARY = str(Path(mmap_alloc.__file__).parent)
 EXPECTED = (MapAllocError, ValueError, BufferError, TypeError, OSError, IndexError)
 """What a public call may raise when another call got in first; anything else is a bug."""
 
-# Machine code that returns at once: nothing is ever called in this module,
-# but a function needs executable pages to exist.
-RET = {"x86_64": b"\xc3", "aarch64": bytes.fromhex("c0035fd6")}.get(
-    platform.machine(), bytes.fromhex("c0035fd6")
-)
+# Functions are made of RET (machine_code), which returns at once: nothing is
+# ever called in this module, but a function needs executable pages to exist.
 NoArgs = ctypes.CFUNCTYPE(None)
 
 
