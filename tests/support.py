@@ -82,6 +82,11 @@ def ignored_advice(advice: str) -> str:
 
 HUGETLB = "the emulator refuses hugetlb mappings (MAP_HUGETLB, hugetlb memfd) with EINVAL"
 MLOCK = "the emulator refuses mlock2(MLOCK_ONFAULT) with EINVAL"
+HOST_MAPS = (
+    "/proc/self/maps is written by the emulator from its host mappings, which never have "
+    "PROT_EXEC and each show the guest protection of their first page: pages that differ "
+    "only in EXEC are not told apart"
+)
 NOT_ADJACENT = "the emulator never places two new mappings next to each other"
 
 
