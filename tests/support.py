@@ -87,6 +87,10 @@ HOST_MAPS = (
     "PROT_EXEC and each show the guest protection of their first page: pages that differ "
     "only in EXEC are not told apart"
 )
+RLIMIT_AS = (
+    "the emulator answers success to setrlimit(RLIMIT_AS) without applying it "
+    "(it would bind the emulator's own memory): the address-space limit never binds"
+)
 NOT_ADJACENT = "the emulator never places two new mappings next to each other"
 
 

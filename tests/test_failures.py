@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 from mmap_alloc._linux import max_map_count
-from support import FILLS_THE_MAP_COUNT
+from support import FILLS_THE_MAP_COUNT, RLIMIT_AS, emulated_skip
 
 PRELUDE = """
 import ctypes, errno, resource
@@ -41,6 +41,7 @@ def run_child(*parts: str) -> str:
 # ---------------------------------------------------------------- RLIMIT_AS
 
 
+@emulated_skip(RLIMIT_AS)
 def test_alloc_past_the_address_space_limit_is_alloc_error() -> None:
     run_child(
         """
@@ -61,6 +62,7 @@ def test_alloc_past_the_address_space_limit_is_alloc_error() -> None:
     )
 
 
+@emulated_skip(RLIMIT_AS)
 def test_aligned_alloc_past_the_address_space_limit_is_alloc_error_and_maps_nothing() -> None:
     run_child(
         """
@@ -80,6 +82,7 @@ def test_aligned_alloc_past_the_address_space_limit_is_alloc_error_and_maps_noth
     )
 
 
+@emulated_skip(RLIMIT_AS)
 def test_failing_realloc_past_the_address_space_limit_leaves_the_region_intact() -> None:
     run_child(
         """
@@ -105,6 +108,7 @@ def test_failing_realloc_past_the_address_space_limit_leaves_the_region_intact()
     )
 
 
+@emulated_skip(RLIMIT_AS)
 def test_failing_realloc_by_copy_past_the_address_space_limit_leaves_the_region_intact() -> None:
     run_child(
         """
