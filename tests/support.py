@@ -83,9 +83,9 @@ def ignored_advice(advice: str) -> str:
 HUGETLB = "the emulator refuses hugetlb mappings (MAP_HUGETLB, hugetlb memfd) with EINVAL"
 MLOCK = "the emulator refuses mlock2(MLOCK_ONFAULT) with EINVAL"
 HOST_MAPS = (
-    "/proc/self/maps is written by the emulator from its host mappings, which never have "
-    "PROT_EXEC and each show the guest protection of their first page: pages that differ "
-    "only in EXEC are not told apart"
+    "/proc/self/maps is written by the emulator from its host mappings (never PROT_EXEC), "
+    "each shown with the guest protection of its first page or not at all: it does not "
+    "show the guest's protections page by page"
 )
 RLIMIT_AS = (
     "the emulator answers success to setrlimit(RLIMIT_AS) without applying it "
