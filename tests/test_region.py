@@ -24,6 +24,8 @@ from mmap_alloc import AllocError, MapAlloc, Perm, Region
 from mmap_alloc._linux import ADVICE, MADV_GUARD_INSTALL
 from mmap_alloc._linux import PAGE_SIZE as P
 from support import (
+    EMULATED,
+    MLOCK,
     SIGSEGV,
     emulated_skip,
     ignored_advice,
@@ -1385,6 +1387,7 @@ def test_advice_on_a_bad_range_is_a_value_error(region: Region, args: tuple[Any,
         region.advise("willneed", *args)
 
 
+@emulated_skip(ignored_advice("MADV_COLLAPSE"))
 def test_advice_the_kernel_refuses_is_an_os_error_naming_it_and_its_kernel(
     alloc: MapAlloc,
 ) -> None:
@@ -1467,6 +1470,8 @@ def test_wipeonfork_pages_read_as_zeros_in_a_child(alloc: MapAlloc) -> None:
 
 @pytest.mark.parametrize("name", ["dontneed", "free", "pageout", "cold"])
 def test_advice_refused_on_locked_pages_says_they_are_locked(alloc: MapAlloc, name: str) -> None:
+    if name != "dontneed":
+        skip_if_emulated(ignored_advice(f"MADV_{name.upper()}"))
     with alloc.alloc(P) as region:
         region[0] = 1
         region.lock()
@@ -1512,7 +1517,7 @@ def test_locking_beyond_rlimit_memlock_is_an_alloc_error_giving_the_limit() -> N
         os.setgid(65534)
         os.setuid(65534)  # root's CAP_IPC_LOCK would bypass the limit
         with MapAlloc().alloc(MiB) as region:
-            for on_fault in (False, True):
+            for on_fault in (False,) if EMULATED else (False, True):
                 with pytest.raises(AllocError, match="RLIMIT_MEMLOCK is 65536 bytes") as info:
                     region.lock(on_fault=on_fault)
                 assert info.value.errno in (errno.ENOMEM, errno.EPERM, errno.EAGAIN)
@@ -1523,6 +1528,7 @@ def test_locking_beyond_rlimit_memlock_is_an_alloc_error_giving_the_limit() -> N
             region.unlock()
 
     assert run_in_child(child) == 0
+    skip_if_emulated(MLOCK)  # what was not checked: mlock2(MLOCK_ONFAULT) past the limit
 
 
 # ---------------------------------------------------------------- Region against mmap.mmap
@@ -1726,6 +1732,7 @@ def test_mmap_row_exporting_part() -> None:
         theirs.release()
 
 
+@emulated_skip(ignored_advice("MADV_DONTFORK"))
 def test_mmap_row_advice() -> None:
     stdlib = mmap.mmap(-1, P)
     stdlib.madvise(mmap.MADV_DONTFORK)
