@@ -91,6 +91,10 @@ RLIMIT_AS = (
     "the emulator answers success to setrlimit(RLIMIT_AS) without applying it "
     "(it would bind the emulator's own memory): the address-space limit never binds"
 )
+TOO_SLOW = (
+    "about ten times slower emulated, this case does not finish within its time limit "
+    "(it reads /proc at every line of library code)"
+)
 NOT_ADJACENT = "the emulator never places two new mappings next to each other"
 
 
