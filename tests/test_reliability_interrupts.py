@@ -58,7 +58,15 @@ from mmap_alloc import (
     _mman,
 )
 from mmap_alloc._linux import PAGE_SIZE
-from support import HOST_MAPS, TOO_SLOW, page_perms, read_maps, run_forked, skip_if_emulated
+from support import (
+    HOST_MAPS,
+    TOO_SLOW,
+    emulated_skip,
+    page_perms,
+    read_maps,
+    run_forked,
+    skip_if_emulated,
+)
 
 try:
     import numpy
@@ -790,11 +798,13 @@ def _now() -> float:
     return time.monotonic()
 
 
+@emulated_skip(HOST_MAPS)  # its world has code blocks: r-x pages next to r-- ones
 def test_random_signals_keep_every_promise() -> None:
     run_forked(random_signals, 5.0, 1, timeout=120)
 
 
 @pytest.mark.stress
+@emulated_skip(HOST_MAPS)
 def test_random_signals_keep_every_promise_long() -> None:
     seconds = float(os.environ.get("MMAP_ALLOC_SIGNALS_SECONDS", "300"))
     run_forked(random_signals, seconds, 2, timeout=seconds + 300)
