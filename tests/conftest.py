@@ -6,9 +6,19 @@ import gc
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from mmap_alloc import MapAlloc, _mman
 from mmap_alloc._linux import PAGE_SIZE
+from support import EMULATED
+
+if EMULATED:
+    # about ten times slower under emulation: hypothesis's 200 ms deadline and
+    # its too-slow health check would fail examples on time, not on behaviour
+    settings.register_profile(
+        "emulated", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    settings.load_profile("emulated")
 
 
 def _open_regions() -> list[_mman.Region]:

@@ -7,11 +7,12 @@ calling convention) and, where a test patches it, where the patch goes.
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 import struct
 
 import pytest
+
+from support import emulated_skip
 
 MACHINE = platform.machine().lower()
 X86_64 = MACHINE in ("x86_64", "amd64")
@@ -20,20 +21,20 @@ SUPPORTED = X86_64 or ARM64
 
 needs_code = pytest.mark.skipif(not SUPPORTED, reason=f"no test encodings for {MACHINE}")
 
-EMULATED = os.environ.get("ARM64_EMULATED", "")
-"""Set by the arm64 test runs under emulation (/work/shared/arm64/run-tests)."""
-
-REWRITES_RUN_CODE = pytest.mark.skipif(
-    EMULATED != "",
-    reason=f"under {EMULATED}: the emulator keeps running its translation of code that "
+REWRITES_RUN_CODE = emulated_skip(
+    "the emulator keeps running its translation of code that "
     "already ran when that code is rewritten through another mapping of the same memory "
-    "(seen with qemu-user 7.2); this needs a real processor",
+    "(seen with qemu-user 7.2); this needs a real processor"
 )
 """For tests that rewrite, through the heap's read/write view, code that already ran."""
 
 IntOp = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int)
 IntFn = ctypes.CFUNCTYPE(ctypes.c_int)
 LongFn = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)
+
+
+RET = b"\xc3" if X86_64 else struct.pack("<I", 0xD65F03C0)
+"""A ``void f(void)`` that returns at once: ``ret`` (1 byte on x86-64, 4 on arm64)."""
 
 
 def add() -> bytes:

@@ -9,6 +9,9 @@ forks and fails with the child's traceback, signal or hang;
 ``fork_child``/``wait_child`` for tests that do work in between;
 ``run_child(module, function, *args)`` starts a new interpreter (for rlimits,
 threads, map count exhaustion) and returns the function's JSON result.
+Emulation: ``EMULATED``, ``emulated_skip(effect)`` (a decorator) and
+``skip_if_emulated(effect)`` (inside a test) for kernel effects that an
+emulator answers itself.
 """
 
 from __future__ import annotations
@@ -28,8 +31,79 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mmap_alloc import MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE, mappings
+
+# ---------------------------------------------------------------- emulation
+
+EMULATED = os.environ.get("ARM64_EMULATED", "")
+"""The emulator running the suite ("qemu-user" in the arm64 runs of
+../shared/arm64/run-tests), empty on a real machine. qemu-user implements
+mmap, mprotect, madvise and friends itself on top of the host kernel, so
+some kernel effects the tests check are not the guest kernel's there."""
+
+
+def _emulated_reason(effect: str) -> str:
+    return f"under {EMULATED}: {effect}"
+
+
+def emulated_skip(effect: str) -> pytest.MarkDecorator:
+    """Skip the whole test under emulation: for a test that is about ``effect``,
+    a kernel effect the emulator does not reproduce (say which, in words)."""
+    return pytest.mark.skipif(EMULATED != "", reason=_emulated_reason(effect))
+
+
+def skip_if_emulated(effect: str) -> None:
+    """Inside a test, right before checking ``effect``: skip the rest under
+    emulation (what ran before it still counted); nothing on a real machine."""
+    if EMULATED:
+        pytest.skip(_emulated_reason(effect))
+
+
+# What qemu-user (7.2) does differently from the kernel, named once for the
+# skips (and the count by kind in docs/reliability.md).
+RESIDENCY = (
+    "madvise(MADV_POPULATE_*) and MAP_POPULATE do not reach the kernel and mincore is "
+    "refused (ENOMEM) on pages the guest cannot read: which pages are resident is not "
+    "the kernel's answer"
+)
+THP = (
+    "madvise(MADV_HUGEPAGE, MADV_COLLAPSE) does not reach the kernel (the emulator answers "
+    "success and does nothing): no transparent huge pages where the kernel gives them on advice"
+)
+
+
+def ignored_advice(advice: str) -> str:
+    """The reason for a test of ``advice`` (madvise names): qemu-user 7.2 hands only
+    MADV_DONTNEED to the kernel and answers success to the rest, doing nothing."""
+    return f"the emulator answers success to madvise({advice}) without passing it to the kernel"
+
+
+HUGETLB = "the emulator refuses hugetlb mappings (MAP_HUGETLB, hugetlb memfd) with EINVAL"
+MLOCK = "the emulator refuses mlock2(MLOCK_ONFAULT) with EINVAL"
+HOST_MAPS = (
+    "/proc/self/maps is written by the emulator from its host mappings (never PROT_EXEC), "
+    "each shown with the guest protection of its first page or not at all: it does not "
+    "show the guest's protections page by page"
+)
+RLIMIT_AS = (
+    "the emulator answers success to setrlimit(RLIMIT_AS) without applying it "
+    "(it would bind the emulator's own memory): the address-space limit never binds"
+)
+TOO_SLOW = (
+    "about ten times slower emulated, this case does not finish within its time limit "
+    "(it reads /proc at every line of library code)"
+)
+NOT_ADJACENT = "the emulator never places two new mappings next to each other"
+
+
+FILLS_THE_MAP_COUNT = emulated_skip(
+    "filling vm.max_map_count makes tens of thousands of mappings, each of which the "
+    "emulator also tracks in its own page table: the run does not finish in reasonable time"
+)
+"""For tests that exhaust vm.max_map_count."""
 
 
 def perms_at(address: int) -> Perm | None:
@@ -150,6 +224,7 @@ def adjacent_pair(alloc: MapAlloc, first: int, second: int) -> tuple[Region, Reg
             if a.address + a.capacity == b.address:
                 return a, b
             spares += (a, b)
+        skip_if_emulated(NOT_ADJACENT)
         raise AssertionError("the kernel never placed two mappings next to each other")
     finally:
         for spare in spares:

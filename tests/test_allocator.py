@@ -18,8 +18,10 @@ from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mappings
 from mmap_alloc.perm import ALL_PERMS
 from support import (
+    RESIDENCY,
     SIGSEGV,
     adjacent_pair,
+    emulated_skip,
     is_mapped,
     kernel_runs,
     mapped_intervals,
@@ -172,6 +174,7 @@ def test_a_512_mib_allocation_is_lazy_and_its_middle_page_reads_zero(alloc: MapA
         assert rss() - before < 64 * MiB  # nothing close to 512 MiB was faulted in
 
 
+@emulated_skip(RESIDENCY)
 def test_commit_allocator_prefaults_every_page() -> None:
     size = 32 * MiB
     for align in (None, 2 * MiB):
@@ -753,6 +756,7 @@ def test_uncommit_gives_the_memory_back(alloc: MapAlloc) -> None:
         assert before - rss() >= 31 * MiB
 
 
+@emulated_skip(RESIDENCY)
 def test_commit_faults_pages_in(alloc: MapAlloc) -> None:
     with alloc.alloc(32 * MiB) as region:
         before = rss()
@@ -769,6 +773,7 @@ def test_commit_keeps_the_contents(alloc: MapAlloc) -> None:
 
 
 @pytest.mark.parametrize("perms", [R, W, R | W, R | X, W | X, R | W | X], ids=str)
+@emulated_skip(RESIDENCY)
 def test_commit_works_on_readable_or_writable_regions(perms: Perm) -> None:
     alloc = allocator_for(perms)
     with alloc.alloc(64 * P) as region:
@@ -955,6 +960,7 @@ def test_realloc_that_moves_keeps_a_large_alignment(alloc: MapAlloc) -> None:
             blocker.close()
 
 
+@emulated_skip(RESIDENCY)
 def test_grown_pages_of_a_committing_allocator_are_prefaulted() -> None:
     alloc = MapAlloc(commit=True)
     with alloc.alloc(P) as region:

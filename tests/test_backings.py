@@ -23,6 +23,7 @@ from mmap_alloc._linux import (
     thp_size,
 )
 from mmap_alloc.backings import Backing
+from support import HUGETLB, THP, emulated_skip, skip_if_emulated
 
 HUGE = 2 << 20
 NEEDED = 8  # free 2 MiB hugetlb pages the hugetlb tests use at most at once
@@ -54,6 +55,7 @@ def fill(region: Region, value: int = 1) -> None:
 def hugetlb() -> Iterator[int]:
     """The 2 MiB hugetlb page size, with NEEDED pages free: reserved here (as
     root) if need be, and the pool restored afterwards."""
+    skip_if_emulated(HUGETLB)
     pool = hugepage_pool(HUGE)
     if pool is None:
         pytest.skip("this kernel has no 2 MiB hugetlb pages")
@@ -177,6 +179,7 @@ def test_thp_regions_honour_alignments_above_the_huge_page_size() -> None:
 
 
 @needs_thp
+@emulated_skip(THP)
 def test_thp_region_touched_fully_is_backed_by_huge_pages() -> None:
     with MapAlloc(huge="thp").alloc(64 << 20) as region:
         fill(region)
@@ -189,6 +192,7 @@ def test_thp_region_touched_fully_is_backed_by_huge_pages() -> None:
 
 
 @needs_thp
+@emulated_skip(THP)
 def test_thp_commit_prefaults_huge_pages() -> None:
     with MapAlloc(huge="thp", commit=True).alloc(8 << 20) as region:
         stats = region.stats()
@@ -197,6 +201,7 @@ def test_thp_commit_prefaults_huge_pages() -> None:
 
 
 @needs_thp
+@emulated_skip(THP)
 def test_thp_uncommit_gives_whole_huge_pages_back() -> None:
     alloc = MapAlloc(huge="thp", commit=True)
     with alloc.alloc(4 << 20) as region:
@@ -274,6 +279,7 @@ def test_dealloc_unmaps_the_whole_rounded_hugetlb_mapping(hugetlb_alloc: MapAllo
 
 
 def test_empty_hugetlb_pool_is_an_alloc_error_with_a_hint_and_maps_nothing() -> None:
+    skip_if_emulated(HUGETLB)
     if hugepage_pool(HUGE) is None:
         pytest.skip("this kernel has no 2 MiB hugetlb pages")
     if read_int("/proc/sys/vm/nr_overcommit_hugepages", 0):

@@ -32,8 +32,9 @@ def test_leaks_through_a_reference_cycle_only_until_collected():
 
 
 def test_the_leak_fixture_fails_exactly_the_leaking_tests(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
-    pytester.makepyfile(test_leaky=LEAKY_TESTS)
+    here = Path(__file__).parent
+    pytester.makeconftest((here / "conftest.py").read_text())
+    pytester.makepyfile(support=(here / "support.py").read_text(), test_leaky=LEAKY_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=4, errors=2)
     result.stdout.fnmatch_lines(

@@ -7,12 +7,13 @@ numpy is missing; a block right after the line ``<!-- no-test -->`` is not
 run at all (use it sparingly: for output that cannot run anywhere); one
 right after ``<!-- needs-cpu -->`` is not run under an emulator
 (ARM64_EMULATED, set by the arm64 runs under qemu-user): for code that
-rewrites machine code which already ran, which qemu-user does not see.
+rewrites machine code which already ran, which qemu-user does not see; nor
+one right after ``<!-- needs-kernel -->``: for a kernel effect qemu-user does
+not reproduce (hugetlb pages, mlock2(MLOCK_ONFAULT); see tests/support.py).
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from importlib.util import find_spec, module_from_spec, spec_from_file_location
@@ -20,10 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from support import EMULATED
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 NO_TEST = "<!-- no-test -->"
 NEEDS_CPU = "<!-- needs-cpu -->"
-EMULATED = os.environ.get("ARM64_EMULATED", "")
+NEEDS_KERNEL = "<!-- needs-kernel -->"
 FENCE = re.compile(r"^```python\n(.*?)^```$", flags=re.M | re.S)
 NEEDS_NUMPY = re.compile(r"^\s*(import numpy|from numpy|import mmap_alloc\.numpy)", flags=re.M)
 
@@ -34,6 +37,7 @@ class Block:
     code: str
     skipped: bool
     needs_cpu: bool = False
+    needs_kernel: bool = False
 
 
 def blocks(text: str) -> list[Block]:
@@ -48,6 +52,7 @@ def blocks(text: str) -> list[Block]:
                 match.group(1),
                 before == NO_TEST,
                 before == NEEDS_CPU,
+                before == NEEDS_KERNEL,
             )
         )
     return found
@@ -66,13 +71,15 @@ def test_blocks_finds_each_block_its_line_and_its_marker() -> None:
     assert blocks(text) == [Block(4, "a = 1\n", False), Block(9, "b = 2\n", True)]
     text = "<!-- needs-cpu -->\n```python\nc = 3\n```\n"
     assert blocks(text) == [Block(3, "c = 3\n", False, True)]
+    text = "<!-- needs-kernel -->\n```python\nd = 4\n```\n"
+    assert blocks(text) == [Block(3, "d = 4\n", False, False, True)]
 
 
 @pytest.mark.parametrize("page", WITH_CODE, ids=[str(page.relative_to(DOCS)) for page in WITH_CODE])
 def test_page_examples_run_in_order(page: Path, capsys: pytest.CaptureFixture[str]) -> None:
     namespace: dict[str, object] = {"__name__": "docs"}
     for block in blocks(page.read_text()):
-        if block.skipped or (block.needs_cpu and EMULATED):
+        if block.skipped or ((block.needs_cpu or block.needs_kernel) and EMULATED):
             continue
         if NEEDS_NUMPY.search(block.code) and find_spec("numpy") is None:
             continue

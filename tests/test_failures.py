@@ -15,6 +15,7 @@ import textwrap
 import pytest
 
 from mmap_alloc._linux import max_map_count
+from support import FILLS_THE_MAP_COUNT, RLIMIT_AS, emulated_skip
 
 PRELUDE = """
 import ctypes, errno, resource
@@ -40,6 +41,7 @@ def run_child(*parts: str) -> str:
 # ---------------------------------------------------------------- RLIMIT_AS
 
 
+@emulated_skip(RLIMIT_AS)
 def test_alloc_past_the_address_space_limit_is_alloc_error() -> None:
     run_child(
         """
@@ -60,6 +62,7 @@ def test_alloc_past_the_address_space_limit_is_alloc_error() -> None:
     )
 
 
+@emulated_skip(RLIMIT_AS)
 def test_aligned_alloc_past_the_address_space_limit_is_alloc_error_and_maps_nothing() -> None:
     run_child(
         """
@@ -79,6 +82,7 @@ def test_aligned_alloc_past_the_address_space_limit_is_alloc_error_and_maps_noth
     )
 
 
+@emulated_skip(RLIMIT_AS)
 def test_failing_realloc_past_the_address_space_limit_leaves_the_region_intact() -> None:
     run_child(
         """
@@ -104,6 +108,7 @@ def test_failing_realloc_past_the_address_space_limit_leaves_the_region_intact()
     )
 
 
+@emulated_skip(RLIMIT_AS)
 def test_failing_realloc_by_copy_past_the_address_space_limit_leaves_the_region_intact() -> None:
     run_child(
         """
@@ -145,6 +150,7 @@ assert len(regions) > 1000, len(regions)
 
 
 @pytest.mark.skipif(max_map_count() > 1_000_000, reason="vm.max_map_count is too high to reach")
+@FILLS_THE_MAP_COUNT
 def test_alloc_at_the_map_count_limit_is_alloc_error_and_every_region_can_be_freed() -> None:
     run_child(
         FILL_TO_THE_LIMIT,
@@ -166,6 +172,7 @@ def test_alloc_at_the_map_count_limit_is_alloc_error_and_every_region_can_be_fre
 
 
 @pytest.mark.skipif(max_map_count() > 1_000_000, reason="vm.max_map_count is too high to reach")
+@FILLS_THE_MAP_COUNT
 def test_a_realloc_that_must_move_at_the_map_count_limit_fails_and_keeps_the_region() -> None:
     run_child(
         """
@@ -196,6 +203,7 @@ def test_a_realloc_that_must_move_at_the_map_count_limit_fails_and_keeps_the_reg
 
 
 @pytest.mark.skipif(max_map_count() > 1_000_000, reason="vm.max_map_count is too high to reach")
+@FILLS_THE_MAP_COUNT
 def test_a_close_that_must_split_a_mapping_at_the_limit_fails_and_keeps_the_region() -> None:
     run_child(
         """

@@ -19,6 +19,7 @@ import pytest
 from mmap_alloc import features
 from mmap_alloc._linux import hugepage_pools, sysfs_choice
 from mmap_alloc.features import Feature
+from support import EMULATED, emulated_skip
 
 NAMES = [
     "memfd_secret",
@@ -43,10 +44,8 @@ def kernel() -> tuple[int, int]:
 def needs_kernel(major: int, minor: int) -> pytest.MarkDecorator:
     """Linux of at least this version, reached directly: qemu-user (the arm64
     runs, which set ARM64_EMULATED) implements system calls itself."""
-    if os.environ.get("ARM64_EMULATED"):
-        return pytest.mark.skip(
-            reason=f"under {os.environ['ARM64_EMULATED']}: not the kernel's answer"
-        )
+    if EMULATED:
+        return emulated_skip("not the kernel's answer")
     return pytest.mark.skipif(
         sys.platform != "linux" or kernel() < (major, minor),
         reason=f"Linux {major}.{minor} or newer",

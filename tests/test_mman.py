@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mmap_alloc import MapAlloc, Perm, Region, _mman
 from mmap_alloc._linux import PAGE_SIZE as P
-from support import kernel_runs, run_in_child
+from support import HOST_MAPS, emulated_skip, kernel_runs, run_in_child
 
 MiB = 1 << 20
 RW = Perm.READ | Perm.WRITE
@@ -127,6 +127,7 @@ def test_alike_neighbours_merge_back_into_one_run() -> None:
         assert region._runs() == [(0, 4 * P, 3, 0)]
 
 
+@emulated_skip(HOST_MAPS)
 @given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7), st.integers(1, 8)), max_size=12))
 def test_the_record_matches_the_kernel_after_any_protects(
     changes: list[tuple[int, int, int]],

@@ -14,6 +14,7 @@ from mmap_alloc import MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mappings
 from mmap_alloc.backings import Backing, thp_available
+from support import THP, emulated_skip
 
 np = pytest.importorskip("numpy")
 mnp = pytest.importorskip("mmap_alloc.numpy")
@@ -266,6 +267,7 @@ def test_empty_refuses_unknown_options() -> None:
 
 
 @pytest.mark.skipif(not thp_available(), reason="transparent huge pages unavailable")
+@emulated_skip(THP)
 def test_zeros_on_transparent_huge_pages() -> None:
     array = mnp.zeros((1024, 1024), huge="thp", commit=True)
     region = mnp.region_of(array)

@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover
 from mmap_alloc import MapAlloc, ObjectPool, PoolStats, Region, _mman
 from mmap_alloc import pool as pool_module
 from mmap_alloc._linux import PAGE_SIZE, hugepage_pool, mapping_count
-from support import fork_child, run_forked, wait_child
+from support import RESIDENCY, RLIMIT_AS, emulated_skip, fork_child, run_forked, wait_child
 
 MiB = 1 << 20
 
@@ -482,6 +482,7 @@ def test_stats_counts_live_objects_and_slabs() -> None:
         assert 0 < stats.metadata < PAGE_SIZE
 
 
+@emulated_skip(RESIDENCY)
 def test_pool_of_a_committing_allocator_is_resident_at_once() -> None:
     with ObjectPool(64, alloc=MapAlloc(commit=True), slab_size=16 * PAGE_SIZE) as pool:
         pool.alloc()
@@ -666,6 +667,7 @@ def test_child_grows_a_pool_that_a_thread_was_growing_at_fork() -> None:
         assert wait_child(pid) == 0
 
 
+@emulated_skip(RLIMIT_AS)
 def test_alloc_many_that_cannot_map_a_slab_takes_nothing() -> None:
     """In a child whose address space is capped just above its size, a batch
     that needs new slabs fails with AllocError and the pool is unchanged."""

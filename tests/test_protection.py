@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from mmap_alloc import AllocError, MapAlloc, Perm, Region, _mman
 from mmap_alloc._linux import hugepage_pools, mapping_count
 from mmap_alloc.perm import ALL_PERMS
+from support import FILLS_THE_MAP_COUNT, HOST_MAPS, RESIDENCY, emulated_skip, skip_if_emulated
 
 R, W, X = Perm.READ, Perm.WRITE, Perm.EXEC
 RW, RX = R | W, R | X
@@ -138,6 +139,7 @@ def test_protect_part_of_mixed_region_changes_only_that_part(region: Region, pag
     region.protect(R, page, page)
     region.protect(RX, 2 * page, page)
     region.protect(NONE, 3 * page)
+    skip_if_emulated(HOST_MAPS)
     assert_agrees_with_maps(region, [RW, R, RX, NONE])
 
 
@@ -207,6 +209,7 @@ def test_protect_may_add_exec_while_buffer_is_exported(region: Region) -> None:
     )
 )
 @settings(max_examples=60, deadline=None)
+@emulated_skip(HOST_MAPS)
 def test_protections_agree_with_maps_after_every_protect(
     steps: list[tuple[Perm, int, int]],
 ) -> None:
@@ -296,6 +299,7 @@ def test_closed_region_is_a_value_error(alloc: MapAlloc, call: object) -> None:
         call(region)  # type: ignore[operator]
 
 
+@FILLS_THE_MAP_COUNT
 def test_failed_mprotect_at_map_count_limit_leaves_protections_as_they_were() -> None:
     # In a child: exhaust vm.max_map_count with one-page mappings, then ask for
     # splits until enough mappings have been released for them to succeed.
@@ -684,6 +688,7 @@ def test_released_piece_is_returned_and_reads_zero_when_taken_again(
         reservation.protect(NONE, 8 * page, 2 * page)
         assert reservation.protections() == [(0, 64 * page, NONE)]
         assert not reservation.mixed
+        skip_if_emulated(RESIDENCY)
         assert reservation._mincore(8 * page, 2 * page) == b"\0\0"
         reservation.protect(RW, 8 * page, 2 * page)
         assert ctypes.string_at(reservation.address + 8 * page, 2 * page) == bytes(2 * page)
@@ -698,6 +703,7 @@ def test_commit_of_unreadable_reservation_is_an_error(alloc: MapAlloc, page: int
             alloc.commit(reservation, page, page)
 
 
+@emulated_skip(RESIDENCY)
 def test_commit_of_mixed_reservation_faults_in_only_accessible_pieces(
     alloc: MapAlloc, page: int
 ) -> None:

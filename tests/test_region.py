@@ -23,7 +23,17 @@ from hypothesis import strategies as st
 from mmap_alloc import AllocError, MapAlloc, Perm, Region
 from mmap_alloc._linux import ADVICE, MADV_GUARD_INSTALL
 from mmap_alloc._linux import PAGE_SIZE as P
-from support import SIGSEGV, pattern, run_in_child, vm_flags
+from support import (
+    EMULATED,
+    MLOCK,
+    SIGSEGV,
+    emulated_skip,
+    ignored_advice,
+    pattern,
+    run_in_child,
+    skip_if_emulated,
+    vm_flags,
+)
 
 R, W, X = Perm.READ, Perm.WRITE, Perm.EXEC
 
@@ -1330,6 +1340,7 @@ def test_every_advice_name_reaches_the_kernel(alloc: MapAlloc, name: str) -> Non
         elif name == "free":
             assert set(region[:P]) <= {0, 5}  # freed lazily: old contents or zeros
         elif populates:  # every page faulted in by the advice alone
+            skip_if_emulated(ignored_advice(f"MADV_{name.upper()}"))
             assert region.stats().resident_bytes == region.capacity
         else:
             assert region[:P] == b"\x05" * P and region[-1] == 5
@@ -1338,6 +1349,7 @@ def test_every_advice_name_reaches_the_kernel(alloc: MapAlloc, name: str) -> Non
             "dontfork": "dc", "dontdump": "dd", "wipeonfork": "wf",
         }.get(name)  # fmt: skip
         if flag is not None:
+            skip_if_emulated(ignored_advice(f"MADV_{name.upper()}"))
             assert flag in vm_flags(region.address)
         undo = {"dontfork": "dofork", "dontdump": "dodump", "wipeonfork": "keeponfork",
                 "random": "normal", "sequential": "normal"}.get(name)  # fmt: skip
@@ -1352,6 +1364,7 @@ def test_advice_applies_to_whole_pages_of_a_range(alloc: MapAlloc) -> None:
         region.advise("dontneed", P, P + 1)  # rounds up to two pages
         assert region[:] == b"\x01" * P + bytes(2 * P) + b"\x01" * P
         region.advise("dontdump", 3 * P)
+        skip_if_emulated(ignored_advice("MADV_DONTDUMP"))
         assert "dd" in vm_flags(region.address + 3 * P)
         assert "dd" not in vm_flags(region.address)
 
@@ -1374,6 +1387,7 @@ def test_advice_on_a_bad_range_is_a_value_error(region: Region, args: tuple[Any,
         region.advise("willneed", *args)
 
 
+@emulated_skip(ignored_advice("MADV_COLLAPSE"))
 def test_advice_the_kernel_refuses_is_an_os_error_naming_it_and_its_kernel(
     alloc: MapAlloc,
 ) -> None:
@@ -1431,6 +1445,7 @@ def test_dontfork_pages_read_as_zeros_through_an_inherited_view(alloc: MapAlloc)
         array.release()
 
 
+@emulated_skip(ignored_advice("MADV_DONTFORK"))
 def test_a_stdlib_mmap_advised_dontfork_kills_a_child_that_reads_it() -> None:
     stdlib = mmap.mmap(-1, P)
     stdlib.madvise(mmap.MADV_DONTFORK)
@@ -1440,6 +1455,7 @@ def test_a_stdlib_mmap_advised_dontfork_kills_a_child_that_reads_it() -> None:
         stdlib.close()
 
 
+@emulated_skip(ignored_advice("MADV_WIPEONFORK"))
 def test_wipeonfork_pages_read_as_zeros_in_a_child(alloc: MapAlloc) -> None:
     with alloc.alloc(P) as region:
         region[:] = b"\x01" * P
@@ -1454,6 +1470,8 @@ def test_wipeonfork_pages_read_as_zeros_in_a_child(alloc: MapAlloc) -> None:
 
 @pytest.mark.parametrize("name", ["dontneed", "free", "pageout", "cold"])
 def test_advice_refused_on_locked_pages_says_they_are_locked(alloc: MapAlloc, name: str) -> None:
+    if name != "dontneed":
+        skip_if_emulated(ignored_advice(f"MADV_{name.upper()}"))
     with alloc.alloc(P) as region:
         region[0] = 1
         region.lock()
@@ -1499,7 +1517,7 @@ def test_locking_beyond_rlimit_memlock_is_an_alloc_error_giving_the_limit() -> N
         os.setgid(65534)
         os.setuid(65534)  # root's CAP_IPC_LOCK would bypass the limit
         with MapAlloc().alloc(MiB) as region:
-            for on_fault in (False, True):
+            for on_fault in (False,) if EMULATED else (False, True):
                 with pytest.raises(AllocError, match="RLIMIT_MEMLOCK is 65536 bytes") as info:
                     region.lock(on_fault=on_fault)
                 assert info.value.errno in (errno.ENOMEM, errno.EPERM, errno.EAGAIN)
@@ -1510,6 +1528,7 @@ def test_locking_beyond_rlimit_memlock_is_an_alloc_error_giving_the_limit() -> N
             region.unlock()
 
     assert run_in_child(child) == 0
+    skip_if_emulated(MLOCK)  # what was not checked: mlock2(MLOCK_ONFAULT) past the limit
 
 
 # ---------------------------------------------------------------- Region against mmap.mmap
@@ -1713,6 +1732,7 @@ def test_mmap_row_exporting_part() -> None:
         theirs.release()
 
 
+@emulated_skip(ignored_advice("MADV_DONTFORK"))
 def test_mmap_row_advice() -> None:
     stdlib = mmap.mmap(-1, P)
     stdlib.madvise(mmap.MADV_DONTFORK)

@@ -21,7 +21,15 @@ import pytest
 
 from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE, mapping_count, max_map_count
-from support import page_perms, read_maps, run_child, status_kib
+from support import (
+    FILLS_THE_MAP_COUNT,
+    RLIMIT_AS,
+    emulated_skip,
+    page_perms,
+    read_maps,
+    run_child,
+    status_kib,
+)
 
 PAGE = PAGE_SIZE
 MIB = 1 << 20
@@ -127,6 +135,7 @@ def exhaust_address_space(limit_mib: int, threads: int, rounds: int) -> dict[str
     return {"rounds": sizes, "faults": faults}
 
 
+@emulated_skip(RLIMIT_AS)
 def test_address_space_limit_with_eight_threads_loses_nothing() -> None:
     result = run_child(
         "test_reliability_faults", "exhaust_address_space", 256, 8, 3, env=CHILD_ENV
@@ -270,11 +279,13 @@ def map_count_exhaustion(attempts: int) -> None:
     assert result["end"] <= result["start"] + 5
 
 
+@FILLS_THE_MAP_COUNT
 def test_map_count_exhaustion_fails_cleanly_and_frees_everything() -> None:
     map_count_exhaustion(attempts=10)
 
 
 @pytest.mark.stress
+@FILLS_THE_MAP_COUNT
 def test_map_count_exhaustion_fails_cleanly_and_frees_everything_long() -> None:
     map_count_exhaustion(attempts=2000)
 
@@ -321,6 +332,7 @@ def failing_realloc(limit_mib: int) -> dict[str, int]:
     return {"failures": failures}
 
 
+@emulated_skip(RLIMIT_AS)
 def test_failed_realloc_leaves_region_intact_and_usable() -> None:
     result = run_child("test_reliability_faults", "failing_realloc", 128, env=CHILD_ENV).check()
     assert result["failures"] == 8

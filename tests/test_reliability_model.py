@@ -45,7 +45,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from mmap_alloc import CannotReallocInPlace, MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE
-from support import mapped_bytes, page_perms, read_maps
+from support import HOST_MAPS, emulated_skip, mapped_bytes, page_perms, read_maps
 
 try:
     import numpy
@@ -774,6 +774,7 @@ def _run_model(examples: int, steps: int, report: Path) -> dict[str, int]:
     return counts
 
 
+@emulated_skip(HOST_MAPS)
 def test_model_keeps_every_promise() -> None:
     counts = run_model(40, 30)
     assert counts["examples"] >= 40
@@ -781,6 +782,7 @@ def test_model_keeps_every_promise() -> None:
 
 
 @pytest.mark.stress
+@emulated_skip(HOST_MAPS)
 def test_model_keeps_every_promise_long() -> None:
     counts = run_model(
         int(os.environ.get(EXAMPLES_ENV, "3000")), int(os.environ.get(STEPS_ENV, "60"))

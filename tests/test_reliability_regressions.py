@@ -8,6 +8,7 @@ RLIMIT_AS (test_reliability_faults).
 
 from __future__ import annotations
 
+from machine_code import RET
 from mmap_alloc import AllocError, MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE
 from support import run_forked
@@ -136,7 +137,7 @@ def finalizer_closes_a_region_its_function_pins() -> None:
     import gc
 
     region = MapAlloc().alloc(PAGE)
-    region[:1] = RET
+    region[: len(RET)] = RET
     region.make_exec()
     seen: list[str] = []
 
@@ -224,6 +225,3 @@ def atexit_handler_registered_before_the_import() -> None:
 
 def test_an_atexit_handler_registered_before_the_import_sees_the_pin() -> None:
     atexit_handler_registered_before_the_import()
-
-
-RET = b"\xc3" if __import__("platform").machine() == "x86_64" else bytes.fromhex("c0035fd6")

@@ -37,7 +37,18 @@ from mmap_alloc import (
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mapping_count, mappings, max_map_count
 from mmap_alloc.features import Feature
-from support import SIGSEGV, perms_at, run_forked, run_in_child, status_kib, vm_flags
+from support import (
+    FILLS_THE_MAP_COUNT,
+    SIGSEGV,
+    emulated_skip,
+    ignored_advice,
+    perms_at,
+    run_forked,
+    run_in_child,
+    skip_if_emulated,
+    status_kib,
+    vm_flags,
+)
 
 KiB = 1 << 10
 SIGABRT = -signal.SIGABRT
@@ -81,6 +92,15 @@ def make(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Mak
         return buf
 
     return new
+
+
+def skip_if_emulated_advice_does_it(make: Make, advice: str, guard: str | None = None) -> None:
+    """Under emulation, skip a test of what ``advice`` does for this kind of
+    buffer (anonymous, and with this ``guard`` mode if given): no effect there."""
+    with make(1) as buf:
+        backend, mode = buf.backend, buf.guard
+    if backend == "anonymous" and guard in (None, mode):
+        skip_if_emulated(ignored_advice(advice))
 
 
 def no_core_dump() -> None:
@@ -180,6 +200,7 @@ def test_from_bytes_of_a_readable_secret_buffer_copies_it() -> None:
 
 
 def test_one_byte_past_the_end_faults(make: Make) -> None:
+    skip_if_emulated_advice_does_it(make, "MADV_GUARD_INSTALL", guard="madvise")
     for size in (1, 33, P - 16, P, 2 * P + 7):
         buf = make(size)
 
@@ -203,6 +224,7 @@ def test_one_byte_past_the_end_faults(make: Make) -> None:
 
 def test_the_byte_before_the_secret_pages_faults(make: Make) -> None:
     """The leading guard page: the last byte before the first secret page."""
+    skip_if_emulated_advice_does_it(make, "MADV_GUARD_INSTALL", guard="madvise")
     with make(100) as buf:
         first_page = buf._mapping[2]
 
@@ -223,6 +245,7 @@ def test_the_byte_before_the_secret_pages_faults(make: Make) -> None:
 
 
 def test_the_guards_fault_whatever_the_access_of_the_secret(make: Make) -> None:
+    skip_if_emulated_advice_does_it(make, "MADV_GUARD_INSTALL", guard="madvise")
     with make(10) as buf:
         buf.readonly()
 
@@ -312,6 +335,7 @@ def test_a_buffer_inherited_over_fork_is_closed_in_the_child_without_a_false_ala
 # ---------------------------------------------------------------- dumps, fork, lock
 
 
+@emulated_skip(ignored_advice("MADV_DONTDUMP, MADV_WIPEONFORK"))
 def test_anonymous_secret_pages_are_not_dumped_wiped_on_fork_and_locked() -> None:
     with SecretBuffer(100, backend="anonymous") as buf:
         flags = vm_flags(buf.address)
@@ -330,6 +354,7 @@ def test_memfd_secret_pages_are_secretmem_locked_not_dumped_and_not_forked() -> 
         assert names and "secretmem" in names[0], names
 
 
+@emulated_skip(ignored_advice("MADV_DONTDUMP, MADV_WIPEONFORK"))
 def test_lock_off_leaves_the_pages_unlocked_but_still_never_dumped() -> None:
     with SecretBuffer(100, backend="anonymous", lock="off") as buf:
         assert not buf.locked
@@ -347,6 +372,7 @@ def test_locked_bytes_count_the_secret_pages_and_return_at_close() -> None:
 
 
 def test_a_forked_child_reads_zeros_and_its_writes_never_reach_the_parent(make: Make) -> None:
+    skip_if_emulated_advice_does_it(make, "MADV_WIPEONFORK")
     buf = make(300)
     buf.write(b"\xa7" * 300)
     view_before_fork = memoryview(buf)
@@ -891,6 +917,7 @@ def test_the_mapping_budget_refuses_before_anything_is_mapped(
 
 
 @pytest.mark.skipif(max_map_count() > 1_000_000, reason="vm.max_map_count is too high to reach")
+@FILLS_THE_MAP_COUNT
 def test_at_the_real_mapping_limit_a_secret_buffer_is_an_alloc_error_naming_it() -> None:
     def child() -> None:
         rw, ro = MapAlloc(), MapAlloc(write=False)

@@ -29,7 +29,7 @@ from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mapping_count, shmem_thp_mode, thp_size
 from mmap_alloc.backings import Backing
 from mmap_alloc.features import madv_collapse
-from support import is_mapped, kernel_runs, open_fds, run_forked
+from support import HUGETLB, THP, is_mapped, kernel_runs, open_fds, run_forked, skip_if_emulated
 
 MiB = 1 << 20
 HUGE_2M = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
@@ -118,6 +118,7 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 @pytest.fixture
 def huge_2m() -> Iterator[int]:
     """Four free 2 MiB hugetlb pages, reserved for the test and given back after."""
+    skip_if_emulated(HUGETLB)
     nr = HUGE_2M / "nr_hugepages"
     if os.geteuid() != 0 or not nr.exists():
         pytest.skip("reserving hugetlb pages needs root and 2 MiB huge pages")
@@ -295,6 +296,7 @@ def test_a_thp_region_is_aligned_advised_and_says_what_it_got() -> None:
         assert region.backing == Backing.THP
         assert region.address % thp_size() == 0
         if madv_collapse().available:
+            skip_if_emulated(THP)
             assert region.stats().huge_bytes > 0
 
 

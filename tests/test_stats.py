@@ -9,7 +9,7 @@ import pytest
 from mmap_alloc import MapAlloc, Perm, Region, stats
 from mmap_alloc.backings import Backing, thp_available
 from mmap_alloc.stats import AllocStats, RegionStats
-from support import adjacent_pair
+from support import MLOCK, RESIDENCY, THP, adjacent_pair, emulated_skip
 
 needs_thp = pytest.mark.skipif(not thp_available(), reason="transparent huge pages unavailable")
 
@@ -40,6 +40,7 @@ def test_uncommit_makes_touched_pages_non_resident_again(alloc: MapAlloc, page: 
         assert region.stats().resident_bytes == 0
 
 
+@emulated_skip(RESIDENCY)
 def test_commit_makes_the_range_resident(alloc: MapAlloc, page: int) -> None:
     with alloc.alloc(16 * page) as region:
         alloc.commit(region, 4 * page, 3 * page)
@@ -78,6 +79,7 @@ def test_stats_of_a_closed_region_is_a_value_error(alloc: MapAlloc) -> None:
         region.stats()
 
 
+@emulated_skip(RESIDENCY)
 def test_stats_of_an_inaccessible_region_still_work(page: int) -> None:
     with MapAlloc(read=False, write=False).alloc(page) as region:
         result = region.stats()
@@ -86,6 +88,7 @@ def test_stats_of_an_inaccessible_region_still_work(page: int) -> None:
 
 
 @needs_thp
+@emulated_skip(THP)
 def test_huge_bytes_count_only_the_regions_own_pages() -> None:
     """Neighbouring regions may share one kernel mapping; the figure is per region."""
     alloc = MapAlloc(huge="thp", commit=True)
@@ -95,6 +98,7 @@ def test_huge_bytes_count_only_the_regions_own_pages() -> None:
 
 
 @needs_thp
+@emulated_skip(THP)
 def test_huge_bytes_fall_back_to_smaps_without_pagemap_scan(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -128,6 +132,7 @@ def test_lock_locks_every_page_of_the_range_and_unlock_releases_them(
         assert region.stats().locked_bytes == 0
 
 
+@emulated_skip(MLOCK)
 def test_lock_on_fault_locks_only_the_pages_touched(alloc: MapAlloc, page: int) -> None:
     with alloc.alloc(16 * page) as region:
         region.lock(on_fault=True)
