@@ -1051,6 +1051,7 @@ def interrupt_at_random(seconds: float, steps: int, seed: int) -> None:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGALRM])
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)  # an alarm already on its way is dropped
         signal.signal(signal.SIGALRM, previous)
     consistent(state["buf"])
     state["buf"].close()
