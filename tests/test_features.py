@@ -9,7 +9,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from mmap_alloc import features
 from mmap_alloc._linux import hugepage_pools, sysfs_choice
 from mmap_alloc.features import Feature
-from support import EMULATED, emulated_skip
+from support import EMULATED, emulated_skip, run_in_pid_namespace
 
 NAMES = [
     "memfd_secret",
@@ -199,15 +198,7 @@ def test_memfd_exec_in_a_pid_namespace_with_memfd_noexec(
         "feature = features.memfd_exec()\n"
         "print(feature.available, feature.detail)\n"
     )
-    done = subprocess.run(
-        ["unshare", "-p", "-f", sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if done.returncode != 0 and "unshare failed" in done.stderr:
-        pytest.skip(f"no pid namespace here: {done.stderr.strip()}")
+    done = run_in_pid_namespace(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{available} vm.memfd_noexec = {value}: ")
     assert words in done.stdout

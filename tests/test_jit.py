@@ -10,8 +10,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,7 +41,7 @@ from mmap_alloc import AllocError, CodeBlock, CodeHeap, CodeHeapStats, Perm, _mm
 from mmap_alloc._linux import PAGE_SIZE, Mapping, mappings
 from mmap_alloc.jit import MEMFD_NAME
 from mmap_alloc.protection import CODE_ALIGN
-from support import SIGSEGV, run_forked, run_in_child
+from support import SIGSEGV, run_forked, run_in_child, run_in_pid_namespace
 
 RW = Perm.READ | Perm.WRITE
 RX = Perm.READ | Perm.EXEC
@@ -860,15 +858,7 @@ def test_vm_memfd_noexec_in_a_pid_namespace(value: int) -> None:
     )
     # the sysctl belongs to the pid namespace of the process that writes it: a
     # child in a new one (no --mount-proc needed, which fails in a chroot)
-    done = subprocess.run(
-        ["unshare", "-p", "-f", sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if done.returncode != 0 and "unshare failed" in done.stderr:
-        pytest.skip(f"no pid namespace here: {done.stderr.strip()}")
+    done = run_in_pid_namespace(code)
     assert done.returncode == 0, done.stderr
     if value == 2:
         assert done.stdout.startswith("refused 13 ")
