@@ -70,6 +70,25 @@ uniform_allows(const RegionObject *self, int need)
     return self->rec.n == 1 && !(run->flags & RUN_GUARD) && (run->prot & need);
 }
 
+/* The byte an exact int names on an open region whose pages all allow
+ * `need` (a negative index counts from the end), or NULL with no exception:
+ * the full path then decides, and raises the right error. */
+static inline char *
+fast_item(RegionObject *self, PyObject *key, int need)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(key);
+
+    if (i == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (i < 0)
+        i += self->size;
+    if (i < 0 || i >= self->size || self->data == NULL || !uniform_allows(self, need))
+        return NULL;
+    return self->data + i;
+}
+
 Py_ssize_t
 region_length(RegionObject *self)
 {
@@ -206,16 +225,9 @@ region_subscript(RegionObject *self, PyObject *key)
     if (PyLong_CheckExact(key)) {
         /* the fast path: an exact int on an open region whose pages are alike;
          * anything else takes the full path, which raises the right error */
-        i = PyLong_AsSsize_t(key);
-        if (i == -1 && PyErr_Occurred())
-            PyErr_Clear();
-        else {
-            if (i < 0)
-                i += self->size;
-            if (i >= 0 && i < self->size && self->data != NULL
-                && uniform_allows(self, PROT_READ))
-                return PyLong_FromLong((unsigned char)self->data[i]);
-        }
+        char *p = fast_item(self, key, PROT_READ);
+        if (p != NULL)
+            return PyLong_FromLong((unsigned char)*p);
     }
     if (!PySlice_Check(key)) {
         if (index_of(self, key, &i) < 0 || bound_index(self, &i) < 0
@@ -278,17 +290,10 @@ region_ass_subscript(RegionObject *self, PyObject *key, PyObject *value)
         if (v == -1 && PyErr_Occurred())
             PyErr_Clear();   /* the full path below raises the right error */
         else if (v >= 0 && v <= 255) {
-            i = PyLong_AsSsize_t(key);
-            if (i == -1 && PyErr_Occurred())
-                PyErr_Clear();
-            else {
-                if (i < 0)
-                    i += self->size;
-                if (i >= 0 && i < self->size && self->data != NULL
-                    && uniform_allows(self, PROT_WRITE)) {
-                    self->data[i] = (char)v;
-                    return 0;
-                }
+            char *p = fast_item(self, key, PROT_WRITE);
+            if (p != NULL) {
+                *p = (char)v;
+                return 0;
             }
         }
     }
