@@ -50,8 +50,8 @@ from ._mman import (
     PROT_NONE,
     PROT_READ,
     PROT_WRITE,
-    mincore,
     page_size,
+    residency,
 )
 from .exceptions import AllocError
 from .perm import Perm
@@ -498,7 +498,7 @@ _RESIDENT = bytes(b & 1 for b in range(256))  # mincore: bit 0 of each byte
 
 def resident_bytes(address: int, length: int) -> int:
     """Bytes of [address, address + length) in memory now (mincore), in base pages."""
-    vector = mincore(address, length)
+    vector = residency(address, length)
     return (len(vector) - vector.translate(_RESIDENT).count(0)) * PAGE_SIZE
 
 

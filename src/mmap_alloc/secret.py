@@ -134,7 +134,7 @@ def _creation_error(exc: OSError, size: int, backend: int) -> Exception:
     step = exc.filename if isinstance(exc.filename, str) else "mmap"
     code = exc.errno or errno.ENOMEM
     reason = os.strerror(code)
-    if step == "mlock" or (step == "mmap(memfd_secret)" and code in _MEMLOCK_ERRNOS):
+    if step == "mlock" or (step == "mmap memfd_secret" and code in _MEMLOCK_ERRNOS):
         error = memlock_error(exc, secret_pages(size))
         if backend == _BACKEND_MEMFD_SECRET and isinstance(error, AllocError):
             return AllocError(

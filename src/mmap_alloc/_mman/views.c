@@ -1,17 +1,18 @@
 /*
- * Views: exporters of part of a region (Region.view) or of one pool object
- * (ObjectPool.view). A view pins what it covers for as long as it lives, and
- * exposes nothing else: memoryview.obj of a view cannot close, move or free
- * the memory under it.
+ * View: the one exporter of the library's memory besides the owners' own
+ * buffer slots: part of any mapping (Region.view, SecretBuffer.open,
+ * CodeBlock.writer) or one pool object (ObjectPool.view). A view holds what
+ * it covers for as long as it lives, and exposes nothing else:
+ * memoryview.obj of a view cannot close, move or free the memory under it.
  */
 #include "mman.h"
 
 typedef struct {
     PyObject_HEAD
-    PyObject *owner;            /* the region or pool kept alive */
-    RegionObject *region;       /* region memory: the region (borrowed from owner) */
-    Export *export;             /* its export entry */
-    Py_ssize_t *pool_exports;   /* pool memory: the slab's export count */
+    PyObject *owner;            /* keeps the memory alive: the mapping's owner, or a pool */
+    Mapping *m;                 /* mapping memory: the hold is on it */
+    Hold *hold;
+    Py_ssize_t *counter;        /* pool memory: the slab's count of views */
     char *base;
     Py_ssize_t length;
     int writable;
@@ -20,43 +21,43 @@ typedef struct {
 static void
 view_unpin(ViewObject *v)
 {
-    if (v->export != NULL) {
-        region_unexport(v->region, v->export);
-        v->export = NULL;
+    if (v->hold != NULL) {
+        mapping_unhold(v->m, v->hold);
+        v->hold = NULL;
     }
-    if (v->pool_exports != NULL) {
-        (*v->pool_exports)--;
-        v->pool_exports = NULL;
+    if (v->counter != NULL) {
+        (*v->counter)--;
+        v->counter = NULL;
     }
 }
 
-/* A view of [start, end) of region memory (region != NULL) or of raw pool
- * memory at base (pool_exports != NULL): checks, pins, wraps in a memoryview. */
 PyObject *
-view_new(PyObject *owner, RegionObject *region, char *base, Py_ssize_t start, Py_ssize_t end,
-         int writable, Py_ssize_t *pool_exports)
+view_new(PyObject *owner, Mapping *m, char *base, Py_ssize_t start, Py_ssize_t end,
+         int writable, Py_ssize_t *counter)
 {
     ViewObject *v;
     PyObject *memory;
 
     /* allocated before the checks: a collection it may start must not land
-     * between them and the pin */
-    v = PyObject_GC_New(ViewObject, View_Type);
+     * between them and the hold */
+    v = PyObject_GC_New(ViewObject, kernel.view_type);
     if (v == NULL)
         return NULL;
     v->owner = NULL;
-    v->region = NULL;
-    v->export = NULL;
-    v->pool_exports = NULL;
-    if (region != NULL) {
+    v->m = NULL;
+    v->hold = NULL;
+    v->counter = NULL;
+    if (m != NULL) {
         int access;
-        if (region_check_open(region) < 0)
-            goto fail;
-        if (end > region->size && end > region->capacity) {
-            PyErr_SetString(PyExc_ValueError, "the range lies outside the region");
+        if (m->data == NULL) {
+            PyErr_SetString(PyExc_ValueError, "the memory is closed");
             goto fail;
         }
-        access = start < end ? rec_access_all(&region->rec, start, end) : PROT_RW;
+        if (end > m->capacity) {
+            PyErr_SetString(PyExc_ValueError, "the range lies outside the mapping");
+            goto fail;
+        }
+        access = start < end ? rec_access_all(&m->rec, start, end) : PROT_RW;
         if (!(access & PROT_READ)) {
             PyErr_Format(PyExc_BufferError,
                          "bytes %zd to %zd of the region are not readable "
@@ -64,15 +65,15 @@ view_new(PyObject *owner, RegionObject *region, char *base, Py_ssize_t start, Py
             goto fail;
         }
         writable = writable && (access & PROT_WRITE);
-        v->export = region_export(region, start, end, writable);
-        if (v->export == NULL)
+        v->hold = mapping_hold(m, start, end, writable ? HOLD_WRITE : HOLD_READ);
+        if (v->hold == NULL)
             goto fail;
-        v->region = region;
-        base = region->data;
+        v->m = m;
+        base = m->data;
     }
     else {
-        (*pool_exports)++;
-        v->pool_exports = pool_exports;
+        (*counter)++;
+        v->counter = counter;
     }
     v->owner = Py_NewRef(owner);
     v->base = base + start;
@@ -166,7 +167,7 @@ region_view(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
     PyObject *offset, *length, *result = NULL;
     Py_ssize_t start, n;
 
-    if (convert_range_args(args, nargs, kwnames, 0, "view", &offset, &length, NULL, NULL) < 0)
+    if (convert_range_args(args, nargs, kwnames, "view", &offset, &length, NULL, NULL) < 0)
         return NULL;
     start = clipped(offset);
     n = length == Py_None ? -1 : clipped(length);
@@ -176,16 +177,16 @@ region_view(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
         PyErr_Format(PyExc_ValueError, "length must not be negative, got %R", length);
     else if (region_check_open(self) < 0)
         ;
-    else if (start > self->size)
+    else if (start > self->m.size)
         PyErr_Format(PyExc_ValueError, "offset %R lies outside the region (size %zd)", offset,
-                     self->size);
-    else if (length != Py_None && n > self->size - start)
+                     self->m.size);
+    else if (length != Py_None && n > self->m.size - start)
         PyErr_Format(PyExc_ValueError,
                      "offset %zd + length %R lies outside the region (size %zd)", start, length,
-                     self->size);
+                     self->m.size);
     else
-        result = view_new((PyObject *)self, self, NULL, start,
-                          length == Py_None ? self->size : start + n, 1, NULL);
+        result = view_new((PyObject *)self, &self->m, NULL, start,
+                          length == Py_None ? self->m.size : start + n, 1, NULL);
     Py_DECREF(offset);
     Py_DECREF(length);
     return result;
