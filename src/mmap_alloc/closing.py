@@ -1,9 +1,12 @@
-"""Closing on leaving a with-block, without hiding the block's own exception."""
+"""What leaving a with-block does: close an object, or put back what the
+block opened; neither hides the block's own exception."""
 
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Protocol, Self, cast
+from typing import Generic, Protocol, Self, TypeVar, cast
+
+T = TypeVar("T")
 
 
 class _Closable(Protocol):
@@ -51,3 +54,58 @@ class ClosesOnExit:
 
 def _closable(obj: object) -> _Closable:
     return cast(_Closable, obj)  # a subclass of a type with close() and closed
+
+
+class RestoresOnExit(Generic[T]):
+    """A with-block that opens something for its body (``_open``) and puts it
+    back at the end (``_restore``), also when the body raises.
+
+    Putting back is refused with BufferError while a buffer made inside the
+    block still lives (it would lose access, or outlive what the block
+    promised). When the body raised, its exception is the one that
+    propagates and the refusal is added to it as a note; otherwise the
+    refusal is raised, worded by ``_refused``. One block object is in use at
+    a time.
+    """
+
+    __slots__ = ("_entered",)
+
+    _what = "block"
+    """Names the block in messages ("open() block", "writer")."""
+
+    def __init__(self) -> None:
+        self._entered = False
+
+    def _open(self) -> T:
+        raise NotImplementedError
+
+    def _restore(self) -> None:
+        raise NotImplementedError
+
+    def _refused(self, error: BufferError) -> BufferError:
+        """The exception a refused ``_restore`` becomes."""
+        return error
+
+    def __enter__(self) -> T:
+        if self._entered:
+            raise RuntimeError(f"this {self._what} is already in use")
+        value = self._open()
+        self._entered = True
+        return value
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._entered:
+            return
+        self._entered = False
+        try:
+            self._restore()
+        except BufferError as error:
+            refusal = self._refused(error)
+            if exc is None:
+                raise refusal from None
+            exc.add_note(f"and {refusal}")

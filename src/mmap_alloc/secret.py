@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import os
 from contextlib import AbstractContextManager
-from types import TracebackType
 from typing import TYPE_CHECKING, Final, NoReturn, Self, SupportsIndex
 
 from ._args import size as size_argument
@@ -35,7 +34,7 @@ from ._linux import (
     memlock_error,
 )
 from ._mman import Secret
-from .closing import ClosesOnExit
+from .closing import ClosesOnExit, RestoresOnExit
 from .exceptions import AllocError, MemoryCorruptionError
 from .features import madv_guard_install, memfd_secret
 
@@ -278,40 +277,37 @@ class SecretBuffer(Secret, ClosesOnExit):
         )
 
 
-class _Opened(AbstractContextManager[memoryview]):
+class _Opened(RestoresOnExit[memoryview]):
     """The context manager of SecretBuffer.open()."""
 
     __slots__ = ("_buf", "_previous", "_view", "_write")
 
+    _what = "open() block"
+
     def __init__(self, buf: SecretBuffer, write: bool) -> None:
+        super().__init__()
         self._buf = buf
         self._write = write
         self._view: memoryview | None = None
         self._previous = PROT_NONE
 
-    def __enter__(self) -> memoryview:
-        if self._view is not None:
-            raise RuntimeError("this open() block is already in use")
+    def _open(self) -> memoryview:
         view, self._previous = self._buf._open(self._write)
         self._view = view
         return view
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _restore(self) -> None:
         view, self._view = self._view, None
-        if view is None:
-            return
-        previous = self._previous
         try:
-            view.release()
-            self._buf._restore(previous)
-        except BufferError as error:
-            method = _ACCESS_METHOD.get(previous, "readwrite")
-            raise BufferError(
-                f"open() cannot restore access {_ACCESS_NAME[previous]!r}: {error}; a buffer "
-                f"made from the view is still alive (release it, then call buf.{method}())"
-            ) from None
+            if view is not None:
+                view.release()
+        finally:
+            self._buf._restore(self._previous)  # the block ends, released or not
+
+    def _refused(self, error: BufferError) -> BufferError:
+        previous = self._previous
+        method = _ACCESS_METHOD.get(previous, "readwrite")
+        return BufferError(
+            f"open() cannot restore access {_ACCESS_NAME[previous]!r}: {error}; a buffer "
+            f"made from the view is still alive (release it, then call buf.{method}())"
+        )

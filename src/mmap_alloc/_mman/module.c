@@ -91,6 +91,8 @@ mman_memfd_secret(PyObject *module, PyObject *arg)
     return PyLong_FromLong(fd);
 }
 
+PyObject *view_exported(PyObject *module, PyObject *arg);
+
 static PyMethodDef mman_methods[] = {
     {"page_size", mman_page_size, METH_NOARGS,
      "page_size($module, /)\n--\n\nThe kernel's base page size."},
@@ -102,6 +104,9 @@ static PyMethodDef mman_methods[] = {
      "memfd_secret($module, flags, /)\n--\n\nA file descriptor of secret memory (Linux 5.14)."},
     {"sync_core", mman_sync_core, METH_NOARGS,
      "sync_core($module, /)\n--\n\nSerialise instruction fetch on every thread (arm64)."},
+    {"_view_exported", view_exported, METH_O,
+     "_view_exported($module, view, /)\n--\n\n"
+     "Whether a buffer of the View is alive after its memoryview was released."},
     {"_register_errors", (PyCFunction)(void (*)(void))mman_register_errors, METH_FASTCALL,
      "_register_errors($module, alloc_error, cannot_realloc, /)\n--\n\n"
      "The exception types the C layer raises."},

@@ -108,7 +108,8 @@ secret_open(SecretObject *self, PyObject *arg)
 
 /* _restore(access): the end of an open() block: the last one to end sets
  * the access before the first back (access: what this block found, used
- * when no count was kept); nothing once closed */
+ * when no count was kept); nothing once closed. A refusal (a buffer made in
+ * the block lives on) still ends the block. */
 PyObject *
 secret_restore(SecretObject *self, PyObject *arg)
 {
@@ -122,15 +123,13 @@ secret_restore(SecretObject *self, PyObject *arg)
     }
     if (self->m.data == NULL)
         Py_RETURN_NONE;
-    if (self->opens > 1) {
-        self->opens--;
-        Py_RETURN_NONE;
-    }
-    if (self->opens == 1)
+    if (self->opens > 0) {
+        if (--self->opens > 0)
+            Py_RETURN_NONE;
         prot = self->access_before;
+    }
     if (secret_set_access(self, prot) < 0)
         return NULL;
-    self->opens = 0;
     Py_RETURN_NONE;
 }
 

@@ -16,6 +16,7 @@ typedef struct {
     char *base;
     Py_ssize_t length;
     int writable;
+    Py_ssize_t buffers;         /* Py_buffers given out and not released */
 } ViewObject;
 
 static void
@@ -76,6 +77,7 @@ view_new(PyObject *owner, Mapping *m, char *base, Py_ssize_t start, Py_ssize_t e
         v->counter = counter;
     }
     v->owner = Py_NewRef(owner);
+    v->buffers = 0;
     v->base = base + start;
     v->length = end - start;
     v->writable = writable;
@@ -100,7 +102,29 @@ view_getbuffer(ViewObject *v, Py_buffer *buffer, int flags)
         PyErr_SetString(PyExc_BufferError, "the view is read-only");
         return -1;
     }
-    return PyBuffer_FillInfo(buffer, (PyObject *)v, v->base, v->length, !v->writable, flags);
+    if (PyBuffer_FillInfo(buffer, (PyObject *)v, v->base, v->length, !v->writable, flags) < 0)
+        return -1;
+    v->buffers++;
+    return 0;
+}
+
+static void
+view_releasebuffer(ViewObject *v, Py_buffer *buffer)
+{
+    v->buffers--;
+}
+
+/* _view_exported(view) -> bool: whether a buffer of the view is still alive
+ * after its memoryview was released (a slice, a ctypes object, an array
+ * made from it). A module function: a view exposes nothing itself. */
+PyObject *
+view_exported(PyObject *module, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, kernel.view_type)) {
+        PyErr_SetString(PyExc_TypeError, "_view_exported() takes a View");
+        return NULL;
+    }
+    return PyBool_FromLong(((ViewObject *)arg)->buffers > 0);
 }
 
 static int
@@ -136,6 +160,7 @@ static PyType_Slot view_slots[] = {
     {Py_tp_traverse, view_traverse},
     {Py_tp_dealloc, view_dealloc},
     {Py_bf_getbuffer, view_getbuffer},
+    {Py_bf_releasebuffer, view_releasebuffer},
     {0, NULL},
 };
 
