@@ -3,6 +3,7 @@ block opened; neither hides the block's own exception."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 from typing import Generic, Protocol, Self, TypeVar, cast
 
@@ -42,14 +43,11 @@ class ClosesOnExit:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        closable = _closable(self)
-        if exc is None:
-            closable.close()
-            return
-        try:
-            closable.close()
-        except BufferError as error:
-            exc.add_note(f"and the {self.noun} was not {self.closed_word}: {error}")
+        _leave(
+            exc,
+            _closable(self).close,
+            lambda error: BufferError(f"the {self.noun} was not {self.closed_word}: {error}"),
+        )
 
 
 def _closable(obj: object) -> _Closable:
@@ -99,13 +97,22 @@ class RestoresOnExit(Generic[T]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self._entered:
-            return
-        self._entered = False
-        try:
-            self._restore()
-        except BufferError as error:
-            refusal = self._refused(error)
-            if exc is None:
-                raise refusal from None
-            exc.add_note(f"and {refusal}")
+        if self._entered:
+            self._entered = False
+            _leave(exc, self._restore, self._refused)
+
+
+def _leave(
+    exc: BaseException | None,
+    action: Callable[[], None],
+    refused: Callable[[BufferError], BufferError],
+) -> None:
+    """Run a block's exit action; a refusal (BufferError), worded by
+    ``refused``, is raised after a clean body, and after a failing body is a
+    note on the body's exception, which propagates."""
+    try:
+        action()
+    except BufferError as error:
+        if exc is None:
+            raise refused(error) from None
+        exc.add_note(f"and {refused(error)}")

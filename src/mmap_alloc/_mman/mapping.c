@@ -326,6 +326,7 @@ unmap_or_bury(char *p, Py_ssize_t length, int release_gil)
     os_advise(p, (size_t)length, MADV_DONTNEED);
     os_protect(p, (size_t)length, PROT_NONE);
     if (kernel.ngraves == kernel.cap_graves) {
+        /* no exception here: a deallocation may run while one propagates */
         Py_ssize_t cap = kernel.cap_graves ? kernel.cap_graves * 2 : 16;
         Grave *g = PyMem_Realloc(kernel.graves, (size_t)cap * sizeof(Grave));
         if (g == NULL)

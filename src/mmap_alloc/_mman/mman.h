@@ -123,6 +123,28 @@ int parse_data_offset(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
 int page_range(const Mapping *m, PyObject *offset, PyObject *length, Py_ssize_t *start,
                Py_ssize_t *n);
 
+/* Room for `need` items of `size` bytes in the PyMem array *items of *cap
+ * items, doubling from `first`; -1 with MemoryError, nothing changed. */
+static inline int
+reserve_items(void **items, Py_ssize_t *cap, Py_ssize_t need, Py_ssize_t first, size_t size)
+{
+    Py_ssize_t n = *cap > 0 ? *cap : first;
+    void *grown;
+
+    if (need <= *cap)
+        return 0;
+    while (n < need)
+        n *= 2;
+    grown = PyMem_Realloc(*items, (size_t)n * size);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *items = grown;
+    *cap = n;
+    return 0;
+}
+
 static inline Py_ssize_t
 round_up(Py_ssize_t n, Py_ssize_t page)
 {

@@ -100,17 +100,7 @@ pool_insert(PoolObject *self, Slab *s)
 static int
 pool_reserve_table(PoolObject *self)
 {
-    if (self->nslabs == self->cap) {
-        Py_ssize_t cap = self->cap ? self->cap * 2 : 8;
-        Slab **slabs = PyMem_Realloc(self->slabs, (size_t)cap * sizeof(Slab *));
-        if (slabs == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        self->slabs = slabs;
-        self->cap = cap;
-    }
-    return 0;
+    return reserve_items((void **)&self->slabs, &self->cap, self->nslabs + 1, 8, sizeof(Slab *));
 }
 
 /* Give empty slabs past keep_empty back: the first keep_spare of them stay

@@ -177,18 +177,6 @@ region_get_address(RegionObject *self, void *closure)
 }
 
 static PyObject *
-region_get_size(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->m.size);
-}
-
-static PyObject *
-region_get_capacity(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->m.capacity);
-}
-
-static PyObject *
 region_get_closed(RegionObject *self, void *closure)
 {
     return PyBool_FromLong(self->m.data == NULL);
@@ -223,45 +211,9 @@ region_get_mixed(RegionObject *self, void *closure)
 }
 
 static PyObject *
-region_get_exports(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->m.nexports);
-}
-
-static PyObject *
-region_get_pins(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->m.pins);
-}
-
-static PyObject *
 region_get_busy(RegionObject *self, void *closure)
 {
     return PyLong_FromSsize_t(mapping_busy(&self->m));
-}
-
-static PyObject *
-region_get_owner(RegionObject *self, void *closure)
-{
-    return Py_NewRef(self->owner);
-}
-
-static PyObject *
-region_get_backing(RegionObject *self, void *closure)
-{
-    return Py_NewRef(self->backing);
-}
-
-static PyObject *
-region_get_page(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->m.page);
-}
-
-static PyObject *
-region_get_align(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->m.align);
 }
 
 /* _runs() -> list of (offset, length, prot, flags): the protection record */
@@ -542,22 +494,25 @@ static PyMethodDef region_methods[] = {
 static PyGetSetDef region_getset[] = {
     {"address", (getter)region_get_address, NULL,
      "Start address of the mapping, for interop (ctypes, cffi).", NULL},
-    {"size", (getter)region_get_size, NULL, "Bytes asked for: len(region).", NULL},
-    {"capacity", (getter)region_get_capacity, NULL, "Bytes mapped (whole pages).", NULL},
     {"closed", (getter)region_get_closed, NULL, "True once the region is unmapped.", NULL},
     {"mixed", (getter)region_get_mixed, NULL, "Whether pages differ in protection.", NULL},
     {"_prot", (getter)region_get_prot, NULL, "Protection all pages share, or -1.", NULL},
-    {"_exports", (getter)region_get_exports, NULL, "Live buffers.", NULL},
-    {"_pins", (getter)region_get_pins, NULL, "Live functions (pins).", NULL},
     {"_busy", (getter)region_get_busy, NULL, "Calls running without the GIL.", NULL},
-    {"_owner", (getter)region_get_owner, NULL, "The allocator that made it.", NULL},
-    {"_backing", (getter)region_get_backing, NULL, "What backs it (recorded).", NULL},
-    {"_page", (getter)region_get_page, NULL, "The granule of sizes and ranges.", NULL},
-    {"_align", (getter)region_get_align, NULL, "The alignment kept across moves.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
+#define MAPPING_MEMBER(name, field, doc) \
+    {name, T_PYSSIZET, offsetof(RegionObject, m) + offsetof(Mapping, field), READONLY, doc}
+
 static PyMemberDef region_members[] = {
+    MAPPING_MEMBER("size", size, "Bytes asked for: len(region)."),
+    MAPPING_MEMBER("capacity", capacity, "Bytes mapped (whole pages)."),
+    MAPPING_MEMBER("_exports", nexports, "Live buffers."),
+    MAPPING_MEMBER("_pins", pins, "Live pins (functions, pin())."),
+    MAPPING_MEMBER("_page", page, "The granule of sizes and ranges."),
+    MAPPING_MEMBER("_align", align, "The alignment kept across moves."),
+    {"_owner", T_OBJECT, offsetof(RegionObject, owner), READONLY, "The allocator that made it."},
+    {"_backing", T_OBJECT, offsetof(RegionObject, backing), READONLY, "What backs it (recorded)."},
     {"__weaklistoffset__", T_PYSSIZET, offsetof(RegionObject, weakreflist), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };

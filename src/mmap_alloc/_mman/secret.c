@@ -368,12 +368,6 @@ secret_dealloc(SecretObject *self)
 /* ------------------------------------------------------------------ */
 /* getters                                                             */
 
-static PyObject *
-secret_get_size(SecretObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->m.size);
-}
-
 static Py_ssize_t
 secret_length(SecretObject *self)
 {
@@ -427,12 +421,6 @@ static PyObject *
 secret_get_closed(SecretObject *self, void *closure)
 {
     return PyBool_FromLong(self->m.data == NULL);
-}
-
-static PyObject *
-secret_get_exports(SecretObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->m.nexports);
 }
 
 static PyObject *
@@ -496,7 +484,6 @@ static PyMethodDef secret_methods[] = {
 };
 
 static PyGetSetDef secret_getset[] = {
-    {"size", (getter)secret_get_size, NULL, "Bytes of secret: len(buf).", NULL},
     {"address", (getter)secret_get_address, NULL,
      "Address of the first secret byte, for interop (ctypes, cffi).", NULL},
     {"access", (getter)secret_get_access, NULL,
@@ -510,7 +497,6 @@ static PyGetSetDef secret_getset[] = {
     {"closed", (getter)secret_get_closed, NULL, "True once the buffer is wiped and unmapped.",
      NULL},
     {"_prot", (getter)secret_get_prot, NULL, "The access as PROT_* bits.", NULL},
-    {"_exports", (getter)secret_get_exports, NULL, "Live buffers.", NULL},
     {"_forked", (getter)secret_get_forked, NULL, "Inherited over fork (zero pages).", NULL},
     {"_mapping", (getter)secret_get_mapping, NULL,
      "(base, total, pages, inner): the mapping and its secret pages.", NULL},
@@ -518,6 +504,10 @@ static PyGetSetDef secret_getset[] = {
 };
 
 static PyMemberDef secret_members[] = {
+    {"size", T_PYSSIZET, offsetof(SecretObject, m) + offsetof(Mapping, size), READONLY,
+     "Bytes of secret: len(buf)."},
+    {"_exports", T_PYSSIZET, offsetof(SecretObject, m) + offsetof(Mapping, nexports), READONLY,
+     "Live buffers."},
     {"__weaklistoffset__", T_PYSSIZET, offsetof(SecretObject, weakreflist), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };

@@ -29,23 +29,7 @@ spans_init(SpanList *l, Py_ssize_t capacity)
 int
 spans_reserve(SpanList *l, Py_ssize_t extents)
 {
-    Py_ssize_t need = extents + 1;
-    Span *s;
-
-    if (need <= l->cap)
-        return 0;
-    if (need < 16)
-        need = 16;
-    if (need < l->cap * 2)
-        need = l->cap * 2;
-    s = PyMem_Realloc(l->spans, (size_t)need * sizeof(Span));
-    if (s == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    l->spans = s;
-    l->cap = need;
-    return 0;
+    return reserve_items((void **)&l->spans, &l->cap, extents + 1, 16, sizeof(Span));
 }
 
 Py_ssize_t
