@@ -192,8 +192,14 @@ int run_access(const Run *run);
 /* AND and OR of run_access over the runs touching [start, end). */
 int rec_access_all(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end);
 int rec_access_any(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end);
-/* Whether every run touching [start, end) has prot. */
-int rec_uniform(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end, int prot);
+/* Whether every run touching [start, end) has prot (the one-run case
+ * inline: protection flips test it first). */
+int rec_uniform_runs(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end, int prot);
+static inline int
+rec_uniform(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end, int prot)
+{
+    return rec->n == 1 ? rec->runs[0].prot == prot : rec_uniform_runs(rec, start, end, prot);
+}
 
 /* ------------------------------------------------------------------ */
 /* mapping.c: the core every owner of memory embeds                    */
@@ -250,14 +256,28 @@ typedef struct {
     PyObject *backing;      /* borrowed */
 } MapSpec;
 
-/* Own the pages at data (mapped already, per spec); fd < 0: anonymous. */
-void mapping_init(Mapping *m, char *data, Py_ssize_t size, Py_ssize_t capacity,
-                  const MapSpec *spec, int fd);
-/* Map fresh anonymous pages per spec (at address exactly, never replacing a
- * mapping, when not NULL); advised and prefaulted as spec says. 0 or errno
- * (the step in *call), nothing left mapped. */
-int mapping_map_anonymous(char **out, Py_ssize_t capacity, const MapSpec *spec, char *address,
-                          const char **call);
+/* Own the pages at data (mapped already, per spec); fd < 0: anonymous. m
+ * is zeroed (a new object's): only what is not zero is set. Inline: it is
+ * on the path of every allocation. */
+static inline void
+mapping_init(Mapping *m, char *data, Py_ssize_t size, Py_ssize_t capacity, const MapSpec *spec,
+             int fd)
+{
+    m->data = data;
+    m->size = size;
+    m->capacity = capacity;
+    m->rec.one.end = capacity;
+    m->rec.one.prot = (unsigned char)spec->prot;
+    m->rec.runs = &m->rec.one;
+    m->rec.n = m->rec.cap = 1;
+    m->busy_gen = m->gen = kernel.fork_generation;
+    m->page = spec->page;
+    m->align = spec->align;
+    m->mflags = spec->mflags;
+    m->advice = spec->advice;
+    m->populate = spec->populate;
+    m->fd = fd;
+}
 /* Calls running without the GIL on m, counted in this process only (a
  * forked child does not inherit the threads that made them). */
 static inline Py_ssize_t

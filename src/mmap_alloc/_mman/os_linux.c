@@ -193,12 +193,6 @@ os_sync(void *p, size_t length, int invalidate)
     return msync(p, length, MS_SYNC | (invalidate ? MS_INVALIDATE : 0)) == 0 ? 0 : errno;
 }
 
-void
-os_flush_icache(void *p, size_t length)
-{
-    __builtin___clear_cache((char *)p, (char *)p + length);
-}
-
 int
 os_sync_core_ready(void)
 {

@@ -113,8 +113,13 @@ int os_unlock(void *p, size_t length);
 int os_residency(void *p, size_t length, unsigned char *vec);
 int os_sync(void *p, size_t length, int invalidate);   /* msync */
 /* Make code written at [p, p + length) visible to instruction fetch on this
- * thread (cache maintenance; nothing on x86). p must be readable. */
-void os_flush_icache(void *p, size_t length);
+ * thread (cache maintenance; nothing on x86). p must be readable. Not a
+ * system call: inline, as the compiler's builtin is. */
+static inline void
+os_flush_icache(void *p, size_t length)
+{
+    __builtin___clear_cache((char *)p, (char *)p + length);
+}
 /* Serialise instruction fetch on every thread of the process (membarrier
  * SYNC_CORE where the architecture needs it; registered at the first call).
  * ENOSYS/EINVAL where the kernel lacks it. */

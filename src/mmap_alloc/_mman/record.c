@@ -183,7 +183,7 @@ rec_access_any(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end)
 }
 
 int
-rec_uniform(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end, int prot)
+rec_uniform_runs(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end, int prot)
 {
     for (Py_ssize_t i = rec_find(rec, start); i < rec->n && rec_start(rec, i) < end; i++)
         if (rec->runs[i].prot != prot)

@@ -35,6 +35,58 @@ region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
     return (PyObject *)self;
 }
 
+/* Map fresh anonymous pages per spec (at address exactly, never replacing a
+ * mapping, when not NULL); advised and prefaulted as spec says. 0 or errno
+ * (the step in *call), nothing left mapped. */
+static int
+map_anonymous(char **out, Py_ssize_t capacity, const MapSpec *spec, char *address,
+                      const char **call)
+{
+    /* advised pages are prefaulted after the advice (THP: as huge pages) */
+    int populate = spec->populate && (spec->prot & PROT_RW);
+    int mflags = spec->mflags | (populate && !spec->advice ? MAP_POPULATE : 0);
+    int slow = populate && capacity >= SLOW_CALL_BYTES, err;
+    Py_ssize_t natural = (spec->mflags & MAP_HUGETLB) ? spec->page : kernel.page;
+    void *p = NULL;
+
+    *call = "mmap";
+    if (address != NULL && (uintptr_t)address % (uintptr_t)spec->align)
+        return EINVAL;
+    if (slow)
+        Py_BEGIN_ALLOW_THREADS
+        err = address != NULL ? os_map(&p, address, (size_t)capacity, spec->prot,
+                                       mflags | MAP_FIXED_NOREPLACE, -1, 0)
+                              : os_map_aligned(&p, (size_t)capacity, (size_t)spec->align,
+                                               (size_t)natural, spec->prot, mflags, -1, 0);
+        Py_END_ALLOW_THREADS
+    else if (address != NULL)
+        err = os_map(&p, address, (size_t)capacity, spec->prot, mflags | MAP_FIXED_NOREPLACE, -1,
+                     0);
+    else if (spec->align <= natural)   /* the common case: one mmap, with the GIL */
+        err = os_map(&p, NULL, (size_t)capacity, spec->prot, mflags, -1, 0);
+    else
+        err = os_map_aligned(&p, (size_t)capacity, (size_t)spec->align, (size_t)natural,
+                             spec->prot, mflags, -1, 0);
+    if (err)
+        return err;
+    if (spec->advice) {
+        *call = "madvise";
+        err = os_advise(p, (size_t)capacity, spec->advice);
+        if (err) {
+            os_unmap(p, (size_t)capacity);
+            return err;
+        }
+        if (populate) {   /* best effort, as MAP_POPULATE is */
+            int advice = (spec->prot & PROT_WRITE) ? MADV_POPULATE_WRITE : MADV_POPULATE_READ;
+            Py_BEGIN_ALLOW_THREADS
+            os_advise(p, (size_t)capacity, advice);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    *out = p;
+    return 0;
+}
+
 PyObject *
 region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, const MapSpec *spec,
            PyObject *owner, char *address)
@@ -42,7 +94,7 @@ region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, const MapSpe
     const char *call;
     char *p;
     PyObject *region;
-    int err = mapping_map_anonymous(&p, capacity, spec, address, &call);
+    int err = map_anonymous(&p, capacity, spec, address, &call);
 
     if (err)
         return raise_os_error(err, call);
@@ -423,7 +475,9 @@ region_dealloc(RegionObject *self)
     PyObject_GC_UnTrack(self);
     if (self->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
-    mapping_release(&self->m);
+    if (self->m.data != NULL || self->m.fd >= 0 || self->m.flags
+        || self->m.rec.runs != &self->m.rec.one)
+        mapping_release(&self->m);   /* else dealloc() closed it, and nothing is left */
     region_clear(self);
     PyObject_GC_Del(self);
     Py_DECREF(tp);
