@@ -219,7 +219,7 @@ def chart_layout(data: dict[str, Any]) -> list[tuple[str, list[Bar]]]:
                 subject = v["name"] == case["subject"]
                 heading = ""
                 if subject:
-                    heading = textwrap.fill(f"{case['name']} (1 = {case['reference']})", 60)
+                    heading = textwrap.fill(f"{case['name']} (1 = {case['reference']})", 46)
                     y += (0.5 if bars else 0) + 0.55 * (heading.count("\n") + 1)
                 target = case["target"] if subject else None
                 bars.append(Bar(y, v["name"], v["ratio"], subject, target, heading))
@@ -252,7 +252,7 @@ def plot_report(data: dict[str, Any], path: Path) -> None:
     figure, panels = plt.subplots(
         len(layout),
         1,
-        figsize=(11, sum(heights) + top + bottom),
+        figsize=(8.5, sum(heights) + top + bottom),
         gridspec_kw={"height_ratios": heights},
         squeeze=False,
     )
@@ -315,5 +315,5 @@ def plot_report(data: dict[str, Any], path: Path) -> None:
         color="#444444",
     )
     figure.tight_layout(rect=(0, 0, 1, 1 - top / inches))
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=120)
     plt.close(figure)
