@@ -23,18 +23,18 @@ class ClosesOnExit:
     When the block raised and the close is refused (BufferError: a buffer is
     still alive), the block's exception is the one that propagates; the
     refusal is added to it as a note and the object stays open (it is freed
-    when collected). ``noun`` names the object in messages, ``closed_word``
+    when collected). ``_noun`` names the object in messages, ``_closed_word``
     what closing it is ("closed", "freed").
     """
 
     __slots__ = ()
 
-    noun = "object"
-    closed_word = "closed"
+    _noun = "object"
+    _closed_word = "closed"
 
     def __enter__(self) -> Self:
         if _closable(self).closed:
-            raise ValueError(f"{self.noun} is {self.closed_word}")
+            raise ValueError(f"{self._noun} is {self._closed_word}")
         return self
 
     def __exit__(
@@ -46,7 +46,7 @@ class ClosesOnExit:
         _leave(
             exc,
             _closable(self).close,
-            lambda error: BufferError(f"the {self.noun} was not {self.closed_word}: {error}"),
+            lambda error: BufferError(f"the {self._noun} was not {self._closed_word}: {error}"),
         )
 
 

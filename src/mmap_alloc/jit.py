@@ -93,8 +93,8 @@ class CodeBlock(KernelCodeBlock, ClosesOnExit):
 
     __slots__ = ()
 
-    noun = "block"
-    closed_word = "freed"
+    _noun = "block"
+    _closed_word = "freed"
 
     def writer(self) -> BlockWriter:
         """``with block.writer() as view:`` a writable memoryview of the block's
@@ -188,7 +188,7 @@ class CodeHeap(KernelCodeHeap, ClosesOnExit):
 
     __slots__ = ()
 
-    noun = "code heap"
+    _noun = "code heap"
 
     def __init__(
         self,

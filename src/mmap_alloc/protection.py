@@ -9,7 +9,7 @@ prototypes are accepted, instruction alignment, and the shape of the flip.
 
 from __future__ import annotations
 
-import platform
+import os
 from _ctypes import CFuncPtr
 from typing import Any, TypeVar
 
@@ -26,7 +26,7 @@ CODE_ALIGN: int = {
     "i386": 1,
     "i686": 1,
     "riscv64": 2,
-}.get(platform.machine().lower(), 4)
+}.get(os.uname().machine.lower(), 4)
 """Instructions start at multiples of this many bytes (A64 and most RISC: 4)."""
 
 
@@ -62,7 +62,7 @@ def code_offset(prototype: object, offset: object) -> int:
     if at % CODE_ALIGN:
         raise ValueError(
             f"offset must be a multiple of {CODE_ALIGN} (instruction alignment on "
-            f"{platform.machine()}), got {at}"
+            f"{os.uname().machine}), got {at}"
         )
     return at
 

@@ -202,7 +202,7 @@ class SecretBuffer(Secret, ClosesOnExit):
 
     __slots__ = ()
 
-    noun = "secret buffer"
+    _noun = "secret buffer"
 
     def __new__(
         cls,
