@@ -228,7 +228,7 @@ class _Sharer:
             if fd < 0:
                 conn.send(_UNKNOWN, flags)
             else:
-                socket.send_fds(conn, [_GIVEN], [fd], flags)
+                send_fds(conn, _GIVEN, [fd], flags)
         except OSError:
             pass  # the receiver hung up: its loss, nobody else's
         finally:
@@ -372,6 +372,16 @@ class SharedFd(NamedTuple):
             f"{TIMEOUT:g} s: its thread that serves descriptors ('mmap_alloc fd sharer') "
             "does not run (the process is stopped, or a call holds its GIL that long)",
         )
+
+
+def send_fds(sock: socket.socket, data: bytes, fds: list[int], flags: int = 0) -> int:
+    """Send ``data`` with the descriptors ``fds`` (SCM_RIGHTS), never raising
+    SIGPIPE: a peer that hung up is a BrokenPipeError. (``socket.send_fds``
+    takes flags but, up to Python 3.11, does not pass them on.)"""
+    import socket
+
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+    return sock.sendmsg([data], rights, flags | socket.MSG_NOSIGNAL)
 
 
 def recv_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int], int]:

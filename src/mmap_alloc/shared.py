@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from ._args import integer
 from ._args import size as size_argument
-from ._fdshare import recv_fds
+from ._fdshare import recv_fds, send_fds
 from ._fdshare import share as share_descriptor
 from ._linux import (
     F_SEAL_NAMES,
@@ -353,15 +353,13 @@ class SharedRegion(Region):
         """Send the region to the process at the other end of the Unix socket
         ``sock`` (SCM_RIGHTS): a duplicate of its descriptor travels, with its
         size. The peer calls :meth:`receive`. Both sides then map the same
-        pages; each closes its own region."""
-        import socket as _socket
-
+        pages; each closes its own region. BrokenPipeError if the peer hung up
+        (never SIGPIPE)."""
         sock = _check_socket(sock)
         message = _MESSAGE.pack(_MAGIC, self.size, self._flags())
         fd = _shared_dup(self)
         try:
-            # MSG_NOSIGNAL: a peer that hung up is a BrokenPipeError, not a SIGPIPE
-            _socket.send_fds(sock, [message], [fd], _socket.MSG_NOSIGNAL)
+            send_fds(sock, message, [fd])  # a peer that hung up: BrokenPipeError, not SIGPIPE
         finally:
             os.close(fd)
 
