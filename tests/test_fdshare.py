@@ -187,8 +187,9 @@ def _share_from_every_line_of_sharing() -> None:
                 os.close(fd)
         outer.close()
         inner.close()
-    # all but the five lines of the bind failure and of a listener a hook started
-    assert reentered >= len(targets) - 5, f"only {reentered} of {len(targets)} lines re-entered"
+    # all but the six lines of the bind failure (except, close, raise) and of a
+    # listener a hook started meanwhile (close, close, return)
+    assert reentered >= len(targets) - 6, f"only {reentered} of {len(targets)} lines re-entered"
 
 
 def test_sharing_from_a_hook_inside_sharing_neither_hangs_nor_mixes_owners() -> None:

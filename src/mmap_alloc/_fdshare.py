@@ -33,8 +33,12 @@ hangs up early is an error of that connection, never a SIGPIPE that kills
 the sender. The receiver gives up after ``TIMEOUT`` seconds with a
 TimeoutError that says who did not answer.
 
-``socket`` and ``secrets`` (hence hmac and OpenSSL's hashes) are imported
-when a descriptor is first shared or fetched, not with the library.
+``socket`` is imported when a descriptor is first shared or fetched, not
+with the library (multiprocessing, which pickles, has it by then). Tokens
+come from ``os.urandom``, which ``secrets`` uses too: not importing
+``secrets`` spares hmac and OpenSSL's hashes, and a process that dropped
+privileges (or chrooted) after import and can no longer read its Python
+installation still hands regions over.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ TIMEOUT = 30.0
 
 _DEADLINE = 5.0  # seconds a connection may take to present its token
 _WAITING = 64  # connections waiting for their token at once; more drop the oldest
-_ACCEPTS = 32  # connections accepted in one pass, before the waiting ones are read
+_ACCEPTS = 256  # connections accepted in one pass, before the waiting ones are read
+_BACKLOG = 256  # connections the kernel queues for the sharer; a receiver waits for room
 
 # The sharer's answers: one byte each.
 _GIVEN = b"\1"  # with the descriptor
@@ -98,41 +103,41 @@ class _Sharer:
             self.dup = dup
             token = self.tokens.get(owner)
             if token is None:
-                import secrets
-
-                token = secrets.token_bytes(_TOKEN)
+                token = os.urandom(_TOKEN)
                 self.tokens[owner] = token
                 self.owners[token] = owner
             return self.address, token
 
     def _listen(self) -> None:
-        import secrets
+        import selectors
         import socket
 
-        address = f"\0mmap_alloc-{os.getpid()}-{secrets.token_hex(8)}"
+        address = f"\0mmap_alloc-{os.getpid()}-{os.urandom(8).hex()}"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             listener.bind(address)
-            listener.listen(128)
+            listener.listen(_BACKLOG)
+            listener.setblocking(False)
+            selector = selectors.DefaultSelector()
         except OSError:
             listener.close()
             raise
         if self.listener is not None:  # a hook on this thread started one meanwhile
+            selector.close()
             listener.close()
             return
+        selector.register(listener, selectors.EVENT_READ)
         threading.Thread(
-            target=self._serve, args=(listener,), name="mmap_alloc fd sharer", daemon=True
+            target=self._serve,
+            args=(listener, selector),
+            name="mmap_alloc fd sharer",
+            daemon=True,
         ).start()
-        self.listener, self.address = listener, address
+        self.listener, self.address, self.selector = listener, address, selector
 
     # ------------------------------------------------------------ the serving thread
 
-    def _serve(self, listener: socket.socket) -> None:
-        import selectors
-
-        listener.setblocking(False)
-        selector = self.selector = selectors.DefaultSelector()
-        selector.register(listener, selectors.EVENT_READ)
+    def _serve(self, listener: socket.socket, selector: selectors.BaseSelector) -> None:
         waiting = self.waiting
         while True:
             timeout = None
@@ -338,9 +343,8 @@ class SharedFd(NamedTuple):
         import socket
 
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as conn:
-            conn.settimeout(max(0.001, deadline - time.monotonic()))
             try:
-                conn.connect(self.address)
+                self._connect(conn, deadline)
             except TimeoutError:
                 raise self._timeout() from None
             except OSError as exc:
@@ -364,6 +368,23 @@ class SharedFd(NamedTuple):
             except ConnectionResetError:
                 data, fds = b"", []
         return data, fds, sender_uid
+
+    def _connect(self, conn: socket.socket, deadline: float) -> None:
+        """Connect, waiting in the kernel for room while the sharer's backlog
+        is full (with Python's timeout, a non-blocking socket, a Unix socket
+        says EAGAIN at once; a blocking one waits up to SO_SNDTIMEO)."""
+        import socket
+
+        left = max(0.001, deadline - time.monotonic())
+        conn.settimeout(None)
+        conn.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(left), int(left % 1 * 1e6))
+        )
+        try:
+            conn.connect(self.address)
+        except BlockingIOError:  # no room before the deadline
+            raise TimeoutError from None
+        conn.settimeout(max(0.001, deadline - time.monotonic()))
 
     def _timeout(self) -> TimeoutError:
         return TimeoutError(
