@@ -165,9 +165,6 @@ class _Sharer:
     ) -> bool:
         """Take the connections that came; answer those whose token is there
         already. False when the listener is gone."""
-        import selectors
-        import socket
-
         for _ in range(_ACCEPTS):
             try:
                 conn, _address = listener.accept()
@@ -178,23 +175,38 @@ class _Sharer:
                     return False
                 time.sleep(0.05)  # out of descriptors or memory: let it pass
                 return True
-            conn.setblocking(False)
             try:
-                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            except OSError:
+                self._admit(conn, selector, waiting)
+            except Exception:  # whatever one connection did, the sharer serves on
+                waiting.pop(conn, None)
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    selector.unregister(conn)
                 conn.close()
-                continue
-            if struct.unpack("3i", creds)[1] not in (os.geteuid(), 0):
-                with contextlib.suppress(OSError):
-                    conn.send(_STRANGER, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
-                conn.close()
-                continue
-            waiting[conn] = _Waiting(time.monotonic() + _DEADLINE, b"")
-            selector.register(conn, selectors.EVENT_READ)
-            self._read(conn, selector, waiting)
             if len(waiting) > _WAITING:
                 self._drop(next(iter(waiting)), selector, waiting)
         return True
+
+    def _admit(
+        self,
+        conn: socket.socket,
+        selector: selectors.BaseSelector,
+        waiting: dict[socket.socket, _Waiting],
+    ) -> None:
+        """A new connection: refused at once if of another user, else read
+        (and answered if its token came with it) or left waiting."""
+        import selectors
+        import socket
+
+        conn.setblocking(False)
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        if struct.unpack("3i", creds)[1] not in (os.geteuid(), 0):
+            with contextlib.suppress(OSError):
+                conn.send(_STRANGER, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+            conn.close()
+            return
+        waiting[conn] = _Waiting(time.monotonic() + _DEADLINE, b"")
+        selector.register(conn, selectors.EVENT_READ)
+        self._read(conn, selector, waiting)
 
     def _read(
         self,
@@ -227,7 +239,7 @@ class _Sharer:
         flags = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT  # never SIGPIPE, never wait
         fd = -1
         if owner is not None and dup is not None:
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(Exception):
                 fd = dup(owner)  # atomic in C: the owner may be closing meanwhile
         try:
             if fd < 0:

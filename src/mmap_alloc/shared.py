@@ -538,7 +538,8 @@ class SharedRegion(Region):
         Unlike ``advise("dontneed")``, which on a shared region only drops this
         process's page tables (the bytes stay in the file), this frees the
         memory. Pages touched again are backed again on demand, so a later
-        shortage of memory shows at that touch (the OOM killer), not here.
+        shortage of memory shows at that touch (the OOM killer; SIGBUS under
+        vm.overcommit_memory=2 at the commit limit), not here.
         Refused on hugetlb regions (a touch with the pool empty would be
         SIGBUS), on pinned code (BufferError), and where the file cannot be
         changed: a read-only region, a file sealed against writing
