@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
@@ -100,6 +101,30 @@ def test_a_handle_of_a_closed_owner_is_a_clear_error(owner: Owner) -> None:
     owner.close()
     with pytest.raises(OSError, match="no longer has it open"):
         handle.detach()
+
+
+def _open_a_fifo_at(number: int, path: str) -> int:
+    os.mkfifo(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a reader, and no writer
+    if fd != number:
+        os.dup2(fd, number)
+        os.close(fd)
+    return number
+
+
+def _handle_of_a_number_now_a_fifo(path: str) -> None:
+    owner = Owner()
+    handle = share(owner, readonly=True)
+    owner.close()
+    _open_a_fifo_at(handle.number, path)  # the number is another file now
+    with pytest.raises(OSError, match="no longer has it open"):
+        handle.detach()  # an open of the FIFO read-only would wait for a writer
+
+
+def test_a_handle_whose_number_is_a_fifo_by_now_neither_hangs_nor_opens_it(
+    tmp_path: Path,
+) -> None:
+    run_forked(_handle_of_a_number_now_a_fifo, str(tmp_path / "fifo"), timeout=20)
 
 
 def test_a_handle_never_gives_another_file(owner: Owner) -> None:

@@ -304,7 +304,10 @@ class SharedFd(NamedTuple):
         return fd if fd is not None else self._fetch()
 
     def _open_in_proc(self) -> int | None:
-        flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC
+        # O_NONBLOCK, O_NOCTTY: the number may be another file by now (the
+        # owner closed it), a FIFO whose open would wait for a writer, a tty
+        flags = os.O_RDONLY if self.readonly else os.O_RDWR
+        flags |= os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
         try:
             fd = os.open(f"/proc/{self.pid}/fd/{self.number}", flags)
         except OSError:
@@ -313,6 +316,7 @@ class SharedFd(NamedTuple):
         if (st.st_dev, st.st_ino) != (self.dev, self.ino):  # closed, and the number reused
             os.close(fd)
             return None
+        os.set_blocking(fd, True)
         return fd
 
     def _fetch(self) -> int:
