@@ -1,12 +1,14 @@
-"""SharedRegion's hand-over: what a receiver accepts (require_seal, the size a
-machine can back), what multiprocessing requires, and the errors that name
-the real cause."""
+"""SharedRegion's hand-over: send and receive, multiprocessing, from_fd,
+read-only regions; what a receiver accepts (require_seal, the size a machine
+can back), what multiprocessing requires, and the errors that name the real
+cause."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
 import fcntl
+import multiprocessing
 import os
 import pickle
 import signal
@@ -18,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from mmap_alloc import AllocError, SharedRegion, _fdshare, _mman
+import shared_workers
+from mmap_alloc import AllocError, Perm, SharedRegion, _fdshare, _mman
 from mmap_alloc._linux import PAGE_SIZE as P
-from mmap_alloc._linux import memory_ceiling
-from support import HUGETLB, open_fds, run_forked, skip_if_emulated
+from mmap_alloc._linux import mapping_count, memory_ceiling
+from support import HUGETLB, kernel_runs, open_fds, run_forked, skip_if_emulated
 
 TiB = 1 << 40
 F_SEAL_FUTURE_WRITE = 0x10
@@ -61,6 +64,10 @@ def send_raw(sock: socket.socket, fds: list[int], size: int = P, flags: int = 0)
     socket.send_fds(sock, [struct.pack("=8sQQ", b"mmapshr1", size, flags)], fds)
 
 
+def spawn() -> multiprocessing.context.SpawnContext:
+    return multiprocessing.get_context("spawn")
+
+
 @pytest.fixture
 def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     a, b = socket.socketpair()
@@ -86,6 +93,296 @@ def hugetlb_memfd(seals: int) -> int:
         return memfd(2 << 20, seals, os.MFD_HUGETLB)
     except OSError as exc:
         pytest.skip(f"no hugetlb memfd here: {exc}")
+
+
+# ---------------------------------------------------------------- sending and receiving
+
+
+def test_send_and_receive_map_the_same_pages(pair: tuple[socket.socket, socket.socket]) -> None:
+    with SharedRegion.create(10_000) as region:
+        region[:5] = b"hello"
+        region.send(pair[0])
+        with SharedRegion.receive(pair[1]) as peer:
+            assert peer.size == 10_000
+            assert peer.address != region.address
+            assert peer[:5] == b"hello"
+            peer[5:10] = b"world"
+            assert region[:10] == b"helloworld"
+            assert os.fstat(peer.fd).st_ino == os.fstat(region.fd).st_ino
+
+
+def test_two_spawned_processes_see_each_others_writes() -> None:
+    ctx = spawn()
+    ready, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    with SharedRegion.create(P) as region:
+        child = ctx.Process(target=shared_workers.write_then_read, args=(region, ready, go, out))
+        child.start()
+        try:
+            assert ready.wait(60)
+            assert region[0:5] == b"child"
+            region[5:11] = b"parent"
+            go.set()
+            assert out.get(timeout=60) == b"parent"
+        finally:
+            child.join(60)
+        assert child.exitcode == 0
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_pool_worker_maps_a_region_passed_as_an_argument(method: str) -> None:
+    with SharedRegion.create(3 * P) as region:
+        region[:5] = b"pool!"
+        with multiprocessing.get_context(method).Pool(1) as pool:
+            for _ in range(3):
+                assert pool.apply(shared_workers.describe, (region,)) == (
+                    3 * P,
+                    3 * P,
+                    b"pool!",
+                    False,
+                    True,
+                )
+
+
+def test_a_region_put_on_a_queue_reaches_a_running_process() -> None:
+    ctx = spawn()
+    inbox, out = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=shared_workers.take_from_queue, args=(inbox, out))
+    child.start()
+    try:
+        with SharedRegion.create(P) as region:
+            region[:5] = b"queue"
+            inbox.put(region)
+            assert out.get(timeout=60) == b"queue"
+            child.join(60)
+            assert region[5:10] == b"taken"
+    finally:
+        child.join(60)
+    assert child.exitcode == 0
+
+
+def test_a_thousand_pickles_through_multiprocessing_leave_nothing_behind() -> None:
+    from multiprocessing.reduction import ForkingPickler
+
+    with SharedRegion.create(P) as region:
+        pickle.loads(ForkingPickler.dumps(region)).close()
+        fds, maps = open_fds(), mapping_count()
+        for _ in range(1000):
+            peer = pickle.loads(ForkingPickler.dumps(region))
+            peer[0] = 1
+            peer.close()
+        # other tests' pools may still be closing their own descriptors meanwhile
+        assert open_fds() - fds == set()
+        assert mapping_count() <= maps
+
+
+def test_a_region_pickled_for_a_queue_must_stay_open_until_it_is_received() -> None:
+    from multiprocessing.reduction import ForkingPickler
+
+    region = SharedRegion.create(P)
+    blob = ForkingPickler.dumps(region)
+    region.close()
+    with pytest.raises(OSError, match="keep a region open until every process"):
+        pickle.loads(blob)
+
+
+def test_pickling_outside_multiprocessing_is_a_type_error() -> None:
+    with SharedRegion.create(P) as region:
+        with pytest.raises(TypeError, match="pickled only by multiprocessing"):
+            pickle.dumps(region)
+        with pytest.raises(TypeError, match="pickled only by multiprocessing"):
+            pickle.dumps(region, protocol=5)
+
+
+def test_from_fd_duplicates_and_the_caller_keeps_its_descriptor() -> None:
+    fd = os.memfd_create("mine", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, 5000)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        with SharedRegion.from_fd(fd) as region:
+            assert region.fd != fd
+            assert region.size == 5000
+            region[:2] = b"ok"
+            assert os.pread(fd, 2, 0) == b"ok"
+        os.fstat(fd)  # still open
+    finally:
+        os.close(fd)
+
+
+def test_from_fd_refuses_files_that_are_not_memfds(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(bytes(P))
+    read, write = os.pipe()
+    shm = Path("/dev/shm") / f"mmap_alloc_test_{os.getpid()}"
+    shm.write_bytes(bytes(P))
+    try:
+        with open(path, "r+b") as file, socket.socket(socket.AF_UNIX) as sock:
+            for fd in (file.fileno(), read, sock.fileno()):
+                with pytest.raises(ValueError, match=rf"fd {fd} is not a memfd"):
+                    SharedRegion.from_fd(fd)
+        with (
+            open(shm, "r+b") as file,
+            pytest.raises(ValueError, match=r"is not a memfd \(it is /dev/shm/"),
+        ):
+            SharedRegion.from_fd(file.fileno())
+    finally:
+        os.close(read)
+        os.close(write)
+        shm.unlink()
+
+
+def test_from_fd_of_a_closed_descriptor_is_an_os_error() -> None:
+    fd = os.memfd_create("gone")
+    os.close(fd)
+    with pytest.raises(OSError, match=f"fd {fd} is not an open file descriptor") as caught:
+        SharedRegion.from_fd(fd)
+    assert caught.value.errno == errno.EBADF
+
+
+@pytest.mark.parametrize(("fd", "error"), [(-1, ValueError), ("3", TypeError), (3.0, TypeError)])
+def test_from_fd_of_a_bad_value_is_refused(fd: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="fd must"):
+        SharedRegion.from_fd(fd)  # type: ignore[arg-type]
+
+
+def test_from_fd_of_an_empty_memfd_is_a_value_error() -> None:
+    fd = os.memfd_create("empty")
+    try:
+        with pytest.raises(ValueError, match="empty"):
+            SharedRegion.from_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def test_receive_on_a_closed_socket_is_a_value_error(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    pair[1].close()
+    with pytest.raises(ValueError, match="the socket is closed"):
+        SharedRegion.receive(pair[1])
+    with SharedRegion.create(P) as region, pytest.raises(ValueError, match="socket is closed"):
+        region.send(pair[1])
+
+
+def test_receive_after_the_peer_closed_the_socket_is_an_eof_error(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    pair[0].close()
+    with pytest.raises(EOFError, match="closed the socket"):
+        SharedRegion.receive(pair[1])
+
+
+def test_send_to_a_peer_that_closed_the_socket_is_a_broken_pipe(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    pair[1].close()
+    fds = open_fds()
+    with SharedRegion.create(P) as region, pytest.raises(BrokenPipeError):
+        region.send(pair[0])
+    assert open_fds() == fds
+
+
+def test_receive_of_a_message_without_a_descriptor_is_a_value_error(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    pair[0].send(b"x" * 24)
+    with pytest.raises(ValueError, match=r"not one of SharedRegion\.send"):
+        SharedRegion.receive(pair[1])
+
+
+def test_receive_closes_a_descriptor_that_came_with_a_foreign_message(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    fds = open_fds()
+    fd = os.memfd_create("foreign")
+    try:
+        socket.send_fds(pair[0], [b"y" * 24], [fd])
+        with pytest.raises(ValueError, match=r"not one of SharedRegion\.send"):
+            SharedRegion.receive(pair[1])
+    finally:
+        os.close(fd)
+    assert open_fds() == fds
+
+
+def test_send_and_receive_need_unix_sockets() -> None:
+    with socket.socket(socket.AF_INET) as sock, pytest.raises(ValueError, match="AF_UNIX"):
+        SharedRegion.receive(sock)
+    with pytest.raises(TypeError, match=r"sock must be a socket\.socket"):
+        SharedRegion.receive(3)  # type: ignore[arg-type]
+
+
+def test_readonly_maps_read_only_and_protect_cannot_add_write() -> None:
+    with SharedRegion.create(P) as region, SharedRegion.from_fd(region.fd, readonly=True) as ro:
+        region[:2] = b"hi"
+        assert ro.readonly and not region.readonly
+        assert ro[:2] == b"hi"
+        assert kernel_runs(ro) == [(0, P, Perm.READ)]
+        with pytest.raises(TypeError):
+            ro[0] = 1
+        with pytest.raises(PermissionError, match="mapped read-only"):
+            ro.protect(Perm.READ | Perm.WRITE)
+        with pytest.raises(PermissionError, match="mapped read-only"):
+            ro.make_writable()
+        assert kernel_runs(ro) == ro.protections() == [(0, P, Perm.READ)]
+        with pytest.raises(PermissionError, match="read-only"):
+            ro.resize(2 * P)
+        assert ro.size == P
+
+
+def test_a_read_only_region_sent_arrives_read_only(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    with SharedRegion.create(P) as region, SharedRegion.from_fd(region.fd, readonly=True) as ro:
+        ro.send(pair[0])
+        with SharedRegion.receive(pair[1]) as peer:
+            assert peer.readonly
+            with pytest.raises(PermissionError):
+                peer.protect(Perm.READ | Perm.WRITE)
+
+
+def test_receive_readonly_maps_read_only(pair: tuple[socket.socket, socket.socket]) -> None:
+    with SharedRegion.create(P) as region:
+        region.send(pair[0])
+        with SharedRegion.receive(pair[1], readonly=True) as peer:
+            assert peer.readonly
+            assert kernel_runs(peer) == [(0, P, Perm.READ)]
+
+
+def test_a_read_only_descriptor_needs_readonly_true() -> None:
+    with SharedRegion.create(P) as region:
+        fd = os.open(f"/proc/self/fd/{region.fd}", os.O_RDONLY)
+        try:
+            with pytest.raises(PermissionError, match="readonly=True"):
+                SharedRegion.from_fd(fd)
+            with SharedRegion.from_fd(fd, readonly=True) as ro:
+                assert ro.readonly
+        finally:
+            os.close(fd)
+
+
+def test_a_pool_worker_gets_a_read_only_region_read_only() -> None:
+    with (
+        SharedRegion.create(P) as region,
+        SharedRegion.from_fd(region.fd, readonly=True) as ro,
+        spawn().Pool(1) as pool,
+    ):
+        assert pool.apply(shared_workers.describe, (ro,))[3] is True
+
+
+def test_a_spawned_child_that_gets_a_region_at_start_owns_a_close_on_exec_descriptor() -> None:
+    ctx = spawn()
+    ready, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    with SharedRegion.create(P) as region:
+        child = ctx.Process(target=shared_workers.write_then_read, args=(region, ready, go, out))
+        child.start()
+        assert ready.wait(60)
+        fds = os.listdir(f"/proc/{child.pid}/fd")
+        memfds = [fd for fd in fds if "memfd:" in os.readlink(f"/proc/{child.pid}/fd/{fd}")]
+        assert len(memfds) == 1
+        flags = Path(f"/proc/{child.pid}/fdinfo/{memfds[0]}").read_text()
+        assert int(flags.split("flags:")[1].split()[0], 8) & os.O_CLOEXEC
+        go.set()
+        out.get(timeout=60)
+        child.join(60)
 
 
 # ---------------------------------------------------------------- require_seal

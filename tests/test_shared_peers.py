@@ -434,6 +434,7 @@ def test_a_stopped_peer_is_a_timeout_error_not_a_hang() -> None:
         become(NOBODY)  # /proc of the peer refuses (non-dumpable): its sharer must answer
         blob = side.hear()
         pid = side.hear()
+        os.waitpid(pid, os.WUNTRACED)  # the peer (a child of this process) has stopped
         start = time.monotonic()
         try:
             with pytest.raises(TimeoutError, match=rf"process {pid}, .* within 1 s"):
