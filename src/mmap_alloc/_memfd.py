@@ -55,6 +55,8 @@ class Pages(NamedTuple):
 
 
 def pages_for(huge: object) -> Pages:
+    """How to obtain the pages ``create(huge=...)`` asks for; ValueError or
+    TypeError naming what this machine has."""
     if huge is None:
         return Pages(0, PAGE_SIZE, PAGE_SIZE, 0, Backing.NORMAL, None)
     if huge == "thp":
@@ -92,6 +94,7 @@ def pages_for(huge: object) -> Pages:
 
 
 def memfd_name(name: object) -> bytes:
+    """``name`` as memfd_create takes it (what /proc shows as "memfd:NAME")."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, not {type(name).__name__}")
     encoded = name.encode()
@@ -198,7 +201,8 @@ def _unguarded(what: str, seals: int, missing: str) -> ValueError:
             "it is sealed against shrinking but not against writing (F_SEAL_WRITE or "
             "F_SEAL_FUTURE_WRITE), and it is a hugetlb file: any process holding it could punch "
             "a hole in it, and this one would die of SIGBUS when it next touches the hole while "
-            "the hugetlb pool is empty. The sender should seal(write=True) it first"
+            "the hugetlb pool is empty. The sender should seal it against writing first "
+            "(seal(write=True); F_SEAL_FUTURE_WRITE lets the mappings it has write on)"
         )
     elif seals & F_SEAL_SEAL:
         why = (

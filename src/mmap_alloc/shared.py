@@ -11,7 +11,9 @@ kernel when the last process closes it, whichever way that process ends.
 What the C layer (``_mman._shared_*``) does in one call each: create (back
 every page with fallocate, then map), attach, resize, refresh, seal, discard.
 This module holds the policy: options, argument checks, how pickling passes
-the descriptor, and the messages.
+the descriptor, and the messages; ``_memfd`` what a file must be to be
+mapped at all (a receiver's checks: seals, kind, size), ``_fdshare`` how a
+descriptor travels inside a pickle.
 """
 
 from __future__ import annotations
@@ -151,7 +153,9 @@ class SharedRegion(Region):
     Every page is backed when it is made or grown, so running out of memory
     is an :class:`~mmap_alloc.AllocError` of that call, never a SIGBUS at
     first touch. Sealed against shrinking (the default), no process can cut
-    the file short under a mapping.
+    the file short under a mapping; a receiver refuses, unless told
+    otherwise (``require_seal=False``), a file that any process holding it
+    could make fatal to touch.
     """
 
     __slots__ = ()
