@@ -255,3 +255,16 @@ def vet(fd: int, what: str, require_seal: bool) -> None:
         if missing is not None:
             raise _unguarded(what, seals, missing)
     check_memory(st.st_size, f"map the memfd of {what}", backed_now=False)
+
+
+def recheck(fd: int, capacity: int, hugetlb: bool, what: str, require_seal: bool) -> None:
+    """``vet`` again, after mapping, of what can differ by then: the seals of
+    the file mapped (``fd``: the region's own; the caller's descriptor may
+    have been another file when it was vetted) and the size mapped (the
+    file may have grown meanwhile). The kind was checked by the C layer."""
+    if require_seal:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        missing = missing_seal(seals, hugetlb)
+        if missing is not None:
+            raise _unguarded(what, seals, missing)
+    check_memory(capacity, f"map the memfd of {what}", backed_now=False)

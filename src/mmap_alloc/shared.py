@@ -47,6 +47,7 @@ from ._memfd import (
     memfd_name,
     missing_seal,
     pages_for,
+    recheck,
     step_error,
     vet,
 )
@@ -101,8 +102,7 @@ def _reduce(region: SharedRegion) -> tuple[Any, tuple[Any, ...]]:
     from multiprocessing import context, reduction
 
     fd, flags = region.fd, region._flags()
-    hugetlb = region.backing is Backing.HUGETLB
-    if missing_seal(fcntl.fcntl(fd, fcntl.F_GET_SEALS), hugetlb) is not None:
+    if missing_seal(fcntl.fcntl(fd, fcntl.F_GET_SEALS), region._page > PAGE_SIZE) is not None:
         flags |= _FLAG_UNGUARDED
     handle: Any
     if context.get_spawning_popen() is not None:
@@ -324,15 +324,19 @@ class SharedRegion(Region):
         require_seal: bool,
         what: str,
     ) -> SharedRegion:
-        """Vet ``fd`` (while it is open: ``take`` gives it to the C layer,
-        which closes it on failure), map it, and vet the file the region maps
-        again (``fd`` may have been another file by then, or grown)."""
-        try:
-            vet(fd, what, require_seal)
-        except BaseException:
-            if take:
+        """Map ``fd`` if it passes the checks of ``vet``: before the C layer
+        when it takes ``fd`` (and closes it on failure: the message must name
+        it first); else (``from_fd``, the caller keeps ``fd`` open) after a
+        refusal of the C layer, to name the cause. Either way the seals and
+        the size of the file the region maps are checked again once it is
+        mapped (a mapping is harmless until touched): ``fd`` may have been
+        another file by then, or grown."""
+        if take:
+            try:
+                vet(fd, what, require_seal)
+            except BaseException:
                 os.close(fd)
-            raise
+                raise
         if flags & _FLAG_THP:
             align, advice, backing = thp_size(), MADV_HUGEPAGE, Backing.THP
         else:
@@ -342,9 +346,12 @@ class SharedRegion(Region):
                 cls, fd, take, readonly, size, align, advice, backing, Backing.HUGETLB
             )
         except OSError as exc:
+            if not take:
+                vet(fd, what, require_seal)
             raise attach_error(exc, what) from None
         try:
-            vet(_shared_fd(region), what, require_seal)
+            hugetlb = region._page > PAGE_SIZE
+            recheck(_shared_fd(region), region.capacity, hugetlb, what, require_seal)
         except BaseException:
             region.close()
             raise
