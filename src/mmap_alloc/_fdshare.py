@@ -305,7 +305,9 @@ class SharedFd(NamedTuple):
 
     def _open_in_proc(self) -> int | None:
         # O_NONBLOCK, O_NOCTTY: the number may be another file by now (the
-        # owner closed it), a FIFO whose open would wait for a writer, a tty
+        # owner closed it), a FIFO whose open would wait for a writer, a tty.
+        # (A stat of the path first, to open only the right file, would cost
+        # as much as the open: /proc's lookup is most of a hand-over.)
         flags = os.O_RDONLY if self.readonly else os.O_RDWR
         flags |= os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
         try:

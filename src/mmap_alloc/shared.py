@@ -297,6 +297,7 @@ class SharedRegion(Region):
             flags=flags,
             require_seal=bool(require_seal),
             what="the descriptor received",
+            from_peer=True,
         )
 
     @classmethod
@@ -323,15 +324,18 @@ class SharedRegion(Region):
         flags: int,
         require_seal: bool,
         what: str,
+        from_peer: bool = False,
     ) -> SharedRegion:
         """Map ``fd`` if it passes the checks of ``vet``: before the C layer
-        when it takes ``fd`` (and closes it on failure: the message must name
-        it first); else (``from_fd``, the caller keeps ``fd`` open) after a
-        refusal of the C layer, to name the cause. Either way the seals and
-        the size of the file the region maps are checked again once it is
-        mapped (a mapping is harmless until touched): ``fd`` may have been
-        another file by then, or grown."""
-        if take:
+        for a descriptor ``from_peer`` (``receive``: the C layer takes it and
+        closes it on failure, so the message must name it first); after a
+        refusal of the C layer for the caller's own (``from_fd``), to name
+        the cause. The seals and the size of the file the region maps are
+        checked once it is mapped, in every case (a mapping is harmless until
+        touched; multiprocessing's descriptor, the sender's own file, is
+        checked only then): ``fd`` may have been another file by then, or
+        grown."""
+        if from_peer:
             try:
                 vet(fd, what, require_seal)
             except BaseException:
