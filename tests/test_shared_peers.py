@@ -423,10 +423,8 @@ def test_a_peer_that_ended_after_pickling_is_a_clear_error() -> None:
     run_pair(victim, peer)
 
 
+@needs_root
 def test_a_stopped_peer_is_a_timeout_error_not_a_hang() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("changing to another user needs root")
-
     def victim(side: Side) -> None:
         from mmap_alloc import _fdshare
 
