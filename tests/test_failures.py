@@ -240,3 +240,111 @@ def test_a_close_that_must_split_a_mapping_at_the_limit_fails_and_keeps_the_regi
         assert _mman.mapped_bytes() == 0
         """,
     )
+
+
+# ---------------------------------------------------------------- a full mapping cache
+
+FILL_WITH_LIBC = """
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+FAILED = ctypes.c_void_p(-1).value
+fillers = []
+
+def fill():
+    # r-- and r-x alternating: never merged with each other or with rw- pages,
+    # and mapped behind the library's back (its refusals would trim the caches)
+    while True:
+        p = libc.mmap(None, P, 1 if len(fillers) % 2 else 5, 0x22, -1, 0)
+        if p in (None, FAILED):
+            return
+        fillers.append(p)
+
+def room(n):
+    for _ in range(n):
+        libc.munmap(fillers.pop(), P)
+
+def full_cache(n):
+    # n cached mappings, each a kernel mapping of its own (live r-- neighbours)
+    cache, separators = MapAlloc(cache=n), MapAlloc(write=False)
+    pairs = [(cache.alloc(P), separators.alloc(P)) for _ in range(n)]
+    for region, _ in pairs:
+        cache.dealloc(region)
+    assert cache.stats().cache.mappings == n
+    return cache, [separator for _, separator in pairs]
+"""
+
+
+@pytest.mark.skipif(max_map_count() > 1_000_000, reason="vm.max_map_count is too high to reach")
+@FILLS_THE_MAP_COUNT
+def test_at_the_map_count_limit_a_full_cache_is_emptied_before_anything_fails() -> None:
+    run_child(
+        FILL_WITH_LIBC,
+        """
+        victims = MapAlloc()
+        victim = victims.alloc(3 * P)  # a protection change in its middle needs 2 mappings
+        batch = sorted((victims.alloc(P) for _ in range(64)), key=lambda r: r.address)
+        trio = next(  # three adjacent pages: one kernel mapping, split by freeing the middle
+            batch[i : i + 3]
+            for i in range(62)
+            if batch[i].address + P == batch[i + 1].address == batch[i + 2].address - P
+        )
+        for r in batch:
+            if r not in trio:
+                r.close()
+        odd = MapAlloc(read=False, write=False, exec=True)  # --x: merges with nothing here
+        made = []
+        fill()
+        steps = {
+            "protect": lambda: victim.protect(Perm.READ, P, P),
+            "alloc": lambda: made.append(odd.alloc(P)),
+            "dealloc": lambda: victims.dealloc(trio[1]),
+        }
+        for name, step in steps.items():
+            room(100)
+            cache, separators = full_cache(40)
+            fill()
+            step()  # ENOMEM first: the caches are emptied, then it works
+            assert cache.stats().cache.mappings == 0, name
+            room(2 * len(separators))
+            for region in separators:
+                region.close()
+            fill()
+        assert victim.protections() == [(0, P, 3), (P, P, 1), (2 * P, P, 3)]
+        assert trio[1].closed
+        room(len(fillers))
+        for region in [victim, trio[0], trio[2], *made]:
+            region.close()
+        assert _mman.mapped_bytes() == 0
+        """,
+    )
+
+
+@emulated_skip(RLIMIT_AS)
+def test_under_the_address_space_limit_a_full_cache_is_emptied_before_alloc_fails() -> None:
+    run_child(
+        """
+        limit_address_space(256 * MiB)
+        cache = MapAlloc(cache=8)
+        regions = [cache.alloc(40 * MiB) for _ in range(4)]
+        for region in regions:
+            cache.dealloc(region)
+        assert cache.stats().cache.bytes == 160 * MiB
+        with MapAlloc().alloc(160 * MiB) as big:  # fits once the cache gave its space back
+            big[-1] = 1
+        assert cache.stats().cache.mappings == 0
+        mover = MapAlloc()
+        small = mover.alloc(P)
+        small[0] = 9
+        regions = [cache.alloc(40 * MiB) for _ in range(4)]
+        for region in regions:
+            cache.dealloc(region)
+        mover.realloc(small, 160 * MiB)  # a move, the same way
+        assert (small[0], small[-1]) == (9, 0)
+        assert cache.stats().cache.mappings == 0
+        mover.dealloc(small)
+        assert _mman.mapped_bytes() == 0
+        """
+    )

@@ -106,6 +106,9 @@ class World:
     objects: list[int] = field(default_factory=list)
     shared: list[SharedRegion] = field(default_factory=list)
     """A shared region (not sealed against shrinking) and a second mapping of its file."""
+    cache_alloc: MapAlloc = field(default_factory=lambda: MapAlloc(cache=4))
+    """An allocator with a mapping cache, and its regions (a plain one, a mixed one)."""
+    cached: list[Region] = field(default_factory=list)
     inside: int = 0
     """How deep the world is inside library calls made by operations."""
 
@@ -142,6 +145,11 @@ def make_world() -> World:
     shared = SharedRegion.create(3 * PAGE, seal_shrink=False)
     shared.protect(R, PAGE, PAGE)
     world.shared.extend((shared, SharedRegion.from_fd(shared.fd, require_seal=False)))
+    cache = world.cache_alloc
+    world.cached.extend((cache.alloc(2 * PAGE), cache.alloc(2 * PAGE)))
+    world.cached[0][:] = b"\x22" * (2 * PAGE)
+    world.cached[1].protect(R, PAGE, PAGE)
+    cache.dealloc(cache.alloc(2 * PAGE))  # one mapping in the cache from the start
     return world
 
 
@@ -157,6 +165,9 @@ def teardown(world: World) -> None:
     world.heap.close()
     for region in world.shared:
         region.close()
+    for region in world.cached:
+        region.close()
+    world.cache_alloc.trim()
 
 
 # ---------------------------------------------------------------- operations
@@ -488,6 +499,26 @@ def op_shared_pickle(world: World) -> None:
     call(world, _pickle_round_trip, world.shared[1])
 
 
+def op_cache_alloc(world: World) -> None:
+    world.cached.append(call(world, world.cache_alloc.alloc, 2 * PAGE))
+
+
+def op_cache_alloc_aligned(world: World) -> None:
+    world.cached.append(call(world, world.cache_alloc.alloc, 2 * PAGE, 4 * PAGE))
+
+
+def op_cache_dealloc(world: World) -> None:
+    call(world, world.cache_alloc.dealloc, world.cached[0])
+
+
+def op_cache_dealloc_mixed(world: World) -> None:
+    call(world, world.cache_alloc.dealloc, world.cached[1])
+
+
+def op_cache_trim(world: World) -> None:
+    call(world, world.cache_alloc.trim)
+
+
 OPERATIONS: dict[str, Callable[[World], None]] = {
     name[3:]: function for name, function in sorted(globals().items()) if name.startswith("op_")
 }
@@ -513,7 +544,7 @@ def check(world: World) -> None:
     """Every promise, after an operation was cut or crossed by another."""
     gc.collect(1)  # buffers and functions that only a cut-off call held
     vmas = read_maps()
-    for region in [*world.regions, *world.shared]:
+    for region in [*world.regions, *world.shared, *world.cached]:
         if region.closed:
             continue
         pages = page_perms(vmas, region.address, region.capacity, PAGE)
@@ -536,6 +567,7 @@ def check(world: World) -> None:
             if not block.closed:
                 pins = sum(1 for owner, _ in world.functions if owner is block)
                 assert block._pins == pins, ("block pins", block._pins, pins)
+    check_cache(world, vmas)
     secret = world.secret
     if not secret.closed and secret.access != "none":
         with secret.open() as view:  # the pages the kernel says are open really are
@@ -548,6 +580,25 @@ def check(world: World) -> None:
         fresh = pool.alloc_many(5)
         assert not set(fresh) & set(world.objects), "the pool handed out a live address"
         pool.free_many(fresh)
+
+
+def check_cache(world: World, vmas: list[Any]) -> None:
+    """The cache holds mappings that no open region covers, each with the
+    allocator's protection in the kernel, its pages given back (zeros)."""
+    held = world.cache_alloc._cached()
+    assert len({address for address, *_ in held}) == len(held), "a mapping cached twice"
+    assert world.cache_alloc.stats().cache.mappings == len(held)
+    spans = [
+        (region.address, region.address + region.capacity)
+        for region in [*world.regions, *world.shared, *world.cached]
+        if not region.closed
+    ]
+    for address, capacity, _align, _attempt in held:
+        assert not any(lo < address + capacity and address < hi for lo, hi in spans), (
+            "a cached mapping is also a live region"
+        )
+        assert set(page_perms(vmas, address, capacity, PAGE)) == {RW}, "cached with other perms"
+        assert not any(byte & 1 for byte in _mman.residency(address, capacity)), "pages kept"
 
 
 # ---------------------------------------------------------------- injection
@@ -671,6 +722,9 @@ def collect_everywhere(name: str, others: list[str]) -> None:
 
 NAMES = sorted(OPERATIONS)
 SHORT_OTHERS = [
+    "cache_alloc",
+    "cache_dealloc",
+    "cache_trim",
     "close",
     "code_close",
     "code_free",

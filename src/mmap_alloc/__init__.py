@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # what type checkers and the API reference see
     from .region import Region
     from .secret import SecretBuffer
     from .shared import SharedRegion
-    from .stats import AllocStats, RegionStats
+    from .stats import AllocStats, CacheStats, RegionStats
 del TYPE_CHECKING
 
 # Each public name and the module that defines it (tests/test_init.py checks
@@ -38,6 +38,7 @@ _HOMES = {
     "AllocError": "exceptions",
     "AllocStats": "stats",
     "Backing": "backings",
+    "CacheStats": "stats",
     "CannotReallocInPlace": "exceptions",
     "CodeBlock": "jit",
     "CodeHeap": "jit",
@@ -60,6 +61,7 @@ __all__ = [
     "AllocError",
     "AllocStats",
     "Backing",
+    "CacheStats",
     "CannotReallocInPlace",
     "CodeBlock",
     "CodeHeap",

@@ -196,17 +196,23 @@ class Allocator:
     def _max_size(self) -> int: ...
     @property
     def _prot(self) -> int: ...
+    @property
+    def _cache(self) -> int: ...
     def _configure(
         self,
         page: int,
         max_size: int,
         prot: int,
         populate: bool,
-        attempts: Iterable[tuple[int, int, int, object]],
+        attempts: Iterable[tuple[int, int, int, object, int]],
         region_type: type[Region],
         slow: Callable[..., Region],
+        cache: int,
         /,
     ) -> None: ...
+    def trim(self) -> int: ...
+    def _cache_stats(self) -> tuple[int, int, int, int]: ...
+    def _cached(self) -> list[tuple[int, int, int, int]]: ...
     def alloc(
         self,
         size: int,

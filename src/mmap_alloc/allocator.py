@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
-from ._args import MAX_SIZE, power_of_two
+from ._args import MAX_SIZE, integer, power_of_two
 from ._args import size as size_argument
 from ._linux import MADV_DONTNEED, MAP_NORESERVE, PAGE_SIZE, PROT_NONE, alloc_error
 from ._mman import Allocator
@@ -14,7 +14,10 @@ from .backings import Backing, HugePages, PageSource, select
 from .exceptions import CLOSED
 from .perm import Perm, effective_perms
 from .region import Region
-from .stats import AllocStats, alloc_stats
+from .stats import AllocStats, CacheStats, alloc_stats
+
+MAX_CACHE = 1 << 20
+"""The most mappings ``MapAlloc(cache=...)`` keeps per class."""
 
 
 class Layout(NamedTuple):
@@ -74,6 +77,13 @@ class MapAlloc(Allocator):
     ``huge="hugetlb" | "thp" | "prefer"`` picks a mode (see
     mmap_alloc.backings). The page size is then the huge page size, and
     ``region.backing`` says what each region got.
+
+    ``cache=n`` keeps up to n freed mappings of each class (capacity,
+    alignment, backing) for the next allocation of that class instead of
+    unmapping them: dealloc() and alloc() then cost a fraction of a system
+    call pair. A reused mapping is as a fresh one would be (zeros, the
+    allocator's protection, committed if it commits), but its address is
+    the one a freed region had: see docs/allocator.md before using it.
     """
 
     __slots__ = ("__weakref__", "_commit", "_obj_layout", "_pages", "_perms", "_requested")
@@ -89,10 +99,14 @@ class MapAlloc(Allocator):
         huge_pagesize: int | None = None,
         *,
         huge: str | None = None,
+        cache: int = 0,
     ) -> None:
         for name, flag in (("read", read), ("write", write), ("exec", exec), ("commit", commit)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, not {type(flag).__name__}")
+        kept = integer(cache, "cache")
+        if not 0 <= kept <= MAX_CACHE:
+            raise ValueError(f"cache must be between 0 (off) and {MAX_CACHE}, got {kept}")
         pages = select(huge, huge_pagesize)
         page = pages.page
         align = page if obj_align is None else power_of_two(obj_align, "obj_align")
@@ -118,6 +132,7 @@ class MapAlloc(Allocator):
             attempts,
             Region,
             _alloc_slow,
+            kept,
         )
 
     # ------------------------------------------------------------ properties
@@ -158,6 +173,11 @@ class MapAlloc(Allocator):
         return self._pages
 
     @property
+    def cache(self) -> int:
+        """Freed mappings kept per class for reuse (0: none, every dealloc unmaps)."""
+        return self._cache
+
+    @property
     def obj_layout(self) -> Layout:
         """The layout of objects from alloc_obj()."""
         return self._obj_layout
@@ -166,12 +186,14 @@ class MapAlloc(Allocator):
         mode = self._pages.mode
         huge = f" huge={mode!s}" if mode is not None else ""
         hugetlb = f" huge_pagesize={self._pages.hugetlb}" if self._pages.hugetlb else ""
+        cache = f" cache={self._cache}" if self._cache else ""
         return (
-            f"<MapAlloc {self._perms} commit={self._commit}{huge} page_size={self._page}{hugetlb}>"
+            f"<MapAlloc {self._perms} commit={self._commit}{huge} page_size={self._page}"
+            f"{hugetlb}{cache}>"
         )
 
     # ------------------------------------------------------------ allocation
-    # alloc(size, align=None) and dealloc(region) are the C base's.
+    # alloc(size, align=None), dealloc(region) and trim() are the C base's.
 
     if TYPE_CHECKING:
 
@@ -334,12 +356,13 @@ class MapAlloc(Allocator):
     # ------------------------------------------------------------ statistics
 
     def stats(self) -> AllocStats:
-        """Live regions, bytes mapped and bytes resident, measured now.
+        """Live regions, bytes mapped and bytes resident, measured now, and
+        what the mapping cache holds (``stats().cache``).
 
         Costs nothing per allocation: the live regions are found through the
         garbage collector (time proportional to the objects in the process).
         """
-        return alloc_stats(self, Region)
+        return alloc_stats(self, Region, CacheStats(*self._cache_stats()))
 
     # ------------------------------------------------------------ helpers
 

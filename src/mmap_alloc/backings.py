@@ -66,16 +66,18 @@ class HugePages(StrEnum):
 @dataclass(frozen=True)
 class Attempt:
     """One way to map pages: mmap flags, advice for the new pages, the
-    alignment to map at, and the backing it gives."""
+    alignment to map at, the backing it gives, and the smallest capacity it
+    is tried for (0: every one)."""
 
     mflags: int
     advice: int
     align: int
     backing: Backing
+    min_size: int = 0
 
-    def spec(self) -> tuple[int, int, int, Backing]:
+    def spec(self) -> tuple[int, int, int, Backing, int]:
         """As the C layer takes it."""
-        return (self.mflags, self.advice, self.align, self.backing)
+        return (self.mflags, self.advice, self.align, self.backing, self.min_size)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ class MapAllocBuilder:
     object_align: int | None = None
     huge_page_size: int | None = None
     huge_mode: str | None = None
+    cache_size: int = 0
 
     def read(self, flag: bool = True) -> MapAllocBuilder:
         """Whether allocated memory is readable (default: yes)."""
@@ -63,6 +64,11 @@ class MapAllocBuilder:
         None for normal pages (or hugetlb pages if huge_pagesize is set)."""
         return dataclasses.replace(self, huge_mode=mode)
 
+    def cache(self, n: int) -> MapAllocBuilder:
+        """Keep up to n freed mappings per class for reuse (default 0: off);
+        see MapAlloc and docs/allocator.md."""
+        return dataclasses.replace(self, cache_size=n)
+
     def build(self) -> MapAlloc:
         """The allocator this configuration describes; all validation happens here."""
         return MapAlloc(
@@ -74,4 +80,5 @@ class MapAllocBuilder:
             obj_align=self.object_align,
             huge_pagesize=self.huge_page_size,
             huge=self.huge_mode,
+            cache=self.cache_size,
         )

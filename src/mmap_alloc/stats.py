@@ -45,15 +45,32 @@ class RegionStats:
 
 
 @dataclass(frozen=True)
+class CacheStats:
+    """What an allocator's mapping cache (``MapAlloc(cache=n)``) holds and did."""
+
+    mappings: int = 0
+    """Freed mappings kept for reuse now."""
+    bytes: int = 0
+    """Their address space, summed (their pages were given back to the kernel)."""
+    hits: int = 0
+    """Allocations served from the cache so far."""
+    misses: int = 0
+    """Allocations that found no mapping of their class there (and mapped one)."""
+
+
+@dataclass(frozen=True)
 class AllocStats:
     """What an allocator holds now."""
 
     regions: int
     """Live (open) regions it made."""
     mapped_bytes: int
-    """Their capacities, summed: the address space it holds."""
+    """Their capacities, summed: the address space of its live regions (the
+    cache's mappings are counted in ``cache``)."""
     resident_bytes: int
     """Bytes of those regions in memory now (mincore)."""
+    cache: CacheStats = CacheStats()
+    """The mapping cache: mappings and bytes held, hits and misses."""
 
 
 def _overlap(entry_start: int, entry_end: int, start: int, end: int) -> int:
@@ -114,8 +131,10 @@ def live_regions(owner: object, region_type: type[KernelRegion]) -> list[KernelR
     ]
 
 
-def alloc_stats(owner: object, region_type: type[KernelRegion]) -> AllocStats:
-    """Live regions, bytes mapped and bytes resident of an allocator."""
+def alloc_stats(
+    owner: object, region_type: type[KernelRegion], cache: CacheStats | None = None
+) -> AllocStats:
+    """Live regions, bytes mapped and bytes resident of an allocator, and its cache."""
     regions = mapped = resident = 0
     for region in live_regions(owner, region_type):
         try:
@@ -124,4 +143,9 @@ def alloc_stats(owner: object, region_type: type[KernelRegion]) -> AllocStats:
             continue
         regions += 1
         mapped += region.capacity
-    return AllocStats(regions=regions, mapped_bytes=mapped, resident_bytes=resident)
+    return AllocStats(
+        regions=regions,
+        mapped_bytes=mapped,
+        resident_bytes=resident,
+        cache=cache if cache is not None else CacheStats(),
+    )

@@ -107,6 +107,17 @@ region_populate(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyO
     Py_RETURN_NONE;
 }
 
+/* Whether the kernel keeps nothing of the advice past the pages it acts on
+ * (the others leave state the record does not know, except those it does:
+ * advice_run_flag). */
+static int
+leaves_no_state(int advice)
+{
+    return advice == MADV_NORMAL || advice == MADV_WILLNEED || advice == MADV_DONTNEED
+           || advice == MADV_FREE || advice == MADV_COLD || advice == MADV_PAGEOUT
+           || advice == MADV_POPULATE_READ || advice == MADV_POPULATE_WRITE;
+}
+
 static int
 discards(int advice)
 {
@@ -168,6 +179,8 @@ region_madvise(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyOb
     piece.lo = start;
     piece.hi = start + n;
     piece.advice = advice;
+    if (!leaves_no_state(advice) && !advice_run_flag(advice, &err))
+        self->m.flags |= MAPPING_ADVISED;   /* even if it fails part-way */
     if (advice_run_flag(advice, &err))
         /* the record changes with it: no other thread may run in between */
         err = mapping_advise_flags(&self->m, start, start + n, advice);
@@ -193,6 +206,7 @@ region_mlock(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObje
     if (n == 0)
         Py_RETURN_NONE;
     p = self->m.data + start;
+    self->m.flags |= MAPPING_ADVISED;   /* locked pages refuse to be given back */
     mapping_busy_enter(&self->m);
     Py_BEGIN_ALLOW_THREADS
     err = os_lock(p, (size_t)n, on_fault);

@@ -6,10 +6,22 @@
  * kernel, goes to the slow path given once (a Python function called as
  * slow(allocator, *args, **kwargs)), which holds the argument checks, the
  * other options and the error messages. dealloc(region) is complete here.
+ *
+ * The mapping cache (MapAlloc(cache=N), off by default): dealloc keeps a
+ * freed mapping (cache.c) instead of unmapping it when its whole state is
+ * the allocator's own: private anonymous pages of one of its attempts (not
+ * hugetlb: a private huge page given back does not get its reservation
+ * back), no run flags in the record (guards, fork and dump advice), no
+ * state the record does not know (MAPPING_ADVISED: locks, access-pattern
+ * and huge-page advice), nothing holding it. Its protection is set back to
+ * the allocator's and its pages are given back (MADV_DONTNEED: private
+ * anonymous pages read as zero again), so that alloc can hand it out as it
+ * would a fresh mapping; a committing allocator faults it in again.
  */
 #include "mman.h"
 
 #define MAX_ATTEMPTS 3
+#define MAX_CACHE (1 << 20)
 
 typedef struct {
     PyObject_HEAD
@@ -19,9 +31,126 @@ typedef struct {
     int prot;
     int nattempts;
     MapSpec attempts[MAX_ATTEMPTS];   /* backing: strong references */
+    Py_ssize_t min_size[MAX_ATTEMPTS];   /* an attempt maps capacities from this on */
     PyTypeObject *region_type;        /* NULL until configured */
     PyObject *slow;
+    MappingCache cache;
 } AllocatorObject;
+
+/* ------------------------------------------------------------------ */
+/* the cache's policy                                                  */
+
+/* The attempt a region of ours was mapped by, if the cache may keep it
+ * (see the head of this file); -1 otherwise. */
+static int
+cacheable_attempt(AllocatorObject *self, RegionObject *r)
+{
+    const Mapping *m = &r->m;
+
+    if (m->flags & ~MAPPING_COMMITTED || m->fd >= 0)
+        return -1;
+    for (Py_ssize_t i = 0; i < m->rec.n; i++)
+        if (m->rec.runs[i].flags)
+            return -1;
+    for (int k = 0; k < self->nattempts; k++) {
+        const MapSpec *spec = &self->attempts[k];
+        if (spec->backing == r->backing && spec->mflags == m->mflags
+            && spec->advice == m->advice && spec->page == m->page
+            && !(spec->mflags & MAP_HUGETLB))
+            return k;
+    }
+    return -1;
+}
+
+/* Keep an open, idle region of ours in the cache, closing it: 1. 0 when
+ * the cache does not take it (the region is as it was, its protection
+ * perhaps set back to the allocator's, as recorded). */
+static int
+cache_keep(AllocatorObject *self, RegionObject *r)
+{
+    Mapping *m = &r->m;
+    Py_ssize_t capacity = m->capacity;
+    int k = cacheable_attempt(self, r), err;
+    char *p;
+
+    if (k < 0 || !cache_has_room(&self->cache, capacity, m->align, k))
+        return 0;
+    if (!rec_uniform(&m->rec, 0, capacity, self->prot)
+        && mapping_set_prot(m, 0, capacity, self->prot) < 0) {
+        PyErr_Clear();   /* the unmap that follows says what it must */
+        return 0;
+    }
+    p = m->data;
+    m->data = NULL;   /* closed before its pages are given back */
+    if (mapping_unmap_is_slow(m)) {
+        Py_BEGIN_ALLOW_THREADS
+        err = os_advise(p, (size_t)capacity, MADV_DONTNEED);
+        Py_END_ALLOW_THREADS
+    }
+    else
+        err = os_advise(p, (size_t)capacity, MADV_DONTNEED);
+    if (err) {
+        m->data = p;
+        return 0;
+    }
+    if (!cache_put(&self->cache, p, capacity, m->align, k))   /* filled meanwhile */
+        unmap_or_bury(p, capacity, 0);
+    return 1;
+}
+
+/* A region over a mapping out of the cache, as fresh as a new one. */
+static PyObject *
+wrap_reused(AllocatorObject *self, char *p, Py_ssize_t size, Py_ssize_t capacity,
+            const MapSpec *attempt, Py_ssize_t align)
+{
+    MapSpec spec = *attempt;
+    int populate = spec.populate && (spec.prot & PROT_RW);
+    PyObject *region;
+
+    spec.align = align;
+    if (populate) {   /* best effort, as MAP_POPULATE is */
+        int advice = (spec.prot & PROT_WRITE) ? MADV_POPULATE_WRITE : MADV_POPULATE_READ;
+        if (capacity >= SLOW_CALL_BYTES) {
+            Py_BEGIN_ALLOW_THREADS
+            os_advise(p, (size_t)capacity, advice);
+            Py_END_ALLOW_THREADS
+        }
+        else
+            os_advise(p, (size_t)capacity, advice);
+    }
+    region = region_wrap(self->region_type, p, size, capacity, &spec, (PyObject *)self, -1);
+    if (region == NULL) {
+        unmap_or_bury(p, capacity, 0);
+        return NULL;
+    }
+    if (populate)
+        ((RegionObject *)region)->m.flags |= MAPPING_COMMITTED;
+    return region;
+}
+
+/* A mapping of capacity bytes from the cache, by the first attempt that has
+ * one; NULL (no exception) on a miss. */
+static PyObject *
+cache_reuse(AllocatorObject *self, Py_ssize_t size, Py_ssize_t capacity, Py_ssize_t align)
+{
+    for (int k = 0; k < self->nattempts; k++) {
+        const MapSpec *spec = &self->attempts[k];
+        Py_ssize_t a = align > spec->align ? align : spec->align;
+        char *p;
+        if (capacity < self->min_size[k])
+            continue;
+        p = cache_take(&self->cache, capacity, a, k);
+        if (p != NULL) {
+            self->cache.hits++;
+            return wrap_reused(self, p, size, capacity, spec, a);
+        }
+    }
+    self->cache.misses++;
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ */
+/* alloc and dealloc                                                   */
 
 /* Map capacity bytes with the first attempt the kernel accepts; NULL with
  * the last refusal's OSError set. */
@@ -30,16 +159,24 @@ allocator_map(AllocatorObject *self, Py_ssize_t size, Py_ssize_t capacity, Py_ss
               char *address)
 {
     PyObject *region = NULL;
+    int tried = 0;
 
+    if (address == NULL && self->cache.max > 0) {
+        region = cache_reuse(self, size, capacity, align);
+        if (region != NULL || PyErr_Occurred())
+            return region;
+    }
     for (int k = 0; k < self->nattempts; k++) {
         const MapSpec *spec = &self->attempts[k];
         MapSpec aligned;
+        if (capacity < self->min_size[k])
+            continue;
         if (align > spec->align) {
             aligned = *spec;
             aligned.align = align;
             spec = &aligned;
         }
-        if (k > 0)
+        if (tried++)
             PyErr_Clear();
         region = region_map(self->region_type, size, capacity, spec, (PyObject *)self, address);
         if (region != NULL)
@@ -136,9 +273,13 @@ allocator_dealloc(AllocatorObject *self, PyObject *region)
 
     /* the common case in one go: a region of ours, open, idle, plain */
     if (Py_TYPE(region) == self->region_type && r->owner == (PyObject *)self && m->data != NULL
-        && m->holds == NULL && mapping_busy(m) == 0 && (m->flags & ~MAPPING_COMMITTED) == 0
-        && !mapping_unmap_is_slow(m)) {
-        char *p = m->data;
+        && m->holds == NULL && mapping_busy(m) == 0 && (m->flags & ~MAPPING_COMMITTED) == 0) {
+        char *p;
+        if (self->cache.max > 0 && cache_keep(self, r))
+            Py_RETURN_NONE;
+        if (mapping_unmap_is_slow(m))
+            goto general;
+        p = m->data;
         m->data = NULL;
         if (os_unmap(p, (size_t)m->capacity) == 0) {
             kernel.mapped_bytes -= m->capacity;
@@ -148,6 +289,7 @@ allocator_dealloc(AllocatorObject *self, PyObject *region)
         }
         m->data = p;   /* refused (vm.max_map_count): the general path says why */
     }
+general:
     if (!is_region(region)) {
         PyObject *name = PyType_GetName(Py_TYPE(region));
         if (name != NULL) {
@@ -159,6 +301,28 @@ allocator_dealloc(AllocatorObject *self, PyObject *region)
     return region_release((RegionObject *)region, (PyObject *)self);
 }
 
+/* trim() -> int: unmap every mapping the cache holds; the bytes released */
+static PyObject *
+allocator_trim(AllocatorObject *self, PyObject *unused)
+{
+    return PyLong_FromSsize_t(cache_trim(&self->cache));
+}
+
+/* _cache_stats() -> (mappings, bytes, hits, misses) */
+static PyObject *
+allocator_cache_stats(AllocatorObject *self, PyObject *unused)
+{
+    return Py_BuildValue("(nnKK)", self->cache.mappings, self->cache.bytes, self->cache.hits,
+                         self->cache.misses);
+}
+
+/* _cached() -> [(address, capacity, align, attempt)]: the mappings the cache holds */
+static PyObject *
+allocator_cached(AllocatorObject *self, PyObject *unused)
+{
+    return cache_list(&self->cache);
+}
+
 static void
 clear_attempts(AllocatorObject *self)
 {
@@ -167,20 +331,27 @@ clear_attempts(AllocatorObject *self)
     self->nattempts = 0;
 }
 
-/* _configure(page, max_size, prot, populate, attempts, region_type, slow):
- * attempts is a sequence of (mflags, advice, align, backing), best first */
+/* _configure(page, max_size, prot, populate, attempts, region_type, slow, cache):
+ * attempts is a sequence of (mflags, advice, align, backing, min_size), best
+ * first (an attempt maps capacities of min_size and more; the last, all);
+ * cache: mappings kept per class (0: none) */
 static PyObject *
 allocator_configure(AllocatorObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t page, max_size, n;
+    Py_ssize_t page, max_size, n, cache, min_size[MAX_ATTEMPTS];
     int prot, populate;
     MapSpec attempts[MAX_ATTEMPTS];
     PyObject *seq;
 
-    if (check_nargs("_configure", nargs, 7, 7) < 0 || arg_ssize(args[0], "page", &page) < 0
+    if (check_nargs("_configure", nargs, 8, 8) < 0 || arg_ssize(args[0], "page", &page) < 0
         || arg_ssize(args[1], "max_size", &max_size) < 0 || arg_int(args[2], "prot", &prot) < 0
-        || arg_int(args[3], "populate", &populate) < 0)
+        || arg_int(args[3], "populate", &populate) < 0 || arg_ssize(args[7], "cache", &cache) < 0)
         return NULL;
+    if (cache > MAX_CACHE) {
+        PyErr_Format(PyExc_ValueError, "cache=%zd: at most %d mappings per class", cache,
+                     MAX_CACHE);
+        return NULL;
+    }
     if (page <= 0 || (page & (page - 1)) || !PyType_Check(args[5])
         || !PyType_IsSubtype((PyTypeObject *)args[5], kernel.region_type) || !PyCallable_Check(args[6])) {
         PyErr_SetString(PyExc_ValueError, "bad allocator configuration");
@@ -197,13 +368,17 @@ allocator_configure(AllocatorObject *self, PyObject *const *args, Py_ssize_t nar
     }
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *item = PyTuple_GetItem(seq, k);
-        if (!PyTuple_Check(item) || PyTuple_Size(item) != 4
+        if (!PyTuple_Check(item) || PyTuple_Size(item) != 5
             || arg_int(PyTuple_GetItem(item, 0), "mflags", &attempts[k].mflags) < 0
             || arg_int(PyTuple_GetItem(item, 1), "advice", &attempts[k].advice) < 0
-            || arg_ssize(PyTuple_GetItem(item, 2), "align", &attempts[k].align) < 0) {
+            || arg_ssize(PyTuple_GetItem(item, 2), "align", &attempts[k].align) < 0
+            || arg_ssize(PyTuple_GetItem(item, 4), "min_size", &min_size[k]) < 0
+            || (k == n - 1 && min_size[k] != 0)) {
             Py_DECREF(seq);
             if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "an attempt is (mflags, advice, align, backing)");
+                PyErr_SetString(PyExc_ValueError,
+                                "an attempt is (mflags, advice, align, backing, min_size); "
+                                "the last maps every size");
             return NULL;
         }
         attempts[k].backing = PyTuple_GetItem(item, 3);
@@ -214,8 +389,11 @@ allocator_configure(AllocatorObject *self, PyObject *const *args, Py_ssize_t nar
         self->attempts[k].prot = prot;
         self->attempts[k].populate = populate;
         self->attempts[k].page = page;
+        self->min_size[k] = min_size[k];
         Py_INCREF(self->attempts[k].backing);
     }
+    cache_free(&self->cache);   /* the old classes and their mappings */
+    self->cache.max = cache;
     self->nattempts = (int)n;
     Py_DECREF(seq);
     self->page = page;
@@ -243,6 +421,7 @@ allocator_traverse(AllocatorObject *self, visitproc visit, void *arg)
 static int
 allocator_clear(AllocatorObject *self)
 {
+    cache_free(&self->cache);   /* the allocator's end unmaps what it kept */
     clear_attempts(self);
     Py_CLEAR(self->region_type);
     Py_CLEAR(self->slow);
@@ -269,12 +448,20 @@ static PyMethodDef allocator_methods[] = {
      "than within bytes from near."},
     {"dealloc", (PyCFunction)allocator_dealloc, METH_O,
      "dealloc($self, region, /)\n--\n\n"
-     "Unmap the region. BufferError (nothing changed) while a buffer or function of it lives."},
+     "Unmap the region (with a cache: keep its mapping, pages given back, for the next\n"
+     "alloc of its class). BufferError (nothing changed) while a buffer or function of it lives."},
+    {"trim", (PyCFunction)allocator_trim, METH_NOARGS,
+     "trim($self, /)\n--\n\n"
+     "Unmap every mapping the cache holds; returns the bytes of address space released."},
+    {"_cache_stats", (PyCFunction)allocator_cache_stats, METH_NOARGS,
+     "_cache_stats() -> (mappings, bytes, hits, misses) of the mapping cache."},
+    {"_cached", (PyCFunction)allocator_cached, METH_NOARGS,
+     "_cached() -> [(address, capacity, align, attempt)]: the mappings the cache holds."},
     {"_map", (PyCFunction)(void (*)(void))allocator_map_method, METH_FASTCALL,
      "_map(size, capacity, align, address=None) -> Region: map with the configured\n"
      "attempts (at address exactly, never replacing a mapping, when given)."},
     {"_configure", (PyCFunction)(void (*)(void))allocator_configure, METH_FASTCALL,
-     "_configure(page, max_size, prot, populate, attempts, region_type, slow)"},
+     "_configure(page, max_size, prot, populate, attempts, region_type, slow, cache)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -284,6 +471,8 @@ static PyMemberDef allocator_members[] = {
     {"_max_size", T_PYSSIZET, offsetof(AllocatorObject, max_size), READONLY,
      "The largest size alloc() takes."},
     {"_prot", T_INT, offsetof(AllocatorObject, prot), READONLY, "PROT_* of new regions."},
+    {"_cache", T_PYSSIZET, offsetof(AllocatorObject, cache) + offsetof(MappingCache, max),
+     READONLY, "Mappings the cache keeps per class (0: no cache)."},
     {NULL, 0, 0, 0, NULL},
 };
 

@@ -4,7 +4,7 @@
  * Three layers, each calling only the one below it:
  *
  *   the owners     region.c (+ bytes.c, protect.c, advise.c, views.c),
- *                  allocator.c, pool.c, and the extensions of the core for
+ *                  allocator.c (+ cache.c), pool.c, and the extensions of the core for
  *                  other kinds of memory: secret.c, codeheap.c (+ spans.c),
  *                  shared.c;
  *   the core       mapping.c (a mapping, its record, holds, busy count, the
@@ -69,6 +69,7 @@ typedef struct {
     Py_ssize_t mapped_bytes;         /* mapped by this module, not unmapped yet */
     unsigned long fork_generation;   /* bumped in every forked child */
     Mapping *registry;               /* mappings the process-wide hooks visit */
+    struct MappingCache *caches;     /* allocators' caches that hold mappings */
     struct Grave *graves;            /* unmaps the kernel refused, to retry */
     Py_ssize_t ngraves, cap_graves;
     PyTypeObject *region_type, *pin_type, *view_type, *iter_type, *pool_type,
@@ -222,6 +223,9 @@ typedef struct Hold {
 #define MAPPING_OWNS_FD 2      /* close fd with the mapping */
 #define MAPPING_COMMITTED 4    /* the library faulted pages in: unmapping takes long */
 #define MAPPING_REGISTERED 8   /* on the registry (kernel.registry) */
+#define MAPPING_ADVISED 16     /* the kernel keeps state for it the record does not
+                                * (a lock, access-pattern or huge-page advice):
+                                * never reused from an allocator's cache */
 
 struct Mapping {
     char *data;             /* NULL once closed; cleared before the unmap */
@@ -344,6 +348,35 @@ int mapping_apply_record(Mapping *m, char *p, Py_ssize_t upto, int prot0, int pr
 int mapping_zero(Mapping *m, Py_ssize_t start, Py_ssize_t end, const char *noun);
 /* Advise and prefault pages [old, new) as the first pages were. */
 void mapping_prepare(Mapping *m, Py_ssize_t old, Py_ssize_t new);
+
+/* ------------------------------------------------------------------ */
+/* cache.c: an allocator's cache of freed mappings (pure data)         */
+
+typedef struct MappingCache {
+    struct CacheClass *table;   /* the classes, open addressing */
+    Py_ssize_t size, used;      /* slots, classes */
+    Py_ssize_t max;             /* mappings kept per class; 0: off */
+    Py_ssize_t mappings, bytes; /* held now */
+    unsigned long long hits, misses;
+    struct MappingCache *next, *prev;   /* on kernel.caches while it holds any */
+    int linked;
+} MappingCache;
+
+/* A mapping of the class, out of the cache; NULL when it holds none. */
+char *cache_take(MappingCache *c, Py_ssize_t capacity, Py_ssize_t align, int attempt);
+/* Whether a mapping of the class would be kept. */
+int cache_has_room(const MappingCache *c, Py_ssize_t capacity, Py_ssize_t align, int attempt);
+/* Keep the mapping at p (1), or not (0: full, or no memory for the class). */
+int cache_put(MappingCache *c, char *p, Py_ssize_t capacity, Py_ssize_t align, int attempt);
+/* Unmap every mapping held; the bytes of address space given back. */
+Py_ssize_t cache_trim(MappingCache *c);
+/* cache_trim, then free the classes (the cache's end). */
+void cache_free(MappingCache *c);
+/* [(address, capacity, align, attempt)] of the mappings held (for tests). */
+PyObject *cache_list(const MappingCache *c);
+/* Trim every cache of the process: what a refusal for lack of memory or of
+ * mappings (vm.max_map_count) does before it fails. Bytes released. */
+Py_ssize_t cache_trim_all(void);
 
 /* ------------------------------------------------------------------ */
 /* region.c: Region, an owner of one mapping                           */

@@ -96,6 +96,8 @@ region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, const MapSpe
     PyObject *region;
     int err = map_anonymous(&p, capacity, spec, address, &call);
 
+    if ((err == ENOMEM || err == EAGAIN) && cache_trim_all() > 0)
+        err = map_anonymous(&p, capacity, spec, address, &call);   /* the caches gave room */
     if (err)
         return raise_os_error(err, call);
     region = region_wrap(cls, p, size, capacity, spec, owner, -1);
@@ -400,6 +402,8 @@ realloc_region(RegionObject *self, Py_ssize_t new_size, Py_ssize_t newcap, const
     if (mapping_grow_in_place(m, newcap) != 0) {
         const char *call;
         int err = mapping_move(m, newcap, spec, &self->backing, &call);
+        if ((err == ENOMEM || err == EAGAIN) && cache_trim_all() > 0)
+            err = mapping_move(m, newcap, spec, &self->backing, &call);
         if (err)
             return err > 0 ? raise_os_error(err, call) : NULL;
     }

@@ -1,0 +1,228 @@
+/*
+ * The mapping cache of an allocator (pure data; the policy of what may go
+ * in is allocator.c's): freed mappings kept, by exact class, for the next
+ * allocation of that class instead of an munmap and an mmap.
+ *
+ *   a class      capacity, alignment and attempt (the backing; the
+ *                permissions are the allocator's): mappings of one class
+ *                are interchangeable;
+ *   the table    open addressing over the classes seen, a power of two of
+ *                slots, at most half of them used; a class is never removed
+ *                (an emptied one keeps its slot and its array);
+ *   a class's    up to `max` addresses, taken last in, first out (the pages
+ *   stack        most recently freed are the likeliest to be in the TLB).
+ *
+ * Every cache that holds mappings is on a process-wide list, so that a
+ * refusal for lack of memory or of mappings (vm.max_map_count) anywhere in
+ * the library can give them back before it fails (cache_trim_all). Nothing
+ * here runs Python code or raises.
+ */
+#include "mman.h"
+
+typedef struct CacheClass {
+    Py_ssize_t capacity;    /* 0: a free slot */
+    Py_ssize_t align;
+    int attempt;
+    int n;                  /* mappings held */
+    char **maps;            /* room for `max`, made at the first put */
+} CacheClass;
+
+static size_t
+class_hash(Py_ssize_t capacity, Py_ssize_t align, int attempt)
+{
+    size_t h = (size_t)capacity * 0x9E3779B97F4A7C15u;
+    return (h ^ (h >> 29)) + (size_t)align * 31u + (size_t)attempt;
+}
+
+static CacheClass *
+find_class(const MappingCache *c, Py_ssize_t capacity, Py_ssize_t align, int attempt)
+{
+    size_t mask, i;
+
+    if (c->table == NULL)
+        return NULL;
+    mask = (size_t)c->size - 1;
+    for (i = class_hash(capacity, align, attempt) & mask;; i = (i + 1) & mask) {
+        CacheClass *cls = &c->table[i];
+        if (cls->capacity == 0)
+            return NULL;
+        if (cls->capacity == capacity && cls->align == align && cls->attempt == attempt)
+            return cls;
+    }
+}
+
+/* Room for one more class; 0, or -1 (no memory: nothing changed). */
+static int
+grow_table(MappingCache *c)
+{
+    Py_ssize_t size = c->size ? c->size * 2 : 8;
+    CacheClass *table;
+
+    if ((c->used + 1) * 2 <= c->size)
+        return 0;
+    table = PyMem_Calloc((size_t)size, sizeof(CacheClass));
+    if (table == NULL)
+        return -1;
+    for (Py_ssize_t k = 0; k < c->size; k++) {
+        CacheClass *old = &c->table[k];
+        size_t i;
+        if (old->capacity == 0)
+            continue;
+        i = class_hash(old->capacity, old->align, old->attempt) & (size_t)(size - 1);
+        while (table[i].capacity != 0)
+            i = (i + 1) & (size_t)(size - 1);
+        table[i] = *old;
+    }
+    PyMem_Free(c->table);
+    c->table = table;
+    c->size = size;
+    return 0;
+}
+
+static void
+link_cache(MappingCache *c)
+{
+    if (c->linked)
+        return;
+    c->linked = 1;
+    c->prev = NULL;
+    c->next = kernel.caches;
+    if (kernel.caches != NULL)
+        kernel.caches->prev = c;
+    kernel.caches = c;
+}
+
+static void
+unlink_cache(MappingCache *c)
+{
+    if (!c->linked)
+        return;
+    if (c->prev != NULL)
+        c->prev->next = c->next;
+    else
+        kernel.caches = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    c->next = c->prev = NULL;
+    c->linked = 0;
+}
+
+char *
+cache_take(MappingCache *c, Py_ssize_t capacity, Py_ssize_t align, int attempt)
+{
+    CacheClass *cls = find_class(c, capacity, align, attempt);
+    char *p;
+
+    if (cls == NULL || cls->n == 0)
+        return NULL;
+    p = cls->maps[--cls->n];
+    c->mappings--;
+    c->bytes -= capacity;
+    if (c->mappings == 0)
+        unlink_cache(c);
+    return p;
+}
+
+int
+cache_has_room(const MappingCache *c, Py_ssize_t capacity, Py_ssize_t align, int attempt)
+{
+    const CacheClass *cls = find_class(c, capacity, align, attempt);
+
+    return c->max > 0 && (cls == NULL || cls->n < c->max);
+}
+
+int
+cache_put(MappingCache *c, char *p, Py_ssize_t capacity, Py_ssize_t align, int attempt)
+{
+    CacheClass *cls;
+
+    if (c->max <= 0 || capacity <= 0)
+        return 0;
+    cls = find_class(c, capacity, align, attempt);
+    if (cls == NULL) {
+        size_t i;
+        if (grow_table(c) < 0)
+            return 0;
+        i = class_hash(capacity, align, attempt) & (size_t)(c->size - 1);
+        while (c->table[i].capacity != 0)
+            i = (i + 1) & (size_t)(c->size - 1);
+        cls = &c->table[i];
+        cls->capacity = capacity;
+        cls->align = align;
+        cls->attempt = attempt;
+        c->used++;
+    }
+    if (cls->n >= c->max)
+        return 0;
+    if (cls->maps == NULL && (cls->maps = PyMem_Malloc((size_t)c->max * sizeof(char *))) == NULL)
+        return 0;
+    cls->maps[cls->n++] = p;
+    c->mappings++;
+    c->bytes += capacity;
+    link_cache(c);
+    return 1;
+}
+
+Py_ssize_t
+cache_trim(MappingCache *c)
+{
+    Py_ssize_t released = 0;
+
+    unlink_cache(c);   /* an unmap refused here trims the others, not this one again */
+    for (Py_ssize_t k = 0; k < c->size; k++) {
+        CacheClass *cls = &c->table[k];
+        while (cls->n > 0) {
+            /* out of the cache before the unmap: nothing can find it twice */
+            char *p = cls->maps[--cls->n];
+            c->mappings--;
+            c->bytes -= cls->capacity;
+            unmap_or_bury(p, cls->capacity, 0);
+            released += cls->capacity;
+        }
+    }
+    return released;
+}
+
+void
+cache_free(MappingCache *c)
+{
+    cache_trim(c);
+    for (Py_ssize_t k = 0; k < c->size; k++)
+        PyMem_Free(c->table[k].maps);
+    PyMem_Free(c->table);
+    c->table = NULL;
+    c->size = c->used = 0;
+}
+
+PyObject *
+cache_list(const MappingCache *c)
+{
+    PyObject *list = PyList_New(0);
+
+    for (Py_ssize_t k = 0; list != NULL && k < c->size; k++) {
+        const CacheClass *cls = &c->table[k];
+        for (int i = 0; i < cls->n; i++) {
+            PyObject *item = Py_BuildValue("(Nnni)", PyLong_FromVoidPtr(cls->maps[i]),
+                                           cls->capacity, cls->align, cls->attempt);
+            if (item == NULL || PyList_Append(list, item) < 0) {
+                Py_XDECREF(item);
+                Py_CLEAR(list);
+                break;
+            }
+            Py_DECREF(item);
+        }
+    }
+    return list;
+}
+
+Py_ssize_t
+cache_trim_all(void)
+{
+    Py_ssize_t released = 0;
+
+    /* each cache leaves the list before its unmaps: one refused there trims
+     * the caches still on it, never the same one twice */
+    while (kernel.caches != NULL)
+        released += cache_trim(kernel.caches);
+    return released;
+}
