@@ -1259,6 +1259,58 @@ def test_a_view_pins_the_region(alloc: MapAlloc) -> None:
     region.close()
 
 
+# ---------------------------------------------------------------- pin()
+
+
+def test_a_pin_keeps_the_region_mapped_and_in_place_as_an_export_does(alloc: MapAlloc) -> None:
+    region = alloc.alloc(3 * P)
+    pin = region.pin()
+    assert pin.address == region.address
+    assert region._exports == 1
+    with pytest.raises(BufferError, match="pin"):
+        region.close()
+    with pytest.raises(BufferError):
+        alloc.dealloc(region)
+    with pytest.raises(BufferError):
+        alloc.realloc(region, 64 * P)
+    with pytest.raises(BufferError):
+        alloc.shrink_in_place(region, P)
+    with pytest.raises(BufferError):
+        region.protect(R)  # the pin holds the write access the region had
+    del pin
+    assert region._exports == 0
+    region.close()
+
+
+def test_a_pin_keeps_its_region_alive(alloc: MapAlloc) -> None:
+    region = alloc.alloc(P)
+    region[0] = 7
+    pin = region.pin()
+    address = pin.address
+    del region
+    gc.collect()
+    assert ctypes.string_at(address, 1) == b"\x07"  # still mapped: the pin holds it
+    del pin
+    gc.collect()
+
+
+def test_a_pin_of_a_read_only_region_allows_adding_write(alloc: MapAlloc) -> None:
+    with alloc.alloc(P) as region:
+        region.protect(R)
+        pin = region.pin()
+        region.protect(R | W)  # nothing the pin needs is taken
+        with pytest.raises(BufferError):
+            region.protect(Perm.NONE)
+        del pin
+
+
+def test_a_closed_region_cannot_be_pinned(alloc: MapAlloc) -> None:
+    region = alloc.alloc(P)
+    region.close()
+    with pytest.raises(ValueError, match="region is closed"):
+        region.pin()
+
+
 @pytest.mark.parametrize(
     ("offset", "length", "readonly"),
     [(0, P, False), (3 * P, P, False), (2 * P, P, True), (3 * P - 8, 16, True)],
