@@ -11,6 +11,9 @@ import mmap
 import os
 import random
 import resource
+import subprocess
+import sys
+import textwrap
 import tracemalloc
 import weakref
 from collections.abc import Callable, Iterator
@@ -25,6 +28,7 @@ from mmap_alloc._linux import ADVICE, MADV_GUARD_INSTALL
 from mmap_alloc._linux import PAGE_SIZE as P
 from support import (
     EMULATED,
+    FILLS_THE_MAP_COUNT,
     MLOCK,
     SIGSEGV,
     emulated_skip,
@@ -1518,6 +1522,63 @@ def test_wipeonfork_pages_read_as_zeros_in_a_child(alloc: MapAlloc) -> None:
 
         assert run_in_child(child) == 0
         assert region[0] == 1
+
+
+def test_populate_advice_over_pages_without_the_access_names_the_page(alloc: MapAlloc) -> None:
+    with alloc.alloc(2 * P) as region:
+        region.protect(R, P, P)
+        with pytest.raises(ValueError, match=f"page at offset {P} is not writable"):
+            region.advise("populate_write")
+        region.advise("populate_write", 0, P)
+        region.protect(Perm.NONE, 0, P)
+        with pytest.raises(ValueError, match="page at offset 0 is not readable"):
+            region.advise("populate_read")
+
+
+@FILLS_THE_MAP_COUNT
+def test_unlock_and_advice_of_part_of_a_region_at_the_map_count_name_it() -> None:
+    code = """
+        from mmap_alloc import AllocError, MapAlloc
+        from mmap_alloc._linux import PAGE_SIZE as page
+
+        alloc = MapAlloc()
+        locked = alloc.alloc(3 * page)
+        locked.lock()
+        plain = alloc.alloc(3 * page)
+        fillers = []
+        makers = (MapAlloc(write=False), MapAlloc(read=False, write=False))
+        try:
+            while True:  # alternate protections so that neighbours never merge
+                fillers.append(makers[len(fillers) % 2].alloc(page))
+        except AllocError:
+            pass
+        calls = {
+            "unlock": lambda: locked.unlock(page, page),
+            "dontdump": lambda: plain.advise("dontdump", page, page),
+            "dontfork": lambda: plain.advise("dontfork", page, page),
+            "hugepage": lambda: plain.advise("hugepage", page, page),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+            except AllocError as error:
+                print(name, "|", error)
+            else:
+                print(name, "| done")
+        """
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONMALLOC": "malloc"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" | ", 1) for line in result.stdout.splitlines())
+    assert set(lines) == {"unlock", "dontdump", "dontfork", "hugepage"}
+    for name, message in lines.items():
+        assert "vm.max_map_count" in message, (name, message)
 
 
 @pytest.mark.parametrize("name", ["dontneed", "free", "pageout", "cold"])
