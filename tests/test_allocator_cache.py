@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import tracemalloc
 
 import pytest
 
@@ -477,3 +478,26 @@ def test_a_mapping_freed_in_the_parent_after_fork_is_not_shared_with_the_child()
     assert os.WEXITSTATUS(status) == 0
     alloc.dealloc(again)
     alloc.trim()
+
+
+def test_tracemalloc_sees_a_cached_mapping_only_while_it_is_a_region() -> None:
+    def traced() -> int:
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.DomainFilter(inclusive=True, domain=_mman.TRACE_DOMAIN)]
+        )
+        return sum(trace.size for trace in snapshot.traces)
+
+    alloc = cached()
+    tracemalloc.start()
+    try:
+        region = alloc.alloc(16 * P)
+        assert traced() == 16 * P
+        alloc.dealloc(region)
+        assert traced() == 0  # kept, but its pages are the kernel's
+        region = alloc.alloc(16 * P)
+        assert traced() == 16 * P
+        alloc.dealloc(region)
+        alloc.trim()
+        assert traced() == 0
+    finally:
+        tracemalloc.stop()

@@ -93,6 +93,7 @@ cache_keep(AllocatorObject *self, RegionObject *r)
         m->data = p;
         return 0;
     }
+    trace_unmapped(p);   /* its pages are the kernel's again */
     if (!cache_put(&self->cache, p, capacity, m->align, k))   /* filled meanwhile */
         unmap_or_bury(p, capacity, 0);
     return 1;
@@ -123,6 +124,7 @@ wrap_reused(AllocatorObject *self, char *p, Py_ssize_t size, Py_ssize_t capacity
         unmap_or_bury(p, capacity, 0);
         return NULL;
     }
+    trace_mapped(p, capacity);
     if (populate)
         ((RegionObject *)region)->m.flags |= MAPPING_COMMITTED;
     return region;
@@ -283,6 +285,7 @@ allocator_dealloc(AllocatorObject *self, PyObject *region)
         m->data = NULL;
         if (os_unmap(p, (size_t)m->capacity) == 0) {
             kernel.mapped_bytes -= m->capacity;
+            trace_unmapped(p);
             if (kernel.ngraves)
                 flush_graveyard();
             Py_RETURN_NONE;

@@ -44,7 +44,7 @@ int
 mapping_check_idle(const Mapping *m, const char *what, const char *noun)
 {
     if (m->nexports > 0) {
-        PyErr_Format(PyExc_BufferError, "cannot %s: %s has %zd exported buffer(s)", what, noun,
+        PyErr_Format(PyExc_BufferError, "cannot %s: %s has %zd exported buffer(s) or pin(s)", what, noun,
                      m->nexports);
         return -1;
     }
@@ -223,8 +223,10 @@ flush_graveyard(void)
     Py_ssize_t out = 0;
 
     for (Py_ssize_t i = 0; i < kernel.ngraves; i++) {
-        if (os_unmap(kernel.graves[i].p, (size_t)kernel.graves[i].length) == 0)
+        if (os_unmap(kernel.graves[i].p, (size_t)kernel.graves[i].length) == 0) {
             kernel.mapped_bytes -= kernel.graves[i].length;
+            trace_unmapped(kernel.graves[i].p);
+        }
         else
             kernel.graves[out++] = kernel.graves[i];
     }
@@ -247,6 +249,7 @@ unmap_or_bury(char *p, Py_ssize_t length, int release_gil)
         err = os_unmap(p, (size_t)length);
     if (!err) {
         kernel.mapped_bytes -= length;
+        trace_unmapped(p);
         if (kernel.ngraves)
             flush_graveyard();
         return;
@@ -301,6 +304,7 @@ mapping_close(Mapping *m)
         return err;
     }
     kernel.mapped_bytes -= m->capacity;
+    trace_unmapped(p);
     if (kernel.ngraves)
         flush_graveyard();
     mapping_forget(m);

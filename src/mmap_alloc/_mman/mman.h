@@ -79,9 +79,34 @@ typedef struct {
     PyObject *memory_corruption;
     unsigned char canary[16];        /* the secrets' canary, random per process */
     int canary_ready;
+    /* tracemalloc's PyTraceMalloc_Track and _Untrack, found at import (they
+     * are outside the limited API); NULL where the interpreter lacks them */
+    int (*trace_track)(unsigned int domain, uintptr_t ptr, size_t size);
+    int (*trace_untrack)(unsigned int domain, uintptr_t ptr);
 } KernelState;
 
 extern KernelState kernel;
+
+/* The tracemalloc domain of the library's memory (regions, pool slabs,
+ * secrets, shared and code memory; not mappings of files): "mmap" in ASCII. */
+#define TRACE_DOMAIN 0x6d6d6170u
+
+/* tracemalloc sees the memory at p as size bytes now (a new mapping, or one
+ * that grew or shrank in place); with tracing off, one call that returns. */
+static inline void
+trace_mapped(const void *p, Py_ssize_t size)
+{
+    if (kernel.trace_track != NULL)
+        kernel.trace_track(TRACE_DOMAIN, (uintptr_t)p, (size_t)size);
+}
+
+/* ... and no longer (unmapped, or moved away). */
+static inline void
+trace_unmapped(const void *p)
+{
+    if (kernel.trace_untrack != NULL)
+        kernel.trace_untrack(TRACE_DOMAIN, (uintptr_t)p);
+}
 
 /* ------------------------------------------------------------------ */
 /* errors.c: the one error vocabulary                                  */
@@ -223,7 +248,8 @@ typedef struct Hold {
 #define MAPPING_OWNS_FD 2      /* close fd with the mapping */
 #define MAPPING_COMMITTED 4    /* the library faulted pages in: unmapping takes long */
 #define MAPPING_REGISTERED 8   /* on the registry (kernel.registry) */
-#define MAPPING_ADVISED 16     /* the kernel keeps state for it the record does not
+#define MAPPING_UNTRACED 16    /* not reported to tracemalloc (a mapping of a file) */
+#define MAPPING_ADVISED 32     /* the kernel keeps state for it the record does not
                                 * (a lock, access-pattern or huge-page advice):
                                 * never reused from an allocator's cache */
 
@@ -432,6 +458,7 @@ PyObject *region_make_exec(RegionObject *, PyObject *const *, Py_ssize_t, PyObje
 PyObject *region_make_writable(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_flush_icache(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_pin(RegionObject *, PyObject *);
+PyObject *region_pin_public(RegionObject *, PyObject *);
 PyObject *region_runs(RegionObject *, PyObject *);
 PyObject *region_resize(RegionObject *, PyObject *const *, Py_ssize_t);
 PyObject *region_populate(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
