@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, MapAllocBuilder, Region
+from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, MapAllocBuilder, Perm, Region
 from mmap_alloc import backings as hp
 from mmap_alloc._linux import (
     PAGE_SIZE,
@@ -23,7 +23,7 @@ from mmap_alloc._linux import (
     thp_size,
 )
 from mmap_alloc.backings import Backing
-from support import HUGETLB, THP, emulated_skip, skip_if_emulated
+from support import HUGETLB, THP, emulated_skip, skip_if_emulated, vm_flags
 
 HUGE = 2 << 20
 NEEDED = 8  # free 2 MiB hugetlb pages the hugetlb tests use at most at once
@@ -152,6 +152,117 @@ def test_prefer_builds_on_a_machine_without_huge_pages(monkeypatch: pytest.Monke
     assert (alloc.page_size, alloc.huge_pagesize) == (PAGE_SIZE, None)
     with alloc.alloc(1) as region:
         assert region.backing == Backing.NORMAL
+
+
+# ---------------------------------------------------------------- the default: THP as numpy
+
+
+@needs_thp
+def test_the_default_allocator_advises_regions_of_4_mib_and_more() -> None:
+    alloc = MapAlloc()
+    assert (alloc.page_size, alloc.huge, alloc.huge_pagesize) == (PAGE_SIZE, None, None)
+    with alloc.alloc(hp.THP_MIN_SIZE) as large:
+        assert large.backing == Backing.THP
+        assert large.address % thp_size() == 0
+        assert large.capacity == hp.THP_MIN_SIZE
+        assert "hg" in vm_flags(large.address)
+
+
+@needs_thp
+def test_the_default_allocator_leaves_regions_under_4_mib_alone() -> None:
+    with MapAlloc().alloc(hp.THP_MIN_SIZE - PAGE_SIZE) as small:
+        assert small.backing == Backing.NORMAL
+        assert "hg" not in vm_flags(small.address)
+
+
+@needs_thp
+@emulated_skip(THP)
+def test_a_large_region_of_the_default_allocator_is_backed_by_huge_pages_when_touched() -> None:
+    with MapAlloc().alloc(16 << 20) as region:
+        fill(region)
+        assert region.stats().huge_bytes > 0
+
+
+@needs_thp
+@emulated_skip(THP)
+def test_a_large_committed_region_of_the_default_allocator_is_prefaulted_on_huge_pages() -> None:
+    with MapAlloc(commit=True).alloc(8 << 20) as region:
+        stats = region.stats()
+        assert region.backing == Backing.THP
+    assert stats.resident_bytes == 8 << 20
+    assert stats.huge_bytes > 0
+
+
+def test_huge_normal_never_advises() -> None:
+    alloc = MapAlloc(huge="normal")
+    assert (alloc.page_size, alloc.huge) == (PAGE_SIZE, hp.HugePages.NORMAL)
+    assert [attempt.backing for attempt in alloc.pages.attempts] == [Backing.NORMAL]
+    assert "huge=normal" in repr(alloc)
+    with alloc.alloc(16 << 20) as region:
+        assert region.backing == Backing.NORMAL
+        assert "hg" not in vm_flags(region.address)
+    assert MapAllocBuilder().huge("normal").build().huge == hp.HugePages.NORMAL
+
+
+def test_huge_normal_takes_no_huge_pagesize() -> None:
+    with pytest.raises(ValueError, match="huge_pagesize must be None"):
+        MapAlloc(huge="normal", huge_pagesize=2 << 20)
+
+
+def test_without_thp_the_default_allocator_maps_normal_pages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hp, "thp_mode", lambda: "never")
+    alloc = MapAlloc()
+    assert [attempt.backing for attempt in alloc.pages.attempts] == [Backing.NORMAL]
+    with alloc.alloc(16 << 20) as region:
+        assert region.backing == Backing.NORMAL
+
+
+@needs_thp
+def test_reservations_of_the_default_allocator_are_not_advised() -> None:
+    alloc = MapAlloc()
+    with alloc.reserve(16 << 20) as region:
+        region.protect(Perm.READ | Perm.WRITE, 0, 4 << 20)  # committed piece by piece
+        assert region.backing == Backing.NORMAL
+        assert "hg" not in vm_flags(region.address)
+        assert "hg" not in vm_flags(region.address + (8 << 20))
+
+
+@needs_thp
+def test_a_small_region_grown_past_4_mib_is_not_advised() -> None:
+    alloc = MapAlloc()
+    region = alloc.alloc(PAGE_SIZE)
+    alloc.realloc(region, 16 << 20)
+    assert region.backing == Backing.NORMAL
+    assert "hg" not in vm_flags(region.address)
+    alloc.dealloc(region)
+
+
+@needs_thp
+def test_a_large_region_keeps_its_advice_and_alignment_when_it_grows() -> None:
+    alloc = MapAlloc()
+    region = alloc.alloc(8 << 20)
+    region[0] = 7
+    alloc.realloc(region, 64 << 20)
+    assert region.backing == Backing.THP
+    assert region.address % thp_size() == 0
+    assert "hg" in vm_flags(region.address + (60 << 20))
+    assert region[0] == 7
+    alloc.dealloc(region)
+
+
+@needs_thp
+def test_a_cached_large_region_comes_back_advised() -> None:
+    alloc = MapAlloc(cache=2)
+    region = alloc.alloc(8 << 20)
+    address = region.address
+    alloc.dealloc(region)
+    again = alloc.alloc(8 << 20)
+    assert (again.address, again.backing) == (address, Backing.THP)
+    assert "hg" in vm_flags(address)
+    alloc.dealloc(again)
+    alloc.trim()
 
 
 # ---------------------------------------------------------------- transparent huge pages

@@ -277,6 +277,18 @@ def test_zeros_on_transparent_huge_pages() -> None:
     del region, array
 
 
+@pytest.mark.skipif(not thp_available(), reason="transparent huge pages unavailable")
+def test_large_arrays_are_advised_for_huge_pages_by_default_as_numpy_does() -> None:
+    def backing(array: Any) -> object:
+        region = mnp.region_of(array)
+        assert region is not None
+        return region.backing
+
+    assert backing(mnp.zeros(4 << 20, np.uint8)) == Backing.THP
+    assert backing(mnp.zeros((4 << 20) - P, np.uint8)) == Backing.NORMAL
+    assert backing(mnp.zeros(4 << 20, np.uint8, huge="normal")) == Backing.NORMAL
+
+
 def test_the_core_does_not_import_numpy() -> None:
     code = (
         "import sys, mmap_alloc\n"

@@ -76,7 +76,10 @@ class MapAlloc(Allocator):
     Huge pages: ``huge_pagesize=n`` maps hugetlb pages of n bytes;
     ``huge="hugetlb" | "thp" | "prefer"`` picks a mode (see
     mmap_alloc.backings). The page size is then the huge page size, and
-    ``region.backing`` says what each region got.
+    ``region.backing`` says what each region got. By default (``huge=None``)
+    pages are the base pages, and regions of 4 MiB and more are aligned and
+    advised for transparent huge pages, as numpy does for its arrays
+    (``backing`` says ``Backing.THP``); ``huge="normal"`` never advises.
 
     ``cache=n`` keeps up to n freed mappings of each class (capacity,
     alignment, backing) for the next allocation of that class instead of
@@ -159,7 +162,8 @@ class MapAlloc(Allocator):
 
     @property
     def huge(self) -> HugePages | None:
-        """The huge page mode (hugetlb, thp, prefer), or None for normal pages."""
+        """The huge page mode (normal, hugetlb, thp, prefer); None for the
+        default (base pages, THP advice for regions of 4 MiB and more)."""
         return self._pages.mode
 
     @property

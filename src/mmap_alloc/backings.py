@@ -4,7 +4,12 @@ A backing is a strategy object that a MapAlloc holds (``MapAlloc(huge=...)``
 picks one): its page size, and the mappings to try for each allocation, best
 first. Every region records what it got (``region.backing``).
 
-- normal pages: the kernel's base pages;
+- the default (``huge=None``): the kernel's base pages, and for regions of
+  ``THP_MIN_SIZE`` (4 MiB) and more, where transparent huge pages are
+  available, a mapping aligned to the THP size and advised with
+  MADV_HUGEPAGE (as numpy advises its large arrays): ``backing`` says
+  ``Backing.THP``. The page size stays the base page;
+- ``"normal"``: the kernel's base pages only, never advised;
 - ``"hugetlb"``: pages from the kernel's hugetlb pool, of ``huge_pagesize``
   bytes (default: the kernel's default huge page size). An empty pool is an
   AllocError that says how to reserve pages. ``MapAlloc(huge_pagesize=n)``
@@ -58,6 +63,8 @@ class Backing(StrEnum):
 class HugePages(StrEnum):
     """The huge page modes of ``MapAlloc(huge=...)``."""
 
+    NORMAL = "normal"
+    """Base pages only: no THP advice, even for large regions."""
     HUGETLB = "hugetlb"
     THP = "thp"
     PREFER = "prefer"
@@ -113,9 +120,29 @@ class PageSource:
         return None
 
 
-def normal() -> PageSource:
+THP_MIN_SIZE = 4 << 20
+"""The default allocator advises transparent huge pages for regions of this
+size and more (numpy's threshold for its arrays)."""
+
+
+def normal(mode: HugePages | None = None) -> PageSource:
     """The kernel's base pages."""
-    return PageSource(PAGE_SIZE, (Attempt(0, 0, PAGE_SIZE, Backing.NORMAL),))
+    return PageSource(PAGE_SIZE, (Attempt(0, 0, PAGE_SIZE, Backing.NORMAL),), mode)
+
+
+def default() -> PageSource:
+    """Base pages; regions of THP_MIN_SIZE and more (at least one huge page)
+    aligned to the THP size and advised MADV_HUGEPAGE, where THP is available."""
+    if not thp_available():
+        return normal()
+    thp = thp_size()
+    return PageSource(
+        PAGE_SIZE,
+        (
+            Attempt(0, MADV_HUGEPAGE, thp, Backing.THP, max(THP_MIN_SIZE, thp)),
+            Attempt(0, 0, PAGE_SIZE, Backing.NORMAL),
+        ),
+    )
 
 
 def thp_available() -> bool:
@@ -132,7 +159,7 @@ def select(huge: object, huge_pagesize: object) -> PageSource:
     """The page source a ``huge=`` / ``huge_pagesize=`` pair asks for; ValueError
     or TypeError (naming the setting) if it cannot work on this machine."""
     if huge is None and huge_pagesize is None:
-        return normal()
+        return default()
     if huge is None:
         mode = HugePages.HUGETLB
     elif isinstance(huge, str):
@@ -145,6 +172,12 @@ def select(huge: object, huge_pagesize: object) -> PageSource:
         raise TypeError(f"huge must be a str or None, not {type(huge).__name__}")
     size = None if huge_pagesize is None else integer(huge_pagesize, "huge_pagesize")
 
+    if mode is HugePages.NORMAL:
+        if size is not None:
+            raise ValueError(
+                f"huge='normal' uses base pages: huge_pagesize must be None, got {size}"
+            )
+        return normal(HugePages.NORMAL)
     if mode is HugePages.THP:
         page = _thp_page(size)
         return PageSource(page, (Attempt(0, MADV_HUGEPAGE, page, Backing.THP),), mode)

@@ -60,8 +60,10 @@ class MapAllocBuilder:
         return dataclasses.replace(self, huge_page_size=size)
 
     def huge(self, mode: str | None) -> MapAllocBuilder:
-        """The huge page mode: "hugetlb", "thp" or "prefer" (see mmap_alloc.backings);
-        None for normal pages (or hugetlb pages if huge_pagesize is set)."""
+        """The huge page mode: "normal" (base pages only), "hugetlb", "thp" or
+        "prefer" (see mmap_alloc.backings); None for the default (base pages,
+        THP advice for regions of 4 MiB and more; hugetlb pages if
+        huge_pagesize is set)."""
         return dataclasses.replace(self, huge_mode=mode)
 
     def cache(self, n: int) -> MapAllocBuilder:
