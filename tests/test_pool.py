@@ -915,3 +915,27 @@ def test_alloc_many_takes_any_integer_with_index(pool: ObjectPool) -> None:
     addresses = pool.alloc_many(numpy.int64(3))
     assert len(addresses) == 3
     pool.free_many(addresses)
+
+
+def test_addresses_stay_right_when_slabs_share_object_indices() -> None:
+    # 64 objects a slab: the same index in three slabs, freed and taken again
+    with ObjectPool(64, slab_size=PAGE_SIZE) as pool:
+        first = pool.alloc_many(3 * 64)
+        for address in first:
+            pool.free(address)
+        again = [pool.alloc() for _ in range(3 * 64)]
+        assert sorted(again) == sorted(first)
+        assert all(address in pool for address in again)
+        for address in again:
+            ctypes.memset(address, 1, 64)
+            pool.free(address)
+        assert pool.alloc() in first
+
+
+def test_close_lets_go_of_the_address_ints_the_pool_remembers() -> None:
+    pool = ObjectPool(64)
+    address = pool.alloc()
+    held = sys.getrefcount(address)
+    pool.free(address)
+    pool.close()
+    assert sys.getrefcount(address) == held - 1

@@ -242,6 +242,32 @@ address_object(uintptr_t a)
     return PyLong_FromUnsignedLong((unsigned long)a);
 }
 
+/* The int of address a, object i of its slab: the one made last time when
+ * it is still known (POOL_INTS), else a new one, remembered. An int's
+ * deallocation runs no Python code. */
+static inline PyObject *
+pool_int(PoolObject *self, uintptr_t a, uint32_t i)
+{
+    PoolInt *known = &self->ints[i & (POOL_INTS - 1)];
+    PyObject *r;
+
+    if (known->value != NULL && known->address == a)
+        return Py_NewRef(known->value);
+    r = address_object(a);
+    if (r != NULL) {
+        known->address = a;
+        REPLACE_REF(known->value, Py_NewRef(r));
+    }
+    return r;
+}
+
+static void
+pool_forget_ints(PoolObject *self)
+{
+    for (int k = 0; k < POOL_INTS; k++)
+        Py_CLEAR(self->ints[k].value);
+}
+
 /* alloc and alloc_zeroed take METH_FASTCALL: CPython specialises fast calls. */
 static PyObject *
 pool_alloc_impl(PoolObject *self, Py_ssize_t nargs, int zeroed)
@@ -263,7 +289,7 @@ pool_alloc_impl(PoolObject *self, Py_ssize_t nargs, int zeroed)
     a = (uintptr_t)s->base + (uintptr_t)i * (uintptr_t)self->stride;
     if (zeroed && used && (s->prot & PROT_WRITE))
         memset((void *)a, 0, (size_t)self->obj_size);
-    r = address_object(a);   /* an int: not GC-tracked, no collection can start */
+    r = pool_int(self, a, i);   /* an int: not GC-tracked, no collection can start */
     if (r == NULL)
         slab_give(self, s, i);
     return r;
@@ -459,6 +485,7 @@ pool_close(PoolObject *self, PyObject *unused)
     }
     self->closed = 1;
     pool_unmap_all(self);
+    pool_forget_ints(self);
     Py_RETURN_NONE;
 }
 
@@ -545,6 +572,7 @@ pool_dealloc(PoolObject *self)
         PyObject_ClearWeakRefs((PyObject *)self);
     self->closed = 1;
     pool_unmap_all(self);
+    pool_forget_ints(self);
     pool_clear(self);
     tp_free(self);
     Py_DECREF(tp);

@@ -18,6 +18,17 @@ typedef struct {
     uint64_t bits[];       /* 1 = free; bits past the last object are 0 */
 } Slab;
 
+/* The int objects of addresses handed out lately, by object index: alloc()
+ * of an address whose int is here returns that int again rather than make
+ * one (a pool that frees and allocates in turn makes no int at all). The
+ * ints are exact and immutable: sharing one is invisible to users. */
+#define POOL_INTS 64
+
+typedef struct {
+    uintptr_t address;
+    PyObject *value;       /* an exact int of address, or NULL */
+} PoolInt;
+
 typedef struct {
     PyObject_HEAD
     Slab **slabs;          /* in use, sorted by base */
@@ -36,6 +47,7 @@ typedef struct {
     Py_ssize_t keep_empty, keep_spare;
     PyObject *source;      /* source() -> a fresh Region of at least span bytes */
     PyObject *weakreflist;
+    PoolInt ints[POOL_INTS];
 } PoolObject;
 
 _Static_assert(sizeof(unsigned long) >= sizeof(uintptr_t), "unsigned long holds an address");
@@ -49,7 +61,7 @@ pool_address_arg(PyObject *o, uintptr_t *out)
 {
     unsigned long v;
 
-    if (PyLong_Check(o))
+    if (PyLong_CheckExact(o) || PyLong_Check(o))
         v = PyLong_AsUnsignedLong(o);
     else {
         PyObject *i = PyNumber_Index(o);

@@ -114,14 +114,36 @@ region_check_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_NONE;
 }
 
+/* The common flip in one step: the whole of an open region whose record is
+ * one plain run and which nothing holds (so nothing to check) goes to prot
+ * with one mprotect: 1. 0 when it is not that case, or the kernel refused
+ * (the general path then changes nothing and says why). */
+static inline int
+flip_whole(RegionObject *self, int prot)
+{
+    Mapping *m = &self->m;
+
+    if (m->data == NULL || m->rec.n != 1 || m->rec.runs[0].flags || m->holds != NULL)
+        return 0;
+    if (m->rec.runs[0].prot != prot) {
+        if (os_protect(m->data, (size_t)m->capacity, prot) != 0)
+            return 0;
+        m->rec.runs[0].prot = (unsigned char)prot;
+    }
+    return 1;
+}
+
 PyObject *
 region_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     int prot;
     Py_ssize_t start, n;
 
-    if (parse_protect(self, args, nargs, kwnames, "protect", &prot, &start, &n) < 0
-        || protect_range(self, start, n, prot) < 0)
+    if (parse_protect(self, args, nargs, kwnames, "protect", &prot, &start, &n) < 0)
+        return NULL;
+    if (start == 0 && n == self->m.capacity && flip_whole(self, prot))
+        Py_RETURN_NONE;
+    if (protect_range(self, start, n, prot) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -147,6 +169,10 @@ region_make_exec(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
 {
     Py_ssize_t start, n;
 
+    if (nargs == 0 && kwnames == NULL && flip_whole(self, PROT_READ | PROT_EXEC)) {
+        os_flush_icache(self->m.data, (size_t)self->m.capacity);
+        Py_RETURN_NONE;
+    }
     if (parse_protect(self, args, nargs, kwnames, "make_exec", NULL, &start, &n) < 0
         || protect_range(self, start, n, PROT_READ | PROT_EXEC) < 0)
         return NULL;
@@ -160,6 +186,8 @@ region_make_writable(RegionObject *self, PyObject *const *args, Py_ssize_t nargs
 {
     Py_ssize_t start, n;
 
+    if (nargs == 0 && kwnames == NULL && flip_whole(self, PROT_RW))
+        Py_RETURN_NONE;
     if (parse_protect(self, args, nargs, kwnames, "make_writable", NULL, &start, &n) < 0
         || protect_range(self, start, n, PROT_RW) < 0)
         return NULL;
