@@ -25,7 +25,8 @@ advise_pieces(Mapping *m, Piece *pieces, Py_ssize_t n, Py_ssize_t total)
                             pieces[k].advice);
         return err;
     }
-    mapping_busy_enter(m);
+    if ((err = mapping_busy_enter(m)) != 0)
+        return err;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t k = 0; k < n && !err; k++)
         err = os_advise(base + pieces[k].lo, (size_t)(pieces[k].hi - pieces[k].lo),
@@ -161,11 +162,11 @@ region_madvise(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyOb
         return NULL;
     if (n == 0)
         Py_RETURN_NONE;
-    if (discards(advice) && self->m.pins > 0) {
+    if (discards(advice) && mapping_pins(&self->m) > 0) {
         PyErr_Format(PyExc_BufferError,
                      "cannot discard pages of the region: %zd function(s) made by "
                      "region.function() run code in it (pinned code keeps its contents)",
-                     self->m.pins);
+                     mapping_pins(&self->m));
         return NULL;
     }
     if (advice == MADV_GUARD_INSTALL && mapping_conflicts(&self->m, start, start + n, PROT_NONE)) {
@@ -207,7 +208,8 @@ region_mlock(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObje
         Py_RETURN_NONE;
     p = self->m.data + start;
     self->m.flags |= MAPPING_ADVISED;   /* locked pages refuse to be given back */
-    mapping_busy_enter(&self->m);
+    if ((err = mapping_busy_enter(&self->m)) != 0)
+        return raise_os_error(err, on_fault ? "mlock2" : "mlock");
     Py_BEGIN_ALLOW_THREADS
     err = os_lock(p, (size_t)n, on_fault);
     Py_END_ALLOW_THREADS
@@ -246,7 +248,10 @@ region_mincore(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyOb
     if (vec == NULL || npages == 0)
         return vec;
     p = self->m.data + start;
-    mapping_busy_enter(&self->m);
+    if ((err = mapping_busy_enter(&self->m)) != 0) {
+        Py_DECREF(vec);
+        return raise_os_error(err, "mincore");
+    }
     Py_BEGIN_ALLOW_THREADS
     err = os_residency(p, (size_t)n, (unsigned char *)PyBytes_AsString(vec));
     Py_END_ALLOW_THREADS

@@ -73,7 +73,7 @@ cache_keep(AllocatorObject *self, RegionObject *r)
     int k = cacheable_attempt(self, r), err;
     char *p;
 
-    if (k < 0 || !cache_has_room(&self->cache, capacity, m->align, k))
+    if (k < 0 || !cache_has_room(&self->cache, capacity, mapping_align(m), k))
         return 0;
     if (!rec_uniform(&m->rec, 0, capacity, self->prot)
         && mapping_set_prot(m, 0, capacity, self->prot) < 0) {
@@ -94,7 +94,7 @@ cache_keep(AllocatorObject *self, RegionObject *r)
         return 0;
     }
     trace_unmapped(p);   /* its pages are the kernel's again */
-    if (!cache_put(&self->cache, p, capacity, m->align, k))   /* filled meanwhile */
+    if (!cache_put(&self->cache, p, capacity, mapping_align(m), k))   /* filled meanwhile */
         unmap_or_bury(p, capacity, 0);
     return 1;
 }
@@ -275,7 +275,7 @@ allocator_dealloc(AllocatorObject *self, PyObject *region)
 
     /* the common case in one go: a region of ours, open, idle, plain */
     if (Py_TYPE(region) == self->region_type && r->owner == (PyObject *)self && m->data != NULL
-        && m->holds == NULL && mapping_busy(m) == 0 && (m->flags & ~MAPPING_COMMITTED) == 0) {
+        && mapping_idle(m) && (m->flags & ~MAPPING_COMMITTED) == 0) {
         char *p;
         if (self->cache.max > 0 && cache_keep(self, r))
             Py_RETURN_NONE;

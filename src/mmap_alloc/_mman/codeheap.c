@@ -486,6 +486,7 @@ heap_dealloc(CodeHeapObject *self)
         heap_unmap(self);
     PyMem_Free(self->spans.spans);
     self->spans.spans = NULL;
+    mapping_free_extra(&self->m);
     heap_clear(self);
     tp_free(self);
     Py_DECREF(tp);

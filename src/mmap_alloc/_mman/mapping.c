@@ -18,40 +18,68 @@
 #include <pthread.h>
 
 /* ------------------------------------------------------------------ */
-/* creation                                                            */
+/* the extension                                                       */
+
+MappingExtra *
+mapping_extra(Mapping *m)
+{
+    if (m->x == NULL) {
+        m->x = PyMem_Calloc(1, sizeof(MappingExtra));
+        if (m->x == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        m->x->busy_gen = kernel.fork_generation;
+    }
+    return m->x;
+}
+
+void
+mapping_free_extra(Mapping *m)
+{
+    PyMem_Free(m->x);
+    m->x = NULL;
+}
 
 /* ------------------------------------------------------------------ */
 /* busy count and holds                                                */
 
-void
+int
 mapping_busy_enter(Mapping *m)
 {
-    if (m->busy_gen != kernel.fork_generation) {
-        m->busy = 0;
-        m->busy_gen = kernel.fork_generation;
+    MappingExtra *x = mapping_extra(m);
+
+    if (x == NULL) {
+        PyErr_Clear();
+        return ENOMEM;
     }
-    m->busy++;
+    if (x->busy_gen != kernel.fork_generation) {
+        x->busy = 0;
+        x->busy_gen = kernel.fork_generation;
+    }
+    x->busy++;
+    return 0;
 }
 
 void
 mapping_busy_leave(Mapping *m)
 {
-    if (m->busy_gen == kernel.fork_generation && m->busy > 0)
-        m->busy--;
+    if (m->x != NULL && m->x->busy_gen == kernel.fork_generation && m->x->busy > 0)
+        m->x->busy--;
 }
 
 int
 mapping_check_idle(const Mapping *m, const char *what, const char *noun)
 {
-    if (m->nexports > 0) {
-        PyErr_Format(PyExc_BufferError, "cannot %s: %s has %zd exported buffer(s) or pin(s)", what, noun,
-                     m->nexports);
+    if (mapping_exports(m) > 0) {
+        PyErr_Format(PyExc_BufferError, "cannot %s: %s has %zd exported buffer(s) or pin(s)",
+                     what, noun, mapping_exports(m));
         return -1;
     }
-    if (m->pins > 0) {
+    if (mapping_pins(m) > 0) {
         PyErr_Format(PyExc_BufferError,
                      "cannot %s: %zd function(s) or pin(s) hold %s where it is (made by "
-                     "function() or pin())", what, m->pins, noun);
+                     "function() or pin())", what, mapping_pins(m), noun);
         return -1;
     }
     if (mapping_busy(m) > 0) {
@@ -65,8 +93,12 @@ mapping_check_idle(const Mapping *m, const char *what, const char *noun)
 Hold *
 mapping_hold(Mapping *m, Py_ssize_t start, Py_ssize_t end, int kind)
 {
-    Hold *h = PyMem_Malloc(sizeof(Hold));
+    MappingExtra *x = mapping_extra(m);
+    Hold *h;
 
+    if (x == NULL)
+        return NULL;
+    h = PyMem_Malloc(sizeof(Hold));
     if (h == NULL) {
         PyErr_NoMemory();
         return NULL;
@@ -75,30 +107,32 @@ mapping_hold(Mapping *m, Py_ssize_t start, Py_ssize_t end, int kind)
     h->end = end;
     h->kind = kind;
     h->prev = NULL;
-    h->next = m->holds;
-    if (m->holds != NULL)
-        m->holds->prev = h;
-    m->holds = h;
+    h->next = x->holds;
+    if (x->holds != NULL)
+        x->holds->prev = h;
+    x->holds = h;
     if (kind == HOLD_PIN)
-        m->pins++;
+        x->pins++;
     else
-        m->nexports++;
+        x->nexports++;
     return h;
 }
 
 void
 mapping_unhold(Mapping *m, Hold *h)
 {
+    MappingExtra *x = m->x;   /* a hold exists: so does the extension */
+
     if (h->prev != NULL)
         h->prev->next = h->next;
     else
-        m->holds = h->next;
+        x->holds = h->next;
     if (h->next != NULL)
         h->next->prev = h->prev;
     if (h->kind == HOLD_PIN)
-        m->pins--;
+        x->pins--;
     else
-        m->nexports--;
+        x->nexports--;
     PyMem_Free(h);
 }
 
@@ -107,7 +141,7 @@ mapping_conflicts(const Mapping *m, Py_ssize_t start, Py_ssize_t end, int prot)
 {
     Py_ssize_t n = 0;
 
-    for (const Hold *h = m->holds; h != NULL; h = h->next) {
+    for (const Hold *h = mapping_holds(m); h != NULL; h = h->next) {
         Py_ssize_t lo = h->start & ~(m->page - 1), hi = round_up(h->end, m->page);
         if (h->kind != HOLD_PIN && lo < end && start < hi
             && (!(prot & PROT_READ) || (h->kind == HOLD_WRITE && !(prot & PROT_WRITE))))
@@ -121,7 +155,7 @@ mapping_holds_in(const Mapping *m, Py_ssize_t start, Py_ssize_t end, Py_ssize_t 
                  Py_ssize_t *pins)
 {
     *buffers = *pins = 0;
-    for (const Hold *h = m->holds; h != NULL; h = h->next) {
+    for (const Hold *h = mapping_holds(m); h != NULL; h = h->next) {
         if (h->start < end && start < h->end) {
             if (h->kind == HOLD_PIN)
                 (*pins)++;
@@ -199,7 +233,8 @@ mapping_advise_flags(Mapping *m, Py_ssize_t start, Py_ssize_t end, int advice)
 {
     int value, mask = advice_run_flag(advice, &value), err;
 
-    if (mask && rec_reserve(&m->rec, 2) < 0) {
+    /* room first: the record and the registry entry cannot fail after the act */
+    if ((mask && rec_reserve(&m->rec, 2) < 0) || ((value & RUN_DONTFORK) && !mapping_extra(m))) {
         PyErr_Clear();
         return ENOMEM;
     }
@@ -208,7 +243,7 @@ mapping_advise_flags(Mapping *m, Py_ssize_t start, Py_ssize_t end, int advice)
         return err;
     rec_set(&m->rec, start, end, -1, mask, value);
     if (value & RUN_DONTFORK)
-        mapping_register(m);
+        mapping_register(m);   /* its extension exists: it cannot fail */
     return 0;
 }
 
@@ -327,31 +362,41 @@ mapping_release(Mapping *m)
 /* ------------------------------------------------------------------ */
 /* the registry and fork                                               */
 
-void
+int
 mapping_register(Mapping *m)
 {
+    MappingExtra *x;
+
     if (m->flags & MAPPING_REGISTERED)
-        return;
+        return 0;
+    x = mapping_extra(m);
+    if (x == NULL) {
+        PyErr_Clear();
+        return ENOMEM;
+    }
     m->flags |= MAPPING_REGISTERED;
-    m->prev = NULL;
-    m->next = kernel.registry;
+    x->prev = NULL;
+    x->next = kernel.registry;
     if (kernel.registry != NULL)
-        kernel.registry->prev = m;
+        kernel.registry->x->prev = m;
     kernel.registry = m;
+    return 0;
 }
 
 void
 mapping_unregister(Mapping *m)
 {
+    MappingExtra *x = m->x;
+
     if (!(m->flags & MAPPING_REGISTERED))
         return;
-    if (m->prev != NULL)
-        m->prev->next = m->next;
+    if (x->prev != NULL)
+        x->prev->x->next = x->next;
     else
-        kernel.registry = m->next;
-    if (m->next != NULL)
-        m->next->prev = m->prev;
-    m->next = m->prev = NULL;
+        kernel.registry = x->next;
+    if (x->next != NULL)
+        x->next->x->prev = x->prev;
+    x->next = x->prev = NULL;
     m->flags &= ~MAPPING_REGISTERED;
 }
 
@@ -386,12 +431,12 @@ after_fork_in_child(void)
 {
     kernel.fork_generation++;
     for (Mapping *m = kernel.registry, *next; m != NULL; m = next) {
-        next = m->next;
+        next = m->x->next;
         if (m->data == NULL || refill_dontfork(m) == 0)
             continue;
         /* no memory for the zero pages: a mapping nothing holds is closed in
          * the child (its API says so); one with buffers keeps the hole */
-        if (m->nexports == 0 && m->pins == 0) {
+        if (mapping_exports(m) == 0 && mapping_pins(m) == 0) {
             os_unmap(m->data, (size_t)m->capacity);
             kernel.mapped_bytes -= m->capacity;
             m->data = NULL;

@@ -67,7 +67,7 @@ typedef struct Mapping Mapping;
 typedef struct {
     Py_ssize_t page;                 /* the system's base page size */
     Py_ssize_t mapped_bytes;         /* mapped by this module, not unmapped yet */
-    unsigned long fork_generation;   /* bumped in every forked child */
+    unsigned int fork_generation;    /* bumped in every forked child */
     Mapping *registry;               /* mappings the process-wide hooks visit */
     struct MappingCache *caches;     /* allocators' caches that hold mappings */
     struct Grave *graves;            /* unmaps the kernel refused, to retry */
@@ -194,8 +194,8 @@ typedef struct {
 
 typedef struct {
     Run *runs;              /* &one while there is one run */
-    Py_ssize_t n;
-    Py_ssize_t cap;
+    int n;                  /* runs (at most INT_MAX: rec_reserve refuses more) */
+    int cap;
     Run one;
 } PageRecord;
 
@@ -249,31 +249,75 @@ typedef struct Hold {
 #define MAPPING_COMMITTED 4    /* the library faulted pages in: unmapping takes long */
 #define MAPPING_REGISTERED 8   /* on the registry (kernel.registry) */
 #define MAPPING_UNTRACED 16    /* not reported to tracemalloc (a mapping of a file) */
-#define MAPPING_ADVISED 32     /* the kernel keeps state for it the record does not
+#define MAPPING_ADVISED 64     /* the kernel keeps state for it the record does not
                                 * (a lock, access-pattern or huge-page advice):
                                 * never reused from an allocator's cache */
+
+/* What few mappings need, made on first use (mapping_extra) and freed with
+ * the mapping's owner: most regions never export a buffer, run a call
+ * without the GIL, map a file or join the registry, and a Region stays
+ * small (at most 144 bytes, as sys.getsizeof counts) without it. */
+typedef struct {
+    Hold *holds;            /* live buffers and pins, a doubly linked list */
+    Py_ssize_t nexports;    /* holds that are buffers */
+    Py_ssize_t pins;        /* holds that are pins */
+    Py_ssize_t busy;        /* calls running without the GIL, in generation busy_gen */
+    unsigned int busy_gen;
+    int64_t offset;         /* where in the file data starts */
+    Mapping *next, *prev;   /* in kernel.registry while MAPPING_REGISTERED */
+} MappingExtra;
 
 struct Mapping {
     char *data;             /* NULL once closed; cleared before the unmap */
     Py_ssize_t size;        /* bytes of contents: len(), the buffer length */
     Py_ssize_t capacity;    /* bytes mapped (whole pages); what the unmap is given */
     PageRecord rec;         /* protection of each page: the authority */
-    Hold *holds;            /* live buffers and pins, a doubly linked list */
-    Py_ssize_t nexports;    /* holds that are buffers */
-    Py_ssize_t pins;        /* holds that are pins */
-    Py_ssize_t busy;        /* calls running without the GIL, in generation busy_gen */
-    unsigned long busy_gen;
-    unsigned long gen;      /* the fork generation it was mapped in */
-    Py_ssize_t page;        /* granule: sizes and ranges round to it */
-    Py_ssize_t align;       /* alignment kept when it moves */
+    MappingExtra *x;        /* NULL until needed */
     int mflags;             /* MAP_* for new pages like these (no POPULATE/FIXED) */
-    int advice;             /* madvise for new pages (MADV_HUGEPAGE), or 0 */
-    int populate;           /* prefault pages a grow adds */
     int fd;                 /* the file mapped, or -1 */
-    int64_t offset;         /* where in the file data starts */
-    unsigned int flags;     /* MAPPING_* */
-    Mapping *next, *prev;   /* in kernel.registry while MAPPING_REGISTERED */
+    int32_t page;           /* granule: sizes and ranges round to it (at most 1 GiB) */
+    unsigned int gen;       /* the fork generation it was mapped in */
+    uint16_t flags;         /* MAPPING_* */
+    unsigned char align_shift;   /* log2 of the alignment kept when it moves */
+    unsigned char advice;   /* madvise for new pages (MADV_HUGEPAGE), or 0 */
+    unsigned char populate; /* prefault pages a grow adds */
 };
+
+/* The extension of m, made now if need be; NULL with MemoryError. */
+MappingExtra *mapping_extra(Mapping *m);
+/* Free it: at the owner's deallocation, when nothing can hold or use m
+ * (a hold keeps its owner alive). */
+void mapping_free_extra(Mapping *m);
+
+static inline Hold *
+mapping_holds(const Mapping *m)
+{
+    return m->x != NULL ? m->x->holds : NULL;
+}
+
+static inline Py_ssize_t
+mapping_exports(const Mapping *m)
+{
+    return m->x != NULL ? m->x->nexports : 0;
+}
+
+static inline Py_ssize_t
+mapping_pins(const Mapping *m)
+{
+    return m->x != NULL ? m->x->pins : 0;
+}
+
+static inline int64_t
+mapping_offset(const Mapping *m)
+{
+    return m->x != NULL ? m->x->offset : 0;
+}
+
+static inline Py_ssize_t
+mapping_align(const Mapping *m)
+{
+    return (Py_ssize_t)1 << m->align_shift;
+}
 
 /* How to map pages: the parameters a backing gives. */
 typedef struct {
@@ -300,12 +344,12 @@ mapping_init(Mapping *m, char *data, Py_ssize_t size, Py_ssize_t capacity, const
     m->rec.one.prot = (unsigned char)spec->prot;
     m->rec.runs = &m->rec.one;
     m->rec.n = m->rec.cap = 1;
-    m->busy_gen = m->gen = kernel.fork_generation;
-    m->page = spec->page;
-    m->align = spec->align;
+    m->gen = kernel.fork_generation;
+    m->page = (int32_t)spec->page;
+    m->align_shift = (unsigned char)__builtin_ctzll((unsigned long long)spec->align);
     m->mflags = spec->mflags;
-    m->advice = spec->advice;
-    m->populate = spec->populate;
+    m->advice = (unsigned char)spec->advice;
+    m->populate = (unsigned char)spec->populate;
     m->fd = fd;
 }
 /* Calls running without the GIL on m, counted in this process only (a
@@ -313,10 +357,17 @@ mapping_init(Mapping *m, char *data, Py_ssize_t size, Py_ssize_t capacity, const
 static inline Py_ssize_t
 mapping_busy(const Mapping *m)
 {
-    return m->busy_gen == kernel.fork_generation ? m->busy : 0;
+    return m->x != NULL && m->x->busy_gen == kernel.fork_generation ? m->x->busy : 0;
 }
-void mapping_busy_enter(Mapping *m);
+/* Mark m busy: 0, or ENOMEM (no extension for the count). */
+int mapping_busy_enter(Mapping *m);
 void mapping_busy_leave(Mapping *m);
+/* Whether nothing holds or uses m (no exception: for fast paths). */
+static inline int
+mapping_idle(const Mapping *m)
+{
+    return m->x == NULL || (m->x->holds == NULL && mapping_busy(m) == 0);
+}
 /* BufferError unless nothing holds or uses m: for unmap, move, shrink. noun
  * names the owner ("the region"). */
 int mapping_check_idle(const Mapping *m, const char *what, const char *noun);
@@ -343,8 +394,9 @@ void mapping_release(Mapping *m);
 /* Unmap pages nobody can reach any more (a refusal: the graveyard). */
 void unmap_or_bury(char *p, Py_ssize_t length, int release_gil);
 void flush_graveyard(void);
-/* Join the registry (for pages a fork leaves out, or a file's peers). */
-void mapping_register(Mapping *m);
+/* Join the registry (for pages a fork leaves out, or a file's peers): 0,
+ * or ENOMEM (no extension for the links; no exception). */
+int mapping_register(Mapping *m);
 void mapping_unregister(Mapping *m);
 /* pthread_atfork's child handler: new generation; pages MADV_DONTFORK left
  * out are mapped again as zero pages, so that no buffer points at a hole. */

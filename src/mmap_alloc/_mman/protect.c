@@ -16,14 +16,14 @@ check_range(RegionObject *self, Py_ssize_t start, Py_ssize_t n, int prot)
 
     if (n == 0 || rec_uniform(&self->m.rec, start, end, prot))
         return 0;
-    if (self->m.pins > 0 && !(prot & PROT_EXEC)
+    if (mapping_pins(&self->m) > 0 && !(prot & PROT_EXEC)
         && (rec_access_any(&self->m.rec, start, end) & PROT_EXEC)) {
         PyErr_Format(PyExc_BufferError,
                      "cannot remove EXEC: %zd function(s) made by region.function() run code "
-                     "in the region; delete them first", self->m.pins);
+                     "in the region; delete them first", mapping_pins(&self->m));
         return -1;
     }
-    if (self->m.nexports > 0) {
+    if (mapping_exports(&self->m) > 0) {
         Py_ssize_t n = mapping_conflicts(&self->m, start, end, prot);
         if (n > 0) {
             PyErr_Format(PyExc_BufferError,
@@ -123,7 +123,7 @@ flip_whole(RegionObject *self, int prot)
 {
     Mapping *m = &self->m;
 
-    if (m->data == NULL || m->rec.n != 1 || m->rec.runs[0].flags || m->holds != NULL)
+    if (m->data == NULL || m->rec.n != 1 || m->rec.runs[0].flags || mapping_holds(m) != NULL)
         return 0;
     if (m->rec.runs[0].prot != prot) {
         if (os_protect(m->data, (size_t)m->capacity, prot) != 0)

@@ -24,7 +24,11 @@ rec_reserve(PageRecord *rec, Py_ssize_t extra)
 
     if (need <= rec->cap)
         return 0;
-    cap = rec->cap < 4 ? 8 : rec->cap * 2;
+    if (need > INT_MAX / 2) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    cap = rec->cap < 4 ? 8 : (Py_ssize_t)rec->cap * 2;
     while (cap < need)
         cap *= 2;
     if (rec->runs == &rec->one) {
@@ -39,7 +43,7 @@ rec_reserve(PageRecord *rec, Py_ssize_t extra)
         return -1;
     }
     rec->runs = runs;
-    rec->cap = cap;
+    rec->cap = (int)cap;
     return 0;
 }
 

@@ -271,6 +271,24 @@ region_get_busy(RegionObject *self, void *closure)
     return PyLong_FromSsize_t(mapping_busy(&self->m));
 }
 
+static PyObject *
+region_get_exports(RegionObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(mapping_exports(&self->m));
+}
+
+static PyObject *
+region_get_pins(RegionObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(mapping_pins(&self->m));
+}
+
+static PyObject *
+region_get_align(RegionObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(mapping_align(&self->m));
+}
+
 /* _runs() -> list of (offset, length, prot, flags): the protection record */
 PyObject *
 region_runs(RegionObject *self, PyObject *unused)
@@ -378,7 +396,7 @@ realloc_region(RegionObject *self, Py_ssize_t new_size, Py_ssize_t newcap, const
     Mapping *m = &self->m;
     Py_ssize_t size = m->size;
 
-    if (newcap == m->capacity || (newcap < m->capacity && m->nexports > 0)) {
+    if (newcap == m->capacity || (newcap < m->capacity && mapping_exports(m) > 0)) {
         if (new_size > size && mapping_zero(m, size, new_size, "the region") < 0)
             return NULL;
         m->size = new_size;
@@ -391,10 +409,10 @@ realloc_region(RegionObject *self, Py_ssize_t new_size, Py_ssize_t newcap, const
         m->size = new_size;
         Py_RETURN_NONE;
     }
-    if (m->nexports > 0) {
+    if (mapping_exports(m) > 0) {
         PyErr_Format(PyExc_BufferError,
                      "cannot move the region: it has %zd exported buffer(s) and %zd bytes do not "
-                     "fit in its capacity %zd", m->nexports, new_size, m->capacity);
+                     "fit in its capacity %zd", mapping_exports(m), new_size, m->capacity);
         return NULL;
     }
     if (mapping_check_idle(m, "move the region", "the region") < 0
@@ -483,6 +501,7 @@ region_dealloc(RegionObject *self)
     if (self->m.data != NULL || self->m.fd >= 0 || self->m.flags
         || self->m.rec.runs != &self->m.rec.one)
         mapping_release(&self->m);   /* else dealloc() closed it, and nothing is left */
+    mapping_free_extra(&self->m);
     region_clear(self);
     PyObject_GC_Del(self);
     Py_DECREF(tp);
@@ -563,6 +582,9 @@ static PyGetSetDef region_getset[] = {
     {"mixed", (getter)region_get_mixed, NULL, "Whether pages differ in protection.", NULL},
     {"_prot", (getter)region_get_prot, NULL, "Protection all pages share, or -1.", NULL},
     {"_busy", (getter)region_get_busy, NULL, "Calls running without the GIL.", NULL},
+    {"_exports", (getter)region_get_exports, NULL, "Live buffers.", NULL},
+    {"_pins", (getter)region_get_pins, NULL, "Live pins (functions, pin()).", NULL},
+    {"_align", (getter)region_get_align, NULL, "The alignment kept across moves.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -572,10 +594,8 @@ static PyGetSetDef region_getset[] = {
 static PyMemberDef region_members[] = {
     MAPPING_MEMBER("size", size, "Bytes asked for: len(region)."),
     MAPPING_MEMBER("capacity", capacity, "Bytes mapped (whole pages)."),
-    MAPPING_MEMBER("_exports", nexports, "Live buffers."),
-    MAPPING_MEMBER("_pins", pins, "Live pins (functions, pin())."),
-    MAPPING_MEMBER("_page", page, "The granule of sizes and ranges."),
-    MAPPING_MEMBER("_align", align, "The alignment kept across moves."),
+    {"_page", T_INT, offsetof(RegionObject, m) + offsetof(Mapping, page), READONLY,
+     "The granule of sizes and ranges."},
     {"_owner", T_OBJECT, offsetof(RegionObject, owner), READONLY, "The allocator that made it."},
     {"_backing", T_OBJECT, offsetof(RegionObject, backing), READONLY, "What backs it (recorded)."},
     {"__weaklistoffset__", T_PYSSIZET, offsetof(RegionObject, weakreflist), READONLY, NULL},

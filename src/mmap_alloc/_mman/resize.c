@@ -69,10 +69,10 @@ mapping_zero(Mapping *m, Py_ssize_t start, Py_ssize_t end, const char *noun)
 
     if (start >= end)
         return 0;
-    if (m->pins > 0) {
+    if (mapping_pins(m) > 0) {
         PyErr_Format(PyExc_BufferError,
                      "cannot re-zero bytes of %s: %zd function(s) made by function() run code "
-                     "in it (pinned code keeps its contents)", noun, m->pins);
+                     "in it (pinned code keeps its contents)", noun, mapping_pins(m));
         return -1;
     }
     full_start = round_up(start, m->page);
@@ -105,7 +105,7 @@ mapping_prepare(Mapping *m, Py_ssize_t old, Py_ssize_t new)
     if (m->advice == MADV_HUGEPAGE && m->fd >= 0) {
         /* shmem: from the huge page the old end lies in, which may be whole
          * now (best effort: khugepaged may do it later anyway) */
-        Py_ssize_t from = old & ~(m->align - 1);
+        Py_ssize_t from = old & ~(mapping_align(m) - 1);
         os_advise(m->data + from, (size_t)(new - from), MADV_COLLAPSE);
     }
     prot = m->rec.runs[m->rec.n - 1].prot;
@@ -221,7 +221,7 @@ mapping_grow_in_place(Mapping *m, Py_ssize_t newcap)
     /* several kernel mappings, hugetlb, or a kernel that refuses to mremap
      * this mapping: map the next pages themselves, right after it */
     err = map_pages(m, m->data + cap, newcap - cap, last.prot, MAP_FIXED_NOREPLACE,
-                    m->offset + cap);
+                    mapping_offset(m) + cap);
     if (err)
         return err;
     commit_growth(m, newcap, last.prot, advise_like(m, cap, newcap, last.flags & ~RUN_GUARD));
@@ -274,7 +274,8 @@ move_by_remap(Mapping *m, Py_ssize_t newcap)
     void *p;
     int err;
 
-    if (m->align > natural_align(m) && (err = reserve(&target, newcap, m->align)) != 0)
+    if (mapping_align(m) > natural_align(m)
+        && (err = reserve(&target, newcap, mapping_align(m))) != 0)
         return err;   /* keep the alignment (THP): move into an aligned reservation */
     err = os_move(&p, m->data, (size_t)m->capacity, (size_t)newcap, target);
     if (err) {
@@ -297,10 +298,11 @@ move_file_mapping(Mapping *m, Py_ssize_t newcap)
     int prot0 = m->rec.runs[0].prot, last = m->rec.runs[m->rec.n - 1].prot, err;
     char *target, *old;
 
-    err = reserve(&target, newcap, m->align > natural_align(m) ? m->align : natural_align(m));
+    err = reserve(&target, newcap,
+                  mapping_align(m) > natural_align(m) ? mapping_align(m) : natural_align(m));
     if (err)
         return err;
-    err = map_pages(m, target, newcap, prot0, MAP_FIXED, m->offset);
+    err = map_pages(m, target, newcap, prot0, MAP_FIXED, mapping_offset(m));
     if (!err)
         err = mapping_apply_record(m, target, cap, prot0, 0);
     if (!err && last != prot0)
@@ -339,7 +341,7 @@ move_by_copy(Mapping *m, Py_ssize_t newcap, const MapSpec *spec, const char **ca
     if (rec_reserve(rec, 1) < 0)
         return -1;
     *call = "mmap";
-    err = os_map_aligned(&target, (size_t)newcap, (size_t)m->align, (size_t)natural, PROT_RW,
+    err = os_map_aligned(&target, (size_t)newcap, (size_t)mapping_align(m), (size_t)natural, PROT_RW,
                          spec->mflags, -1, 0);
     if (err)
         return err;

@@ -303,7 +303,10 @@ secret_create(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
     trace_mapped(self->m.data, total);
     self->m.size = size;
     memcpy(self->m.data + data_offset(self) - CANARY_SIZE, kernel.canary, CANARY_SIZE);
-    mapping_register(&self->m);   /* the fork hook visits it (memfd_secret: zero pages) */
+    if (mapping_register(&self->m) != 0) {   /* the fork hook visits it (memfd_secret: zero pages) */
+        Py_DECREF(self);   /* wiped and unmapped */
+        return PyErr_NoMemory();
+    }
     return (PyObject *)self;
 }
 
@@ -324,10 +327,10 @@ secret_close(SecretObject *self, PyObject *unused)
 
     if (self->m.data == NULL)
         Py_RETURN_NONE;
-    if (self->m.nexports > 0) {
+    if (mapping_exports(&self->m) > 0) {
         PyErr_Format(PyExc_BufferError,
                      "cannot close the secret buffer: %zd buffer(s) of it are exported",
-                     self->m.nexports);
+                     mapping_exports(&self->m));
         return NULL;
     }
     /* the wipe writes: make the pages writable first (nothing changes if refused) */
@@ -362,6 +365,7 @@ secret_dealloc(SecretObject *self)
     }
     else if (self->m.rec.runs != &self->m.rec.one)
         rec_free(&self->m.rec);
+    mapping_free_extra(&self->m);
     tp_free(self);
     Py_DECREF(tp);
 }
@@ -422,6 +426,12 @@ static PyObject *
 secret_get_closed(SecretObject *self, void *closure)
 {
     return PyBool_FromLong(self->m.data == NULL);
+}
+
+static PyObject *
+secret_get_exports(SecretObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(mapping_exports(&self->m));
 }
 
 static PyObject *
@@ -499,6 +509,7 @@ static PyGetSetDef secret_getset[] = {
      NULL},
     {"_prot", (getter)secret_get_prot, NULL, "The access as PROT_* bits.", NULL},
     {"_forked", (getter)secret_get_forked, NULL, "Inherited over fork (zero pages).", NULL},
+    {"_exports", (getter)secret_get_exports, NULL, "Live buffers.", NULL},
     {"_mapping", (getter)secret_get_mapping, NULL,
      "(base, total, pages, inner): the mapping and its secret pages.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -507,8 +518,6 @@ static PyGetSetDef secret_getset[] = {
 static PyMemberDef secret_members[] = {
     {"size", T_PYSSIZET, offsetof(SecretObject, m) + offsetof(Mapping, size), READONLY,
      "Bytes of secret: len(buf)."},
-    {"_exports", T_PYSSIZET, offsetof(SecretObject, m) + offsetof(Mapping, nexports), READONLY,
-     "Live buffers."},
     {"__weaklistoffset__", T_PYSSIZET, offsetof(SecretObject, weakreflist), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };

@@ -53,8 +53,8 @@ back_range(Mapping *m, int fd, int punch, Py_ssize_t offset, Py_ssize_t length)
 
     if (length < SLOW_CALL_BYTES)
         return punch ? os_file_punch(fd, offset, length) : os_file_allocate(fd, offset, length);
-    if (m != NULL)
-        mapping_busy_enter(m);
+    if (m != NULL && (err = mapping_busy_enter(m)) != 0)
+        return err;
     Py_BEGIN_ALLOW_THREADS
     err = punch ? os_file_punch(fd, offset, length) : os_file_allocate(fd, offset, length);
     Py_END_ALLOW_THREADS
@@ -92,7 +92,10 @@ wrap_shared(PyTypeObject *cls, char *p, int fd, Py_ssize_t size, Py_ssize_t capa
     region->m.flags |= MAPPING_SHARED | MAPPING_OWNS_FD | MAPPING_COMMITTED;
     kernel.mapped_bytes += capacity;
     trace_mapped(p, capacity);
-    mapping_register(&region->m);
+    if (mapping_register(&region->m) != 0) {   /* its peers find it there */
+        Py_DECREF(region);   /* unmapped, the descriptor closed */
+        return PyErr_NoMemory();
+    }
     return (PyObject *)region;
 }
 
@@ -375,7 +378,7 @@ shared_seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (mapping_conflicts(&self->m, 0, self->m.capacity, PROT_READ) > 0) {
         PyErr_Format(PyExc_BufferError,
                      "cannot seal the region against writing: it has %zd exported "
-                     "buffer(s), some writable; release them first", self->m.nexports);
+                     "buffer(s), some writable; release them first", mapping_exports(&self->m));
         return NULL;
     }
     if ((err = os_reopen_readonly(self->m.fd, &ro)) != 0)

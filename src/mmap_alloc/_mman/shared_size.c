@@ -31,7 +31,7 @@ check_peers_can_shrink(RegionObject *self, Py_ssize_t fend)
         raise_os_error(err, "fstat");
         return -1;
     }
-    for (Mapping *r = kernel.registry; r != NULL; r = r->next) {
+    for (Mapping *r = kernel.registry; r != NULL; r = r->x->next) {
         if (r == &self->m || r->data == NULL || !same_file(r, &file))
             continue;
         if (mapping_busy(r) > 0 || round_up(fend, r->page) < r->capacity) {
@@ -54,7 +54,7 @@ shrink_peers(RegionObject *self, Py_ssize_t tsize)
 
     if (os_file_info(self->m.fd, &file) != 0 || tsize <= 0)
         return;
-    for (Mapping *r = kernel.registry; r != NULL; r = r->next) {
+    for (Mapping *r = kernel.registry; r != NULL; r = r->x->next) {
         if (r == &self->m || r->data == NULL || !same_file(r, &file))
             continue;
         if (round_up(tsize, r->page) < r->capacity)
@@ -77,11 +77,11 @@ map_growth(RegionObject *self, Py_ssize_t newcap, const char *what)
 
     if (mapping_grow_in_place(m, newcap) == 0)
         return 0;
-    if (m->nexports > 0 || m->pins > 0 || mapping_busy(m) > 0) {
+    if (mapping_exports(m) > 0 || mapping_pins(m) > 0 || mapping_busy(m) > 0) {
         PyErr_Format(PyExc_BufferError,
                      "cannot %s: the pages after the region are taken, and %zd exported "
                      "buffer(s), %zd function(s) or a call in progress keep it where it is",
-                     what, m->nexports, m->pins);
+                     what, mapping_exports(m), mapping_pins(m));
         return -1;
     }
     {
@@ -140,7 +140,7 @@ shared_resize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "new_size must be positive");
         return NULL;
     }
-    if (new_size > PY_SSIZE_T_MAX - (m->align > m->page ? m->align : m->page))
+    if (new_size > PY_SSIZE_T_MAX - (mapping_align(m) > m->page ? mapping_align(m) : m->page))
         return raise_os_error(ENOMEM, "size");
     if (file_state(self, &fsize, &seals, &writable) < 0)
         return NULL;
@@ -161,12 +161,12 @@ shared_resize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
     }
     /* held where it is: extend in place before the file grows, or change nothing */
-    if (newcap > cap && (m->nexports > 0 || m->pins > 0)) {
+    if (newcap > cap && (mapping_exports(m) > 0 || mapping_pins(m) > 0)) {
         if (mapping_grow_in_place(m, newcap) != 0) {
             PyErr_Format(PyExc_BufferError,
                          "cannot grow the region to %zd bytes: the pages after it are taken, "
                          "and %zd exported buffer(s) or %zd function(s) keep it where it is",
-                         new_size, m->nexports, m->pins);
+                         new_size, mapping_exports(m), mapping_pins(m));
             return NULL;
         }
         reserved = 1;
@@ -221,7 +221,8 @@ shared_refresh(PyObject *module, PyObject *region)
                         "against shrinking); close the region");
         return NULL;
     }
-    if (fsize > PY_SSIZE_T_MAX - (self->m.align > self->m.page ? self->m.align : self->m.page))
+    if (fsize > PY_SSIZE_T_MAX - (mapping_align(&self->m) > self->m.page ? mapping_align(&self->m)
+                                                                          : self->m.page))
         return raise_os_error(ENOMEM, "size");
     newcap = round_up(fsize, self->m.page);
     if (newcap > self->m.capacity) {
@@ -262,11 +263,11 @@ shared_discard(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObje
     Py_DECREF(length);
     if (err)
         return NULL;
-    if (self->m.pins > 0) {
+    if (mapping_pins(&self->m) > 0) {
         PyErr_Format(PyExc_BufferError,
                      "cannot discard pages of the region: %zd function(s) made by "
                      "region.function() run code in it (pinned code keeps its contents)",
-                     self->m.pins);
+                     mapping_pins(&self->m));
         return NULL;
     }
     if (is_hugetlb(&self->m)) {
