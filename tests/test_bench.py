@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mmap_alloc import MapAlloc, Perm
+from mmap_alloc._linux import MADV_HUGEPAGE
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc.bench import _limits, cases, report
 from mmap_alloc.bench.harness import Case, CaseResult, Runner, Variant
@@ -102,6 +103,32 @@ def test_c_loops_run_without_error() -> None:
         assert bytes(region) == bytes(16 * P)
 
 
+def test_c_loop_map_unmap_gives_the_advice_it_is_asked_for() -> None:
+    _limits.map_unmap(3, 4 << 20, 0, 1, MADV_HUGEPAGE)
+    with pytest.raises(OSError):
+        _limits.map_unmap(1, P, 0, 0, 12345)  # no such advice: EINVAL
+
+
+def test_the_cache_and_first_touch_cases_put_the_peers_beside_mmap_alloc() -> None:
+    from mmap_alloc.bench.cache_cases import cache_round_trips, first_touch
+
+    cached = list(cache_round_trips(cases.Scale(quick=True)))
+    assert [case.target for case in cached if case.target is not None] == [0.35, 0.70]
+    for case in cached:
+        names = {variant.name for variant in case.variants}
+        assert {"mmap_alloc cache=64", "C loop", "bytearray"} <= names
+        assert case.subject == "mmap_alloc cache=64" and case.reference == "C loop"
+        Runner(rounds=1, warmup=0).run(case)  # every variant runs
+    if find_spec("numpy") is not None:
+        (touch,) = first_touch(cases.Scale(quick=True))
+        assert (touch.subject, touch.reference, touch.target) == (
+            "mmap_alloc default",
+            "numpy.zeros + touch",
+            1.0,
+        )
+        assert "numpy.zeros" in {variant.name for variant in cached[0].variants}
+
+
 def test_c_loop_reports_a_failed_mmap_as_oserror() -> None:
     with pytest.raises(OSError):
         _limits.map_unmap(1, 1 << 62, 0, 0)
@@ -143,6 +170,7 @@ def test_quick_command_prints_every_case_and_writes_json(tmp_path: Path) -> None
     assert data["quick"] is True
     names = [case["name"] for case in data["cases"]]
     assert "alloc+dealloc 4 KiB" in names
+    assert "alloc+dealloc 4 KiB, cache=64" in names
     assert any(name.startswith("protect flip") for name in names)
     for case in data["cases"]:
         assert case["name"] in done.stdout

@@ -1,9 +1,14 @@
 """Region: one live allocation, a mapping that is a bytes-like object.
 
-The C base (``_mman.Region``) owns everything that keeps memory safe: the
-mapping, the record of each page's protection, exports, pins, and every
-change of them. This class adds what is plain Python: properties that read
-the record as Perm values, the context manager, and conveniences.
+The C type (``_mman.Region``) owns everything that keeps memory safe: the
+mapping, the record of each page's protection, exports, pins, every change
+of them, and the with-statement. It is handed out as it is (``type(region)
+is mmap_alloc.Region``): no Python subclass stands between a user and it,
+which makes a region cheaper to create and to free. What is plain Python
+(properties that read the record as Perm values, advice by name, stats,
+arrays, repr) is written below as a class, the one type checkers and the
+documentation read, and its members are attached to the C type when this
+module is imported (``_attach``).
 """
 
 from __future__ import annotations
@@ -12,13 +17,13 @@ import errno
 import math
 from _ctypes import CFuncPtr
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from ._args import integer
 from ._linux import ADVICE, ADVICE_SINCE, memlock_error
 from ._mman import Region as KernelRegion
 from .backings import Backing
-from .closing import ClosesOnExit
 from .exceptions import CLOSED
 from .perm import Perm
 from .protection import Writable, function
@@ -30,7 +35,7 @@ if TYPE_CHECKING:
 _F = TypeVar("_F", bound=CFuncPtr)
 
 
-class Region(KernelRegion, ClosesOnExit):
+class Region(KernelRegion):
     """One live allocation: whole pages from the kernel, owned by this object.
 
     Made by MapAlloc.alloc() and its siblings, never directly. ``len(region)``
@@ -49,6 +54,8 @@ class Region(KernelRegion, ClosesOnExit):
     __slots__ = ()
 
     _noun = "region"
+    """Names the region in the with-statement's messages (subclasses: theirs)."""
+    _closed_word = "closed"
 
     @property
     def perms(self) -> Perm:
@@ -174,6 +181,32 @@ class Region(KernelRegion, ClosesOnExit):
     if TYPE_CHECKING:
 
         def __iter__(self) -> Iterator[int]: ...
+
+        def __enter__(self) -> Self: ...
+
+        def __exit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> None: ...
+
+
+_NOT_ATTACHED = {"__dict__", "__weakref__", "__slots__", "__module__", "__qualname__"}
+
+
+def _attach(written: type, kernel: type) -> None:
+    """Give the C type the members written in Python for it: the methods,
+    properties and class attributes of ``written`` (its own, not inherited),
+    and its docstring."""
+    for name, value in vars(written).items():
+        if name not in _NOT_ATTACHED:
+            setattr(kernel, name, value)
+
+
+_attach(Region, KernelRegion)
+KernelRegion.__module__ = __name__  # where its Python half is written
+globals()["Region"] = KernelRegion  # what the library hands out and exports: the C type
 
 
 _EINVAL_HINTS = {

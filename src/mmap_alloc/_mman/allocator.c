@@ -69,16 +69,19 @@ static int
 cache_keep(AllocatorObject *self, RegionObject *r)
 {
     Mapping *m = &r->m;
-    Py_ssize_t capacity = m->capacity;
+    Py_ssize_t capacity = m->capacity, align = mapping_align(m);
     int k = cacheable_attempt(self, r), err;
+    CacheClass *cls;
     char *p;
 
-    if (k < 0 || !cache_has_room(&self->cache, capacity, mapping_align(m), k))
+    if (k < 0 || (cls = cache_room(&self->cache, capacity, align, k)) == NULL)
         return 0;
-    if (!rec_uniform(&m->rec, 0, capacity, self->prot)
-        && mapping_set_prot(m, 0, capacity, self->prot) < 0) {
-        PyErr_Clear();   /* the unmap that follows says what it must */
-        return 0;
+    if (!rec_uniform(&m->rec, 0, capacity, self->prot)) {
+        if (mapping_set_prot(m, 0, capacity, self->prot) < 0) {
+            PyErr_Clear();   /* the unmap that follows says what it must */
+            return 0;
+        }
+        cls = NULL;   /* the refusal of a split may have trimmed the caches */
     }
     p = m->data;
     m->data = NULL;   /* closed before its pages are given back */
@@ -86,6 +89,7 @@ cache_keep(AllocatorObject *self, RegionObject *r)
         Py_BEGIN_ALLOW_THREADS
         err = os_advise(p, (size_t)capacity, MADV_DONTNEED);
         Py_END_ALLOW_THREADS
+        cls = NULL;   /* other threads used the cache meanwhile */
     }
     else
         err = os_advise(p, (size_t)capacity, MADV_DONTNEED);
@@ -94,7 +98,11 @@ cache_keep(AllocatorObject *self, RegionObject *r)
         return 0;
     }
     trace_unmapped(p);   /* its pages are the kernel's again */
-    if (!cache_put(&self->cache, p, capacity, mapping_align(m), k))   /* filled meanwhile */
+    if (cls == NULL)
+        cls = cache_room(&self->cache, capacity, align, k);
+    if (cls != NULL)
+        cache_push(&self->cache, cls, p);
+    else   /* filled meanwhile */
         unmap_or_bury(p, capacity, 0);
     return 1;
 }
@@ -106,7 +114,7 @@ wrap_reused(AllocatorObject *self, char *p, Py_ssize_t size, Py_ssize_t capacity
 {
     MapSpec spec = *attempt;
     int populate = spec.populate && (spec.prot & PROT_RW);
-    PyObject *region;
+    RegionObject *region;
 
     spec.align = align;
     if (populate) {   /* best effort, as MAP_POPULATE is */
@@ -119,15 +127,18 @@ wrap_reused(AllocatorObject *self, char *p, Py_ssize_t size, Py_ssize_t capacity
         else
             os_advise(p, (size_t)capacity, advice);
     }
-    region = region_wrap(self->region_type, p, size, capacity, &spec, (PyObject *)self, -1);
+    region = region_alloc(self->region_type);
     if (region == NULL) {
         unmap_or_bury(p, capacity, 0);
         return NULL;
     }
+    mapping_init(&region->m, p, size, capacity, &spec, -1);
+    region->owner = Py_NewRef((PyObject *)self);
+    region->backing = Py_NewRef(spec.backing);
     trace_mapped(p, capacity);
     if (populate)
-        ((RegionObject *)region)->m.flags |= MAPPING_COMMITTED;
-    return region;
+        region->m.flags |= MAPPING_COMMITTED;
+    return (PyObject *)region;
 }
 
 /* A mapping of capacity bytes from the cache, by the first attempt that has
@@ -201,17 +212,75 @@ no_alignment(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
            || PyUnicode_CompareWithASCIIString(PyTuple_GetItem(kwnames, 0), "align") == 0;
 }
 
+/* alloc(size) in one flat step for the common case: the attempt that maps
+ * this capacity is plain (no advice, no alignment past the base page, not
+ * hugetlb, no prefault slow enough to release the GIL for): a mapping of
+ * the cache, else one mmap; the Region object from region_alloc (most
+ * often a dead one kept for reuse). NULL without an exception when the
+ * case is not that one or the kernel refused: the general path then tries
+ * everything and says what went wrong. */
+static inline PyObject *
+alloc_flat(AllocatorObject *self, Py_ssize_t size)
+{
+    Py_ssize_t capacity = (size + self->mask) & ~self->mask;
+    const MapSpec *spec;
+    RegionObject *region;
+    int k = 0, populate, mflags;
+    void *p;
+
+    while (capacity < self->min_size[k])   /* the last attempt maps every size */
+        k++;
+    spec = &self->attempts[k];
+    populate = spec->populate && (spec->prot & PROT_RW);
+    if (spec->advice || spec->align > kernel.page || (spec->mflags & MAP_HUGETLB)
+        || (populate && capacity >= SLOW_CALL_BYTES))
+        return NULL;
+    if (self->cache.max > 0) {
+        char *kept = cache_take(&self->cache, capacity, spec->align, k);
+        if (kept != NULL) {
+            self->cache.hits++;
+            return wrap_reused(self, kept, size, capacity, spec, spec->align);
+        }
+    }
+    mflags = spec->mflags | (populate ? MAP_POPULATE : 0);
+    if (os_map(&p, NULL, (size_t)capacity, spec->prot, mflags, -1, 0) != 0)
+        return NULL;
+    region = region_alloc(self->region_type);
+    if (region == NULL) {
+        os_unmap(p, (size_t)capacity);
+        return NULL;
+    }
+    mapping_init(&region->m, p, size, capacity, spec, -1);
+    region->owner = Py_NewRef((PyObject *)self);
+    region->backing = Py_NewRef(spec->backing);
+    if (populate)
+        region->m.flags |= MAPPING_COMMITTED;
+    if (self->cache.max > 0)
+        self->cache.misses++;
+    kernel.mapped_bytes += capacity;
+    trace_mapped(p, capacity);
+    return (PyObject *)region;
+}
+
 static PyObject *
 allocator_alloc(AllocatorObject *self, PyObject *const *args, Py_ssize_t nargs,
                 PyObject *kwnames)
 {
     PyObject *region;
-    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
+    Py_ssize_t nkw;
 
     if (self->region_type == NULL) {
         PyErr_SetString(PyExc_TypeError, "the allocator is not configured");
         return NULL;
     }
+    if (nargs == 1 && kwnames == NULL && PyLong_CheckExact(args[0])) {
+        Py_ssize_t size = PyLong_AsSsize_t(args[0]);
+        if (size > 0 && size <= self->max_size && (region = alloc_flat(self, size)) != NULL)
+            return region;
+        if (PyErr_Occurred())   /* too large for a Py_ssize_t, or no memory: the slow path */
+            PyErr_Clear();
+    }
+    nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
     if (nargs >= 1 && PyLong_CheckExact(args[0]) && no_alignment(args, nargs, kwnames)) {
         Py_ssize_t size = PyLong_AsSsize_t(args[0]);
         if (size > 0 && size <= self->max_size) {

@@ -12,10 +12,10 @@
  *   a class's    up to `max` addresses, taken last in, first out (the pages
  *   stack        most recently freed are the likeliest to be in the TLB).
  *
- * Every cache that holds mappings is on a process-wide list, so that a
- * refusal for lack of memory or of mappings (vm.max_map_count) anywhere in
- * the library can give them back before it fails (cache_trim_all). Nothing
- * here runs Python code or raises.
+ * Every cache that has held mappings is on a process-wide list until its
+ * end, so that a refusal for lack of memory or of mappings
+ * (vm.max_map_count) anywhere in the library can give them back before it
+ * fails (cache_trim_all). Nothing here runs Python code or raises.
  */
 #include "mman.h"
 
@@ -35,19 +35,22 @@ class_hash(Py_ssize_t capacity, Py_ssize_t align, int attempt)
 }
 
 static CacheClass *
-find_class(const MappingCache *c, Py_ssize_t capacity, Py_ssize_t align, int attempt)
+find_class(MappingCache *c, Py_ssize_t capacity, Py_ssize_t align, int attempt)
 {
+    CacheClass *cls = c->last;   /* most programs free and allocate one class in turn */
     size_t mask, i;
 
+    if (cls != NULL && cls->capacity == capacity && cls->align == align && cls->attempt == attempt)
+        return cls;
     if (c->table == NULL)
         return NULL;
     mask = (size_t)c->size - 1;
     for (i = class_hash(capacity, align, attempt) & mask;; i = (i + 1) & mask) {
-        CacheClass *cls = &c->table[i];
+        cls = &c->table[i];
         if (cls->capacity == 0)
             return NULL;
         if (cls->capacity == capacity && cls->align == align && cls->attempt == attempt)
-            return cls;
+            return c->last = cls;
     }
 }
 
@@ -76,6 +79,7 @@ grow_table(MappingCache *c)
     PyMem_Free(c->table);
     c->table = table;
     c->size = size;
+    c->last = NULL;   /* it pointed into the old table */
     return 0;
 }
 
@@ -118,49 +122,45 @@ cache_take(MappingCache *c, Py_ssize_t capacity, Py_ssize_t align, int attempt)
     p = cls->maps[--cls->n];
     c->mappings--;
     c->bytes -= capacity;
-    if (c->mappings == 0)
-        unlink_cache(c);
     return p;
 }
 
-int
-cache_has_room(const MappingCache *c, Py_ssize_t capacity, Py_ssize_t align, int attempt)
-{
-    const CacheClass *cls = find_class(c, capacity, align, attempt);
-
-    return c->max > 0 && (cls == NULL || cls->n < c->max);
-}
-
-int
-cache_put(MappingCache *c, char *p, Py_ssize_t capacity, Py_ssize_t align, int attempt)
+CacheClass *
+cache_room(MappingCache *c, Py_ssize_t capacity, Py_ssize_t align, int attempt)
 {
     CacheClass *cls;
 
     if (c->max <= 0 || capacity <= 0)
-        return 0;
+        return NULL;
     cls = find_class(c, capacity, align, attempt);
     if (cls == NULL) {
         size_t i;
         if (grow_table(c) < 0)
-            return 0;
+            return NULL;
         i = class_hash(capacity, align, attempt) & (size_t)(c->size - 1);
         while (c->table[i].capacity != 0)
             i = (i + 1) & (size_t)(c->size - 1);
-        cls = &c->table[i];
+        cls = c->last = &c->table[i];
         cls->capacity = capacity;
         cls->align = align;
         cls->attempt = attempt;
         c->used++;
     }
     if (cls->n >= c->max)
-        return 0;
+        return NULL;
     if (cls->maps == NULL && (cls->maps = PyMem_Malloc((size_t)c->max * sizeof(char *))) == NULL)
-        return 0;
+        return NULL;
+    return cls;
+}
+
+void
+cache_push(MappingCache *c, CacheClass *cls, char *p)
+{
     cls->maps[cls->n++] = p;
     c->mappings++;
-    c->bytes += capacity;
-    link_cache(c);
-    return 1;
+    c->bytes += cls->capacity;
+    if (!c->linked)
+        link_cache(c);
 }
 
 Py_ssize_t
@@ -168,7 +168,6 @@ cache_trim(MappingCache *c)
 {
     Py_ssize_t released = 0;
 
-    unlink_cache(c);   /* an unmap refused here trims the others, not this one again */
     for (Py_ssize_t k = 0; k < c->size; k++) {
         CacheClass *cls = &c->table[k];
         while (cls->n > 0) {
@@ -187,10 +186,12 @@ void
 cache_free(MappingCache *c)
 {
     cache_trim(c);
+    unlink_cache(c);
     for (Py_ssize_t k = 0; k < c->size; k++)
         PyMem_Free(c->table[k].maps);
     PyMem_Free(c->table);
     c->table = NULL;
+    c->last = NULL;
     c->size = c->used = 0;
 }
 
@@ -220,9 +221,11 @@ cache_trim_all(void)
 {
     Py_ssize_t released = 0;
 
-    /* each cache leaves the list before its unmaps: one refused there trims
-     * the caches still on it, never the same one twice */
-    while (kernel.caches != NULL)
-        released += cache_trim(kernel.caches);
+    if (kernel.trimming)   /* an unmap refused while trimming: the graveyard takes it */
+        return 0;
+    kernel.trimming = 1;
+    for (MappingCache *c = kernel.caches; c != NULL; c = c->next)
+        released += cache_trim(c);
+    kernel.trimming = 0;
     return released;
 }

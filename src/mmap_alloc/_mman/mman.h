@@ -70,6 +70,9 @@ typedef struct {
     unsigned int fork_generation;    /* bumped in every forked child */
     Mapping *registry;               /* mappings the process-wide hooks visit */
     struct MappingCache *caches;     /* allocators' caches that hold mappings */
+    int trimming;                    /* inside cache_trim_all */
+    void *spare_regions;             /* dead Regions kept for reuse (region_alloc) */
+    int nspare_regions;
     struct Grave *graves;            /* unmaps the kernel refused, to retry */
     Py_ssize_t ngraves, cap_graves;
     PyTypeObject *region_type, *pin_type, *view_type, *iter_type, *pool_type,
@@ -330,9 +333,9 @@ typedef struct {
     PyObject *backing;      /* borrowed */
 } MapSpec;
 
-/* Own the pages at data (mapped already, per spec); fd < 0: anonymous. m
- * is zeroed (a new object's): only what is not zero is set. Inline: it is
- * on the path of every allocation. */
+/* Own the pages at data (mapped already, per spec); fd < 0: anonymous.
+ * Every field is set (m may be a reused object's). Inline: it is on the
+ * path of every allocation. */
 static inline void
 mapping_init(Mapping *m, char *data, Py_ssize_t size, Py_ssize_t capacity, const MapSpec *spec,
              int fd)
@@ -342,7 +345,10 @@ mapping_init(Mapping *m, char *data, Py_ssize_t size, Py_ssize_t capacity, const
     m->capacity = capacity;
     m->rec.one.end = capacity;
     m->rec.one.prot = (unsigned char)spec->prot;
+    m->rec.one.flags = 0;
     m->rec.runs = &m->rec.one;
+    m->x = NULL;
+    m->flags = 0;
     m->rec.n = m->rec.cap = 1;
     m->gen = kernel.fork_generation;
     m->page = (int32_t)spec->page;
@@ -430,22 +436,26 @@ void mapping_prepare(Mapping *m, Py_ssize_t old, Py_ssize_t new);
 /* ------------------------------------------------------------------ */
 /* cache.c: an allocator's cache of freed mappings (pure data)         */
 
+typedef struct CacheClass CacheClass;
+
 typedef struct MappingCache {
-    struct CacheClass *table;   /* the classes, open addressing */
+    CacheClass *table;          /* the classes, open addressing */
+    CacheClass *last;           /* the class found last (a hint), or NULL */
     Py_ssize_t size, used;      /* slots, classes */
     Py_ssize_t max;             /* mappings kept per class; 0: off */
     Py_ssize_t mappings, bytes; /* held now */
     unsigned long long hits, misses;
-    struct MappingCache *next, *prev;   /* on kernel.caches while it holds any */
+    struct MappingCache *next, *prev;   /* on kernel.caches from its first mapping on */
     int linked;
 } MappingCache;
 
 /* A mapping of the class, out of the cache; NULL when it holds none. */
 char *cache_take(MappingCache *c, Py_ssize_t capacity, Py_ssize_t align, int attempt);
-/* Whether a mapping of the class would be kept. */
-int cache_has_room(const MappingCache *c, Py_ssize_t capacity, Py_ssize_t align, int attempt);
-/* Keep the mapping at p (1), or not (0: full, or no memory for the class). */
-int cache_put(MappingCache *c, char *p, Py_ssize_t capacity, Py_ssize_t align, int attempt);
+/* The class, with room for one more mapping (made if need be); NULL when it
+ * is full or there is no memory for it. Valid until the next cache call. */
+CacheClass *cache_room(MappingCache *c, Py_ssize_t capacity, Py_ssize_t align, int attempt);
+/* Keep the mapping at p in cls (cache_room's, with no cache call since). */
+void cache_push(MappingCache *c, CacheClass *cls, char *p);
 /* Unmap every mapping held; the bytes of address space given back. */
 Py_ssize_t cache_trim(MappingCache *c);
 /* cache_trim, then free the classes (the cache's end). */
@@ -474,6 +484,34 @@ is_region(PyObject *o)
 {
     return kernel.region_type != NULL && PyObject_TypeCheck(o, kernel.region_type);
 }
+
+/* Dead Regions of exactly kernel.region_type kept for the next ones (a
+ * free list, as CPython keeps floats): no allocator call, no collection. */
+#define SPARE_REGIONS 64
+
+/* A new Region of cls, GC-tracked, its object fields NULL and its mapping
+ * for mapping_init to set (every field): a dead one kept for reuse when cls
+ * is the Region type itself, else a fresh one. NULL with MemoryError.
+ * Nothing here runs Python code but a collection that a fresh allocation
+ * may start. */
+static inline RegionObject *
+region_alloc(PyTypeObject *cls)
+{
+    RegionObject *self = (RegionObject *)kernel.spare_regions;
+
+    if (self == NULL || cls != kernel.region_type)
+        return (RegionObject *)PyType_GenericAlloc(cls, 0);
+    kernel.spare_regions = self->m.data;   /* the list's link */
+    kernel.nspare_regions--;
+    self->m.data = NULL;
+    self->m.x = NULL;
+    self->owner = self->backing = self->weakreflist = NULL;
+    PyObject_Init((PyObject *)self, cls);
+    PyObject_GC_Track(self);
+    return self;
+}
+/* Free the dead Regions kept (the module's end). */
+void region_free_spares(void);
 
 int region_check_open(RegionObject *self);
 /* A new region over `capacity` bytes at data (owned from now on). NULL on

@@ -190,6 +190,12 @@ mman_traverse(PyObject *m, visitproc visit, void *arg)
     return 0;
 }
 
+static void
+mman_free(void *module)
+{
+    region_free_spares();
+}
+
 static PyModuleDef_Slot mman_slots[] = {
     {Py_mod_exec, mman_exec},
     {0, NULL},
@@ -204,6 +210,7 @@ static struct PyModuleDef mman_module = {
     .m_methods = mman_methods,
     .m_slots = mman_slots,
     .m_traverse = mman_traverse,
+    .m_free = mman_free,
 };
 
 PyMODINIT_FUNC

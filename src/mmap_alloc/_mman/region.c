@@ -24,8 +24,8 @@ PyObject *
 region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
             const MapSpec *spec, PyObject *owner, int fd)
 {
-    /* the generic allocator zero-fills: the core sets what is not zero */
-    RegionObject *self = (RegionObject *)PyType_GenericAlloc(cls, 0);
+    /* zero-filled: the core sets what is not zero */
+    RegionObject *self = region_alloc(cls);
 
     if (self == NULL)
         return NULL;
@@ -140,6 +140,96 @@ region_release(RegionObject *self, PyObject *owner)
         return NULL;
     }
     return region_close(self, NULL);
+}
+
+/* ------------------------------------------------------------------ */
+/* the with-statement                                                  */
+
+/* A class attribute naming the region in messages (_noun: "region",
+ * "shared region"; _closed_word: "closed", "freed"), else dflt. */
+static PyObject *
+word_of(RegionObject *self, const char *name, const char *dflt)
+{
+    PyObject *word = PyObject_GetAttrString((PyObject *)self, name);
+
+    if (word != NULL && PyUnicode_Check(word))
+        return word;
+    Py_XDECREF(word);
+    PyErr_Clear();
+    return PyUnicode_FromString(dflt);
+}
+
+static PyObject *
+region_enter(RegionObject *self, PyObject *unused)
+{
+    PyObject *noun, *word;
+
+    if (self->m.data != NULL)
+        return Py_NewRef((PyObject *)self);
+    noun = word_of(self, "_noun", "region");
+    word = word_of(self, "_closed_word", "closed");
+    if (noun != NULL && word != NULL)
+        PyErr_Format(PyExc_ValueError, "%U is %U", noun, word);
+    Py_XDECREF(noun);
+    Py_XDECREF(word);
+    return NULL;
+}
+
+/* __exit__(exc_type, exc, tb): close the region. A refusal (BufferError: a
+ * buffer still lives) after a clean block is raised as "the region was not
+ * closed: ..."; after a failing block it is a note on the block's
+ * exception, which propagates, and the region stays open (it is unmapped
+ * when collected). A subclass's close() is the one called. */
+static PyObject *
+region_exit(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *result, *type, *error, *tb, *noun = NULL, *word = NULL, *refused = NULL;
+    PyObject *exc = nargs >= 2 ? args[1] : Py_None;
+
+    if (check_nargs("__exit__", nargs, 3, 3) < 0)
+        return NULL;
+    if (Py_IS_TYPE((PyObject *)self, kernel.region_type))
+        result = region_close(self, NULL);
+    else   /* a subclass may close more than the mapping */
+        result = PyObject_CallMethod((PyObject *)self, "close", NULL);
+    if (result != NULL) {
+        Py_DECREF(result);
+        Py_RETURN_NONE;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_BufferError))
+        return NULL;
+    PyErr_Fetch(&type, &error, &tb);
+    PyErr_NormalizeException(&type, &error, &tb);
+    noun = word_of(self, "_noun", "region");
+    word = word_of(self, "_closed_word", "closed");
+    if (noun != NULL && word != NULL)
+        refused = PyUnicode_FromFormat("the %U was not %U: %S", noun, word, error);
+    if (refused != NULL) {
+        if (exc == Py_None) {
+            PyObject *raised = PyObject_CallFunctionObjArgs(PyExc_BufferError, refused, NULL);
+            if (raised != NULL) {
+                PyException_SetCause(raised, NULL);   /* from None */
+                PyErr_SetObject(PyExc_BufferError, raised);
+                Py_DECREF(raised);
+            }
+        }
+        else {
+            PyObject *note = PyUnicode_FromFormat("and %U", refused);
+            PyObject *done = note != NULL ? PyObject_CallMethod(exc, "add_note", "O", note)
+                                          : NULL;
+            Py_XDECREF(note);
+            Py_XDECREF(done);
+        }
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(error);
+    Py_XDECREF(tb);
+    Py_XDECREF(noun);
+    Py_XDECREF(word);
+    Py_XDECREF(refused);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -501,10 +591,28 @@ region_dealloc(RegionObject *self)
     if (self->m.data != NULL || self->m.fd >= 0 || self->m.flags
         || self->m.rec.runs != &self->m.rec.one)
         mapping_release(&self->m);   /* else dealloc() closed it, and nothing is left */
-    mapping_free_extra(&self->m);
+    if (self->m.x != NULL)
+        mapping_free_extra(&self->m);
     region_clear(self);
-    PyObject_GC_Del(self);
+    if (tp == kernel.region_type && kernel.nspare_regions < SPARE_REGIONS) {
+        self->m.data = kernel.spare_regions;   /* kept: region_alloc takes it back */
+        kernel.spare_regions = self;
+        kernel.nspare_regions++;
+    }
+    else
+        PyObject_GC_Del(self);
     Py_DECREF(tp);
+}
+
+void
+region_free_spares(void)
+{
+    while (kernel.spare_regions != NULL) {
+        RegionObject *self = kernel.spare_regions;
+        kernel.spare_regions = self->m.data;
+        kernel.nspare_regions--;
+        PyObject_GC_Del(self);
+    }
 }
 
 static PyMethodDef region_methods[] = {
@@ -515,6 +623,12 @@ static PyMethodDef region_methods[] = {
     {"close", (PyCFunction)region_close, METH_NOARGS,
      "close($self, /)\n--\n\nUnmap the region; closing a closed region does nothing.\n"
      "BufferError (nothing changed) while a buffer or function of it lives."},
+    {"__enter__", (PyCFunction)region_enter, METH_NOARGS,
+     "__enter__($self, /)\n--\n\nThe region itself; ValueError if it is closed."},
+    {"__exit__", (PyCFunction)(void (*)(void))region_exit, METH_FASTCALL,
+     "__exit__($self, exc_type, exc, tb, /)\n--\n\n"
+     "Close the region. A refusal (a buffer still lives) after a block that raised is a\n"
+     "note on the block's exception, which propagates; after a clean block, a BufferError."},
     {"_release", (PyCFunction)region_release, METH_O,
      "_release(owner): close a region owner made (checks and unmap in one call)."},
     {"protect", (PyCFunction)(void (*)(void))region_protect, METH_FASTCALL | METH_KEYWORDS,
@@ -623,7 +737,7 @@ static PyType_Slot region_slots[] = {
 };
 
 PyType_Spec region_spec = {
-    .name = "mmap_alloc._mman.Region",
+    .name = "mmap_alloc._mman.Region",   /* region.py names it mmap_alloc.Region */
     .basicsize = sizeof(RegionObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .slots = region_slots,

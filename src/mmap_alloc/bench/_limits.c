@@ -52,21 +52,27 @@ touch(char *p, Py_ssize_t length, long page)
         ((volatile char *)p)[off] = 1;
 }
 
-/* map_unmap(n, size, flags, touch_pages): mmap + (touch) + munmap, n times */
+/* map_unmap(n, size, flags, touch_pages, advice=0): mmap + (madvise advice) +
+ * (touch) + munmap, n times */
 static PyObject *
 map_unmap(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t a[4];
+    Py_ssize_t a[5] = {0, 0, 0, 0, 0};
     long page = sysconf(_SC_PAGESIZE);
     int err = 0;
 
-    if (parse(args, nargs, 4, a) < 0)
+    if (parse(args, nargs, nargs == 5 ? 5 : 4, a) < 0)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < a[0]; i++) {
         char *p = mmap(NULL, (size_t)a[1], PROT_READ | PROT_WRITE, ANON | (int)a[2], -1, 0);
         if (p == MAP_FAILED) {
             err = errno;
+            break;
+        }
+        if (a[4] && madvise(p, (size_t)a[1], (int)a[4]) != 0) {
+            err = errno;
+            munmap(p, (size_t)a[1]);
             break;
         }
         if (a[3])
@@ -193,7 +199,8 @@ random_reads(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef limits_methods[] = {
     {"map_unmap", (PyCFunction)(void (*)(void))map_unmap, METH_FASTCALL,
-     "map_unmap(n, size, flags, touch): mmap + (touch each page) + munmap, n times"},
+     "map_unmap(n, size, flags, touch, advice=0): mmap + (madvise) + (touch each page) +\n"
+     "munmap, n times"},
     {"grow_by_doubling", (PyCFunction)(void (*)(void))grow_by_doubling, METH_FASTCALL,
      "grow_by_doubling(n, start, end): grow a filled mapping by mremap doubling, n times"},
     {"protect_flip", (PyCFunction)(void (*)(void))protect_flip, METH_FASTCALL,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from .cache_cases import cache_round_trips, first_touch
 from .cases import (
     Scale,
     commit_uncommit,
@@ -27,6 +28,8 @@ from .shared_cases import shared_memory_cases
 CASE_GROUPS: tuple[Callable[[Scale], Iterator[Case]], ...] = (
     round_trips,
     touched_round_trips,
+    cache_round_trips,
+    first_touch,
     growth,
     protect_flips,
     commit_uncommit,
