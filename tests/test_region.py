@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmap_alloc import AllocError, MapAlloc, Perm, Region
+from mmap_alloc import AllocError, MapAlloc, Perm, Region, _mman
 from mmap_alloc._linux import ADVICE, MADV_GUARD_INSTALL
 from mmap_alloc._linux import PAGE_SIZE as P
 from support import (
@@ -486,6 +486,40 @@ def test_a_numpy_view_of_a_numpy_array_keeps_the_pin() -> None:
         alloc.dealloc(r)
     del view
     alloc.dealloc(r)
+
+
+def test_a_clean_with_block_that_cannot_close_raises_buffer_error() -> None:
+    region = MapAlloc().alloc(P)
+    view = memoryview(region)
+    refused = pytest.raises(BufferError, match="the region was not closed: cannot close")
+    with refused as info, region:
+        pass
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert not region.closed
+    view.release()
+    region.close()
+
+
+def test_with_of_a_closed_region_is_value_error() -> None:
+    region = MapAlloc().alloc(P)
+    region.close()
+    with pytest.raises(ValueError, match="region is closed"), region:
+        pass
+
+
+def test_with_block_of_a_subclass_calls_its_close() -> None:
+    from mmap_alloc import SharedRegion
+
+    closed: list[bool] = []
+
+    class Logged(SharedRegion):
+        def close(self) -> None:
+            closed.append(True)
+            super().close()
+
+    with Logged.create(P) as region:
+        assert type(region) is Logged
+    assert closed == [True] and region.closed
 
 
 def test_with_block_keeps_its_exception_when_the_region_cannot_close() -> None:
@@ -1865,3 +1899,51 @@ def test_mmap_row_locking() -> None:
         region.lock()
         assert region.stats().locked_bytes == P
         region.unlock()
+
+
+# ================================================================ the Region object itself
+
+
+def test_regions_are_the_c_type_itself() -> None:
+    with MapAlloc().alloc(P) as region:
+        assert type(region) is Region
+        assert isinstance(region, Region)
+        assert type(region) is _mman.Region
+        assert Region.__module__ == "mmap_alloc.region"
+
+
+def test_a_region_object_is_at_most_144_bytes() -> None:
+    with MapAlloc().alloc(P) as region:
+        assert sys.getsizeof(region) <= 144  # a stdlib mmap object: 96
+
+
+def test_a_region_made_after_others_died_starts_fresh() -> None:
+    alloc = MapAlloc()
+    for _ in range(200):  # dead regions, with exports, pins and weak references once
+        region = alloc.alloc(2 * P)
+        ref = weakref.ref(region)
+        with memoryview(region):
+            pass
+        region.pin()
+        region.protect(Perm.READ, P, P)
+        alloc.dealloc(region)
+        del region
+        assert ref() is None
+    fresh = alloc.alloc(3 * P)
+    assert (fresh.size, fresh.capacity, fresh._exports, fresh._pins, fresh._busy) == (
+        3 * P,
+        3 * P,
+        0,
+        0,
+        0,
+    )
+    assert fresh.protections() == [(0, 3 * P, Perm.READ | Perm.WRITE)]
+    assert fresh._owner is alloc and not fresh.closed
+    assert weakref.ref(fresh)() is fresh
+    fresh[:] = b"\x01" * (3 * P)
+    alloc.dealloc(fresh)
+
+
+def test_the_python_members_are_attached_to_the_c_type() -> None:
+    for name in ("perms", "backing", "protections", "advise", "lock", "stats", "ndarray"):
+        assert name in vars(_mman.Region), name
