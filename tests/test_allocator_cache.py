@@ -14,6 +14,7 @@ import pytest
 from mmap_alloc import CacheStats, MapAlloc, MapAllocBuilder, Perm, _mman
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc.allocator import MAX_CACHE
+from mmap_alloc.backings import Backing, thp_available
 from mmap_alloc.perm import ALL_PERMS
 from support import (
     MLOCK,
@@ -501,3 +502,22 @@ def test_tracemalloc_sees_a_cached_mapping_only_while_it_is_a_region() -> None:
         assert traced() == 0
     finally:
         tracemalloc.stop()
+
+
+@pytest.mark.skipif(not thp_available(), reason="transparent huge pages unavailable")
+def test_only_what_a_fresh_mapping_of_the_class_would_be_is_kept() -> None:
+    alloc = cached()  # regions of 4 MiB and more are advised for THP when fresh
+    grown = alloc.alloc(P)
+    alloc.realloc(grown, 8 << 20)  # grown past 4 MiB: base pages, not advised
+    address = grown.address
+    alloc.dealloc(grown)
+    assert alloc.stats().cache.mappings == 0
+    assert not is_mapped(address, address + (8 << 20))
+    fresh = alloc.alloc(8 << 20)
+    assert fresh.backing == Backing.THP
+    fresh_address = fresh.address
+    alloc.dealloc(fresh)
+    again = alloc.alloc(8 << 20)
+    assert (again.address, again.backing) == (fresh_address, Backing.THP)
+    alloc.dealloc(again)
+    alloc.trim()

@@ -40,26 +40,43 @@ typedef struct {
 /* ------------------------------------------------------------------ */
 /* the cache's policy                                                  */
 
+/* The attempt a fresh mapping of capacity bytes comes from first: the one
+ * whose mappings the cache keeps and hands out for it. -1 when that is
+ * hugetlb (never cached: a fresh one could be a hugetlb page, a cached one
+ * never is). */
+static int
+cache_attempt(AllocatorObject *self, Py_ssize_t capacity)
+{
+    int k = 0;
+
+    while (capacity < self->min_size[k])   /* the last attempt maps every size */
+        k++;
+    return (self->attempts[k].mflags & MAP_HUGETLB) ? -1 : k;
+}
+
 /* The attempt a region of ours was mapped by, if the cache may keep it
- * (see the head of this file); -1 otherwise. */
+ * (see the head of this file: and it is what a fresh mapping of its
+ * capacity would be); -1 otherwise. */
 static int
 cacheable_attempt(AllocatorObject *self, RegionObject *r)
 {
     const Mapping *m = &r->m;
+    const MapSpec *spec;
+    int k;
 
     if (m->flags & ~MAPPING_COMMITTED || m->fd >= 0)
         return -1;
     for (Py_ssize_t i = 0; i < m->rec.n; i++)
         if (m->rec.runs[i].flags)
             return -1;
-    for (int k = 0; k < self->nattempts; k++) {
-        const MapSpec *spec = &self->attempts[k];
-        if (spec->backing == r->backing && spec->mflags == m->mflags
-            && spec->advice == m->advice && spec->page == m->page
-            && !(spec->mflags & MAP_HUGETLB))
-            return k;
-    }
-    return -1;
+    k = cache_attempt(self, m->capacity);
+    if (k < 0)
+        return -1;
+    spec = &self->attempts[k];
+    if (spec->backing != r->backing || spec->mflags != m->mflags || spec->advice != m->advice
+        || spec->page != m->page)
+        return -1;
+    return k;
 }
 
 /* Keep an open, idle region of ours in the cache, closing it: 1. 0 when
@@ -141,25 +158,27 @@ wrap_reused(AllocatorObject *self, char *p, Py_ssize_t size, Py_ssize_t capacity
     return (PyObject *)region;
 }
 
-/* A mapping of capacity bytes from the cache, by the first attempt that has
- * one; NULL (no exception) on a miss. */
+/* A mapping of capacity bytes from the cache, of the attempt a fresh one
+ * would come from; NULL (no exception) on a miss. */
 static PyObject *
 cache_reuse(AllocatorObject *self, Py_ssize_t size, Py_ssize_t capacity, Py_ssize_t align)
 {
-    for (int k = 0; k < self->nattempts; k++) {
-        const MapSpec *spec = &self->attempts[k];
-        Py_ssize_t a = align > spec->align ? align : spec->align;
-        char *p;
-        if (capacity < self->min_size[k])
-            continue;
-        p = cache_take(&self->cache, capacity, a, k);
-        if (p != NULL) {
-            self->cache.hits++;
-            return wrap_reused(self, p, size, capacity, spec, a);
-        }
+    int k = cache_attempt(self, capacity);
+    const MapSpec *spec;
+    char *p;
+
+    if (k < 0)
+        return NULL;
+    spec = &self->attempts[k];
+    if (align < spec->align)
+        align = spec->align;
+    p = cache_take(&self->cache, capacity, align, k);
+    if (p == NULL) {
+        self->cache.misses++;
+        return NULL;
     }
-    self->cache.misses++;
-    return NULL;
+    self->cache.hits++;
+    return wrap_reused(self, p, size, capacity, spec, align);
 }
 
 /* ------------------------------------------------------------------ */

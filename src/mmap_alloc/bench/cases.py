@@ -383,7 +383,7 @@ def pool_pairs(scale: Scale) -> Iterator[Case]:
         ),
         "ObjectPool",
         "list.pop+append",
-        target=2.0,
+        target=1.5,
         note="bound methods in locals, as in a hot loop",
     )
     yield Case(
