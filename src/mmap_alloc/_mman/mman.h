@@ -3,7 +3,7 @@
  *
  * Three layers, each calling only the one below it:
  *
- *   the owners     region.c (+ bytes.c, protect.c, advise.c, views.c),
+ *   the owners     region.c (+ region_size.c, bytes.c, protect.c, advise.c, views.c),
  *                  allocator.c (+ cache.c), pool.c, and the extensions of the core for
  *                  other kinds of memory: secret.c, codeheap.c (+ spans.c),
  *                  shared.c;
