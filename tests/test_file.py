@@ -283,7 +283,7 @@ def test_a_buffer_keeps_it_open(path: Path) -> None:
 
 def test_protect_works_within_what_the_mode_allows(path: Path) -> None:
     with FileRegion.open(path) as region:
-        with pytest.raises(PermissionError, match="open read-only .mode 'r'"):
+        with pytest.raises(PermissionError, match=r"open read-only .mode 'r'"):
             region.protect(Perm.READ | Perm.WRITE)
         region.protect(Perm.NONE, P, P)
         assert region.protections()[1] == (P, P, Perm.NONE)
@@ -384,9 +384,11 @@ def test_resize_shrinks_the_file(path: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["r", "c"])
 def test_resize_needs_a_mode_that_changes_the_file(path: Path, mode: str) -> None:
-    with FileRegion.open(path, mode) as region:
-        with pytest.raises(ValueError, match=f"needs mode 'r\\+' or 'w\\+'.*mode '{mode}'"):
-            region.resize(P)
+    with (
+        FileRegion.open(path, mode) as region,
+        pytest.raises(ValueError, match=f"needs mode 'r\\+' or 'w\\+'.*mode '{mode}'"),
+    ):
+        region.resize(P)
     assert path.stat().st_size == 8 * P
 
 
@@ -470,7 +472,7 @@ def test_every_mode_refreshes(path: Path) -> None:
 
 @pytest.mark.parametrize(
     "make",
-    [lambda p: os.mkfifo(p), lambda p: os.symlink("/dev/null", p)],
+    [os.mkfifo, lambda p: os.symlink("/dev/null", p)],
     ids=["fifo", "device"],
 )
 def test_only_regular_files_are_mapped(tmp_path: Path, make: Callable[[Path], None]) -> None:

@@ -49,8 +49,9 @@ def path(tmp_path: Path) -> Path:
 
 def cut(path: Path | str, size: int) -> None:
     """Truncate the file from another process, as the cases the issue names do."""
-    subprocess.run([sys.executable, "-c", f"import os; os.truncate({str(path)!r}, {size})"],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-c", f"import os; os.truncate({str(path)!r}, {size})"], check=True
+    )
 
 
 # ---------------------------------------------------------------- through every exporter
@@ -118,7 +119,7 @@ def _own_methods_raise(path: str) -> None:
         lambda: memoryview(region),
         lambda: region.protect(Perm.READ, lost, P),
         lambda: region.advise("willneed", lost, P),
-        lambda: region.flush(),
+        region.flush,
     ]
     for call in calls:
         with pytest.raises(FileTruncatedError):
@@ -285,7 +286,9 @@ def _foreign_fault(path: str) -> None:
 
 
 @pytest.mark.parametrize("body", [_sent, _foreign_fault], ids=["sent", "stdlib-mmap"])
-def test_a_sigbus_that_is_not_the_librarys_still_kills(path: Path, body: Callable[[str], None]) -> None:
+def test_a_sigbus_that_is_not_the_librarys_still_kills(
+    path: Path, body: Callable[[str], None]
+) -> None:
     assert run_in_child(lambda: body(str(path))) == -signal.SIGBUS
 
 

@@ -40,8 +40,9 @@ def received(region: Region) -> None:
 def register() -> None:
     """Pickle arrays of shared regions by reference in multiprocessing (once)."""
     if not _registered:
-        import numpy as np
         from multiprocessing import reduction
+
+        import numpy as np
 
         reduction.register(np.ndarray, _reduce)
         _registered.append(True)
@@ -57,7 +58,7 @@ def _root(array: np.ndarray[Any, Any]) -> Any:
     return base
 
 
-def _reduce(array: np.ndarray[Any, Any]) -> tuple[Any, ...]:
+def _reduce(array: np.ndarray[Any, Any]) -> Any:
     from .region import ArrayPin
 
     pin = _root(array)

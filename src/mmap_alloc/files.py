@@ -243,7 +243,9 @@ def _rebuild(
 ) -> FileRegion:
     from ._arraypickle import received
 
-    region = FileRegion._map(handle.detach(), True, "r+" if mode == "w+" else mode, offset, size)
+    region = FileRegion._map_file(
+        handle.detach(), True, "r+" if mode == "w+" else mode, offset, size
+    )
     region._path, region._limit = path, limit
     received(region)
     return region
@@ -314,9 +316,9 @@ class FileRegion(Region):
                 f"size is for mode 'w+' only (the size to create the file with); mode {mode!r} "
                 "maps the file as it is, and resize() changes a file of mode 'r+'"
             )
-        fd, take, path, what = _open(file, cast(str, mode), spec)
+        fd, take, path, what = _open(file, mode, spec)
         try:
-            _check_descriptor(fd, cast(str, mode), what, path)
+            _check_descriptor(fd, mode, what, path)
             if mode == "w+":
                 _create(fd, created, what)
             n = _length(fd, start, limit, what)
@@ -325,19 +327,26 @@ class FileRegion(Region):
                 os.close(fd)
             raise
         try:
-            region = cls._map(fd, take, cast(str, mode), start, n)  # takes fd, even on failure
+            region = cls._map_file(fd, take, mode, start, n)  # takes fd, even on failure
         except OSError as exc:
             raise _map_error(exc, what) from None
         region._path, region._limit = path, limit
         return region
 
     @classmethod
-    def _map(cls, fd: int, take: bool, mode: str, offset: int, length: int) -> FileRegion:
+    def _map_file(cls, fd: int, take: bool, mode: str, offset: int, length: int) -> FileRegion:
         spec = MODES[mode]
         region = cast(
             FileRegion,
             _file_map(
-                cls, fd, take, spec.prot, spec.shared, offset, length, Backing.NORMAL,
+                cls,
+                fd,
+                take,
+                spec.prot,
+                spec.shared,
+                offset,
+                length,
+                Backing.NORMAL,
                 Backing.HUGETLB,
             ),
         )
@@ -355,7 +364,7 @@ class FileRegion(Region):
 
     @property
     def mode(self) -> str:
-        """"r", "r+", "c" or "w+", as given to :meth:`open`."""
+        """ "r", "r+", "c" or "w+", as given to :meth:`open`."""
         return self._mode
 
     @property
