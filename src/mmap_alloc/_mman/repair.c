@@ -51,6 +51,7 @@
 #define NONE UINTPTR_MAX    /* repaired: no page is */
 #define PREVIOUS 8          /* handlers we chained to, kept for handlers still running */
 #define PASSING 64          /* threads passing a signal on at once */
+#define SPIN_LIMIT (1L << 20)   /* yields a handler waits for a slot: about a second */
 
 enum { SLOT_FREE, SLOT_LIVE, SLOT_BUSY };
 
@@ -145,12 +146,15 @@ repair_slot(struct RepairTable *t, Slot *s, uintptr_t addr)
     void *p;
     int expected, done = 0;
 
-    for (;;) {
+    for (long spins = 0;; spins++) {
         expected = SLOT_LIVE;
         if (__atomic_compare_exchange_n(&s->state, &expected, SLOT_BUSY, 0, __ATOMIC_ACQUIRE,
                                         __ATOMIC_RELAXED))
             break;
-        if (expected == SLOT_FREE)
+        /* withdrawn; or held that long, which no owner does (its change is a
+         * few system calls) unless it waits for the GIL this thread holds:
+         * a raw pointer used while its region closes. Not a repair then. */
+        if (expected == SLOT_FREE || spins == SPIN_LIMIT)
             return -1;
         pause_briefly();   /* the owner changes the mapping, or another thread repairs it */
     }
