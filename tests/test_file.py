@@ -482,3 +482,18 @@ def test_only_regular_files_are_mapped(tmp_path: Path, make: Callable[[Path], No
     with pytest.raises(OSError, match="regular files only") as caught:
         FileRegion.open(tmp_path / "x")
     assert caught.value.errno == errno.ENODEV
+
+
+def test_a_file_region_is_not_traced_by_tracemalloc(path: Path) -> None:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with FileRegion.open(path, "r+") as region:
+            region.resize(16 * P)
+            snapshot = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.DomainFilter(inclusive=True, domain=_mman.TRACE_DOMAIN)]
+            )
+            assert sum(trace.size for trace in snapshot.traces) == 0  # the file's pages
+    finally:
+        tracemalloc.stop()

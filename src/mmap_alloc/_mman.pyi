@@ -34,6 +34,7 @@ MADV_POPULATE_READ: int
 MADV_POPULATE_WRITE: int
 MADV_GUARD_INSTALL: int
 MADV_GUARD_REMOVE: int
+TRACE_DOMAIN: int
 
 def page_size() -> int: ...
 def mapped_bytes() -> int: ...

@@ -142,6 +142,7 @@ allocator_dealloc(AllocatorObject *self, PyObject *region)
         m->data = NULL;
         if (os_unmap(p, (size_t)m->capacity) == 0) {
             kernel.mapped_bytes -= m->capacity;
+            trace_unmapped(p);
             if (kernel.ngraves)
                 flush_graveyard();
             Py_RETURN_NONE;

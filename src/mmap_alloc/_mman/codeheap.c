@@ -255,6 +255,7 @@ heap_open(CodeHeapObject *self, PyObject *const *args, Py_ssize_t nargs)
     self->sync = os_sync_core_ready();
     REPLACE_REF(self->block_type, (PyTypeObject *)Py_NewRef(args[4]));
     kernel.mapped_bytes += 2 * capacity;
+    trace_mapped(self->m.data, capacity);   /* the pages once: rx is a view of them */
     Py_RETURN_NONE;
 }
 

@@ -121,8 +121,10 @@ file_map(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     region->m.offset = offset;
-    /* pages of a file in the page cache: unmapping a large mapping may take long */
-    region->m.flags |= MAPPING_OWNS_FD | MAPPING_COMMITTED | (shared ? MAPPING_SHARED : 0);
+    /* pages of a file in the page cache: unmapping a large mapping may take
+     * long; they are the file's, not the process's memory (no tracemalloc) */
+    region->m.flags |= MAPPING_OWNS_FD | MAPPING_COMMITTED | MAPPING_UNTRACED
+                       | (shared ? MAPPING_SHARED : 0);
     kernel.mapped_bytes += capacity;
     if (repair_publish(&region->m) < 0) {
         Py_DECREF(region);   /* unmaps and closes own */

@@ -228,8 +228,10 @@ flush_graveyard(void)
     Py_ssize_t out = 0;
 
     for (Py_ssize_t i = 0; i < kernel.ngraves; i++) {
-        if (os_unmap(kernel.graves[i].p, (size_t)kernel.graves[i].length) == 0)
+        if (os_unmap(kernel.graves[i].p, (size_t)kernel.graves[i].length) == 0) {
             kernel.mapped_bytes -= kernel.graves[i].length;
+            trace_unmapped(kernel.graves[i].p);
+        }
         else
             kernel.graves[out++] = kernel.graves[i];
     }
@@ -250,6 +252,7 @@ unmap_or_bury(char *p, Py_ssize_t length, int release_gil)
         err = os_unmap(p, (size_t)length);
     if (!err) {
         kernel.mapped_bytes -= length;
+        trace_unmapped(p);
         if (kernel.ngraves)
             flush_graveyard();
         return;
@@ -308,6 +311,7 @@ mapping_close(Mapping *m)
         return err;
     }
     kernel.mapped_bytes -= m->capacity;
+    trace_unmapped(p);
     if (kernel.ngraves)
         flush_graveyard();
     mapping_forget(m);

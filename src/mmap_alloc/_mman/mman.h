@@ -80,9 +80,34 @@ typedef struct {
     struct RepairTable *repair;      /* the SIGBUS repair's published table (repair.c) */
     unsigned char canary[16];        /* the secrets' canary, random per process */
     int canary_ready;
+    /* tracemalloc's PyTraceMalloc_Track and _Untrack, found at import (they
+     * are outside the limited API); NULL where the interpreter lacks them */
+    int (*trace_track)(unsigned int domain, uintptr_t ptr, size_t size);
+    int (*trace_untrack)(unsigned int domain, uintptr_t ptr);
 } KernelState;
 
 extern KernelState kernel;
+
+/* The tracemalloc domain of the library's memory (regions, pool slabs,
+ * secrets, shared and code memory; not mappings of files): "mmap" in ASCII. */
+#define TRACE_DOMAIN 0x6d6d6170u
+
+/* tracemalloc sees the memory at p as size bytes now (a new mapping, or one
+ * that grew or shrank in place); with tracing off, one call that returns. */
+static inline void
+trace_mapped(const void *p, Py_ssize_t size)
+{
+    if (kernel.trace_track != NULL)
+        kernel.trace_track(TRACE_DOMAIN, (uintptr_t)p, (size_t)size);
+}
+
+/* ... and no longer (unmapped, or moved away). */
+static inline void
+trace_unmapped(const void *p)
+{
+    if (kernel.trace_untrack != NULL)
+        kernel.trace_untrack(TRACE_DOMAIN, (uintptr_t)p);
+}
 
 /* ------------------------------------------------------------------ */
 /* errors.c: the one error vocabulary                                  */
@@ -224,7 +249,8 @@ typedef struct Hold {
 #define MAPPING_OWNS_FD 2      /* close fd with the mapping */
 #define MAPPING_COMMITTED 4    /* the library faulted pages in: unmapping takes long */
 #define MAPPING_REGISTERED 8   /* on the registry (kernel.registry) */
-#define MAPPING_REPAIRABLE 16  /* of a file that may shrink: in the SIGBUS repair's table */
+#define MAPPING_UNTRACED 16    /* not reported to tracemalloc (a mapping of a file) */
+#define MAPPING_REPAIRABLE 32  /* of a file that may shrink: in the SIGBUS repair's table */
 
 struct Mapping {
     char *data;             /* NULL once closed; cleared before the unmap */

@@ -3,6 +3,7 @@
  */
 #include "mman.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 
 /* _register_errors(AllocError, CannotReallocInPlace[, FileTruncatedError]):
@@ -131,6 +132,8 @@ add_constants(PyObject *m)
     ADD(MADV_POPULATE_READ); ADD(MADV_POPULATE_WRITE);
     ADD(MADV_GUARD_INSTALL); ADD(MADV_GUARD_REMOVE);
 #undef ADD
+    if (PyModule_AddIntConstant(m, "TRACE_DOMAIN", (long)TRACE_DOMAIN) < 0)
+        return -1;
     return 0;
 }
 
@@ -149,6 +152,10 @@ mman_exec(PyObject *m)
     static int atfork_registered = 0;
 
     kernel.page = (Py_ssize_t)os_page_size();
+    /* tracemalloc's C API is outside the limited API: found by name, and
+     * nothing is reported where the interpreter lacks it */
+    *(void **)&kernel.trace_track = dlsym(RTLD_DEFAULT, "PyTraceMalloc_Track");
+    *(void **)&kernel.trace_untrack = dlsym(RTLD_DEFAULT, "PyTraceMalloc_Untrack");
     if (!atfork_registered) {
         /* the one fork hook: counts held by threads that do not exist in the
          * child are stale (busy counts compare their generation), and pages

@@ -104,6 +104,7 @@ region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, const MapSpe
         return NULL;
     }
     kernel.mapped_bytes += capacity;
+    trace_mapped(p, capacity);
     if (spec->populate && (spec->prot & PROT_RW))
         ((RegionObject *)region)->m.flags |= MAPPING_COMMITTED;
     return region;

@@ -206,6 +206,8 @@ mapping_drop_tail(Mapping *m, Py_ssize_t newcap)
     if (!err) {
         kernel.mapped_bytes -= m->capacity - newcap;
         m->capacity = newcap;
+        if (!(m->flags & MAPPING_UNTRACED))
+            trace_mapped(m->data, newcap);
         rec_truncate(&m->rec, newcap);
     }
     if (m->flags & MAPPING_REPAIRABLE)
@@ -222,6 +224,8 @@ commit_growth(Mapping *m, Py_ssize_t newcap, int prot, int flags)
     rec_extend(&m->rec, newcap, prot, flags);
     kernel.mapped_bytes += newcap - old;
     m->capacity = newcap;
+    if (!(m->flags & MAPPING_UNTRACED))
+        trace_mapped(m->data, newcap);
     mapping_prepare(m, old, newcap);
 }
 
@@ -342,6 +346,7 @@ move_by_remap(Mapping *m, Py_ssize_t newcap)
             os_unmap(target, (size_t)newcap);
         return err;
     }
+    trace_unmapped(m->data);   /* commit_growth traces the new place */
     m->data = p;
     commit_growth(m, newcap, m->rec.runs[0].prot, m->rec.runs[0].flags);
     return 0;
@@ -453,6 +458,7 @@ move_by_copy(Mapping *m, Py_ssize_t newcap, const MapSpec *spec, const char **ca
     if (newcap < oldcap) {
         rec_truncate(rec, newcap);
         m->capacity = newcap;
+        trace_mapped(target, newcap);
     }
     else {
         kernel.mapped_bytes -= newcap - oldcap;   /* commit_growth adds it */

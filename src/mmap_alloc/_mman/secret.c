@@ -300,6 +300,7 @@ secret_create(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
         return raise_os_error(err, call);
     }
     kernel.mapped_bytes += total;
+    trace_mapped(self->m.data, total);
     self->m.size = size;
     memcpy(self->m.data + data_offset(self) - CANARY_SIZE, kernel.canary, CANARY_SIZE);
     mapping_register(&self->m);   /* the fork hook visits it (memfd_secret: zero pages) */

@@ -93,6 +93,7 @@ wrap_shared(PyTypeObject *cls, char *p, int fd, Py_ssize_t size, Py_ssize_t capa
     /* every page is backed: unmapping a large one may take long (GIL released) */
     region->m.flags |= MAPPING_SHARED | MAPPING_OWNS_FD | MAPPING_COMMITTED;
     kernel.mapped_bytes += capacity;
+    trace_mapped(p, capacity);
     mapping_register(&region->m);
     /* a file any holder may cut short: the SIGBUS repair watches it */
     if (!(seals & F_SEAL_SHRINK) && repair_publish(&region->m) < 0) {
