@@ -424,8 +424,10 @@ def test_a_full_disk_is_an_error_of_resize_never_a_sigbus_later(small_tmpfs: Pat
         assert (region.size, region.file_size) == (P, P)
         region.resize(8 * P)  # what fits, fits, and every byte of it can be written
         region[:] = b"\1" * (8 * P)
+    before = open_fds()
     with pytest.raises(OSError, match="cannot create"):
         FileRegion.open(small_tmpfs / "g", "w+", size=1 << 20)
+    assert open_fds() == before
 
 
 # ---------------------------------------------------------------- refresh

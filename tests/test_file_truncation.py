@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from mmap_alloc import (
     files,
 )
 from mmap_alloc._linux import PAGE_SIZE as P
-from support import pattern, run_child, run_forked, run_in_child
+from support import HUGETLB, pattern, run_child, run_forked, run_in_child, skip_if_emulated
 
 DATA = pattern(8 * P)
 needs_numpy = pytest.mark.skipif(find_spec("numpy") is None, reason="needs numpy")
@@ -189,6 +189,46 @@ def _shared_region_without_the_seal() -> None:
 
 def test_a_shared_region_without_the_shrink_seal_survives_a_truncation() -> None:
     run_forked(_shared_region_without_the_seal)
+
+
+@pytest.fixture
+def huge_pages() -> Iterator[int]:
+    """Four free 2 MiB hugetlb pages, reserved for the test and given back after."""
+    skip_if_emulated(HUGETLB)
+    nr = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+    if os.geteuid() != 0 or not nr.exists():
+        pytest.skip("reserving hugetlb pages needs root and 2 MiB huge pages")
+    nr.write_text(str(int(nr.read_text()) + 4))
+    try:
+        if int((nr.parent / "free_hugepages").read_text()) < 4:
+            pytest.skip("the kernel could not reserve 4 free 2 MiB pages")
+        yield 2 << 20
+    finally:
+        nr.write_text(str(max(0, int(nr.read_text()) - 4)))
+
+
+def _hugetlb_files_are_repaired_in_huge_pages(huge: int) -> None:
+    import numpy as np
+
+    fd = os.memfd_create("huge", os.MFD_HUGETLB)  # a file of hugetlbfs
+    os.ftruncate(fd, 3 * huge)
+    region = FileRegion.open(fd, "r+")
+    assert (region.capacity, region.backing) == (3 * huge, "hugetlb")
+    array = region.ndarray(np.uint8, 3 * huge)
+    array[:] = 3
+    os.ftruncate(fd, huge)
+    assert array.sum() == 3 * huge  # two huge pages of zeros
+    del array
+    assert region.refresh() == huge and region.capacity == huge
+    shared = SharedRegion.create(2 * huge, huge="hugetlb", seal_shrink=False)
+    view = memoryview(shared)
+    os.ftruncate(shared.fd, huge)
+    assert view[huge + 5] == 0
+
+
+@needs_numpy
+def test_hugetlb_files_are_repaired_in_whole_huge_pages(huge_pages: int) -> None:
+    run_forked(_hugetlb_files_are_repaired_in_huge_pages, huge_pages)
 
 
 # ---------------------------------------------------------------- many regions, many threads
