@@ -180,8 +180,9 @@ repair_slot(struct RepairTable *t, Slot *s, uintptr_t addr)
         else if (addr - start >= from
                  && os_map(&p, (void *)(start + from), rep - from, s->prot,
                            MAP_FIXED | MAP_NORESERVE, -1, 0) == 0) {
-            s->repaired = from;
-            s->size = info.size;
+            /* read without the slot by the owner's checks (repair_check) */
+            __atomic_store_n(&s->size, info.size, __ATOMIC_RELAXED);
+            __atomic_store_n(&s->repaired, from, __ATOMIC_RELEASE);
             done = 1;
         }
     }
