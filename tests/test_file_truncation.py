@@ -392,3 +392,19 @@ def test_the_table_watches_open_file_regions_only(path: Path) -> None:
     with FileRegion.open(path), FileRegion.open(path, "c"):
         assert _mman._repair_state()[2] == watched + 2
     assert _mman._repair_state()[2] == watched
+
+
+def _pin_of_repaired_pages(path: str) -> None:
+    region = FileRegion.open(path, "r+")
+    pin = region.pin()
+    raw = (ctypes.c_char * (8 * P)).from_address(pin.address)
+    os.truncate(path, P)
+    assert raw[5 * P] == b"\0"
+    with pytest.raises(FileTruncatedError):
+        region.pin()
+    del raw, pin
+    region.close()
+
+
+def test_raw_pointers_through_a_pin_read_zeros_and_a_new_pin_is_refused(path: Path) -> None:
+    run_forked(_pin_of_repaired_pages, str(path))

@@ -12,6 +12,7 @@ import os
 import random
 import resource
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -200,6 +201,41 @@ def test_a_buffer_of_another_region_keeps_the_file_from_shrinking() -> None:
         assert (region.size, region.file_size, peer.capacity) == (4 * P, 4 * P, 4 * P)
         region.resize(2 * P)
         assert peer.capacity == 2 * P
+
+
+def _cut_while_growing() -> None:
+    """One region grows the file (fallocate, outside the GIL) while another
+    region of the same file tries to cut it short; in a child, since a cut
+    that went through would be SIGBUS at the grower's next touch."""
+    with (
+        SharedRegion.create(2 * P, seal_shrink=False) as grower,
+        SharedRegion.from_fd(grower.fd, require_seal=False) as other,
+    ):
+        refused: BufferError | None = None
+        for size in (256 * MiB, 1024 * MiB):  # long enough to be seen in progress
+            thread = threading.Thread(target=grower.resize, args=(size,))
+            thread.start()
+            while thread.is_alive() and refused is None:
+                if grower._busy:
+                    try:
+                        other.resize(P)
+                    except BufferError as error:
+                        refused = error
+                    else:
+                        raise AssertionError("the file was cut short under a growth")
+            thread.join()
+            if refused is not None:
+                break
+            grower.resize(2 * P)
+        else:
+            return  # never seen in progress (a fast fallocate): nothing to check
+        assert "another region of this process" in str(refused)
+        assert grower.size == size == grower.file_size
+        grower[size - 1] = 1  # the last page is backed
+
+
+def test_a_region_growing_its_file_keeps_another_region_from_cutting_it_short() -> None:
+    run_forked(_cut_while_growing)
 
 
 def test_shrinking_with_an_export_is_a_buffer_error() -> None:

@@ -47,7 +47,7 @@ int
 mapping_check_idle(const Mapping *m, const char *what, const char *noun)
 {
     if (m->nexports > 0) {
-        PyErr_Format(PyExc_BufferError, "cannot %s: %s has %zd exported buffer(s)", what, noun,
+        PyErr_Format(PyExc_BufferError, "cannot %s: %s has %zd exported buffer(s) or pin(s)", what, noun,
                      m->nexports);
         return -1;
     }

@@ -462,6 +462,7 @@ PyObject *region_make_exec(RegionObject *, PyObject *const *, Py_ssize_t, PyObje
 PyObject *region_make_writable(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_flush_icache(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_pin(RegionObject *, PyObject *);
+PyObject *region_pin_public(RegionObject *, PyObject *);
 PyObject *region_runs(RegionObject *, PyObject *);
 PyObject *region_resize(RegionObject *, PyObject *const *, Py_ssize_t);
 PyObject *region_populate(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);

@@ -27,7 +27,7 @@ check_range(RegionObject *self, Py_ssize_t start, Py_ssize_t n, int prot)
         Py_ssize_t n = mapping_conflicts(&self->m, start, end, prot);
         if (n > 0) {
             PyErr_Format(PyExc_BufferError,
-                         "cannot remove read or write permission: %zd exported buffer(s) of the "
+                         "cannot remove read or write permission: %zd exported buffer(s) or pin(s) of the "
                          "region cover those pages", n);
             return -1;
         }
@@ -260,6 +260,27 @@ fail:
     return NULL;
 }
 
+/* pin() -> Pin: from now until the Pin is deallocated, the region stays
+ * mapped and in place and keeps the access it has, as for an exported
+ * buffer (close, dealloc, realloc, shrink and protect respect it): the base
+ * object to give consumers of region.address. */
+PyObject *
+region_pin_public(RegionObject *self, PyObject *unused)
+{
+    PinObject *pin = pin_alloc();   /* first: an allocation may run finalizers */
+    int access;
+
+    if (pin == NULL)
+        return NULL;
+    if (region_check_open(self) < 0 || mapping_check_truncated(&self->m, 0, self->m.size) < 0) {
+        Py_DECREF(pin);
+        return NULL;
+    }
+    access = rec_access_all(&self->m.rec, 0, self->m.size);
+    return pin_attach(pin, (PyObject *)self, &self->m, 0, self->m.size,
+                      (access & PROT_WRITE) ? HOLD_WRITE : HOLD_READ, self->m.data);
+}
+
 static PyObject *
 pin_get_address(PinObject *pin, void *closure)
 {
@@ -293,17 +314,18 @@ pin_dealloc(PinObject *pin)
 static PyObject *
 pin_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyErr_SetString(PyExc_TypeError, "pins are made by Region.function() and CodeBlock.function()");
+    PyErr_SetString(PyExc_TypeError, "pins are made by Region.function() and CodeBlock.function(), and by Region.pin()");
     return NULL;
 }
 
 static PyGetSetDef pin_getset[] = {
-    {"address", (getter)pin_get_address, NULL, "The address of the pinned code.", NULL},
+    {"address", (getter)pin_get_address, NULL, "The address the pin holds (code, or the region).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyType_Slot pin_slots[] = {
-    {Py_tp_doc, "Keeps the code of a region or code block in place while it lives; unpins when it dies."},
+    {Py_tp_doc, "Keeps a region, or the code of a region or code block, mapped and in place "
+                "while it lives; unpins when it dies."},
     {Py_tp_new, pin_new},
     {Py_tp_getset, pin_getset},
     {Py_tp_traverse, pin_traverse},

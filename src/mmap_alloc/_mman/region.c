@@ -523,6 +523,12 @@ static PyMethodDef region_methods[] = {
     {"rfind", (PyCFunction)(void (*)(void))region_rfind, METH_FASTCALL,
      "rfind($self, sub, start=None, end=None, /)\n--\n\n"
      "The highest index of sub (bytes-like, or a byte value), or -1; as bytes.rfind."},
+    {"pin", (PyCFunction)region_pin_public, METH_NOARGS,
+     "pin($self, /)\n--\n\n"
+     "A Pin that keeps the region mapped and in place while it lives, as an\n"
+     "exported buffer does: close(), realloc() and protect() respect it. Give it\n"
+     "as base= to consumers of region.address (pyarrow's foreign_buffer, numpy,\n"
+     "ctypes)."},
     {"_pin", (PyCFunction)region_pin, METH_O,
      "_pin(offset) -> Pin: pin the region for code at offset (which must be executable)."},
     {"_page_range", (PyCFunction)(void (*)(void))region_page_range,
