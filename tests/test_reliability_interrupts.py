@@ -360,17 +360,34 @@ def op_pool_alloc_many(world: World) -> None:
     _objects(world, call(world, world.pool.alloc_many, 80))
 
 
+def _free(world: World, function: Callable[[Any], None], argument: Any, batch: list[int]) -> None:
+    """Give ``batch`` back through ``function(argument)``. The model drops the
+    addresses before the call: they are free the moment it returns, and a hook
+    that runs then (a signal handler, as the call returns) may be handed them
+    again. A call that fails freed none of them (all or none), unless the
+    pool closed meanwhile: what is still live and not taken again goes back."""
+    for address in batch:
+        world.objects.remove(address)
+    try:
+        call(world, function, argument)
+    except BaseException:
+        for address in batch:
+            if address in world.pool and address not in world.objects:
+                world.objects.append(address)
+        raise
+    kept = [a for a in batch if a in world.pool and a not in world.objects]
+    assert not kept, ("the free returned but left objects live", kept)
+
+
 def op_pool_free(world: World) -> None:
     if world.objects:
         address = world.objects[-1]
-        call(world, world.pool.free, address)
-        world.objects.remove(address)
+        _free(world, world.pool.free, address, [address])
 
 
 def op_pool_free_many(world: World) -> None:
     batch = world.objects[-70:]
-    call(world, world.pool.free_many, batch)
-    del world.objects[-len(batch) :]
+    _free(world, world.pool.free_many, batch, batch)
 
 
 def op_pool_view(world: World) -> None:
@@ -810,3 +827,60 @@ def test_random_signals_keep_every_promise() -> None:
 def test_random_signals_keep_every_promise_long() -> None:
     seconds = float(os.environ.get("MMAP_ALLOC_SIGNALS_SECONDS", "300"))
     run_forked(random_signals, seconds, 2, timeout=seconds + 300)
+
+
+# ---------------------------------------------------------------- a hook as a call returns
+
+
+def _hook_as_call_returns(world: World, name: str) -> Callable[[FrameType, str, object], Any]:
+    """A trace function that runs operation ``name`` once, at the first line of
+    ``call`` after the library call returned (its ``finally``): where a signal
+    handler runs when the signal arrives during the call."""
+    finally_line = next(
+        number
+        for number, text in enumerate(_source_lines(call), call.__code__.co_firstlineno)
+        if "world.inside -= 1" in text
+    )
+    fired = [False]
+
+    def local(frame: FrameType, event: str, arg: object) -> Any:
+        if event == "line" and frame.f_lineno == finally_line and not fired[0]:
+            fired[0] = True
+            reenter(world, name)
+        return local
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Any:
+        return local if frame.f_code is call.__code__ else None
+
+    return tracer
+
+
+def _source_lines(function: Callable[..., Any]) -> list[str]:
+    import inspect
+
+    return inspect.getsourcelines(function)[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "hook"), [("pool_free", "pool_alloc"), ("pool_free_many", "pool_alloc_many")]
+)
+def test_a_hook_as_a_free_returns_is_handed_the_freed_objects(name: str, hook: str) -> None:
+    """The objects a free gave back are free the moment it returns: a signal
+    handler that runs then may be handed them again, and the model must count
+    them as freed by then (it used to drop them only after the call)."""
+    world = make_world()
+    try:
+        freed = set(world.objects[-1:] if name == "pool_free" else world.objects[-70:])
+        before = set(world.objects)
+        previous = sys.gettrace()
+        sys.settrace(_hook_as_call_returns(world, hook))
+        try:
+            OPERATIONS[name](world)
+        finally:
+            sys.settrace(previous)
+        handed = set(world.objects) - (before - freed)
+        assert handed & freed, "the hook did not run in the window (the test tests nothing)"
+        assert not (before - freed) & handed
+        check(world)
+    finally:
+        teardown(world)
