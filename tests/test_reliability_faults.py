@@ -336,3 +336,61 @@ def failing_realloc(limit_mib: int) -> dict[str, int]:
 def test_failed_realloc_leaves_region_intact_and_usable() -> None:
     result = run_child("test_reliability_faults", "failing_realloc", 128, env=CHILD_ENV).check()
     assert result["failures"] == 8
+
+
+# ---------------------------------------------------------------- alloc_many bounded up front
+
+
+def huge_alloc_many(obj_size: int, n: int, limit_mib: int) -> dict[str, Any]:
+    """alloc_many(n) of an ObjectPool that cannot hold n objects: the error,
+    how long it took, and whether anything changed."""
+    import time
+
+    from mmap_alloc import ObjectPool, _mman
+
+    if limit_mib:
+        resource.setrlimit(resource.RLIMIT_AS, (limit_mib * MIB, limit_mib * MIB))
+    pool = ObjectPool(obj_size)
+    kept = pool.alloc_many(3)
+    before = (len(pool), pool.stats(), _mman.mapped_bytes())
+    start = time.monotonic()
+    try:
+        pool.alloc_many(n)
+    except AllocError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    else:
+        error = "none"
+    seconds = time.monotonic() - start
+    after = (len(pool), pool.stats(), _mman.mapped_bytes())
+    same = after == before and all(address in pool for address in kept)
+    pool.close()
+    return {"error": error, "seconds": seconds, "unchanged": same}
+
+
+@pytest.mark.parametrize(
+    ("obj_size", "n", "words"),
+    [
+        (16, 1 << 40, "memory and swap"),  # 44 TB of addresses, 16 TiB of slabs
+        (1 << 20, 1 << 28, "address space"),  # 256 TiB of slabs, 10 GiB of addresses
+    ],
+)
+def test_alloc_many_of_more_than_the_machine_holds_fails_at_once(
+    obj_size: int, n: int, words: str
+) -> None:
+    result = run_child("test_reliability_faults", "huge_alloc_many", obj_size, n, 0, timeout=60)
+    value = result.check()
+    assert value["error"].startswith("AllocError: alloc_many"), value
+    assert words in value["error"], value
+    assert value["seconds"] < 1.0, value
+    assert value["unchanged"], value
+
+
+@emulated_skip(RLIMIT_AS)
+def test_alloc_many_past_the_address_space_limit_fails_at_once() -> None:
+    value = run_child(
+        "test_reliability_faults", "huge_alloc_many", 1 << 16, 1 << 16, 256, timeout=60
+    ).check()  # 4 GiB of slabs under RLIMIT_AS = 256 MiB
+    assert value["error"].startswith("AllocError: alloc_many"), value
+    assert "RLIMIT_AS" in value["error"], value
+    assert value["seconds"] < 1.0, value
+    assert value["unchanged"], value

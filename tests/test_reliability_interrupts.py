@@ -884,3 +884,57 @@ def test_a_hook_as_a_free_returns_is_handed_the_freed_objects(name: str, hook: s
         check(world)
     finally:
         teardown(world)
+
+
+# ---------------------------------------------------------------- Ctrl-C in a long alloc_many
+
+
+def interrupted_alloc_many(obj_size: int, slab_size: int | None, n: int, after: float) -> None:
+    """alloc_many(n) interrupted by a KeyboardInterrupt from a timer's signal
+    handler after ``after`` seconds: it stops at once, and the pool is exact
+    (its live objects, nothing of the interrupted call, its slabs released)."""
+    import time
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    start_bytes = _mman.mapped_bytes()
+    pool = ObjectPool(obj_size, slab_size=slab_size)
+    kept = pool.alloc_many(10)
+    before = pool.stats()
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, after)
+    start = time.monotonic()
+    try:
+        pool.alloc_many(n)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError(f"alloc_many({n}) ended before the interrupt")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    late = time.monotonic() - start - after
+    assert late < 0.5, f"the interrupt took effect {late:.3f} s late"
+    assert len(pool) == len(kept)
+    assert all(address in pool for address in kept)
+    after_stats = pool.stats()
+    assert after_stats.live == before.live
+    spare = (pool.stats().slabs - before.slabs) * pool.slab_size
+    assert spare <= 3 * pool.slab_size, "the slabs the call added were not released"
+    fresh = pool.alloc_many(20)
+    assert not set(fresh) & set(kept)
+    pool.free_many(fresh + kept)
+    pool.close()
+    assert _mman.mapped_bytes() == start_bytes, "a slab leaked"
+
+
+def test_ctrl_c_interrupts_alloc_many_while_it_adds_slabs() -> None:
+    # one object per slab: a million slabs would take about 20 s
+    run_forked(interrupted_alloc_many, PAGE, PAGE, 10**6, 0.3, timeout=120)
+
+
+def test_ctrl_c_interrupts_alloc_many_while_it_takes_objects() -> None:
+    # ten million objects of 16 bytes: 160 MiB of slabs in a few ms, then
+    # about half a second making the list
+    run_forked(interrupted_alloc_many, 16, None, 10**7, 0.15, timeout=120)
