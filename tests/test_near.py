@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mmap_alloc import AllocError, MapAlloc, Region, _near
+from mmap_alloc import AllocError, MapAlloc, _near
 from mmap_alloc._linux import Mapping
 from mmap_alloc._near import candidates, check_near, map_near
 from mmap_alloc.perm import Perm
