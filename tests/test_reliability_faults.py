@@ -156,6 +156,28 @@ def test_address_space_limit_with_eight_threads_loses_nothing() -> None:
 # ---------------------------------------------------------------- vm.max_map_count
 
 
+def adjacent_regions(alloc: MapAlloc, count: int, size: int) -> list[Region]:
+    """``count`` regions of ``size`` bytes, each right below the one before: one
+    kernel mapping. Plain allocations are not enough: the kernel puts a new
+    mapping in the highest hole that fits, and holes the interpreter left
+    (where depends on the environment, the imports) broke the run in two
+    places, whose victims at the edges then freed without a split, one after
+    another, until none was left in the middle (the long form's failure)."""
+    for _ in range(16):
+        space = alloc.reserve(count * size)  # a free range of the whole length
+        top = space.address + space.capacity
+        space.close()
+        made: list[Region] = []
+        try:
+            for index in range(1, count + 1):
+                made.append(alloc.alloc(size, near=top - index * size, within=size))
+            return made
+        except AllocError:  # the interpreter mapped something there meanwhile
+            for region in made:
+                region.close()
+    raise AssertionError(f"no free range of {count * size} bytes stayed free for long enough")
+
+
 def exhaust_map_count(attempts: int) -> dict[str, Any]:
     """Fill vm.max_map_count, then make every operation that needs a new kernel
     mapping fail at the limit: each failure clean, each region still freeable."""
@@ -163,7 +185,7 @@ def exhaust_map_count(attempts: int) -> dict[str, Any]:
     start_count = mapping_count()
     # Victims: adjacent 4-page regions of one allocator, merged into one kernel
     # mapping, so that touching one in the middle needs a split.
-    victims = [rw.alloc(4 * PAGE) for _ in range(64)]
+    victims = adjacent_regions(rw, 64, 4 * PAGE)
     cookies = {}
     for index, region in enumerate(victims):
         cookies[id(region)] = cookie(region, index)
