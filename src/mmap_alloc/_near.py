@@ -86,12 +86,12 @@ def candidates(
     if end - first < size:
         return []
     at = near // align * align  # the place holding near, if size reaches it
+    holds_near = first <= at and near < at + size <= end
     found: list[tuple[int, int, int]] = []  # (rank, key, address), one per gap
     for gap_start, gap_end in _gaps(maps, high):
-        if first <= at and at + size <= end and gap_start <= at and at + size <= gap_end:
-            if near < at + size:
-                found.append((0, 0, at))
-                continue
+        if holds_near and gap_start <= at and at + size <= gap_end:
+            found.append((0, 0, at))
+            continue
         best: tuple[int, int, int] | None = None
         for kept in (margin, 0):
             lo = max(first, gap_start + (kept if gap_start > 0 else 0))
