@@ -1,4 +1,4 @@
-"""Functions that test_shared.py runs in other processes (spawned children
+"""Functions that the test_shared*.py files run in other processes (spawned children
 import this module by name, so it stays small and importable)."""
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from mmap_alloc._linux import PAGE_SIZE, mappings
 
 EMULATED = os.environ.get("ARM64_EMULATED", "")
 """The emulator running the suite ("qemu-user" in the arm64 runs of
-../shared/arm64/run-tests), empty on a real machine. qemu-user implements
+tools/arm64-tests), empty on a real machine. qemu-user implements
 mmap, mprotect, madvise and friends itself on top of the host kernel, so
 some kernel effects the tests check are not the guest kernel's there."""
 

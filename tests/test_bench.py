@@ -374,3 +374,59 @@ def test_pool_memory_counts_are_integers() -> None:
     assert figures["live objects"] == 100_000
     for name in ("live objects", "slabs", "new mappings"):
         assert type(figures[name]) is int
+
+
+def saved_case(
+    group: str, name: str, ratios: dict[str, float], target: float | None
+) -> dict[str, object]:
+    """A case as a JSON report holds it: the first variant the subject, the last the reference."""
+    names = list(ratios)
+    return {
+        "group": group,
+        "name": name,
+        "subject": names[0],
+        "reference": names[-1],
+        "target": target,
+        "variants": [{"name": n, "ratio": r} for n, r in ratios.items()],
+    }
+
+
+def test_chart_puts_headline_topics_first_and_leaves_the_reference_out() -> None:
+    data: dict[str, object] = {
+        "cases": [
+            saved_case("shared memory", "hand over", {"ours": 0.5, "theirs": 1.0}, None),
+            saved_case("a topic of its own", "new", {"ours": 1.0, "ref": 1.0}, None),
+            saved_case("round trip", "4 KiB", {"ours": 1.1, "peer": 1.3, "C loop": 1.0}, 1.1),
+        ]
+    }
+    layout = report.chart_layout(data)
+    assert [topic for topic, _ in layout] == ["round trip", "shared memory", "a topic of its own"]
+    bars = layout[0][1]
+    assert [(bar.label, bar.ratio, bar.subject, bar.target) for bar in bars] == [
+        ("ours", 1.1, True, 1.1),
+        ("peer", 1.3, False, None),
+    ]
+    assert bars[0].heading == "4 KiB (1 = C loop)"
+    assert bars[1].heading == ""
+
+
+def test_chart_ratios_are_written_so_that_tiny_and_huge_ones_read() -> None:
+    assert [report.format_ratio(r) for r in (1.0423, 23.1, 0.000145)] == [
+        "1.04x",
+        "23x",
+        "0.00015x",
+    ]
+
+
+def test_chart_is_redrawn_from_a_saved_report(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    data: dict[str, object] = {
+        "quick": True,
+        "cases": [
+            saved_case("round trip", "4 KiB", {"ours": 1.1, "peer": 40.0, "C loop": 1.0}, 1.1),
+            saved_case("pool", "64 B", {"ours": 0.001, "list": 1.0}, 2.0),
+        ],
+    }
+    path = tmp_path / "chart.png"
+    report.plot_report(data, path)
+    assert path.read_bytes().startswith(b"\x89PNG")

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
 import pytest
 
-from mmap_alloc import _fdshare
-from support import open_fds, run_forked
+from mmap_alloc import SharedRegion, _fdshare
+from support import fork_child, open_fds, run_forked, wait_child
 
 
 class Owner:
@@ -98,19 +103,43 @@ def test_a_handle_of_a_closed_owner_is_a_clear_error(owner: Owner) -> None:
         handle.detach()
 
 
+def _open_a_fifo_at(number: int, path: str) -> int:
+    os.mkfifo(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a reader, and no writer
+    if fd != number:
+        os.dup2(fd, number)
+        os.close(fd)
+    return number
+
+
+def _handle_of_a_number_now_a_fifo(path: str) -> None:
+    owner = Owner()
+    handle = share(owner, readonly=True)
+    owner.close()
+    _open_a_fifo_at(handle.number, path)  # the number is another file now
+    with pytest.raises(OSError, match="no longer has it open"):
+        handle.detach()  # an open of the FIFO read-only would wait for a writer
+
+
+def test_a_handle_whose_number_is_a_fifo_by_now_neither_hangs_nor_opens_it(
+    tmp_path: Path,
+) -> None:
+    run_forked(_handle_of_a_number_now_a_fifo, str(tmp_path / "fifo"), timeout=20)
+
+
 def test_a_handle_never_gives_another_file(owner: Owner) -> None:
     handle = share(owner)._replace(ino=1)
     with pytest.raises(OSError, match="not of the file that was pickled"):
         handle.detach()
 
 
-def test_a_stranger_without_the_token_gets_nothing(owner: Owner) -> None:
+def test_a_stranger_without_the_token_gets_no_descriptor(owner: Owner) -> None:
     handle = share(owner)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.connect(handle.address)
         conn.sendall(os.urandom(16))
         data, fds, _flags = _fdshare.recv_fds(conn, 1)
-    assert (data, fds) == (b"", [])
+    assert (data, fds) == (_fdshare._UNKNOWN, [])
 
 
 def test_an_owner_has_one_token_which_goes_with_it() -> None:
@@ -126,6 +155,8 @@ def test_an_owner_has_one_token_which_goes_with_it() -> None:
 def _forked_child_forgets() -> None:
     assert len(_fdshare._sharer.owners) == 0
     assert _fdshare._sharer.listener is None
+    assert _fdshare._sharer.selector is None
+    assert _fdshare._sharer.waiting == {}
 
 
 def test_a_forked_child_forgets_the_owners_of_its_parent(owner: Owner) -> None:
@@ -181,9 +212,187 @@ def _share_from_every_line_of_sharing() -> None:
                 os.close(fd)
         outer.close()
         inner.close()
-    # all but the five lines of the bind failure and of a listener a hook started
-    assert reentered >= len(targets) - 5, f"only {reentered} of {len(targets)} lines re-entered"
+    # all but the six lines of the bind failure (except, close, raise) and of a
+    # listener a hook started meanwhile (close, close, return)
+    assert reentered >= len(targets) - 6, f"only {reentered} of {len(targets)} lines re-entered"
 
 
 def test_sharing_from_a_hook_inside_sharing_neither_hangs_nor_mixes_owners() -> None:
     run_forked(_share_from_every_line_of_sharing, timeout=60)
+
+
+# ---------------------------------------------------------------- no client delays another
+
+
+def connect(address: str) -> socket.socket:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    conn.connect(address)
+    return conn
+
+
+def timed_fetch(handle: _fdshare.SharedFd) -> float:
+    """Seconds one hand-over through the sharer takes (the descriptor is checked)."""
+    start = time.monotonic()
+    fd = handle._fetch()
+    elapsed = time.monotonic() - start
+    os.close(fd)
+    return elapsed
+
+
+def test_idle_connections_do_not_delay_a_hand_over(owner: Owner) -> None:
+    handle = share(owner)
+    timed_fetch(handle)  # the sharer runs
+    idle = [connect(handle.address) for _ in range(3)]
+    try:
+        assert timed_fetch(handle) < 1.0  # was 10 s per idle connection before it
+    finally:
+        for conn in idle:
+            conn.close()
+
+
+def test_idle_connections_do_not_delay_unpickling_a_region(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_fdshare.SharedFd, "_open_in_proc", lambda self: None)
+    with SharedRegion.create(4096) as region:
+        blob = ForkingPickler.dumps(region)
+        pickle.loads(blob).close()
+        idle = [connect(_fdshare._sharer.address) for _ in range(3)]
+        try:
+            start = time.monotonic()
+            pickle.loads(blob).close()
+            assert time.monotonic() - start < 1.0
+        finally:
+            for conn in idle:
+                conn.close()
+
+
+def _reconnect_for(address: str, seconds: float, keep: int) -> None:
+    """Connect again and again, sending half a token or nothing, keeping the
+    last ``keep`` connections open (more than the sharer lets wait)."""
+    held: list[socket.socket] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            conn = connect(address)
+        except OSError:
+            continue
+        if len(held) % 2:
+            conn.send(b"x" * 8)
+        held.append(conn)
+        if len(held) > keep:
+            held.pop(0).close()
+
+
+def test_a_client_that_keeps_reconnecting_does_not_stall_hand_overs(owner: Owner) -> None:
+    handle = share(owner)
+    timed_fetch(handle)
+    pid = fork_child(lambda: _reconnect_for(handle.address, 3.0, 2 * _fdshare._WAITING))
+    try:
+        times = [timed_fetch(handle) for _ in range(20)]
+    finally:
+        assert os.WEXITSTATUS(wait_child(pid, 30)) == 0
+    assert max(times) < 1.0, times
+
+
+def test_a_connection_that_sends_no_token_is_dropped_after_its_deadline(
+    owner: Owner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_fdshare, "_DEADLINE", 0.2)
+    handle = share(owner)
+    with connect(handle.address) as conn:
+        conn.settimeout(10)
+        start = time.monotonic()
+        assert conn.recv(1) == b""  # closed by the sharer, unanswered
+        assert time.monotonic() - start < 5
+
+
+def test_more_waiting_connections_than_the_limit_drop_the_oldest(owner: Owner) -> None:
+    handle = share(owner)
+    conns = [connect(handle.address) for _ in range(_fdshare._WAITING + 4)]
+    try:
+        for conn in conns[:4]:
+            conn.settimeout(10)
+            assert conn.recv(1) == b""  # dropped for the newer ones
+        for conn in conns[4:]:
+            conn.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                conn.recv(1)  # still waiting for its token
+        assert timed_fetch(handle) < 1.0
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+# ---------------------------------------------------------------- SIGPIPE, timeouts, strangers
+
+
+def _sharer_answers_a_receiver_that_hung_up() -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as many command-line programs have it
+    owner = Owner()
+    handle = share(owner)
+    with _fdshare._sharer.lock:  # the sharer answers only once this is released
+        with connect(handle.address) as conn:
+            conn.sendall(handle.token)
+        time.sleep(0.2)
+    time.sleep(0.2)  # the answer went to a closed connection: EPIPE, and no SIGPIPE
+    fd = handle._fetch()  # the sharer serves on
+    os.close(fd)
+    owner.close()
+
+
+def test_the_sharer_survives_a_receiver_that_hung_up_with_sigpipe_at_its_default() -> None:
+    run_forked(_sharer_answers_a_receiver_that_hung_up, timeout=30)
+
+
+def test_a_sender_that_does_not_answer_is_a_timeout_error_naming_it(
+    owner: Owner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_fdshare, "TIMEOUT", 0.3)
+    address = f"\0mmap_alloc-test-silent-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.bind(address)
+        silent.listen(8)  # connections queue, and nobody answers them
+        handle = share(owner)._replace(address=address)
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=rf"process {os.getpid()}, .* within 0.3 s"):
+            handle._fetch()
+        assert time.monotonic() - start < 5
+
+
+def test_a_sender_that_is_gone_is_an_error_saying_it_must_be_running(owner: Owner) -> None:
+    handle = share(owner)._replace(address=f"\0mmap_alloc-test-gone-{os.getpid()}")
+    with pytest.raises(ConnectionRefusedError, match="it must still be running"):
+        handle._fetch()
+
+
+def _fetch_as_another_user(handle: _fdshare.SharedFd) -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.setgid(65534)
+    os.setuid(65534)
+    with pytest.raises(PermissionError) as caught:
+        handle.detach()  # /proc refuses first, then the sharer
+    message = str(caught.value)
+    assert f"process {handle.pid} (uid 0)" in message, message
+    assert "only to processes of its own user or root" in message, message
+    assert "this one runs as uid 65534" in message, message
+    assert "send() and receive()" in message, message
+
+
+def test_a_process_of_another_user_is_refused_and_told_why(owner: Owner) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("changing to another user needs root")
+    handle = share(owner)
+    run_forked(_fetch_as_another_user, handle, timeout=30)
+    assert timed_fetch(handle) < 1.0  # and the sharer serves on
+
+
+def test_importing_the_library_imports_neither_socket_nor_secrets() -> None:
+    code = (
+        "import sys, mmap_alloc\n"
+        "print(sorted({'socket', 'secrets', 'hmac', '_hashlib'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"

@@ -323,13 +323,32 @@ def test_a_writer_view_exports_its_block_until_released(heap: CodeHeap) -> None:
 
 def test_a_buffer_made_from_the_writer_view_keeps_the_block_exported(heap: CodeHeap) -> None:
     block = heap.alloc(32)
-    with block.writer() as view:
+    with pytest.raises(BufferError, match="still alive"), block.writer() as view:
         array = (ctypes.c_ubyte * 32).from_buffer(view)
     array[0] = 7
     assert block._exports == 1
     with pytest.raises(BufferError):
         heap.free(block)
     del array, view
+    gc.collect()
+    assert block._exports == 0
+    heap.free(block)
+
+
+def test_a_slice_of_the_writer_view_kept_past_the_block_is_a_buffer_error(
+    heap: CodeHeap,
+) -> None:
+    block = heap.alloc(32)
+    kept: list[memoryview] = []
+    with (
+        pytest.raises(BufferError, match="not made visible to instruction fetch"),
+        block.writer() as view,
+    ):
+        kept.append(view[:8])
+    assert block._exports == 1  # the slice still holds the block: it cannot be freed
+    with pytest.raises(BufferError):
+        heap.free(block)
+    kept.pop().release()
     gc.collect()
     assert block._exports == 0
     heap.free(block)

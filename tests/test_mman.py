@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import gc
 import itertools
+import tracemalloc
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mmap_alloc import MapAlloc, Perm, Region, _mman
+from mmap_alloc import (
+    CodeHeap,
+    MapAlloc,
+    ObjectPool,
+    Perm,
+    Region,
+    SecretBuffer,
+    SharedRegion,
+    _mman,
+)
 from mmap_alloc._linux import PAGE_SIZE as P
 from support import HOST_MAPS, emulated_skip, kernel_runs, run_in_child
 
@@ -328,3 +339,62 @@ def test_page_range_at_the_end_is_empty() -> None:
 def test_page_range_refuses_values_that_are_not_integers(offset: object, length: object) -> None:
     with pytest.raises(TypeError, match=r"(offset|length) must be an integer"):
         four_pages()._page_range(offset, length)
+
+
+# ---------------------------------------------------------------- tracemalloc
+
+
+def traced_in_domain() -> int:
+    """Bytes tracemalloc holds in the library's domain now."""
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.DomainFilter(inclusive=True, domain=_mman.TRACE_DOMAIN)]
+    )
+    return sum(trace.size for trace in snapshot.traces)
+
+
+@pytest.fixture
+def tracing() -> Iterator[None]:
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        tracemalloc.stop()
+
+
+def test_tracemalloc_counts_a_regions_bytes_in_the_library_domain_until_it_is_closed(
+    tracing: None,
+) -> None:
+    region = MapAlloc().alloc(1 << 20)
+    assert traced_in_domain() == 1 << 20
+    region.close()
+    assert traced_in_domain() == 0
+
+
+def test_tracemalloc_follows_a_region_that_grows_moves_and_shrinks(tracing: None) -> None:
+    alloc = MapAlloc()
+    region = alloc.alloc(P)
+    region = alloc.realloc(region, 64 * P)
+    assert traced_in_domain() == 64 * P
+    alloc.shrink_in_place(region, 2 * P)
+    assert traced_in_domain() == 2 * P
+    alloc.dealloc(region)
+    assert traced_in_domain() == 0
+
+
+def test_tracemalloc_counts_secrets_code_heaps_and_shared_regions(tracing: None) -> None:
+    secret = SecretBuffer(100, lock="off")
+    heap = CodeHeap(1 << 16)
+    shared = SharedRegion.create(3 * P)
+    # a secret's guard pages are part of its mapping; a heap's two views are one memory
+    assert traced_in_domain() == secret._mapping[1] + (1 << 16) + 3 * P
+    for each in (secret, heap, shared):
+        each.close()
+    assert traced_in_domain() == 0
+
+
+def test_tracemalloc_counts_pool_slabs_until_they_are_unmapped(tracing: None) -> None:
+    pool = ObjectPool(64)
+    pool.free(pool.alloc())
+    assert traced_in_domain() > 0
+    pool.close()
+    assert traced_in_domain() == 0

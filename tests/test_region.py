@@ -11,6 +11,9 @@ import mmap
 import os
 import random
 import resource
+import subprocess
+import sys
+import textwrap
 import tracemalloc
 import weakref
 from collections.abc import Callable, Iterator
@@ -25,6 +28,7 @@ from mmap_alloc._linux import ADVICE, MADV_GUARD_INSTALL
 from mmap_alloc._linux import PAGE_SIZE as P
 from support import (
     EMULATED,
+    FILLS_THE_MAP_COUNT,
     MLOCK,
     SIGSEGV,
     emulated_skip,
@@ -1259,6 +1263,58 @@ def test_a_view_pins_the_region(alloc: MapAlloc) -> None:
     region.close()
 
 
+# ---------------------------------------------------------------- pin()
+
+
+def test_a_pin_keeps_the_region_mapped_and_in_place_as_an_export_does(alloc: MapAlloc) -> None:
+    region = alloc.alloc(3 * P)
+    pin = region.pin()
+    assert pin.address == region.address
+    assert region._exports == 1
+    with pytest.raises(BufferError, match="pin"):
+        region.close()
+    with pytest.raises(BufferError):
+        alloc.dealloc(region)
+    with pytest.raises(BufferError):
+        alloc.realloc(region, 64 * P)
+    with pytest.raises(BufferError):
+        alloc.shrink_in_place(region, P)
+    with pytest.raises(BufferError):
+        region.protect(R)  # the pin holds the write access the region had
+    del pin
+    assert region._exports == 0
+    region.close()
+
+
+def test_a_pin_keeps_its_region_alive(alloc: MapAlloc) -> None:
+    region = alloc.alloc(P)
+    region[0] = 7
+    pin = region.pin()
+    address = pin.address
+    del region
+    gc.collect()
+    assert ctypes.string_at(address, 1) == b"\x07"  # still mapped: the pin holds it
+    del pin
+    gc.collect()
+
+
+def test_a_pin_of_a_read_only_region_allows_adding_write(alloc: MapAlloc) -> None:
+    with alloc.alloc(P) as region:
+        region.protect(R)
+        pin = region.pin()
+        region.protect(R | W)  # nothing the pin needs is taken
+        with pytest.raises(BufferError):
+            region.protect(Perm.NONE)
+        del pin
+
+
+def test_a_closed_region_cannot_be_pinned(alloc: MapAlloc) -> None:
+    region = alloc.alloc(P)
+    region.close()
+    with pytest.raises(ValueError, match="region is closed"):
+        region.pin()
+
+
 @pytest.mark.parametrize(
     ("offset", "length", "readonly"),
     [(0, P, False), (3 * P, P, False), (2 * P, P, True), (3 * P - 8, 16, True)],
@@ -1466,6 +1522,63 @@ def test_wipeonfork_pages_read_as_zeros_in_a_child(alloc: MapAlloc) -> None:
 
         assert run_in_child(child) == 0
         assert region[0] == 1
+
+
+def test_populate_advice_over_pages_without_the_access_names_the_page(alloc: MapAlloc) -> None:
+    with alloc.alloc(2 * P) as region:
+        region.protect(R, P, P)
+        with pytest.raises(ValueError, match=f"page at offset {P} is not writable"):
+            region.advise("populate_write")
+        region.advise("populate_write", 0, P)
+        region.protect(Perm.NONE, 0, P)
+        with pytest.raises(ValueError, match="page at offset 0 is not readable"):
+            region.advise("populate_read")
+
+
+@FILLS_THE_MAP_COUNT
+def test_unlock_and_advice_of_part_of_a_region_at_the_map_count_name_it() -> None:
+    code = """
+        from mmap_alloc import AllocError, MapAlloc
+        from mmap_alloc._linux import PAGE_SIZE as page
+
+        alloc = MapAlloc()
+        locked = alloc.alloc(3 * page)
+        locked.lock()
+        plain = alloc.alloc(3 * page)
+        fillers = []
+        makers = (MapAlloc(write=False), MapAlloc(read=False, write=False))
+        try:
+            while True:  # alternate protections so that neighbours never merge
+                fillers.append(makers[len(fillers) % 2].alloc(page))
+        except AllocError:
+            pass
+        calls = {
+            "unlock": lambda: locked.unlock(page, page),
+            "dontdump": lambda: plain.advise("dontdump", page, page),
+            "dontfork": lambda: plain.advise("dontfork", page, page),
+            "hugepage": lambda: plain.advise("hugepage", page, page),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+            except AllocError as error:
+                print(name, "|", error)
+            else:
+                print(name, "| done")
+        """
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONMALLOC": "malloc"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" | ", 1) for line in result.stdout.splitlines())
+    assert set(lines) == {"unlock", "dontdump", "dontfork", "hugepage"}
+    for name, message in lines.items():
+        assert "vm.max_map_count" in message, (name, message)
 
 
 @pytest.mark.parametrize("name", ["dontneed", "free", "pageout", "cold"])

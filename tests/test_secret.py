@@ -620,6 +620,21 @@ def test_a_buffer_made_from_the_view_alive_after_the_block_raises_buffer_error_a
         assert kernel_access(buf) == Perm.NONE
 
 
+def test_open_blocks_ended_out_of_order_restore_the_access_before_the_first(
+    make: Make,
+) -> None:
+    with make(32) as buf:
+        buf.noaccess()
+        first, second = buf.open(), buf.open()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)  # the other block still reads
+        assert buf.access == "read"
+        second.__exit__(None, None, None)
+        assert buf.access == "none"
+        assert kernel_access(buf) == Perm.NONE
+
+
 def test_access_cannot_be_removed_under_an_exported_buffer(make: Make) -> None:
     with make(32) as buf:
         writable = memoryview(buf)
@@ -1212,7 +1227,7 @@ def test_the_kernel_types_cannot_be_made_directly() -> None:
     with pytest.raises(TypeError):
         _mman.Secret()
     with pytest.raises(TypeError):
-        _mman.SecretView()
+        _mman.View()  # open()'s exporter: the one View type of the kernel
     with pytest.raises(ValueError, match="bad secret buffer parameters"):
         _mman.Secret._create(32, 5, 0, 0, True)
 

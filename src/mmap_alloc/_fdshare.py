@@ -22,20 +22,62 @@ The owner must therefore still be open in the sender when the receiver
 loads the pickle, as a SharedMemory segment must not be unlinked before the
 others attach: the receiver otherwise gets a clear OSError, never another
 file (the identity is checked on both ways).
+
+The sharer serves every connection at once (one thread, a selector): a
+token is read the moment it arrives and answered right away, so a
+connection that sends nothing delays nobody; it is dropped after
+``_DEADLINE`` seconds, or sooner when more than ``_WAITING`` connections
+wait (the oldest first). Every answer is one byte, so that the receiver can
+say why it got no descriptor; every send is ``MSG_NOSIGNAL``: a peer that
+hangs up early is an error of that connection, never a SIGPIPE that kills
+the sender. The receiver gives up after ``TIMEOUT`` seconds with a
+TimeoutError that says who did not answer.
+
+``socket`` is imported when a descriptor is first shared or fetched, not
+with the library (multiprocessing, which pickles, has it by then). Tokens
+come from ``os.urandom``, which ``secrets`` uses too: not importing
+``secrets`` spares hmac and OpenSSL's hashes, and a process that dropped
+privileges (or chrooted) after import and can no longer read its Python
+installation still hands regions over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-import secrets
-import socket
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import selectors
+    import socket
 
 _TOKEN = 16
+
+TIMEOUT = 30.0
+"""Seconds a receiver waits for the sender's sharer to hand a descriptor over."""
+
+_DEADLINE = 5.0  # seconds a connection may take to present its token
+_WAITING = 64  # connections waiting for their token at once; more drop the oldest
+_ACCEPTS = 256  # connections accepted in one pass, before the waiting ones are read
+_BACKLOG = 256  # connections the kernel queues for the sharer; a receiver waits for room
+
+# The sharer's answers: one byte each.
+_GIVEN = b"\1"  # with the descriptor
+_UNKNOWN = b"T"  # no owner has that token: closed, or never shared
+_STRANGER = b"U"  # the connecting process is of another user (not root)
+
+
+class _Waiting(NamedTuple):
+    """A connection of the sharer that has not sent its whole token yet."""
+
+    deadline: float
+    data: bytes
 
 
 class _Sharer:
@@ -49,6 +91,9 @@ class _Sharer:
         self.dup: Callable[[Any], int] | None = None
         self.listener: socket.socket | None = None
         self.address = ""
+        # the serving thread's, kept here for forget() to close in a forked child
+        self.selector: selectors.BaseSelector | None = None
+        self.waiting: dict[socket.socket, _Waiting] = {}
 
     def token(self, owner: object, dup: Callable[[Any], int]) -> tuple[str, bytes]:
         """The socket's address and the owner's token (made on first use)."""
@@ -58,62 +103,178 @@ class _Sharer:
             self.dup = dup
             token = self.tokens.get(owner)
             if token is None:
-                token = secrets.token_bytes(_TOKEN)
+                token = os.urandom(_TOKEN)
                 self.tokens[owner] = token
                 self.owners[token] = owner
             return self.address, token
 
     def _listen(self) -> None:
-        address = f"\0mmap_alloc-{os.getpid()}-{secrets.token_hex(8)}"
+        import selectors
+        import socket
+
+        address = f"\0mmap_alloc-{os.getpid()}-{os.urandom(8).hex()}"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             listener.bind(address)
-            listener.listen(128)
+            listener.listen(_BACKLOG)
+            listener.setblocking(False)
+            selector = selectors.DefaultSelector()
         except OSError:
             listener.close()
             raise
         if self.listener is not None:  # a hook on this thread started one meanwhile
+            selector.close()
             listener.close()
             return
+        selector.register(listener, selectors.EVENT_READ)
         threading.Thread(
-            target=self._serve, args=(listener,), name="mmap_alloc fd sharer", daemon=True
+            target=self._serve,
+            args=(listener, selector),
+            name="mmap_alloc fd sharer",
+            daemon=True,
         ).start()
-        self.listener, self.address = listener, address
+        self.listener, self.address, self.selector = listener, address, selector
 
-    def _serve(self, listener: socket.socket) -> None:
-        me = os.geteuid()
+    # ------------------------------------------------------------ the serving thread
+
+    def _serve(self, listener: socket.socket, selector: selectors.BaseSelector) -> None:
+        waiting = self.waiting
         while True:
+            timeout = None
+            if waiting:  # in order of arrival: the first one's deadline comes first
+                timeout = max(0.0, next(iter(waiting.values())).deadline - time.monotonic())
             try:
-                conn, _ = listener.accept()
+                events = selector.select(timeout)
             except OSError:
                 return  # closed (after a fork, in the child)
-            with conn:
-                try:
-                    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-                    if struct.unpack("3i", creds)[1] not in (me, 0):
-                        continue
-                    conn.settimeout(10)
-                    token = conn.recv(_TOKEN, socket.MSG_WAITALL)
-                    with self.lock:
-                        owner, dup = self.owners.get(token), self.dup
-                    if owner is None or dup is None:
-                        continue
-                    try:
-                        fd = dup(owner)  # atomic in C: the owner may be closing meanwhile
-                    except (OSError, ValueError):
-                        continue
-                    try:
-                        socket.send_fds(conn, [b"\1"], [fd])
-                    finally:
-                        os.close(fd)
-                except OSError:
-                    continue
+            for key, _mask in events:
+                if key.fileobj is listener:
+                    if not self._accept(listener, selector, waiting):
+                        return
+                else:
+                    self._read(key.fileobj, selector, waiting)  # type: ignore[arg-type]
+            now = time.monotonic()
+            while waiting and next(iter(waiting.values())).deadline <= now:
+                self._drop(next(iter(waiting)), selector, waiting)
+
+    def _accept(
+        self,
+        listener: socket.socket,
+        selector: selectors.BaseSelector,
+        waiting: dict[socket.socket, _Waiting],
+    ) -> bool:
+        """Take the connections that came; answer those whose token is there
+        already. False when the listener is gone."""
+        for _ in range(_ACCEPTS):
+            try:
+                conn, _address = listener.accept()
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                    return False
+                time.sleep(0.05)  # out of descriptors or memory: let it pass
+                return True
+            try:
+                self._admit(conn, selector, waiting)
+            except Exception:  # whatever one connection did, the sharer serves on
+                waiting.pop(conn, None)
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    selector.unregister(conn)
+                conn.close()
+            if len(waiting) > _WAITING:
+                self._drop(next(iter(waiting)), selector, waiting)
+        return True
+
+    def _admit(
+        self,
+        conn: socket.socket,
+        selector: selectors.BaseSelector,
+        waiting: dict[socket.socket, _Waiting],
+    ) -> None:
+        """A new connection: refused at once if of another user, else read
+        (and answered if its token came with it) or left waiting."""
+        import selectors
+        import socket
+
+        conn.setblocking(False)
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        if struct.unpack("3i", creds)[1] not in (os.geteuid(), 0):
+            with contextlib.suppress(OSError):
+                conn.send(_STRANGER, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+            conn.close()
+            return
+        waiting[conn] = _Waiting(time.monotonic() + _DEADLINE, b"")
+        selector.register(conn, selectors.EVENT_READ)
+        self._read(conn, selector, waiting)
+
+    def _read(
+        self,
+        conn: socket.socket,
+        selector: selectors.BaseSelector,
+        waiting: dict[socket.socket, _Waiting],
+    ) -> None:
+        """Read what is there of the token; answer once it is whole."""
+        entry = waiting.get(conn)
+        if entry is None:
+            return
+        try:
+            chunk = conn.recv(_TOKEN - len(entry.data))
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if chunk and len(entry.data) + len(chunk) < _TOKEN:
+            waiting[conn] = entry._replace(data=entry.data + chunk)
+            return
+        if chunk:
+            self._answer(conn, entry.data + chunk)
+        self._drop(conn, selector, waiting)
+
+    def _answer(self, conn: socket.socket, token: bytes) -> None:
+        import socket
+
+        with self.lock:
+            owner, dup = self.owners.get(token), self.dup
+        flags = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT  # never SIGPIPE, never wait
+        fd = -1
+        if owner is not None and dup is not None:
+            with contextlib.suppress(Exception):
+                fd = dup(owner)  # atomic in C: the owner may be closing meanwhile
+        try:
+            if fd < 0:
+                conn.send(_UNKNOWN, flags)
+            else:
+                send_fds(conn, _GIVEN, [fd], flags)
+        except OSError:
+            pass  # the receiver hung up: its loss, nobody else's
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    @staticmethod
+    def _drop(
+        conn: socket.socket,
+        selector: selectors.BaseSelector,
+        waiting: dict[socket.socket, _Waiting],
+    ) -> None:
+        del waiting[conn]
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            selector.unregister(conn)
+        conn.close()
 
     def forget(self) -> None:
         """In a forked child: the thread is not there; the owners are the parent's."""
         self.lock = threading.RLock()
         self.owners = weakref.WeakValueDictionary()
         self.tokens = weakref.WeakKeyDictionary()
+        for conn in list(self.waiting):
+            conn.close()
+        self.waiting = {}
+        if self.selector is not None:
+            with contextlib.suppress(OSError):
+                self.selector.close()
+            self.selector = None
         if self.listener is not None:
             self.listener.close()
         self.listener, self.address = None, ""
@@ -137,12 +298,18 @@ class SharedFd(NamedTuple):
 
     def detach(self) -> int:
         """A new descriptor of the file, for the caller to own. OSError if the
-        sender has closed it or is gone."""
+        sender has closed it, is gone, refuses this process, or does not
+        answer within ``TIMEOUT`` seconds (TimeoutError)."""
         fd = self._open_in_proc()
         return fd if fd is not None else self._fetch()
 
     def _open_in_proc(self) -> int | None:
-        flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC
+        # O_NONBLOCK, O_NOCTTY: the number may be another file by now (the
+        # owner closed it), a FIFO whose open would wait for a writer, a tty.
+        # (A stat of the path first, to open only the right file, would cost
+        # as much as the open: /proc's lookup is most of a hand-over.)
+        flags = os.O_RDONLY if self.readonly else os.O_RDWR
+        flags |= os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
         try:
             fd = os.open(f"/proc/{self.pid}/fd/{self.number}", flags)
         except OSError:
@@ -151,37 +318,116 @@ class SharedFd(NamedTuple):
         if (st.st_dev, st.st_ino) != (self.dev, self.ino):  # closed, and the number reused
             os.close(fd)
             return None
+        os.set_blocking(fd, True)
         return fd
 
     def _fetch(self) -> int:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as conn:
-            try:
-                conn.connect(self.address)
-                conn.sendall(self.token)
-                _data, fds, _flags = recv_fds(conn, 1)
-            except OSError as exc:
-                message = (
-                    f"cannot get the descriptor from process {self.pid}, which pickled it "
-                    f"(it must still be running): {exc}"
-                )
-                raise OSError(exc.errno, message) from None
-        if len(fds) != 1:
+        """The descriptor from the sender's sharer; asked again while the
+        sharer drops the connection unanswered (too many were waiting)."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            answer, fds, sender_uid = self._ask(deadline)
+            if answer == _GIVEN and len(fds) == 1:
+                break
             for fd in fds:
                 os.close(fd)
-            raise OSError(
-                f"process {self.pid}, which pickled the descriptor, no longer has it open: keep "
-                "a region open until every process it was sent to has received it"
-            )
+            if answer == _STRANGER:
+                raise PermissionError(
+                    errno.EPERM,
+                    f"process {self.pid} (uid {sender_uid}), which pickled the descriptor, "
+                    "refused to hand it over: it hands descriptors only to processes of its "
+                    f"own user or root, and this one runs as uid {os.geteuid()}; load the "
+                    "pickle in a process of that user, or hand the region over with send() "
+                    "and receive() on a Unix socket the two processes share",
+                )
+            if answer:  # _UNKNOWN, or anything else: no descriptor for that token
+                raise OSError(
+                    f"process {self.pid}, which pickled the descriptor, no longer has it "
+                    "open: keep a region open until every process it was sent to has "
+                    "received it"
+                )
+            if time.monotonic() >= deadline:
+                raise self._timeout()
+            time.sleep(0.01)
         st = os.fstat(fds[0])
         if (st.st_dev, st.st_ino) != (self.dev, self.ino):
             os.close(fds[0])
             raise OSError("the descriptor handed over is not of the file that was pickled")
         return fds[0]
 
+    def _ask(self, deadline: float) -> tuple[bytes, list[int], int]:
+        """One connection to the sharer: its answer byte, the descriptors that
+        came with it, and the sender's uid (-1 if unknown)."""
+        import socket
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as conn:
+            try:
+                self._connect(conn, deadline)
+            except TimeoutError:
+                raise self._timeout() from None
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"cannot reach process {self.pid}, which pickled the descriptor "
+                    f"({exc.strerror}): it must still be running, with the region open, "
+                    "when the pickle is loaded",
+                ) from None
+            try:
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                sender_uid = struct.unpack("3i", creds)[1]
+            except OSError:
+                sender_uid = -1
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.sendall(self.token, socket.MSG_NOSIGNAL)  # a refusal may come first
+            try:
+                data, fds, _flags = recv_fds(conn, 1)
+            except TimeoutError:
+                raise self._timeout() from None
+            except ConnectionResetError:
+                data, fds = b"", []
+        return data, fds, sender_uid
+
+    def _connect(self, conn: socket.socket, deadline: float) -> None:
+        """Connect, waiting in the kernel for room while the sharer's backlog
+        is full (with Python's timeout, a non-blocking socket, a Unix socket
+        says EAGAIN at once; a blocking one waits up to SO_SNDTIMEO)."""
+        import socket
+
+        left = max(0.001, deadline - time.monotonic())
+        conn.settimeout(None)
+        conn.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(left), int(left % 1 * 1e6))
+        )
+        try:
+            conn.connect(self.address)
+        except BlockingIOError:  # no room before the deadline
+            raise TimeoutError from None
+        conn.settimeout(max(0.001, deadline - time.monotonic()))
+
+    def _timeout(self) -> TimeoutError:
+        return TimeoutError(
+            errno.ETIMEDOUT,
+            f"process {self.pid}, which pickled the descriptor, did not hand it over within "
+            f"{TIMEOUT:g} s: its thread that serves descriptors ('mmap_alloc fd sharer') "
+            "does not run (the process is stopped, or a call holds its GIL that long)",
+        )
+
+
+def send_fds(sock: socket.socket, data: bytes, fds: list[int], flags: int = 0) -> int:
+    """Send ``data`` with the descriptors ``fds`` (SCM_RIGHTS), never raising
+    SIGPIPE: a peer that hung up is a BrokenPipeError. (``socket.send_fds``
+    takes flags but, up to Python 3.11, does not pass them on.)"""
+    import socket
+
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+    return sock.sendmsg([data], rights, flags | socket.MSG_NOSIGNAL)
+
 
 def recv_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int], int]:
     """One message of at most ``size`` bytes and the descriptors that came
     with it (close-on-exec from the start), and the message flags."""
+    import socket
+
     fd_size = struct.calcsize("i")
     data, ancillary, flags, _address = sock.recvmsg(
         size, socket.CMSG_SPACE(fd_size), socket.MSG_CMSG_CLOEXEC

@@ -10,10 +10,9 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import platform
 import resource
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 # the kernel's flags, named once for the whole library (see __all__)
 from ._mman import (
@@ -50,11 +49,14 @@ from ._mman import (
     PROT_NONE,
     PROT_READ,
     PROT_WRITE,
-    mincore,
     page_size,
+    residency,
 )
 from .exceptions import AllocError
 from .perm import Perm
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PAGE_SIZE: int = page_size()
 """The kernel's base page size."""
@@ -152,12 +154,14 @@ def format_size(n: int) -> str:
 
 # ---------------------------------------------------------------- /proc, /sys
 
-_HUGEPAGES = Path("/sys/kernel/mm/hugepages")
+_HUGEPAGES = "/sys/kernel/mm/hugepages"
 
 
 def hugepage_dir(size: int) -> Path:
     """The sysfs folder of the hugetlb pool of pages of ``size`` bytes."""
-    return _HUGEPAGES / f"hugepages-{size // 1024}kB"
+    from pathlib import Path  # on use: pathlib costs imports the library spares
+
+    return Path(_HUGEPAGES, f"hugepages-{size // 1024}kB")
 
 
 @dataclass(frozen=True)
@@ -169,12 +173,14 @@ class HugePagePool:
     free: int
 
 
-def hugepage_pools(folder: Path = _HUGEPAGES) -> list[HugePagePool]:
+def hugepage_pools(folder: str | Path = _HUGEPAGES) -> list[HugePagePool]:
     """The hugetlb page sizes this kernel supports, smallest first (``folder``:
     where the pools are described, for tests)."""
+    from pathlib import Path
+
     pools = []
     try:
-        entries = list(folder.iterdir())
+        entries = list(Path(folder).iterdir())
     except OSError:
         return []
     for entry in entries:
@@ -203,7 +209,8 @@ def hugepage_pool(size: int) -> HugePagePool | None:
 def read_text(path: str | Path, default: str = "") -> str:
     """A small kernel file's text, stripped, or ``default`` if it cannot be read."""
     try:
-        return Path(path).read_text().strip()
+        with open(path) as file:
+            return file.read().strip()
     except OSError:
         return default
 
@@ -268,7 +275,7 @@ def meminfo() -> dict[str, int]:
 
 
 @functools.cache
-def _memory_cgroup() -> tuple[Path, Path] | None:
+def _memory_cgroup() -> tuple[str, str] | None:
     """The limit and usage files of this process's memory cgroup, if it has a
     limit (cgroup v2 memory.max, or v1 memory.limit_in_bytes); looked up once."""
     try:
@@ -278,11 +285,11 @@ def _memory_cgroup() -> tuple[Path, Path] | None:
         return None
     for _id, controllers, path in entries:
         if controllers == "":
-            folder = Path("/sys/fs/cgroup", path.lstrip("/"))
-            files = (folder / "memory.max", folder / "memory.current")
+            folder = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+            files = (f"{folder}/memory.max", f"{folder}/memory.current")
         elif "memory" in controllers.split(","):
-            folder = Path("/sys/fs/cgroup/memory", path.lstrip("/"))
-            files = (folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes")
+            folder = os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
+            files = (f"{folder}/memory.limit_in_bytes", f"{folder}/memory.usage_in_bytes")
         else:
             continue
         if 0 <= read_int(files[0], -1) < 1 << 60:
@@ -331,7 +338,7 @@ def selinux_mode() -> str | None:
     return "enforcing" if value == "1" else "permissive"
 
 
-USER_ADDRESS_END: int = 1 << 47 if platform.machine().lower() in ("x86_64", "amd64") else 1 << 48
+USER_ADDRESS_END: int = 1 << 47 if os.uname().machine.lower() in ("x86_64", "amd64") else 1 << 48
 """The end of the user address space with 4-level page tables (x86-64: 47 bits,
 arm64: 48 bits); a kernel with fewer bits refuses addresses past its end."""
 
@@ -498,7 +505,7 @@ _RESIDENT = bytes(b & 1 for b in range(256))  # mincore: bit 0 of each byte
 
 def resident_bytes(address: int, length: int) -> int:
     """Bytes of [address, address + length) in memory now (mincore), in base pages."""
-    vector = mincore(address, length)
+    vector = residency(address, length)
     return (len(vector) - vector.translate(_RESIDENT).count(0)) * PAGE_SIZE
 
 

@@ -21,7 +21,9 @@ class Layout(NamedTuple):
     """Size and alignment of the objects alloc_obj() hands out."""
 
     size: int
+    """Bytes per object: a multiple of the page size."""
     align: int
+    """The alignment of every object's address: a power of two."""
 
 
 def _alloc_slow(

@@ -1,9 +1,13 @@
-"""Closing on leaving a with-block, without hiding the block's own exception."""
+"""What leaving a with-block does: close an object, or put back what the
+block opened; neither hides the block's own exception."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
-from typing import Protocol, Self, cast
+from typing import Generic, Protocol, Self, TypeVar, cast
+
+T = TypeVar("T")
 
 
 class _Closable(Protocol):
@@ -19,18 +23,18 @@ class ClosesOnExit:
     When the block raised and the close is refused (BufferError: a buffer is
     still alive), the block's exception is the one that propagates; the
     refusal is added to it as a note and the object stays open (it is freed
-    when collected). ``noun`` names the object in messages, ``closed_word``
+    when collected). ``_noun`` names the object in messages, ``_closed_word``
     what closing it is ("closed", "freed").
     """
 
     __slots__ = ()
 
-    noun = "object"
-    closed_word = "closed"
+    _noun = "object"
+    _closed_word = "closed"
 
     def __enter__(self) -> Self:
         if _closable(self).closed:
-            raise ValueError(f"{self.noun} is {self.closed_word}")
+            raise ValueError(f"{self._noun} is {self._closed_word}")
         return self
 
     def __exit__(
@@ -39,15 +43,76 @@ class ClosesOnExit:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        closable = _closable(self)
-        if exc is None:
-            closable.close()
-            return
-        try:
-            closable.close()
-        except BufferError as error:
-            exc.add_note(f"and the {self.noun} was not {self.closed_word}: {error}")
+        _leave(
+            exc,
+            _closable(self).close,
+            lambda error: BufferError(f"the {self._noun} was not {self._closed_word}: {error}"),
+        )
 
 
 def _closable(obj: object) -> _Closable:
     return cast(_Closable, obj)  # a subclass of a type with close() and closed
+
+
+class RestoresOnExit(Generic[T]):
+    """A with-block that opens something for its body (``_open``) and puts it
+    back at the end (``_restore``), also when the body raises.
+
+    Putting back is refused with BufferError while a buffer made inside the
+    block still lives (it would lose access, or outlive what the block
+    promised). When the body raised, its exception is the one that
+    propagates and the refusal is added to it as a note; otherwise the
+    refusal is raised, worded by ``_refused``. One block object is in use at
+    a time.
+    """
+
+    __slots__ = ("_entered",)
+
+    _what = "block"
+    """Names the block in messages ("open() block", "writer")."""
+
+    def __init__(self) -> None:
+        self._entered = False
+
+    def _open(self) -> T:
+        raise NotImplementedError
+
+    def _restore(self) -> None:
+        raise NotImplementedError
+
+    def _refused(self, error: BufferError) -> BufferError:
+        """The exception a refused ``_restore`` becomes."""
+        return error
+
+    def __enter__(self) -> T:
+        if self._entered:
+            raise RuntimeError(f"this {self._what} is already in use")
+        value = self._open()
+        self._entered = True
+        return value
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._entered:
+            self._entered = False
+            _leave(exc, self._restore, self._refused)
+
+
+def _leave(
+    exc: BaseException | None,
+    action: Callable[[], None],
+    refused: Callable[[BufferError], BufferError],
+) -> None:
+    """Run a block's exit action; a refusal (BufferError), worded by
+    ``refused``, is raised after a clean body, and after a failing body is a
+    note on the body's exception, which propagates."""
+    try:
+        action()
+    except BufferError as error:
+        if exc is None:
+            raise refused(error) from None
+        exc.add_note(f"and {refused(error)}")

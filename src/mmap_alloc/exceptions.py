@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import errno as _errno
+from errno import ENOMEM
 
 from ._mman import _register_errors, _register_secret_errors
 
@@ -17,7 +17,12 @@ class AllocError(MapAllocError, MemoryError):
     ``errno`` is the system error behind it; ``size`` the bytes asked for.
     """
 
-    def __init__(self, message: str, *, errno: int = _errno.ENOMEM, size: int | None = None):
+    errno: int
+    """The system error number behind the refusal (most often ENOMEM)."""
+    size: int | None
+    """The bytes asked for, or None where no one size was asked for."""
+
+    def __init__(self, message: str, *, errno: int = ENOMEM, size: int | None = None):
         super().__init__(message)
         self.errno = errno
         self.size = size

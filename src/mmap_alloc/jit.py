@@ -17,12 +17,10 @@ and the function type.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from _ctypes import CFuncPtr
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TypeVar, cast
 
 from ._args import power_of_two
@@ -37,8 +35,9 @@ from ._linux import (
 )
 from ._mman import CodeBlock as KernelCodeBlock
 from ._mman import CodeHeap as KernelCodeHeap
+from ._mman import View, _view_exported
 from ._near import DEFAULT_WITHIN, PLACEMENT_ERRORS, check_near, map_near
-from .closing import ClosesOnExit
+from .closing import ClosesOnExit, RestoresOnExit
 from .exceptions import AllocError
 from .protection import code_offset, pinned_function
 
@@ -94,8 +93,8 @@ class CodeBlock(KernelCodeBlock, ClosesOnExit):
 
     __slots__ = ()
 
-    noun = "block"
-    closed_word = "freed"
+    _noun = "block"
+    _closed_word = "freed"
 
     def writer(self) -> BlockWriter:
         """``with block.writer() as view:`` a writable memoryview of the block's
@@ -131,34 +130,38 @@ class CodeBlock(KernelCodeBlock, ClosesOnExit):
         return f"<CodeBlock address=0x{self.address:x} size={self.size}>"
 
 
-class BlockWriter:
+class BlockWriter(RestoresOnExit[memoryview]):
     """The context manager of :meth:`CodeBlock.writer`."""
 
     __slots__ = ("_block", "_view")
 
+    _what = "writer"
+
     def __init__(self, block: CodeBlock) -> None:
+        super().__init__()
         self._block = block
         self._view: memoryview | None = None
 
-    def __enter__(self) -> memoryview:
-        if self._view is not None:
-            raise RuntimeError("this writer is in use; call block.writer() for another")
+    def _open(self) -> memoryview:
         self._view = self._block._view()  # exports the block: no free, no heap close
         return self._view
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        view, self._view = self._view, None
-        if view is None:
-            return
+    def _restore(self) -> None:
         # made coherent while the view still holds the block, then released
+        view, self._view = self._view, None
         self._block._sync(0, self._block.size)
-        with contextlib.suppress(BufferError):  # a buffer made from the view lives on:
-            view.release()  # it keeps the block exported until it dies
+        if view is not None:
+            exporter = view.obj
+            view.release()
+            if isinstance(exporter, View) and _view_exported(exporter):
+                raise BufferError("a buffer made from it is still alive")
+
+    def _refused(self, error: BufferError) -> BufferError:
+        return BufferError(
+            f"the writer's view cannot be released: {error}; a buffer made from it (a slice, "
+            "a numpy array) outlives the block, and what is written through it after the "
+            "block is not made visible to instruction fetch: release it inside the block"
+        )
 
 
 class CodeHeap(KernelCodeHeap, ClosesOnExit):
@@ -185,7 +188,7 @@ class CodeHeap(KernelCodeHeap, ClosesOnExit):
 
     __slots__ = ()
 
-    noun = "code heap"
+    _noun = "code heap"
 
     def __init__(
         self,

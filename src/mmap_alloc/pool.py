@@ -86,7 +86,7 @@ class ObjectPool(Pool, ClosesOnExit):
 
     __slots__ = ("_align", "_allocator", "_obj_size", "_slab_size", "_stride")
 
-    noun = "pool"
+    _noun = "pool"
 
     def __init__(
         self,

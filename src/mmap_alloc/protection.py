@@ -9,13 +9,13 @@ prototypes are accepted, instruction alignment, and the shape of the flip.
 
 from __future__ import annotations
 
-import platform
+import os
 from _ctypes import CFuncPtr
-from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from ._args import integer
 from ._mman import Pin, Region
+from .closing import RestoresOnExit
 
 F = TypeVar("F", bound=CFuncPtr)
 R = TypeVar("R", bound=Region)
@@ -26,7 +26,7 @@ CODE_ALIGN: int = {
     "i386": 1,
     "i686": 1,
     "riscv64": 2,
-}.get(platform.machine().lower(), 4)
+}.get(os.uname().machine.lower(), 4)
 """Instructions start at multiples of this many bytes (A64 and most RISC: 4)."""
 
 
@@ -62,7 +62,7 @@ def code_offset(prototype: object, offset: object) -> int:
     if at % CODE_ALIGN:
         raise ValueError(
             f"offset must be a multiple of {CODE_ALIGN} (instruction alignment on "
-            f"{platform.machine()}), got {at}"
+            f"{os.uname().machine}), got {at}"
         )
     return at
 
@@ -98,7 +98,7 @@ def function_type(prototype: type[F], module: str) -> type[F]:
     return cls
 
 
-class Writable(Generic[R]):
+class Writable(RestoresOnExit[R]):
     """``with region.writable(offset, length):`` read/write inside, read/exec
     (instruction cache flushed) after, even when the block raises.
 
@@ -111,26 +111,22 @@ class Writable(Generic[R]):
 
     __slots__ = ("_length", "_offset", "_region")
 
+    _what = "writable() block"
+
     def __init__(self, region: R, offset: int, length: int | None) -> None:
+        super().__init__()
         self._region = region
         self._offset = offset
         self._length = length
 
-    def __enter__(self) -> R:
+    def _open(self) -> R:
         region = self._region
         region._check_protect(5, self._offset, self._length)  # could the block be left?
         region.make_writable(self._offset, self._length)
         return region
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            self._region.make_exec(self._offset, self._length)
-        except BufferError as error:
-            if exc is None:
-                raise
-            exc.add_note(f"and the pages stay read/write: {error}")
+    def _restore(self) -> None:
+        self._region.make_exec(self._offset, self._length)
+
+    def _refused(self, error: BufferError) -> BufferError:
+        return BufferError(f"the pages stay read/write: {error}")

@@ -48,7 +48,7 @@ class Region(KernelRegion, ClosesOnExit):
 
     __slots__ = ()
 
-    noun = "region"
+    _noun = "region"
 
     @property
     def perms(self) -> Perm:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import os
 from contextlib import AbstractContextManager
-from types import TracebackType
 from typing import TYPE_CHECKING, Final, NoReturn, Self, SupportsIndex
 
 from ._args import size as size_argument
@@ -35,7 +34,7 @@ from ._linux import (
     memlock_error,
 )
 from ._mman import Secret
-from .closing import ClosesOnExit
+from .closing import ClosesOnExit, RestoresOnExit
 from .exceptions import AllocError, MemoryCorruptionError
 from .features import madv_guard_install, memfd_secret
 
@@ -134,7 +133,7 @@ def _creation_error(exc: OSError, size: int, backend: int) -> Exception:
     step = exc.filename if isinstance(exc.filename, str) else "mmap"
     code = exc.errno or errno.ENOMEM
     reason = os.strerror(code)
-    if step == "mlock" or (step == "mmap(memfd_secret)" and code in _MEMLOCK_ERRNOS):
+    if step == "mlock" or (step == "mmap memfd_secret" and code in _MEMLOCK_ERRNOS):
         error = memlock_error(exc, secret_pages(size))
         if backend == _BACKEND_MEMFD_SECRET and isinstance(error, AllocError):
             return AllocError(
@@ -203,7 +202,7 @@ class SecretBuffer(Secret, ClosesOnExit):
 
     __slots__ = ()
 
-    noun = "secret buffer"
+    _noun = "secret buffer"
 
     def __new__(
         cls,
@@ -278,40 +277,37 @@ class SecretBuffer(Secret, ClosesOnExit):
         )
 
 
-class _Opened(AbstractContextManager[memoryview]):
+class _Opened(RestoresOnExit[memoryview]):
     """The context manager of SecretBuffer.open()."""
 
     __slots__ = ("_buf", "_previous", "_view", "_write")
 
+    _what = "open() block"
+
     def __init__(self, buf: SecretBuffer, write: bool) -> None:
+        super().__init__()
         self._buf = buf
         self._write = write
         self._view: memoryview | None = None
         self._previous = PROT_NONE
 
-    def __enter__(self) -> memoryview:
-        if self._view is not None:
-            raise RuntimeError("this open() block is already in use")
+    def _open(self) -> memoryview:
         view, self._previous = self._buf._open(self._write)
         self._view = view
         return view
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _restore(self) -> None:
         view, self._view = self._view, None
-        if view is None:
-            return
-        previous = self._previous
         try:
-            view.release()
-            self._buf._restore(previous)
-        except BufferError as error:
-            method = _ACCESS_METHOD.get(previous, "readwrite")
-            raise BufferError(
-                f"open() cannot restore access {_ACCESS_NAME[previous]!r}: {error}; a buffer "
-                f"made from the view is still alive (release it, then call buf.{method}())"
-            ) from None
+            if view is not None:
+                view.release()
+        finally:
+            self._buf._restore(self._previous)  # the block ends, released or not
+
+    def _refused(self, error: BufferError) -> BufferError:
+        previous = self._previous
+        method = _ACCESS_METHOD.get(previous, "readwrite")
+        return BufferError(
+            f"open() cannot restore access {_ACCESS_NAME[previous]!r}: {error}; a buffer "
+            f"made from the view is still alive (release it, then call buf.{method}())"
+        )

@@ -11,7 +11,9 @@ kernel when the last process closes it, whichever way that process ends.
 What the C layer (``_mman._shared_*``) does in one call each: create (back
 every page with fallocate, then map), attach, resize, refresh, seal, discard.
 This module holds the policy: options, argument checks, how pickling passes
-the descriptor, and the messages.
+the descriptor, and the messages; ``_memfd`` what a file must be to be
+mapped at all (a receiver's checks: seals, kind, size), ``_fdshare`` how a
+descriptor travels inside a pickle.
 """
 
 from __future__ import annotations
@@ -20,30 +22,34 @@ import errno
 import fcntl
 import os
 import struct
-from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from ._args import integer
 from ._args import size as size_argument
-from ._fdshare import recv_fds
+from ._fdshare import recv_fds, send_fds
 from ._fdshare import share as share_descriptor
 from ._linux import (
     F_SEAL_NAMES,
+    F_SEAL_SEAL,
     MADV_HUGEPAGE,
     MFD_ALLOW_SEALING,
     MFD_CLOEXEC,
-    MFD_HUGETLB,
     MFD_NOEXEC_SEAL,
     PAGE_SIZE,
-    default_hugepage_size,
-    fd_target,
-    format_size,
-    hugepage_pools,
-    hugetlb_hint,
     memfd_noexec,
-    memory_available,
-    memory_ceiling,
     shmem_thp_mode,
     thp_size,
+)
+from ._memfd import (
+    SHMEM_ENABLED,
+    attach_error,
+    check_memory,
+    memfd_name,
+    missing_seal,
+    pages_for,
+    recheck,
+    step_error,
+    vet,
 )
 from ._mman import (
     _shared_attach,
@@ -56,7 +62,7 @@ from ._mman import (
     _shared_seal,
 )
 from .backings import Backing
-from .exceptions import CLOSED, AllocError
+from .exceptions import CLOSED
 from .region import Region
 
 if TYPE_CHECKING:
@@ -64,138 +70,13 @@ if TYPE_CHECKING:
 
 __all__ = ["SharedRegion"]
 
-_MFD_HUGE_SHIFT = 26
-_NAME_MAX = 249  # memfd_create: the name, without "memfd:", at most 249 bytes
-_SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 
 # send()/receive(): one message per region, the descriptor attached to it.
 _MESSAGE = struct.Struct("=8sQQ")  # magic, size, flags
 _MAGIC = b"mmapshr1"
 _FLAG_THP = 1
 _FLAG_READONLY = 2
-
-
-class _Pages(NamedTuple):
-    """How a shared region's pages are obtained."""
-
-    mfd_flags: int
-    page: int
-    align: int
-    advice: int
-    backing: Backing
-    hugetlb: int | None  # the hugetlb page size, if any
-
-
-def _pages(huge: object) -> _Pages:
-    if huge is None:
-        return _Pages(0, PAGE_SIZE, PAGE_SIZE, 0, Backing.NORMAL, None)
-    if huge == "thp":
-        mode = shmem_thp_mode()
-        if mode is None or mode == "deny":
-            raise ValueError(
-                f"huge='thp': shared memory cannot have transparent huge pages here "
-                f"(shmem_enabled is {mode or 'missing'}: {_SHMEM_ENABLED}; "
-                "mmap_alloc.features.shmem_thp() tells)"
-            )
-        return _Pages(0, PAGE_SIZE, thp_size(), MADV_HUGEPAGE, Backing.THP, None)
-    supported = [pool.size for pool in hugepage_pools()]
-    if huge == "hugetlb":
-        size = default_hugepage_size()
-        if size is None or size not in supported:
-            raise ValueError("huge='hugetlb': this machine has no hugetlb pages")
-    elif isinstance(huge, str):
-        raise ValueError(
-            f"huge must be None, 'thp', 'hugetlb' or a huge page size in bytes, got {huge!r}"
-        )
-    else:
-        try:
-            size = integer(huge, "huge")
-        except TypeError:
-            raise TypeError(
-                f"huge must be None, 'thp', 'hugetlb' or an int, not {type(huge).__name__}"
-            ) from None
-        if size not in supported:
-            names = ", ".join(format_size(n) for n in supported) or "none"
-            raise ValueError(
-                f"huge={size} is not a huge page size of this machine (supported: {names})"
-            )
-    flags = MFD_HUGETLB | (size.bit_length() - 1) << _MFD_HUGE_SHIFT
-    return _Pages(flags, size, size, 0, Backing.HUGETLB, size)
-
-
-def _memfd_name(name: object) -> bytes:
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, not {type(name).__name__}")
-    encoded = name.encode()
-    if b"\0" in encoded:
-        raise ValueError("name must not contain NUL characters")
-    if len(encoded) > _NAME_MAX:
-        raise ValueError(f"name must be at most {_NAME_MAX} bytes in UTF-8, got {len(encoded)}")
-    return encoded
-
-
-def _check_memory(size: int, what: str) -> None:
-    """AllocError before backing ``size`` bytes that the machine cannot give:
-    fallocate would take them from everything else and wake the OOM killer.
-    Requests up to 1/16 of all the memory there could be are let through
-    without reading /proc (which costs more than making a small region)."""
-    if size <= memory_ceiling() // 16:
-        return
-    available = memory_available()
-    if available is not None and size > available:
-        raise AllocError(
-            f"cannot {what}: {size} bytes asked for, {available} available "
-            "(MemAvailable + SwapFree in /proc/meminfo, within the memory cgroup's limit); "
-            "a shared region backs every page when it is made, so more would wake "
-            "the OOM killer",
-            errno=errno.ENOMEM,
-            size=size,
-        )
-
-
-def _error(exc: OSError, size: int, what: str, hugetlb: int | None = None) -> Exception:
-    """The exception a refused step of the C layer becomes (exc.filename: the step)."""
-    step = exc.filename
-    if step == "fallocate" and exc.errno == errno.EFBIG:
-        return AllocError(
-            f"cannot {what}: the file may not grow to {size} bytes (RLIMIT_FSIZE, `ulimit -f`)",
-            errno=errno.EFBIG,
-            size=size,
-        )
-    if step in ("fallocate", "mmap", "mremap", "size") and exc.errno in (
-        errno.ENOMEM,
-        errno.ENOSPC,
-        errno.EAGAIN,
-    ):
-        message = f"cannot {what}: {step}: {os.strerror(exc.errno or errno.ENOMEM)}"
-        if hugetlb is not None:
-            message += hugetlb_hint(hugetlb)
-        return AllocError(message, errno=exc.errno or errno.ENOMEM, size=size)
-    return OSError(exc.errno, f"cannot {what}: {step} failed: {exc.strerror}")
-
-
-def _attach_error(exc: OSError, fd: int) -> Exception:
-    step = exc.filename
-    if step in ("fd", "dup") and exc.errno == errno.EBADF:
-        return OSError(errno.EBADF, f"fd {fd} is not an open file descriptor")
-    if step == "memfd":
-        target = fd_target(fd) or "unknown"
-        return ValueError(
-            f"fd {fd} is not a memfd (it is {target}): SharedRegion maps only files made by "
-            "memfd_create, which no other process can cut short once sealed"
-        )
-    if step == "O_RDONLY":
-        return PermissionError(
-            errno.EACCES, f"fd {fd} is open read-only: map it with readonly=True"
-        )
-    if step == "F_SEAL_WRITE":
-        return PermissionError(
-            errno.EPERM,
-            f"the memfd of fd {fd} is sealed against writing: map it with readonly=True",
-        )
-    if step == "empty":
-        return ValueError(f"the memfd of fd {fd} is empty: there is nothing to map")
-    return _error(exc, 0, f"map the memfd of fd {fd}")
+_FLAG_UNGUARDED = 4  # the sender holds it without the seals require_seal asks for
 
 
 _registered: list[bool] = []
@@ -215,10 +96,14 @@ def _reduce(region: SharedRegion) -> tuple[Any, tuple[Any, ...]]:
     """multiprocessing's pickling of a region: its descriptor travels, not its
     bytes: with a process being started, as multiprocessing passes sockets;
     else (queues, pools) where it is, for the receiver to open through /proc
-    (see _fdshare: the region must stay open until the receiver has it)."""
+    (see _fdshare: the region must stay open until the receiver has it).
+
+    The receiver requires the seals the sender's file has (see _rebuild)."""
     from multiprocessing import context, reduction
 
     fd, flags = region.fd, region._flags()
+    if missing_seal(fcntl.fcntl(fd, fcntl.F_GET_SEALS), region._page > PAGE_SIZE) is not None:
+        flags |= _FLAG_UNGUARDED
     handle: Any
     if context.get_spawning_popen() is not None:
         handle = reduction.DupFd(fd)
@@ -232,6 +117,13 @@ def _reduce(region: SharedRegion) -> tuple[Any, tuple[Any, ...]]:
 
 
 def _rebuild(dupfd: Any, size: int, flags: int) -> SharedRegion:
+    """The receiver's side of multiprocessing: the file must have the seals
+    it had in the sender when it has them there (they cannot be taken off:
+    only another file could lack them), and is accepted as the sender holds
+    it otherwise. A pickle comes from the same program (loading one runs
+    whatever it says), which chose the seals where it made or accepted the
+    region; a worker that wants the guarantee anyway checks ``region.seals``
+    before it touches the region."""
     return SharedRegion._attach_fd(dupfd.detach(), size, flags)
 
 
@@ -261,7 +153,9 @@ class SharedRegion(Region):
     Every page is backed when it is made or grown, so running out of memory
     is an :class:`~mmap_alloc.AllocError` of that call, never a SIGBUS at
     first touch. Sealed against shrinking (the default), no process can cut
-    the file short under a mapping.
+    the file short under a mapping; a receiver refuses, unless told
+    otherwise (``require_seal=False``), a file that any process holding it
+    could make fatal to touch.
     """
 
     __slots__ = ()
@@ -292,10 +186,10 @@ class SharedRegion(Region):
         kernel.
         """
         n = size_argument(size, PAGE_SIZE)
-        label = _memfd_name(name)
-        pages = _pages(huge)
+        label = memfd_name(name)
+        pages = pages_for(huge)
         if pages.hugetlb is None:
-            _check_memory(n, f"create a shared region of {n} bytes")
+            check_memory(n, f"create a shared region of {n} bytes")
         flags = MFD_CLOEXEC | MFD_ALLOW_SEALING | pages.mfd_flags
         seals = F_SEAL_NAMES["shrink"] if seal_shrink else 0
         args = (label, seals, pages.page, pages.align, pages.advice, pages.backing)
@@ -318,35 +212,68 @@ class SharedRegion(Region):
                 raise OSError(
                     exc.errno,
                     f"huge='thp': the kernel refused MADV_HUGEPAGE on shared memory "
-                    f"({exc.strerror}; shmem_enabled is {shmem_thp_mode()}: {_SHMEM_ENABLED})",
+                    f"({exc.strerror}; shmem_enabled is {shmem_thp_mode()}: {SHMEM_ENABLED})",
                 ) from None
-            raise _error(exc, n, f"create a shared region of {n} bytes", pages.hugetlb) from None
+            raise step_error(
+                exc, n, f"create a shared region of {n} bytes", pages.hugetlb
+            ) from None
         _register_pickling()
         return cast(SharedRegion, region)
 
     @classmethod
-    def from_fd(cls, fd: int, *, readonly: bool = False) -> SharedRegion:
+    def from_fd(cls, fd: int, *, readonly: bool = False, require_seal: bool = True) -> SharedRegion:
         """Map the memfd behind ``fd``: the region works on a duplicate, the
         caller keeps ``fd`` (and closes it when done).
 
         ``readonly``: map it read-only through a read-only open of the file,
         so that the kernel refuses write access (protect() cannot add WRITE).
-        ValueError if ``fd`` is not a memfd. The region's size is the file's.
+        ``require_seal``: refuse (ValueError naming the seal) a file that any
+        process holding it could make fatal to touch: one not sealed against
+        shrinking (F_SEAL_SHRINK), and a hugetlb file not sealed against
+        writing (holes); ``False`` maps it anyway, and a peer that then cuts
+        the file short kills this process (SIGBUS) when it touches the lost
+        pages. ValueError if ``fd`` is not a memfd; AllocError if the file is
+        larger than this machine's memory and swap. The region's size is the
+        file's.
         """
         n = integer(fd, "fd")
         if n < 0:
             raise ValueError(f"fd must not be negative, got {n}")
-        return cls._attach(n, take=False, readonly=bool(readonly), size=0, flags=0)
+        if n >= 1 << 31:
+            raise OSError(
+                errno.EBADF, f"fd {n} is not an open file descriptor (descriptors are below 2**31)"
+            )
+        return cls._attach(
+            n,
+            take=False,
+            readonly=bool(readonly),
+            size=0,
+            flags=0,
+            require_seal=bool(require_seal),
+            what=f"fd {n}",
+        )
 
     @classmethod
-    def receive(cls, sock: socket.socket, *, readonly: bool = False) -> SharedRegion:
+    def receive(
+        cls, sock: socket.socket, *, readonly: bool = False, require_seal: bool = True
+    ) -> SharedRegion:
         """The region another process sent with :meth:`send` over the Unix
-        socket ``sock`` (blocks until it comes). ``readonly`` as for
-        :meth:`from_fd`. EOFError if the peer closed the socket first."""
+        socket ``sock`` (blocks until it comes, or the socket's timeout:
+        ``sock.settimeout()``). ``readonly`` and ``require_seal`` as for
+        :meth:`from_fd`: the peer's word counts for nothing, its file's seals
+        do. EOFError if the peer closed the socket first, TimeoutError if
+        nothing came within the socket's timeout."""
         import socket as _socket
 
         sock = _check_socket(sock)
-        data, fds, msg_flags = recv_fds(sock, _MESSAGE.size)
+        try:
+            data, fds, msg_flags = recv_fds(sock, _MESSAGE.size)
+        except TimeoutError:
+            raise TimeoutError(
+                errno.ETIMEDOUT,
+                f"no region came over the socket within its timeout ({sock.gettimeout():g} s): "
+                "the peer sent nothing",
+            ) from None
         if not data and not fds:
             raise EOFError("the peer closed the socket before sending a region")
         if len(fds) != 1 or msg_flags & _socket.MSG_CTRUNC or len(data) != _MESSAGE.size:
@@ -362,17 +289,58 @@ class SharedRegion(Region):
             raise ValueError("the message is not one of SharedRegion.send()")
         if flags & _FLAG_READONLY:
             readonly = True
-        return cls._attach(fds[0], take=True, readonly=bool(readonly), size=size, flags=flags)
+        return cls._attach(
+            fds[0],
+            take=True,
+            readonly=bool(readonly),
+            size=size,
+            flags=flags,
+            require_seal=bool(require_seal),
+            what="the descriptor received",
+            from_peer=True,
+        )
 
     @classmethod
     def _attach_fd(cls, fd: int, size: int, flags: int) -> SharedRegion:
         """A region over ``fd``, which it owns from now on (multiprocessing)."""
         return cls._attach(
-            fd, take=True, readonly=bool(flags & _FLAG_READONLY), size=size, flags=flags
+            fd,
+            take=True,
+            readonly=bool(flags & _FLAG_READONLY),
+            size=size,
+            flags=flags,
+            require_seal=not flags & _FLAG_UNGUARDED,
+            what="the descriptor handed over by multiprocessing",
         )
 
     @classmethod
-    def _attach(cls, fd: int, *, take: bool, readonly: bool, size: int, flags: int) -> SharedRegion:
+    def _attach(
+        cls,
+        fd: int,
+        *,
+        take: bool,
+        readonly: bool,
+        size: int,
+        flags: int,
+        require_seal: bool,
+        what: str,
+        from_peer: bool = False,
+    ) -> SharedRegion:
+        """Map ``fd`` if it passes the checks of ``vet``: before the C layer
+        for a descriptor ``from_peer`` (``receive``: the C layer takes it and
+        closes it on failure, so the message must name it first); after a
+        refusal of the C layer for the caller's own (``from_fd``), to name
+        the cause. The seals and the size of the file the region maps are
+        checked once it is mapped, in every case (a mapping is harmless until
+        touched; multiprocessing's descriptor, the sender's own file, is
+        checked only then): ``fd`` may have been another file by then, or
+        grown."""
+        if from_peer:
+            try:
+                vet(fd, what, require_seal)
+            except BaseException:
+                os.close(fd)
+                raise
         if flags & _FLAG_THP:
             align, advice, backing = thp_size(), MADV_HUGEPAGE, Backing.THP
         else:
@@ -382,7 +350,15 @@ class SharedRegion(Region):
                 cls, fd, take, readonly, size, align, advice, backing, Backing.HUGETLB
             )
         except OSError as exc:
-            raise _attach_error(exc, fd) from None
+            if not take:
+                vet(fd, what, require_seal)
+            raise attach_error(exc, what) from None
+        try:
+            hugetlb = region._page > PAGE_SIZE
+            recheck(_shared_fd(region), region.capacity, hugetlb, what, require_seal)
+        except BaseException:
+            region.close()
+            raise
         _register_pickling()
         return cast(SharedRegion, region)
 
@@ -392,14 +368,13 @@ class SharedRegion(Region):
         """Send the region to the process at the other end of the Unix socket
         ``sock`` (SCM_RIGHTS): a duplicate of its descriptor travels, with its
         size. The peer calls :meth:`receive`. Both sides then map the same
-        pages; each closes its own region."""
-        import socket as _socket
-
+        pages; each closes its own region. BrokenPipeError if the peer hung up
+        (never SIGPIPE)."""
         sock = _check_socket(sock)
         message = _MESSAGE.pack(_MAGIC, self.size, self._flags())
         fd = _shared_dup(self)
         try:
-            _socket.send_fds(sock, [message], [fd])
+            send_fds(sock, message, [fd])  # a peer that hung up: BrokenPipeError, not SIGPIPE
         finally:
             os.close(fd)
 
@@ -472,7 +447,7 @@ class SharedRegion(Region):
             raise ValueError(CLOSED)
         grow = n - self.file_size
         if grow > 0 and self.backing is not Backing.HUGETLB:
-            _check_memory(grow, f"grow the shared region to {n} bytes")
+            check_memory(grow, f"grow the shared region to {n} bytes")
         while True:
             try:
                 _shared_resize(self, n)
@@ -498,7 +473,7 @@ class SharedRegion(Region):
             )
         if step == "O_RDONLY":
             return PermissionError(errno.EACCES, f"cannot {what}: it is mapped read-only")
-        error = _error(exc, n, what, self._page if self.backing is Backing.HUGETLB else None)
+        error = step_error(exc, n, what, self._page if self.backing is Backing.HUGETLB else None)
         if step == "mremap":
             error.args = (
                 f"{error.args[-1]}; the file is {self.file_size} bytes now: refresh() maps it "
@@ -510,16 +485,20 @@ class SharedRegion(Region):
         """Map what another process did to the file's size; return the new size.
 
         Growth is mapped (in place, or by moving the region when nothing keeps
-        it where it is: else BufferError). A file that shrank (possible only
-        without the shrink seal) loses its pages from the region, which must
-        then have no exported buffer (BufferError).
+        it where it is: else BufferError); a file grown larger than this
+        machine's memory and swap is an AllocError, changing nothing. A file
+        that shrank (possible only without the shrink seal) loses its pages
+        from the region, which must then have no exported buffer (BufferError).
         """
         if self.closed:
             raise ValueError(CLOSED)
+        fsize = self.file_size
+        if fsize > self.capacity:
+            check_memory(fsize, f"map the file's new size of {fsize} bytes", backed_now=False)
         try:
             size: int = _shared_refresh(self)
         except OSError as exc:
-            raise _error(exc, self.file_size, "map the shared file's new size") from None
+            raise step_error(exc, self.file_size, "map the shared file's new size") from None
         return size
 
     def seal(
@@ -539,10 +518,19 @@ class SharedRegion(Region):
                 bits |= F_SEAL_NAMES[name]
         if self.closed:
             raise ValueError(CLOSED)
+        have = fcntl.fcntl(self.fd, fcntl.F_GET_SEALS)
+        if bits & ~have and self._fd_readonly():
+            raise PermissionError(
+                errno.EPERM,
+                "cannot add seals: the region's descriptor is open read-only (readonly=True, or "
+                "it was handed over read-only), and the kernel adds seals only through a "
+                "descriptor open for writing; seal it in a process that maps it read/write",
+            )
         try:
             _shared_seal(self, bits)
         except OSError as exc:
-            if exc.filename == "F_SEAL_SEAL" or exc.errno == errno.EPERM:
+            sealed = fcntl.fcntl(self.fd, fcntl.F_GET_SEALS) & F_SEAL_SEAL
+            if exc.filename == "F_SEAL_SEAL" or (exc.errno == errno.EPERM and sealed):
                 raise PermissionError(
                     errno.EPERM,
                     "cannot add seals: the memfd is sealed against sealing (seal(seal=True), or "
@@ -565,13 +553,29 @@ class SharedRegion(Region):
         Unlike ``advise("dontneed")``, which on a shared region only drops this
         process's page tables (the bytes stay in the file), this frees the
         memory. Pages touched again are backed again on demand, so a later
-        shortage of memory shows at that touch (the OOM killer), not here.
+        shortage of memory shows at that touch (the OOM killer; SIGBUS under
+        vm.overcommit_memory=2 at the commit limit), not here.
         Refused on hugetlb regions (a touch with the pool empty would be
-        SIGBUS) and on pinned code (BufferError).
+        SIGBUS), on pinned code (BufferError), and where the file cannot be
+        changed: a read-only region, a file sealed against writing
+        (PermissionError).
         """
+        if self._fd_readonly():  # fallocate would say only EBADF
+            raise PermissionError(
+                errno.EACCES,
+                "cannot discard pages: the region's descriptor is open read-only (readonly=True, "
+                "or it was handed over read-only), and a hole in the file changes it for every "
+                "process; discard in a process that maps it read/write",
+            )
         try:
             _shared_discard(self, offset, length)
         except OSError as exc:
+            if exc.errno == errno.EPERM and self.seals & {"write", "future_write"}:
+                raise PermissionError(
+                    errno.EPERM,
+                    "cannot discard pages: the file is sealed against writing, which freezes its "
+                    "contents (holes included)",
+                ) from None
             raise OSError(exc.errno, f"cannot discard pages: {exc.strerror}") from None
 
     # ------------------------------------------------------------ protection

@@ -1,7 +1,8 @@
 /*
- * Advice and residency: commit (populate), madvise with the rules of each
- * advice, mlock and munlock, mincore. Slow calls run without the GIL while
- * the region is marked busy (it cannot be unmapped or moved meanwhile).
+ * Advice and residency of a region: commit (populate), madvise with the
+ * rules of each advice, mlock and munlock, mincore. Slow calls run without
+ * the GIL while the mapping is marked busy (it cannot be unmapped or moved
+ * meanwhile).
  */
 #include "mman.h"
 
@@ -10,29 +11,49 @@ typedef struct {
     int advice;
 } Piece;
 
-/* madvise each piece without the GIL; errno of the first failure, or 0. */
+/* madvise each piece (without the GIL when they are large); errno of the
+ * first failure, or 0. */
 static int
-advise_pieces(RegionObject *self, Piece *pieces, Py_ssize_t n, Py_ssize_t total)
+advise_pieces(Mapping *m, Piece *pieces, Py_ssize_t n, Py_ssize_t total)
 {
     int err = 0;
-    char *base = self->data;
+    char *base = m->data;
 
     if (total < SLOW_CALL_BYTES) {
         for (Py_ssize_t k = 0; k < n && !err; k++)
-            if (madvise(base + pieces[k].lo, (size_t)(pieces[k].hi - pieces[k].lo),
-                        pieces[k].advice) != 0)
-                err = errno;
+            err = os_advise(base + pieces[k].lo, (size_t)(pieces[k].hi - pieces[k].lo),
+                            pieces[k].advice);
         return err;
     }
-    region_busy_enter(self);
+    mapping_busy_enter(m);
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t k = 0; k < n && !err; k++)
-        if (madvise(base + pieces[k].lo, (size_t)(pieces[k].hi - pieces[k].lo),
-                    pieces[k].advice) != 0)
-            err = errno;
+        err = os_advise(base + pieces[k].lo, (size_t)(pieces[k].hi - pieces[k].lo),
+                        pieces[k].advice);
     Py_END_ALLOW_THREADS
-    region_busy_leave(self);
+    mapping_busy_leave(m);
     return err;
+}
+
+/* Convert [extra,] offset, length and resolve them to whole pages of an
+ * open region: 0, or -1 with the exception set. */
+static int
+parse_range(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+            const char *fname, const char *extra_name, int *extra, Py_ssize_t *start,
+            Py_ssize_t *n)
+{
+    PyObject *offset, *length, *extra_obj = NULL;
+    int err;
+
+    if (convert_range_args(args, nargs, kwnames, fname, &offset, &length,
+                           extra_name ? &extra_obj : NULL, extra_name) < 0)
+        return -1;
+    err = (extra_name && arg_int(extra_obj, extra_name, extra) < 0)
+          || region_check_open(self) < 0 || page_range(&self->m, offset, length, start, n) < 0;
+    Py_XDECREF(extra_obj);
+    Py_DECREF(offset);
+    Py_DECREF(length);
+    return err ? -1 : 0;
 }
 
 /* _populate(offset=0, length=None): fault in the pages of the range that their
@@ -41,18 +62,12 @@ advise_pieces(RegionObject *self, Piece *pieces, Py_ssize_t n, Py_ssize_t total)
 PyObject *
 region_populate(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *offset, *length;
     Py_ssize_t start, n, count = 0, total = 0;
-    PageRecord *rec = &self->rec;
-    Piece *pieces = NULL;
+    PageRecord *rec = &self->m.rec;
+    Piece *pieces;
     int err;
 
-    if (convert_range_args(args, nargs, kwnames, 0, "commit", &offset, &length, NULL, NULL) < 0)
-        return NULL;
-    err = region_check_open(self) < 0 || page_range(self, offset, length, &start, &n) < 0;
-    Py_DECREF(offset);
-    Py_DECREF(length);
-    if (err)
+    if (parse_range(self, args, nargs, kwnames, "commit", NULL, NULL, &start, &n) < 0)
         return NULL;
     if (n == 0)
         Py_RETURN_NONE;
@@ -77,13 +92,18 @@ region_populate(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyO
                         "protect() them first");
         return NULL;
     }
-    err = advise_pieces(self, pieces, count, total);
+    err = advise_pieces(&self->m, pieces, count, total);
     PyMem_Free(pieces);
-    self->flags |= REGION_COMMITTED;
-    if (err) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
+    self->m.flags |= MAPPING_COMMITTED;
+    if (err == EINVAL || err == EFAULT) {
+        /* the pages changed under the call (another thread protected them) */
+        PyErr_Format(PyExc_OSError,
+                     "cannot commit %zd bytes: %s (madvise MADV_POPULATE_*); another thread "
+                     "changed the protection of the pages meanwhile", total, strerror(err));
+        return NULL;
     }
+    if (err)
+        return raise_os_error_sized(err, "madvise MADV_POPULATE_*", total, "commit");
     Py_RETURN_NONE;
 }
 
@@ -94,62 +114,69 @@ discards(int advice)
            || advice == MADV_GUARD_INSTALL;
 }
 
+/* Advice whose pages the record must allow: populating needs the access it
+ * faults in with. 0, or -1 with ValueError naming the first page. */
+static int
+check_populate(RegionObject *self, int advice, Py_ssize_t start, Py_ssize_t end)
+{
+    int need = advice == MADV_POPULATE_WRITE ? PROT_WRITE
+               : advice == MADV_POPULATE_READ ? PROT_READ : 0;
+    PageRecord *rec = &self->m.rec;
+
+    if (!need)
+        return 0;
+    for (Py_ssize_t i = rec_find(rec, start); i < rec->n && rec_start(rec, i) < end; i++) {
+        if (!(run_access(&rec->runs[i]) & need)) {
+            Py_ssize_t at = rec_start(rec, i) > start ? rec_start(rec, i) : start;
+            PyErr_Format(PyExc_ValueError,
+                         "cannot populate the pages for %s: the page at offset %zd is not %s "
+                         "(see region.protections())", need == PROT_WRITE ? "writing" : "reading",
+                         at, need == PROT_WRITE ? "writable" : "readable");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* _madvise(advice, offset=0, length=None) */
 PyObject *
 region_madvise(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *advice_obj, *offset, *length;
     Py_ssize_t start, n;
-    int advice, err, mask = 0, value = 0;
+    int advice, err;
     Piece piece;
 
-    if (convert_range_args(args, nargs, kwnames, 1, "advise", &offset, &length, &advice_obj,
-                           "advice") < 0)
-        return NULL;
-    err = arg_int(advice_obj, &advice) < 0 || region_check_open(self) < 0
-          || page_range(self, offset, length, &start, &n) < 0;
-    Py_DECREF(advice_obj);
-    Py_DECREF(offset);
-    Py_DECREF(length);
-    if (err)
+    if (parse_range(self, args, nargs, kwnames, "advise", "advice", &advice, &start, &n) < 0)
         return NULL;
     if (n == 0)
         Py_RETURN_NONE;
-    if (discards(advice) && self->pins > 0) {
+    if (discards(advice) && self->m.pins > 0) {
         PyErr_Format(PyExc_BufferError,
                      "cannot discard pages of the region: %zd function(s) made by "
                      "region.function() run code in it (pinned code keeps its contents)",
-                     self->pins);
+                     self->m.pins);
         return NULL;
     }
-    if (advice == MADV_GUARD_INSTALL && self->nexports > 0
-        && region_exports_conflict(self, start, start + n, PROT_NONE))
+    if (advice == MADV_GUARD_INSTALL && mapping_conflicts(&self->m, start, start + n, PROT_NONE)) {
+        PyErr_SetString(PyExc_BufferError,
+                        "cannot install guard pages: exported buffers of the region cover "
+                        "those pages");
         return NULL;
-    if (advice == MADV_DONTFORK || advice == MADV_DOFORK) {
-        mask = RUN_DONTFORK;
-        value = advice == MADV_DONTFORK ? RUN_DONTFORK : 0;
     }
-    else if (advice == MADV_GUARD_INSTALL || advice == MADV_GUARD_REMOVE) {
-        mask = RUN_GUARD;
-        value = advice == MADV_GUARD_INSTALL ? RUN_GUARD : 0;
-    }
-    if (mask && rec_reserve(&self->rec, 2) < 0)
-        return NULL;
-    if (advice == MADV_DONTFORK && region_track_dontfork(self) < 0)
+    if (check_populate(self, advice, start, start + n) < 0)
         return NULL;
     piece.lo = start;
     piece.hi = start + n;
     piece.advice = advice;
-    if (mask)   /* the record changes with it: no other thread may run in between */
-        err = madvise(self->data + start, (size_t)n, advice) != 0 ? errno : 0;
+    if (advice_run_flag(advice, &err))
+        /* the record changes with it: no other thread may run in between */
+        err = mapping_advise_flags(&self->m, start, start + n, advice);
     else
-        err = advise_pieces(self, &piece, 1, n);
-    if (err) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    if (mask)
-        rec_set(&self->rec, start, start + n, -1, mask, value);
+        err = advise_pieces(&self->m, &piece, 1, n);
+    if (err == ENOMEM || err == EAGAIN)
+        return raise_os_error_sized(err, "madvise", n, "advise");
+    if (err)
+        return raise_os_error(err, "madvise");
     Py_RETURN_NONE;
 }
 
@@ -157,50 +184,35 @@ region_madvise(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyOb
 PyObject *
 region_mlock(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *flag, *offset, *length;
     Py_ssize_t start, n;
-    int on_fault, rc, err;
+    int on_fault, err;
     char *p;
 
-    if (convert_range_args(args, nargs, kwnames, 1, "lock", &offset, &length, &flag,
-                           "on_fault") < 0)
-        return NULL;
-    err = arg_int(flag, &on_fault) < 0 || region_check_open(self) < 0
-          || page_range(self, offset, length, &start, &n) < 0;
-    Py_DECREF(flag);
-    Py_DECREF(offset);
-    Py_DECREF(length);
-    if (err)
+    if (parse_range(self, args, nargs, kwnames, "lock", "on_fault", &on_fault, &start, &n) < 0)
         return NULL;
     if (n == 0)
         Py_RETURN_NONE;
-    p = self->data + start;
-    region_busy_enter(self);
+    p = self->m.data + start;
+    mapping_busy_enter(&self->m);
     Py_BEGIN_ALLOW_THREADS
-    rc = on_fault ? mlock2(p, (size_t)n, MLOCK_ONFAULT) : mlock(p, (size_t)n);
+    err = os_lock(p, (size_t)n, on_fault);
     Py_END_ALLOW_THREADS
-    region_busy_leave(self);
-    if (rc != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+    mapping_busy_leave(&self->m);
+    if (err)
+        return raise_os_error(err, on_fault ? "mlock2" : "mlock");
     Py_RETURN_NONE;
 }
 
 PyObject *
 region_munlock(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *offset, *length;
     Py_ssize_t start, n;
     int err;
 
-    if (convert_range_args(args, nargs, kwnames, 0, "unlock", &offset, &length, NULL, NULL) < 0)
+    if (parse_range(self, args, nargs, kwnames, "unlock", NULL, NULL, &start, &n) < 0)
         return NULL;
-    err = region_check_open(self) < 0 || page_range(self, offset, length, &start, &n) < 0;
-    Py_DECREF(offset);
-    Py_DECREF(length);
-    if (err)
-        return NULL;
-    if (n > 0 && munlock(self->data + start, (size_t)n) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+    if (n > 0 && (err = os_unlock(self->m.data + start, (size_t)n)) != 0)
+        return raise_os_error_sized(err, "munlock", n, "unlock");
     Py_RETURN_NONE;
 }
 
@@ -208,31 +220,26 @@ region_munlock(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyOb
 PyObject *
 region_mincore(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *offset, *length, *vec;
+    PyObject *vec;
     Py_ssize_t start, n, npages;
-    int err, rc;
+    int err;
     char *p;
 
-    if (convert_range_args(args, nargs, kwnames, 0, "mincore", &offset, &length, NULL, NULL) < 0)
+    if (parse_range(self, args, nargs, kwnames, "mincore", NULL, NULL, &start, &n) < 0)
         return NULL;
-    err = region_check_open(self) < 0 || page_range(self, offset, length, &start, &n) < 0;
-    Py_DECREF(offset);
-    Py_DECREF(length);
-    if (err)
-        return NULL;
-    npages = n / system_page;
+    npages = n / kernel.page;
     vec = PyBytes_FromStringAndSize(NULL, npages);
     if (vec == NULL || npages == 0)
         return vec;
-    p = self->data + start;
-    region_busy_enter(self);
+    p = self->m.data + start;
+    mapping_busy_enter(&self->m);
     Py_BEGIN_ALLOW_THREADS
-    rc = mincore(p, (size_t)n, (unsigned char *)PyBytes_AsString(vec));
+    err = os_residency(p, (size_t)n, (unsigned char *)PyBytes_AsString(vec));
     Py_END_ALLOW_THREADS
-    region_busy_leave(self);
-    if (rc != 0) {
+    mapping_busy_leave(&self->m);
+    if (err) {
         Py_DECREF(vec);
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return raise_os_error(err, "mincore");
     }
     return vec;
 }

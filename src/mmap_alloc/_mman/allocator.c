@@ -41,8 +41,7 @@ allocator_map(AllocatorObject *self, Py_ssize_t size, Py_ssize_t capacity, Py_ss
         }
         if (k > 0)
             PyErr_Clear();
-        region = region_map_at(self->region_type, size, capacity, spec, (PyObject *)self,
-                               address);
+        region = region_map(self->region_type, size, capacity, spec, (PyObject *)self, address);
         if (region != NULL)
             return region;
     }
@@ -132,22 +131,23 @@ allocator_map_method(AllocatorObject *self, PyObject *const *args, Py_ssize_t na
 static PyObject *
 allocator_dealloc(AllocatorObject *self, PyObject *region)
 {
-    PyObject *region_release(RegionObject *, PyObject *);
     RegionObject *r = (RegionObject *)region;
+    Mapping *m = &r->m;
 
     /* the common case in one go: a region of ours, open, idle, plain */
-    if (Py_TYPE(region) == self->region_type && r->owner == (PyObject *)self
-        && r->data != NULL && r->nexports == 0 && r->pins == 0 && region_busy(r) == 0
-        && (r->flags & ~REGION_COMMITTED) == 0 && !region_unmap_is_slow(r)) {
-        char *p = r->data;
-        r->data = NULL;
-        if (munmap(p, (size_t)r->capacity) == 0) {
-            mapped_bytes -= r->capacity;
-            if (ngraves)
+    if (Py_TYPE(region) == self->region_type && r->owner == (PyObject *)self && m->data != NULL
+        && m->holds == NULL && mapping_busy(m) == 0 && (m->flags & ~MAPPING_COMMITTED) == 0
+        && !mapping_unmap_is_slow(m)) {
+        char *p = m->data;
+        m->data = NULL;
+        if (os_unmap(p, (size_t)m->capacity) == 0) {
+            kernel.mapped_bytes -= m->capacity;
+            trace_unmapped(p);
+            if (kernel.ngraves)
                 flush_graveyard();
             Py_RETURN_NONE;
         }
-        r->data = p;   /* refused (vm.max_map_count): the general path says why */
+        m->data = p;   /* refused (vm.max_map_count): the general path says why */
     }
     if (!is_region(region)) {
         PyObject *name = PyType_GetName(Py_TYPE(region));
@@ -179,11 +179,11 @@ allocator_configure(AllocatorObject *self, PyObject *const *args, Py_ssize_t nar
     PyObject *seq;
 
     if (check_nargs("_configure", nargs, 7, 7) < 0 || arg_ssize(args[0], "page", &page) < 0
-        || arg_ssize(args[1], "max_size", &max_size) < 0 || arg_int(args[2], &prot) < 0
-        || arg_int(args[3], &populate) < 0)
+        || arg_ssize(args[1], "max_size", &max_size) < 0 || arg_int(args[2], "prot", &prot) < 0
+        || arg_int(args[3], "populate", &populate) < 0)
         return NULL;
     if (page <= 0 || (page & (page - 1)) || !PyType_Check(args[5])
-        || !PyType_IsSubtype((PyTypeObject *)args[5], Region_Type) || !PyCallable_Check(args[6])) {
+        || !PyType_IsSubtype((PyTypeObject *)args[5], kernel.region_type) || !PyCallable_Check(args[6])) {
         PyErr_SetString(PyExc_ValueError, "bad allocator configuration");
         return NULL;
     }
@@ -199,8 +199,8 @@ allocator_configure(AllocatorObject *self, PyObject *const *args, Py_ssize_t nar
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *item = PyTuple_GetItem(seq, k);
         if (!PyTuple_Check(item) || PyTuple_Size(item) != 4
-            || arg_int(PyTuple_GetItem(item, 0), &attempts[k].mflags) < 0
-            || arg_int(PyTuple_GetItem(item, 1), &attempts[k].advice) < 0
+            || arg_int(PyTuple_GetItem(item, 0), "mflags", &attempts[k].mflags) < 0
+            || arg_int(PyTuple_GetItem(item, 1), "advice", &attempts[k].advice) < 0
             || arg_ssize(PyTuple_GetItem(item, 2), "align", &attempts[k].align) < 0) {
             Py_DECREF(seq);
             if (!PyErr_Occurred())

@@ -11,7 +11,7 @@
 int
 region_check_readable(RegionObject *self, Py_ssize_t start, Py_ssize_t end)
 {
-    PageRecord *rec = &self->rec;
+    PageRecord *rec = &self->m.rec;
 
     if (start >= end)
         return 0;
@@ -37,7 +37,7 @@ region_check_readable(RegionObject *self, Py_ssize_t start, Py_ssize_t end)
 int
 region_check_writable(RegionObject *self, Py_ssize_t start, Py_ssize_t end)
 {
-    PageRecord *rec = &self->rec;
+    PageRecord *rec = &self->m.rec;
 
     if (start >= end)
         return 0;
@@ -65,9 +65,9 @@ region_check_writable(RegionObject *self, Py_ssize_t start, Py_ssize_t end)
 static inline int
 uniform_allows(const RegionObject *self, int need)
 {
-    const Run *run = &self->rec.runs[0];
+    const Run *run = &self->m.rec.runs[0];
 
-    return self->rec.n == 1 && !(run->flags & RUN_GUARD) && (run->prot & need);
+    return self->m.rec.n == 1 && !(run->flags & RUN_GUARD) && (run->prot & need);
 }
 
 /* The byte an exact int names on an open region whose pages all allow
@@ -83,20 +83,20 @@ fast_item(RegionObject *self, PyObject *key, int need)
         return NULL;
     }
     if (i < 0)
-        i += self->size;
-    if (i < 0 || i >= self->size || self->data == NULL || !uniform_allows(self, need))
+        i += self->m.size;
+    if (i < 0 || i >= self->m.size || self->m.data == NULL || !uniform_allows(self, need))
         return NULL;
-    return self->data + i;
+    return self->m.data + i;
 }
 
 Py_ssize_t
 region_length(RegionObject *self)
 {
-    if (self->data == NULL) {
+    if (self->m.data == NULL) {
         PyErr_SetString(PyExc_ValueError, "region is closed");
         return -1;
     }
-    return self->size;
+    return self->m.size;
 }
 
 /* 0 if every element start + k * step (0 <= k < length) lies on a page that
@@ -107,7 +107,7 @@ region_length(RegionObject *self)
 static int
 check_pages(RegionObject *self, Py_ssize_t start, Py_ssize_t step, Py_ssize_t length, int need)
 {
-    PageRecord *rec = &self->rec;
+    PageRecord *rec = &self->m.rec;
     Py_ssize_t lo, hi, stride;
 
     if (step < 0) {   /* the same elements, walked upwards */
@@ -192,8 +192,8 @@ bound_index(RegionObject *self, Py_ssize_t *i)
     if (region_check_open(self) < 0)
         return -1;
     if (v < 0)
-        v += self->size;
-    if (v < 0 || v >= self->size) {
+        v += self->m.size;
+    if (v < 0 || v >= self->m.size) {
         PyErr_SetString(PyExc_IndexError, "region index out of range");
         return -1;
     }
@@ -207,11 +207,11 @@ slice_of(RegionObject *self, PyObject *key, Py_ssize_t *start, Py_ssize_t *stop,
 {
     if (PySlice_Unpack(key, start, stop, step) < 0)
         return -1;
-    if (self->data == NULL) {
+    if (self->m.data == NULL) {
         region_check_open(self);   /* sets the ValueError */
         return -1;
     }
-    *length = PySlice_AdjustIndices(self->size, start, stop, *step);
+    *length = PySlice_AdjustIndices(self->m.size, start, stop, *step);
     return 0;
 }
 
@@ -233,7 +233,7 @@ region_subscript(RegionObject *self, PyObject *key)
         if (index_of(self, key, &i) < 0 || bound_index(self, &i) < 0
             || check_elements(self, i, 1, 1, PROT_READ) < 0)
             return NULL;
-        return PyLong_FromLong((unsigned char)self->data[i]);
+        return PyLong_FromLong((unsigned char)self->m.data[i]);
     }
     if (slice_of(self, key, &start, &stop, &step, &length) < 0)
         return NULL;
@@ -242,14 +242,14 @@ region_subscript(RegionObject *self, PyObject *key)
     if (check_elements(self, start, step, length, PROT_READ) < 0)
         return NULL;
     if (step == 1)
-        return PyBytes_FromStringAndSize(self->data + start, length);
+        return PyBytes_FromStringAndSize(self->m.data + start, length);
     result = PyBytes_FromStringAndSize(NULL, length);
     if (result == NULL)
         return NULL;
     /* no Python code ran since the checks: a bytes object is not GC-tracked */
     out = PyBytes_AsString(result);
     for (Py_ssize_t k = 0, at = start; k < length; k++, at += step)
-        out[k] = self->data[at];
+        out[k] = self->m.data[at];
     return result;
 }
 
@@ -303,7 +303,7 @@ region_ass_subscript(RegionObject *self, PyObject *key, PyObject *value)
         if (index_of(self, key, &i) < 0 || byte_value(value, &byte) < 0
             || bound_index(self, &i) < 0 || check_elements(self, i, 1, 1, PROT_WRITE) < 0)
             return -1;
-        self->data[i] = (char)byte;
+        self->m.data[i] = (char)byte;
         return 0;
     }
     /* the bytes to write, converted before any check (an iterable runs Python code) */
@@ -363,11 +363,11 @@ region_ass_subscript(RegionObject *self, PyObject *key, PyObject *value)
         goto done;
     }
     if (step == 1)
-        memmove(self->data + start, buf.buf, (size_t)length);
+        memmove(self->m.data + start, buf.buf, (size_t)length);
     else {
         const char *src = buf.buf;
         char *copy = NULL;
-        if (src + length > self->data && src < self->data + self->capacity) {
+        if (src + length > self->m.data && src < self->m.data + self->m.capacity) {
             copy = PyMem_Malloc((size_t)length);   /* the source is the region itself */
             if (copy == NULL) {
                 PyErr_NoMemory();
@@ -377,7 +377,7 @@ region_ass_subscript(RegionObject *self, PyObject *key, PyObject *value)
             src = copy;
         }
         for (Py_ssize_t k = 0, at = start; k < length; k++, at += step)
-            self->data[at] = src[k];
+            self->m.data[at] = src[k];
         PyMem_Free(copy);
     }
     rc = 0;
@@ -497,11 +497,11 @@ region_find_impl(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, in
     if (region_check_open(self) < 0)
         goto done;
     asked = start;
-    PySlice_AdjustIndices(self->size, &start, &end, 1);
-    if (asked <= self->size && start <= end) {   /* else absent, as for bytes */
+    PySlice_AdjustIndices(self->m.size, &start, &end, 1);
+    if (asked <= self->m.size && start <= end) {   /* else absent, as for bytes */
         if (check_elements(self, start, 1, end - start, PROT_READ) < 0)
             goto done;
-        found = search(self->data, start, end, &needle, reverse);
+        found = search(self->m.data, start, end, &needle, reverse);
     }
     result = PyLong_FromSsize_t(found);
 done:
@@ -530,8 +530,8 @@ region_contains(RegionObject *self, PyObject *sub)
     if (needle_get(sub, &needle, NULL) < 0)
         return -1;
     if (region_check_open(self) == 0
-        && check_elements(self, 0, 1, self->size, PROT_READ) == 0)
-        rc = search(self->data, 0, self->size, &needle, 0) >= 0;
+        && check_elements(self, 0, 1, self->m.size, PROT_READ) == 0)
+        rc = search(self->m.data, 0, self->m.size, &needle, 0) >= 0;
     needle_release(&needle);
     return rc;
 }
@@ -552,7 +552,7 @@ region_iter(RegionObject *self)
 
     if (region_check_open(self) < 0)
         return NULL;
-    it = PyObject_GC_New(IterObject, Iter_Type);
+    it = PyObject_GC_New(IterObject, kernel.iter_type);
     if (it == NULL)
         return NULL;
     it->region = (RegionObject *)Py_NewRef((PyObject *)self);
@@ -571,13 +571,13 @@ iter_next(IterObject *it)
 
     if (r == NULL)
         return NULL;
-    if (i < r->size && r->data != NULL && uniform_allows(r, PROT_READ)) {
+    if (i < r->m.size && r->m.data != NULL && uniform_allows(r, PROT_READ)) {
         it->index = i + 1;
-        return PyLong_FromLong((unsigned char)r->data[i]);
+        return PyLong_FromLong((unsigned char)r->m.data[i]);
     }
     if (region_check_open(r) < 0)
         return NULL;
-    if (i >= r->size) {
+    if (i >= r->m.size) {
         it->region = NULL;
         Py_DECREF(r);
         return NULL;
@@ -585,14 +585,14 @@ iter_next(IterObject *it)
     if (check_elements(r, i, 1, 1, PROT_READ) < 0)
         return NULL;
     it->index = i + 1;
-    return PyLong_FromLong((unsigned char)r->data[i]);
+    return PyLong_FromLong((unsigned char)r->m.data[i]);
 }
 
 static PyObject *
 iter_length_hint(IterObject *it, PyObject *unused)
 {
     RegionObject *r = it->region;
-    Py_ssize_t left = r == NULL || r->data == NULL ? 0 : r->size - it->index;
+    Py_ssize_t left = r == NULL || r->m.data == NULL ? 0 : r->m.size - it->index;
 
     return PyLong_FromSsize_t(left > 0 ? left : 0);
 }

@@ -1,44 +1,34 @@
 /*
- * _mman: the safety kernel of mmap_alloc.
+ * _mman: the safety kernel of mmap_alloc. The shared declarations.
  *
- * What C owns (everything whose state keeps memory safe), one concern a file:
- *   module.c      the module: init, types, constants, the fork hook, and the
- *                 plain calls that cannot hurt (mincore, memfd_secret, probes);
- *   common.c      what every file uses: errors, argument helpers, aligned
- *                 mapping, the byte count, the fork generation, the graveyard;
- *   pages.c       the protection record of a mapping: runs of pages with their
- *                 PROT_* bits and flags (guard, dontfork); pure data, no Python;
- *   region.c      Region: one mapping, its record, exports, pins and busy
- *                 count; creation, close, the buffer protocol, introspection;
- *   bytes.c       Region as a bytes-like object: items, slices, find, iteration;
- *   protect.c     protect / make_exec / make_writable / flush_icache, and pins
- *                 (the Pin token whose deallocation unpins exactly once);
- *   resize.c      realloc, grow and shrink in place, move by copy, zeroing of
- *                 exposed bytes;
- *   advise.c      commit (populate), uncommit and other advice, mlock, mincore;
- *   views.c       sub-range exporters (Region.view, ObjectPool.view);
- *   allocator.c   the alloc/dealloc fast path of MapAlloc;
- *   pool.c, pool_batch.c (with pool.h)
- *                 ObjectPool: the slabs it owns, free bitmaps, views, batches;
- *   secret.c, shared.c, codeheap.c
- *                 the kernels of SecretBuffer, SharedRegion and CodeHeap.
+ * Three layers, each calling only the one below it:
  *
- * The rule: every change of that state is one C call that checks and acts
- * with no Python code able to run in between (no callback, no decref of an
- * arbitrary object, no allocation of a GC-tracked object between check and
- * act). Arguments are converted (which may run __index__) before any check.
- * Python calls C; C calls Python only through callables given once at
- * configuration (the pool's slab source, the allocator's slow path, the
- * exception types), and only where its own state is consistent.
+ *   the owners     region.c (+ bytes.c, protect.c, advise.c, views.c),
+ *                  allocator.c, pool.c, and the extensions of the core for
+ *                  other kinds of memory: secret.c, codeheap.c (+ spans.c),
+ *                  shared.c;
+ *   the core       mapping.c (a mapping, its record, holds, busy count, the
+ *                  registry and the fork hook), resize.c (growing, moving and
+ *                  shrinking any mapping, anonymous or of a file), record.c
+ *                  (the protection record), state.c, errors.c, args.c;
+ *   the platform   platform.h, implemented by os_linux.c and
+ *                  os_linux_files.c: every memory system call.
+ *
+ * The rule: every change of memory-safety state is one C call that checks
+ * and acts with no Python code able to run in between (no callback, no
+ * decref of an arbitrary object, no allocation of a GC-tracked object
+ * between check and act). Arguments are converted (which may run __index__)
+ * and objects allocated before any check. Python calls C; C calls Python only
+ * through callables given once at configuration (the pool's slab source, the
+ * allocator's slow path), and only where its own state is consistent.
  *
  * Models: CPython's Modules/mmapmodule.c (exports, pointer cleared before
- * munmap, every NULL return with an exception set, slow calls without the
- * GIL) and psutil (one C file per concern under one extension).
+ * munmap, every NULL return with an exception set), psutil (a platform is a
+ * file, one error vocabulary naming the call), msgspec (state in one struct).
  */
 #ifndef MMAP_ALLOC_MMAN_H
 #define MMAP_ALLOC_MMAN_H
 
-#define Py_LIMITED_API 0x030B0000
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
@@ -46,90 +36,179 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
-/* Linux ABI values the C library's headers may predate. */
-#ifndef MAP_FIXED_NOREPLACE
-#define MAP_FIXED_NOREPLACE 0x100000
-#endif
-#ifndef MAP_HUGE_SHIFT
-#define MAP_HUGE_SHIFT 26
-#endif
-#ifndef MADV_FREE
-#define MADV_FREE 8
-#endif
-#ifndef MADV_WIPEONFORK
-#define MADV_WIPEONFORK 18
-#define MADV_KEEPONFORK 19
-#endif
-#ifndef MADV_COLD
-#define MADV_COLD 20
-#define MADV_PAGEOUT 21
-#endif
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22
-#define MADV_POPULATE_WRITE 23
-#endif
-#ifndef MADV_COLLAPSE
-#define MADV_COLLAPSE 25
-#endif
-#ifndef MADV_GUARD_INSTALL
-#define MADV_GUARD_INSTALL 102
-#define MADV_GUARD_REMOVE 103
-#endif
-#ifndef MLOCK_ONFAULT
-#define MLOCK_ONFAULT 1
-#endif
-#ifndef MREMAP_FIXED
-#define MREMAP_FIXED 2
-#endif
-
-#define PROT_RW (PROT_READ | PROT_WRITE)
-#define PROT_ALL (PROT_READ | PROT_WRITE | PROT_EXEC)
+#include "platform.h"
 
 /* System calls that fault in or free this many bytes or more release the GIL:
  * below it, releasing and taking the GIL back costs about as much as the
- * call. Unmapping pages nobody touched is fast whatever their number, so
- * munmap keeps the GIL unless the library committed the pages itself (as
+ * call. Unmapping pages nobody touched is fast whatever their number, so an
+ * unmap keeps the GIL unless the library committed the pages itself (as
  * numpy keeps it when it frees a large array). */
 #define SLOW_CALL_BYTES (1 << 20)
 
+typedef struct Mapping Mapping;
+
+/* Py_XSETREF, which the limited API lacks: store the new reference first,
+ * then release the old one. */
+#define REPLACE_REF(field, value)                \
+    do {                                         \
+        void *old_ = (void *)(field);            \
+        (field) = (value);                       \
+        Py_XDECREF((PyObject *)old_);            \
+    } while (0)
+
 /* ------------------------------------------------------------------ */
-/* pages.c: the protection record                                      */
+/* state.c: the process-wide state, in one place                       */
+
+/* Mappings are the process's, not an interpreter's: what the kernel of the
+ * library knows about them is process-wide, and the fork handler (which
+ * runs outside Python) must reach it. So it is one static struct, not
+ * module state; the module's GC functions visit the objects it holds. */
+typedef struct {
+    Py_ssize_t page;                 /* the system's base page size */
+    Py_ssize_t mapped_bytes;         /* mapped by this module, not unmapped yet */
+    unsigned long fork_generation;   /* bumped in every forked child */
+    Mapping *registry;               /* mappings the process-wide hooks visit */
+    struct Grave *graves;            /* unmaps the kernel refused, to retry */
+    Py_ssize_t ngraves, cap_graves;
+    PyTypeObject *region_type, *pin_type, *view_type, *iter_type, *pool_type,
+        *allocator_type, *secret_type, *heap_type, *block_type;
+    PyObject *alloc_error;           /* registered once by exceptions.py */
+    PyObject *cannot_realloc;
+    PyObject *memory_corruption;
+    unsigned char canary[16];        /* the secrets' canary, random per process */
+    int canary_ready;
+    /* tracemalloc's PyTraceMalloc_Track and _Untrack, found at import (they
+     * are outside the limited API); NULL where the interpreter lacks them */
+    int (*trace_track)(unsigned int domain, uintptr_t ptr, size_t size);
+    int (*trace_untrack)(unsigned int domain, uintptr_t ptr);
+} KernelState;
+
+extern KernelState kernel;
+
+/* The tracemalloc domain of the library's memory (regions, pool slabs,
+ * secrets, shared and code memory; not mappings of files): "mmap" in ASCII. */
+#define TRACE_DOMAIN 0x6d6d6170u
+
+/* tracemalloc sees the memory at p as size bytes now (a new mapping, or one
+ * that grew or shrank in place); with tracing off, one call that returns. */
+static inline void
+trace_mapped(const void *p, Py_ssize_t size)
+{
+    if (kernel.trace_track != NULL)
+        kernel.trace_track(TRACE_DOMAIN, (uintptr_t)p, (size_t)size);
+}
+
+/* ... and no longer (unmapped, or moved away). */
+static inline void
+trace_unmapped(const void *p)
+{
+    if (kernel.trace_untrack != NULL)
+        kernel.trace_untrack(TRACE_DOMAIN, (uintptr_t)p);
+}
+
+/* ------------------------------------------------------------------ */
+/* errors.c: the one error vocabulary                                  */
+
+/* OSError(err, strerror(err), call): the OS refused `call` (the name of the
+ * system call, or the step of a longer operation, is the exception's
+ * filename; policy in Python reads it). Built without PyErr_SetFromErrno,
+ * which runs signal handlers on EINTR. Returns NULL. */
+PyObject *raise_os_error(int err, const char *call);
+/* The same failure worded: "cannot <what> <size> bytes: <strerror> (<call>)";
+ * ENOMEM and EAGAIN (the kernel's refusal to split a mapping at
+ * vm.max_map_count, or to lock memory) become an AllocError that says so.
+ * Returns NULL. */
+PyObject *raise_os_error_sized(int err, const char *call, Py_ssize_t size, const char *what);
+/* AllocError(message, errno=err, size=size): memory the library could not
+ * provide (MemoryError until exceptions.py registers the type). NULL. */
+PyObject *raise_alloc_error(int err, Py_ssize_t size, const char *format, ...);
+
+/* ------------------------------------------------------------------ */
+/* args.c: arguments                                                   */
+
+int arg_ssize(PyObject *o, const char *name, Py_ssize_t *out);   /* __index__, >= 0 */
+int arg_int(PyObject *o, const char *name, int *out);
+int arg_address(PyObject *o, void **out);
+int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssize_t max);
+/* "data must be a bytes-like object, not X" for a failed PyObject_GetBuffer. */
+int arg_buffer(PyObject *o, const char *name, Py_buffer *view, int flags);
+/* Convert [extra,] offset and length arguments (positional or by keyword)
+ * with __index__ first (user code may run); returns new references (None
+ * for an absent length). extra_name: the first argument's name, or NULL. */
+int convert_range_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                       const char *fname, PyObject **offset, PyObject **length,
+                       PyObject **extra, const char *extra_name);
+/* (data, offset=0) by position or by keyword: borrowed references, offset
+ * NULL when absent; TypeError naming fname. */
+int parse_data_offset(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *fname,
+                      PyObject **data, PyObject **offset);
+/* Converted offset and length (exact ints, or None) to whole pages of a
+ * mapping; ValueError naming the argument. */
+int page_range(const Mapping *m, PyObject *offset, PyObject *length, Py_ssize_t *start,
+               Py_ssize_t *n);
+
+/* Room for `need` items of `size` bytes in the PyMem array *items of *cap
+ * items, doubling from `first`; -1 with MemoryError, nothing changed. */
+static inline int
+reserve_items(void **items, Py_ssize_t *cap, Py_ssize_t need, Py_ssize_t first, size_t size)
+{
+    Py_ssize_t n = *cap > 0 ? *cap : first;
+    void *grown;
+
+    if (need <= *cap)
+        return 0;
+    while (n < need)
+        n *= 2;
+    grown = PyMem_Realloc(*items, (size_t)n * size);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *items = grown;
+    *cap = n;
+    return 0;
+}
+
+static inline Py_ssize_t
+round_up(Py_ssize_t n, Py_ssize_t page)
+{
+    return (n + page - 1) & ~(page - 1);
+}
+
+/* ------------------------------------------------------------------ */
+/* record.c: the protection record                                     */
 
 /* Run flags: what the kernel does to these pages besides PROT_*. */
-#define RUN_GUARD 1       /* MADV_GUARD_INSTALL: any access faults */
-#define RUN_DONTFORK 2    /* MADV_DONTFORK: absent in a child until remapped */
+#define RUN_GUARD 1         /* MADV_GUARD_INSTALL: any access faults */
+#define RUN_DONTFORK 2      /* MADV_DONTFORK: absent in a child until remapped */
+#define RUN_DONTDUMP 4      /* MADV_DONTDUMP: left out of core dumps */
+#define RUN_WIPEONFORK 8    /* MADV_WIPEONFORK: zero in a child */
 
 typedef struct {
-    Py_ssize_t end;       /* the run covers [previous end, end) */
-    unsigned char prot;   /* PROT_* */
-    unsigned char flags;  /* RUN_* */
+    Py_ssize_t end;         /* the run covers [previous end, end) */
+    unsigned char prot;     /* PROT_* */
+    unsigned char flags;    /* RUN_* */
 } Run;
 
 typedef struct {
-    Run *runs;            /* &one while there is one run */
+    Run *runs;              /* &one while there is one run */
     Py_ssize_t n;
     Py_ssize_t cap;
     Run one;
 } PageRecord;
 
-void rec_init(PageRecord *rec, Py_ssize_t capacity, int prot);
 void rec_free(PageRecord *rec);
 /* Room for `extra` more runs (a change of one range needs 2); -1 + MemoryError. */
 int rec_reserve(PageRecord *rec, Py_ssize_t extra);
 /* Set prot (when prot >= 0) and flags (bits of mask to the bits of value)
  * on [start, end); needs rec_reserve(rec, 2) first; never fails. */
-void rec_set(PageRecord *rec, Py_ssize_t start, Py_ssize_t end, int prot, int mask,
-             int value);
+void rec_set(PageRecord *rec, Py_ssize_t start, Py_ssize_t end, int prot, int mask, int value);
 void rec_truncate(PageRecord *rec, Py_ssize_t capacity);
 /* Join neighbouring runs that are alike (after flags changed in place). */
 void rec_merge(PageRecord *rec);
 /* Grow to capacity with new pages of prot and flags; needs rec_reserve(rec, 1). */
 void rec_extend(PageRecord *rec, Py_ssize_t capacity, int prot, int flags);
-/* Move the record of src into dst (dst is freed first; src becomes empty). */
-void rec_move(PageRecord *dst, PageRecord *src);
 Py_ssize_t rec_start(const PageRecord *rec, Py_ssize_t i);
 /* The index of the run holding byte offset (0 <= offset < capacity). */
 Py_ssize_t rec_find(const PageRecord *rec, Py_ssize_t offset);
@@ -138,46 +217,59 @@ int run_access(const Run *run);
 /* AND and OR of run_access over the runs touching [start, end). */
 int rec_access_all(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end);
 int rec_access_any(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end);
-int rec_flags_any(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end);
+/* Whether every run touching [start, end) has prot (the one-run case
+ * inline: protection flips test it first). */
+int rec_uniform_runs(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end, int prot);
+static inline int
+rec_uniform(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end, int prot)
+{
+    return rec->n == 1 ? rec->runs[0].prot == prot : rec_uniform_runs(rec, start, end, prot);
+}
 
 /* ------------------------------------------------------------------ */
-/* region.c                                                            */
+/* mapping.c: the core every owner of memory embeds                    */
 
-typedef struct Export {
-    struct Export *next, *prev;
-    Py_ssize_t start, end;   /* bytes of the region the buffer covers */
-    int writable;
-} Export;
+/* A hold on a byte range of a mapping: a buffer exported from it, or a pin.
+ * While a hold lives, its pages are never unmapped or moved; a buffer's are
+ * never stripped of the access it was given. */
+#define HOLD_READ 1         /* a read-only buffer */
+#define HOLD_WRITE 2        /* a writable buffer */
+#define HOLD_PIN 4          /* a Pin token: code runs there, or a raw pointer */
 
-/* Region flags */
-#define REGION_SHARED 1      /* MAP_SHARED of fd; realloc does not apply */
-#define REGION_OWNS_FD 2     /* close fd when the region closes */
-#define REGION_PRIVATE 4     /* held by a library object, never handed to users */
-#define REGION_DONTFORK 8    /* has MADV_DONTFORK pages: on the list the fork hook remaps */
-#define REGION_COMMITTED 16  /* the library faulted pages in: unmapping them takes long */
+typedef struct Hold {
+    struct Hold *next, *prev;
+    Py_ssize_t start, end;
+    int kind;
+} Hold;
 
-typedef struct {
-    PyObject_HEAD
-    char *data;             /* NULL once closed; cleared before munmap */
-    Py_ssize_t size;        /* bytes asked for: len(), the buffer length */
-    Py_ssize_t capacity;    /* bytes mapped (whole pages); what munmap is given */
+/* Mapping flags */
+#define MAPPING_SHARED 1       /* MAP_SHARED of fd: the file's pages, not private ones */
+#define MAPPING_OWNS_FD 2      /* close fd with the mapping */
+#define MAPPING_COMMITTED 4    /* the library faulted pages in: unmapping takes long */
+#define MAPPING_REGISTERED 8   /* on the registry (kernel.registry) */
+#define MAPPING_UNTRACED 16    /* not reported to tracemalloc (a mapping of a file) */
+
+struct Mapping {
+    char *data;             /* NULL once closed; cleared before the unmap */
+    Py_ssize_t size;        /* bytes of contents: len(), the buffer length */
+    Py_ssize_t capacity;    /* bytes mapped (whole pages); what the unmap is given */
+    PageRecord rec;         /* protection of each page: the authority */
+    Hold *holds;            /* live buffers and pins, a doubly linked list */
+    Py_ssize_t nexports;    /* holds that are buffers */
+    Py_ssize_t pins;        /* holds that are pins */
+    Py_ssize_t busy;        /* calls running without the GIL, in generation busy_gen */
+    unsigned long busy_gen;
+    unsigned long gen;      /* the fork generation it was mapped in */
     Py_ssize_t page;        /* granule: sizes and ranges round to it */
-    Py_ssize_t align;       /* alignment kept when the region moves */
+    Py_ssize_t align;       /* alignment kept when it moves */
     int mflags;             /* MAP_* for new pages like these (no POPULATE/FIXED) */
     int advice;             /* madvise for new pages (MADV_HUGEPAGE), or 0 */
     int populate;           /* prefault pages a grow adds */
-    int fd;                 /* the file mapped (REGION_SHARED), else -1 */
-    unsigned int flags;     /* REGION_* */
-    PageRecord rec;         /* protection of each page: the authority */
-    Export *exports;        /* the live buffers, a doubly linked list */
-    Py_ssize_t nexports;
-    Py_ssize_t pins;        /* live Pin tokens (functions from function()) */
-    Py_ssize_t busy;        /* calls running without the GIL, in fork generation busy_gen */
-    unsigned long busy_gen;
-    PyObject *owner;        /* the allocator that made it, or None */
-    PyObject *backing;      /* what backs it, recorded when it was mapped */
-    PyObject *weakreflist;
-} RegionObject;
+    int fd;                 /* the file mapped, or -1 */
+    int64_t offset;         /* where in the file data starts */
+    unsigned int flags;     /* MAPPING_* */
+    Mapping *next, *prev;   /* in kernel.registry while MAPPING_REGISTERED */
+};
 
 /* How to map pages: the parameters a backing gives. */
 typedef struct {
@@ -190,127 +282,130 @@ typedef struct {
     PyObject *backing;      /* borrowed */
 } MapSpec;
 
-typedef struct {
-    PyTypeObject *region_type;
-    PyTypeObject *pin_type;
-    PyTypeObject *view_type;
-    PyTypeObject *iter_type;
-    PyTypeObject *pool_type;
-    PyTypeObject *allocator_type;
-} module_state;
+/* Own the pages at data (mapped already, per spec); fd < 0: anonymous. m
+ * is zeroed (a new object's): only what is not zero is set. Inline: it is
+ * on the path of every allocation. */
+static inline void
+mapping_init(Mapping *m, char *data, Py_ssize_t size, Py_ssize_t capacity, const MapSpec *spec,
+             int fd)
+{
+    m->data = data;
+    m->size = size;
+    m->capacity = capacity;
+    m->rec.one.end = capacity;
+    m->rec.one.prot = (unsigned char)spec->prot;
+    m->rec.runs = &m->rec.one;
+    m->rec.n = m->rec.cap = 1;
+    m->busy_gen = m->gen = kernel.fork_generation;
+    m->page = spec->page;
+    m->align = spec->align;
+    m->mflags = spec->mflags;
+    m->advice = spec->advice;
+    m->populate = spec->populate;
+    m->fd = fd;
+}
+/* Calls running without the GIL on m, counted in this process only (a
+ * forked child does not inherit the threads that made them). */
+static inline Py_ssize_t
+mapping_busy(const Mapping *m)
+{
+    return m->busy_gen == kernel.fork_generation ? m->busy : 0;
+}
+void mapping_busy_enter(Mapping *m);
+void mapping_busy_leave(Mapping *m);
+/* BufferError unless nothing holds or uses m: for unmap, move, shrink. noun
+ * names the owner ("the region"). */
+int mapping_check_idle(const Mapping *m, const char *what, const char *noun);
+Hold *mapping_hold(Mapping *m, Py_ssize_t start, Py_ssize_t end, int kind);
+void mapping_unhold(Mapping *m, Hold *h);
+/* The buffers overlapping [start, end) that prot would take access from. */
+Py_ssize_t mapping_conflicts(const Mapping *m, Py_ssize_t start, Py_ssize_t end, int prot);
+/* The holds overlapping [start, end): buffers and pins. */
+void mapping_holds_in(const Mapping *m, Py_ssize_t start, Py_ssize_t end, Py_ssize_t *buffers,
+                      Py_ssize_t *pins);
+/* Change [start, end) to prot in the kernel and the record, all or nothing;
+ * -1 with the exception set. */
+int mapping_set_prot(Mapping *m, Py_ssize_t start, Py_ssize_t end, int prot);
+/* The run flag an advice sets or clears (0: none; *value: what it sets). */
+int advice_run_flag(int advice, int *value);
+/* Advise [start, end) and record the run flag the advice sets or clears
+ * (MADV_DONTFORK also registers m for the fork hook); 0 or errno. */
+int mapping_advise_flags(Mapping *m, Py_ssize_t start, Py_ssize_t end, int advice);
+/* Unmap it (the pointer cleared first; fd closed, registry left): 0, or the
+ * errno of a refusal with m intact. Checks nothing: the caller did. */
+int mapping_close(Mapping *m);
+/* The same, for a deallocation: a refused unmap goes to the graveyard. */
+void mapping_release(Mapping *m);
+/* Unmap pages nobody can reach any more (a refusal: the graveyard). */
+void unmap_or_bury(char *p, Py_ssize_t length, int release_gil);
+void flush_graveyard(void);
+/* Join the registry (for pages a fork leaves out, or a file's peers). */
+void mapping_register(Mapping *m);
+void mapping_unregister(Mapping *m);
+/* pthread_atfork's child handler: new generation; pages MADV_DONTFORK left
+ * out are mapped again as zero pages, so that no buffer points at a hole. */
+void after_fork_in_child(void);
 
-extern PyTypeObject *Region_Type;   /* the C base type, set at module init */
-extern PyTypeObject *Pin_Type;
-extern PyTypeObject *View_Type;
-extern PyTypeObject *Iter_Type;
-extern Py_ssize_t mapped_bytes;     /* bytes mapped by this module and not unmapped */
-extern unsigned long fork_generation;
-extern Py_ssize_t system_page;
+/* resize.c: growing, moving and shrinking any mapping (fd < 0: anonymous) */
+/* Unmap the pages from newcap (< capacity, page-aligned) on and record it;
+ * 0 or errno (nothing changed). */
+int mapping_drop_tail(Mapping *m, Py_ssize_t newcap);
+/* Grow to newcap where it is (mremap, or a map of the next pages of the
+ * file or of fresh memory next to it); the new pages get the last run's
+ * protection and flags. 0 or errno (nothing changed). */
+int mapping_grow_in_place(Mapping *m, Py_ssize_t newcap);
+/* Move to a new place of newcap bytes (>= capacity): mremap when one kernel
+ * mapping holds it, else a new mapping (of the file, or a copy of the
+ * anonymous pages that hold data) with the record applied. spec, when not
+ * NULL, says how to map anonymous pages that must be copied (and *backing
+ * takes its backing). 0; an errno with *call the step the kernel refused;
+ * or -1 with an exception set (MemoryError). Nothing changes on failure.
+ * The caller checked that m is idle. */
+int mapping_move(Mapping *m, Py_ssize_t newcap, const MapSpec *spec, PyObject **backing,
+                 const char **call);
+/* Give fresh pages at p (a new mapping of m's pages, made with prot0 over
+ * [0, upto)) the record's protection (less prot_mask) and advice; 0 or errno. */
+int mapping_apply_record(Mapping *m, char *p, Py_ssize_t upto, int prot0, int prot_mask);
+/* Zero bytes [start, end), whichever their protection; -1 + exception. */
+int mapping_zero(Mapping *m, Py_ssize_t start, Py_ssize_t end, const char *noun);
+/* Advise and prefault pages [old, new) as the first pages were. */
+void mapping_prepare(Mapping *m, Py_ssize_t old, Py_ssize_t new);
+
+/* ------------------------------------------------------------------ */
+/* region.c: Region, an owner of one mapping                           */
+
+typedef struct {
+    PyObject_HEAD
+    Mapping m;
+    PyObject *owner;        /* the allocator that made it, or None */
+    PyObject *backing;      /* what backs it, recorded when it was mapped */
+    PyObject *weakreflist;
+} RegionObject;
 
 extern PyType_Spec region_spec, pin_spec, view_spec, iter_spec, pool_spec, allocator_spec;
-int region_init_types(PyObject *module);
 
-int is_region(PyObject *o);
-int region_check_open(RegionObject *self);
-
-/* Calls running without the GIL on the region, counted in this process only
- * (a forked child does not inherit the threads that made them). */
-static inline Py_ssize_t
-region_busy(RegionObject *self)
-{
-    return self->busy_gen == fork_generation ? self->busy : 0;
-}
-
-void region_busy_enter(RegionObject *self);
-void region_busy_leave(RegionObject *self);
-/* BufferError unless nothing pins, exports or uses the region: for unmap, move, shrink. */
-int region_check_idle(RegionObject *self, const char *what);
-/* A new region over `capacity` bytes at data (owned from now on). NULL on failure
- * (the caller unmaps). */
-PyObject *region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
-                      const MapSpec *spec, PyObject *owner);
-/* Map pages per spec (aligned to spec->align) and wrap them; NULL with OSError
- * (errno set) when the kernel refuses; nothing left mapped on any failure. */
-PyObject *region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity,
-                     const MapSpec *spec, PyObject *owner);
-/* Whether unmapping the region is slow enough to release the GIL for. */
 static inline int
-region_unmap_is_slow(RegionObject *self)
+is_region(PyObject *o)
 {
-    return self->capacity >= SLOW_CALL_BYTES && (self->flags & REGION_COMMITTED);
+    return kernel.region_type != NULL && PyObject_TypeCheck(o, kernel.region_type);
 }
 
-/* As region_map, at address exactly (a multiple of spec->align; NULL: anywhere)
- * with MAP_FIXED_NOREPLACE: never replaces a mapping. OSError EEXIST when the
- * range is taken, EADDRNOTAVAIL when the kernel placed it elsewhere (a kernel
- * before 4.17 takes the flag for a hint). */
-PyObject *region_map_at(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity,
-                        const MapSpec *spec, PyObject *owner, char *address);
-/* Unmap a closed-off mapping; a refusal (vm.max_map_count) sends it to the graveyard. */
-void unmap_or_bury(char *p, Py_ssize_t length, int release_gil);
-
-/* Retry the unmaps the kernel refused (ngraves of them wait). */
-extern Py_ssize_t ngraves;
-void flush_graveyard(void);
-int region_close_mapping(RegionObject *self);
-/* In a forked child: map zero pages where MADV_DONTFORK left holes. */
-void region_after_fork_in_child(void);
-/* Record that the region has MADV_DONTFORK pages (remapped in a forked child). */
-int region_track_dontfork(RegionObject *self);
-/* Export bookkeeping, used by the buffer protocol and views. */
-Export *region_export(RegionObject *self, Py_ssize_t start, Py_ssize_t end, int writable);
-void region_unexport(RegionObject *self, Export *e);
-/* Whether an export overlapping [start, end) needs access `need` (PROT_READ,
- * PROT_WRITE) that prot would remove; 1 with BufferError set. */
-int region_exports_conflict(RegionObject *self, Py_ssize_t start, Py_ssize_t end, int prot);
-
-/* ------------------------------------------------------------------ */
-/* mapping helpers (common.c)                                          */
-
-/* mmap `length` bytes at a multiple of align (over-map and trim); natural is
- * the alignment the kernel gives such a mapping anyway (the page; the huge
- * page for hugetlb). MAP_FAILED with errno set, nothing left mapped. fd < 0:
- * anonymous private memory; else mflags must say MAP_SHARED or MAP_PRIVATE. */
-void *map_aligned(Py_ssize_t length, Py_ssize_t align, Py_ssize_t natural, int prot,
-                  int mflags, int fd, int release_gil);
-Py_ssize_t round_up(Py_ssize_t n, Py_ssize_t page);
-/* memfd_create(2) by its system call number (no glibc wrapper needed); -1 + errno */
-int memfd_open(const char *name, unsigned int flags);
-
-/* ------------------------------------------------------------------ */
-/* errors (common.c)                                                   */
-
-/* The library's exception types, registered once by exceptions.py. */
-extern PyObject *AllocError_Type;          /* falls back to MemoryError */
-extern PyObject *CannotReallocInPlace_Type;
-/* AllocError(message, errno=err, size=size); returns NULL. */
-PyObject *raise_alloc_error(int err, Py_ssize_t size, const char *format, ...);
-/* OSError(err, message); returns NULL. */
-PyObject *raise_os_error(int err, const char *format, ...);
-/* OSError(err, strerror(err), step): which step of a multi-call operation
- * failed (the step is the exception's filename); returns NULL. Built without
- * PyErr_SetFromErrno, which would run signal handlers on EINTR. */
-PyObject *raise_step_error(int err, const char *step);
-/* The error a failed mprotect/munmap/madvise becomes: ENOMEM/EAGAIN an AllocError
- * naming vm.max_map_count, others an OSError; returns NULL. */
-PyObject *raise_syscall_error(int err, Py_ssize_t size, const char *what);
-
-/* ------------------------------------------------------------------ */
-/* argument helpers (common.c)                                         */
-
-int arg_ssize(PyObject *o, const char *name, Py_ssize_t *out);   /* __index__, >= 0 */
-int arg_int(PyObject *o, int *out);
-int arg_address(PyObject *o, void **out);
-int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssize_t max);
-/* offset and length objects (converted already: exact ints or None) to a
- * range of whole pages of the region; ValueError naming the argument. */
-int page_range(RegionObject *self, PyObject *offset, PyObject *length, Py_ssize_t *start,
-               Py_ssize_t *n);
-/* Convert offset/length arguments with __index__ first (user code may run);
- * returns new references (None for absent length). */
-int convert_range_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                       Py_ssize_t first, const char *fname, PyObject **offset,
-                       PyObject **length, PyObject **extra, const char *extra_name);
+int region_check_open(RegionObject *self);
+/* A new region over `capacity` bytes at data (owned from now on). NULL on
+ * failure (the caller unmaps). */
+PyObject *region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
+                      const MapSpec *spec, PyObject *owner, int fd);
+/* Map pages per spec (at address exactly when not NULL) and wrap them: NULL
+ * with OSError when the kernel refuses; nothing left mapped on failure. */
+PyObject *region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity,
+                     const MapSpec *spec, PyObject *owner, char *address);
+PyObject *region_release(RegionObject *self, PyObject *owner);
+/* Whether unmapping the mapping is slow enough to release the GIL for. */
+static inline int
+mapping_unmap_is_slow(const Mapping *m)
+{
+    return m->capacity >= SLOW_CALL_BYTES && (m->flags & MAPPING_COMMITTED);
+}
 
 /* bytes.c: the bytes-like protocol of Region */
 int region_check_readable(RegionObject *self, Py_ssize_t start, Py_ssize_t end);
@@ -330,12 +425,7 @@ PyObject *region_make_exec(RegionObject *, PyObject *const *, Py_ssize_t, PyObje
 PyObject *region_make_writable(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_flush_icache(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_pin(RegionObject *, PyObject *);
-/* A Pin token (protect.c): while it lives, the owner's pin counter stays
- * raised by one; its deallocation lowers it exactly once. Allocate it before
- * the checks (an allocation may run finalizers), attach it after them. */
-typedef struct PinObject PinObject;
-PinObject *pin_alloc(void);
-PyObject *pin_attach(PinObject *pin, PyObject *owner, Py_ssize_t *count, char *address);
+PyObject *region_pin_public(RegionObject *, PyObject *);
 PyObject *region_runs(RegionObject *, PyObject *);
 PyObject *region_resize(RegionObject *, PyObject *const *, Py_ssize_t);
 PyObject *region_populate(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
@@ -344,18 +434,52 @@ PyObject *region_mlock(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *
 PyObject *region_munlock(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_mincore(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_view(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
-/* unmap the pages of the region from newcap (< capacity, page-aligned) on and
- * record it; -1 with errno set and nothing changed (resize.c) */
-int region_drop_tail(RegionObject *self, Py_ssize_t newcap);
-/* zero bytes [start, end) of the region, whichever their protection; -1 + exception */
-int region_zero(RegionObject *self, Py_ssize_t start, Py_ssize_t end);
-/* mprotect [start, end) to prot and record it, all or nothing; -1 + exception */
-int region_set_prot(RegionObject *self, Py_ssize_t start, Py_ssize_t end, int prot);
-/* a memoryview of [start, end) of a region (pinning it), or of raw pool memory */
-PyObject *view_new(PyObject *owner, RegionObject *region, char *base, Py_ssize_t start,
-                   Py_ssize_t end, int writable, Py_ssize_t *pool_exports);
 
-/* Each capability adds its functions and types to the module here (module.c
+/* ------------------------------------------------------------------ */
+/* views.c and protect.c: the two tokens of a hold                     */
+
+/* A memoryview of [start, end) of m (a hold on it for as long as the view
+ * lives; owner keeps m alive), or, with m NULL, of raw memory at base whose
+ * owner counts its views in *counter (pool objects). Read-only where a page
+ * lacks WRITE or writable is 0; BufferError where one lacks READ. */
+PyObject *view_new(PyObject *owner, Mapping *m, char *base, Py_ssize_t start, Py_ssize_t end,
+                   int writable, Py_ssize_t *counter);
+/* A Pin token: while it lives, a hold of kind HOLD_PIN (or a buffer kind)
+ * on [start, end) of m keeps those pages mapped and in place. Allocate it
+ * before the checks (an allocation may run finalizers), attach it after. */
+typedef struct PinObject PinObject;
+PinObject *pin_alloc(void);
+PyObject *pin_attach(PinObject *pin, PyObject *owner, Mapping *m, Py_ssize_t start,
+                     Py_ssize_t end, int kind, char *address);
+
+/* ------------------------------------------------------------------ */
+/* spans.c: the free-span allocator of a code heap (pure data)         */
+
+typedef struct {
+    Py_ssize_t start, end;
+} Span;
+
+typedef struct {
+    Span *spans;            /* free spans below top: sorted, coalesced */
+    Py_ssize_t n, cap;
+    Py_ssize_t top;         /* [top, capacity) is free */
+    Py_ssize_t capacity;
+} SpanList;
+
+/* Empty, over [0, capacity) (what it held is freed). */
+void spans_init(SpanList *l, Py_ssize_t capacity);
+/* Room for the spans any state with `extents` live extents can have. */
+int spans_reserve(SpanList *l, Py_ssize_t extents);
+/* Where an extent of n bytes aligned to align fits: first fit among the
+ * spans (*span its index), else above top (*span -1); -1 when none does. */
+Py_ssize_t spans_find(const SpanList *l, Py_ssize_t n, Py_ssize_t align, Py_ssize_t *span);
+/* Take [at, at + n) as spans_find found it (room reserved for one more span). */
+void spans_take(SpanList *l, Py_ssize_t span, Py_ssize_t at, Py_ssize_t n);
+/* Give [start, start + n) back: coalesce, or lower top. Never fails. */
+void spans_give(SpanList *l, Py_ssize_t start, Py_ssize_t n);
+Py_ssize_t spans_largest(const SpanList *l);
+
+/* Each extension adds its functions and types to the module (module.c
  * calls them once, at import). */
 int secret_init(PyObject *module);
 int shared_init(PyObject *module);

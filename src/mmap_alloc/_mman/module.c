@@ -1,11 +1,10 @@
 /*
- * The module: its types, constants and plain functions, and the fork hook.
+ * The module: its types, constants, plain functions, and the one fork hook.
  */
 #include "mman.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
-#include <stdio.h>
-#include <sys/syscall.h>
 
 /* _register_errors(AllocError, CannotReallocInPlace): the types C raises */
 static PyObject *
@@ -17,10 +16,8 @@ mman_register_errors(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "_register_errors() takes two exception types");
         return NULL;
     }
-    Py_XDECREF(AllocError_Type);
-    AllocError_Type = Py_NewRef(args[0]);
-    Py_XDECREF(CannotReallocInPlace_Type);
-    CannotReallocInPlace_Type = Py_NewRef(args[1]);
+    REPLACE_REF(kernel.alloc_error, Py_NewRef(args[0]));
+    REPLACE_REF(kernel.cannot_realloc, Py_NewRef(args[1]));
     Py_RETURN_NONE;
 }
 
@@ -30,62 +27,53 @@ mman_register_errors(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 mman_page_size(PyObject *module, PyObject *unused)
 {
-    return PyLong_FromSsize_t(system_page);
+    return PyLong_FromSsize_t(kernel.page);
 }
 
 static PyObject *
 mman_mapped_bytes(PyObject *module, PyObject *unused)
 {
-    if (ngraves)
+    if (kernel.ngraves)
         flush_graveyard();
-    return PyLong_FromSsize_t(mapped_bytes);
+    return PyLong_FromSsize_t(kernel.mapped_bytes);
 }
 
-/* mincore(address, length) -> bytes: residency of any range (no memory is touched) */
+/* residency(address, length) -> bytes: which pages of any range are in memory
+ * (mincore; no memory is touched) */
 static PyObject *
 mman_mincore(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     void *p;
     Py_ssize_t length, npages;
     PyObject *vec;
-    int rc;
+    int err;
 
-    if (check_nargs("mincore", nargs, 2, 2) < 0 || arg_address(args[0], &p) < 0
+    if (check_nargs("residency", nargs, 2, 2) < 0 || arg_address(args[0], &p) < 0
         || arg_ssize(args[1], "length", &length) < 0)
         return NULL;
-    npages = (length + system_page - 1) / system_page;
+    npages = (length + kernel.page - 1) / kernel.page;
     vec = PyBytes_FromStringAndSize(NULL, npages);
     if (vec == NULL || npages == 0)
         return vec;
     Py_BEGIN_ALLOW_THREADS
-    rc = mincore(p, (size_t)length, (unsigned char *)PyBytes_AsString(vec));
+    err = os_residency(p, (size_t)length, (unsigned char *)PyBytes_AsString(vec));
     Py_END_ALLOW_THREADS
-    if (rc != 0) {
+    if (err) {
         Py_DECREF(vec);
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return raise_os_error(err, "mincore");
     }
     return vec;
 }
 
 /* sync_core(): make code changes visible to instruction fetch on every thread
  * of the process (membarrier SYNC_CORE where the architecture needs it). */
-static int sync_core_registered = 0;
-
 static PyObject *
 mman_sync_core(PyObject *module, PyObject *unused)
 {
-#if defined(__aarch64__) || defined(__arm__) || defined(__riscv)
-    /* MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE = 32, its registration 64 */
-    if (!sync_core_registered) {
-        if (syscall(SYS_membarrier, 64, 0, 0) != 0)
-            return PyErr_SetFromErrno(PyExc_OSError);
-        sync_core_registered = 1;
-    }
-    if (syscall(SYS_membarrier, 32, 0, 0) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-#else
-    (void)sync_core_registered;   /* x86: instruction fetch is coherent */
-#endif
+    int err = os_sync_core();
+
+    if (err)
+        return raise_os_error(err, "membarrier");
     Py_RETURN_NONE;
 }
 
@@ -94,32 +82,32 @@ mman_sync_core(PyObject *module, PyObject *unused)
 static PyObject *
 mman_memfd_secret(PyObject *module, PyObject *arg)
 {
-    int flags;
-    long fd;
+    int flags, fd, err;
 
-    if (arg_int(arg, &flags) < 0)
+    if (arg_int(arg, "flags", &flags) < 0)
         return NULL;
-#ifdef SYS_memfd_secret
-    fd = syscall(SYS_memfd_secret, (unsigned int)flags);
-#else
-    fd = syscall(447, (unsigned int)flags);
-#endif
-    if (fd < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+    err = os_memfd_secret(&fd, (unsigned int)flags);
+    if (err)
+        return raise_os_error(err, "memfd_secret");
     return PyLong_FromLong(fd);
 }
+
+PyObject *view_exported(PyObject *module, PyObject *arg);
 
 static PyMethodDef mman_methods[] = {
     {"page_size", mman_page_size, METH_NOARGS,
      "page_size($module, /)\n--\n\nThe kernel's base page size."},
     {"mapped_bytes", mman_mapped_bytes, METH_NOARGS,
      "mapped_bytes($module, /)\n--\n\nBytes this module has mapped and not unmapped yet."},
-    {"mincore", (PyCFunction)(void (*)(void))mman_mincore, METH_FASTCALL,
-     "mincore($module, address, length, /)\n--\n\nOne byte per page; bit 0: resident."},
+    {"residency", (PyCFunction)(void (*)(void))mman_mincore, METH_FASTCALL,
+     "residency($module, address, length, /)\n--\n\nOne byte per page; bit 0: resident."},
     {"memfd_secret", mman_memfd_secret, METH_O,
      "memfd_secret($module, flags, /)\n--\n\nA file descriptor of secret memory (Linux 5.14)."},
     {"sync_core", mman_sync_core, METH_NOARGS,
      "sync_core($module, /)\n--\n\nSerialise instruction fetch on every thread (arm64)."},
+    {"_view_exported", view_exported, METH_O,
+     "_view_exported($module, view, /)\n--\n\n"
+     "Whether a buffer of the View is alive after its memoryview was released."},
     {"_register_errors", (PyCFunction)(void (*)(void))mman_register_errors, METH_FASTCALL,
      "_register_errors($module, alloc_error, cannot_realloc, /)\n--\n\n"
      "The exception types the C layer raises."},
@@ -140,88 +128,66 @@ add_constants(PyObject *m)
     ADD(MADV_POPULATE_READ); ADD(MADV_POPULATE_WRITE);
     ADD(MADV_GUARD_INSTALL); ADD(MADV_GUARD_REMOVE);
 #undef ADD
+    if (PyModule_AddIntConstant(m, "TRACE_DOMAIN", (long)TRACE_DOMAIN) < 0)
+        return -1;
     return 0;
 }
 
-/* ------------------------------------------------------------------ */
-/* fork                                                                */
-
-/* In a child: counts held by threads that do not exist there are stale
- * (busy counts compare their generation), and pages advised MADV_DONTFORK
- * are absent: map zero pages there so that no buffer points at a hole. */
-static void
-after_fork_in_child(void)
-{
-    fork_generation++;
-    region_after_fork_in_child();
-}
+/* Every type of the module, in kernel state: (field, spec, name). */
+#define TYPES(X)                                         \
+    X(region_type, region_spec, "Region")                \
+    X(pin_type, pin_spec, "Pin")                         \
+    X(view_type, view_spec, "View")                      \
+    X(iter_type, iter_spec, "RegionIterator")            \
+    X(pool_type, pool_spec, "Pool")                      \
+    X(allocator_type, allocator_spec, "Allocator")
 
 static int
 mman_exec(PyObject *m)
 {
     static int atfork_registered = 0;
-    module_state *st = (module_state *)PyModule_GetState(m);
-    long page = sysconf(_SC_PAGESIZE);
 
-    if (page > 0)
-        system_page = page;
+    kernel.page = (Py_ssize_t)os_page_size();
+    /* tracemalloc's C API is outside the limited API: found by name, and
+     * nothing is reported where the interpreter lacks it */
+    *(void **)&kernel.trace_track = dlsym(RTLD_DEFAULT, "PyTraceMalloc_Track");
+    *(void **)&kernel.trace_untrack = dlsym(RTLD_DEFAULT, "PyTraceMalloc_Untrack");
     if (!atfork_registered) {
+        /* the one fork hook: counts held by threads that do not exist in the
+         * child are stale (busy counts compare their generation), and pages
+         * advised MADV_DONTFORK are mapped again there (mapping.c) */
         if (pthread_atfork(NULL, NULL, after_fork_in_child) != 0) {
             PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
             return -1;
         }
         atfork_registered = 1;
     }
-#define TYPE(field, spec, name, base)                                                   \
-    st->field = (PyTypeObject *)PyType_FromModuleAndSpec(m, &spec, base);               \
-    if (st->field == NULL || PyModule_AddObjectRef(m, name, (PyObject *)st->field) < 0) \
+#define MAKE(field, spec, name)                                                           \
+    REPLACE_REF(kernel.field, (PyTypeObject *)PyType_FromModuleAndSpec(m, &spec, NULL));  \
+    if (kernel.field == NULL || PyModule_AddObjectRef(m, name, (PyObject *)kernel.field) < 0) \
         return -1;
-    TYPE(region_type, region_spec, "Region", NULL)
-    TYPE(pin_type, pin_spec, "Pin", NULL)
-    TYPE(view_type, view_spec, "View", NULL)
-    TYPE(iter_type, iter_spec, "RegionIterator", NULL)
-    TYPE(pool_type, pool_spec, "Pool", NULL)
-    TYPE(allocator_type, allocator_spec, "Allocator", NULL)
-#undef TYPE
-    Region_Type = st->region_type;
-    Pin_Type = st->pin_type;
-    View_Type = st->view_type;
-    Iter_Type = st->iter_type;
+    TYPES(MAKE)
+#undef MAKE
     if (secret_init(m) < 0 || shared_init(m) < 0 || codeheap_init(m) < 0)
         return -1;
     return add_constants(m);
 }
 
+/* The module holds the kernel's objects for the GC: the types, and the
+ * exception types registered by exceptions.py. */
 static int
 mman_traverse(PyObject *m, visitproc visit, void *arg)
 {
-    module_state *st = (module_state *)PyModule_GetState(m);
-    Py_VISIT(st->region_type);
-    Py_VISIT(st->pin_type);
-    Py_VISIT(st->view_type);
-    Py_VISIT(st->iter_type);
-    Py_VISIT(st->pool_type);
-    Py_VISIT(st->allocator_type);
+#define VISIT(field, spec, name) Py_VISIT(kernel.field);
+    TYPES(VISIT)
+#undef VISIT
+    Py_VISIT(kernel.secret_type);
+    Py_VISIT(kernel.heap_type);
+    Py_VISIT(kernel.block_type);
+    Py_VISIT(kernel.alloc_error);
+    Py_VISIT(kernel.cannot_realloc);
+    Py_VISIT(kernel.memory_corruption);
     return 0;
-}
-
-static int
-mman_clear(PyObject *m)
-{
-    module_state *st = (module_state *)PyModule_GetState(m);
-    Py_CLEAR(st->region_type);
-    Py_CLEAR(st->pin_type);
-    Py_CLEAR(st->view_type);
-    Py_CLEAR(st->iter_type);
-    Py_CLEAR(st->pool_type);
-    Py_CLEAR(st->allocator_type);
-    return 0;
-}
-
-static void
-mman_free(void *m)
-{
-    mman_clear((PyObject *)m);
 }
 
 static PyModuleDef_Slot mman_slots[] = {
@@ -234,12 +200,10 @@ static struct PyModuleDef mman_module = {
     .m_name = "mmap_alloc._mman",
     .m_doc = "The safety kernel of mmap_alloc: mappings, page protections, exports, "
              "pins and pool slabs (private to mmap_alloc).",
-    .m_size = sizeof(module_state),
+    .m_size = 0,
     .m_methods = mman_methods,
     .m_slots = mman_slots,
     .m_traverse = mman_traverse,
-    .m_clear = mman_clear,
-    .m_free = mman_free,
 };
 
 PyMODINIT_FUNC

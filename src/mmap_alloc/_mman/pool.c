@@ -100,17 +100,7 @@ pool_insert(PoolObject *self, Slab *s)
 static int
 pool_reserve_table(PoolObject *self)
 {
-    if (self->nslabs == self->cap) {
-        Py_ssize_t cap = self->cap ? self->cap * 2 : 8;
-        Slab **slabs = PyMem_Realloc(self->slabs, (size_t)cap * sizeof(Slab *));
-        if (slabs == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        self->slabs = slabs;
-        self->cap = cap;
-    }
-    return 0;
+    return reserve_items((void **)&self->slabs, &self->cap, self->nslabs + 1, 8, sizeof(Slab *));
 }
 
 /* Give empty slabs past keep_empty back: the first keep_spare of them stay
@@ -137,7 +127,7 @@ pool_release(PoolObject *self)
         if (self->last == s)
             self->last = NULL;
         if (self->nspares < self->keep_spare && self->nspares < self->cap_spares) {
-            madvise(s->base, (size_t)s->capacity, MADV_DONTNEED);
+            os_advise(s->base, (size_t)s->capacity, MADV_DONTNEED);
             self->spares[self->nspares++] = s;
         }
         else
@@ -164,20 +154,21 @@ pool_adopt(PoolObject *self, PyObject *obj)
         PyErr_NoMemory();
         return -1;
     }
-    if (region_check_open(region) < 0 || region_check_idle(region, "use it as a slab") < 0
-        || region->capacity < self->span || region->rec.n != 1
-        || (region->rec.runs[0].flags & (RUN_GUARD | RUN_DONTFORK))
-        || (region->flags & (REGION_SHARED | REGION_PRIVATE))) {
+    if (region_check_open(region) < 0
+        || mapping_check_idle(&region->m, "use it as a slab", "the region") < 0
+        || region->m.capacity < self->span || region->m.rec.n != 1
+        || region->m.rec.runs[0].flags || region->m.fd >= 0
+        || (region->m.flags & MAPPING_REGISTERED)) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "the slab source returned an unusable region");
         PyMem_Free(s);
         return -1;
     }
-    s->base = region->data;
-    s->capacity = region->capacity;
-    s->prot = region->rec.runs[0].prot;
+    s->base = region->m.data;
+    s->capacity = region->m.capacity;
+    s->prot = region->m.rec.runs[0].prot;
     slab_reset(self, s, 1);
-    region->data = NULL;   /* the pages are the pool's now: the region is closed */
+    region->m.data = NULL;   /* the pages are the pool's now: the region is closed */
     pool_insert(self, s);
     return 0;
 }
@@ -198,8 +189,8 @@ pool_add_slab(PoolObject *self)
             return -1;
         s = self->spares[--self->nspares];
         if (self->populate && (s->prot & PROT_RW))
-            madvise(s->base, (size_t)s->capacity,
-                    (s->prot & PROT_WRITE) ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
+            os_advise(s->base, (size_t)s->capacity,
+                      (s->prot & PROT_WRITE) ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
         slab_reset(self, s, 1);
         pool_insert(self, s);
         return 0;
@@ -392,7 +383,7 @@ pool_configure(PoolObject *self, PyObject *const *args, Py_ssize_t nargs)
         || arg_ssize(args[1], "stride", &stride) < 0
         || arg_ssize(args[2], "per_slab", &per_slab) < 0
         || arg_ssize(args[3], "keep_empty", &keep_empty) < 0
-        || arg_ssize(args[4], "keep_spare", &keep_spare) < 0 || arg_int(args[5], &populate) < 0)
+        || arg_ssize(args[4], "keep_spare", &keep_spare) < 0 || arg_int(args[5], "populate", &populate) < 0)
         return NULL;
     if (self->configured) {
         PyErr_SetString(PyExc_RuntimeError, "pool is configured already");

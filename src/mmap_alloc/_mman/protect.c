@@ -1,85 +1,11 @@
 /*
- * Page protection: protect, make_exec, make_writable, flush_icache, and pins.
- * Each is one call: arguments converted first, then checked against the
- * record, exports and pins, then mprotect and the record updated together.
+ * Page protection of a region: protect, make_exec, make_writable,
+ * flush_icache; and pins (the Pin token: a hold on a mapping that code or a
+ * raw pointer needs). Each is one call: arguments converted first, then
+ * checked against the record, exports and pins, then the protection and the
+ * record changed together (mapping_set_prot).
  */
 #include "mman.h"
-
-#include <stdio.h>
-
-/* Read the kernel's view of [start, end) back into the record: for the rare
- * case where mprotect failed part-way and putting it back failed too. */
-static void
-resync_from_maps(RegionObject *self, Py_ssize_t start, Py_ssize_t end)
-{
-    FILE *maps = fopen("/proc/self/maps", "r");
-    uintptr_t base = (uintptr_t)self->data;
-    char line[512];
-
-    if (maps == NULL)
-        return;
-    while (fgets(line, sizeof line, maps)) {
-        unsigned long lo, hi;
-        char perms[5];
-        Py_ssize_t a, b;
-        int prot;
-        if (sscanf(line, "%lx-%lx %4s", &lo, &hi, perms) != 3)
-            continue;
-        if (hi <= base + (uintptr_t)start || lo >= base + (uintptr_t)end)
-            continue;
-        a = (Py_ssize_t)((lo > base + (uintptr_t)start ? lo : base + (uintptr_t)start) - base);
-        b = (Py_ssize_t)((hi < base + (uintptr_t)end ? hi : base + (uintptr_t)end) - base);
-        prot = (perms[0] == 'r' ? PROT_READ : 0) | (perms[1] == 'w' ? PROT_WRITE : 0)
-               | (perms[2] == 'x' ? PROT_EXEC : 0);
-        if (rec_reserve(&self->rec, 2) == 0)
-            rec_set(&self->rec, a, b, prot, 0, 0);
-        else
-            PyErr_Clear();
-    }
-    fclose(maps);
-}
-
-int
-region_set_prot(RegionObject *self, Py_ssize_t start, Py_ssize_t end, int prot)
-{
-    int err, broken = 0;
-
-    if (start >= end)
-        return 0;
-    if (rec_reserve(&self->rec, 2) < 0)
-        return -1;
-    if (mprotect(self->data + start, (size_t)(end - start), prot) == 0) {
-        rec_set(&self->rec, start, end, prot, 0, 0);
-        return 0;
-    }
-    err = errno;
-    /* mprotect works mapping by mapping and may stop part-way: put back what
-     * it changed, so that a failed call changes nothing */
-    for (Py_ssize_t i = rec_find(&self->rec, start);
-         i < self->rec.n && rec_start(&self->rec, i) < end; i++) {
-        Py_ssize_t lo = rec_start(&self->rec, i), hi = self->rec.runs[i].end;
-        lo = lo > start ? lo : start;
-        hi = hi < end ? hi : end;
-        if (mprotect(self->data + lo, (size_t)(hi - lo), self->rec.runs[i].prot) != 0)
-            broken = 1;
-    }
-    if (broken)
-        resync_from_maps(self, start, end);
-    raise_syscall_error(err, end - start, "change the protection of");
-    return -1;
-}
-
-/* Whether [start, end) already has prot everywhere (no system call needed). */
-static int
-already(RegionObject *self, Py_ssize_t start, Py_ssize_t end, int prot)
-{
-    PageRecord *rec = &self->rec;
-
-    for (Py_ssize_t i = rec_find(rec, start); i < rec->n && rec_start(rec, i) < end; i++)
-        if (rec->runs[i].prot != prot)
-            return 0;
-    return 1;
-}
 
 /* The checks of one protect() call: BufferError when the change would take
  * EXEC from pinned code or access from an exported buffer. */
@@ -88,17 +14,24 @@ check_range(RegionObject *self, Py_ssize_t start, Py_ssize_t n, int prot)
 {
     Py_ssize_t end = start + n;
 
-    if (n == 0 || already(self, start, end, prot))
+    if (n == 0 || rec_uniform(&self->m.rec, start, end, prot))
         return 0;
-    if (self->pins > 0 && !(prot & PROT_EXEC)
-        && (rec_access_any(&self->rec, start, end) & PROT_EXEC)) {
+    if (self->m.pins > 0 && !(prot & PROT_EXEC)
+        && (rec_access_any(&self->m.rec, start, end) & PROT_EXEC)) {
         PyErr_Format(PyExc_BufferError,
                      "cannot remove EXEC: %zd function(s) made by region.function() run code "
-                     "in the region; delete them first", self->pins);
+                     "in the region; delete them first", self->m.pins);
         return -1;
     }
-    if (self->nexports > 0 && region_exports_conflict(self, start, end, prot))
-        return -1;
+    if (self->m.nexports > 0) {
+        Py_ssize_t n = mapping_conflicts(&self->m, start, end, prot);
+        if (n > 0) {
+            PyErr_Format(PyExc_BufferError,
+                         "cannot remove read or write permission: %zd exported buffer(s) or pin(s) of the "
+                         "region cover those pages", n);
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -106,11 +39,11 @@ check_range(RegionObject *self, Py_ssize_t start, Py_ssize_t n, int prot)
 static int
 protect_range(RegionObject *self, Py_ssize_t start, Py_ssize_t n, int prot)
 {
-    if (n == 0 || already(self, start, start + n, prot))
+    if (n == 0 || rec_uniform(&self->m.rec, start, start + n, prot))
         return 0;
     if (check_range(self, start, n, prot) < 0)
         return -1;
-    return region_set_prot(self, start, start + n, prot);
+    return mapping_set_prot(&self->m, start, start + n, prot);
 }
 
 /* Parse (perms, offset, length) or (offset, length) and resolve the range. */
@@ -139,11 +72,11 @@ parse_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObj
         if (region_check_open(self) < 0)
             return -1;
         *start = 0;
-        *n = self->capacity;
+        *n = self->m.capacity;
         return 0;
     }
-    if (convert_range_args(args, nargs, kwnames, prot != NULL, fname, &offset, &length,
-                           prot != NULL ? &perms : NULL, "perms") < 0)
+    if (convert_range_args(args, nargs, kwnames, fname, &offset, &length,
+                           prot != NULL ? &perms : NULL, prot != NULL ? "perms" : NULL) < 0)
         return -1;
     if (prot != NULL) {
         long v = PyLong_AsLong(perms);
@@ -156,7 +89,7 @@ parse_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObj
         }
         *prot = (int)v;
     }
-    if (region_check_open(self) < 0 || page_range(self, offset, length, start, n) < 0)
+    if (region_check_open(self) < 0 || page_range(&self->m, offset, length, start, n) < 0)
         goto done;
     rc = 0;
 done:
@@ -196,7 +129,7 @@ region_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyOb
 static void
 flush_readable(RegionObject *self, Py_ssize_t start, Py_ssize_t end)
 {
-    PageRecord *rec = &self->rec;
+    PageRecord *rec = &self->m.rec;
 
     /* cache maintenance by address needs read access (arm64) */
     for (Py_ssize_t i = rec_find(rec, start); i < rec->n && rec_start(rec, i) < end; i++) {
@@ -204,7 +137,7 @@ flush_readable(RegionObject *self, Py_ssize_t start, Py_ssize_t end)
         lo = lo > start ? lo : start;
         hi = hi < end ? hi : end;
         if (run_access(&rec->runs[i]) & PROT_READ)
-            __builtin___clear_cache(self->data + lo, self->data + hi);
+            os_flush_icache(self->m.data + lo, (size_t)(hi - lo));
     }
 }
 
@@ -250,31 +183,38 @@ region_flush_icache(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
 
 struct PinObject {
     PyObject_HEAD
-    PyObject *owner;        /* strong: keeps *count alive */
-    Py_ssize_t *count;      /* the owner's pin counter */
+    PyObject *owner;        /* strong: keeps the mapping alive */
+    Mapping *m;             /* the mapping the hold is on */
+    Hold *hold;
     char *address;
 };
 
 PinObject *
 pin_alloc(void)
 {
-    PinObject *pin = PyObject_GC_New(PinObject, Pin_Type);
+    PinObject *pin = PyObject_GC_New(PinObject, kernel.pin_type);
 
     if (pin != NULL) {
         pin->owner = NULL;
-        pin->count = NULL;
+        pin->m = NULL;
+        pin->hold = NULL;
         pin->address = NULL;
     }
     return pin;
 }
 
 PyObject *
-pin_attach(PinObject *pin, PyObject *owner, Py_ssize_t *count, char *address)
+pin_attach(PinObject *pin, PyObject *owner, Mapping *m, Py_ssize_t start, Py_ssize_t end,
+           int kind, char *address)
 {
+    pin->hold = mapping_hold(m, start, end, kind);
+    if (pin->hold == NULL) {
+        Py_DECREF(pin);
+        return NULL;
+    }
     pin->owner = Py_NewRef(owner);
-    pin->count = count;
+    pin->m = m;
     pin->address = address;
-    (*count)++;
     PyObject_GC_Track(pin);
     return (PyObject *)pin;
 }
@@ -296,13 +236,13 @@ region_pin(RegionObject *self, PyObject *arg)
         return NULL;
     if (region_check_open(self) < 0)
         goto fail;
-    if (offset >= self->capacity) {
+    if (offset >= self->m.capacity) {
         PyErr_Format(PyExc_ValueError, "offset %zd lies outside the region (capacity %zd)",
-                     offset, self->capacity);
+                     offset, self->m.capacity);
         goto fail;
     }
     {
-        int access = run_access(&self->rec.runs[rec_find(&self->rec, offset)]);
+        int access = run_access(&self->m.rec.runs[rec_find(&self->m.rec, offset)]);
         if (!(access & PROT_EXEC)) {
             PyErr_Format(PyExc_ValueError,
                          "the code at offset %zd is not executable (%c%c-): call make_exec() "
@@ -311,10 +251,32 @@ region_pin(RegionObject *self, PyObject *arg)
             goto fail;
         }
     }
-    return pin_attach(pin, (PyObject *)self, &self->pins, self->data + offset);
+    return pin_attach(pin, (PyObject *)self, &self->m, 0, self->m.capacity, HOLD_PIN,
+                      self->m.data + offset);
 fail:
     Py_DECREF(pin);
     return NULL;
+}
+
+/* pin() -> Pin: from now until the Pin is deallocated, the region stays
+ * mapped and in place and keeps the access it has, as for an exported
+ * buffer (close, dealloc, realloc, shrink and protect respect it): the base
+ * object to give consumers of region.address. */
+PyObject *
+region_pin_public(RegionObject *self, PyObject *unused)
+{
+    PinObject *pin = pin_alloc();   /* first: an allocation may run finalizers */
+    int access;
+
+    if (pin == NULL)
+        return NULL;
+    if (region_check_open(self) < 0) {
+        Py_DECREF(pin);
+        return NULL;
+    }
+    access = rec_access_all(&self->m.rec, 0, self->m.size);
+    return pin_attach(pin, (PyObject *)self, &self->m, 0, self->m.size,
+                      (access & PROT_WRITE) ? HOLD_WRITE : HOLD_READ, self->m.data);
 }
 
 static PyObject *
@@ -322,7 +284,6 @@ pin_get_address(PinObject *pin, void *closure)
 {
     return PyLong_FromVoidPtr(pin->address);
 }
-
 
 static int
 pin_traverse(PinObject *pin, visitproc visit, void *arg)
@@ -339,10 +300,11 @@ pin_dealloc(PinObject *pin)
     PyObject *owner = pin->owner;
 
     PyObject_GC_UnTrack(pin);
-    if (owner != NULL) {
-        (*pin->count)--;   /* exactly once: only a Pin's death unpins */
-        Py_DECREF(owner);
+    if (pin->hold != NULL) {
+        mapping_unhold(pin->m, pin->hold);   /* exactly once: only a Pin's death unpins */
+        pin->hold = NULL;
     }
+    Py_XDECREF(owner);
     PyObject_GC_Del(pin);
     Py_DECREF(tp);
 }
@@ -350,17 +312,18 @@ pin_dealloc(PinObject *pin)
 static PyObject *
 pin_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyErr_SetString(PyExc_TypeError, "pins are made by Region.function() and CodeBlock.function()");
+    PyErr_SetString(PyExc_TypeError, "pins are made by Region.function() and CodeBlock.function(), and by Region.pin()");
     return NULL;
 }
 
 static PyGetSetDef pin_getset[] = {
-    {"address", (getter)pin_get_address, NULL, "The address of the pinned code.", NULL},
+    {"address", (getter)pin_get_address, NULL, "The address the pin holds (code, or the region).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyType_Slot pin_slots[] = {
-    {Py_tp_doc, "Keeps the code of a region or code block in place while it lives; unpins when it dies."},
+    {Py_tp_doc, "Keeps a region, or the code of a region or code block, mapped and in place "
+                "while it lives; unpins when it dies."},
     {Py_tp_new, pin_new},
     {Py_tp_getset, pin_getset},
     {Py_tp_traverse, pin_traverse},

@@ -1,140 +1,20 @@
 /*
- * Region: one mapping owned by one object. Its invariants, which keep Python
- * code from crashing the interpreter:
- *   - data == NULL once closed; the pointer is cleared before munmap;
- *   - rec (the protection record) says what every page allows, and every
- *     access made here is checked against it;
- *   - while a buffer is exported (memoryview, numpy array, ctypes object,
- *     a view), the pages it covers are never unmapped, moved, or stripped of
- *     the access the buffer needs; while pinned (functions from function())
- *     the region is never unmapped, moved, shrunk, re-zeroed, or stripped of
- *     EXEC; while busy (a call runs without the GIL) never unmapped or moved.
+ * Region: an owner of one mapping (the core's Mapping, mapping.c), handed
+ * to users by MapAlloc; SharedRegion and file regions are Regions too, with
+ * a file under the mapping. This file: creation, close, the buffer protocol,
+ * introspection, the type. Bytes-like access is bytes.c; protection and pins
+ * protect.c; advice advise.c; views views.c; resizing resize.c.
  */
 #include "mman.h"
-
-PyTypeObject *Region_Type = NULL;
-PyTypeObject *Pin_Type = NULL;
-PyTypeObject *View_Type = NULL;
-PyTypeObject *Iter_Type = NULL;
-
-/* ------------------------------------------------------------------ */
-/* state                                                               */
-
-int
-is_region(PyObject *o)
-{
-    return Region_Type != NULL && PyObject_TypeCheck(o, Region_Type);
-}
 
 int
 region_check_open(RegionObject *self)
 {
-    if (self->data == NULL) {
+    if (self->m.data == NULL) {
         PyErr_SetString(PyExc_ValueError, "region is closed");
         return -1;
     }
     return 0;
-}
-
-void
-region_busy_enter(RegionObject *self)
-{
-    if (self->busy_gen != fork_generation) {
-        self->busy = 0;
-        self->busy_gen = fork_generation;
-    }
-    self->busy++;
-}
-
-void
-region_busy_leave(RegionObject *self)
-{
-    if (self->busy_gen == fork_generation && self->busy > 0)
-        self->busy--;
-}
-
-int
-region_check_idle(RegionObject *self, const char *what)
-{
-    if (self->nexports > 0) {
-        PyErr_Format(PyExc_BufferError, "cannot %s: the region has %zd exported buffer(s)",
-                     what, self->nexports);
-        return -1;
-    }
-    if (self->pins > 0) {
-        PyErr_Format(PyExc_BufferError,
-                     "cannot %s: %zd function(s) made by region.function() run code in it",
-                     what, self->pins);
-        return -1;
-    }
-    if (region_busy(self) > 0) {
-        PyErr_Format(PyExc_BufferError,
-                     "cannot %s: a system call on the region is in progress", what);
-        return -1;
-    }
-    return 0;
-}
-
-/* ------------------------------------------------------------------ */
-/* regions advised MADV_DONTFORK: absent in a forked child             */
-
-static RegionObject **dontfork = NULL;
-static Py_ssize_t ndontfork = 0, cap_dontfork = 0;
-
-int
-region_track_dontfork(RegionObject *self)
-{
-    for (Py_ssize_t i = 0; i < ndontfork; i++)
-        if (dontfork[i] == self)
-            return 0;
-    self->flags |= REGION_DONTFORK;
-    if (ndontfork == cap_dontfork) {
-        Py_ssize_t cap = cap_dontfork ? cap_dontfork * 2 : 8;
-        RegionObject **d = PyMem_Realloc(dontfork, (size_t)cap * sizeof(*d));
-        if (d == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        dontfork = d;
-        cap_dontfork = cap;
-    }
-    dontfork[ndontfork++] = self;
-    return 0;
-}
-
-static void
-region_untrack_dontfork(RegionObject *self)
-{
-    for (Py_ssize_t i = 0; i < ndontfork; i++) {
-        if (dontfork[i] == self) {
-            dontfork[i] = dontfork[--ndontfork];
-            return;
-        }
-    }
-}
-
-void
-region_after_fork_in_child(void)
-{
-    /* The kernel left holes where MADV_DONTFORK pages were: map zero pages
-     * there with the recorded protection, so that every buffer and pointer
-     * the child inherited still points at memory. */
-    for (Py_ssize_t i = 0; i < ndontfork; i++) {
-        RegionObject *r = dontfork[i];
-        if (r->data == NULL)
-            continue;
-        for (Py_ssize_t k = 0; k < r->rec.n; k++) {
-            Run *run = &r->rec.runs[k];
-            Py_ssize_t start = rec_start(&r->rec, k);
-            if (!(run->flags & RUN_DONTFORK))
-                continue;
-            mmap(r->data + start, (size_t)(run->end - start), run->prot,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
-            run->flags &= (unsigned char)~RUN_DONTFORK;
-        }
-        rec_merge(&r->rec);
-    }
-    ndontfork = 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -142,175 +22,106 @@ region_after_fork_in_child(void)
 
 PyObject *
 region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
-            const MapSpec *spec, PyObject *owner)
+            const MapSpec *spec, PyObject *owner, int fd)
 {
-    /* the generic allocator zero-fills: only the fields that are not zero are set */
+    /* the generic allocator zero-fills: the core sets what is not zero */
     RegionObject *self = (RegionObject *)PyType_GenericAlloc(cls, 0);
 
     if (self == NULL)
         return NULL;
-    self->data = data;
-    self->size = size;
-    self->capacity = capacity;
-    self->page = spec->page;
-    self->align = spec->align;
-    self->mflags = spec->mflags;
-    self->advice = spec->advice;
-    self->populate = spec->populate;
-    self->fd = -1;
-    self->rec.one.end = capacity;
-    self->rec.one.prot = (unsigned char)spec->prot;
-    self->rec.runs = &self->rec.one;
-    self->rec.n = self->rec.cap = 1;
-    self->busy_gen = fork_generation;
+    mapping_init(&self->m, data, size, capacity, spec, fd);
     self->owner = Py_NewRef(owner);
     self->backing = Py_NewRef(spec->backing ? spec->backing : Py_None);
     return (PyObject *)self;
 }
 
-/* Advise, prefault and wrap pages just mapped at p per spec; nothing left
- * mapped on failure. */
-static PyObject *
-region_adopt(PyTypeObject *cls, char *p, Py_ssize_t size, Py_ssize_t capacity,
-             const MapSpec *spec, PyObject *owner, int populate)
+/* Map fresh anonymous pages per spec (at address exactly, never replacing a
+ * mapping, when not NULL); advised and prefaulted as spec says. 0 or errno
+ * (the step in *call), nothing left mapped. */
+static int
+map_anonymous(char **out, Py_ssize_t capacity, const MapSpec *spec, char *address,
+                      const char **call)
 {
-    PyObject *region;
+    /* advised pages are prefaulted after the advice (THP: as huge pages) */
+    int populate = spec->populate && (spec->prot & PROT_RW);
+    int mflags = spec->mflags | (populate && !spec->advice ? MAP_POPULATE : 0);
+    int slow = populate && capacity >= SLOW_CALL_BYTES, err;
+    Py_ssize_t natural = (spec->mflags & MAP_HUGETLB) ? spec->page : kernel.page;
+    void *p = NULL;
 
+    *call = "mmap";
+    if (address != NULL && (uintptr_t)address % (uintptr_t)spec->align)
+        return EINVAL;
+    if (slow)
+        Py_BEGIN_ALLOW_THREADS
+        err = address != NULL ? os_map(&p, address, (size_t)capacity, spec->prot,
+                                       mflags | MAP_FIXED_NOREPLACE, -1, 0)
+                              : os_map_aligned(&p, (size_t)capacity, (size_t)spec->align,
+                                               (size_t)natural, spec->prot, mflags, -1, 0);
+        Py_END_ALLOW_THREADS
+    else if (address != NULL)
+        err = os_map(&p, address, (size_t)capacity, spec->prot, mflags | MAP_FIXED_NOREPLACE, -1,
+                     0);
+    else if (spec->align <= natural)   /* the common case: one mmap, with the GIL */
+        err = os_map(&p, NULL, (size_t)capacity, spec->prot, mflags, -1, 0);
+    else
+        err = os_map_aligned(&p, (size_t)capacity, (size_t)spec->align, (size_t)natural,
+                             spec->prot, mflags, -1, 0);
+    if (err)
+        return err;
     if (spec->advice) {
-        if (madvise(p, (size_t)capacity, spec->advice) != 0) {
-            int err = errno;
-            munmap(p, (size_t)capacity);
-            errno = err;
-            return PyErr_SetFromErrno(PyExc_OSError);
+        *call = "madvise";
+        err = os_advise(p, (size_t)capacity, spec->advice);
+        if (err) {
+            os_unmap(p, (size_t)capacity);
+            return err;
         }
         if (populate) {   /* best effort, as MAP_POPULATE is */
             int advice = (spec->prot & PROT_WRITE) ? MADV_POPULATE_WRITE : MADV_POPULATE_READ;
             Py_BEGIN_ALLOW_THREADS
-            madvise(p, (size_t)capacity, advice);
+            os_advise(p, (size_t)capacity, advice);
             Py_END_ALLOW_THREADS
         }
     }
-    region = region_wrap(cls, p, size, capacity, spec, owner);
-    if (region == NULL)
-        munmap(p, (size_t)capacity);
-    else {
-        mapped_bytes += capacity;
-        if (populate)
-            ((RegionObject *)region)->flags |= REGION_COMMITTED;
-    }
-    return region;
-}
-
-/* Whether spec prefaults pages, and the mmap flags it maps them with
- * (advised pages are prefaulted after the advice: THP as huge pages). */
-static int
-spec_flags(const MapSpec *spec, int *populate)
-{
-    *populate = spec->populate && (spec->prot & PROT_RW);
-    return spec->mflags | (*populate && !spec->advice ? MAP_POPULATE : 0);
+    *out = p;
+    return 0;
 }
 
 PyObject *
 region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, const MapSpec *spec,
-           PyObject *owner)
+           PyObject *owner, char *address)
 {
-    int populate, mflags = spec_flags(spec, &populate);
-    int slow = populate && capacity >= SLOW_CALL_BYTES;
-    Py_ssize_t natural = (spec->mflags & MAP_HUGETLB) ? spec->page : system_page;
+    const char *call;
     char *p;
+    PyObject *region;
+    int err = map_anonymous(&p, capacity, spec, address, &call);
 
-    if (spec->align <= natural && !slow)   /* the common case: one mmap, with the GIL */
-        p = mmap(NULL, (size_t)capacity, spec->prot, mflags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    else
-        p = map_aligned(capacity, spec->align, natural, spec->prot, mflags, -1, slow);
-    if (p == MAP_FAILED)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    return region_adopt(cls, p, size, capacity, spec, owner, populate);
-}
-
-PyObject *
-region_map_at(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, const MapSpec *spec,
-              PyObject *owner, char *address)
-{
-    int populate, mflags = spec_flags(spec, &populate);
-    char *p;
-
-    if (address == NULL)
-        return region_map(cls, size, capacity, spec, owner);
-    if ((uintptr_t)address % (uintptr_t)spec->align) {
-        errno = EINVAL;
-        return PyErr_SetFromErrno(PyExc_OSError);
+    if (err)
+        return raise_os_error(err, call);
+    region = region_wrap(cls, p, size, capacity, spec, owner, -1);
+    if (region == NULL) {
+        os_unmap(p, (size_t)capacity);
+        return NULL;
     }
-    mflags |= MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE;
-    if (populate && capacity >= SLOW_CALL_BYTES) {
-        Py_BEGIN_ALLOW_THREADS
-        p = mmap(address, (size_t)capacity, spec->prot, mflags, -1, 0);
-        Py_END_ALLOW_THREADS
-    }
-    else
-        p = mmap(address, (size_t)capacity, spec->prot, mflags, -1, 0);
-    if (p == MAP_FAILED)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    if (p != address) {
-        /* a kernel before 4.17 took MAP_FIXED_NOREPLACE for a hint */
-        munmap(p, (size_t)capacity);
-        errno = EADDRNOTAVAIL;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return region_adopt(cls, p, size, capacity, spec, owner, populate);
-}
-
-/* Close the fd a shared region owns. */
-static void
-region_drop_fd(RegionObject *self)
-{
-    if (self->fd >= 0 && (self->flags & REGION_OWNS_FD))
-        close(self->fd);
-    self->fd = -1;
-}
-
-int
-region_close_mapping(RegionObject *self)
-{
-    char *p = self->data;
-    int rc;
-
-    if (p == NULL)
-        return 0;
-    self->data = NULL;
-    if (region_unmap_is_slow(self)) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = munmap(p, (size_t)self->capacity);
-        Py_END_ALLOW_THREADS
-    }
-    else
-        rc = munmap(p, (size_t)self->capacity);
-    if (rc != 0) {
-        /* e.g. ENOMEM at vm.max_map_count: the mapping is still there, intact */
-        int err = errno;
-        self->data = p;
-        raise_syscall_error(err, self->capacity, "unmap");
-        return -1;
-    }
-    mapped_bytes -= self->capacity;
-    if (self->flags & REGION_DONTFORK)
-        region_untrack_dontfork(self);
-    if (self->fd >= 0)
-        region_drop_fd(self);
-    return 0;
+    kernel.mapped_bytes += capacity;
+    trace_mapped(p, capacity);
+    if (spec->populate && (spec->prot & PROT_RW))
+        ((RegionObject *)region)->m.flags |= MAPPING_COMMITTED;
+    return region;
 }
 
 static PyObject *
 region_close(RegionObject *self, PyObject *unused)
 {
-    if (self->data == NULL)
+    int err;
+
+    if (self->m.data == NULL)
         Py_RETURN_NONE;
-    if (self->flags & REGION_PRIVATE) {
-        PyErr_SetString(PyExc_ValueError, "this region belongs to a library object");
+    if (mapping_check_idle(&self->m, "close the region", "the region") < 0)
         return NULL;
-    }
-    if (region_check_idle(self, "close the region") < 0 || region_close_mapping(self) < 0)
-        return NULL;
+    err = mapping_close(&self->m);
+    if (err)
+        return raise_os_error_sized(err, "munmap", self->m.capacity, "unmap");
     Py_RETURN_NONE;
 }
 
@@ -322,7 +133,7 @@ region_release(RegionObject *self, PyObject *owner)
         PyErr_SetString(PyExc_ValueError, "region was allocated by another allocator");
         return NULL;
     }
-    if (self->data == NULL) {
+    if (self->m.data == NULL) {
         PyErr_SetString(PyExc_ValueError, "region was already freed");
         return NULL;
     }
@@ -338,7 +149,8 @@ region_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 /* Region._map(size, capacity, prot, mflags, advice, populate, page, align, owner,
  * backing, address=None): map pages and own them, in one step (at address, a
- * multiple of align, when given: see region_map_at). OSError (errno) on refusal. */
+ * multiple of align, exactly, never replacing a mapping). OSError on refusal
+ * (EEXIST: the range is taken; EADDRNOTAVAIL: the kernel placed it elsewhere). */
 static PyObject *
 region_map_method(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -347,9 +159,11 @@ region_map_method(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
     void *address = NULL;
 
     if (check_nargs("_map", nargs, 10, 11) < 0 || arg_ssize(args[0], "size", &size) < 0
-        || arg_ssize(args[1], "capacity", &capacity) < 0 || arg_int(args[2], &spec.prot) < 0
-        || arg_int(args[3], &spec.mflags) < 0 || arg_int(args[4], &spec.advice) < 0
-        || arg_int(args[5], &spec.populate) < 0
+        || arg_ssize(args[1], "capacity", &capacity) < 0
+        || arg_int(args[2], "prot", &spec.prot) < 0
+        || arg_int(args[3], "mflags", &spec.mflags) < 0
+        || arg_int(args[4], "advice", &spec.advice) < 0
+        || arg_int(args[5], "populate", &spec.populate) < 0
         || arg_ssize(args[6], "page", &spec.page) < 0
         || arg_ssize(args[7], "align", &spec.align) < 0
         || (nargs > 10 && args[10] != Py_None && arg_address(args[10], &address) < 0))
@@ -361,74 +175,22 @@ region_map_method(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     spec.backing = args[9];
-    return region_map_at((PyTypeObject *)cls, size, capacity, &spec, args[8], address);
+    return region_map((PyTypeObject *)cls, size, capacity, &spec, args[8], address);
 }
 
 /* ------------------------------------------------------------------ */
-/* exports                                                             */
-
-Export *
-region_export(RegionObject *self, Py_ssize_t start, Py_ssize_t end, int writable)
-{
-    Export *e = PyMem_Malloc(sizeof(Export));
-
-    if (e == NULL) {
-        PyErr_NoMemory();
-        return NULL;
-    }
-    e->start = start;
-    e->end = end;
-    e->writable = writable;
-    e->prev = NULL;
-    e->next = self->exports;
-    if (self->exports != NULL)
-        self->exports->prev = e;
-    self->exports = e;
-    self->nexports++;
-    return e;
-}
-
-void
-region_unexport(RegionObject *self, Export *e)
-{
-    if (e->prev != NULL)
-        e->prev->next = e->next;
-    else
-        self->exports = e->next;
-    if (e->next != NULL)
-        e->next->prev = e->prev;
-    self->nexports--;
-    PyMem_Free(e);
-}
-
-int
-region_exports_conflict(RegionObject *self, Py_ssize_t start, Py_ssize_t end, int prot)
-{
-    Py_ssize_t n = 0;
-
-    for (Export *e = self->exports; e != NULL; e = e->next) {
-        Py_ssize_t lo = e->start & ~(self->page - 1), hi = round_up(e->end, self->page);
-        if (lo < end && start < hi && (!(prot & PROT_READ) || (e->writable && !(prot & PROT_WRITE))))
-            n++;
-    }
-    if (n == 0)
-        return 0;
-    PyErr_Format(PyExc_BufferError,
-                 "cannot remove read or write permission: %zd exported buffer(s) of the "
-                 "region cover those pages", n);
-    return 1;
-}
+/* the buffer protocol                                                 */
 
 static int
 region_getbuffer(RegionObject *self, Py_buffer *view, int flags)
 {
     int access;
-    Export *e;
+    Hold *h;
 
     view->obj = NULL;
     if (region_check_open(self) < 0)
         return -1;
-    access = rec_access_all(&self->rec, 0, self->size);
+    access = rec_access_all(&self->m.rec, 0, self->m.size);
     if (!(access & PROT_READ)) {
         PyErr_SetString(PyExc_BufferError, "region is not readable");
         return -1;
@@ -437,15 +199,15 @@ region_getbuffer(RegionObject *self, Py_buffer *view, int flags)
         PyErr_SetString(PyExc_BufferError, "region is not writable");
         return -1;
     }
-    e = region_export(self, 0, self->size, (access & PROT_WRITE) != 0);
-    if (e == NULL)
+    h = mapping_hold(&self->m, 0, self->m.size, (access & PROT_WRITE) ? HOLD_WRITE : HOLD_READ);
+    if (h == NULL)
         return -1;
-    if (PyBuffer_FillInfo(view, (PyObject *)self, self->data, self->size,
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->m.data, self->m.size,
                           !(access & PROT_WRITE), flags) < 0) {
-        region_unexport(self, e);
+        mapping_unhold(&self->m, h);
         return -1;
     }
-    view->internal = e;
+    view->internal = h;
     return 0;
 }
 
@@ -453,7 +215,7 @@ static void
 region_releasebuffer(RegionObject *self, Py_buffer *view)
 {
     if (view->internal != NULL)
-        region_unexport(self, (Export *)view->internal);
+        mapping_unhold(&self->m, (Hold *)view->internal);
 }
 
 /* ------------------------------------------------------------------ */
@@ -464,35 +226,23 @@ region_get_address(RegionObject *self, void *closure)
 {
     if (region_check_open(self) < 0)
         return NULL;
-    return PyLong_FromVoidPtr(self->data);
-}
-
-static PyObject *
-region_get_size(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->size);
-}
-
-static PyObject *
-region_get_capacity(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->capacity);
+    return PyLong_FromVoidPtr(self->m.data);
 }
 
 static PyObject *
 region_get_closed(RegionObject *self, void *closure)
 {
-    return PyBool_FromLong(self->data == NULL);
+    return PyBool_FromLong(self->m.data == NULL);
 }
 
 /* The protection all pages share, or -1 when they differ. */
 static int
 common_prot(RegionObject *self)
 {
-    int prot = self->rec.runs[0].prot;
+    int prot = self->m.rec.runs[0].prot;
 
-    for (Py_ssize_t i = 1; i < self->rec.n; i++)
-        if (self->rec.runs[i].prot != prot)
+    for (Py_ssize_t i = 1; i < self->m.rec.n; i++)
+        if (self->m.rec.runs[i].prot != prot)
             return -1;
     return prot;
 }
@@ -514,45 +264,9 @@ region_get_mixed(RegionObject *self, void *closure)
 }
 
 static PyObject *
-region_get_exports(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->nexports);
-}
-
-static PyObject *
-region_get_pins(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->pins);
-}
-
-static PyObject *
 region_get_busy(RegionObject *self, void *closure)
 {
-    return PyLong_FromSsize_t(region_busy(self));
-}
-
-static PyObject *
-region_get_owner(RegionObject *self, void *closure)
-{
-    return Py_NewRef(self->owner);
-}
-
-static PyObject *
-region_get_backing(RegionObject *self, void *closure)
-{
-    return Py_NewRef(self->backing);
-}
-
-static PyObject *
-region_get_page(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->page);
-}
-
-static PyObject *
-region_get_align(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->align);
+    return PyLong_FromSsize_t(mapping_busy(&self->m));
 }
 
 /* _runs() -> list of (offset, length, prot, flags): the protection record */
@@ -563,14 +277,14 @@ region_runs(RegionObject *self, PyObject *unused)
 
     if (region_check_open(self) < 0)
         return NULL;
-    list = PyList_New(self->rec.n);
+    list = PyList_New(self->m.rec.n);
     if (list == NULL)
         return NULL;
-    for (Py_ssize_t i = 0; i < self->rec.n; i++) {
-        Py_ssize_t start = rec_start(&self->rec, i);
-        PyObject *item = Py_BuildValue("(nnii)", start, self->rec.runs[i].end - start,
-                                       (int)self->rec.runs[i].prot,
-                                       (int)self->rec.runs[i].flags);
+    for (Py_ssize_t i = 0; i < self->m.rec.n; i++) {
+        Py_ssize_t start = rec_start(&self->m.rec, i);
+        PyObject *item = Py_BuildValue("(nnii)", start, self->m.rec.runs[i].end - start,
+                                       (int)self->m.rec.runs[i].prot,
+                                       (int)self->m.rec.runs[i].flags);
         if (item == NULL) {
             Py_DECREF(list);
             return NULL;
@@ -591,15 +305,147 @@ region_page_range(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
     Py_ssize_t start, n;
     int err;
 
-    if (convert_range_args(args, nargs, kwnames, 0, "_page_range", &offset, &length, NULL,
-                           NULL) < 0)
+    if (convert_range_args(args, nargs, kwnames, "_page_range", &offset, &length, NULL, NULL) < 0)
         return NULL;
-    err = region_check_open(self) < 0 || page_range(self, offset, length, &start, &n) < 0;
+    err = region_check_open(self) < 0 || page_range(&self->m, offset, length, &start, &n) < 0;
     Py_DECREF(offset);
     Py_DECREF(length);
     if (err)
         return NULL;
     return Py_BuildValue("(nn)", start, n);
+}
+
+/* ------------------------------------------------------------------ */
+/* resizing                                                            */
+
+#define MODE_REALLOC 0
+#define MODE_GROW 1
+#define MODE_SHRINK 2
+
+static PyObject *
+cannot_in_place(RegionObject *self, const char *what, Py_ssize_t newcap, int err)
+{
+    PyObject *type = kernel.cannot_realloc ? kernel.cannot_realloc : PyExc_OSError;
+    PyErr_Format(type, "cannot %s the region at %p from %zd to %zd bytes in place: %s", what,
+                 (void *)self->m.data, self->m.capacity, newcap, strerror(err));
+    return NULL;
+}
+
+static PyObject *
+shrink_in_place(RegionObject *self, Py_ssize_t new_size, Py_ssize_t newcap)
+{
+    int err;
+
+    if (new_size > self->m.size) {
+        PyErr_Format(PyExc_ValueError, "new_size=%zd is larger than the region's size %zd",
+                     new_size, self->m.size);
+        return NULL;
+    }
+    if (mapping_check_idle(&self->m, "shrink the region", "the region") < 0)
+        return NULL;
+    if (newcap < self->m.capacity && (err = mapping_drop_tail(&self->m, newcap)) != 0)
+        return cannot_in_place(self, "shrink", newcap, err);
+    self->m.size = new_size;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+grow_in_place(RegionObject *self, Py_ssize_t new_size, Py_ssize_t newcap)
+{
+    Py_ssize_t cap = self->m.capacity;
+    int err;
+
+    if (new_size < self->m.size) {
+        PyErr_Format(PyExc_ValueError, "new_size=%zd is smaller than the region's size %zd",
+                     new_size, self->m.size);
+        return NULL;
+    }
+    if (mapping_zero(&self->m, self->m.size, new_size < cap ? new_size : cap, "the region") < 0)
+        return NULL;
+    if (newcap > cap && (err = mapping_grow_in_place(&self->m, newcap)) != 0)
+        return cannot_in_place(self, "grow", newcap, err);
+    self->m.size = new_size;
+    Py_RETURN_NONE;
+}
+
+/* realloc: in place when the pages allow, else moved (mremap, or a copy
+ * into pages mapped per spec) */
+static PyObject *
+realloc_region(RegionObject *self, Py_ssize_t new_size, Py_ssize_t newcap, const MapSpec *spec)
+{
+    Mapping *m = &self->m;
+    Py_ssize_t size = m->size;
+
+    if (newcap == m->capacity || (newcap < m->capacity && m->nexports > 0)) {
+        if (new_size > size && mapping_zero(m, size, new_size, "the region") < 0)
+            return NULL;
+        m->size = new_size;
+        Py_RETURN_NONE;
+    }
+    if (newcap < m->capacity) {
+        if (mapping_check_idle(m, "shrink the region", "the region") < 0)
+            return NULL;
+        mapping_drop_tail(m, newcap);   /* refused (map count): the capacity stays */
+        m->size = new_size;
+        Py_RETURN_NONE;
+    }
+    if (m->nexports > 0) {
+        PyErr_Format(PyExc_BufferError,
+                     "cannot move the region: it has %zd exported buffer(s) and %zd bytes do not "
+                     "fit in its capacity %zd", m->nexports, new_size, m->capacity);
+        return NULL;
+    }
+    if (mapping_check_idle(m, "move the region", "the region") < 0
+        || mapping_zero(m, size, m->capacity, "the region") < 0)
+        return NULL;
+    if (mapping_grow_in_place(m, newcap) != 0) {
+        const char *call;
+        int err = mapping_move(m, newcap, spec, &self->backing, &call);
+        if (err)
+            return err > 0 ? raise_os_error(err, call) : NULL;
+    }
+    m->size = new_size;
+    Py_RETURN_NONE;
+}
+
+/* _resize(new_size, mode[, mflags, advice, backing]): realloc (mode 0), grow in
+ * place (1), shrink in place (2). For a realloc that must copy, mflags, advice
+ * and backing say how to map the new pages instead of the region's own way. */
+PyObject *
+region_resize(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t new_size, newcap;
+    int mode;
+    MapSpec spec;
+
+    if (nargs != 2 && check_nargs("_resize", nargs, 5, 5) < 0)
+        return NULL;
+    if (arg_ssize(args[0], "new_size", &new_size) < 0 || arg_int(args[1], "mode", &mode) < 0)
+        return NULL;
+    spec.mflags = self->m.mflags;
+    spec.advice = self->m.advice;
+    spec.backing = NULL;
+    if (nargs == 5) {
+        if (arg_int(args[2], "mflags", &spec.mflags) < 0
+            || arg_int(args[3], "advice", &spec.advice) < 0)
+            return NULL;
+        spec.backing = args[4];
+    }
+    if (region_check_open(self) < 0)
+        return NULL;
+    if (self->m.fd >= 0) {
+        PyErr_SetString(PyExc_ValueError, "a shared region is resized with resize()");
+        return NULL;
+    }
+    if (new_size == 0 || new_size > PY_SSIZE_T_MAX - self->m.page)
+        return raise_os_error(ENOMEM, "size");
+    spec.page = self->m.page;
+    newcap = round_up(new_size, self->m.page);
+    if (mode == MODE_SHRINK)
+        return shrink_in_place(self, new_size, newcap);
+    if (mode == MODE_GROW)
+        return grow_in_place(self, new_size, newcap);
+    return realloc_region(self, new_size, newcap, &spec);
 }
 
 /* ------------------------------------------------------------------ */
@@ -626,27 +472,17 @@ static void
 region_dealloc(RegionObject *self)
 {
     PyTypeObject *tp = Py_TYPE((PyObject *)self);
-    char *p = self->data;
 
     PyObject_GC_UnTrack(self);
     if (self->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
-    self->data = NULL;
-    if (p != NULL) {
-        if (self->flags & REGION_DONTFORK)
-            region_untrack_dontfork(self);
-        unmap_or_bury(p, self->capacity, region_unmap_is_slow(self));
-    }
-    if (self->fd >= 0)
-        region_drop_fd(self);
-    if (self->rec.runs != &self->rec.one)
-        rec_free(&self->rec);
+    if (self->m.data != NULL || self->m.fd >= 0 || self->m.flags
+        || self->m.rec.runs != &self->m.rec.one)
+        mapping_release(&self->m);   /* else dealloc() closed it, and nothing is left */
     region_clear(self);
     PyObject_GC_Del(self);
     Py_DECREF(tp);
 }
-
-PyObject *region_release(RegionObject *self, PyObject *owner);
 
 static PyMethodDef region_methods[] = {
     {"_map", (PyCFunction)(void (*)(void))region_map_method, METH_FASTCALL | METH_CLASS,
@@ -687,6 +523,12 @@ static PyMethodDef region_methods[] = {
     {"rfind", (PyCFunction)(void (*)(void))region_rfind, METH_FASTCALL,
      "rfind($self, sub, start=None, end=None, /)\n--\n\n"
      "The highest index of sub (bytes-like, or a byte value), or -1; as bytes.rfind."},
+    {"pin", (PyCFunction)region_pin_public, METH_NOARGS,
+     "pin($self, /)\n--\n\n"
+     "A Pin that keeps the region mapped and in place while it lives, as an\n"
+     "exported buffer does: close(), realloc() and protect() respect it. Give it\n"
+     "as base= to consumers of region.address (pyarrow's foreign_buffer, numpy,\n"
+     "ctypes)."},
     {"_pin", (PyCFunction)region_pin, METH_O,
      "_pin(offset) -> Pin: pin the region for code at offset (which must be executable)."},
     {"_page_range", (PyCFunction)(void (*)(void))region_page_range,
@@ -702,7 +544,7 @@ static PyMethodDef region_methods[] = {
      "_madvise(advice, offset=0, length=None): madvise whole pages, with the rules\n"
      "of each advice (discarding advice is refused on pinned code)."},
     {"_mlock", (PyCFunction)(void (*)(void))region_mlock, METH_FASTCALL | METH_KEYWORDS,
-     "_mlock(on_fault, offset=0, length=None): mlock or mlock2(MLOCK_ONFAULT)."},
+     "_mlock(on_fault, offset=0, length=None): lock the pages now, or as they fault in."},
     {"_munlock", (PyCFunction)(void (*)(void))region_munlock, METH_FASTCALL | METH_KEYWORDS,
      "_munlock(offset=0, length=None)"},
     {"_mincore", (PyCFunction)(void (*)(void))region_mincore, METH_FASTCALL | METH_KEYWORDS,
@@ -713,22 +555,25 @@ static PyMethodDef region_methods[] = {
 static PyGetSetDef region_getset[] = {
     {"address", (getter)region_get_address, NULL,
      "Start address of the mapping, for interop (ctypes, cffi).", NULL},
-    {"size", (getter)region_get_size, NULL, "Bytes asked for: len(region).", NULL},
-    {"capacity", (getter)region_get_capacity, NULL, "Bytes mapped (whole pages).", NULL},
     {"closed", (getter)region_get_closed, NULL, "True once the region is unmapped.", NULL},
     {"mixed", (getter)region_get_mixed, NULL, "Whether pages differ in protection.", NULL},
     {"_prot", (getter)region_get_prot, NULL, "Protection all pages share, or -1.", NULL},
-    {"_exports", (getter)region_get_exports, NULL, "Live buffers.", NULL},
-    {"_pins", (getter)region_get_pins, NULL, "Live functions (pins).", NULL},
     {"_busy", (getter)region_get_busy, NULL, "Calls running without the GIL.", NULL},
-    {"_owner", (getter)region_get_owner, NULL, "The allocator that made it.", NULL},
-    {"_backing", (getter)region_get_backing, NULL, "What backs it (recorded).", NULL},
-    {"_page", (getter)region_get_page, NULL, "The granule of sizes and ranges.", NULL},
-    {"_align", (getter)region_get_align, NULL, "The alignment kept across moves.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
+#define MAPPING_MEMBER(name, field, doc) \
+    {name, T_PYSSIZET, offsetof(RegionObject, m) + offsetof(Mapping, field), READONLY, doc}
+
 static PyMemberDef region_members[] = {
+    MAPPING_MEMBER("size", size, "Bytes asked for: len(region)."),
+    MAPPING_MEMBER("capacity", capacity, "Bytes mapped (whole pages)."),
+    MAPPING_MEMBER("_exports", nexports, "Live buffers."),
+    MAPPING_MEMBER("_pins", pins, "Live pins (functions, pin())."),
+    MAPPING_MEMBER("_page", page, "The granule of sizes and ranges."),
+    MAPPING_MEMBER("_align", align, "The alignment kept across moves."),
+    {"_owner", T_OBJECT, offsetof(RegionObject, owner), READONLY, "The allocator that made it."},
+    {"_backing", T_OBJECT, offsetof(RegionObject, backing), READONLY, "What backs it (recorded)."},
     {"__weaklistoffset__", T_PYSSIZET, offsetof(RegionObject, weakreflist), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };

@@ -1,45 +1,45 @@
 /*
- * Resizing: realloc (may move), grow and shrink in place, move by copy, and
- * the zeroing of bytes a grow exposes. Each call is one transition: it
- * checks exports, pins and busy counts, acts, and updates the record, and a
- * failure leaves the region as it was.
+ * Growing, moving and shrinking a mapping: the one implementation under
+ * Region's realloc, grow and shrink in place, SharedRegion's resize and
+ * refresh, and file regions. A mapping of a file (fd >= 0) maps the file's
+ * next pages; an anonymous one fresh pages. Each function leaves the
+ * mapping as it was when it fails, and keeps the record true when it
+ * succeeds; the checks (exports, pins, busy) are the caller's, made first.
  */
 #include "mman.h"
 
-#include <fcntl.h>
-
-#define MODE_REALLOC 0
-#define MODE_GROW 1
-#define MODE_SHRINK 2
-
 static Py_ssize_t
-natural_align(RegionObject *self)
+natural_align(const Mapping *m)
 {
-    return (self->mflags & MAP_HUGETLB) ? self->page : system_page;
+    return (m->mflags & MAP_HUGETLB) ? m->page : kernel.page;
 }
+
+/* ---------------------------------------------------------------- zero */
 
 /* memset [lo, hi) (within one run of protection prot), raising the protection
  * for the time of the write if needed. */
 static int
-memset_run(RegionObject *self, Py_ssize_t lo, Py_ssize_t hi, int prot)
+memset_run(Mapping *m, Py_ssize_t lo, Py_ssize_t hi, int prot)
 {
     Py_ssize_t plo, phi;
+    int err;
 
     if (prot & PROT_WRITE) {
-        memset(self->data + lo, 0, (size_t)(hi - lo));
+        memset(m->data + lo, 0, (size_t)(hi - lo));
         return 0;
     }
-    plo = lo & ~(system_page - 1);
-    phi = round_up(hi, system_page);
-    if (mprotect(self->data + plo, (size_t)(phi - plo), prot | PROT_RW) != 0) {
-        raise_syscall_error(errno, phi - plo, "change the protection of");
+    plo = lo & ~(kernel.page - 1);
+    phi = round_up(hi, kernel.page);
+    err = os_protect(m->data + plo, (size_t)(phi - plo), prot | PROT_RW);
+    if (err) {
+        raise_os_error_sized(err, "mprotect", phi - plo, "change the protection of");
         return -1;
     }
-    memset(self->data + lo, 0, (size_t)(hi - lo));
-    if (mprotect(self->data + plo, (size_t)(phi - plo), prot) != 0) {
+    memset(m->data + lo, 0, (size_t)(hi - lo));
+    if (os_protect(m->data + plo, (size_t)(phi - plo), prot) != 0) {
         /* practically impossible (it merges mappings back): keep the record true */
-        if (rec_reserve(&self->rec, 2) == 0)
-            rec_set(&self->rec, plo, phi, prot | PROT_RW, 0, 0);
+        if (rec_reserve(&m->rec, 2) == 0)
+            rec_set(&m->rec, plo, phi, prot | PROT_RW, 0, 0);
         else
             PyErr_Clear();
     }
@@ -48,432 +48,397 @@ memset_run(RegionObject *self, Py_ssize_t lo, Py_ssize_t hi, int prot)
 
 /* memset [lo, hi), run by run; guard pages hold nothing and are skipped. */
 static int
-memset_range(RegionObject *self, Py_ssize_t lo, Py_ssize_t hi)
+memset_range(Mapping *m, Py_ssize_t lo, Py_ssize_t hi)
 {
-    PageRecord *rec = &self->rec;
+    PageRecord *rec = &m->rec;
 
     for (Py_ssize_t i = rec_find(rec, lo); i < rec->n && rec_start(rec, i) < hi; i++) {
         Py_ssize_t a = rec_start(rec, i), b = rec->runs[i].end;
-        int prot = rec->runs[i].prot;
         a = a > lo ? a : lo;
         b = b < hi ? b : hi;
-        if (rec->runs[i].flags & RUN_GUARD)
-            continue;
-        if (memset_run(self, a, b, prot) < 0)
+        if (!(rec->runs[i].flags & RUN_GUARD) && memset_run(m, a, b, rec->runs[i].prot) < 0)
             return -1;
     }
     return 0;
 }
 
 int
-region_zero(RegionObject *self, Py_ssize_t start, Py_ssize_t end)
+mapping_zero(Mapping *m, Py_ssize_t start, Py_ssize_t end, const char *noun)
 {
-    Py_ssize_t page = self->page, full_start, full_end;
+    Py_ssize_t full_start, full_end;
 
     if (start >= end)
         return 0;
-    if (self->pins > 0) {
+    if (m->pins > 0) {
         PyErr_Format(PyExc_BufferError,
-                     "cannot re-zero bytes of the region: %zd function(s) made by "
-                     "region.function() run code in it (pinned code keeps its contents)",
-                     self->pins);
+                     "cannot re-zero bytes of %s: %zd function(s) made by function() run code "
+                     "in it (pinned code keeps its contents)", noun, m->pins);
         return -1;
     }
-    full_start = round_up(start, page);
-    full_end = end & ~(page - 1);
-    if (full_start >= full_end || (self->flags & REGION_SHARED))
-        return memset_range(self, start, end);
-    if (start < full_start && memset_range(self, start, full_start) < 0)
+    full_start = round_up(start, m->page);
+    full_end = end & ~(m->page - 1);
+    if (full_start >= full_end || (m->flags & MAPPING_SHARED))
+        return memset_range(m, start, end);
+    if (start < full_start && memset_range(m, start, full_start) < 0)
         return -1;
-    /* whole pages go back to the kernel and read as zero (locked pages refuse) */
-    if (madvise(self->data + full_start, (size_t)(full_end - full_start), MADV_DONTNEED) != 0
-        && memset_range(self, full_start, full_end) < 0)
+    /* whole private pages go back to the kernel and read as zero (locked
+     * pages refuse: then they are written) */
+    if (os_advise(m->data + full_start, (size_t)(full_end - full_start), MADV_DONTNEED) != 0
+        && memset_range(m, full_start, full_end) < 0)
         return -1;
     if (full_end < end)
-        return memset_range(self, full_end, end);
+        return memset_range(m, full_end, end);
     return 0;
 }
 
-/* Pages added at [old, new) of the capacity: advise and prefault them as the
- * region's first pages were (best effort, as MAP_POPULATE is). */
-static void
-prepare_new_pages(RegionObject *self, Py_ssize_t old, Py_ssize_t new)
+/* ---------------------------------------------------------------- new pages */
+
+void
+mapping_prepare(Mapping *m, Py_ssize_t old, Py_ssize_t new)
 {
+    int prot;
+
     if (new <= old)
         return;
-    if (self->advice)
-        madvise(self->data + old, (size_t)(new - old), self->advice);
-    if (self->populate) {
-        int prot = self->rec.runs[self->rec.n - 1].prot;
-        if (prot & PROT_RW)
-            madvise(self->data + old, (size_t)(new - old),
-                    (prot & PROT_WRITE) ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
+    if (m->advice)
+        os_advise(m->data + old, (size_t)(new - old), m->advice);
+    if (m->advice == MADV_HUGEPAGE && m->fd >= 0) {
+        /* shmem: from the huge page the old end lies in, which may be whole
+         * now (best effort: khugepaged may do it later anyway) */
+        Py_ssize_t from = old & ~(m->align - 1);
+        os_advise(m->data + from, (size_t)(new - from), MADV_COLLAPSE);
     }
+    prot = m->rec.runs[m->rec.n - 1].prot;
+    if (m->populate && (prot & PROT_RW))
+        os_advise(m->data + old, (size_t)(new - old),
+                  (prot & PROT_WRITE) ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
 }
 
-/* Grow the mapping to newcap without moving it. 0 on success; -1 with errno
- * set (nothing changed) when the pages after it are taken or refused. */
+/* Map pages of m's file at p (MAP_FIXED or MAP_FIXED_NOREPLACE in mflags).
+ * A mapping without PROT_WRITE goes through a read-only open of the file
+ * when the kernel refuses it on the mapping's own descriptor (kernels
+ * before 6.7 refuse any shared mapping of a descriptor open for writing
+ * once the file is sealed against writing). 0 or errno. */
 static int
-grow_mapping_in_place(RegionObject *self, Py_ssize_t newcap)
+map_file_pages(Mapping *m, char *p, Py_ssize_t length, int prot, int mflags, int64_t offset)
 {
-    Run *last = &self->rec.runs[self->rec.n - 1];
-    Py_ssize_t delta = newcap - self->capacity;
-    int err = 0;
-    char *p;
+    void *q;
+    int ro, err = os_map(&q, p, (size_t)length, prot, mflags, m->fd, (off_t)offset);
 
-    if (rec_reserve(&self->rec, 1) < 0) {
-        PyErr_Clear();
-        errno = ENOMEM;
-        return -1;
-    }
-    last = &self->rec.runs[self->rec.n - 1];
-    if (self->rec.n == 1 && !(self->flags & REGION_SHARED)) {
-        p = mremap(self->data, (size_t)self->capacity, (size_t)newcap, 0);
-        if (p != MAP_FAILED) {
-            rec_extend(&self->rec, newcap, last->prot, last->flags & RUN_DONTFORK);
-            goto grown;
-        }
-        err = errno;
-        if (err == ENOMEM)
-            return -1;   /* the next pages are taken (or the limits say no) */
-    }
-    if (self->flags & REGION_SHARED) {
-        errno = err ? err : EINVAL;
-        return -1;
-    }
-    /* several kernel mappings, or hugetlb: map the next pages themselves */
-    p = mmap(self->data + self->capacity, (size_t)delta, last->prot,
-             self->mflags | MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
-    if (p == MAP_FAILED)
-        return -1;
-    if (p != self->data + self->capacity) {   /* a kernel that took it as a hint */
-        munmap(p, (size_t)delta);
-        errno = EEXIST;
-        return -1;
-    }
-    rec_extend(&self->rec, newcap, last->prot, 0);
-grown:
-    mapped_bytes += delta;
-    {
-        Py_ssize_t old = self->capacity;
-        self->capacity = newcap;
-        prepare_new_pages(self, old, newcap);
-    }
+    if (!err || (prot & PROT_WRITE) || (err != EPERM && err != EACCES))
+        return err;
+    err = os_reopen_readonly(m->fd, &ro);
+    if (err)
+        return err;
+    err = os_map(&q, p, (size_t)length, prot, mflags, ro, (off_t)offset);
+    os_close(ro);
+    return err;
+}
+
+/* Map fresh pages (of the file, or anonymous) at p with prot, exactly there
+ * (MAP_FIXED_NOREPLACE) or over what m owns (MAP_FIXED). */
+static int
+map_pages(Mapping *m, char *p, Py_ssize_t length, int prot, int fixed, int64_t offset)
+{
+    void *q;
+
+    if (m->fd >= 0)
+        return map_file_pages(m, p, length, prot, (m->mflags & ~MAP_POPULATE) | fixed, offset);
+    return os_map(&q, p, (size_t)length, prot, (m->mflags & ~MAP_POPULATE) | fixed, -1, 0);
+}
+
+/* The advice of run flags, given again to fresh pages [lo, hi) of a new
+ * kernel mapping; returns the flags it took (guards are never extended). */
+static int
+advise_like(Mapping *m, Py_ssize_t lo, Py_ssize_t hi, int flags)
+{
+    static const struct { int flag, advice; } kinds[] = {
+        {RUN_DONTFORK, MADV_DONTFORK}, {RUN_DONTDUMP, MADV_DONTDUMP},
+        {RUN_WIPEONFORK, MADV_WIPEONFORK}, {RUN_GUARD, MADV_GUARD_INSTALL},
+    };
+    int took = 0;
+
+    for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++)
+        if ((flags & kinds[k].flag)
+            && os_advise(m->data + lo, (size_t)(hi - lo), kinds[k].advice) == 0)
+            took |= kinds[k].flag;
+    return took;
+}
+
+/* ---------------------------------------------------------------- grow, shrink */
+
+int
+mapping_drop_tail(Mapping *m, Py_ssize_t newcap)
+{
+    int err = os_unmap(m->data + newcap, (size_t)(m->capacity - newcap));
+
+    if (err)
+        return err;
+    kernel.mapped_bytes -= m->capacity - newcap;
+    m->capacity = newcap;
+    if (!(m->flags & MAPPING_UNTRACED))
+        trace_mapped(m->data, newcap);
+    rec_truncate(&m->rec, newcap);
     return 0;
+}
+
+/* The mapping now reaches newcap (its new pages have prot and flags). */
+static void
+commit_growth(Mapping *m, Py_ssize_t newcap, int prot, int flags)
+{
+    Py_ssize_t old = m->capacity;
+
+    rec_extend(&m->rec, newcap, prot, flags);
+    kernel.mapped_bytes += newcap - old;
+    m->capacity = newcap;
+    if (!(m->flags & MAPPING_UNTRACED))
+        trace_mapped(m->data, newcap);
+    mapping_prepare(m, old, newcap);
 }
 
 int
-region_drop_tail(RegionObject *self, Py_ssize_t newcap)
+mapping_grow_in_place(Mapping *m, Py_ssize_t newcap)
 {
-    if (munmap(self->data + newcap, (size_t)(self->capacity - newcap)) != 0)
-        return -1;
-    mapped_bytes -= self->capacity - newcap;
-    self->capacity = newcap;
-    rec_truncate(&self->rec, newcap);
+    Py_ssize_t cap = m->capacity;
+    Run last;
+    int err;
+
+    if (rec_reserve(&m->rec, 1) < 0) {
+        PyErr_Clear();
+        return ENOMEM;
+    }
+    last = m->rec.runs[m->rec.n - 1];
+    if (m->rec.n == 1) {
+        /* one kernel mapping: extend it (its advice comes along) */
+        err = os_grow_in_place(m->data, (size_t)cap, (size_t)newcap);
+        if (!err) {
+            commit_growth(m, newcap, last.prot, last.flags & ~RUN_GUARD);
+            return 0;
+        }
+        if (err == ENOMEM)
+            return err;   /* the next pages are taken (or the limits say no) */
+    }
+    /* several kernel mappings, hugetlb, or a kernel that refuses to mremap
+     * this mapping: map the next pages themselves, right after it */
+    err = map_pages(m, m->data + cap, newcap - cap, last.prot, MAP_FIXED_NOREPLACE,
+                    m->offset + cap);
+    if (err)
+        return err;
+    commit_growth(m, newcap, last.prot, advise_like(m, cap, newcap, last.flags & ~RUN_GUARD));
     return 0;
 }
 
-/* ---------------------------------------------------------------- copy */
+/* ---------------------------------------------------------------- move */
 
-/* Pages of [lo, hi) that hold data (present or swapped), from /proc/self/pagemap;
- * out[i] = 1 for a page with data. Without pagemap every page counts. */
-static void
-pages_with_data(char *base, Py_ssize_t lo, Py_ssize_t hi, unsigned char *out)
+int
+mapping_apply_record(Mapping *m, char *p, Py_ssize_t upto, int prot0, int prot_mask)
 {
-    Py_ssize_t n = (hi - lo) / system_page, done = 0;
-    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    uint64_t entries[512];
-
-    if (fd < 0) {
-        memset(out, 1, (size_t)n);
-        return;
-    }
-    while (done < n) {
-        Py_ssize_t want = n - done < 512 ? n - done : 512;
-        off_t at = (off_t)(((uintptr_t)(base + lo) / (uintptr_t)system_page + (uintptr_t)done)
-                           * sizeof(uint64_t));
-        ssize_t got = pread(fd, entries, (size_t)want * sizeof(uint64_t), at);
-        if (got <= 0) {
-            memset(out + done, 1, (size_t)(n - done));
-            break;
-        }
-        for (Py_ssize_t k = 0; k < got / (ssize_t)sizeof(uint64_t); k++)
-            out[done + k] = (entries[k] >> 62) != 0;   /* bit 63 present, 62 swapped */
-        done += got / (Py_ssize_t)sizeof(uint64_t);
-    }
-    close(fd);
-}
-
-/* Copy the pages of [lo, hi) that hold data from src to dst. */
-static int
-copy_pages(char *dst, char *src, Py_ssize_t lo, Py_ssize_t hi)
-{
-    Py_ssize_t n = (hi - lo) / system_page;
-    unsigned char *has = PyMem_Malloc((size_t)(n ? n : 1));
-
-    if (has == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    pages_with_data(src, lo, hi, has);
-    for (Py_ssize_t k = 0; k < n;) {
-        Py_ssize_t j = k;
-        if (!has[k]) {
-            k++;
-            continue;
-        }
-        while (j < n && has[j])
-            j++;
-        memcpy(dst + lo + k * system_page, src + lo + k * system_page,
-               (size_t)((j - k) * system_page));
-        k = j;
-    }
-    PyMem_Free(has);
-    return 0;
-}
-
-/* Put back the protections a copy raised on the source runs [0, upto). */
-static void
-restore_source(RegionObject *self, Py_ssize_t upto)
-{
-    PageRecord *rec = &self->rec;
+    PageRecord *rec = &m->rec;
+    static const struct { int flag, advice; } kinds[] = {
+        {RUN_GUARD, MADV_GUARD_INSTALL}, {RUN_DONTFORK, MADV_DONTFORK},
+        {RUN_DONTDUMP, MADV_DONTDUMP}, {RUN_WIPEONFORK, MADV_WIPEONFORK},
+    };
 
     for (Py_ssize_t i = 0; i < rec->n && rec_start(rec, i) < upto; i++) {
-        Py_ssize_t lo = rec_start(rec, i), hi = rec->runs[i].end;
-        if (!(rec->runs[i].prot & PROT_READ) && !(rec->runs[i].flags & RUN_GUARD))
-            mprotect(self->data + lo, (size_t)((hi < upto ? hi : upto) - lo), rec->runs[i].prot);
+        Py_ssize_t lo = rec_start(rec, i), hi = rec->runs[i].end < upto ? rec->runs[i].end : upto;
+        int prot = rec->runs[i].prot & ~prot_mask;
+        int err = prot == prot0 ? 0 : os_protect(p + lo, (size_t)(hi - lo), prot);
+        for (size_t k = 0; !err && k < sizeof kinds / sizeof kinds[0]; k++)
+            if (rec->runs[i].flags & kinds[k].flag)
+                err = os_advise(p + lo, (size_t)(hi - lo), kinds[k].advice);
+        if (err)
+            return err;
     }
+    return 0;
 }
 
-/* Move the region to a new mapping of newcap bytes by copying, for mappings
- * mremap cannot move (several kernel mappings, hugetlb). Pages that hold no
- * data are not touched, so a reservation stays uncommitted. */
+/* An aligned reservation of length bytes (PROT_NONE, no commit charge). */
 static int
-move_by_copy(RegionObject *self, Py_ssize_t newcap, int mflags, int advice, PyObject *backing)
+reserve(char **out, Py_ssize_t length, Py_ssize_t align)
 {
-    PageRecord *rec = &self->rec;
-    Py_ssize_t natural = (mflags & MAP_HUGETLB) ? self->page : system_page;
-    Py_ssize_t copy_end = round_up(self->size, system_page), raised = 0;
-    char *target;
+    void *p;
+    int err = os_map_aligned(&p, (size_t)length, (size_t)align, (size_t)kernel.page, PROT_NONE,
+                             MAP_NORESERVE, -1, 0);
+
+    if (!err)
+        *out = p;
+    return err;
+}
+
+/* Move with mremap (page tables move, nothing is copied): 0, or errno with
+ * nothing changed. */
+static int
+move_by_remap(Mapping *m, Py_ssize_t newcap)
+{
+    char *target = NULL;
+    void *p;
+    int err;
+
+    if (m->align > natural_align(m) && (err = reserve(&target, newcap, m->align)) != 0)
+        return err;   /* keep the alignment (THP): move into an aligned reservation */
+    err = os_move(&p, m->data, (size_t)m->capacity, (size_t)newcap, target);
+    if (err) {
+        if (target != NULL)
+            os_unmap(target, (size_t)newcap);
+        return err;
+    }
+    trace_unmapped(m->data);   /* commit_growth traces the new place */
+    m->data = p;
+    commit_growth(m, newcap, m->rec.runs[0].prot, m->rec.runs[0].flags);
+    return 0;
+}
+
+/* Move a mapping of a file by mapping the file again elsewhere: the pages
+ * are the same pages. 0, or errno with nothing changed. */
+static int
+move_file_mapping(Mapping *m, Py_ssize_t newcap)
+{
+    Py_ssize_t cap = m->capacity;
+    int prot0 = m->rec.runs[0].prot, last = m->rec.runs[m->rec.n - 1].prot, err;
+    char *target, *old;
+
+    err = reserve(&target, newcap, m->align > natural_align(m) ? m->align : natural_align(m));
+    if (err)
+        return err;
+    err = map_pages(m, target, newcap, prot0, MAP_FIXED, m->offset);
+    if (!err)
+        err = mapping_apply_record(m, target, cap, prot0, 0);
+    if (!err && last != prot0)
+        err = os_protect(target + cap, (size_t)(newcap - cap), last);
+    if (err) {
+        os_unmap(target, (size_t)newcap);
+        return err;
+    }
+    /* the old mapping goes with the GIL held: nothing sees the region half moved */
+    old = m->data;
+    m->data = target;
+    kernel.mapped_bytes += cap;   /* unmap_or_bury takes it off again */
+    unmap_or_bury(old, cap, 0);
+    commit_growth(m, newcap, last, advise_like(m, cap, newcap,
+                                               m->rec.runs[m->rec.n - 1].flags & ~RUN_GUARD));
+    return 0;
+}
+
+/* Move anonymous pages by copying into a new mapping made per spec (for
+ * mappings mremap cannot move: several kernel mappings, hugetlb). Pages
+ * that hold no data are not touched, so a reservation stays uncommitted.
+ * -1 with the exception set. */
+static int
+move_by_copy(Mapping *m, Py_ssize_t newcap, const MapSpec *spec, const char **call)
+{
+    PageRecord *rec = &m->rec;
+    Py_ssize_t natural = (spec->mflags & MAP_HUGETLB) ? spec->page : kernel.page;
+    Py_ssize_t copy_end = round_up(m->size, kernel.page), raised = 0, oldcap = m->capacity;
+    unsigned char *has = NULL;
+    char *old;
+    void *target;
     int err;
 
     if (copy_end > newcap)
         copy_end = newcap;
     if (rec_reserve(rec, 1) < 0)
         return -1;
-    target = map_aligned(newcap, self->align, natural, PROT_RW, mflags, -1,
-                         (mflags & MAP_HUGETLB) != 0);
-    if (target == MAP_FAILED) {
-        PyErr_SetFromErrno(PyExc_OSError);
+    *call = "mmap";
+    err = os_map_aligned(&target, (size_t)newcap, (size_t)m->align, (size_t)natural, PROT_RW,
+                         spec->mflags, -1, 0);
+    if (err)
+        return err;
+    *call = "madvise";
+    if (spec->advice && (err = os_advise(target, (size_t)newcap, spec->advice)) != 0)
+        goto fail;
+    has = PyMem_Malloc((size_t)(copy_end / kernel.page + 1));
+    if (has == NULL) {
+        os_unmap(target, (size_t)newcap);
+        PyErr_NoMemory();
         return -1;
     }
-    if (advice && madvise(target, (size_t)newcap, advice) != 0)
-        goto fail_errno;
-    /* contents: run by run; unreadable pages become readable for the copy */
+    /* contents: run by run, only pages with data; unreadable pages become
+     * readable for the copy */
     for (Py_ssize_t i = 0; i < rec->n && rec_start(rec, i) < copy_end; i++) {
-        Py_ssize_t lo = rec_start(rec, i), hi = rec->runs[i].end;
+        Py_ssize_t lo = rec_start(rec, i), hi = rec->runs[i].end, n;
         hi = hi < copy_end ? hi : copy_end;
         if (rec->runs[i].flags & RUN_GUARD)
             continue;
+        *call = "mprotect";
         if (!(rec->runs[i].prot & PROT_READ)) {
-            if (mprotect(self->data + lo, (size_t)(hi - lo), rec->runs[i].prot | PROT_READ) != 0)
-                goto fail_errno;
+            err = os_protect(m->data + lo, (size_t)(hi - lo), rec->runs[i].prot | PROT_READ);
+            if (err)
+                goto fail;
             raised = hi;
         }
-        if (copy_pages(target, self->data, lo, hi) < 0)
-            goto fail;
+        n = (hi - lo) / kernel.page;
+        os_pages_with_data(m->data + lo, (size_t)(hi - lo), has);
+        for (Py_ssize_t k = 0, j; k < n; k = j) {
+            for (j = k; j < n && has[j] == has[k]; j++)
+                ;
+            if (has[k])
+                memcpy((char *)target + lo + k * kernel.page, m->data + lo + k * kernel.page,
+                       (size_t)((j - k) * kernel.page));
+        }
     }
     /* protections and flags of the target, the last run stretched to newcap */
-    for (Py_ssize_t i = 0; i < rec->n && rec_start(rec, i) < newcap; i++) {
-        Py_ssize_t lo = rec_start(rec, i), hi = i == rec->n - 1 ? newcap : rec->runs[i].end;
-        Run *run = &rec->runs[i];
-        hi = hi < newcap ? hi : newcap;
-        if (run->prot != PROT_RW && mprotect(target + lo, (size_t)(hi - lo), run->prot) != 0)
-            goto fail_errno;
-        if ((run->flags & RUN_GUARD)
-            && madvise(target + lo, (size_t)(hi - lo), MADV_GUARD_INSTALL) != 0)
-            goto fail_errno;
-        if ((run->flags & RUN_DONTFORK)
-            && madvise(target + lo, (size_t)(hi - lo), MADV_DONTFORK) != 0)
-            goto fail_errno;
-    }
+    err = mapping_apply_record(m, target, oldcap < newcap ? oldcap : newcap, PROT_RW, 0);
+    if (!err && newcap > oldcap && rec->runs[rec->n - 1].prot != PROT_RW)
+        err = os_protect((char *)target + oldcap, (size_t)(newcap - oldcap),
+                         rec->runs[rec->n - 1].prot);
+    if (err)
+        goto fail;
+    PyMem_Free(has);
     /* commit: from here nothing can fail */
-    {
-        char *old = self->data;
-        Py_ssize_t oldcap = self->capacity;
-        Run *last = &rec->runs[rec->n - 1];
-        mapped_bytes += newcap;
-        self->data = target;
-        if (newcap < oldcap)
-            rec_truncate(rec, newcap);
-        else
-            rec_extend(rec, newcap, last->prot, last->flags);
-        self->capacity = newcap;
-        self->mflags = mflags;
-        self->advice = advice;
-        if (backing != NULL) {
-            PyObject *previous = self->backing;
-            self->backing = Py_NewRef(backing);
-            Py_DECREF(previous);   /* a Backing member or None: no finalizer */
-        }
-        unmap_or_bury(old, oldcap, oldcap >= SLOW_CALL_BYTES);
-        if (newcap > oldcap && self->populate)
-            prepare_new_pages(self, oldcap, newcap);
+    old = m->data;
+    m->data = target;
+    m->mflags = spec->mflags;
+    m->advice = spec->advice;
+    kernel.mapped_bytes += newcap;
+    unmap_or_bury(old, oldcap, oldcap >= SLOW_CALL_BYTES);
+    if (newcap < oldcap) {
+        rec_truncate(rec, newcap);
+        m->capacity = newcap;
+        trace_mapped(target, newcap);
+    }
+    else {
+        kernel.mapped_bytes -= newcap - oldcap;   /* commit_growth adds it */
+        commit_growth(m, newcap, rec->runs[rec->n - 1].prot, rec->runs[rec->n - 1].flags);
     }
     return 0;
 
-fail_errno:
-    err = errno;
-    errno = err;
-    PyErr_SetFromErrno(PyExc_OSError);
 fail:
-    restore_source(self, raised);
-    munmap(target, (size_t)newcap);
-    return -1;
+    PyMem_Free(has);
+    for (Py_ssize_t i = 0; i < rec->n && rec_start(rec, i) < raised; i++)
+        if (!(rec->runs[i].prot & PROT_READ) && !(rec->runs[i].flags & RUN_GUARD)) {
+            Py_ssize_t lo = rec_start(rec, i), hi = rec->runs[i].end;
+            os_protect(m->data + lo, (size_t)((hi < raised ? hi : raised) - lo), rec->runs[i].prot);
+        }
+    os_unmap(target, (size_t)newcap);
+    return err;
 }
 
-/* Move (grow) the region to newcap bytes: mremap when one kernel mapping
- * holds it, else a copy. */
-static int
-move_region(RegionObject *self, Py_ssize_t newcap, int mflags, int advice, PyObject *backing)
+int
+mapping_move(Mapping *m, Py_ssize_t newcap, const MapSpec *spec, PyObject **backing,
+             const char **call)
 {
-    char *p, *hint = NULL;
+    MapSpec own = {.mflags = m->mflags, .advice = m->advice, .page = m->page};
     int err;
 
-    if (self->rec.n == 1 && !(self->rec.runs[0].flags & RUN_GUARD) && mflags == self->mflags
-        && rec_reserve(&self->rec, 1) == 0) {
-        if (self->align > natural_align(self)) {
-            /* keep the alignment: move into an aligned reservation */
-            hint = map_aligned(newcap, self->align, system_page, PROT_NONE, MAP_NORESERVE, -1, 0);
-            if (hint == MAP_FAILED) {
-                PyErr_SetFromErrno(PyExc_OSError);
-                return -1;
-            }
-            p = mremap(self->data, (size_t)self->capacity, (size_t)newcap,
-                       MREMAP_MAYMOVE | MREMAP_FIXED, hint);
-        }
-        else
-            p = mremap(self->data, (size_t)self->capacity, (size_t)newcap, MREMAP_MAYMOVE);
-        if (p != MAP_FAILED) {
-            Py_ssize_t old = self->capacity;
-            Run *last = &self->rec.runs[0];
-            mapped_bytes += newcap - old;
-            self->data = p;
-            self->capacity = newcap;
-            rec_extend(&self->rec, newcap, last->prot, last->flags);
-            prepare_new_pages(self, old, newcap);
-            return 0;
-        }
-        err = errno;
-        if (hint != NULL)
-            munmap(hint, (size_t)newcap);
-        if (err != EFAULT && err != EINVAL) {
-            errno = err;
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
-        }
-    }
-    else if (PyErr_Occurred())
+    if (spec == NULL)
+        spec = &own;
+    if (rec_reserve(&m->rec, 1) < 0)
         return -1;
-    return move_by_copy(self, newcap, mflags, advice, backing);
-}
-
-static PyObject *
-cannot_in_place(RegionObject *self, const char *what, Py_ssize_t newcap, int err)
-{
-    PyObject *type = CannotReallocInPlace_Type ? CannotReallocInPlace_Type : PyExc_OSError;
-    PyErr_Format(type, "cannot %s the region at %p from %zd to %zd bytes in place: %s", what,
-                 (void *)self->data, self->capacity, newcap, strerror(err));
-    return NULL;
-}
-
-/* _resize(new_size, mode[, mflags, advice, backing]): realloc (mode 0), grow in
- * place (1), shrink in place (2). For a realloc that must copy, mflags, advice
- * and backing say how to map the new pages instead of the region's own way. */
-PyObject *
-region_resize(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_ssize_t new_size, newcap, size;
-    int mode, mflags, advice;
-    PyObject *backing = NULL;
-
-    if (nargs != 2 && check_nargs("_resize", nargs, 5, 5) < 0)
-        return NULL;
-    if (arg_ssize(args[0], "new_size", &new_size) < 0 || arg_int(args[1], &mode) < 0)
-        return NULL;
-    if (region_check_open(self) < 0)
-        return NULL;
-    mflags = self->mflags;
-    advice = self->advice;
-    if (nargs == 5) {
-        if (arg_int(args[2], &mflags) < 0 || arg_int(args[3], &advice) < 0)
-            return NULL;
-        backing = args[4];
+    if (m->rec.n == 1 && !(m->rec.runs[0].flags & RUN_GUARD) && spec->mflags == m->mflags) {
+        *call = "mremap";
+        err = move_by_remap(m, newcap);
+        if (err != EFAULT && err != EINVAL)
+            return err;   /* moved, or refused for want of memory or address space */
     }
-    if (self->flags & REGION_SHARED) {
-        PyErr_SetString(PyExc_ValueError, "a shared region is resized with resize()");
-        return NULL;
+    if (m->fd >= 0) {
+        *call = "mmap";
+        return move_file_mapping(m, newcap);
     }
-    if (new_size == 0 || new_size > PY_SSIZE_T_MAX - self->page) {
-        errno = ENOMEM;
-        return PyErr_SetFromErrno(PyExc_OSError);
+    err = move_by_copy(m, newcap, spec, call);
+    if (err == 0 && backing != NULL && spec->backing != NULL) {
+        PyObject *previous = *backing;
+        *backing = Py_NewRef(spec->backing);
+        Py_DECREF(previous);   /* a Backing member or None: no finalizer */
     }
-    size = self->size;
-    newcap = round_up(new_size, self->page);
-
-    if (mode == MODE_SHRINK) {
-        if (new_size > size) {
-            PyErr_Format(PyExc_ValueError, "new_size=%zd is larger than the region's size %zd",
-                         new_size, size);
-            return NULL;
-        }
-        if (region_check_idle(self, "shrink the region") < 0)
-            return NULL;
-        if (newcap < self->capacity && region_drop_tail(self, newcap) < 0)
-            return cannot_in_place(self, "shrink", newcap, errno);
-        self->size = new_size;
-        Py_RETURN_NONE;
-    }
-    if (mode == MODE_GROW) {
-        if (new_size < size) {
-            PyErr_Format(PyExc_ValueError, "new_size=%zd is smaller than the region's size %zd",
-                         new_size, size);
-            return NULL;
-        }
-        if (region_zero(self, size, new_size < self->capacity ? new_size : self->capacity) < 0)
-            return NULL;
-        if (newcap > self->capacity && grow_mapping_in_place(self, newcap) < 0)
-            return cannot_in_place(self, "grow", newcap, errno);
-        self->size = new_size;
-        Py_RETURN_NONE;
-    }
-    /* realloc */
-    if (newcap == self->capacity || (newcap < self->capacity && self->nexports > 0)) {
-        if (new_size > size && region_zero(self, size, new_size) < 0)
-            return NULL;
-        self->size = new_size;
-        Py_RETURN_NONE;
-    }
-    if (newcap < self->capacity) {
-        if (region_check_idle(self, "shrink the region") < 0)
-            return NULL;
-        if (region_drop_tail(self, newcap) < 0)
-            errno = 0;   /* the kernel keeps the pages (map count): keep the capacity */
-        self->size = new_size;
-        Py_RETURN_NONE;
-    }
-    if (self->nexports > 0) {
-        PyErr_Format(PyExc_BufferError,
-                     "cannot move the region: it has %zd exported buffer(s) and %zd bytes do not "
-                     "fit in its capacity %zd", self->nexports, new_size, self->capacity);
-        return NULL;
-    }
-    if (region_check_idle(self, "move the region") < 0
-        || region_zero(self, size, self->capacity) < 0)
-        return NULL;
-    if (grow_mapping_in_place(self, newcap) < 0 && move_region(self, newcap, mflags, advice,
-                                                               backing) < 0)
-        return NULL;
-    self->size = new_size;
-    Py_RETURN_NONE;
+    return err;
 }

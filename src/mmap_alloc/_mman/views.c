@@ -1,62 +1,64 @@
 /*
- * Views: exporters of part of a region (Region.view) or of one pool object
- * (ObjectPool.view). A view pins what it covers for as long as it lives, and
- * exposes nothing else: memoryview.obj of a view cannot close, move or free
- * the memory under it.
+ * View: the one exporter of the library's memory besides the owners' own
+ * buffer slots: part of any mapping (Region.view, SecretBuffer.open,
+ * CodeBlock.writer) or one pool object (ObjectPool.view). A view holds what
+ * it covers for as long as it lives, and exposes nothing else:
+ * memoryview.obj of a view cannot close, move or free the memory under it.
  */
 #include "mman.h"
 
 typedef struct {
     PyObject_HEAD
-    PyObject *owner;            /* the region or pool kept alive */
-    RegionObject *region;       /* region memory: the region (borrowed from owner) */
-    Export *export;             /* its export entry */
-    Py_ssize_t *pool_exports;   /* pool memory: the slab's export count */
+    PyObject *owner;            /* keeps the memory alive: the mapping's owner, or a pool */
+    Mapping *m;                 /* mapping memory: the hold is on it */
+    Hold *hold;
+    Py_ssize_t *counter;        /* pool memory: the slab's count of views */
     char *base;
     Py_ssize_t length;
     int writable;
+    Py_ssize_t buffers;         /* Py_buffers given out and not released */
 } ViewObject;
 
 static void
 view_unpin(ViewObject *v)
 {
-    if (v->export != NULL) {
-        region_unexport(v->region, v->export);
-        v->export = NULL;
+    if (v->hold != NULL) {
+        mapping_unhold(v->m, v->hold);
+        v->hold = NULL;
     }
-    if (v->pool_exports != NULL) {
-        (*v->pool_exports)--;
-        v->pool_exports = NULL;
+    if (v->counter != NULL) {
+        (*v->counter)--;
+        v->counter = NULL;
     }
 }
 
-/* A view of [start, end) of region memory (region != NULL) or of raw pool
- * memory at base (pool_exports != NULL): checks, pins, wraps in a memoryview. */
 PyObject *
-view_new(PyObject *owner, RegionObject *region, char *base, Py_ssize_t start, Py_ssize_t end,
-         int writable, Py_ssize_t *pool_exports)
+view_new(PyObject *owner, Mapping *m, char *base, Py_ssize_t start, Py_ssize_t end,
+         int writable, Py_ssize_t *counter)
 {
     ViewObject *v;
     PyObject *memory;
 
     /* allocated before the checks: a collection it may start must not land
-     * between them and the pin */
-    v = PyObject_GC_New(ViewObject, View_Type);
+     * between them and the hold */
+    v = PyObject_GC_New(ViewObject, kernel.view_type);
     if (v == NULL)
         return NULL;
     v->owner = NULL;
-    v->region = NULL;
-    v->export = NULL;
-    v->pool_exports = NULL;
-    if (region != NULL) {
+    v->m = NULL;
+    v->hold = NULL;
+    v->counter = NULL;
+    if (m != NULL) {
         int access;
-        if (region_check_open(region) < 0)
-            goto fail;
-        if (end > region->size && end > region->capacity) {
-            PyErr_SetString(PyExc_ValueError, "the range lies outside the region");
+        if (m->data == NULL) {
+            PyErr_SetString(PyExc_ValueError, "the memory is closed");
             goto fail;
         }
-        access = start < end ? rec_access_all(&region->rec, start, end) : PROT_RW;
+        if (end > m->capacity) {
+            PyErr_SetString(PyExc_ValueError, "the range lies outside the mapping");
+            goto fail;
+        }
+        access = start < end ? rec_access_all(&m->rec, start, end) : PROT_RW;
         if (!(access & PROT_READ)) {
             PyErr_Format(PyExc_BufferError,
                          "bytes %zd to %zd of the region are not readable "
@@ -64,17 +66,18 @@ view_new(PyObject *owner, RegionObject *region, char *base, Py_ssize_t start, Py
             goto fail;
         }
         writable = writable && (access & PROT_WRITE);
-        v->export = region_export(region, start, end, writable);
-        if (v->export == NULL)
+        v->hold = mapping_hold(m, start, end, writable ? HOLD_WRITE : HOLD_READ);
+        if (v->hold == NULL)
             goto fail;
-        v->region = region;
-        base = region->data;
+        v->m = m;
+        base = m->data;
     }
     else {
-        (*pool_exports)++;
-        v->pool_exports = pool_exports;
+        (*counter)++;
+        v->counter = counter;
     }
     v->owner = Py_NewRef(owner);
+    v->buffers = 0;
     v->base = base + start;
     v->length = end - start;
     v->writable = writable;
@@ -99,7 +102,29 @@ view_getbuffer(ViewObject *v, Py_buffer *buffer, int flags)
         PyErr_SetString(PyExc_BufferError, "the view is read-only");
         return -1;
     }
-    return PyBuffer_FillInfo(buffer, (PyObject *)v, v->base, v->length, !v->writable, flags);
+    if (PyBuffer_FillInfo(buffer, (PyObject *)v, v->base, v->length, !v->writable, flags) < 0)
+        return -1;
+    v->buffers++;
+    return 0;
+}
+
+static void
+view_releasebuffer(ViewObject *v, Py_buffer *buffer)
+{
+    v->buffers--;
+}
+
+/* _view_exported(view) -> bool: whether a buffer of the view is still alive
+ * after its memoryview was released (a slice, a ctypes object, an array
+ * made from it). A module function: a view exposes nothing itself. */
+PyObject *
+view_exported(PyObject *module, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, kernel.view_type)) {
+        PyErr_SetString(PyExc_TypeError, "_view_exported() takes a View");
+        return NULL;
+    }
+    return PyBool_FromLong(((ViewObject *)arg)->buffers > 0);
 }
 
 static int
@@ -135,6 +160,7 @@ static PyType_Slot view_slots[] = {
     {Py_tp_traverse, view_traverse},
     {Py_tp_dealloc, view_dealloc},
     {Py_bf_getbuffer, view_getbuffer},
+    {Py_bf_releasebuffer, view_releasebuffer},
     {0, NULL},
 };
 
@@ -166,7 +192,7 @@ region_view(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
     PyObject *offset, *length, *result = NULL;
     Py_ssize_t start, n;
 
-    if (convert_range_args(args, nargs, kwnames, 0, "view", &offset, &length, NULL, NULL) < 0)
+    if (convert_range_args(args, nargs, kwnames, "view", &offset, &length, NULL, NULL) < 0)
         return NULL;
     start = clipped(offset);
     n = length == Py_None ? -1 : clipped(length);
@@ -176,16 +202,16 @@ region_view(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
         PyErr_Format(PyExc_ValueError, "length must not be negative, got %R", length);
     else if (region_check_open(self) < 0)
         ;
-    else if (start > self->size)
+    else if (start > self->m.size)
         PyErr_Format(PyExc_ValueError, "offset %R lies outside the region (size %zd)", offset,
-                     self->size);
-    else if (length != Py_None && n > self->size - start)
+                     self->m.size);
+    else if (length != Py_None && n > self->m.size - start)
         PyErr_Format(PyExc_ValueError,
                      "offset %zd + length %R lies outside the region (size %zd)", start, length,
-                     self->size);
+                     self->m.size);
     else
-        result = view_new((PyObject *)self, self, NULL, start,
-                          length == Py_None ? self->size : start + n, 1, NULL);
+        result = view_new((PyObject *)self, &self->m, NULL, start,
+                          length == Py_None ? self->m.size : start + n, 1, NULL);
     Py_DECREF(offset);
     Py_DECREF(length);
     return result;

@@ -433,13 +433,22 @@ def pool_overhead() -> dict[str, int | float]:
     return figures
 
 
+def _python_heap() -> int:
+    """Bytes tracemalloc traces in Python's own domain (not the mapped memory
+    the library reports in a domain of its own)."""
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.DomainFilter(inclusive=True, domain=0)]
+    )
+    return sum(trace.size for trace in snapshot.traces)
+
+
 def python_bytes_per_object(make: Callable[[], object], count: int) -> float:
     """Bytes of Python heap (tracemalloc) each live object of ``make()`` holds."""
     tracemalloc.start()
     try:
-        before = tracemalloc.get_traced_memory()[0]
+        before = _python_heap()
         objects = [make() for _ in range(count)]
-        after = tracemalloc.get_traced_memory()[0]
+        after = _python_heap()
         holder = 8 * count  # the list's own pointers
         result = (after - before - holder) / count
         del objects

@@ -7,17 +7,6 @@
 #include "mman.h"
 
 void
-rec_init(PageRecord *rec, Py_ssize_t capacity, int prot)
-{
-    rec->one.end = capacity;
-    rec->one.prot = (unsigned char)prot;
-    rec->one.flags = 0;
-    rec->runs = &rec->one;
-    rec->n = 1;
-    rec->cap = 1;
-}
-
-void
 rec_free(PageRecord *rec)
 {
     if (rec->runs != &rec->one && rec->runs != NULL)
@@ -163,23 +152,6 @@ rec_extend(PageRecord *rec, Py_ssize_t capacity, int prot, int flags)
     rec->n++;
 }
 
-void
-rec_move(PageRecord *dst, PageRecord *src)
-{
-    rec_free(dst);
-    if (src->runs == &src->one) {
-        dst->one = src->one;
-        dst->runs = &dst->one;
-    }
-    else
-        dst->runs = src->runs;
-    dst->n = src->n;
-    dst->cap = src->cap;
-    src->runs = &src->one;
-    src->n = 0;
-    src->cap = 1;
-}
-
 int
 run_access(const Run *run)
 {
@@ -211,11 +183,10 @@ rec_access_any(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end)
 }
 
 int
-rec_flags_any(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end)
+rec_uniform_runs(const PageRecord *rec, Py_ssize_t start, Py_ssize_t end, int prot)
 {
-    int flags = 0;
-
     for (Py_ssize_t i = rec_find(rec, start); i < rec->n && rec_start(rec, i) < end; i++)
-        flags |= rec->runs[i].flags;
-    return flags;
+        if (rec->runs[i].prot != prot)
+            return 0;
+    return 1;
 }

@@ -1,0 +1,293 @@
+/*
+ * CodeBlock: a range of a code heap (codeheap.c), written through the heap's
+ * read/write view, run from its read/exec view; its writer views and the
+ * pins of its functions are holds on the heap's mapping.
+ */
+#include "codeheap.h"
+
+/* Store n bytes at dst. A store of 1, 2, 4 or 8 bytes at a multiple of its
+ * size is one atomic store: a thread running the code meanwhile sees the old
+ * or the new bytes, never a mix of them. */
+static void
+store_code(char *dst, const char *src, Py_ssize_t n)
+{
+    uintptr_t a = (uintptr_t)dst;
+
+    if (n == 8 && a % 8 == 0) {
+        uint64_t v;
+        memcpy(&v, src, 8);
+        __atomic_store_n((uint64_t *)dst, v, __ATOMIC_RELEASE);
+    }
+    else if (n == 4 && a % 4 == 0) {
+        uint32_t v;
+        memcpy(&v, src, 4);
+        __atomic_store_n((uint32_t *)dst, v, __ATOMIC_RELEASE);
+    }
+    else if (n == 2 && a % 2 == 0) {
+        uint16_t v;
+        memcpy(&v, src, 2);
+        __atomic_store_n((uint16_t *)dst, v, __ATOMIC_RELEASE);
+    }
+    else if (n == 1)
+        __atomic_store_n((uint8_t *)dst, (uint8_t)*src, __ATOMIC_RELEASE);
+    else
+        memmove(dst, src, (size_t)n);
+}
+
+/* write(data, offset=0): store data at offset of the block through the
+ * read/write view, then make the read/exec view's instruction fetch see it */
+static PyObject *
+block_write(CodeBlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *data, *offset_obj;
+    Py_ssize_t offset = 0;
+    Py_buffer buf;
+    CodeHeapObject *heap;
+
+    /* conversions first: __index__ may run Python code */
+    if (parse_data_offset(args, nargs, kwnames, "write", &data, &offset_obj) < 0
+        || (offset_obj != NULL && arg_ssize(offset_obj, "offset", &offset) < 0)
+        || arg_buffer(data, "data", &buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (block_check_live(self) < 0)
+        goto fail;
+    heap = self->heap;
+    if (heap_check_not_forked(heap) < 0)
+        goto fail;
+    if (offset > self->size || buf.len > self->size - offset) {
+        PyErr_Format(PyExc_ValueError,
+                     "%zd bytes at offset %zd do not fit in the block's %zd bytes", buf.len,
+                     offset, self->size);
+        goto fail;
+    }
+    store_code(heap->m.data + self->start + offset, buf.buf, buf.len);
+    make_coherent(heap, self->start + offset, buf.len);
+    PyBuffer_Release(&buf);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&buf);
+    return NULL;
+}
+
+/* _sync(offset, length): instruction cache maintenance for bytes written
+ * through a writer view */
+static PyObject *
+block_sync(CodeBlockObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t offset, length;
+
+    if (check_nargs("_sync", nargs, 2, 2) < 0 || arg_ssize(args[0], "offset", &offset) < 0
+        || arg_ssize(args[1], "length", &length) < 0 || block_check_live(self) < 0)
+        return NULL;
+    if (offset > self->size || length > self->size - offset) {
+        PyErr_SetString(PyExc_ValueError, "the range lies outside the block");
+        return NULL;
+    }
+    make_coherent(self->heap, self->start + offset, length);
+    Py_RETURN_NONE;
+}
+
+/* _view() -> memoryview of the block's bytes in the read/write view; the
+ * block cannot be freed, nor its heap closed, while it lives */
+static PyObject *
+block_view(CodeBlockObject *self, PyObject *unused)
+{
+    PyObject *view;
+    Hold *h;
+
+    if (block_check_live(self) < 0 || heap_check_not_forked(self->heap) < 0)
+        return NULL;
+    /* view_new allocates (a collection may run finalizers): a hold of our own
+     * across it keeps anything from freeing the block meanwhile */
+    h = mapping_hold(&self->heap->m, self->start, self->start + self->extent, HOLD_PIN);
+    if (h == NULL)
+        return NULL;
+    view = view_new((PyObject *)self, &self->heap->m, NULL, self->start,
+                    self->start + self->size, 1, NULL);
+    mapping_unhold(&self->heap->m, h);
+    return view;
+}
+
+/* _pin(offset) -> Pin: from now until the token dies the block keeps its
+ * range (no free, no heap close); its code may still be rewritten */
+static PyObject *
+block_pin(CodeBlockObject *self, PyObject *arg)
+{
+    Py_ssize_t offset;
+    PinObject *pin;
+
+    if (arg_ssize(arg, "offset", &offset) < 0)
+        return NULL;
+    pin = pin_alloc();
+    if (pin == NULL)
+        return NULL;
+    if (block_check_live(self) < 0)
+        goto fail;
+    if (offset >= self->size) {
+        PyErr_Format(PyExc_ValueError, "offset %zd lies outside the block (size %zd)", offset,
+                     self->size);
+        goto fail;
+    }
+    return pin_attach(pin, (PyObject *)self, &self->heap->m, self->start,
+                      self->start + self->extent, HOLD_PIN, self->heap->rx + self->start + offset);
+fail:
+    Py_DECREF(pin);
+    return NULL;
+}
+
+/* close(): free the block; closing a freed block does nothing */
+static PyObject *
+block_close(CodeBlockObject *self, PyObject *unused)
+{
+    if (self->heap == NULL || self->start < 0)
+        Py_RETURN_NONE;
+    if (block_free(self, "close the block") < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+block_get_address(CodeBlockObject *self, void *closure)
+{
+    if (block_check_live(self) < 0)
+        return NULL;
+    return PyLong_FromVoidPtr(self->heap->rx + self->start);
+}
+
+static PyObject *
+block_get_offset(CodeBlockObject *self, void *closure)
+{
+    if (block_check_live(self) < 0)
+        return NULL;
+    return PyLong_FromSsize_t(self->start);
+}
+
+static PyObject *
+block_get_size(CodeBlockObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->size);
+}
+
+static PyObject *
+block_get_closed(CodeBlockObject *self, void *closure)
+{
+    return PyBool_FromLong(self->heap == NULL || self->start < 0);
+}
+
+static PyObject *
+block_get_heap(CodeBlockObject *self, void *closure)
+{
+    return Py_NewRef(self->heap != NULL ? (PyObject *)self->heap : Py_None);
+}
+
+/* (buffers, pins) on the block: (0, 0) once it is freed */
+static void
+held(CodeBlockObject *self, Py_ssize_t *buffers, Py_ssize_t *pins)
+{
+    *buffers = *pins = 0;
+    if (self->heap != NULL && self->start >= 0)
+        block_holds(self, buffers, pins);
+}
+
+static PyObject *
+block_get_pins(CodeBlockObject *self, void *closure)
+{
+    Py_ssize_t buffers, pins;
+
+    held(self, &buffers, &pins);
+    return PyLong_FromSsize_t(pins);
+}
+
+static PyObject *
+block_get_exports(CodeBlockObject *self, void *closure)
+{
+    Py_ssize_t buffers, pins;
+
+    held(self, &buffers, &pins);
+    return PyLong_FromSsize_t(buffers);
+}
+
+static PyObject *
+block_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyErr_SetString(PyExc_TypeError, "blocks are made by CodeHeap.alloc()");
+    return NULL;
+}
+
+static int
+block_traverse(CodeBlockObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->heap);
+    Py_VISIT(Py_TYPE((PyObject *)self));
+    return 0;
+}
+
+static void
+block_dealloc(CodeBlockObject *self)
+{
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    CodeHeapObject *heap = self->heap;
+
+    PyObject_GC_UnTrack(self);
+    /* pins and exports hold the block: none is left, the range goes back */
+    if (heap != NULL && self->start >= 0 && heap->state == HEAP_OPEN)
+        block_release(self);
+    self->heap = NULL;
+    tp_free(self);
+    Py_XDECREF((PyObject *)heap);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef block_methods[] = {
+    {"write", (PyCFunction)(void (*)(void))block_write, METH_FASTCALL | METH_KEYWORDS,
+     "write($self, /, data, offset=0)\n--\n\n"
+     "Store data (bytes-like) at offset of the block through the heap's read/write\n"
+     "view, then make it visible to instruction fetch in the read/exec view (cache\n"
+     "maintenance, and membarrier SYNC_CORE for other threads, on arm64). Allowed\n"
+     "while functions of the block live. A write of 1, 2, 4 or 8 bytes at a\n"
+     "multiple of its size is one atomic store."},
+    {"close", (PyCFunction)block_close, METH_NOARGS,
+     "close($self, /)\n--\n\n"
+     "Free the block (as heap.free(block)); closing a freed block does nothing."},
+    {"_view", (PyCFunction)block_view, METH_NOARGS,
+     "_view() -> memoryview of the block in the read/write view (exports the block)."},
+    {"_sync", (PyCFunction)(void (*)(void))block_sync, METH_FASTCALL,
+     "_sync(offset, length): make bytes written through a view visible to instruction fetch."},
+    {"_pin", (PyCFunction)block_pin, METH_O,
+     "_pin(offset) -> Pin: pin the block for code at offset."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef block_getset[] = {
+    {"address", (getter)block_get_address, NULL,
+     "Where the block's code runs (in the heap's read/exec view).", NULL},
+    {"offset", (getter)block_get_offset, NULL, "The block's offset in its heap.", NULL},
+    {"size", (getter)block_get_size, NULL, "Bytes asked for.", NULL},
+    {"closed", (getter)block_get_closed, NULL, "True once the block is freed.", NULL},
+    {"heap", (getter)block_get_heap, NULL, "The heap the block belongs to.", NULL},
+    {"_pins", (getter)block_get_pins, NULL, "Live functions (pins).", NULL},
+    {"_exports", (getter)block_get_exports, NULL, "Live writer buffers.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot block_slots[] = {
+    {Py_tp_doc, "The kernel of CodeBlock: a range of a code heap, its pins and exports."},
+    {Py_tp_new, block_new},
+    {Py_tp_dealloc, block_dealloc},
+    {Py_tp_traverse, block_traverse},
+    {Py_tp_methods, block_methods},
+    {Py_tp_getset, block_getset},
+    {0, NULL},
+};
+
+PyType_Spec block_spec = {
+    .name = "mmap_alloc._mman.CodeBlock",
+    .basicsize = sizeof(CodeBlockObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = block_slots,
+};
+
+
+/* ------------------------------------------------------------------ */
+

@@ -1,0 +1,395 @@
+/*
+ * The mapping core: what every owner of memory embeds (Region, SecretBuffer's
+ * kernel, a code heap, a shared or file region) and the rules it keeps:
+ *   - data == NULL once closed; the pointer is cleared before the unmap;
+ *   - rec (the protection record) says what every page allows, and every
+ *     access the library makes is checked against it;
+ *   - while a hold lives (a buffer exported from it, or a pin), the pages it
+ *     covers are never unmapped or moved, and a buffer's never lose the
+ *     access it was given; while busy (a call runs without the GIL), the
+ *     mapping is never unmapped or moved;
+ *   - an unmap the kernel refuses at a deallocation (vm.max_map_count) is
+ *     retried later (the graveyard), never lost;
+ *   - in a forked child, pages the parent advised MADV_DONTFORK are mapped
+ *     again as zero pages before any Python code runs there.
+ */
+#include "mman.h"
+
+#include <pthread.h>
+
+/* ------------------------------------------------------------------ */
+/* creation                                                            */
+
+/* ------------------------------------------------------------------ */
+/* busy count and holds                                                */
+
+void
+mapping_busy_enter(Mapping *m)
+{
+    if (m->busy_gen != kernel.fork_generation) {
+        m->busy = 0;
+        m->busy_gen = kernel.fork_generation;
+    }
+    m->busy++;
+}
+
+void
+mapping_busy_leave(Mapping *m)
+{
+    if (m->busy_gen == kernel.fork_generation && m->busy > 0)
+        m->busy--;
+}
+
+int
+mapping_check_idle(const Mapping *m, const char *what, const char *noun)
+{
+    if (m->nexports > 0) {
+        PyErr_Format(PyExc_BufferError, "cannot %s: %s has %zd exported buffer(s) or pin(s)", what, noun,
+                     m->nexports);
+        return -1;
+    }
+    if (m->pins > 0) {
+        PyErr_Format(PyExc_BufferError,
+                     "cannot %s: %zd function(s) or pin(s) hold %s where it is (made by "
+                     "function() or pin())", what, m->pins, noun);
+        return -1;
+    }
+    if (mapping_busy(m) > 0) {
+        PyErr_Format(PyExc_BufferError, "cannot %s: a system call on %s is in progress", what,
+                     noun);
+        return -1;
+    }
+    return 0;
+}
+
+Hold *
+mapping_hold(Mapping *m, Py_ssize_t start, Py_ssize_t end, int kind)
+{
+    Hold *h = PyMem_Malloc(sizeof(Hold));
+
+    if (h == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    h->start = start;
+    h->end = end;
+    h->kind = kind;
+    h->prev = NULL;
+    h->next = m->holds;
+    if (m->holds != NULL)
+        m->holds->prev = h;
+    m->holds = h;
+    if (kind == HOLD_PIN)
+        m->pins++;
+    else
+        m->nexports++;
+    return h;
+}
+
+void
+mapping_unhold(Mapping *m, Hold *h)
+{
+    if (h->prev != NULL)
+        h->prev->next = h->next;
+    else
+        m->holds = h->next;
+    if (h->next != NULL)
+        h->next->prev = h->prev;
+    if (h->kind == HOLD_PIN)
+        m->pins--;
+    else
+        m->nexports--;
+    PyMem_Free(h);
+}
+
+Py_ssize_t
+mapping_conflicts(const Mapping *m, Py_ssize_t start, Py_ssize_t end, int prot)
+{
+    Py_ssize_t n = 0;
+
+    for (const Hold *h = m->holds; h != NULL; h = h->next) {
+        Py_ssize_t lo = h->start & ~(m->page - 1), hi = round_up(h->end, m->page);
+        if (h->kind != HOLD_PIN && lo < end && start < hi
+            && (!(prot & PROT_READ) || (h->kind == HOLD_WRITE && !(prot & PROT_WRITE))))
+            n++;
+    }
+    return n;
+}
+
+void
+mapping_holds_in(const Mapping *m, Py_ssize_t start, Py_ssize_t end, Py_ssize_t *buffers,
+                 Py_ssize_t *pins)
+{
+    *buffers = *pins = 0;
+    for (const Hold *h = m->holds; h != NULL; h = h->next) {
+        if (h->start < end && start < h->end) {
+            if (h->kind == HOLD_PIN)
+                (*pins)++;
+            else
+                (*buffers)++;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* protection                                                          */
+
+static void
+record_kernel_view(void *arg, size_t start, size_t end, int prot)
+{
+    Mapping *m = arg;
+
+    if (rec_reserve(&m->rec, 2) == 0)
+        rec_set(&m->rec, (Py_ssize_t)start, (Py_ssize_t)end, prot, 0, 0);
+    else
+        PyErr_Clear();
+}
+
+int
+mapping_set_prot(Mapping *m, Py_ssize_t start, Py_ssize_t end, int prot)
+{
+    int err, broken = 0;
+
+    if (start >= end)
+        return 0;
+    if (rec_reserve(&m->rec, 2) < 0)
+        return -1;
+    err = os_protect(m->data + start, (size_t)(end - start), prot);
+    if (!err) {
+        rec_set(&m->rec, start, end, prot, 0, 0);
+        return 0;
+    }
+    /* mprotect works mapping by mapping and may stop part-way: put back what
+     * it changed, so that a failed call changes nothing */
+    for (Py_ssize_t i = rec_find(&m->rec, start); i < m->rec.n && rec_start(&m->rec, i) < end;
+         i++) {
+        Py_ssize_t lo = rec_start(&m->rec, i), hi = m->rec.runs[i].end;
+        lo = lo > start ? lo : start;
+        hi = hi < end ? hi : end;
+        if (os_protect(m->data + lo, (size_t)(hi - lo), m->rec.runs[i].prot) != 0)
+            broken = 1;
+    }
+    if (broken)   /* and that failed too: the record takes the kernel's word */
+        os_query_protection(m->data + start, (size_t)(end - start), record_kernel_view, m);
+    raise_os_error_sized(err, "mprotect", end - start, "change the protection of");
+    return -1;
+}
+
+/* The run flag an advice sets or clears (mask), and the value it sets. */
+int
+advice_run_flag(int advice, int *value)
+{
+    switch (advice) {
+    case MADV_DONTFORK: *value = RUN_DONTFORK; return RUN_DONTFORK;
+    case MADV_DOFORK: *value = 0; return RUN_DONTFORK;
+    case MADV_GUARD_INSTALL: *value = RUN_GUARD; return RUN_GUARD;
+    case MADV_GUARD_REMOVE: *value = 0; return RUN_GUARD;
+    case MADV_DONTDUMP: *value = RUN_DONTDUMP; return RUN_DONTDUMP;
+    case MADV_DODUMP: *value = 0; return RUN_DONTDUMP;
+    case MADV_WIPEONFORK: *value = RUN_WIPEONFORK; return RUN_WIPEONFORK;
+    case MADV_KEEPONFORK: *value = 0; return RUN_WIPEONFORK;
+    default: *value = 0; return 0;
+    }
+}
+
+int
+mapping_advise_flags(Mapping *m, Py_ssize_t start, Py_ssize_t end, int advice)
+{
+    int value, mask = advice_run_flag(advice, &value), err;
+
+    if (mask && rec_reserve(&m->rec, 2) < 0) {
+        PyErr_Clear();
+        return ENOMEM;
+    }
+    err = os_advise(m->data + start, (size_t)(end - start), advice);
+    if (err || !mask)
+        return err;
+    rec_set(&m->rec, start, end, -1, mask, value);
+    if (value & RUN_DONTFORK)
+        mapping_register(m);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* release                                                             */
+
+typedef struct Grave { char *p; Py_ssize_t length; } Grave;
+
+void
+flush_graveyard(void)
+{
+    Py_ssize_t out = 0;
+
+    for (Py_ssize_t i = 0; i < kernel.ngraves; i++) {
+        if (os_unmap(kernel.graves[i].p, (size_t)kernel.graves[i].length) == 0) {
+            kernel.mapped_bytes -= kernel.graves[i].length;
+            trace_unmapped(kernel.graves[i].p);
+        }
+        else
+            kernel.graves[out++] = kernel.graves[i];
+    }
+    kernel.ngraves = out;
+}
+
+void
+unmap_or_bury(char *p, Py_ssize_t length, int release_gil)
+{
+    int err;
+
+    if (release_gil) {
+        Py_BEGIN_ALLOW_THREADS
+        err = os_unmap(p, (size_t)length);
+        Py_END_ALLOW_THREADS
+    }
+    else
+        err = os_unmap(p, (size_t)length);
+    if (!err) {
+        kernel.mapped_bytes -= length;
+        trace_unmapped(p);
+        if (kernel.ngraves)
+            flush_graveyard();
+        return;
+    }
+    /* refused (vm.max_map_count): give the memory back now, the address space later */
+    os_advise(p, (size_t)length, MADV_DONTNEED);
+    os_protect(p, (size_t)length, PROT_NONE);
+    if (kernel.ngraves == kernel.cap_graves) {
+        /* no exception here: a deallocation may run while one propagates */
+        Py_ssize_t cap = kernel.cap_graves ? kernel.cap_graves * 2 : 16;
+        Grave *g = PyMem_Realloc(kernel.graves, (size_t)cap * sizeof(Grave));
+        if (g == NULL)
+            return;   /* lost: the address space stays taken, the memory is given back */
+        kernel.graves = g;
+        kernel.cap_graves = cap;
+    }
+    kernel.graves[kernel.ngraves].p = p;
+    kernel.graves[kernel.ngraves].length = length;
+    kernel.ngraves++;
+}
+
+/* What a closed mapping leaves behind: the registry entry and the file. */
+static void
+mapping_forget(Mapping *m)
+{
+    mapping_unregister(m);
+    if (m->fd >= 0 && (m->flags & MAPPING_OWNS_FD))
+        os_close(m->fd);
+    m->fd = -1;
+}
+
+int
+mapping_close(Mapping *m)
+{
+    char *p = m->data;
+    int err;
+
+    if (p == NULL)
+        return 0;
+    m->data = NULL;
+    if (mapping_unmap_is_slow(m)) {
+        Py_BEGIN_ALLOW_THREADS
+        err = os_unmap(p, (size_t)m->capacity);
+        Py_END_ALLOW_THREADS
+    }
+    else
+        err = os_unmap(p, (size_t)m->capacity);
+    if (err) {
+        m->data = p;   /* e.g. ENOMEM at vm.max_map_count: the mapping is intact */
+        return err;
+    }
+    kernel.mapped_bytes -= m->capacity;
+    trace_unmapped(p);
+    if (kernel.ngraves)
+        flush_graveyard();
+    mapping_forget(m);
+    return 0;
+}
+
+void
+mapping_release(Mapping *m)
+{
+    char *p = m->data;
+
+    m->data = NULL;
+    if (p != NULL)
+        unmap_or_bury(p, m->capacity, mapping_unmap_is_slow(m));
+    mapping_forget(m);
+    if (m->rec.runs != &m->rec.one)
+        rec_free(&m->rec);
+}
+
+/* ------------------------------------------------------------------ */
+/* the registry and fork                                               */
+
+void
+mapping_register(Mapping *m)
+{
+    if (m->flags & MAPPING_REGISTERED)
+        return;
+    m->flags |= MAPPING_REGISTERED;
+    m->prev = NULL;
+    m->next = kernel.registry;
+    if (kernel.registry != NULL)
+        kernel.registry->prev = m;
+    kernel.registry = m;
+}
+
+void
+mapping_unregister(Mapping *m)
+{
+    if (!(m->flags & MAPPING_REGISTERED))
+        return;
+    if (m->prev != NULL)
+        m->prev->next = m->next;
+    else
+        kernel.registry = m->next;
+    if (m->next != NULL)
+        m->next->prev = m->prev;
+    m->next = m->prev = NULL;
+    m->flags &= ~MAPPING_REGISTERED;
+}
+
+/* Map zero pages where MADV_DONTFORK left holes, with the recorded
+ * protection and the advice that was on them. 0 or errno. */
+static int
+refill_dontfork(Mapping *m)
+{
+    int err = 0;
+
+    for (Py_ssize_t k = 0; k < m->rec.n; k++) {
+        Run *run = &m->rec.runs[k];
+        Py_ssize_t start = rec_start(&m->rec, k);
+        void *p;
+        if (!(run->flags & RUN_DONTFORK))
+            continue;
+        err = os_map(&p, m->data + start, (size_t)(run->end - start), run->prot, MAP_FIXED, -1, 0);
+        if (err)
+            return err;
+        if (run->flags & RUN_DONTDUMP)
+            os_advise(p, (size_t)(run->end - start), MADV_DONTDUMP);
+        if (run->flags & RUN_WIPEONFORK)
+            os_advise(p, (size_t)(run->end - start), MADV_WIPEONFORK);
+        run->flags &= (unsigned char)~RUN_DONTFORK;
+    }
+    rec_merge(&m->rec);
+    return 0;
+}
+
+void
+after_fork_in_child(void)
+{
+    kernel.fork_generation++;
+    for (Mapping *m = kernel.registry, *next; m != NULL; m = next) {
+        next = m->next;
+        if (m->data == NULL || refill_dontfork(m) == 0)
+            continue;
+        /* no memory for the zero pages: a mapping nothing holds is closed in
+         * the child (its API says so); one with buffers keeps the hole */
+        if (m->nexports == 0 && m->pins == 0) {
+            os_unmap(m->data, (size_t)m->capacity);
+            kernel.mapped_bytes -= m->capacity;
+            m->data = NULL;
+            mapping_unregister(m);
+        }
+    }
+}
