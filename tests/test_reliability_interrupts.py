@@ -373,17 +373,34 @@ def op_pool_alloc_many(world: World) -> None:
     _objects(world, call(world, world.pool.alloc_many, 80))
 
 
+def _free(world: World, function: Callable[[Any], None], argument: Any, batch: list[int]) -> None:
+    """Give ``batch`` back through ``function(argument)``. The model drops the
+    addresses before the call: they are free the moment it returns, and a hook
+    that runs then (a signal handler, as the call returns) may be handed them
+    again. A call that fails freed none of them (all or none), unless the
+    pool closed meanwhile: what is still live and not taken again goes back."""
+    for address in batch:
+        world.objects.remove(address)
+    try:
+        call(world, function, argument)
+    except BaseException:
+        for address in batch:
+            if address in world.pool and address not in world.objects:
+                world.objects.append(address)
+        raise
+    kept = [a for a in batch if a in world.pool and a not in world.objects]
+    assert not kept, ("the free returned but left objects live", kept)
+
+
 def op_pool_free(world: World) -> None:
     if world.objects:
         address = world.objects[-1]
-        call(world, world.pool.free, address)
-        world.objects.remove(address)
+        _free(world, world.pool.free, address, [address])
 
 
 def op_pool_free_many(world: World) -> None:
     batch = world.objects[-70:]
-    call(world, world.pool.free_many, batch)
-    del world.objects[-len(batch) :]
+    _free(world, world.pool.free_many, batch, batch)
 
 
 def op_pool_view(world: World) -> None:
