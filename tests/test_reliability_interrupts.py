@@ -32,8 +32,10 @@ import ctypes
 import gc
 import os
 import random
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -48,6 +50,8 @@ from machine_code import RET
 from mmap_alloc import (
     CodeBlock,
     CodeHeap,
+    FileRegion,
+    FileTruncatedError,
     MapAlloc,
     MapAllocError,
     ObjectPool,
@@ -106,6 +110,9 @@ class World:
     objects: list[int] = field(default_factory=list)
     shared: list[SharedRegion] = field(default_factory=list)
     """A shared region (not sealed against shrinking) and a second mapping of its file."""
+    files: list[FileRegion] = field(default_factory=list)
+    """File regions of one file: read/write, copy-on-write, and any opened since."""
+    folder: str = ""
     cache_alloc: MapAlloc = field(default_factory=lambda: MapAlloc(cache=4))
     """An allocator with a mapping cache, and its regions (a plain one, a mixed one)."""
     cached: list[Region] = field(default_factory=list)
@@ -145,6 +152,11 @@ def make_world() -> World:
     shared = SharedRegion.create(3 * PAGE, seal_shrink=False)
     shared.protect(R, PAGE, PAGE)
     world.shared.extend((shared, SharedRegion.from_fd(shared.fd, require_seal=False)))
+    world.folder = tempfile.mkdtemp(prefix="mmap_alloc-interrupts-")
+    path = os.path.join(world.folder, "file")
+    with open(path, "wb") as f:
+        f.write(b"\x22" * (4 * PAGE))
+    world.files.extend((FileRegion.open(path, "r+"), FileRegion.open(path, "c")))
     cache = world.cache_alloc
     world.cached.extend((cache.alloc(2 * PAGE), cache.alloc(2 * PAGE)))
     world.cached[0][:] = b"\x22" * (2 * PAGE)
@@ -163,11 +175,12 @@ def teardown(world: World) -> None:
     world.pool.close()
     world.secret.close()
     world.heap.close()
-    for region in world.shared:
+    for region in [*world.shared, *world.files]:
         region.close()
     for region in world.cached:
         region.close()
     world.cache_alloc.trim()
+    shutil.rmtree(world.folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- operations
@@ -371,17 +384,34 @@ def op_pool_alloc_many(world: World) -> None:
     _objects(world, call(world, world.pool.alloc_many, 80))
 
 
+def _free(world: World, function: Callable[[Any], None], argument: Any, batch: list[int]) -> None:
+    """Give ``batch`` back through ``function(argument)``. The model drops the
+    addresses before the call: they are free the moment it returns, and a hook
+    that runs then (a signal handler, as the call returns) may be handed them
+    again. A call that fails freed none of them (all or none), unless the
+    pool closed meanwhile: what is still live and not taken again goes back."""
+    for address in batch:
+        world.objects.remove(address)
+    try:
+        call(world, function, argument)
+    except BaseException:
+        for address in batch:
+            if address in world.pool and address not in world.objects:
+                world.objects.append(address)
+        raise
+    kept = [a for a in batch if a in world.pool and a not in world.objects]
+    assert not kept, ("the free returned but left objects live", kept)
+
+
 def op_pool_free(world: World) -> None:
     if world.objects:
         address = world.objects[-1]
-        call(world, world.pool.free, address)
-        world.objects.remove(address)
+        _free(world, world.pool.free, address, [address])
 
 
 def op_pool_free_many(world: World) -> None:
     batch = world.objects[-70:]
-    call(world, world.pool.free_many, batch)
-    del world.objects[-len(batch) :]
+    _free(world, world.pool.free_many, batch, batch)
 
 
 def op_pool_view(world: World) -> None:
@@ -519,6 +549,49 @@ def op_cache_trim(world: World) -> None:
     call(world, world.cache_alloc.trim)
 
 
+def op_file_open(world: World) -> None:
+    world.files.append(call(world, FileRegion.open, world.files[0].path, "r+"))
+
+
+def op_file_resize_grow(world: World) -> None:
+    region = world.files[0]
+    call(world, region.resize, region.size + 3 * PAGE + 5)
+
+
+def op_file_resize_shrink(world: World) -> None:
+    call(world, world.files[0].resize, PAGE)
+
+
+def op_file_refresh(world: World) -> None:
+    call(world, world.files[1].refresh)
+
+
+def op_file_flush(world: World) -> None:
+    call(world, world.files[0].flush)
+
+
+def op_file_array(world: World) -> None:
+    if numpy is not None:
+        region = world.files[-1]
+        world.exports.append((region, call(world, region.ndarray, numpy.uint8, region.size)))
+
+
+def _truncate_and_touch(world: World) -> None:
+    """Another process cuts the file short; arrays of it read (the repair)."""
+    os.truncate(os.path.join(world.folder, "file"), PAGE + 7)
+    for owner, array in list(world.exports):
+        if isinstance(owner, FileRegion) and numpy is not None and isinstance(array, numpy.ndarray):
+            int(array.sum())
+
+
+def op_file_truncated(world: World) -> None:
+    call(world, _truncate_and_touch, world)
+
+
+def op_file_close(world: World) -> None:
+    call(world, world.files[-1].close)
+
+
 OPERATIONS: dict[str, Callable[[World], None]] = {
     name[3:]: function for name, function in sorted(globals().items()) if name.startswith("op_")
 }
@@ -544,7 +617,7 @@ def check(world: World) -> None:
     """Every promise, after an operation was cut or crossed by another."""
     gc.collect(1)  # buffers and functions that only a cut-off call held
     vmas = read_maps()
-    for region in [*world.regions, *world.shared, *world.cached]:
+    for region in [*world.regions, *world.shared, *world.files, *world.cached]:
         if region.closed:
             continue
         pages = page_perms(vmas, region.address, region.capacity, PAGE)
@@ -557,7 +630,8 @@ def check(world: World) -> None:
         pins = sum(1 for owner, _ in world.functions if owner is region)
         assert region._pins == pins, ("pins", region._pins, pins)
         if region._prot >= 0 and region._prot & R:
-            bytes(region)  # a page the record calls readable that is not: SIGSEGV here
+            with suppress(FileTruncatedError):  # pages past the file's end are repaired now
+                bytes(region)  # a page the record calls readable that is not: SIGSEGV here
     heap = world.heap
     if not heap.closed:
         for start in (heap.address, heap._writable_address):  # never writable and executable
@@ -590,7 +664,7 @@ def check_cache(world: World, vmas: list[Any]) -> None:
     assert world.cache_alloc.stats().cache.mappings == len(held)
     spans = [
         (region.address, region.address + region.capacity)
-        for region in [*world.regions, *world.shared, *world.cached]
+        for region in [*world.regions, *world.shared, *world.files, *world.cached]
         if not region.closed
     ]
     for address, capacity, _align, _attempt in held:
@@ -730,6 +804,9 @@ SHORT_OTHERS = [
     "code_free",
     "dealloc",
     "drop_function",
+    "file_close",
+    "file_resize_shrink",
+    "file_truncated",
     "memoryview",
     "pool_alloc_many",
     "pool_close",

@@ -24,7 +24,7 @@ from ._args import integer
 from ._linux import ADVICE, ADVICE_SINCE, memlock_error
 from ._mman import Region as KernelRegion
 from .backings import Backing
-from .exceptions import CLOSED
+from .exceptions import CLOSED, FileTruncatedError
 from .perm import Perm
 from .protection import Writable, function
 from .stats import RegionStats, region_stats
@@ -114,6 +114,8 @@ class Region(KernelRegion):
             raise ValueError(f"unknown advice {advice!r}; one of: {names}") from None
         try:
             self._madvise(value, offset, length)
+        except FileTruncatedError:
+            raise
         except OSError as exc:
             if exc.errno is None:
                 raise
@@ -127,6 +129,8 @@ class Region(KernelRegion):
         ``stats().locked_bytes`` tells what is locked."""
         try:
             self._mlock(1 if on_fault else 0, offset, length)
+        except FileTruncatedError:
+            raise
         except OSError as exc:
             _start, n = self._page_range(offset, length)
             raise memlock_error(exc, n) from None

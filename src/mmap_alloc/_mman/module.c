@@ -6,18 +6,22 @@
 #include <dlfcn.h>
 #include <pthread.h>
 
-/* _register_errors(AllocError, CannotReallocInPlace): the types C raises */
+/* _register_errors(AllocError, CannotReallocInPlace[, FileTruncatedError]):
+ * the types C raises */
 static PyObject *
 mman_register_errors(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (check_nargs("_register_errors", nargs, 2, 2) < 0)
+    if (check_nargs("_register_errors", nargs, 2, 3) < 0)
         return NULL;
-    if (!PyType_Check(args[0]) || !PyType_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "_register_errors() takes two exception types");
-        return NULL;
-    }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        if (!PyType_Check(args[i]) && !(i == 2 && args[i] == Py_None)) {
+            PyErr_SetString(PyExc_TypeError, "_register_errors() takes exception types");
+            return NULL;
+        }
     REPLACE_REF(kernel.alloc_error, Py_NewRef(args[0]));
     REPLACE_REF(kernel.cannot_realloc, Py_NewRef(args[1]));
+    if (nargs > 2 && args[2] != Py_None)
+        REPLACE_REF(kernel.file_truncated, Py_NewRef(args[2]));
     Py_RETURN_NONE;
 }
 
@@ -109,7 +113,7 @@ static PyMethodDef mman_methods[] = {
      "_view_exported($module, view, /)\n--\n\n"
      "Whether a buffer of the View is alive after its memoryview was released."},
     {"_register_errors", (PyCFunction)(void (*)(void))mman_register_errors, METH_FASTCALL,
-     "_register_errors($module, alloc_error, cannot_realloc, /)\n--\n\n"
+     "_register_errors($module, alloc_error, cannot_realloc, file_truncated=None, /)\n--\n\n"
      "The exception types the C layer raises."},
     {NULL, NULL, 0, NULL},
 };
@@ -168,7 +172,8 @@ mman_exec(PyObject *m)
         return -1;
     TYPES(MAKE)
 #undef MAKE
-    if (secret_init(m) < 0 || shared_init(m) < 0 || codeheap_init(m) < 0)
+    if (secret_init(m) < 0 || shared_init(m) < 0 || codeheap_init(m) < 0 || files_init(m) < 0
+        || repair_init(m) < 0)
         return -1;
     return add_constants(m);
 }
@@ -187,6 +192,7 @@ mman_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(kernel.alloc_error);
     Py_VISIT(kernel.cannot_realloc);
     Py_VISIT(kernel.memory_corruption);
+    Py_VISIT(kernel.file_truncated);
     return 0;
 }
 

@@ -19,6 +19,7 @@ from .cases import (
     round_trips,
     touched_round_trips,
 )
+from .file_cases import file_cases
 from .harness import Case
 from .jit_cases import code_heap
 from .region_cases import CASES as REGION_CASES
@@ -39,4 +40,5 @@ CASE_GROUPS: tuple[Callable[[Scale], Iterator[Case]], ...] = (
     code_heap,
     *REGION_CASES,
     shared_memory_cases,
+    file_cases,
 )
