@@ -18,12 +18,15 @@ from mmap_alloc.backings import Backing, thp_available
 from mmap_alloc.perm import ALL_PERMS
 from support import (
     MLOCK,
+    RESIDENCY,
     emulated_skip,
+    ignored_advice,
     is_mapped,
     kernel_runs,
     pattern,
     perms_at,
     run_in_child,
+    skip_if_emulated,
     vm_flags,
 )
 
@@ -116,6 +119,7 @@ def test_the_pages_of_a_cached_mapping_are_given_back() -> None:
     alloc.dealloc(region)
 
 
+@emulated_skip(RESIDENCY)
 def test_a_committing_allocator_hands_out_reused_mappings_resident() -> None:
     alloc = cached(commit=True)
     address = freed_address(alloc, 16 * P)
@@ -273,6 +277,7 @@ def test_code_made_executable_is_not_executable_when_reused() -> None:
 def test_a_mapping_with_advice_the_kernel_keeps_is_unmapped_not_cached(
     advice: str, flag: str
 ) -> None:
+    skip_if_emulated(ignored_advice(advice))
     alloc = cached()
     region = alloc.alloc(2 * P)
     address = region.address

@@ -158,6 +158,7 @@ def test_prefer_builds_on_a_machine_without_huge_pages(monkeypatch: pytest.Monke
 
 
 @needs_thp
+@emulated_skip(THP)
 def test_the_default_allocator_advises_regions_of_4_mib_and_more() -> None:
     alloc = MapAlloc()
     assert (alloc.page_size, alloc.huge, alloc.huge_pagesize) == (PAGE_SIZE, None, None)
@@ -240,6 +241,7 @@ def test_a_small_region_grown_past_4_mib_is_not_advised() -> None:
 
 
 @needs_thp
+@emulated_skip(THP)
 def test_a_large_region_keeps_its_advice_and_alignment_when_it_grows() -> None:
     alloc = MapAlloc()
     region = alloc.alloc(8 << 20)
@@ -253,6 +255,7 @@ def test_a_large_region_keeps_its_advice_and_alignment_when_it_grows() -> None:
 
 
 @needs_thp
+@emulated_skip(THP)
 def test_a_cached_large_region_comes_back_advised() -> None:
     alloc = MapAlloc(cache=2)
     region = alloc.alloc(8 << 20)
