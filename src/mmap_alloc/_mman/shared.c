@@ -393,15 +393,29 @@ typedef struct {
 static Member *members = NULL;
 static Py_ssize_t nmembers = 0, cap_members = 0;
 
+/* The live region (borrowed) or NULL. The weak reference gives a strong
+ * one (NULL or None once dead), dropped at once: that never frees it, since
+ * the region was alive, so its owner holds it. PyWeakref_GetObject is gone
+ * in 3.15; PyWeakref_GetRef is in the limited API from 3.13 only, before
+ * that calling the reference does the same. */
 static RegionObject *
 member_region(Member *m)
 {
-    PyObject *o = PyWeakref_GetObject(m->ref);   /* borrowed; None once dead */
+    PyObject *o;
 
-    if (o == NULL || o == Py_None) {
+#if (defined(Py_LIMITED_API) ? Py_LIMITED_API + 0 : PY_VERSION_HEX) >= 0x030D0000
+    if (PyWeakref_GetRef(m->ref, &o) < 0)
+        o = NULL;
+#else
+    o = PyObject_CallNoArgs(m->ref);
+#endif
+    if (o == NULL) {
         PyErr_Clear();
         return NULL;
     }
+    Py_DECREF(o);
+    if (o == Py_None)
+        return NULL;
     return ((RegionObject *)o)->data != NULL ? (RegionObject *)o : NULL;
 }
 
