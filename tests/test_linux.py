@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,18 @@ def test_mapping_count_counts_the_lines() -> None:
     lines = len(Path("/proc/self/maps").read_text().splitlines())
     b = mapping_count()
     assert min(a, b) - 2 <= lines <= max(a, b) + 2
+
+
+def test_mapping_count_reads_with_a_buffer_under_the_mmap_threshold() -> None:
+    """At vm.max_map_count a buffer that needs a mapping of its own (glibc maps
+    blocks of 128 KiB and more) cannot be had: the count must not need one."""
+    tracemalloc.start()
+    try:
+        mapping_count()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 128 * 1024
 
 
 def test_mapping_count_grows_by_one_for_a_separate_mapping() -> None:
