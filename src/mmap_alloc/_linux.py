@@ -389,11 +389,12 @@ def mappings() -> list[Mapping]:
 def mapping_count() -> int:
     """How many mappings the process holds now.
 
-    Read with one buffer of 64 KiB, under malloc's mmap threshold: it is
-    called at vm.max_map_count, where a buffer that needs a mapping of its
-    own cannot be had (``open()``'s is 128 KiB from Python 3.14).
+    Read in pieces of 8 KiB into one buffer: it is called at vm.max_map_count,
+    where the heap may have no room for more and a larger block that needs a
+    mapping of its own cannot be had (``open()``'s buffer is 128 KiB from
+    Python 3.14; one of 64 KiB failed there too).
     """
-    buffer = bytearray(1 << 16)
+    buffer = bytearray(8192)
     lines = 0
     fd = os.open("/proc/self/maps", os.O_RDONLY)
     try:
