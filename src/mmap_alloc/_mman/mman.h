@@ -29,6 +29,7 @@
 #ifndef MMAP_ALLOC_MMAN_H
 #define MMAP_ALLOC_MMAN_H
 
+/* Py_LIMITED_API (0x030B0000, abi3) comes from setup.py, for GIL builds only */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>

@@ -7,7 +7,7 @@
  * doing the work). Used by `python -m mmap_alloc bench` only; not part of
  * the library's API.
  */
-#define Py_LIMITED_API 0x030B0000
+/* Py_LIMITED_API (0x030B0000, abi3) comes from setup.py, for GIL builds only */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
