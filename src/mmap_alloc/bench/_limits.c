@@ -206,6 +206,9 @@ static PyMethodDef limits_methods[] = {
 };
 
 static PyModuleDef_Slot limits_slots[] = {
+#ifdef Py_GIL_DISABLED
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},   /* stateless loops over the caller's memory */
+#endif
     {0, NULL},
 };
 
