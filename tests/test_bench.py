@@ -436,3 +436,27 @@ def test_chart_is_redrawn_from_a_saved_report(tmp_path: Path) -> None:
     path = tmp_path / "chart.png"
     report.plot_report(data, path)
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_file_cases_run_and_remove_their_files(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmap_alloc",
+            "bench",
+            "--quick",
+            "--rounds",
+            "1",
+            "--only",
+            "file:",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert "find a needle at its end" in done.stdout
+    assert "first sequential read of a 64 MiB sparse file" in done.stdout
+    assert list(tmp_path.iterdir()) == []  # the scanned and the sparse file are gone

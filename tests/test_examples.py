@@ -241,3 +241,21 @@ def test_shared_pool_sums_the_array_in_the_workers() -> None:
 )
 def test_shared_pool_refuses_bad_arguments(args: tuple[str, ...], message: str) -> None:
     assert message in usage_error("shared_pool.py", *args)
+
+
+@pytest.mark.skipif(find_spec("numpy") is None, reason="needs numpy")
+@pytest.mark.parametrize("backing", ["memfd", "file"])
+def test_fill_halves_workers_fill_an_array_the_parent_sees_whole(
+    backing: str, tmp_path: Path
+) -> None:
+    args = ("--n", "100000") + (("--file", str(tmp_path / "array")) if backing == "file" else ())
+    out = run_example("fill_halves.py", *args)
+    assert out.count("sum seen here 150000") == 3
+    assert "Pool (fork): workers got ['ndarray', 'ndarray']" in out
+
+
+@pytest.mark.skipif(find_spec("numpy") is None, reason="needs numpy")
+def test_fill_halves_refuses_bad_arguments() -> None:
+    assert "argument --n: must be at least 2 (two halves), got 1" in usage_error(
+        "fill_halves.py", "--n", "1"
+    )

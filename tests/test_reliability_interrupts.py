@@ -32,8 +32,10 @@ import ctypes
 import gc
 import os
 import random
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -48,6 +50,8 @@ from machine_code import RET
 from mmap_alloc import (
     CodeBlock,
     CodeHeap,
+    FileRegion,
+    FileTruncatedError,
     MapAlloc,
     MapAllocError,
     ObjectPool,
@@ -110,6 +114,9 @@ class World:
     again before the operation took them off ``objects``."""
     shared: list[SharedRegion] = field(default_factory=list)
     """A shared region (not sealed against shrinking) and a second mapping of its file."""
+    files: list[FileRegion] = field(default_factory=list)
+    """File regions of one file: read/write, copy-on-write, and any opened since."""
+    folder: str = ""
     inside: int = 0
     """How deep the world is inside library calls made by operations."""
 
@@ -146,6 +153,11 @@ def make_world() -> World:
     shared = SharedRegion.create(3 * PAGE, seal_shrink=False)
     shared.protect(R, PAGE, PAGE)
     world.shared.extend((shared, SharedRegion.from_fd(shared.fd, require_seal=False)))
+    world.folder = tempfile.mkdtemp(prefix="mmap_alloc-interrupts-")
+    path = os.path.join(world.folder, "file")
+    with open(path, "wb") as f:
+        f.write(b"\x22" * (4 * PAGE))
+    world.files.extend((FileRegion.open(path, "r+"), FileRegion.open(path, "c")))
     return world
 
 
@@ -159,8 +171,9 @@ def teardown(world: World) -> None:
     world.pool.close()
     world.secret.close()
     world.heap.close()
-    for region in world.shared:
+    for region in [*world.shared, *world.files]:
         region.close()
+    shutil.rmtree(world.folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- operations
@@ -505,6 +518,49 @@ def op_shared_pickle(world: World) -> None:
     call(world, _pickle_round_trip, world.shared[1])
 
 
+def op_file_open(world: World) -> None:
+    world.files.append(call(world, FileRegion.open, world.files[0].path, "r+"))
+
+
+def op_file_resize_grow(world: World) -> None:
+    region = world.files[0]
+    call(world, region.resize, region.size + 3 * PAGE + 5)
+
+
+def op_file_resize_shrink(world: World) -> None:
+    call(world, world.files[0].resize, PAGE)
+
+
+def op_file_refresh(world: World) -> None:
+    call(world, world.files[1].refresh)
+
+
+def op_file_flush(world: World) -> None:
+    call(world, world.files[0].flush)
+
+
+def op_file_array(world: World) -> None:
+    if numpy is not None:
+        region = world.files[-1]
+        world.exports.append((region, call(world, region.ndarray, numpy.uint8, region.size)))
+
+
+def _truncate_and_touch(world: World) -> None:
+    """Another process cuts the file short; arrays of it read (the repair)."""
+    os.truncate(os.path.join(world.folder, "file"), PAGE + 7)
+    for owner, array in list(world.exports):
+        if isinstance(owner, FileRegion) and numpy is not None and isinstance(array, numpy.ndarray):
+            int(array.sum())
+
+
+def op_file_truncated(world: World) -> None:
+    call(world, _truncate_and_touch, world)
+
+
+def op_file_close(world: World) -> None:
+    call(world, world.files[-1].close)
+
+
 OPERATIONS: dict[str, Callable[[World], None]] = {
     name[3:]: function for name, function in sorted(globals().items()) if name.startswith("op_")
 }
@@ -530,7 +586,7 @@ def check(world: World) -> None:
     """Every promise, after an operation was cut or crossed by another."""
     gc.collect(1)  # buffers and functions that only a cut-off call held
     vmas = read_maps()
-    for region in [*world.regions, *world.shared]:
+    for region in [*world.regions, *world.shared, *world.files]:
         if region.closed:
             continue
         pages = page_perms(vmas, region.address, region.capacity, PAGE)
@@ -543,7 +599,8 @@ def check(world: World) -> None:
         pins = sum(1 for owner, _ in world.functions if owner is region)
         assert region._pins == pins, ("pins", region._pins, pins)
         if region._prot >= 0 and region._prot & R:
-            bytes(region)  # a page the record calls readable that is not: SIGSEGV here
+            with suppress(FileTruncatedError):  # pages past the file's end are repaired now
+                bytes(region)  # a page the record calls readable that is not: SIGSEGV here
     heap = world.heap
     if not heap.closed:
         for start in (heap.address, heap._writable_address):  # never writable and executable
@@ -706,6 +763,9 @@ SHORT_OTHERS = [
     "code_free",
     "dealloc",
     "drop_function",
+    "file_close",
+    "file_resize_shrink",
+    "file_truncated",
     "memoryview",
     "pool_alloc_many",
     "pool_close",

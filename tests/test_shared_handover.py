@@ -462,15 +462,9 @@ def _truncated_under_a_region_mapped_without_the_seal() -> None:
     region[4 * P - 1] = 9
     os.ftruncate(fd, P)  # a peer cuts the file short
     view = memoryview(region)
-    assert view[4 * P - 1] == 0  # SIGBUS until the repair of the file regions issue
+    assert view[4 * P - 1] == 0  # the lost page reads as zero (the SIGBUS repair)
 
 
-@pytest.mark.xfail(
-    reason="without the shrink seal a peer's truncation is SIGBUS until the SIGBUS repair "
-    "(file regions issue) lands; then this passes and the mark goes",
-    strict=True,
-    raises=AssertionError,
-)
 def test_require_seal_false_survives_a_peers_truncation() -> None:
     run_forked(_truncated_under_a_region_mapped_without_the_seal, timeout=30)
 

@@ -1,8 +1,9 @@
 """mmap_alloc: page-granular memory straight from the kernel.
 
 Memory with chosen read/write/exec permissions, explicit commit and uncommit,
-in-place resizing and huge pages, after the Rust crate mmap-alloc; and code
-memory for JITs (CodeHeap: one memfd mapped read/write and read/exec).
+in-place resizing and huge pages, after the Rust crate mmap-alloc; code
+memory for JITs (CodeHeap: one memfd mapped read/write and read/exec); and
+files mapped so that no truncation can crash the process (FileRegion).
 
 The public names load with the module that defines them, on first use
 (PEP 562): ``import mmap_alloc`` costs about what ``import json`` does, and a
@@ -20,9 +21,11 @@ if TYPE_CHECKING:  # what type checkers and the API reference see
     from .exceptions import (
         AllocError,
         CannotReallocInPlace,
+        FileTruncatedError,
         MapAllocError,
         MemoryCorruptionError,
     )
+    from .files import FileRegion
     from .jit import CodeBlock, CodeHeap, CodeHeapStats
     from .perm import Perm
     from .pool import ObjectPool, PoolStats
@@ -42,6 +45,8 @@ _HOMES = {
     "CodeBlock": "jit",
     "CodeHeap": "jit",
     "CodeHeapStats": "jit",
+    "FileRegion": "files",
+    "FileTruncatedError": "exceptions",
     "Layout": "allocator",
     "MapAlloc": "allocator",
     "MapAllocBuilder": "builder",
@@ -64,6 +69,8 @@ __all__ = [
     "CodeBlock",
     "CodeHeap",
     "CodeHeapStats",
+    "FileRegion",
+    "FileTruncatedError",
     "Layout",
     "MapAlloc",
     "MapAllocBuilder",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from errno import ENOMEM
+from errno import ENOMEM, ENXIO
 
 from ._mman import _register_errors, _register_secret_errors
 
@@ -32,6 +32,27 @@ class CannotReallocInPlace(MapAllocError):
     """The region cannot grow or shrink without moving; nothing was changed."""
 
 
+class FileTruncatedError(MapAllocError, OSError):
+    """The file under a region was cut short, and a method of the region was
+    asked for bytes past its new end (pages repaired since the last
+    ``refresh()``).
+
+    Such pages read as zeros through every buffer, array and pointer of the
+    region, and writes there stay in this process: the library mapped zero
+    pages over them when a touch found them, instead of letting the process
+    die of SIGBUS. ``refresh()`` maps the file as it is now. ``size`` is the
+    file's size when the pages were found; ``errno`` is ENXIO (no such
+    address: past the end of the file).
+    """
+
+    size: int
+    """The file's size in bytes when the pages past its end were found."""
+
+    def __init__(self, message: str, *, size: int) -> None:
+        super().__init__(ENXIO, message)
+        self.size = size
+
+
 class MemoryCorruptionError(MapAllocError):
     """The canary before a SecretBuffer was overwritten: a write out of bounds
     corrupted memory next to the secret.
@@ -47,5 +68,5 @@ class MemoryCorruptionError(MapAllocError):
 CLOSED = "region is closed"
 """The message of the ValueError for any use of a closed region."""
 
-_register_errors(AllocError, CannotReallocInPlace)
+_register_errors(AllocError, CannotReallocInPlace, FileTruncatedError)
 _register_secret_errors(MemoryCorruptionError)

@@ -19,7 +19,7 @@ from ._linux import ADVICE, ADVICE_SINCE, memlock_error
 from ._mman import Region as KernelRegion
 from .backings import Backing
 from .closing import ClosesOnExit
-from .exceptions import CLOSED
+from .exceptions import CLOSED, FileTruncatedError
 from .perm import Perm
 from .protection import Writable, function
 from .stats import RegionStats, region_stats
@@ -107,6 +107,8 @@ class Region(KernelRegion, ClosesOnExit):
             raise ValueError(f"unknown advice {advice!r}; one of: {names}") from None
         try:
             self._madvise(value, offset, length)
+        except FileTruncatedError:
+            raise
         except OSError as exc:
             if exc.errno is None:
                 raise
@@ -120,6 +122,8 @@ class Region(KernelRegion, ClosesOnExit):
         ``stats().locked_bytes`` tells what is locked."""
         try:
             self._mlock(1 if on_fault else 0, offset, length)
+        except FileTruncatedError:
+            raise
         except OSError as exc:
             _start, n = self._page_range(offset, length)
             raise memlock_error(exc, n) from None

@@ -68,6 +68,8 @@ from .region import Region
 if TYPE_CHECKING:
     import socket
 
+    from numpy.typing import DTypeLike, NDArray
+
 __all__ = ["SharedRegion"]
 
 
@@ -123,8 +125,13 @@ def _rebuild(dupfd: Any, size: int, flags: int) -> SharedRegion:
     it otherwise. A pickle comes from the same program (loading one runs
     whatever it says), which chose the seals where it made or accepted the
     region; a worker that wants the guarantee anyway checks ``region.seals``
-    before it touches the region."""
-    return SharedRegion._attach_fd(dupfd.detach(), size, flags)
+    before it touches the region. (Without the shrink seal, the SIGBUS
+    repair covers it: a truncation by any holder cannot kill this process.)"""
+    from ._arraypickle import received
+
+    region = SharedRegion._attach_fd(dupfd.detach(), size, flags)
+    received(region)
+    return region
 
 
 def _check_socket(sock: object) -> socket.socket:
@@ -155,7 +162,10 @@ class SharedRegion(Region):
     first touch. Sealed against shrinking (the default), no process can cut
     the file short under a mapping; a receiver refuses, unless told
     otherwise (``require_seal=False``), a file that any process holding it
-    could make fatal to touch.
+    could make fatal to touch. A region of a file without the shrink seal
+    is watched by the SIGBUS repair (as file regions are): pages a peer cut
+    off read as zeros, and the region's own methods raise FileTruncatedError
+    for them until refresh().
     """
 
     __slots__ = ()
@@ -230,11 +240,13 @@ class SharedRegion(Region):
         ``require_seal``: refuse (ValueError naming the seal) a file that any
         process holding it could make fatal to touch: one not sealed against
         shrinking (F_SEAL_SHRINK), and a hugetlb file not sealed against
-        writing (holes); ``False`` maps it anyway, and a peer that then cuts
-        the file short kills this process (SIGBUS) when it touches the lost
-        pages. ValueError if ``fd`` is not a memfd; AllocError if the file is
-        larger than this machine's memory and swap. The region's size is the
-        file's.
+        writing (holes); ``False`` maps it anyway, under the SIGBUS repair: a
+        peer that then cuts the file short cannot kill this process (the
+        lost pages read as zeros, FileTruncatedError from the region's own
+        methods until refresh(); a hugetlb hole touched while the pool is
+        empty is still fatal). ValueError if ``fd`` is not a memfd;
+        AllocError if the file is larger than this machine's memory and
+        swap. The region's size is the file's.
         """
         n = integer(fd, "fd")
         if n < 0:
@@ -378,6 +390,20 @@ class SharedRegion(Region):
         finally:
             os.close(fd)
 
+    def ndarray(
+        self, dtype: DTypeLike, shape: int | tuple[int, ...], offset: int = 0
+    ) -> NDArray[Any]:
+        """As Region.ndarray(). Inside multiprocessing (Pool, Queue,
+        ProcessPoolExecutor) the array travels by reference: the receiver
+        maps the same pages, and its writes are seen here."""
+        from . import _arraypickle
+
+        array = super().ndarray(dtype, shape, offset)
+        _arraypickle.register()
+        return array
+
+    _shares_arrays = True
+
     def __reduce_ex__(self, protocol: object) -> NoReturn:
         raise TypeError(
             "a SharedRegion is pickled only by multiprocessing, which passes its file "
@@ -438,9 +464,10 @@ class SharedRegion(Region):
         otherwise) and no exported buffer (BufferError). The other regions of
         this process on the file lose the pages past the new end in the same
         call (BufferError, nothing changed, if a buffer pins one of them);
-        other processes fault (SIGBUS) on those pages until they refresh():
-        only shrink what no other process uses. Other processes see a new
-        size after refresh().
+        other processes read zeros there (the SIGBUS repair, which watches
+        every region of a file without the shrink seal) until they
+        refresh(): only shrink what no other process uses. Other processes
+        see a new size after refresh().
         """
         n = size_argument(new_size, PAGE_SIZE, "new_size")
         if self.closed:
@@ -488,7 +515,9 @@ class SharedRegion(Region):
         it where it is: else BufferError); a file grown larger than this
         machine's memory and swap is an AllocError, changing nothing. A file
         that shrank (possible only without the shrink seal) loses its pages
-        from the region, which must then have no exported buffer (BufferError).
+        from the region when nothing holds them (else they stay, past the
+        size, reading zeros); pages the SIGBUS repair replaced are mapped
+        from the file again, in place.
         """
         if self.closed:
             raise ValueError(CLOSED)

@@ -49,7 +49,8 @@ parse_range(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
                            extra_name ? &extra_obj : NULL, extra_name) < 0)
         return -1;
     err = (extra_name && arg_int(extra_obj, extra_name, extra) < 0)
-          || region_check_open(self) < 0 || page_range(&self->m, offset, length, start, n) < 0;
+          || region_check_open(self) < 0 || page_range(&self->m, offset, length, start, n) < 0
+          || mapping_check_truncated(&self->m, *start, *start + *n) < 0;
     Py_XDECREF(extra_obj);
     Py_DECREF(offset);
     Py_DECREF(length);

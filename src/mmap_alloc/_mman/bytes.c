@@ -3,6 +3,11 @@
  * assignment, `in`, find/rfind and lazy iteration, each checked against the
  * protection record of the pages it touches (an unreadable page is a
  * BufferError, an unwritable one a TypeError), never through a memoryview.
+ * On a mapping of a file the SIGBUS repair watches, each also raises
+ * FileTruncatedError for pages repaired since the last refresh, checked
+ * before the access and after it (the access may be what found them); the
+ * fast paths leave those mappings to the full path, so anonymous memory pays
+ * one flag test.
  */
 #include "mman.h"
 
@@ -84,9 +89,25 @@ fast_item(RegionObject *self, PyObject *key, int need)
     }
     if (i < 0)
         i += self->m.size;
-    if (i < 0 || i >= self->m.size || self->m.data == NULL || !uniform_allows(self, need))
+    if (i < 0 || i >= self->m.size || self->m.data == NULL || !uniform_allows(self, need)
+        || (self->m.flags & MAPPING_REPAIRABLE))
         return NULL;
     return self->m.data + i;
+}
+
+/* FileTruncatedError if the elements start + k * step (0 <= k < length)
+ * touch pages the SIGBUS repair replaced; 0 when not (and always, without a
+ * call, for anonymous memory). */
+static inline int
+check_truncated(RegionObject *self, Py_ssize_t start, Py_ssize_t step, Py_ssize_t length)
+{
+    Py_ssize_t lo, hi;
+
+    if (!(self->m.flags & MAPPING_REPAIRABLE) || length <= 0)
+        return 0;
+    lo = step < 0 ? start + (length - 1) * step : start;
+    hi = (step < 0 ? start : start + (length - 1) * step) + 1;
+    return repair_check(&self->m, lo, hi);
 }
 
 Py_ssize_t
@@ -230,26 +251,35 @@ region_subscript(RegionObject *self, PyObject *key)
             return PyLong_FromLong((unsigned char)*p);
     }
     if (!PySlice_Check(key)) {
+        unsigned char byte;
         if (index_of(self, key, &i) < 0 || bound_index(self, &i) < 0
-            || check_elements(self, i, 1, 1, PROT_READ) < 0)
+            || check_elements(self, i, 1, 1, PROT_READ) < 0 || check_truncated(self, i, 1, 1) < 0)
             return NULL;
-        return PyLong_FromLong((unsigned char)self->m.data[i]);
+        byte = (unsigned char)self->m.data[i];
+        if (check_truncated(self, i, 1, 1) < 0)
+            return NULL;
+        return PyLong_FromLong(byte);
     }
     if (slice_of(self, key, &start, &stop, &step, &length) < 0)
         return NULL;
     if (length == 0)
         return PyBytes_FromStringAndSize(NULL, 0);
-    if (check_elements(self, start, step, length, PROT_READ) < 0)
+    if (check_elements(self, start, step, length, PROT_READ) < 0
+        || check_truncated(self, start, step, length) < 0)
         return NULL;
     if (step == 1)
-        return PyBytes_FromStringAndSize(self->m.data + start, length);
-    result = PyBytes_FromStringAndSize(NULL, length);
-    if (result == NULL)
-        return NULL;
-    /* no Python code ran since the checks: a bytes object is not GC-tracked */
-    out = PyBytes_AsString(result);
-    for (Py_ssize_t k = 0, at = start; k < length; k++, at += step)
-        out[k] = self->m.data[at];
+        result = PyBytes_FromStringAndSize(self->m.data + start, length);
+    else {
+        result = PyBytes_FromStringAndSize(NULL, length);
+        if (result == NULL)
+            return NULL;
+        /* no Python code ran since the checks: a bytes object is not GC-tracked */
+        out = PyBytes_AsString(result);
+        for (Py_ssize_t k = 0, at = start; k < length; k++, at += step)
+            out[k] = self->m.data[at];
+    }
+    if (result != NULL && check_truncated(self, start, step, length) < 0)
+        Py_CLEAR(result);
     return result;
 }
 
@@ -301,10 +331,11 @@ region_ass_subscript(RegionObject *self, PyObject *key, PyObject *value)
         /* as bytearray: the index, then the value, then the bounds (both
          * conversions may run Python code, so every check comes after them) */
         if (index_of(self, key, &i) < 0 || byte_value(value, &byte) < 0
-            || bound_index(self, &i) < 0 || check_elements(self, i, 1, 1, PROT_WRITE) < 0)
+            || bound_index(self, &i) < 0 || check_elements(self, i, 1, 1, PROT_WRITE) < 0
+            || check_truncated(self, i, 1, 1) < 0)
             return -1;
         self->m.data[i] = (char)byte;
-        return 0;
+        return check_truncated(self, i, 1, 1);
     }
     /* the bytes to write, converted before any check (an iterable runs Python code) */
     if (PyBytes_CheckExact(value) || PyObject_CheckBuffer(value)) {
@@ -356,7 +387,8 @@ region_ass_subscript(RegionObject *self, PyObject *key, PyObject *value)
                      "of %zd byte(s) (a region cannot change its length)", buf.len, length);
         goto done;
     }
-    if (check_elements(self, start, step, length, PROT_WRITE) < 0)
+    if (check_elements(self, start, step, length, PROT_WRITE) < 0
+        || check_truncated(self, start, step, length) < 0)
         goto done;
     if (length == 0) {
         rc = 0;
@@ -380,7 +412,7 @@ region_ass_subscript(RegionObject *self, PyObject *key, PyObject *value)
             self->m.data[at] = src[k];
         PyMem_Free(copy);
     }
-    rc = 0;
+    rc = check_truncated(self, start, step, length);
 done:
     PyBuffer_Release(&buf);
     Py_DECREF(data);
@@ -499,9 +531,12 @@ region_find_impl(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, in
     asked = start;
     PySlice_AdjustIndices(self->m.size, &start, &end, 1);
     if (asked <= self->m.size && start <= end) {   /* else absent, as for bytes */
-        if (check_elements(self, start, 1, end - start, PROT_READ) < 0)
+        if (check_elements(self, start, 1, end - start, PROT_READ) < 0
+            || check_truncated(self, start, 1, end - start) < 0)
             goto done;
         found = search(self->m.data, start, end, &needle, reverse);
+        if (check_truncated(self, start, 1, end - start) < 0)
+            goto done;
     }
     result = PyLong_FromSsize_t(found);
 done:
@@ -529,9 +564,12 @@ region_contains(RegionObject *self, PyObject *sub)
 
     if (needle_get(sub, &needle, NULL) < 0)
         return -1;
-    if (region_check_open(self) == 0
-        && check_elements(self, 0, 1, self->m.size, PROT_READ) == 0)
+    if (region_check_open(self) == 0 && check_elements(self, 0, 1, self->m.size, PROT_READ) == 0
+        && check_truncated(self, 0, 1, self->m.size) == 0) {
         rc = search(self->m.data, 0, self->m.size, &needle, 0) >= 0;
+        if (check_truncated(self, 0, 1, self->m.size) < 0)
+            rc = -1;
+    }
     needle_release(&needle);
     return rc;
 }
@@ -568,10 +606,12 @@ iter_next(IterObject *it)
 {
     RegionObject *r = it->region;
     Py_ssize_t i = it->index;
+    unsigned char byte;
 
     if (r == NULL)
         return NULL;
-    if (i < r->m.size && r->m.data != NULL && uniform_allows(r, PROT_READ)) {
+    if (i < r->m.size && r->m.data != NULL && uniform_allows(r, PROT_READ)
+        && !(r->m.flags & MAPPING_REPAIRABLE)) {
         it->index = i + 1;
         return PyLong_FromLong((unsigned char)r->m.data[i]);
     }
@@ -582,10 +622,13 @@ iter_next(IterObject *it)
         Py_DECREF(r);
         return NULL;
     }
-    if (check_elements(r, i, 1, 1, PROT_READ) < 0)
+    if (check_elements(r, i, 1, 1, PROT_READ) < 0 || check_truncated(r, i, 1, 1) < 0)
+        return NULL;
+    byte = (unsigned char)r->m.data[i];
+    if (check_truncated(r, i, 1, 1) < 0)
         return NULL;
     it->index = i + 1;
-    return PyLong_FromLong((unsigned char)r->m.data[i]);
+    return PyLong_FromLong(byte);
 }
 
 static PyObject *

@@ -11,7 +11,10 @@
  *   - an unmap the kernel refuses at a deallocation (vm.max_map_count) is
  *     retried later (the graveyard), never lost;
  *   - in a forked child, pages the parent advised MADV_DONTFORK are mapped
- *     again as zero pages before any Python code runs there.
+ *     again as zero pages before any Python code runs there;
+ *   - a mapping of a file that may shrink (MAPPING_REPAIRABLE) holds the
+ *     SIGBUS repair off (repair.c) while it changes or goes: anonymous
+ *     memory pays one flag test for it.
  */
 #include "mman.h"
 
@@ -157,6 +160,10 @@ mapping_set_prot(Mapping *m, Py_ssize_t start, Py_ssize_t end, int prot)
     err = os_protect(m->data + start, (size_t)(end - start), prot);
     if (!err) {
         rec_set(&m->rec, start, end, prot, 0, 0);
+        if (m->flags & MAPPING_REPAIRABLE) {   /* the protection repaired pages get */
+            repair_lock(m);
+            repair_unlock(m);
+        }
         return 0;
     }
     /* mprotect works mapping by mapping and may stop part-way: put back what
@@ -271,6 +278,8 @@ unmap_or_bury(char *p, Py_ssize_t length, int release_gil)
 static void
 mapping_forget(Mapping *m)
 {
+    if (m->flags & MAPPING_REPAIRABLE)
+        repair_withdraw(m);   /* locked before the unmap */
     mapping_unregister(m);
     if (m->fd >= 0 && (m->flags & MAPPING_OWNS_FD))
         os_close(m->fd);
@@ -285,6 +294,8 @@ mapping_close(Mapping *m)
 
     if (p == NULL)
         return 0;
+    if (m->flags & MAPPING_REPAIRABLE)
+        repair_lock(m);   /* no repair maps over the pages while they go */
     m->data = NULL;
     if (mapping_unmap_is_slow(m)) {
         Py_BEGIN_ALLOW_THREADS
@@ -295,6 +306,8 @@ mapping_close(Mapping *m)
         err = os_unmap(p, (size_t)m->capacity);
     if (err) {
         m->data = p;   /* e.g. ENOMEM at vm.max_map_count: the mapping is intact */
+        if (m->flags & MAPPING_REPAIRABLE)
+            repair_unlock(m);
         return err;
     }
     kernel.mapped_bytes -= m->capacity;
@@ -310,6 +323,8 @@ mapping_release(Mapping *m)
 {
     char *p = m->data;
 
+    if (m->flags & MAPPING_REPAIRABLE)
+        repair_lock(m);
     m->data = NULL;
     if (p != NULL)
         unmap_or_bury(p, m->capacity, mapping_unmap_is_slow(m));
@@ -379,6 +394,7 @@ void
 after_fork_in_child(void)
 {
     kernel.fork_generation++;
+    repair_after_fork();
     for (Mapping *m = kernel.registry, *next; m != NULL; m = next) {
         next = m->next;
         if (m->data == NULL || refill_dontfork(m) == 0)

@@ -6,7 +6,7 @@
  *   the owners     region.c (+ bytes.c, protect.c, advise.c, views.c),
  *                  allocator.c, pool.c, and the extensions of the core for
  *                  other kinds of memory: secret.c, codeheap.c (+ spans.c),
- *                  shared.c;
+ *                  shared.c, files.c (+ repair.c, the SIGBUS repair);
  *   the core       mapping.c (a mapping, its record, holds, busy count, the
  *                  registry and the fork hook), resize.c (growing, moving and
  *                  shrinking any mapping, anonymous or of a file), record.c
@@ -152,6 +152,8 @@ typedef struct {
     PyObject *cannot_realloc;
     PyObject *memory_corruption;
     PyObject *lock;                  /* free-threaded builds: the kernel lock's object */
+    PyObject *file_truncated;        /* FileTruncatedError, registered by exceptions.py */
+    struct RepairTable *repair;      /* the SIGBUS repair's published table (repair.c) */
     unsigned char canary[16];        /* the secrets' canary, random per process */
     int canary_ready;
     /* tracemalloc's PyTraceMalloc_Track and _Untrack, found at import (they
@@ -324,6 +326,7 @@ typedef struct Hold {
 #define MAPPING_COMMITTED 4    /* the library faulted pages in: unmapping takes long */
 #define MAPPING_REGISTERED 8   /* on the registry (kernel.registry) */
 #define MAPPING_UNTRACED 16    /* not reported to tracemalloc (a mapping of a file) */
+#define MAPPING_REPAIRABLE 32  /* of a file that may shrink: in the SIGBUS repair's table */
 
 struct Mapping {
     char *data;             /* NULL once closed; cleared before the unmap */
@@ -344,6 +347,7 @@ struct Mapping {
     int fd;                 /* the file mapped, or -1 */
     int64_t offset;         /* where in the file data starts */
     unsigned int flags;     /* MAPPING_* */
+    int repair;             /* its slot in the repair table, while MAPPING_REPAIRABLE */
     Mapping *next, *prev;   /* in kernel.registry while MAPPING_REGISTERED */
 };
 
@@ -446,6 +450,39 @@ int mapping_apply_record(Mapping *m, char *p, Py_ssize_t upto, int prot0, int pr
 int mapping_zero(Mapping *m, Py_ssize_t start, Py_ssize_t end, const char *noun);
 /* Advise and prefault pages [old, new) as the first pages were. */
 void mapping_prepare(Mapping *m, Py_ssize_t old, Py_ssize_t new);
+/* Map m's file again over [start, end), in place, with the record's
+ * protection and flags there (pages the SIGBUS repair replaced); 0 or errno. */
+int mapping_map_file_again(Mapping *m, Py_ssize_t start, Py_ssize_t end);
+
+/* repair.c: the SIGBUS repair of mappings of files that may shrink. The
+ * core calls these only for mappings with MAPPING_REPAIRABLE set. */
+/* Publish m (mapped, fd and offset set) and install the handler: 0, or -1
+ * with an exception (nothing published). */
+int repair_publish(Mapping *m);
+/* Hold the handler off m's slot while m changes (waits for a repair in
+ * progress); repair_unlock shows m as it is then. */
+void repair_lock(Mapping *m);
+void repair_unlock(Mapping *m);
+/* After m was unmapped (lock held): its slot is free again. */
+void repair_withdraw(Mapping *m);
+/* Map the file again over the pages repaired below `upto` (lock held); 0 or errno. */
+int repair_restore(Mapping *m, Py_ssize_t upto);
+/* The file was mapped again over all of m (lock held): no page is repaired. */
+void repair_remapped(Mapping *m);
+/* The offset of m's first repaired page, or -1. */
+Py_ssize_t repair_first(const Mapping *m);
+/* FileTruncatedError if [start, end) touches pages repaired since the last
+ * refresh; 0 when not. */
+int repair_check(const Mapping *m, Py_ssize_t start, Py_ssize_t end);
+/* In a forked child: slots held by threads that do not exist there are free to take. */
+void repair_after_fork(void);
+
+/* repair_check for any mapping: nothing but a flag test for anonymous memory. */
+static inline int
+mapping_check_truncated(const Mapping *m, Py_ssize_t start, Py_ssize_t end)
+{
+    return (m->flags & MAPPING_REPAIRABLE) ? repair_check(m, start, end) : 0;
+}
 
 /* ------------------------------------------------------------------ */
 /* region.c: Region, an owner of one mapping                           */
@@ -560,5 +597,7 @@ Py_ssize_t spans_largest(const SpanList *l);
 int secret_init(PyObject *module);
 int shared_init(PyObject *module);
 int codeheap_init(PyObject *module);
+int files_init(PyObject *module);
+int repair_init(PyObject *module);
 
 #endif

@@ -6,18 +6,22 @@
 #include <dlfcn.h>
 #include <pthread.h>
 
-/* _register_errors(AllocError, CannotReallocInPlace): the types C raises */
+/* _register_errors(AllocError, CannotReallocInPlace[, FileTruncatedError]):
+ * the types C raises */
 static PyObject *
 mman_register_errors(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (check_nargs("_register_errors", nargs, 2, 2) < 0)
+    if (check_nargs("_register_errors", nargs, 2, 3) < 0)
         return NULL;
-    if (!PyType_Check(args[0]) || !PyType_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "_register_errors() takes two exception types");
-        return NULL;
-    }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        if (!PyType_Check(args[i]) && !(i == 2 && args[i] == Py_None)) {
+            PyErr_SetString(PyExc_TypeError, "_register_errors() takes exception types");
+            return NULL;
+        }
     REPLACE_REF(kernel.alloc_error, Py_NewRef(args[0]));
     REPLACE_REF(kernel.cannot_realloc, Py_NewRef(args[1]));
+    if (nargs > 2 && args[2] != Py_None)
+        REPLACE_REF(kernel.file_truncated, Py_NewRef(args[2]));
     Py_RETURN_NONE;
 }
 
@@ -98,22 +102,29 @@ PyObject *view_exported(PyObject *module, PyObject *arg);
 LOCKED_FAST(mman_mincore)
 LOCKED_FAST(mman_register_errors)
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_O(mman_page_size)
+LOCKED_O(mman_mapped_bytes)
+LOCKED_O(mman_memfd_secret)
+LOCKED_O(mman_sync_core)
+LOCKED_O(view_exported)
+
 static PyMethodDef mman_methods[] = {
-    {"page_size", mman_page_size, METH_NOARGS,
+    {"page_size", LOCKED(mman_page_size), METH_NOARGS,
      "page_size($module, /)\n--\n\nThe kernel's base page size."},
-    {"mapped_bytes", mman_mapped_bytes, METH_NOARGS,
+    {"mapped_bytes", LOCKED(mman_mapped_bytes), METH_NOARGS,
      "mapped_bytes($module, /)\n--\n\nBytes this module has mapped and not unmapped yet."},
     {"residency", (PyCFunction)(void (*)(void))LOCKED(mman_mincore), METH_FASTCALL,
      "residency($module, address, length, /)\n--\n\nOne byte per page; bit 0: resident."},
-    {"memfd_secret", mman_memfd_secret, METH_O,
+    {"memfd_secret", LOCKED(mman_memfd_secret), METH_O,
      "memfd_secret($module, flags, /)\n--\n\nA file descriptor of secret memory (Linux 5.14)."},
-    {"sync_core", mman_sync_core, METH_NOARGS,
+    {"sync_core", LOCKED(mman_sync_core), METH_NOARGS,
      "sync_core($module, /)\n--\n\nSerialise instruction fetch on every thread (arm64)."},
-    {"_view_exported", view_exported, METH_O,
+    {"_view_exported", LOCKED(view_exported), METH_O,
      "_view_exported($module, view, /)\n--\n\n"
      "Whether a buffer of the View is alive after its memoryview was released."},
     {"_register_errors", (PyCFunction)(void (*)(void))LOCKED(mman_register_errors), METH_FASTCALL,
-     "_register_errors($module, alloc_error, cannot_realloc, /)\n--\n\n"
+     "_register_errors($module, alloc_error, cannot_realloc, file_truncated=None, /)\n--\n\n"
      "The exception types the C layer raises."},
     {NULL, NULL, 0, NULL},
 };
@@ -177,7 +188,8 @@ mman_exec(PyObject *m)
         return -1;
     TYPES(MAKE)
 #undef MAKE
-    if (secret_init(m) < 0 || shared_init(m) < 0 || codeheap_init(m) < 0)
+    if (secret_init(m) < 0 || shared_init(m) < 0 || codeheap_init(m) < 0 || files_init(m) < 0
+        || repair_init(m) < 0)
         return -1;
     return add_constants(m);
 }
@@ -197,6 +209,7 @@ mman_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(kernel.cannot_realloc);
     Py_VISIT(kernel.memory_corruption);
     Py_VISIT(kernel.lock);
+    Py_VISIT(kernel.file_truncated);
     return 0;
 }
 

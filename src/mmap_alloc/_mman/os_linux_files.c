@@ -1,7 +1,8 @@
 /*
  * The platform layer on Linux, files and descriptors: memfd_create,
- * memfd_secret, seals, fallocate, fstat, and what /proc tells about pages
- * (see platform.h for the rules every function keeps). No Python here.
+ * memfd_secret, seals, fallocate, fstat, fstatfs, and what /proc tells
+ * about pages (see platform.h for the rules every function keeps). No
+ * Python here.
  */
 #define _GNU_SOURCE 1
 #include "platform.h"
@@ -11,6 +12,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -19,6 +21,9 @@
 #endif
 #ifndef F_DUPFD_CLOEXEC
 #define F_DUPFD_CLOEXEC 1030
+#endif
+#ifndef HUGETLBFS_MAGIC
+#define HUGETLBFS_MAGIC 0x958458f6
 #endif
 #ifndef FALLOC_FL_KEEP_SIZE
 #define FALLOC_FL_KEEP_SIZE 0x01
@@ -103,6 +108,17 @@ os_file_info(int fd, OsFileInfo *info)
     info->regular = S_ISREG(st.st_mode);
     info->dev = (uint64_t)st.st_dev;
     info->ino = (uint64_t)st.st_ino;
+    return 0;
+}
+
+int
+os_file_page(int fd, size_t *page)
+{
+    struct statfs fs;
+
+    if (fstatfs(fd, &fs) != 0)
+        return errno;
+    *page = fs.f_type == HUGETLBFS_MAGIC && fs.f_bsize > 0 ? (size_t)fs.f_bsize : os_page_size();
     return 0;
 }
 

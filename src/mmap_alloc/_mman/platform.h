@@ -147,6 +147,9 @@ typedef struct {
     uint64_t dev, ino;
 } OsFileInfo;
 int os_file_info(int fd, OsFileInfo *info);
+/* The page a mapping of fd's file is made of: the huge page on hugetlbfs,
+ * else the base page. */
+int os_file_page(int fd, size_t *page);
 /* Whether fd was opened for writing (*writable), from its access mode. */
 int os_file_writable(int fd, int *writable);
 int os_file_truncate(int fd, int64_t size);

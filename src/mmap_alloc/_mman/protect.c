@@ -69,7 +69,8 @@ parse_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObj
             }
             *prot = (int)v;
         }
-        if (region_check_open(self) < 0)
+        if (region_check_open(self) < 0
+            || mapping_check_truncated(&self->m, 0, self->m.capacity) < 0)
             return -1;
         *start = 0;
         *n = self->m.capacity;
@@ -89,7 +90,8 @@ parse_protect(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObj
         }
         *prot = (int)v;
     }
-    if (region_check_open(self) < 0 || page_range(&self->m, offset, length, start, n) < 0)
+    if (region_check_open(self) < 0 || page_range(&self->m, offset, length, start, n) < 0
+        || mapping_check_truncated(&self->m, *start, *start + *n) < 0)
         goto done;
     rc = 0;
 done:
@@ -270,7 +272,7 @@ region_pin_public(RegionObject *self, PyObject *unused)
 
     if (pin == NULL)
         return NULL;
-    if (region_check_open(self) < 0) {
+    if (region_check_open(self) < 0 || mapping_check_truncated(&self->m, 0, self->m.size) < 0) {
         Py_DECREF(pin);
         return NULL;
     }

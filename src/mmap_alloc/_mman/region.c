@@ -188,7 +188,7 @@ region_getbuffer(RegionObject *self, Py_buffer *view, int flags)
     Hold *h;
 
     view->obj = NULL;
-    if (region_check_open(self) < 0)
+    if (region_check_open(self) < 0 || mapping_check_truncated(&self->m, 0, self->m.size) < 0)
         return -1;
     access = rec_access_all(&self->m.rec, 0, self->m.size);
     if (!(access & PROT_READ)) {

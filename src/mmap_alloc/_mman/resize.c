@@ -147,6 +147,34 @@ map_pages(Mapping *m, char *p, Py_ssize_t length, int prot, int fixed, int64_t o
     return os_map(&q, p, (size_t)length, prot, (m->mflags & ~MAP_POPULATE) | fixed, -1, 0);
 }
 
+int
+mapping_map_file_again(Mapping *m, Py_ssize_t start, Py_ssize_t end)
+{
+    static const struct { int flag, advice; } kinds[] = {
+        {RUN_DONTFORK, MADV_DONTFORK}, {RUN_DONTDUMP, MADV_DONTDUMP},
+        {RUN_WIPEONFORK, MADV_WIPEONFORK},
+    };
+    PageRecord *rec = &m->rec;
+    int prot0 = rec->runs[rec_find(rec, start)].prot;
+    int err = map_pages(m, m->data + start, end - start, prot0, MAP_FIXED, m->offset + start);
+
+    if (err)
+        return err;
+    if (m->advice)   /* best effort, as when the pages were first mapped */
+        os_advise(m->data + start, (size_t)(end - start), m->advice);
+    for (Py_ssize_t i = rec_find(rec, start); !err && i < rec->n && rec_start(rec, i) < end; i++) {
+        Py_ssize_t lo = rec_start(rec, i), hi = rec->runs[i].end;
+        lo = lo > start ? lo : start;
+        hi = hi < end ? hi : end;
+        if (rec->runs[i].prot != prot0)
+            err = os_protect(m->data + lo, (size_t)(hi - lo), rec->runs[i].prot);
+        for (size_t k = 0; !err && k < sizeof kinds / sizeof kinds[0]; k++)
+            if (rec->runs[i].flags & kinds[k].flag)
+                err = os_advise(m->data + lo, (size_t)(hi - lo), kinds[k].advice);
+    }
+    return err;
+}
+
 /* The advice of run flags, given again to fresh pages [lo, hi) of a new
  * kernel mapping; returns the flags it took (guards are never extended). */
 static int
@@ -170,16 +198,21 @@ advise_like(Mapping *m, Py_ssize_t lo, Py_ssize_t hi, int flags)
 int
 mapping_drop_tail(Mapping *m, Py_ssize_t newcap)
 {
-    int err = os_unmap(m->data + newcap, (size_t)(m->capacity - newcap));
+    int err;
 
-    if (err)
-        return err;
-    kernel.mapped_bytes -= m->capacity - newcap;
-    m->capacity = newcap;
-    if (!(m->flags & MAPPING_UNTRACED))
-        trace_mapped(m->data, newcap);
-    rec_truncate(&m->rec, newcap);
-    return 0;
+    if (m->flags & MAPPING_REPAIRABLE)
+        repair_lock(m);   /* no repair maps over the pages while they go */
+    err = os_unmap(m->data + newcap, (size_t)(m->capacity - newcap));
+    if (!err) {
+        kernel.mapped_bytes -= m->capacity - newcap;
+        m->capacity = newcap;
+        if (!(m->flags & MAPPING_UNTRACED))
+            trace_mapped(m->data, newcap);
+        rec_truncate(&m->rec, newcap);
+    }
+    if (m->flags & MAPPING_REPAIRABLE)
+        repair_unlock(m);
+    return err;
 }
 
 /* The mapping now reaches newcap (its new pages have prot and flags). */
@@ -196,8 +229,39 @@ commit_growth(Mapping *m, Py_ssize_t newcap, int prot, int flags)
     mapping_prepare(m, old, newcap);
 }
 
+static int grow_in_place(Mapping *m, Py_ssize_t newcap);
+
+/* Pages the SIGBUS repair replaced are the file's again before a mapping of
+ * a file grows or moves (the file holds them by then), so that the repaired
+ * pages stay one range at the end, as the repair's table says; the slot is
+ * held meanwhile (repair_done releases it). */
+static int
+repaired_first(Mapping *m)
+{
+    repair_lock(m);
+    return repair_restore(m, m->capacity);
+}
+
+static int
+repair_done(Mapping *m, int err)
+{
+    repair_unlock(m);
+    return err;
+}
+
 int
 mapping_grow_in_place(Mapping *m, Py_ssize_t newcap)
+{
+    int err;
+
+    if (!(m->flags & MAPPING_REPAIRABLE))
+        return grow_in_place(m, newcap);
+    err = repaired_first(m);
+    return repair_done(m, err ? err : grow_in_place(m, newcap));
+}
+
+static int
+grow_in_place(Mapping *m, Py_ssize_t newcap)
 {
     Py_ssize_t cap = m->capacity;
     Run last;
@@ -413,9 +477,24 @@ fail:
     return err;
 }
 
+static int move(Mapping *m, Py_ssize_t newcap, const MapSpec *spec, PyObject **backing,
+                const char **call);
+
 int
 mapping_move(Mapping *m, Py_ssize_t newcap, const MapSpec *spec, PyObject **backing,
              const char **call)
+{
+    int err;
+
+    if (!(m->flags & MAPPING_REPAIRABLE))
+        return move(m, newcap, spec, backing, call);
+    *call = "mmap";
+    err = repaired_first(m);
+    return repair_done(m, err ? err : move(m, newcap, spec, backing, call));
+}
+
+static int
+move(Mapping *m, Py_ssize_t newcap, const MapSpec *spec, PyObject **backing, const char **call)
 {
     MapSpec own = {.mflags = m->mflags, .advice = m->advice, .page = m->page};
     int err;
@@ -424,6 +503,12 @@ mapping_move(Mapping *m, Py_ssize_t newcap, const MapSpec *spec, PyObject **back
         spec = &own;
     if (rec_reserve(&m->rec, 1) < 0)
         return -1;
+    if (m->fd >= 0 && !(m->mflags & MAP_SHARED)) {
+        /* a private mapping of a file holds its own copies of pages: only
+         * mremap moves them (a new mapping of the file would lose them) */
+        *call = "mremap";
+        return m->rec.n == 1 ? move_by_remap(m, newcap) : EFAULT;
+    }
     if (m->rec.n == 1 && !(m->rec.runs[0].flags & RUN_GUARD) && spec->mflags == m->mflags) {
         *call = "mremap";
         err = move_by_remap(m, newcap);

@@ -562,8 +562,11 @@ static PyType_Spec secret_spec = {
     .slots = secret_slots,
 };
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_O(secret_register)
+
 static PyMethodDef secret_functions[] = {
-    {"_register_secret_errors", secret_register, METH_O,
+    {"_register_secret_errors", LOCKED(secret_register), METH_O,
      "_register_secret_errors($module, memory_corruption_error, /)\n--\n\n"
      "The exception type a canary mismatch raises (on_corruption=\"raise\")."},
     {NULL, NULL, 0, NULL},

@@ -14,7 +14,9 @@
  *     no hold or call without the GIL on any region of this process that
  *     maps it, and the GIL held throughout);
  *   - sealed against shrinking (the default), no other process can truncate
- *     the file under us.
+ *     the file under us; without that seal (create(seal_shrink=False), a
+ *     descriptor received with require_seal=False), the SIGBUS repair
+ *     (repair.c) watches the mapping: pages past a new end read as zeros.
  *
  * Errors of system calls are OSError(errno, strerror, step) where step names
  * the call ("memfd_create", "fallocate", "mmap", ...): shared.py reads it to
@@ -78,7 +80,7 @@ file_size(int fd, Py_ssize_t *size)
  * are released), and joins the registry (its peers find it there). */
 static PyObject *
 wrap_shared(PyTypeObject *cls, char *p, int fd, Py_ssize_t size, Py_ssize_t capacity, int prot,
-            Py_ssize_t page, Py_ssize_t align, int advice, PyObject *backing)
+            Py_ssize_t page, Py_ssize_t align, int advice, PyObject *backing, int seals)
 {
     MapSpec spec = {prot, MAP_SHARED, advice, 0, page, align, backing};
     RegionObject *region = (RegionObject *)region_wrap(cls, p, size, capacity, &spec, Py_None, fd);
@@ -93,6 +95,11 @@ wrap_shared(PyTypeObject *cls, char *p, int fd, Py_ssize_t size, Py_ssize_t capa
     kernel.mapped_bytes += capacity;
     trace_mapped(p, capacity);
     mapping_register(&region->m);
+    /* a file any holder may cut short: the SIGBUS repair watches it */
+    if (!(seals & F_SEAL_SHRINK) && repair_publish(&region->m) < 0) {
+        Py_DECREF(region);
+        return NULL;
+    }
     return (PyObject *)region;
 }
 
@@ -120,8 +127,9 @@ file_state(RegionObject *self, Py_ssize_t *fsize, int *seals, int *writable)
     }
     if ((err = file_size(self->m.fd, fsize)) != 0)
         return raise_os_error(err, "fstat"), -1;
-    if ((err = os_file_seals(self->m.fd, seals)) != 0
-        || (err = os_file_writable(self->m.fd, writable)) != 0)
+    if ((err = os_file_seals(self->m.fd, seals)) == EINVAL)
+        *seals = err = 0;   /* a file system without seals (a file region's file) */
+    if (err || (err = os_file_writable(self->m.fd, writable)) != 0)
         return raise_os_error(err, "fcntl"), -1;
     return 0;
 }
@@ -192,7 +200,7 @@ shared_create(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         os_close(fd);
         return raise_os_error(err, call);
     }
-    return wrap_shared(cls, p, fd, size, capacity, PROT_RW, page, align, advice, args[8]);
+    return wrap_shared(cls, p, fd, size, capacity, PROT_RW, page, align, advice, args[8], seals);
 }
 
 /* Whether fd is a memfd: F_GET_SEALS works (a file of shmem or hugetlbfs)
@@ -312,7 +320,7 @@ shared_attach(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (advice && os_advise(p, (size_t)capacity, advice) != 0)
         advice = 0;   /* best effort: the pages are the sender's anyway */
     return wrap_shared(cls, p, own, size, capacity, prot, page, align, advice,
-                       page > kernel.page ? args[8] : args[7]);
+                       page > kernel.page ? args[8] : args[7], seals);
 }
 
 /* ------------------------------------------------------------------ */
@@ -343,6 +351,18 @@ record_readonly(Mapping *m)
     for (Py_ssize_t i = 0; i < m->rec.n; i++)
         m->rec.runs[i].prot &= (unsigned char)~PROT_WRITE;
     rec_merge(&m->rec);
+}
+
+/* The end of a seal against writing: the file was mapped again over the
+ * whole region, so no page is repaired any more (repair.c). */
+static PyObject *
+sealed(RegionObject *self, PyObject *result)
+{
+    if (self->m.flags & MAPPING_REPAIRABLE) {
+        repair_remapped(&self->m);
+        repair_unlock(&self->m);
+    }
+    return result;
 }
 
 /* _shared_seal(region, seals): add F_SEAL_* seals. F_SEAL_WRITE needs every
@@ -380,18 +400,20 @@ shared_seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if ((err = os_reopen_readonly(self->m.fd, &ro)) != 0)
         return raise_os_error(err, "open");
+    if (self->m.flags & MAPPING_REPAIRABLE)   /* the whole file is mapped again: no repair left */
+        repair_lock(&self->m);
     err = remap_in_place(self, ro, PROT_WRITE);
     os_close(ro);
     if (!err && (err = os_file_add_seals(self->m.fd, add)) == 0) {
         record_readonly(&self->m);
-        Py_RETURN_NONE;
+        return sealed(self, Py_NewRef(Py_None));
     }
     if (remap_in_place(self, self->m.fd, 0) != 0) {
         /* could not put the writable mapping back: the record says what is */
         record_readonly(&self->m);
-        return raise_os_error(err, "mmap");
+        return sealed(self, raise_os_error(err, "mmap"));
     }
-    return raise_os_error(err, "F_ADD_SEALS");
+    return sealed(self, raise_os_error(err, "F_ADD_SEALS"));
 }
 
 /* ------------------------------------------------------------------ */
@@ -427,6 +449,9 @@ LOCKED_FAST(shared_attach)
 LOCKED_FAST(shared_resize)
 LOCKED_FAST(shared_seal)
 LOCKED_FASTKW(shared_discard)
+LOCKED_O(shared_refresh)
+LOCKED_O(shared_fd)
+LOCKED_O(shared_dup)
 
 static PyMethodDef shared_methods[] = {
     {"_shared_create", (PyCFunction)(void (*)(void))LOCKED(shared_create), METH_FASTCALL,
@@ -437,15 +462,15 @@ static PyMethodDef shared_methods[] = {
      "Map a memfd (fd itself if take, else a duplicate)."},
     {"_shared_resize", (PyCFunction)(void (*)(void))LOCKED(shared_resize), METH_FASTCALL,
      "_shared_resize(region, new_size): resize the file and the mapping."},
-    {"_shared_refresh", shared_refresh, METH_O,
+    {"_shared_refresh", LOCKED(shared_refresh), METH_O,
      "_shared_refresh(region) -> int: map the file's size as it is now."},
     {"_shared_seal", (PyCFunction)(void (*)(void))LOCKED(shared_seal), METH_FASTCALL,
      "_shared_seal(region, seals): add F_SEAL_* seals (F_SEAL_WRITE remaps read-only)."},
     {"_shared_discard", (PyCFunction)(void (*)(void))LOCKED(shared_discard),
      METH_FASTCALL | METH_KEYWORDS,
      "_shared_discard(region, offset=0, length=None): punch a hole in the file."},
-    {"_shared_fd", shared_fd, METH_O, "_shared_fd(region) -> int: the region's descriptor."},
-    {"_shared_dup", shared_dup, METH_O,
+    {"_shared_fd", LOCKED(shared_fd), METH_O, "_shared_fd(region) -> int: the region's descriptor."},
+    {"_shared_dup", LOCKED(shared_dup), METH_O,
      "_shared_dup(region) -> int: a new descriptor of the region's file, for the caller."},
     {NULL, NULL, 0, NULL},
 };

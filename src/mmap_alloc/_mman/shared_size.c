@@ -32,8 +32,8 @@ check_peers_can_shrink(RegionObject *self, Py_ssize_t fend)
         return -1;
     }
     for (Mapping *r = kernel.registry; r != NULL; r = r->next) {
-        if (r == &self->m || r->data == NULL || !same_file(r, &file))
-            continue;
+        if (r == &self->m || r->data == NULL || !same_file(r, &file) || r->offset != 0)
+            continue;   /* (a file region further in the file: the SIGBUS repair covers it) */
         if (mapping_busy(r) > 0 || round_up(fend, r->page) < r->capacity) {
             if (mapping_check_idle(r, "cut the file short under another region of this "
                                       "process that maps it (it must lose those pages)",
@@ -55,7 +55,7 @@ shrink_peers(RegionObject *self, Py_ssize_t tsize)
     if (os_file_info(self->m.fd, &file) != 0 || tsize <= 0)
         return;
     for (Mapping *r = kernel.registry; r != NULL; r = r->next) {
-        if (r == &self->m || r->data == NULL || !same_file(r, &file))
+        if (r == &self->m || r->data == NULL || !same_file(r, &file) || r->offset != 0)
             continue;
         if (round_up(tsize, r->page) < r->capacity)
             mapping_drop_tail(r, round_up(tsize, r->page));
@@ -70,7 +70,7 @@ shrink_peers(RegionObject *self, Py_ssize_t tsize)
 /* Map the file's pages up to newcap (> capacity): in place, or moved when
  * nothing holds the region where it is. 0, or -1 with an exception and the
  * mapping as it was. */
-static int
+int
 map_growth(RegionObject *self, Py_ssize_t newcap, const char *what)
 {
     Mapping *m = &self->m;
@@ -119,11 +119,13 @@ check_resize(RegionObject *self, Py_ssize_t tsize, Py_ssize_t fsize, Py_ssize_t 
     return 0;
 }
 
-/* _shared_resize(region, new_size): make the file new_size bytes (whole
- * pages for hugetlb) and the region new_size bytes, every new page backed
- * first. Nothing changes on failure, but for one case: when the file grew
- * and this process then cannot map the growth (no address space), the file
- * keeps its new size (refresh() maps it later). */
+/* _shared_resize(region, new_size): make the region new_size bytes and the
+ * file end where it ends (offset + new_size bytes: whole pages for
+ * hugetlb), every new page backed first; a file region's too. Nothing
+ * changes on failure, but for one case: when the file grew and this process
+ * then cannot map the growth (no address space), the file keeps its new
+ * size (refresh() maps it later). Pages the SIGBUS repair replaced are the
+ * file's again after it. */
 PyObject *
 shared_resize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -140,22 +142,23 @@ shared_resize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "new_size must be positive");
         return NULL;
     }
-    if (new_size > PY_SSIZE_T_MAX - (m->align > m->page ? m->align : m->page))
+    if (new_size > PY_SSIZE_T_MAX - (m->align > m->page ? m->align : m->page) - m->offset)
         return raise_os_error(ENOMEM, "size");
     if (file_state(self, &fsize, &seals, &writable) < 0)
         return NULL;
     cap = m->capacity;
     newcap = round_up(new_size, m->page);
-    tsize = is_hugetlb(m) ? newcap : new_size;
+    tsize = m->offset + (is_hugetlb(m) ? newcap : new_size);
     if (check_resize(self, tsize, fsize, newcap, seals, writable) < 0)
         return NULL;
 
     /* bytes past the end of the file in its last page may hold what was
      * written there: once the file grows over them they must read as zero */
     if (tsize > fsize) {
-        Py_ssize_t lo = m->size > fsize ? m->size : fsize;
-        Py_ssize_t hi = round_up(fsize, kernel.page);
-        hi = hi < tsize ? hi : tsize;
+        Py_ssize_t fend = fsize > m->offset ? fsize - m->offset : 0;   /* in the region */
+        Py_ssize_t lo = m->size > fend ? m->size : fend;
+        Py_ssize_t hi = round_up(fend, kernel.page);
+        hi = hi < tsize - m->offset ? hi : tsize - m->offset;
         hi = hi < cap ? hi : cap;
         if (lo < hi && mapping_zero(m, lo, hi, "the region") < 0)
             return NULL;
@@ -199,6 +202,11 @@ shared_resize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         mapping_drop_tail(m, newcap);   /* refused (map count): the pages stay past size */
     if (newcap > cap && !reserved && map_growth(self, newcap, "map the grown file") < 0)
         return NULL;
+    if (m->flags & MAPPING_REPAIRABLE) {   /* best effort: refresh() tries again */
+        repair_lock(m);
+        repair_restore(m, m->capacity);
+        repair_unlock(m);
+    }
     m->size = new_size;
     Py_RETURN_NONE;
 }
@@ -213,6 +221,8 @@ shared_refresh(PyObject *module, PyObject *region)
     Py_ssize_t fsize, newcap;
     int seals, writable, err;
 
+    if (self != NULL && (self->m.flags & MAPPING_REPAIRABLE))
+        return file_refresh_region(self, -1);   /* without the shrink seal: files.c */
     if (self == NULL || file_state(self, &fsize, &seals, &writable) < 0)
         return NULL;
     if (fsize == 0) {

@@ -214,7 +214,8 @@ region_view(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
         PyErr_Format(PyExc_ValueError,
                      "offset %zd + length %R lies outside the region (size %zd)", start, length,
                      self->m.size);
-    else
+    else if (mapping_check_truncated(&self->m, start, length == Py_None ? self->m.size : start + n)
+             == 0)
         result = view_new((PyObject *)self, &self->m, NULL, start,
                           length == Py_None ? self->m.size : start + n, 1, NULL);
     Py_DECREF(offset);

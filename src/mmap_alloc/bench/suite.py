@@ -18,6 +18,7 @@ from .cases import (
     round_trips,
     touched_round_trips,
 )
+from .file_cases import file_cases
 from .harness import Case
 from .jit_cases import code_heap
 from .region_cases import CASES as REGION_CASES
@@ -36,4 +37,5 @@ CASE_GROUPS: tuple[Callable[[Scale], Iterator[Case]], ...] = (
     code_heap,
     *REGION_CASES,
     shared_memory_cases,
+    file_cases,
 )
