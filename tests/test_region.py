@@ -31,6 +31,7 @@ from support import (
     FILLS_THE_MAP_COUNT,
     MLOCK,
     SIGSEGV,
+    SMALL_ALLOCATIONS_FROM_MALLOC,
     emulated_skip,
     ignored_advice,
     pattern,
@@ -1571,7 +1572,7 @@ def test_unlock_and_advice_of_part_of_a_region_at_the_map_count_name_it() -> Non
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONMALLOC": "malloc"},
+        env={**os.environ, **SMALL_ALLOCATIONS_FROM_MALLOC},
         check=False,
     )
     assert result.returncode == 0, result.stderr
