@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +19,10 @@ import pytest
 import mmap_alloc
 from mmap_alloc import cli, features
 from mmap_alloc.perm import ALL_PERMS
+from support import RLIMIT_AS, emulated_skip, run_in_child
 
 KEYS = {
+    "schema",
     "mmap_alloc",
     "platform",
     "kernel",
@@ -62,6 +67,11 @@ def limit(value: int) -> int | None:
 
 def test_info_json_has_every_key(info: dict[str, Any]) -> None:
     assert set(info) == KEYS
+
+
+def test_info_json_carries_its_schema_version(info: dict[str, Any]) -> None:
+    assert info["schema"] == cli.INFO_SCHEMA == 1
+    assert next(iter(info)) == "schema"
 
 
 def test_info_json_describes_this_interpreter_and_kernel(info: dict[str, Any]) -> None:
@@ -275,3 +285,183 @@ def test_console_script_runs_info() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert set(json.loads(result.stdout)) == KEYS
+
+
+def test_an_unknown_option_of_a_command_prints_that_commands_usage() -> None:
+    result = run("info", "--bogus")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: python -m mmap_alloc info [-h] [--json]")
+    assert "python -m mmap_alloc info: error: unrecognized arguments: --bogus" in result.stderr
+
+
+# ---------------------------------------------------------------- output that cannot be written
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    """The command failed with exit status 1 and one line on stderr, no traceback."""
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def run_with_stdout_closed(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mmap_alloc", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: os.close(1),  # the child starts with no descriptor 1 (`>&-`)
+    )
+
+
+@pytest.mark.parametrize("args", [["info"], ["info", "--json"], ["bench", "--quick"]])
+def test_a_closed_stdout_is_a_one_line_error(args: list[str]) -> None:
+    result = run_with_stdout_closed(*args)
+    one_line_error(result, f"python -m mmap_alloc {args[0]}: error:", "standard output is closed")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this machine")
+@pytest.mark.parametrize("args", [["info"], ["info", "--json"]])
+def test_a_full_stdout_is_a_one_line_error(args: list[str]) -> None:
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "mmap_alloc", *args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    one_line_error(result, "cannot write to standard output: No space left on device")
+
+
+def test_emit_turns_a_failed_write_into_an_output_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys, "stdout", Full())
+    with pytest.raises(cli.OutputError, match="No space left on device"):
+        cli.emit("text")
+
+
+def test_a_broken_pipe_ends_quietly() -> None:
+    reader, writer = os.pipe()
+    os.close(reader)  # nobody reads: the first write fails with EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "mmap_alloc", "info", "--json"],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(writer)
+    assert result.returncode == 1
+    assert result.stderr == ""
+
+
+# ---------------------------------------------------------------- low limits, no /proc
+
+
+@emulated_skip(RLIMIT_AS)
+def test_bench_under_a_low_address_space_limit_skips_what_cannot_run() -> None:
+    """``ulimit -v 262144``: the random reads over 64 MiB cannot be set up;
+    they are skipped with the reason, no traceback."""
+    limit = 256 << 20
+    result = subprocess.run(
+        [sys.executable, "-m", "mmap_alloc", "bench", "--quick", "--only", "random reads"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    skipped = result.stdout.split("skipped: cannot run on this machine\n", 1)[1]
+    assert skipped.startswith("  random reads: AllocError: cannot map 67108864 bytes"), skipped
+
+
+def test_bench_as_an_unprivileged_user_without_locked_memory_skips_the_secret_cases(
+    tmp_path: Path,
+) -> None:
+    """``ulimit -l 0`` as a user without CAP_IPC_LOCK (root bypasses the
+    limit: the child drops to nobody): the secret cases, which lock their
+    pages, are skipped with the reason."""
+    if os.geteuid() != 0:
+        pytest.skip("dropping to another user needs root")
+    out, err = tmp_path / "out", tmp_path / "err"
+    tmp_path.chmod(0o777)
+
+    def body() -> None:
+        import importlib
+        import pkgutil
+
+        from mmap_alloc import bench
+
+        for module in pkgutil.iter_modules(bench.__path__):  # before the interpreter's
+            importlib.import_module(f"mmap_alloc.bench.{module.name}")  # files are unreadable
+        sys.stdout = open(out, "w")  # noqa: SIM115 - the child's exit closes them
+        sys.stderr = open(err, "w")  # noqa: SIM115
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
+        os.setgid(65534)
+        os.setuid(65534)
+        status = cli.main(["bench", "--quick", "--only", "secret"])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        assert status == 0
+
+    status = run_in_child(body)
+    assert status == 0, err.read_text()
+    assert "Traceback" not in err.read_text()
+    skipped = out.read_text().split("skipped: cannot run on this machine\n", 1)[1]
+    assert "secret buffer create+close" in skipped and "RLIMIT_MEMLOCK is 0 bytes" in skipped
+
+
+def run_without_proc(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The command in a mount namespace where /proc is an empty tmpfs (skip
+    where no such namespace can be made: it needs CAP_SYS_ADMIN)."""
+    command = shlex.join([sys.executable, "-m", "mmap_alloc", *args])
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs none /proc && exec {command}"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if result.returncode != 0 and ("unshare" in result.stderr or "mount" in result.stderr):
+        pytest.skip(f"no mount namespace with an empty /proc here: {result.stderr.strip()}")
+    return result
+
+
+def test_info_without_proc_says_what_it_could_not_read() -> None:
+    result = run_without_proc("info")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "vm.max_map_count        unknown (cannot read /proc/sys/vm)" in result.stdout
+    assert result.stdout.count("not probed: cannot read /proc/self/maps") == 8
+
+
+def test_info_json_without_proc_has_null_for_what_it_could_not_read() -> None:
+    result = run_without_proc("info", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["max_map_count"] is None and data["overcommit_mode"] is None
+    assert all(entry["in_force"] is None for entry in data["permissions"])
+    assert all(entry["unprobed"].startswith("cannot read ") for entry in data["permissions"])
+
+
+def test_bench_without_proc_skips_what_needs_it() -> None:
+    result = run_without_proc("bench", "--quick", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    skipped = result.stdout.split("skipped: cannot run on this machine\n", 1)[1]
+    assert "/proc/self/" in skipped

@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mmap_alloc import AllocError, _near
+from mmap_alloc import AllocError, MapAlloc, _near
 from mmap_alloc._linux import Mapping
 from mmap_alloc._near import candidates, check_near, map_near
 from mmap_alloc.perm import Perm
+from support import adjacent_pair
 
 P = 4096
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -25,8 +26,9 @@ def mapping(start: int, end: int) -> Mapping:
 MAPS = [mapping(0x10000000, 0x20000000), mapping(0x30000000, 0x40000000)]
 
 
-def test_a_place_in_the_gap_holding_near_is_centred_on_it() -> None:
-    assert candidates(0x28000000, GiB, 2 * P, P, MAPS, low=P, high=1 << 47)[0] == 0x27FFF000
+def test_a_place_that_cannot_start_at_near_is_centred_on_it() -> None:
+    # 3 pages within 2 pages of near: only a place around near fits
+    assert candidates(0x28000000, 2 * P, 3 * P, P, MAPS, low=P, high=1 << 47) == [0x27FFF000]
 
 
 def test_places_are_ordered_nearest_first() -> None:
@@ -36,12 +38,16 @@ def test_places_are_ordered_nearest_first() -> None:
     assert found[2] == 0x40001000
 
 
-def test_a_margin_of_one_page_is_kept_next_to_every_mapping() -> None:
+def test_a_margin_of_one_page_is_kept_next_to_a_mapping_where_it_costs_at_most_a_page() -> None:
     maps = [mapping(0x10000000, 0x10004000), mapping(0x10008000, 0x10010000)]
-    # the 4-page gap between them holds 2 pages at most, one page from each side
-    found = candidates(0x10005000, 3 * P, 2 * P, P, maps, low=P, high=1 << 47)
-    assert found == [0x10005000]
-    assert candidates(0x10005000, 3 * P, 3 * P, P, maps, low=P, high=1 << 47) == []
+    # near in the middle of the mapping below: the gap above it, one page up
+    assert candidates(0x10002000, GiB, P, P, maps, low=P, high=1 << 47)[0] == 0x10005000
+
+
+def test_a_free_near_fills_a_gap_to_its_neighbours() -> None:
+    maps = [mapping(0x10000000, 0x10004000), mapping(0x10008000, 0x10010000)]
+    # the 4-page gap between them: 3 pages at near fit, touching the mapping above
+    assert candidates(0x10005000, 3 * P, 3 * P, P, maps, low=P, high=1 << 47) == [0x10005000]
 
 
 def test_no_place_when_the_window_is_mapped() -> None:
@@ -80,7 +86,15 @@ def test_every_place_is_free_in_reach_and_aligned(
         assert address % align == 0
         assert address >= 0x10000 and address + size <= 1 << 47
         assert abs(address - near) < within and abs(address + size - 1 - near) < within
-        assert not any(m.start - P < address + size and address < m.end + P for m in maps)
+        assert not any(m.start < address + size and address < m.end for m in maps)
+    at = near // align * align
+    if (
+        at <= near < at + size
+        and at >= max(0x10000, near - within + 1)
+        and at + size <= min(near + within, 1 << 47)
+        and not any(m.start < at + size and at < m.end for m in maps)
+    ):
+        assert candidates(near, within, size, align, maps, low=0x10000, high=1 << 47)[0] == at
 
 
 def test_map_near_reads_the_gaps_again_when_another_thread_took_a_place() -> None:
@@ -157,3 +171,68 @@ def test_check_accepts_index_objects() -> None:
             return 0x1000
 
     assert check_near(Address(), 1 << 20) == (0x1000, 1 << 20)
+
+
+# ---------------------------------------------------------------- the place at near itself
+# "Closest" means: the range starting at `near` when it is free, else the
+# smallest distance. A free `near` wins whatever its neighbours are.
+
+BASE = 0x7F0000000000
+
+
+@pytest.mark.parametrize("lower", ["free", "mapped"])
+@pytest.mark.parametrize("upper", ["free", "mapped"])
+def test_a_free_near_is_the_first_place_whatever_its_neighbours(lower: str, upper: str) -> None:
+    maps = [mapping(BASE - 64 * P, BASE - 2 * P)]  # two free pages below BASE, then a mapping
+    if lower == "mapped":
+        maps.append(mapping(BASE - P, BASE))
+    if upper == "mapped":
+        maps.append(mapping(BASE + P, BASE + 2 * P))
+    assert candidates(BASE, P, P, P, maps, low=P, high=1 << 47) == [BASE]
+    assert candidates(BASE, GiB, P, P, maps, low=P, high=1 << 47)[0] == BASE
+
+
+def test_an_unaligned_free_near_gets_the_place_that_holds_it() -> None:
+    maps = [mapping(BASE + P, BASE + 2 * P)]
+    assert candidates(BASE + 100, P, P, P, maps, low=P, high=1 << 47) == [BASE]
+
+
+def test_a_place_next_to_a_mapping_counts_when_it_is_nearer_than_a_page() -> None:
+    """near inside a mapping with a hole of two pages right above it and the
+    next wide gap far away: the hole (no page left free beside its
+    neighbours) is nearer, so it comes first."""
+    maps = [mapping(BASE - 16 * P, BASE + P), mapping(BASE + 3 * P, BASE + 80 * P)]
+    found = candidates(BASE, GiB, P, P, maps, low=P, high=1 << 47)
+    assert found[0] == BASE + P
+
+
+def test_a_page_left_free_beside_a_neighbour_is_preferred_when_it_costs_at_most_a_page() -> None:
+    """Where the gap allows, the new mapping keeps a page from its neighbour
+    (so it stays a line of its own in /proc/self/maps) if that moves it at
+    most one page further."""
+    maps = [mapping(BASE - 16 * P, BASE + P)]
+    assert candidates(BASE, GiB, P, P, maps, low=P, high=1 << 47)[0] == BASE + 2 * P
+
+
+@pytest.mark.parametrize("lower", ["free", "mapped"])
+@pytest.mark.parametrize("upper", ["free", "mapped"])
+def test_alloc_near_a_just_freed_page_lands_on_it(lower: str, upper: str) -> None:
+    """The page at base just freed: alloc(1, near=base, within=page) and
+    alloc(1, near=base) both land at base, whatever the neighbours."""
+    alloc = MapAlloc()
+    below, above = adjacent_pair(alloc, 2 * P, P)  # [lower][base] then [upper]
+    base = below.address + P
+    try:
+        if lower == "mapped":
+            alloc.shrink_in_place(below, P)  # frees the page at base only
+        else:
+            below.close()
+        if upper == "free":
+            above.close()
+        with alloc.alloc(1, near=base, within=P) as region:
+            assert region.address == base
+        with alloc.alloc(1, near=base) as region:
+            assert region.address == base
+    finally:
+        below.close()
+        above.close()

@@ -165,6 +165,28 @@ def test_address_space_limit_with_eight_threads_loses_nothing() -> None:
 # ---------------------------------------------------------------- vm.max_map_count
 
 
+def adjacent_regions(alloc: MapAlloc, count: int, size: int) -> list[Region]:
+    """``count`` regions of ``size`` bytes, each right below the one before: one
+    kernel mapping. Plain allocations are not enough: the kernel puts a new
+    mapping in the highest hole that fits, and holes the interpreter left
+    (where depends on the environment, the imports) broke the run in two
+    places, whose victims at the edges then freed without a split, one after
+    another, until none was left in the middle (the long form's failure)."""
+    for _ in range(16):
+        space = alloc.reserve(count * size)  # a free range of the whole length
+        top = space.address + space.capacity
+        space.close()
+        made: list[Region] = []
+        try:
+            for index in range(1, count + 1):
+                made.append(alloc.alloc(size, near=top - index * size, within=size))
+            return made
+        except AllocError:  # the interpreter mapped something there meanwhile
+            for region in made:
+                region.close()
+    raise AssertionError(f"no free range of {count * size} bytes stayed free for long enough")
+
+
 def exhaust_map_count(attempts: int) -> dict[str, Any]:
     """Fill vm.max_map_count, then make every operation that needs a new kernel
     mapping fail at the limit: each failure clean, each region still freeable."""
@@ -172,7 +194,7 @@ def exhaust_map_count(attempts: int) -> dict[str, Any]:
     start_count = mapping_count()
     # Victims: adjacent 4-page regions of one allocator, merged into one kernel
     # mapping, so that touching one in the middle needs a split.
-    victims = [rw.alloc(4 * PAGE) for _ in range(64)]
+    victims = adjacent_regions(rw, 64, 4 * PAGE)
     cookies = {}
     for index, region in enumerate(victims):
         cookies[id(region)] = cookie(region, index)
@@ -344,3 +366,61 @@ def failing_realloc(room_mib: int) -> dict[str, int]:
 def test_failed_realloc_leaves_region_intact_and_usable() -> None:
     result = run_child("test_reliability_faults", "failing_realloc", 128, env=CHILD_ENV).check()
     assert result["failures"] == 8
+
+
+# ---------------------------------------------------------------- alloc_many bounded up front
+
+
+def huge_alloc_many(obj_size: int, n: int, limit_mib: int) -> dict[str, Any]:
+    """alloc_many(n) of an ObjectPool that cannot hold n objects: the error,
+    how long it took, and whether anything changed."""
+    import time
+
+    from mmap_alloc import ObjectPool, _mman
+
+    if limit_mib:
+        resource.setrlimit(resource.RLIMIT_AS, (limit_mib * MIB, limit_mib * MIB))
+    pool = ObjectPool(obj_size)
+    kept = pool.alloc_many(3)
+    before = (len(pool), pool.stats(), _mman.mapped_bytes())
+    start = time.monotonic()
+    try:
+        pool.alloc_many(n)
+    except AllocError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    else:
+        error = "none"
+    seconds = time.monotonic() - start
+    after = (len(pool), pool.stats(), _mman.mapped_bytes())
+    same = after == before and all(address in pool for address in kept)
+    pool.close()
+    return {"error": error, "seconds": seconds, "unchanged": same}
+
+
+@pytest.mark.parametrize(
+    ("obj_size", "n", "words"),
+    [
+        (16, 1 << 40, "memory and swap"),  # 44 TB of addresses, 16 TiB of slabs
+        (1 << 20, 1 << 28, "address space"),  # 256 TiB of slabs, 10 GiB of addresses
+    ],
+)
+def test_alloc_many_of_more_than_the_machine_holds_fails_at_once(
+    obj_size: int, n: int, words: str
+) -> None:
+    result = run_child("test_reliability_faults", "huge_alloc_many", obj_size, n, 0, timeout=60)
+    value = result.check()
+    assert value["error"].startswith("AllocError: alloc_many"), value
+    assert words in value["error"], value
+    assert value["seconds"] < 1.0, value
+    assert value["unchanged"], value
+
+
+@emulated_skip(RLIMIT_AS)
+def test_alloc_many_past_the_address_space_limit_fails_at_once() -> None:
+    value = run_child(
+        "test_reliability_faults", "huge_alloc_many", 1 << 16, 1 << 16, 256, timeout=60
+    ).check()  # 4 GiB of slabs under RLIMIT_AS = 256 MiB
+    assert value["error"].startswith("AllocError: alloc_many"), value
+    assert "RLIMIT_AS" in value["error"], value
+    assert value["seconds"] < 1.0, value
+    assert value["unchanged"], value

@@ -108,7 +108,6 @@ class World:
     exports: list[tuple[object, Any]] = field(default_factory=list)
     functions: list[tuple[object, Any]] = field(default_factory=list)
     objects: list[int] = field(default_factory=list)
-    freeing: list[int] = field(default_factory=list)
     """Pool objects whose free is under way: a hook that runs right after the
     call returned (a signal handled at the call's end) may be handed them
     again before the operation took them off ``objects``."""
@@ -194,8 +193,7 @@ def call(world: World, function: Callable[..., Any], *args: Any) -> Any:
 def _objects(world: World, addresses: list[int]) -> None:
     fresh = set(addresses)
     assert len(fresh) == len(addresses), "one call handed out an address twice"
-    live = set(world.objects) - set(world.freeing)
-    assert not fresh & live, "the pool handed out a live address again"
+    assert not fresh & set(world.objects), "the pool handed out a live address again"
     world.objects.extend(addresses)
 
 
@@ -378,29 +376,34 @@ def op_pool_alloc_many(world: World) -> None:
     _objects(world, call(world, world.pool.alloc_many, 80))
 
 
-def _free(world: World, batch: list[int], function: Callable[..., Any], *args: Any) -> None:
-    """Free the pool objects ``batch`` with ``function(*args)``, then take them
-    off the records by value (their first entries: a hook may have recorded
-    one of them again, handed out anew)."""
-    world.freeing.extend(batch)
-    try:
-        call(world, function, *args)
-    finally:
-        for address in batch:
-            world.freeing.remove(address)
+def _free(world: World, function: Callable[[Any], None], argument: Any, batch: list[int]) -> None:
+    """Give ``batch`` back through ``function(argument)``. The model drops the
+    addresses before the call: they are free the moment it returns, and a hook
+    that runs then (a signal handler, as the call returns) may be handed them
+    again. A call that fails freed none of them (all or none), unless the
+    pool closed meanwhile: what is still live and not taken again goes back."""
     for address in batch:
         world.objects.remove(address)
+    try:
+        call(world, function, argument)
+    except BaseException:
+        for address in batch:
+            if address in world.pool and address not in world.objects:
+                world.objects.append(address)
+        raise
+    kept = [a for a in batch if a in world.pool and a not in world.objects]
+    assert not kept, ("the free returned but left objects live", kept)
 
 
 def op_pool_free(world: World) -> None:
     if world.objects:
         address = world.objects[-1]
-        _free(world, [address], world.pool.free, address)
+        _free(world, world.pool.free, address, [address])
 
 
 def op_pool_free_many(world: World) -> None:
     batch = world.objects[-70:]
-    _free(world, batch, world.pool.free_many, batch)
+    _free(world, world.pool.free_many, batch, batch)
 
 
 def op_pool_view(world: World) -> None:

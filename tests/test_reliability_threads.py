@@ -246,3 +246,42 @@ def test_close_racing_read_never_crashes_long() -> None:
     outcomes = run_child("test_reliability_threads", "close_races_read", 5000, timeout=3600).check()
     print(outcomes)
     assert outcomes["runs"] == outcomes["closed reads"] == 5000
+
+
+def alloc_many_beside_a_thread(n: int) -> dict[str, float]:
+    """The longest time another thread waited for the GIL while this one ran
+    a long alloc_many (one slab holds all n objects, so the call spends its
+    time making the list), and how long the call took."""
+    import time
+
+    from mmap_alloc import ObjectPool
+
+    pool = ObjectPool(16, slab_size=-(-n * 16 // PAGE) * PAGE)
+    gaps = [0.0]
+    stop = threading.Event()
+
+    def count() -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            now = time.monotonic()
+            gaps[0] = max(gaps[0], now - last)
+            last = now
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    time.sleep(0.05)
+    gaps[0] = 0.0
+    start = time.monotonic()
+    addresses = pool.alloc_many(n)
+    seconds = time.monotonic() - start
+    stop.set()
+    counter.join()
+    assert len(addresses) == len(set(addresses)) == len(pool) == n
+    pool.close()
+    return {"longest_wait": gaps[0], "seconds": seconds}
+
+
+def test_a_long_alloc_many_lets_other_threads_run() -> None:
+    result = run_child("test_reliability_threads", "alloc_many_beside_a_thread", 8 * 10**6).check()
+    # the other thread waits a switch interval (5 ms) at a time, not the whole call
+    assert result["longest_wait"] < min(0.1, result["seconds"] / 3), result

@@ -65,13 +65,19 @@ def candidates(
     margin: int = PAGE_SIZE,
 ) -> list[int]:
     """Addresses (multiples of ``align``) where ``size`` bytes fit in a gap of
-    ``maps`` with every byte less than ``within`` from ``near``, nearest first:
+    ``maps`` with every byte less than ``within`` from ``near``, closest first:
     one per gap, as close to ``near`` as the gap allows.
 
-    A gap keeps ``margin`` bytes free next to each mapping that bounds it, so
-    that the new mapping never joins its neighbour's line in /proc/self/maps
-    (the kernel merges alike neighbours). ``low`` and ``high`` bound the
-    address space (vm.mmap_min_addr, the end of the user address space).
+    Closest means: the range that starts at ``near`` (or, for an unaligned
+    ``near``, the aligned one that holds it) when it is free, whatever its
+    neighbours; else the smallest distance, the distance of a place being
+    that of its byte furthest from ``near``. A place that keeps ``margin``
+    bytes free next to the mappings around it is preferred when that costs
+    at most ``margin`` of distance, so that the new mapping stays a line of
+    its own in /proc/self/maps (the kernel merges alike neighbours); where
+    it would cost more, or no such place is in reach, the new mapping may
+    touch its neighbour. ``low`` and ``high`` bound the address space
+    (vm.mmap_min_addr, the end of the user address space).
     """
     if low is None:
         low = mmap_min_addr()
@@ -79,20 +85,32 @@ def candidates(
     end = min(near + within, high)  # one past the highest byte allowed
     if end - first < size:
         return []
-    found: list[tuple[int, int]] = []
+    at = near // align * align  # the place holding near, if size reaches it
+    holds_near = first <= at and near < at + size <= end
+    found: list[tuple[int, int, int]] = []  # (rank, key, address), one per gap
     for gap_start, gap_end in _gaps(maps, high):
-        lo = max(first, gap_start + (margin if gap_start > 0 else 0))
-        hi = min(end, gap_end - (margin if gap_end < high else 0))
-        lowest = -(-lo // align) * align
-        highest = (hi - size) // align * align
-        if lowest > highest:
+        if holds_near and gap_start <= at and at + size <= gap_end:
+            found.append((0, 0, at))
             continue
-        ideal = (near - size // 2) // align * align  # centred on near
-        address = min(max(ideal, lowest), highest)
-        distance = max(abs(address - near), abs(address + size - 1 - near))
-        found.append((distance, address))
+        best: tuple[int, int, int] | None = None
+        for kept in (margin, 0):
+            lo = max(first, gap_start + (kept if gap_start > 0 else 0))
+            hi = min(end, gap_end - (kept if gap_end < high else 0))
+            lowest = -(-lo // align) * align
+            highest = (hi - size) // align * align
+            if lowest > highest:
+                continue
+            ideal = (near - size // 2) // align * align  # centred on near
+            address = min(max(ideal, lowest), highest)
+            distance = max(abs(address - near), abs(address + size - 1 - near))
+            touches = (address == gap_start > 0) or (address + size == gap_end < high)
+            key = distance + (margin if touches else 0)
+            if best is None or key < best[1]:
+                best = (1, key, address)
+        if best is not None:
+            found.append(best)
     found.sort()
-    return [address for _, address in found]
+    return [address for _, _, address in found]
 
 
 def _gaps(maps: Iterable[Mapping], high: int) -> list[tuple[int, int]]:

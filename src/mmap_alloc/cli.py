@@ -1,12 +1,16 @@
 """The command line: ``python -m mmap_alloc COMMAND`` (or ``mmap-alloc COMMAND``).
 
 Each command is a function that adds its subparser; to add one, write such a
-function and list it in COMMANDS.
+function and list it in COMMANDS. A command writes its output through
+``emit``: output that cannot be written (standard output closed, a full
+disk) is one line on standard error and exit status 1, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -33,23 +37,79 @@ from .perm import ALL_PERMS, Perm
 
 OVERCOMMIT_MODES = {0: "heuristic", 1: "always", 2: "never"}
 
+INFO_SCHEMA = 1
+"""The version of the ``info --json`` document (its ``schema`` key). It goes
+up when a key is removed, renamed or changes meaning; keys may be added
+without a new version."""
+
+
+class OutputError(Exception):
+    """Standard output cannot take the command's output; the message says why."""
+
+
+def emit(text: str) -> None:
+    """Write ``text`` and a newline to standard output and flush it.
+
+    OutputError when standard output is closed or the write fails (a full
+    disk, a closed terminal); BrokenPipeError passes through (the reader
+    left: main() exits quietly). After a failure standard output points at
+    /dev/null, so that the interpreter's last flush at exit stays quiet.
+    """
+    stream = sys.stdout
+    if stream is None:
+        raise OutputError("standard output is closed: nowhere to write the output")
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as exc:  # ValueError: the stream was closed from Python
+        _silence_stdout()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise OutputError(f"cannot write to standard output: {reason}") from None
+
+
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null (what is still buffered goes there)."""
+    stream = sys.stdout
+    if stream is None:
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # no descriptor (a replaced sys.stdout): nothing to silence
+
 
 # ---------------------------------------------------------------- info
 
 
 def probe_perms(perms: Perm) -> dict[str, Any]:
-    """Allocate one page with ``perms`` and read what the kernel set from /proc/self/maps."""
+    """Allocate one page with ``perms`` and read what the kernel set from /proc/self/maps.
+
+    ``in_force`` is None when the page could not be allocated (``error`` says
+    why) or /proc/self/maps could not be read (``unprobed`` says why).
+    """
     alloc = MapAlloc(
         read=bool(perms & Perm.READ), write=bool(perms & Perm.WRITE), exec=bool(perms & Perm.EXEC)
     )
     entry: dict[str, Any] = {"requested": str(perms), "reported": str(alloc.perms)}
     try:
-        with alloc.alloc(PAGE_SIZE) as region:
-            address = region.address
-            probed = next(m.perms for m in mappings() if m.start <= address < m.end)
+        region = alloc.alloc(PAGE_SIZE)
     except OSError as exc:  # AllocError included; e.g. EACCES where exec memory is forbidden
         entry.update(in_force=None, exact=False, error=str(exc))
         return entry
+    with region:
+        address = region.address
+        try:
+            probed = next(m.perms for m in mappings() if m.start <= address < m.end)
+        except OSError as exc:  # no /proc
+            name = exc.filename or "/proc/self/maps"
+            entry.update(
+                in_force=None, exact=False, unprobed=f"cannot read {name}: {exc.strerror or exc}"
+            )
+            return entry
     entry.update(in_force=str(probed), exact=probed == perms)
     return entry
 
@@ -58,10 +118,16 @@ def _limit(value: int) -> int | None:
     return None if value == resource.RLIM_INFINITY else value
 
 
+def _known(value: int) -> int | None:
+    """A sysctl read from /proc, or None where it could not be read (-1)."""
+    return None if value < 0 else value
+
+
 def machine_info() -> dict[str, Any]:
     """What this machine offers to mmap_alloc, as plain data (the ``info --json`` output)."""
     soft, hard = memlock_limit()
     return {
+        "schema": INFO_SCHEMA,
         "mmap_alloc": __version__,
         "platform": sys.platform,
         "kernel": platform.release(),
@@ -73,8 +139,8 @@ def machine_info() -> dict[str, Any]:
             for pool in hugepage_pools()
         ],
         "thp_mode": thp_mode(),
-        "max_map_count": max_map_count(),
-        "overcommit_mode": overcommit_mode(),
+        "max_map_count": _known(max_map_count()),
+        "overcommit_mode": _known(overcommit_mode()),
         "memlock_limit": {"soft": _limit(soft), "hard": _limit(hard)},
         "permissions": [probe_perms(perms) for perms in ALL_PERMS],
         "features": [
@@ -99,9 +165,16 @@ def format_info(info: dict[str, Any]) -> str:
         )
         rows.append(("huge pages" if i == 0 else "", text))
     rows.append(("transparent huge pages", info["thp_mode"]))
-    rows.append(("vm.max_map_count", str(info["max_map_count"])))
+    unread = "unknown (cannot read /proc/sys/vm)"
+    count = info["max_map_count"]
+    rows.append(("vm.max_map_count", unread if count is None else str(count)))
     mode = info["overcommit_mode"]
-    rows.append(("vm.overcommit_memory", f"{mode} ({OVERCOMMIT_MODES.get(mode, 'unknown')})"))
+    rows.append(
+        (
+            "vm.overcommit_memory",
+            unread if mode is None else f"{mode} ({OVERCOMMIT_MODES.get(mode, 'unknown')})",
+        )
+    )
     memlock = info["memlock_limit"]
     rows.append(
         ("RLIMIT_MEMLOCK", f"soft {_bytes(memlock['soft'])}, hard {_bytes(memlock['hard'])}")
@@ -117,7 +190,9 @@ def format_info(info: dict[str, Any]) -> str:
         f"  {'requested':<10} {'in force':<10} note",
     ]
     for entry in info["permissions"]:
-        if entry["in_force"] is None:
+        if entry["in_force"] is None and "unprobed" in entry:
+            note = f"not probed: {entry['unprobed']}"
+        elif entry["in_force"] is None:
             note = f"allocation failed: {entry['error']}"
         elif entry["reported"] != entry["in_force"]:
             note = f"but MapAlloc.perms reports {entry['reported']}"
@@ -135,12 +210,14 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    if sys.stdout is None:  # before the probes: nothing could show their answers
+        raise OutputError("standard output is closed: nowhere to write the output")
     info = machine_info()
-    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    emit(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 
 
-def _add_info(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_info(commands: argparse._SubParsersAction[CommandParser]) -> None:
     parser = commands.add_parser(
         "info",
         help="show what this machine offers: page sizes, huge pages, limits, permissions, "
@@ -149,8 +226,12 @@ def _add_info(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "permission combinations the kernel gives (probed by real allocations), and which "
         "kernel features are available (each probed; a missing one says why).",
     )
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    parser.set_defaults(run=_run_info)
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help=f"print JSON for scripts (schema version {INFO_SCHEMA}: the `schema` key)",
+    )
+    parser.set_defaults(run=_run_info, prog=parser.prog)
 
 
 # ---------------------------------------------------------------- bench
@@ -205,10 +286,13 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     error: Callable[[str], NoReturn] = args.error
     # checked before the run, which takes minutes, rather than after it
+    if sys.stdout is None:
+        raise OutputError("standard output is closed: nowhere to write the report")
     if args.json is not None and (problem := unwritable(args.json)) is not None:
         error(f"argument --json: {problem}")
     if args.plot is not None and (problem := plot_problem(args.plot)) is not None:
         error(f"argument --plot: {problem}")
+    report = io.StringIO()  # written out by emit(), which turns a failed write into one line
     try:
         bench.run(
             quick=args.quick,
@@ -216,17 +300,23 @@ def _run_bench(args: argparse.Namespace) -> int:
             plot_path=args.plot,
             rounds=args.rounds,
             only=args.only,
+            out=report,
+            err=sys.stderr if sys.stderr is not None else io.StringIO(),
+            progress=None if sys.stderr is not None else False,
         )
     except bench.NoCaseMatches as exc:
         error(f"argument --only: {exc}")
-    except OSError as exc:  # the disk filled up, the directory went away
+    except OSError as exc:  # writing the JSON or the chart: the disk filled up, the folder went
+        if report.getvalue():
+            emit(report.getvalue().rstrip("\n"))
         name = exc.filename if exc.filename is not None else "the results"
-        print(f"{args.prog}: error: cannot write {name}: {exc.strerror or exc}", file=sys.stderr)
+        error_line(args.prog, f"cannot write {name}: {exc.strerror or exc}")
         return 1
+    emit(report.getvalue().rstrip("\n"))
     return 0
 
 
-def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_bench(commands: argparse._SubParsersAction[CommandParser]) -> None:
     parser = commands.add_parser(
         "bench",
         help="measure mmap_alloc against the system calls from C, and against peers",
@@ -259,7 +349,21 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 # ---------------------------------------------------------------- the parser
 
-COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: an argument it does not know is a usage error of the
+    command (its usage line), not of the top-level parser."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction[CommandParser]], None]] = [
     _add_info,
     _add_bench,
 ]
@@ -275,10 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Page-granular memory straight from the kernel.",
     )
     parser.add_argument("--version", action="version", version=f"mmap_alloc {__version__}")
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(
+        title="commands", metavar="COMMAND", required=True, parser_class=CommandParser
+    )
     for add in COMMANDS:
         add(commands)
     return parser
+
+
+def error_line(prog: str, message: str) -> None:
+    """``prog: error: message`` on standard error, if there is one to write to."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stderr.write(f"{prog}: error: {message}\n")
+        sys.stderr.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -286,8 +399,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status: int = args.run(args)
-        sys.stdout.flush()
     except BrokenPipeError:  # e.g. piped into head: not an error worth a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
+        return 1
+    except OutputError as exc:
+        error_line(args.prog, str(exc))
         return 1
     return status

@@ -6,6 +6,9 @@
  */
 #include "pool.h"
 
+#include <sys/resource.h>
+#include <sys/sysinfo.h>
+
 /* Take up to n free objects of slab s, lowest first, into out; how many. */
 static Py_ssize_t
 slab_take_many(PoolObject *self, Slab *s, uintptr_t *out, Py_ssize_t n)
@@ -37,65 +40,180 @@ slab_take_many(PoolObject *self, Slab *s, uintptr_t *out, Py_ssize_t n)
     return got;
 }
 
-/* alloc_many(n): n addresses, all or none. Slabs are added first (the slab
- * source may run Python code), then every object is taken in one pass that
- * runs none. */
-PyObject *
-pool_alloc_many(PoolObject *self, PyObject *arg)
-{
-    Py_ssize_t n, k = 0;
-    PyObject *list;
+/* ------------------------------------------------------------------ */
+/* alloc_many: bounded up front, interruptible, and fair to other threads */
 
-    if (arg_ssize(arg, "n", &n) < 0)
-        return NULL;
-    for (;;) {
-        while (pool_check_open(self) == 0 && pool_free_count(self) < n)
-            if (pool_add_slab(self) < 0)
-                return NULL;
-        if (PyErr_Occurred())
-            return NULL;
-        list = PyList_New(n);   /* may start a collection, whose finalizers may take objects */
-        if (list == NULL)
-            return NULL;
-        if (pool_check_open(self) < 0) {
-            Py_DECREF(list);
-            return NULL;
-        }
-        if (pool_free_count(self) >= n)
-            break;
-        Py_DECREF(list);
+#define ALLOC_MANY_CHUNK (1 << 16)   /* objects taken between two pauses */
+
+/* Bytes of memory each address of the result needs at least: its slot in the
+ * list and the int object (an address above 2**30 takes two 30-bit digits). */
+#define ADDRESS_BYTES (sizeof(PyObject *) + 32)
+
+#if defined(__x86_64__)
+#define USER_ADDRESS_SPACE (1ULL << 47)   /* 4-level page tables */
+#else
+#define USER_ADDRESS_SPACE (1ULL << 48)
+#endif
+
+/* Free objects in the slabs in use: every slab holds per_slab objects. O(1),
+ * so that a call adding a million slabs stays linear. */
+static inline Py_ssize_t
+pool_free_now(PoolObject *self)
+{
+    return self->nslabs * (Py_ssize_t)self->per_slab - self->live;
+}
+
+/* Refuse, before any work, an n that cannot succeed on this machine: the
+ * slabs it needs beyond the free objects must fit in the address space
+ * (RLIMIT_AS when set), and the addresses (with the slabs, for a pool whose
+ * memory is committed) in memory and swap. 0, or -1 with AllocError. */
+static int
+alloc_many_bound(PoolObject *self, Py_ssize_t n)
+{
+    unsigned long long want = (unsigned long long)(n - pool_free_now(self));
+    unsigned long long page = (unsigned long long)sysconf(_SC_PAGESIZE);
+    unsigned long long slab = ((unsigned long long)self->span + page - 1) / page * page;
+    unsigned long long slabs, space, bytes = 0, memory, mem_unit;
+    struct rlimit limit;
+    struct sysinfo info;
+    const char *bound = "the address space";
+
+    if (n <= pool_free_now(self) && (unsigned long long)n * ADDRESS_BYTES < (1ULL << 24))
+        return 0;   /* the common case: no system call */
+    slabs = n > pool_free_now(self) ? (want + self->per_slab - 1) / self->per_slab : 0;
+    space = USER_ADDRESS_SPACE;
+    if (getrlimit(RLIMIT_AS, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY
+        && limit.rlim_cur < space) {
+        space = limit.rlim_cur;
+        bound = "RLIMIT_AS, the address-space limit,";
     }
-    /* from here no Python code runs: take n objects and fill the list */
-    for (Py_ssize_t j = 0; j < self->nslabs && k < n; j++) {
+    if (__builtin_mul_overflow(slabs, slab, &bytes) || bytes > space) {
+        raise_alloc_error(ENOMEM, n,
+                          "alloc_many(%zd) cannot succeed: it needs %llu more slabs of %llu "
+                          "bytes (%llu MiB) and %s holds %llu MiB; ask for fewer objects",
+                          n, slabs, slab, slabs * (slab >> 10) >> 10, bound, space >> 20);
+        return -1;
+    }
+    if (sysinfo(&info) < 0)
+        return 0;   /* no figure to bound by: the kernel refuses later */
+    mem_unit = info.mem_unit ? info.mem_unit : 1;
+    memory = ((unsigned long long)info.totalram + info.totalswap) * mem_unit;
+    want = (unsigned long long)n * ADDRESS_BYTES + (self->populate ? bytes : 0);
+    if (want > memory) {
+        raise_alloc_error(ENOMEM, n,
+                          "alloc_many(%zd) cannot succeed: %s needs %llu MiB, more than this "
+                          "machine's memory and swap (%llu MiB); ask for fewer objects",
+                          n, self->populate ? "its list of addresses with the committed slabs"
+                                            : "its list of addresses alone",
+                          want >> 20, memory >> 20);
+        return -1;
+    }
+    return 0;
+}
+
+/* Between two steps of a long alloc_many: let other threads run, then run
+ * the signal handlers (Ctrl-C). The pool is consistent here: the objects
+ * taken so far are live and only this call knows them. */
+static int
+alloc_many_pause(void)
+{
+    Py_BEGIN_ALLOW_THREADS
+    Py_END_ALLOW_THREADS
+    return PyErr_CheckSignals();
+}
+
+/* Take objects into list[*k..stop), lowest slab first, advancing *k; 0, or
+ * -1 with MemoryError (the objects of the failing step are given back, those
+ * before it are in list[0..*k)). No Python code runs here (ints are not
+ * GC-tracked). */
+static int
+alloc_many_take(PoolObject *self, PyObject *list, Py_ssize_t *k, Py_ssize_t stop)
+{
+    for (Py_ssize_t j = 0; j < self->nslabs && *k < stop; j++) {
         Slab *s = self->slabs[j];
         uintptr_t chunk[64];
-        while (s->nfree > 0 && k < n) {
-            Py_ssize_t got = slab_take_many(self, s, chunk, n - k < 64 ? n - k : 64);
+        while (s->nfree > 0 && *k < stop) {
+            Py_ssize_t got = slab_take_many(self, s, chunk, stop - *k < 64 ? stop - *k : 64);
             for (Py_ssize_t m = 0; m < got; m++) {
                 PyObject *item = address_object(chunk[m]);
                 if (item == NULL) {
-                    /* out of memory: give back everything this call took */
                     for (Py_ssize_t q = m; q < got; q++) {
                         Slab *t;
                         uint32_t idx;
                         if (pool_locate(self, chunk[q], &t, &idx) == LOC_OK)
                             slab_give(self, t, idx);
                     }
-                    for (Py_ssize_t q = 0; q < k; q++) {
-                        Slab *t;
-                        uint32_t idx;
-                        uintptr_t a = (uintptr_t)PyLong_AsUnsignedLong(PyList_GetItem(list, q));
-                        if (pool_locate(self, a, &t, &idx) == LOC_OK)
-                            slab_give(self, t, idx);
-                    }
-                    Py_DECREF(list);
-                    return NULL;
+                    return -1;
                 }
-                PyList_SetItem(list, k++, item);
+                PyList_SetItem(list, (*k)++, item);
             }
         }
     }
+    return 0;
+}
+
+/* Give back the objects list[0..k) that are still live (the pool may have
+ * closed meanwhile, or a caller freed one by a guessed address), then the
+ * empty slabs the call added. */
+static void
+alloc_many_undo(PoolObject *self, PyObject *list, Py_ssize_t k)
+{
+    if (self->closed)
+        return;
+    for (Py_ssize_t q = 0; q < k; q++) {
+        Slab *s;
+        uint32_t i;
+        uintptr_t a = (uintptr_t)PyLong_AsUnsignedLong(PyList_GetItem(list, q));
+        if (pool_locate(self, a, &s, &i) == LOC_OK && !slab_is_free(s, i))
+            slab_give(self, s, i);
+    }
+    if (self->nempty > self->keep_empty)
+        pool_release(self);
+}
+
+/* alloc_many(n): n addresses, all or none. n is bounded first against what
+ * the machine holds. Then, in rounds until the list is full: slabs are added
+ * until enough objects are free (the slab source may run Python code), and
+ * up to ALLOC_MANY_CHUNK objects are taken in a step that runs none. Between
+ * two slabs and two chunks other threads run and signals are checked, so a
+ * long call can be interrupted: everything it took is given back, and the
+ * empty slabs it added are released. The list is untracked by the collector
+ * while it has empty slots, so no Python code can reach it before it is full. */
+PyObject *
+pool_alloc_many(PoolObject *self, PyObject *arg)
+{
+    Py_ssize_t n, k = 0;
+    int added = 0;
+    PyObject *list;
+
+    if (arg_ssize(arg, "n", &n) < 0)
+        return NULL;
+    if (pool_check_open(self) < 0 || alloc_many_bound(self, n) < 0)
+        return NULL;
+    list = PyList_New(n);   /* may start a collection, whose finalizers may use the pool */
+    if (list == NULL)
+        return NULL;
+    PyObject_GC_UnTrack(list);
+    while (k < n) {
+        if (pool_check_open(self) < 0)
+            goto fail;
+        if (pool_free_now(self) < n - k) {
+            if ((added++ > 0 && alloc_many_pause() < 0) || pool_add_slab(self) < 0)
+                goto fail;
+            continue;   /* Python code may have run: look again */
+        }
+        if (alloc_many_take(self, list, &k, n - k > ALLOC_MANY_CHUNK ? k + ALLOC_MANY_CHUNK : n)
+            < 0)
+            goto fail;
+        if (k < n && alloc_many_pause() < 0)
+            goto fail;
+    }
+    PyObject_GC_Track(list);
     return list;
+fail:
+    alloc_many_undo(self, list, k);
+    Py_DECREF(list);
+    return NULL;
 }
 
 /* Give back the objects of word w of slab s whose bits are set in bits. */

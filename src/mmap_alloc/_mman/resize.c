@@ -448,22 +448,25 @@ move_by_copy(Mapping *m, Py_ssize_t newcap, const MapSpec *spec, const char **ca
     if (err)
         goto fail;
     PyMem_Free(has);
-    /* commit: from here nothing can fail */
+    /* commit: from here nothing can fail; the mapping is whole at its new
+     * place before the old pages go, since a large unmap releases the GIL
+     * (busy meanwhile: another thread's shrink or move waits its turn) */
     old = m->data;
     m->data = target;
     m->mflags = spec->mflags;
     m->advice = spec->advice;
-    kernel.mapped_bytes += newcap;
-    unmap_or_bury(old, oldcap, oldcap >= SLOW_CALL_BYTES);
+    kernel.mapped_bytes += oldcap;   /* unmap_or_bury takes it off again */
     if (newcap < oldcap) {
+        kernel.mapped_bytes += newcap - oldcap;
         rec_truncate(rec, newcap);
         m->capacity = newcap;
         trace_mapped(target, newcap);
     }
-    else {
-        kernel.mapped_bytes -= newcap - oldcap;   /* commit_growth adds it */
+    else
         commit_growth(m, newcap, rec->runs[rec->n - 1].prot, rec->runs[rec->n - 1].flags);
-    }
+    mapping_busy_enter(m);
+    unmap_or_bury(old, oldcap, oldcap >= SLOW_CALL_BYTES);
+    mapping_busy_leave(m);
     return 0;
 
 fail:

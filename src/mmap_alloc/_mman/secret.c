@@ -120,7 +120,7 @@ corruption_error(Py_ssize_t size)
 static int
 secret_release(SecretObject *self, int can_wipe)
 {
-    char *data = self->m.data + data_offset(self);
+    char *base = self->m.data, *data = base + data_offset(self);
     int corrupt = 0;
 
     if (can_wipe && !forked(self) && !canary_intact(data)) {
@@ -128,10 +128,14 @@ secret_release(SecretObject *self, int can_wipe)
             report_corruption_and_abort();
         corrupt = 1;
     }
+    /* closed before the wipe, which releases the GIL for large secrets: no
+     * other thread reaches the pages, nor closes them again, meanwhile */
+    self->m.data = NULL;
+    self->locked = 0;
     if (can_wipe)
         wipe(data - CANARY_SIZE, (size_t)(self->m.size + CANARY_SIZE));
-    self->locked = 0;
-    mapping_release(&self->m);   /* the unmap releases the lock with the pages */
+    unmap_or_bury(base, self->m.capacity, 0);   /* releases the lock with the pages */
+    mapping_release(&self->m);   /* the rest: the registry, the record */
     return corrupt;
 }
 

@@ -7,19 +7,68 @@ measured in one run.
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
+from ..exceptions import MapAllocError
 from . import cases, report
 from .harness import Case, CaseResult, Runner
 from .suite import CASE_GROUPS
 
-__all__ = ["NoCaseMatches", "run"]
+__all__ = ["NoCaseMatches", "Skipped", "run"]
+
+T = TypeVar("T")
+
+CANNOT_RUN = (MapAllocError, MemoryError, OSError)
+"""What a case that cannot run on this machine raises: memory the kernel or a
+limit refuses (RLIMIT_AS, RLIMIT_MEMLOCK, no huge pages), a file under /proc
+or /sys that is not there. Such a case is skipped with the reason."""
 
 
 class NoCaseMatches(ValueError):
     """``only`` selects no case; the message lists the case names."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A case (or a group of cases, or a figure) that could not run here, and why."""
+
+    name: str
+    reason: str
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _collect(scale: cases.Scale, skipped: list[Skipped]) -> list[Case]:
+    """Every case of every group; a group whose set-up fails is skipped."""
+    suite: list[Case] = []
+    for group in CASE_GROUPS:
+        made: Iterator[Case] = group(scale)
+        while True:
+            try:
+                case = next(made)
+            except StopIteration:
+                break
+            except CANNOT_RUN as exc:
+                skipped.append(Skipped(group.__name__.replace("_", " "), _reason(exc)))
+                break
+            suite.append(case)
+    return suite
+
+
+def _attempt(name: str, skipped: list[Skipped], work: Callable[[], T]) -> T | None:
+    """``work()``, or None and a Skipped entry when it cannot run here."""
+    try:
+        return work()
+    except CANNOT_RUN as exc:
+        skipped.append(Skipped(name, _reason(exc)))
+        return None
 
 
 class _Progress:
@@ -107,11 +156,13 @@ def run(
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     warmup = 1
-    suite: list[Case] = [case for group in CASE_GROUPS for case in group(scale)]
+    cannot: list[Skipped] = []
+    suite: list[Case] = _collect(scale, cannot)
     # cases left out still own what they set up (and may share it): free it at the end
     skipped = [case for case in suite if only is not None and only not in case.name]
     suite = [case for case in suite if case not in skipped]
-    if not suite:
+    cannot = [entry for entry in cannot if only is None or only in entry.name]
+    if not suite and not cannot:
         _close(skipped)
         names = ", ".join(repr(case.name) for case in skipped)
         raise NoCaseMatches(f"no case name contains {only!r}; the cases are {names}")
@@ -123,23 +174,36 @@ def run(
         try:
             for case in suite:
                 bar.describe(case.name, rounds=rounds + warmup)
-                results.append(runner.run(case))
+                result = _attempt(case.name, cannot, functools.partial(runner.run, case))
+                if result is not None:
+                    results.append(result)
         finally:
             _close(skipped)
         extras: dict[str, report.Figures] = {}
         if only is None:
             bar.describe("memory per object and pool overhead")
-            extras = {
-                "Python heap bytes per live object (tracemalloc)": cases.memory_per_region(),
-                "ObjectPool, live 64-byte objects, every byte written": cases.pool_memory(scale),
-                "ObjectPool per-object overhead, % (mapped + bookkeeping)": cases.pool_overhead(),
-            }
+            for title, measure in (
+                ("Python heap bytes per live object (tracemalloc)", cases.memory_per_region),
+                (
+                    "ObjectPool, live 64-byte objects, every byte written",
+                    lambda: cases.pool_memory(scale),
+                ),
+                ("ObjectPool per-object overhead, % (mapped + bookkeeping)", cases.pool_overhead),
+            ):
+                figures = _attempt(title, cannot, measure)
+                if figures is not None:
+                    extras[title] = figures
     out.write(report.header(quick=quick, rounds=rounds))
     out.write(report.table(results, extras, quick=quick))
+    if cannot:
+        out.write("\nskipped: cannot run on this machine\n")
+        out.writelines(f"  {entry.name}: {entry.reason}\n" for entry in cannot)
     out.flush()
     command = "python -m mmap_alloc bench" + (" --quick" if quick else "")
     if json_path is not None:
-        report.write_json(json_path, report.to_json(results, extras, command, quick=quick))
+        data = report.to_json(results, extras, command, quick=quick)
+        data["skipped"] = [{"name": entry.name, "reason": entry.reason} for entry in cannot]
+        report.write_json(json_path, data)
     if plot_path is not None:
         report.plot(results, plot_path, quick=quick)
     return results

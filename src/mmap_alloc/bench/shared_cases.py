@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
 import multiprocessing
 from collections.abc import Callable, Iterator
 from multiprocessing.pool import Pool
@@ -103,6 +104,15 @@ def array_sum(array: NDArray[Any]) -> float:
 # ---------------------------------------------------------------- parent side
 
 
+def create_shm(size: int) -> SharedMemory:
+    """A new SharedMemory segment of ``size`` bytes. One whose mmap fails (a
+    low RLIMIT_AS) unregisters a name it never registered, and the resource
+    tracker prints a KeyError traceback (CPython 3.11-3.13): where the address
+    space cannot hold it, OSError before it is created."""
+    mmap.mmap(-1, size).close()
+    return SharedMemory(create=True, size=size)
+
+
 class _Handover:
     """The worker and the three copies of the array, made on first use and
     freed when every case that shares them has been closed."""
@@ -131,7 +141,7 @@ class _Handover:
 
     def shm(self) -> SharedMemory:
         if self._shm is None:
-            shm = SharedMemory(create=True, size=self.count * 8)
+            shm = create_shm(self.count * 8)
             array = _array(shm.buf, self.count)
             array.setflags(write=True)
             array[:] = 1.0
@@ -254,7 +264,7 @@ def create_attach_close(scale: Scale) -> Iterator[Case]:
 
         def stdlib(n: int, size: int = size, write: bool = False) -> None:
             for _ in range(n):
-                shm = SharedMemory(create=True, size=size)
+                shm = create_shm(size)
                 peer = SharedMemory(name=shm.name)
                 if write:
                     fill(peer, 0, size)
@@ -313,11 +323,11 @@ def shared_growth(scale: Scale) -> Iterator[Case]:
 
     def stdlib(n: int) -> None:
         for _ in range(n):
-            shm = SharedMemory(create=True, size=start)
+            shm = create_shm(start)
             fill(shm, 0, start)
             size = start
             while size < end:
-                bigger = SharedMemory(create=True, size=size * 2)
+                bigger = create_shm(size * 2)
                 _buf(bigger)[:size] = _buf(shm)[:size]
                 shm.close()
                 shm.unlink()
