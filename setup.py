@@ -1,7 +1,16 @@
 """Builds the C extensions (the safety kernel and the benchmark's C loops);
-everything else is in pyproject.toml."""
+everything else is in pyproject.toml.
+
+One source tree, two ABIs: on an interpreter with the GIL the extensions use
+the limited API of 3.11 and the wheel is tagged cp311-abi3 (one wheel for
+every later CPython); on a free-threaded one (``Py_GIL_DISABLED``, 3.13t and
+later), where ``Python.h`` refuses the limited API of those versions, they are
+built for that interpreter alone. The C files do not define Py_LIMITED_API
+themselves: this file decides.
+"""
 
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -17,6 +26,8 @@ KERNEL = sorted(
     for path in _MMAN.glob("*.c")
     if not path.name.startswith("os_") or path.name.startswith(PLATFORM)
 )
+FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+LIMITED_API = [] if FREE_THREADED else [("Py_LIMITED_API", "0x030B0000")]
 
 setup(
     ext_modules=[
@@ -24,8 +35,8 @@ setup(
             "mmap_alloc._mman",
             sources=KERNEL,
             depends=sorted(str(path) for path in _MMAN.glob("*.h")),
-            define_macros=[("Py_LIMITED_API", "0x030B0000"), ("_GNU_SOURCE", "1")],
-            py_limited_api=True,
+            define_macros=[*LIMITED_API, ("_GNU_SOURCE", "1")],
+            py_limited_api=not FREE_THREADED,
             extra_compile_args=[
                 "-Wall",
                 "-Wextra",
@@ -36,10 +47,10 @@ setup(
         Extension(
             "mmap_alloc.bench._limits",
             sources=["src/mmap_alloc/bench/_limits.c"],
-            define_macros=[("Py_LIMITED_API", "0x030B0000")],
-            py_limited_api=True,
+            define_macros=LIMITED_API,
+            py_limited_api=not FREE_THREADED,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         ),
     ],
-    options={"bdist_wheel": {"py_limited_api": "cp311"}},
+    options={} if FREE_THREADED else {"bdist_wheel": {"py_limited_api": "cp311"}},
 )

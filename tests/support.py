@@ -24,6 +24,7 @@ import random
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import traceback
 from collections.abc import Callable, Container
@@ -97,6 +98,19 @@ TOO_SLOW = (
     "(it reads /proc at every line of library code)"
 )
 NOT_ADJACENT = "the emulator never places two new mappings next to each other"
+
+
+# ---------------------------------------------------------------- interpreter builds
+
+FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+"""A free-threaded CPython (3.13t ...). It starts with about 1 GiB of address
+space reserved (mimalloc), and it has no allocator but mimalloc."""
+
+SMALL_ALLOCATIONS_FROM_MALLOC: dict[str, str] = {} if FREE_THREADED else {"PYTHONMALLOC": "malloc"}
+"""The environment of a child that fills vm.max_map_count: the interpreter's
+small allocations from malloc's heap (grown without new mappings) rather than
+pymalloc's arenas, a mapping each. The free-threaded build refuses
+PYTHONMALLOC=malloc; its mimalloc segments are reserved ahead."""
 
 
 FILLS_THE_MAP_COUNT = emulated_skip(

@@ -307,8 +307,14 @@ def test_output_piped_to_a_file_has_no_carriage_return_and_no_progress(tmp_path:
     assert b"protect flip rw- <-> r-x, 64 KiB" in text
 
 
-def test_progress_on_a_terminal_names_each_case_once_and_is_cleared() -> None:
+def test_progress_on_a_terminal_names_each_case_once_and_is_cleared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     pytest.importorskip("rich")
+    # a terminal that can erase a line, whatever the caller's is (rich draws
+    # nothing live under TERM=dumb, or when TTY_INTERACTIVE says no)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.delenv("TTY_INTERACTIVE", raising=False)
     try:
         controller, terminal = pty.openpty()
     except OSError as exc:  # a chroot with /dev but no /dev/pts mounted (the arm64 runs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import subprocess
 import sys
@@ -123,7 +124,9 @@ jit_only = pytest.mark.skipif(not X86_64, reason="the expression JIT emits x86-6
 @jit_only
 def test_jit_expr_gives_nan_where_python_sqrt_raises() -> None:
     out = run_example("jit_expr.py", "--n", "1001", "--runs", "1", "--", "sqrt(-1 - x*x)")
-    assert "pure Python raises ValueError (math domain error) at x = -5" in out
+    with pytest.raises(ValueError) as info:  # the text is the interpreter's, by version
+        math.sqrt(-1 - 5.0 * 5.0)
+    assert f"pure Python raises ValueError ({info.value}) at x = -5" in out
     assert "non-finite  : 0 inf, 1001 NaN" in out
     assert "max relative difference from Python: 0\n" in out
 

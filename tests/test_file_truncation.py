@@ -300,7 +300,9 @@ def _many_regions_from_threads(folder: str) -> None:
     for thread in others:
         thread.join()
     assert not failures, failures
-    assert counts["churn"] > 10 and counts["flip"] > 10, counts
+    # every kind of change happened under the readers (a free-threaded build,
+    # where the kernel's calls take turns, churns fewer times in the 2 s)
+    assert counts["churn"] > 2 and counts["flip"] > 10, counts
     del views, flip_view
 
 

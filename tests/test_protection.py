@@ -20,7 +20,14 @@ from hypothesis import strategies as st
 from mmap_alloc import AllocError, MapAlloc, Perm, Region, _mman
 from mmap_alloc._linux import hugepage_pools, mapping_count
 from mmap_alloc.perm import ALL_PERMS
-from support import FILLS_THE_MAP_COUNT, HOST_MAPS, RESIDENCY, emulated_skip, skip_if_emulated
+from support import (
+    FILLS_THE_MAP_COUNT,
+    HOST_MAPS,
+    RESIDENCY,
+    SMALL_ALLOCATIONS_FROM_MALLOC,
+    emulated_skip,
+    skip_if_emulated,
+)
 
 R, W, X = Perm.READ, Perm.WRITE, Perm.EXEC
 RW, RX = R | W, R | X
@@ -338,7 +345,7 @@ def test_failed_mprotect_at_map_count_limit_leaves_protections_as_they_were() ->
         ]
         print(failures["uniform"], failures["mixed"], len(fillers))
         """,
-        env={"PYTHONMALLOC": "malloc"},
+        env=SMALL_ALLOCATIONS_FROM_MALLOC,
     )
     assert result.returncode == 0, result.stderr
     uniform_failures, mixed_failures, fillers = map(int, result.stdout.split())

@@ -24,6 +24,7 @@ from mmap_alloc._linux import PAGE_SIZE, mapping_count, max_map_count
 from support import (
     FILLS_THE_MAP_COUNT,
     RLIMIT_AS,
+    SMALL_ALLOCATIONS_FROM_MALLOC,
     emulated_skip,
     page_perms,
     read_maps,
@@ -63,12 +64,20 @@ def snapshot(region: Region, maps: bool = True) -> tuple[Any, ...]:
 # ---------------------------------------------------------------- RLIMIT_AS
 
 
-def exhaust_address_space(limit_mib: int, threads: int, rounds: int) -> dict[str, Any]:
+def address_space_limit(room: int) -> int:
+    """Cap the address space at ``room`` bytes more than the process has now
+    (a free-threaded interpreter starts with about 1 GiB of it); the cap."""
+    limit = status_kib("VmSize") * 1024 + room
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return limit
+
+
+def exhaust_address_space(room_mib: int, threads: int, rounds: int) -> dict[str, Any]:
     """Threads allocate until the address-space limit refuses; then everything
     is freed, VmSize must return to its baseline, and allocation works again."""
     threading.stack_size(256 * 1024)
-    limit = limit_mib * MIB
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    room = room_mib * MIB
+    address_space_limit(room)
     alloc = MapAlloc()
     barrier = threading.Barrier(threads + 1, timeout=120)
     held: list[list[Region]] = [[] for _ in range(threads)]
@@ -128,8 +137,8 @@ def exhaust_address_space(limit_mib: int, threads: int, rounds: int) -> dict[str
         allocated[:] = [0] * threads
     for thread in workers:
         thread.join()
-    # And again, after the threads: most of the limit can be taken in one piece.
-    big = alloc.alloc(limit // 2)
+    # And again, after the threads: most of the room can be taken in one piece.
+    big = alloc.alloc(room // 2)
     big[len(big) - 1] = 1
     alloc.dealloc(big)
     return {"rounds": sizes, "faults": faults}
@@ -282,7 +291,7 @@ def map_count_exhaustion(attempts: int) -> None:
         "test_reliability_faults",
         "exhaust_map_count",
         attempts,
-        env={"PYTHONMALLOC": "malloc"},
+        env=SMALL_ALLOCATIONS_FROM_MALLOC,
         timeout=1800,
     ).check()
     print(result)
@@ -315,10 +324,9 @@ def test_map_count_exhaustion_fails_cleanly_and_frees_everything_long() -> None:
 # ---------------------------------------------------------------- failing realloc
 
 
-def failing_realloc(limit_mib: int) -> dict[str, int]:
+def failing_realloc(room_mib: int) -> dict[str, int]:
     """Reallocs that the address-space limit refuses leave the region as it was."""
-    limit = limit_mib * MIB
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    limit = address_space_limit(room_mib * MIB)
     alloc = MapAlloc(huge="normal")  # the budget below has no room for THP alignment
     failures = 0
     for mixed in (False, True):

@@ -531,27 +531,36 @@ allocator_dealloc_object(AllocatorObject *self)
     Py_DECREF(tp);
 }
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_FASTKW(allocator_alloc)
+LOCKED_O(allocator_dealloc)
+LOCKED_FAST(allocator_map_method)
+LOCKED_FAST(allocator_configure)
+LOCKED_O(allocator_trim)
+LOCKED_O(allocator_cache_stats)
+LOCKED_O(allocator_cached)
+
 static PyMethodDef allocator_methods[] = {
-    {"alloc", (PyCFunction)(void (*)(void))allocator_alloc, METH_FASTCALL | METH_KEYWORDS,
+    {"alloc", (PyCFunction)(void (*)(void))LOCKED(allocator_alloc), METH_FASTCALL | METH_KEYWORDS,
      "alloc($self, /, size, align=None, *, near=None, within=2147483648)\n--\n\n"
      "A new region of at least size bytes (whole pages), zero-filled, page-aligned\n"
      "(or aligned to align, a power of two); with near, every byte of it lies less\n"
      "than within bytes from near."},
-    {"dealloc", (PyCFunction)allocator_dealloc, METH_O,
+    {"dealloc", (PyCFunction)LOCKED(allocator_dealloc), METH_O,
      "dealloc($self, region, /)\n--\n\n"
      "Unmap the region (with a cache: keep its mapping, pages given back, for the next\n"
      "alloc of its class). BufferError (nothing changed) while a buffer or function of it lives."},
-    {"trim", (PyCFunction)allocator_trim, METH_NOARGS,
+    {"trim", (PyCFunction)LOCKED(allocator_trim), METH_NOARGS,
      "trim($self, /)\n--\n\n"
      "Unmap every mapping the cache holds; returns the bytes of address space released."},
-    {"_cache_stats", (PyCFunction)allocator_cache_stats, METH_NOARGS,
+    {"_cache_stats", (PyCFunction)LOCKED(allocator_cache_stats), METH_NOARGS,
      "_cache_stats() -> (mappings, bytes, hits, misses) of the mapping cache."},
-    {"_cached", (PyCFunction)allocator_cached, METH_NOARGS,
+    {"_cached", (PyCFunction)LOCKED(allocator_cached), METH_NOARGS,
      "_cached() -> [(address, capacity, align, attempt)]: the mappings the cache holds."},
-    {"_map", (PyCFunction)(void (*)(void))allocator_map_method, METH_FASTCALL,
+    {"_map", (PyCFunction)(void (*)(void))LOCKED(allocator_map_method), METH_FASTCALL,
      "_map(size, capacity, align, address=None) -> Region: map with the configured\n"
      "attempts (at address exactly, never replacing a mapping, when given)."},
-    {"_configure", (PyCFunction)(void (*)(void))allocator_configure, METH_FASTCALL,
+    {"_configure", (PyCFunction)(void (*)(void))LOCKED(allocator_configure), METH_FASTCALL,
      "_configure(page, max_size, prot, populate, attempts, region_type, slow, cache)"},
     {NULL, NULL, 0, NULL},
 };
@@ -567,10 +576,13 @@ static PyMemberDef allocator_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_DEALLOC(allocator_dealloc_object)
+
 static PyType_Slot allocator_slots[] = {
     {Py_tp_doc, "The alloc/dealloc fast path of MapAlloc."},
     {Py_tp_new, PyType_GenericNew},
-    {Py_tp_dealloc, allocator_dealloc_object},
+    {Py_tp_dealloc, LOCKED(allocator_dealloc_object)},
     {Py_tp_traverse, allocator_traverse},
     {Py_tp_clear, allocator_clear},
     {Py_tp_methods, allocator_methods},

@@ -640,8 +640,11 @@ iter_length_hint(IterObject *it, PyObject *unused)
     return PyLong_FromSsize_t(left > 0 ? left : 0);
 }
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_O(iter_length_hint)
+
 static PyMethodDef iter_methods[] = {
-    {"__length_hint__", (PyCFunction)iter_length_hint, METH_NOARGS,
+    {"__length_hint__", (PyCFunction)LOCKED(iter_length_hint), METH_NOARGS,
      "Bytes left to iterate over."},
     {NULL, NULL, 0, NULL},
 };
@@ -671,14 +674,18 @@ iter_dealloc(IterObject *it)
     Py_DECREF(tp);
 }
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_UNARY(iter_next)
+LOCKED_DEALLOC(iter_dealloc)
+
 static PyType_Slot iter_slots[] = {
     {Py_tp_doc, "An iterator over a region's bytes as ints."},
     {Py_tp_iter, PyObject_SelfIter},
-    {Py_tp_iternext, iter_next},
+    {Py_tp_iternext, LOCKED(iter_next)},
     {Py_tp_methods, iter_methods},
     {Py_tp_traverse, iter_traverse},
     {Py_tp_clear, iter_clear},
-    {Py_tp_dealloc, iter_dealloc},
+    {Py_tp_dealloc, LOCKED(iter_dealloc)},
     {0, NULL},
 };
 

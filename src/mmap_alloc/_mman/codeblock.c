@@ -239,42 +239,61 @@ block_dealloc(CodeBlockObject *self)
     Py_DECREF(tp);
 }
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_FASTKW(block_write)
+LOCKED_O(block_close)
+LOCKED_O(block_view)
+LOCKED_FAST(block_sync)
+LOCKED_O(block_pin)
+
 static PyMethodDef block_methods[] = {
-    {"write", (PyCFunction)(void (*)(void))block_write, METH_FASTCALL | METH_KEYWORDS,
+    {"write", (PyCFunction)(void (*)(void))LOCKED(block_write), METH_FASTCALL | METH_KEYWORDS,
      "write($self, /, data, offset=0)\n--\n\n"
      "Store data (bytes-like) at offset of the block through the heap's read/write\n"
      "view, then make it visible to instruction fetch in the read/exec view (cache\n"
      "maintenance, and membarrier SYNC_CORE for other threads, on arm64). Allowed\n"
      "while functions of the block live. A write of 1, 2, 4 or 8 bytes at a\n"
      "multiple of its size is one atomic store."},
-    {"close", (PyCFunction)block_close, METH_NOARGS,
+    {"close", (PyCFunction)LOCKED(block_close), METH_NOARGS,
      "close($self, /)\n--\n\n"
      "Free the block (as heap.free(block)); closing a freed block does nothing."},
-    {"_view", (PyCFunction)block_view, METH_NOARGS,
+    {"_view", (PyCFunction)LOCKED(block_view), METH_NOARGS,
      "_view() -> memoryview of the block in the read/write view (exports the block)."},
-    {"_sync", (PyCFunction)(void (*)(void))block_sync, METH_FASTCALL,
+    {"_sync", (PyCFunction)(void (*)(void))LOCKED(block_sync), METH_FASTCALL,
      "_sync(offset, length): make bytes written through a view visible to instruction fetch."},
-    {"_pin", (PyCFunction)block_pin, METH_O,
+    {"_pin", (PyCFunction)LOCKED(block_pin), METH_O,
      "_pin(offset) -> Pin: pin the block for code at offset."},
     {NULL, NULL, 0, NULL},
 };
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_GET(block_get_address)
+LOCKED_GET(block_get_offset)
+LOCKED_GET(block_get_size)
+LOCKED_GET(block_get_closed)
+LOCKED_GET(block_get_heap)
+LOCKED_GET(block_get_pins)
+LOCKED_GET(block_get_exports)
+
 static PyGetSetDef block_getset[] = {
-    {"address", (getter)block_get_address, NULL,
+    {"address", (getter)LOCKED(block_get_address), NULL,
      "Where the block's code runs (in the heap's read/exec view).", NULL},
-    {"offset", (getter)block_get_offset, NULL, "The block's offset in its heap.", NULL},
-    {"size", (getter)block_get_size, NULL, "Bytes asked for.", NULL},
-    {"closed", (getter)block_get_closed, NULL, "True once the block is freed.", NULL},
-    {"heap", (getter)block_get_heap, NULL, "The heap the block belongs to.", NULL},
-    {"_pins", (getter)block_get_pins, NULL, "Live functions (pins).", NULL},
-    {"_exports", (getter)block_get_exports, NULL, "Live writer buffers.", NULL},
+    {"offset", (getter)LOCKED(block_get_offset), NULL, "The block's offset in its heap.", NULL},
+    {"size", (getter)LOCKED(block_get_size), NULL, "Bytes asked for.", NULL},
+    {"closed", (getter)LOCKED(block_get_closed), NULL, "True once the block is freed.", NULL},
+    {"heap", (getter)LOCKED(block_get_heap), NULL, "The heap the block belongs to.", NULL},
+    {"_pins", (getter)LOCKED(block_get_pins), NULL, "Live functions (pins).", NULL},
+    {"_exports", (getter)LOCKED(block_get_exports), NULL, "Live writer buffers.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
+
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_DEALLOC(block_dealloc)
 
 static PyType_Slot block_slots[] = {
     {Py_tp_doc, "The kernel of CodeBlock: a range of a code heap, its pins and exports."},
     {Py_tp_new, block_new},
-    {Py_tp_dealloc, block_dealloc},
+    {Py_tp_dealloc, LOCKED(block_dealloc)},
     {Py_tp_traverse, block_traverse},
     {Py_tp_methods, block_methods},
     {Py_tp_getset, block_getset},

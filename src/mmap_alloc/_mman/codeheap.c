@@ -492,44 +492,62 @@ heap_dealloc(CodeHeapObject *self)
     Py_DECREF(tp);
 }
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_FAST(heap_open)
+LOCKED_FAST(heap_alloc)
+LOCKED_O(heap_free)
+LOCKED_O(heap_close)
+LOCKED_O(heap_stats)
+LOCKED_O(heap_spans)
+
 static PyMethodDef heap_methods[] = {
-    {"_open", (PyCFunction)(void (*)(void))heap_open, METH_FASTCALL,
+    {"_open", (PyCFunction)(void (*)(void))LOCKED(heap_open), METH_FASTCALL,
      "_open(capacity, memfd_flags, name, address, block_type): map the memfd twice."},
-    {"_alloc", (PyCFunction)(void (*)(void))heap_alloc, METH_FASTCALL,
+    {"_alloc", (PyCFunction)(void (*)(void))LOCKED(heap_alloc), METH_FASTCALL,
      "_alloc(size, align) -> block"},
-    {"free", (PyCFunction)heap_free, METH_O,
+    {"free", (PyCFunction)LOCKED(heap_free), METH_O,
      "free($self, block, /)\n--\n\n"
      "Give the block back to the heap (its bytes are zeroed). BufferError, nothing\n"
      "changed, while a function from block.function() or a buffer from\n"
      "block.writer() lives."},
-    {"close", (PyCFunction)heap_close, METH_NOARGS,
+    {"close", (PyCFunction)LOCKED(heap_close), METH_NOARGS,
      "close($self, /)\n--\n\n"
      "Unmap both views; every block is freed. BufferError, nothing changed, while\n"
      "any block is pinned by a function or exported by a writer. Closing a closed\n"
      "heap does nothing."},
-    {"_stats", (PyCFunction)heap_stats, METH_NOARGS,
+    {"_stats", (PyCFunction)LOCKED(heap_stats), METH_NOARGS,
      "_stats() -> (capacity, used, blocks, spans, largest_free, pinned, exported)"},
-    {"_spans", (PyCFunction)heap_spans, METH_NOARGS,
+    {"_spans", (PyCFunction)LOCKED(heap_spans), METH_NOARGS,
      "_spans() -> [(start, end)]: the free runs, the one above the bump pointer last."},
     {NULL, NULL, 0, NULL},
 };
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_GET(heap_get_address)
+LOCKED_GET(heap_get_writable_address)
+LOCKED_GET(heap_get_capacity)
+LOCKED_GET(heap_get_closed)
+LOCKED_GET(heap_get_sync)
+
 static PyGetSetDef heap_getset[] = {
-    {"address", (getter)heap_get_address, NULL,
+    {"address", (getter)LOCKED(heap_get_address), NULL,
      "Start of the read/exec view: where the heap's code runs.", NULL},
-    {"_writable_address", (getter)heap_get_writable_address, NULL,
+    {"_writable_address", (getter)LOCKED(heap_get_writable_address), NULL,
      "Start of the read/write view (never executable).", NULL},
-    {"capacity", (getter)heap_get_capacity, NULL, "Bytes of the heap (of each view).", NULL},
-    {"closed", (getter)heap_get_closed, NULL, "True unless the heap is open.", NULL},
-    {"_sync", (getter)heap_get_sync, NULL,
+    {"capacity", (getter)LOCKED(heap_get_capacity), NULL, "Bytes of the heap (of each view).", NULL},
+    {"closed", (getter)LOCKED(heap_get_closed), NULL, "True unless the heap is open.", NULL},
+    {"_sync", (getter)LOCKED(heap_get_sync), NULL,
      "Whether writes serialise other threads' instruction fetch (membarrier).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_DEALLOC(heap_dealloc)
+
 static PyType_Slot heap_slots[] = {
     {Py_tp_doc, "The kernel of CodeHeap: one memfd mapped read/write and read/exec."},
     {Py_tp_new, PyType_GenericNew},
-    {Py_tp_dealloc, heap_dealloc},
+    {Py_tp_dealloc, LOCKED(heap_dealloc)},
     {Py_tp_traverse, heap_traverse},
     {Py_tp_clear, heap_clear},
     {Py_tp_methods, heap_methods},

@@ -29,6 +29,7 @@
 #ifndef MMAP_ALLOC_MMAN_H
 #define MMAP_ALLOC_MMAN_H
 
+/* Py_LIMITED_API (0x030B0000, abi3) comes from setup.py, for GIL builds only */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
@@ -47,6 +48,8 @@
 #define SLOW_CALL_BYTES (1 << 20)
 
 typedef struct Mapping Mapping;
+
+#include "kernel_lock.h"
 
 /* Py_XSETREF, which the limited API lacks: store the new reference first,
  * then release the old one. */
@@ -80,6 +83,7 @@ typedef struct {
     PyObject *alloc_error;           /* registered once by exceptions.py */
     PyObject *cannot_realloc;
     PyObject *memory_corruption;
+    PyObject *lock;                  /* free-threaded builds: the kernel lock's object */
     PyObject *file_truncated;        /* FileTruncatedError, registered by exceptions.py */
     struct RepairTable *repair;      /* the SIGBUS repair's published table (repair.c) */
     unsigned char canary[16];        /* the secrets' canary, random per process */

@@ -98,21 +98,32 @@ mman_memfd_secret(PyObject *module, PyObject *arg)
 
 PyObject *view_exported(PyObject *module, PyObject *arg);
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_FAST(mman_mincore)
+LOCKED_FAST(mman_register_errors)
+
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_O(mman_page_size)
+LOCKED_O(mman_mapped_bytes)
+LOCKED_O(mman_memfd_secret)
+LOCKED_O(mman_sync_core)
+LOCKED_O(view_exported)
+
 static PyMethodDef mman_methods[] = {
-    {"page_size", mman_page_size, METH_NOARGS,
+    {"page_size", LOCKED(mman_page_size), METH_NOARGS,
      "page_size($module, /)\n--\n\nThe kernel's base page size."},
-    {"mapped_bytes", mman_mapped_bytes, METH_NOARGS,
+    {"mapped_bytes", LOCKED(mman_mapped_bytes), METH_NOARGS,
      "mapped_bytes($module, /)\n--\n\nBytes this module has mapped and not unmapped yet."},
-    {"residency", (PyCFunction)(void (*)(void))mman_mincore, METH_FASTCALL,
+    {"residency", (PyCFunction)(void (*)(void))LOCKED(mman_mincore), METH_FASTCALL,
      "residency($module, address, length, /)\n--\n\nOne byte per page; bit 0: resident."},
-    {"memfd_secret", mman_memfd_secret, METH_O,
+    {"memfd_secret", LOCKED(mman_memfd_secret), METH_O,
      "memfd_secret($module, flags, /)\n--\n\nA file descriptor of secret memory (Linux 5.14)."},
-    {"sync_core", mman_sync_core, METH_NOARGS,
+    {"sync_core", LOCKED(mman_sync_core), METH_NOARGS,
      "sync_core($module, /)\n--\n\nSerialise instruction fetch on every thread (arm64)."},
-    {"_view_exported", view_exported, METH_O,
+    {"_view_exported", LOCKED(view_exported), METH_O,
      "_view_exported($module, view, /)\n--\n\n"
      "Whether a buffer of the View is alive after its memoryview was released."},
-    {"_register_errors", (PyCFunction)(void (*)(void))mman_register_errors, METH_FASTCALL,
+    {"_register_errors", (PyCFunction)(void (*)(void))LOCKED(mman_register_errors), METH_FASTCALL,
      "_register_errors($module, alloc_error, cannot_realloc, file_truncated=None, /)\n--\n\n"
      "The exception types the C layer raises."},
     {NULL, NULL, 0, NULL},
@@ -152,6 +163,11 @@ mman_exec(PyObject *m)
     static int atfork_registered = 0;
 
     kernel.page = (Py_ssize_t)os_page_size();
+#ifdef Py_GIL_DISABLED
+    if (kernel.lock == NULL
+        && (kernel.lock = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type)) == NULL)
+        return -1;
+#endif
     /* tracemalloc's C API is outside the limited API: found by name, and
      * nothing is reported where the interpreter lacks it */
     *(void **)&kernel.trace_track = dlsym(RTLD_DEFAULT, "PyTraceMalloc_Track");
@@ -192,6 +208,7 @@ mman_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(kernel.alloc_error);
     Py_VISIT(kernel.cannot_realloc);
     Py_VISIT(kernel.memory_corruption);
+    Py_VISIT(kernel.lock);
     Py_VISIT(kernel.file_truncated);
     return 0;
 }
@@ -204,6 +221,9 @@ mman_free(void *module)
 
 static PyModuleDef_Slot mman_slots[] = {
     {Py_mod_exec, mman_exec},
+#ifdef Py_GIL_DISABLED
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},   /* the kernel lock does its work (mman.h) */
+#endif
     {0, NULL},
 };
 

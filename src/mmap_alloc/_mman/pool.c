@@ -578,35 +578,50 @@ pool_dealloc(PoolObject *self)
     Py_DECREF(tp);
 }
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_FAST(pool_alloc)
+LOCKED_FAST(pool_alloc_zeroed)
+LOCKED_O(pool_free)
+LOCKED_O(pool_alloc_many)
+LOCKED_O(pool_free_many)
+LOCKED_O(pool_view)
+LOCKED_O(pool_close)
+LOCKED_FAST(pool_configure)
+LOCKED_O(pool_stats)
+LOCKED_O(pool_spans)
+
 static PyMethodDef pool_methods[] = {
-    {"alloc", (PyCFunction)(void (*)(void))pool_alloc, METH_FASTCALL,
+    {"alloc", (PyCFunction)(void (*)(void))LOCKED(pool_alloc), METH_FASTCALL,
      "alloc($self, /)\n--\n\nThe address of a free object (its contents are undefined)."},
-    {"alloc_zeroed", (PyCFunction)(void (*)(void))pool_alloc_zeroed, METH_FASTCALL,
+    {"alloc_zeroed", (PyCFunction)(void (*)(void))LOCKED(pool_alloc_zeroed), METH_FASTCALL,
      "alloc_zeroed($self, /)\n--\n\nThe address of a free object whose bytes are zero."},
-    {"free", (PyCFunction)pool_free, METH_O,
+    {"free", (PyCFunction)LOCKED(pool_free), METH_O,
      "free($self, address, /)\n--\n\nGive an object back. ValueError (nothing changed) for an\n"
      "address that is not the start of a live object of this pool."},
-    {"alloc_many", (PyCFunction)pool_alloc_many, METH_O,
+    {"alloc_many", (PyCFunction)LOCKED(pool_alloc_many), METH_O,
      "alloc_many($self, n, /)\n--\n\nThe addresses of n free objects (all or none)."},
-    {"free_many", (PyCFunction)pool_free_many, METH_O,
+    {"free_many", (PyCFunction)LOCKED(pool_free_many), METH_O,
      "free_many($self, addresses, /)\n--\n\nGive objects back: all of them, or none and ValueError."},
-    {"view", (PyCFunction)pool_view, METH_O,
+    {"view", (PyCFunction)LOCKED(pool_view), METH_O,
      "view($self, address, /)\n--\n\nA memoryview of the live object at address (obj_size bytes);\n"
      "it keeps the object's slab mapped while it lives."},
-    {"close", (PyCFunction)pool_close, METH_NOARGS,
+    {"close", (PyCFunction)LOCKED(pool_close), METH_NOARGS,
      "close($self, /)\n--\n\nUnmap every slab; the addresses handed out become invalid.\n"
      "BufferError (nothing changed) while a view of an object lives."},
-    {"_configure", (PyCFunction)(void (*)(void))pool_configure, METH_FASTCALL,
+    {"_configure", (PyCFunction)(void (*)(void))LOCKED(pool_configure), METH_FASTCALL,
      "_configure(obj_size, stride, per_slab, keep_empty, keep_spare, populate, source)"},
-    {"_stats", (PyCFunction)pool_stats, METH_NOARGS,
+    {"_stats", (PyCFunction)LOCKED(pool_stats), METH_NOARGS,
      "_stats() -> (live, free, slabs, spares, mapped, metadata)"},
-    {"_spans", (PyCFunction)pool_spans, METH_NOARGS,
+    {"_spans", (PyCFunction)LOCKED(pool_spans), METH_NOARGS,
      "_spans() -> [(address, capacity)] of every slab"},
     {NULL, NULL, 0, NULL},
 };
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_GET(pool_get_closed)
+
 static PyGetSetDef pool_getset[] = {
-    {"closed", (getter)pool_get_closed, NULL, "True once the pool is closed.", NULL},
+    {"closed", (getter)LOCKED(pool_get_closed), NULL, "True once the pool is closed.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -615,17 +630,22 @@ static PyMemberDef pool_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_DEALLOC(pool_dealloc)
+LOCKED_LEN(pool_length)
+LOCKED_CONTAINS(pool_contains)
+
 static PyType_Slot pool_slots[] = {
     {Py_tp_doc, "The slabs and free bitmaps of ObjectPool."},
     {Py_tp_new, pool_new},
-    {Py_tp_dealloc, pool_dealloc},
+    {Py_tp_dealloc, LOCKED(pool_dealloc)},
     {Py_tp_traverse, pool_traverse},
     {Py_tp_clear, pool_clear},
     {Py_tp_methods, pool_methods},
     {Py_tp_getset, pool_getset},
     {Py_tp_members, pool_members},
-    {Py_sq_length, pool_length},
-    {Py_sq_contains, pool_contains},
+    {Py_sq_length, LOCKED(pool_length)},
+    {Py_sq_contains, LOCKED(pool_contains)},
     {0, NULL},
 };
 

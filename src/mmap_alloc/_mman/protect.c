@@ -346,10 +346,16 @@ pin_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return NULL;
 }
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_GET(pin_get_address)
+
 static PyGetSetDef pin_getset[] = {
-    {"address", (getter)pin_get_address, NULL, "The address the pin holds (code, or the region).", NULL},
+    {"address", (getter)LOCKED(pin_get_address), NULL, "The address the pin holds (code, or the region).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
+
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_DEALLOC(pin_dealloc)
 
 static PyType_Slot pin_slots[] = {
     {Py_tp_doc, "Keeps a region, or the code of a region or code block, mapped and in place "
@@ -357,7 +363,7 @@ static PyType_Slot pin_slots[] = {
     {Py_tp_new, pin_new},
     {Py_tp_getset, pin_getset},
     {Py_tp_traverse, pin_traverse},
-    {Py_tp_dealloc, pin_dealloc},
+    {Py_tp_dealloc, LOCKED(pin_dealloc)},
     {0, NULL},
 };
 

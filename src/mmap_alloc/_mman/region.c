@@ -481,90 +481,125 @@ region_free_spares(void)
     }
 }
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_FAST(region_map_method)
+LOCKED_O(region_close)
+LOCKED_O(region_release)
+LOCKED_FASTKW(region_protect)
+LOCKED_FASTKW(region_check_protect)
+LOCKED_FASTKW(region_make_exec)
+LOCKED_FASTKW(region_make_writable)
+LOCKED_FASTKW(region_flush_icache)
+LOCKED_FASTKW(region_view)
+LOCKED_FAST(region_find)
+LOCKED_FAST(region_rfind)
+LOCKED_O(region_pin_public)
+LOCKED_O(region_pin)
+LOCKED_FASTKW(region_page_range)
+LOCKED_O(region_runs)
+LOCKED_FAST(region_resize)
+LOCKED_FASTKW(region_populate)
+LOCKED_FASTKW(region_madvise)
+LOCKED_FASTKW(region_mlock)
+LOCKED_FASTKW(region_munlock)
+LOCKED_FASTKW(region_mincore)
+LOCKED_O(region_enter)
+LOCKED_FAST(region_exit)
+
 static PyMethodDef region_methods[] = {
-    {"_map", (PyCFunction)(void (*)(void))region_map_method, METH_FASTCALL | METH_CLASS,
+    {"_map", (PyCFunction)(void (*)(void))LOCKED(region_map_method), METH_FASTCALL | METH_CLASS,
      "_map(size, capacity, prot, mflags, advice, populate, page, align, owner, backing,\n"
      "address=None)\nMap pages and own them (OSError with errno when the kernel refuses);\n"
      "at address: MAP_FIXED_NOREPLACE (EEXIST: taken; EADDRNOTAVAIL: placed elsewhere)."},
-    {"close", (PyCFunction)region_close, METH_NOARGS,
+    {"close", (PyCFunction)LOCKED(region_close), METH_NOARGS,
      "close($self, /)\n--\n\nUnmap the region; closing a closed region does nothing.\n"
      "BufferError (nothing changed) while a buffer or function of it lives."},
-    {"__enter__", (PyCFunction)region_enter, METH_NOARGS,
+    {"__enter__", (PyCFunction)LOCKED(region_enter), METH_NOARGS,
      "__enter__($self, /)\n--\n\nThe region itself; ValueError if it is closed."},
-    {"__exit__", (PyCFunction)(void (*)(void))region_exit, METH_FASTCALL,
+    {"__exit__", (PyCFunction)(void (*)(void))LOCKED(region_exit), METH_FASTCALL,
      "__exit__($self, exc_type, exc, tb, /)\n--\n\n"
      "Close the region. A refusal (a buffer still lives) after a block that raised is a\n"
      "note on the block's exception, which propagates; after a clean block, a BufferError."},
-    {"_release", (PyCFunction)region_release, METH_O,
+    {"_release", (PyCFunction)LOCKED(region_release), METH_O,
      "_release(owner): close a region owner made (checks and unmap in one call)."},
-    {"protect", (PyCFunction)(void (*)(void))region_protect, METH_FASTCALL | METH_KEYWORDS,
+    {"protect", (PyCFunction)(void (*)(void))LOCKED(region_protect), METH_FASTCALL | METH_KEYWORDS,
      "protect($self, /, perms, offset=0, length=None)\n--\n\n"
      "Set the protection of whole pages [offset, offset + length); None: to the end.\n"
      "BufferError, changing nothing, if it would remove access an exported buffer\n"
      "needs, or EXEC while a function from function() lives. All or nothing."},
-    {"_check_protect", (PyCFunction)(void (*)(void))region_check_protect,
+    {"_check_protect", (PyCFunction)(void (*)(void))LOCKED(region_check_protect),
      METH_FASTCALL | METH_KEYWORDS,
      "_check_protect(perms, offset=0, length=None): raise what protect() would, changing nothing."},
-    {"make_exec", (PyCFunction)(void (*)(void))region_make_exec, METH_FASTCALL | METH_KEYWORDS,
+    {"make_exec", (PyCFunction)(void (*)(void))LOCKED(region_make_exec), METH_FASTCALL | METH_KEYWORDS,
      "make_exec($self, /, offset=0, length=None)\n--\n\n"
      "Make the pages read/exec (not writable), then flush the instruction cache."},
-    {"make_writable", (PyCFunction)(void (*)(void))region_make_writable,
+    {"make_writable", (PyCFunction)(void (*)(void))LOCKED(region_make_writable),
      METH_FASTCALL | METH_KEYWORDS,
      "make_writable($self, /, offset=0, length=None)\n--\n\n"
      "Make the pages read/write (not executable)."},
-    {"flush_icache", (PyCFunction)(void (*)(void))region_flush_icache,
+    {"flush_icache", (PyCFunction)(void (*)(void))LOCKED(region_flush_icache),
      METH_FASTCALL | METH_KEYWORDS,
      "flush_icache($self, /, offset=0, length=None)\n--\n\n"
      "Make code written to the pages visible to instruction fetch (no-op on x86)."},
-    {"view", (PyCFunction)(void (*)(void))region_view, METH_FASTCALL | METH_KEYWORDS,
+    {"view", (PyCFunction)(void (*)(void))LOCKED(region_view), METH_FASTCALL | METH_KEYWORDS,
      "view($self, /, offset=0, length=None)\n--\n\n"
      "A memoryview of bytes [offset, offset + length) of the region; it pins them.\n"
      "Read-only where a page lacks WRITE; BufferError where one lacks READ."},
-    {"find", (PyCFunction)(void (*)(void))region_find, METH_FASTCALL,
+    {"find", (PyCFunction)(void (*)(void))LOCKED(region_find), METH_FASTCALL,
      "find($self, sub, start=None, end=None, /)\n--\n\n"
      "The lowest index of sub (bytes-like, or a byte value), or -1; as bytes.find."},
-    {"rfind", (PyCFunction)(void (*)(void))region_rfind, METH_FASTCALL,
+    {"rfind", (PyCFunction)(void (*)(void))LOCKED(region_rfind), METH_FASTCALL,
      "rfind($self, sub, start=None, end=None, /)\n--\n\n"
      "The highest index of sub (bytes-like, or a byte value), or -1; as bytes.rfind."},
-    {"pin", (PyCFunction)region_pin_public, METH_NOARGS,
+    {"pin", (PyCFunction)LOCKED(region_pin_public), METH_NOARGS,
      "pin($self, /)\n--\n\n"
      "A Pin that keeps the region mapped and in place while it lives, as an\n"
      "exported buffer does: close(), realloc() and protect() respect it. Give it\n"
      "as base= to consumers of region.address (pyarrow's foreign_buffer, numpy,\n"
      "ctypes)."},
-    {"_pin", (PyCFunction)region_pin, METH_O,
+    {"_pin", (PyCFunction)LOCKED(region_pin), METH_O,
      "_pin(offset) -> Pin: pin the region for code at offset (which must be executable)."},
-    {"_page_range", (PyCFunction)(void (*)(void))region_page_range,
+    {"_page_range", (PyCFunction)(void (*)(void))LOCKED(region_page_range),
      METH_FASTCALL | METH_KEYWORDS,
      "_page_range(offset=0, length=None) -> (start, length) of whole pages."},
-    {"_runs", (PyCFunction)region_runs, METH_NOARGS,
+    {"_runs", (PyCFunction)LOCKED(region_runs), METH_NOARGS,
      "_runs() -> [(offset, length, prot, flags)]: the protection record."},
-    {"_resize", (PyCFunction)(void (*)(void))region_resize, METH_FASTCALL,
+    {"_resize", (PyCFunction)(void (*)(void))LOCKED(region_resize), METH_FASTCALL,
      "_resize(new_size, mode[, spec]): realloc (mode 0), grow (1) or shrink (2) in place."},
-    {"_populate", (PyCFunction)(void (*)(void))region_populate, METH_FASTCALL | METH_KEYWORDS,
+    {"_populate", (PyCFunction)(void (*)(void))LOCKED(region_populate), METH_FASTCALL | METH_KEYWORDS,
      "_populate(offset=0, length=None): fault pages in, as their protection allows."},
-    {"_madvise", (PyCFunction)(void (*)(void))region_madvise, METH_FASTCALL | METH_KEYWORDS,
+    {"_madvise", (PyCFunction)(void (*)(void))LOCKED(region_madvise), METH_FASTCALL | METH_KEYWORDS,
      "_madvise(advice, offset=0, length=None): madvise whole pages, with the rules\n"
      "of each advice (discarding advice is refused on pinned code)."},
-    {"_mlock", (PyCFunction)(void (*)(void))region_mlock, METH_FASTCALL | METH_KEYWORDS,
+    {"_mlock", (PyCFunction)(void (*)(void))LOCKED(region_mlock), METH_FASTCALL | METH_KEYWORDS,
      "_mlock(on_fault, offset=0, length=None): lock the pages now, or as they fault in."},
-    {"_munlock", (PyCFunction)(void (*)(void))region_munlock, METH_FASTCALL | METH_KEYWORDS,
+    {"_munlock", (PyCFunction)(void (*)(void))LOCKED(region_munlock), METH_FASTCALL | METH_KEYWORDS,
      "_munlock(offset=0, length=None)"},
-    {"_mincore", (PyCFunction)(void (*)(void))region_mincore, METH_FASTCALL | METH_KEYWORDS,
+    {"_mincore", (PyCFunction)(void (*)(void))LOCKED(region_mincore), METH_FASTCALL | METH_KEYWORDS,
      "_mincore(offset=0, length=None) -> bytes: residency, one byte per page."},
     {NULL, NULL, 0, NULL},
 };
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_GET(region_get_address)
+LOCKED_GET(region_get_closed)
+LOCKED_GET(region_get_mixed)
+LOCKED_GET(region_get_prot)
+LOCKED_GET(region_get_busy)
+LOCKED_GET(region_get_exports)
+LOCKED_GET(region_get_pins)
+LOCKED_GET(region_get_align)
+
 static PyGetSetDef region_getset[] = {
-    {"address", (getter)region_get_address, NULL,
+    {"address", (getter)LOCKED(region_get_address), NULL,
      "Start address of the mapping, for interop (ctypes, cffi).", NULL},
-    {"closed", (getter)region_get_closed, NULL, "True once the region is unmapped.", NULL},
-    {"mixed", (getter)region_get_mixed, NULL, "Whether pages differ in protection.", NULL},
-    {"_prot", (getter)region_get_prot, NULL, "Protection all pages share, or -1.", NULL},
-    {"_busy", (getter)region_get_busy, NULL, "Calls running without the GIL.", NULL},
-    {"_exports", (getter)region_get_exports, NULL, "Live buffers.", NULL},
-    {"_pins", (getter)region_get_pins, NULL, "Live pins (functions, pin()).", NULL},
-    {"_align", (getter)region_get_align, NULL, "The alignment kept across moves.", NULL},
+    {"closed", (getter)LOCKED(region_get_closed), NULL, "True once the region is unmapped.", NULL},
+    {"mixed", (getter)LOCKED(region_get_mixed), NULL, "Whether pages differ in protection.", NULL},
+    {"_prot", (getter)LOCKED(region_get_prot), NULL, "Protection all pages share, or -1.", NULL},
+    {"_busy", (getter)LOCKED(region_get_busy), NULL, "Calls running without the GIL.", NULL},
+    {"_exports", (getter)LOCKED(region_get_exports), NULL, "Live buffers.", NULL},
+    {"_pins", (getter)LOCKED(region_get_pins), NULL, "Live pins (functions, pin()).", NULL},
+    {"_align", (getter)LOCKED(region_get_align), NULL, "The alignment kept across moves.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -582,23 +617,33 @@ static PyMemberDef region_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_DEALLOC(region_dealloc)
+LOCKED_UNARY(region_iter)
+LOCKED_LEN(region_length)
+LOCKED_CONTAINS(region_contains)
+LOCKED_BINARY(region_subscript)
+LOCKED_ASS(region_ass_subscript)
+LOCKED_GETBUF(region_getbuffer)
+LOCKED_RELBUF(region_releasebuffer)
+
 static PyType_Slot region_slots[] = {
     {Py_tp_doc, "One mapping, its page protections, exports and pins."},
     {Py_tp_new, region_new},
-    {Py_tp_dealloc, region_dealloc},
+    {Py_tp_dealloc, LOCKED(region_dealloc)},
     {Py_tp_traverse, region_traverse},
     {Py_tp_clear, region_clear},
     {Py_tp_methods, region_methods},
     {Py_tp_getset, region_getset},
     {Py_tp_members, region_members},
-    {Py_tp_iter, region_iter},
-    {Py_sq_length, region_length},
-    {Py_sq_contains, region_contains},
-    {Py_mp_length, region_length},
-    {Py_mp_subscript, region_subscript},
-    {Py_mp_ass_subscript, region_ass_subscript},
-    {Py_bf_getbuffer, region_getbuffer},
-    {Py_bf_releasebuffer, region_releasebuffer},
+    {Py_tp_iter, LOCKED(region_iter)},
+    {Py_sq_length, LOCKED(region_length)},
+    {Py_sq_contains, LOCKED(region_contains)},
+    {Py_mp_length, LOCKED(region_length)},
+    {Py_mp_subscript, LOCKED(region_subscript)},
+    {Py_mp_ass_subscript, LOCKED(region_ass_subscript)},
+    {Py_bf_getbuffer, LOCKED(region_getbuffer)},
+    {Py_bf_releasebuffer, LOCKED(region_releasebuffer)},
     {0, NULL},
 };
 

@@ -469,52 +469,75 @@ secret_register(PyObject *module, PyObject *type)
 /* ------------------------------------------------------------------ */
 /* the type                                                            */
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_FAST(secret_create)
+LOCKED_O(secret_close)
+LOCKED_O(secret_noaccess)
+LOCKED_O(secret_readonly)
+LOCKED_O(secret_readwrite)
+LOCKED_O(secret_open)
+LOCKED_O(secret_restore)
+LOCKED_FASTKW(secret_write)
+LOCKED_O(secret_compare)
+
 static PyMethodDef secret_methods[] = {
-    {"_create", (PyCFunction)(void (*)(void))secret_create, METH_FASTCALL | METH_CLASS,
+    {"_create", (PyCFunction)(void (*)(void))LOCKED(secret_create), METH_FASTCALL | METH_CLASS,
      "_create(size, backend, guard, lock, abort): map a secret buffer (OSError whose\n"
      "filename names the step the kernel refused)."},
-    {"close", (PyCFunction)secret_close, METH_NOARGS,
+    {"close", (PyCFunction)LOCKED(secret_close), METH_NOARGS,
      "close($self, /)\n--\n\n"
      "Check the canary, wipe, unlock and unmap; closing a closed buffer does nothing.\n"
      "BufferError (nothing changed) while a buffer of it is exported."},
-    {"noaccess", (PyCFunction)secret_noaccess, METH_NOARGS,
+    {"noaccess", (PyCFunction)LOCKED(secret_noaccess), METH_NOARGS,
      "noaccess($self, /)\n--\n\nMake the secret pages inaccessible (PROT_NONE)."},
-    {"readonly", (PyCFunction)secret_readonly, METH_NOARGS,
+    {"readonly", (PyCFunction)LOCKED(secret_readonly), METH_NOARGS,
      "readonly($self, /)\n--\n\nMake the secret pages read-only."},
-    {"readwrite", (PyCFunction)secret_readwrite, METH_NOARGS,
+    {"readwrite", (PyCFunction)LOCKED(secret_readwrite), METH_NOARGS,
      "readwrite($self, /)\n--\n\nMake the secret pages readable and writable."},
-    {"_open", (PyCFunction)secret_open, METH_O,
+    {"_open", (PyCFunction)LOCKED(secret_open), METH_O,
      "_open(write) -> (memoryview, previous access): open the pages and export them."},
-    {"_restore", (PyCFunction)secret_restore, METH_O,
+    {"_restore", (PyCFunction)LOCKED(secret_restore), METH_O,
      "_restore(access): end an open() block (the last one sets the access back)."},
-    {"write", (PyCFunction)(void (*)(void))secret_write, METH_FASTCALL | METH_KEYWORDS,
+    {"write", (PyCFunction)(void (*)(void))LOCKED(secret_write), METH_FASTCALL | METH_KEYWORDS,
      "write($self, /, data, offset=0)\n--\n\n"
      "Copy a bytes-like object into the secret at offset (no copy in between).\n"
      "Needs access 'readwrite'."},
-    {"compare", (PyCFunction)secret_compare, METH_O,
+    {"compare", (PyCFunction)LOCKED(secret_compare), METH_O,
      "compare($self, other, /)\n--\n\n"
      "Whether other (bytes-like, or a SecretBuffer) holds the same bytes, in time\n"
      "that depends on the length only. Needs read access."},
     {NULL, NULL, 0, NULL},
 };
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_GET(secret_get_address)
+LOCKED_GET(secret_get_access)
+LOCKED_GET(secret_get_locked)
+LOCKED_GET(secret_get_backend)
+LOCKED_GET(secret_get_guard)
+LOCKED_GET(secret_get_closed)
+LOCKED_GET(secret_get_prot)
+LOCKED_GET(secret_get_forked)
+LOCKED_GET(secret_get_mapping)
+LOCKED_GET(secret_get_exports)
+
 static PyGetSetDef secret_getset[] = {
-    {"address", (getter)secret_get_address, NULL,
+    {"address", (getter)LOCKED(secret_get_address), NULL,
      "Address of the first secret byte, for interop (ctypes, cffi).", NULL},
-    {"access", (getter)secret_get_access, NULL,
+    {"access", (getter)LOCKED(secret_get_access), NULL,
      "What the secret pages allow: \"none\", \"read\" or \"readwrite\".", NULL},
-    {"locked", (getter)secret_get_locked, NULL,
+    {"locked", (getter)LOCKED(secret_get_locked), NULL,
      "Whether the secret pages are locked in memory (never swapped).", NULL},
-    {"backend", (getter)secret_get_backend, NULL,
+    {"backend", (getter)LOCKED(secret_get_backend), NULL,
      "Where the pages come from: \"memfd_secret\" or \"anonymous\".", NULL},
-    {"guard", (getter)secret_get_guard, NULL,
+    {"guard", (getter)LOCKED(secret_get_guard), NULL,
      "How the guard pages are made: \"madvise\" (MADV_GUARD_INSTALL) or \"mprotect\".", NULL},
-    {"closed", (getter)secret_get_closed, NULL, "True once the buffer is wiped and unmapped.",
+    {"closed", (getter)LOCKED(secret_get_closed), NULL, "True once the buffer is wiped and unmapped.",
      NULL},
-    {"_prot", (getter)secret_get_prot, NULL, "The access as PROT_* bits.", NULL},
-    {"_forked", (getter)secret_get_forked, NULL, "Inherited over fork (zero pages).", NULL},
-    {"_exports", (getter)secret_get_exports, NULL, "Live buffers.", NULL},
-    {"_mapping", (getter)secret_get_mapping, NULL,
+    {"_prot", (getter)LOCKED(secret_get_prot), NULL, "The access as PROT_* bits.", NULL},
+    {"_forked", (getter)LOCKED(secret_get_forked), NULL, "Inherited over fork (zero pages).", NULL},
+    {"_exports", (getter)LOCKED(secret_get_exports), NULL, "Live buffers.", NULL},
+    {"_mapping", (getter)LOCKED(secret_get_mapping), NULL,
      "(base, total, pages, inner): the mapping and its secret pages.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -526,17 +549,23 @@ static PyMemberDef secret_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_DEALLOC(secret_dealloc)
+LOCKED_LEN(secret_length)
+LOCKED_GETBUF(secret_getbuffer)
+LOCKED_RELBUF(secret_releasebuffer)
+
 static PyType_Slot secret_slots[] = {
     {Py_tp_doc, "Secret memory: guard pages, a canary, locked, never dumped, wiped."},
     {Py_tp_new, secret_new},
-    {Py_tp_dealloc, secret_dealloc},
+    {Py_tp_dealloc, LOCKED(secret_dealloc)},
     {Py_tp_methods, secret_methods},
     {Py_tp_getset, secret_getset},
     {Py_tp_members, secret_members},
-    {Py_sq_length, secret_length},
-    {Py_mp_length, secret_length},
-    {Py_bf_getbuffer, secret_getbuffer},
-    {Py_bf_releasebuffer, secret_releasebuffer},
+    {Py_sq_length, LOCKED(secret_length)},
+    {Py_mp_length, LOCKED(secret_length)},
+    {Py_bf_getbuffer, LOCKED(secret_getbuffer)},
+    {Py_bf_releasebuffer, LOCKED(secret_releasebuffer)},
     {0, NULL},
 };
 
@@ -547,8 +576,11 @@ static PyType_Spec secret_spec = {
     .slots = secret_slots,
 };
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_O(secret_register)
+
 static PyMethodDef secret_functions[] = {
-    {"_register_secret_errors", secret_register, METH_O,
+    {"_register_secret_errors", LOCKED(secret_register), METH_O,
      "_register_secret_errors($module, memory_corruption_error, /)\n--\n\n"
      "The exception type a canary mismatch raises (on_corruption=\"raise\")."},
     {NULL, NULL, 0, NULL},

@@ -446,24 +446,34 @@ shared_dup(PyObject *module, PyObject *region)
     return PyLong_FromLong(fd);
 }
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_FAST(shared_create)
+LOCKED_FAST(shared_attach)
+LOCKED_FAST(shared_resize)
+LOCKED_FAST(shared_seal)
+LOCKED_FASTKW(shared_discard)
+LOCKED_O(shared_refresh)
+LOCKED_O(shared_fd)
+LOCKED_O(shared_dup)
+
 static PyMethodDef shared_methods[] = {
-    {"_shared_create", (PyCFunction)(void (*)(void))shared_create, METH_FASTCALL,
+    {"_shared_create", (PyCFunction)(void (*)(void))LOCKED(shared_create), METH_FASTCALL,
      "_shared_create(cls, size, mfd_flags, name, seals, page, align, advice, backing)\n"
      "A memfd region: every page backed, then mapped MAP_SHARED read/write."},
-    {"_shared_attach", (PyCFunction)(void (*)(void))shared_attach, METH_FASTCALL,
+    {"_shared_attach", (PyCFunction)(void (*)(void))LOCKED(shared_attach), METH_FASTCALL,
      "_shared_attach(cls, fd, take, readonly, size_hint, align, advice, backing, huge_backing)\n"
      "Map a memfd (fd itself if take, else a duplicate)."},
-    {"_shared_resize", (PyCFunction)(void (*)(void))shared_resize, METH_FASTCALL,
+    {"_shared_resize", (PyCFunction)(void (*)(void))LOCKED(shared_resize), METH_FASTCALL,
      "_shared_resize(region, new_size): resize the file and the mapping."},
-    {"_shared_refresh", shared_refresh, METH_O,
+    {"_shared_refresh", LOCKED(shared_refresh), METH_O,
      "_shared_refresh(region) -> int: map the file's size as it is now."},
-    {"_shared_seal", (PyCFunction)(void (*)(void))shared_seal, METH_FASTCALL,
+    {"_shared_seal", (PyCFunction)(void (*)(void))LOCKED(shared_seal), METH_FASTCALL,
      "_shared_seal(region, seals): add F_SEAL_* seals (F_SEAL_WRITE remaps read-only)."},
-    {"_shared_discard", (PyCFunction)(void (*)(void))shared_discard,
+    {"_shared_discard", (PyCFunction)(void (*)(void))LOCKED(shared_discard),
      METH_FASTCALL | METH_KEYWORDS,
      "_shared_discard(region, offset=0, length=None): punch a hole in the file."},
-    {"_shared_fd", shared_fd, METH_O, "_shared_fd(region) -> int: the region's descriptor."},
-    {"_shared_dup", shared_dup, METH_O,
+    {"_shared_fd", LOCKED(shared_fd), METH_O, "_shared_fd(region) -> int: the region's descriptor."},
+    {"_shared_dup", LOCKED(shared_dup), METH_O,
      "_shared_dup(region) -> int: a new descriptor of the region's file, for the caller."},
     {NULL, NULL, 0, NULL},
 };

@@ -154,13 +154,18 @@ view_type_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return NULL;
 }
 
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_DEALLOC(view_dealloc)
+LOCKED_GETBUF(view_getbuffer)
+LOCKED_RELBUF(view_releasebuffer)
+
 static PyType_Slot view_slots[] = {
     {Py_tp_doc, "Exports part of a region, or one pool object, and pins it while it lives."},
     {Py_tp_new, view_type_new},
     {Py_tp_traverse, view_traverse},
-    {Py_tp_dealloc, view_dealloc},
-    {Py_bf_getbuffer, view_getbuffer},
-    {Py_bf_releasebuffer, view_releasebuffer},
+    {Py_tp_dealloc, LOCKED(view_dealloc)},
+    {Py_bf_getbuffer, LOCKED(view_getbuffer)},
+    {Py_bf_releasebuffer, LOCKED(view_releasebuffer)},
     {0, NULL},
 };
 

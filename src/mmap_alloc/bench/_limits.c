@@ -7,7 +7,7 @@
  * doing the work). Used by `python -m mmap_alloc bench` only; not part of
  * the library's API.
  */
-#define Py_LIMITED_API 0x030B0000
+/* Py_LIMITED_API (0x030B0000, abi3) comes from setup.py, for GIL builds only */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -213,6 +213,9 @@ static PyMethodDef limits_methods[] = {
 };
 
 static PyModuleDef_Slot limits_slots[] = {
+#ifdef Py_GIL_DISABLED
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},   /* stateless loops over the caller's memory */
+#endif
     {0, NULL},
 };
 

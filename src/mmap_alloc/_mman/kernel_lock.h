@@ -1,0 +1,77 @@
+/* The kernel lock: what makes each C call of the kernel atomic on a
+ * free-threaded interpreter (included by mman.h). */
+#ifndef MMAP_ALLOC_KERNEL_LOCK_H
+#define MMAP_ALLOC_KERNEL_LOCK_H
+
+/* With the GIL, "no Python code between check and act" makes each C call
+ * of the kernel atomic for every other thread. A free-threaded interpreter
+ * (Py_GIL_DISABLED) has no GIL: there, every entry point of the kernel runs
+ * inside one critical section on one process-wide object (kernel.lock), which
+ * gives the same guarantee, and the same places where it lapses: a critical
+ * section is suspended while its thread blocks (a system call made without
+ * the GIL, a lock, a blocking call of Python code), exactly where the GIL
+ * was released before, and the busy counts guard those places as they did.
+ * Critical sections cannot deadlock (a blocked thread suspends its own), and
+ * a fork stops the world first, so no thread holds one across it. With the
+ * GIL the macros are empty: abi3 builds pay nothing.
+ *
+ * An entry point is the function a method, getter or slot table names:
+ * LOCKED_<kind>(f) defines the locked wrapper and LOCKED(f) names it. */
+#ifdef Py_GIL_DISABLED
+#define KERNEL_LOCK() Py_BEGIN_CRITICAL_SECTION(kernel.lock)
+#define KERNEL_UNLOCK() Py_END_CRITICAL_SECTION()
+#define LOCKED(f) f##_locked
+#define LOCKED_WRAPPER(f, ret, params, args, body)                      \
+    static ret f##_locked params                                         \
+    {                                                                    \
+        ret r;                                                           \
+        KERNEL_LOCK();                                                   \
+        r = f args;                                                      \
+        KERNEL_UNLOCK();                                                 \
+        return r;                                                        \
+    }
+#define LOCKED_VOID_WRAPPER(f, params, args)                            \
+    static void f##_locked params                                        \
+    {                                                                    \
+        KERNEL_LOCK();                                                   \
+        f args;                                                          \
+        KERNEL_UNLOCK();                                                 \
+    }
+#define LOCKED_O(f) LOCKED_WRAPPER(f, PyObject *, (PyObject *s, PyObject *a), ((void *)s, a), )
+#define LOCKED_FAST(f)                                                                  \
+    LOCKED_WRAPPER(f, PyObject *, (PyObject *s, PyObject *const *a, Py_ssize_t n),      \
+                   ((void *)s, a, n), )
+#define LOCKED_FASTKW(f)                                                                \
+    LOCKED_WRAPPER(f, PyObject *,                                                       \
+                   (PyObject *s, PyObject *const *a, Py_ssize_t n, PyObject *k),        \
+                   ((void *)s, a, n, k), )
+#define LOCKED_GET(f) LOCKED_WRAPPER(f, PyObject *, (PyObject *s, void *c), ((void *)s, c), )
+#define LOCKED_UNARY(f) LOCKED_WRAPPER(f, PyObject *, (PyObject *s), ((void *)s), )
+#define LOCKED_BINARY(f) LOCKED_O(f)
+#define LOCKED_LEN(f) LOCKED_WRAPPER(f, Py_ssize_t, (PyObject *s), ((void *)s), )
+#define LOCKED_CONTAINS(f) LOCKED_WRAPPER(f, int, (PyObject *s, PyObject *a), ((void *)s, a), )
+#define LOCKED_ASS(f)                                                                   \
+    LOCKED_WRAPPER(f, int, (PyObject *s, PyObject *k, PyObject *v), ((void *)s, k, v), )
+#define LOCKED_GETBUF(f)                                                                \
+    LOCKED_WRAPPER(f, int, (PyObject *s, Py_buffer *b, int fl), ((void *)s, b, fl), )
+#define LOCKED_RELBUF(f) LOCKED_VOID_WRAPPER(f, (PyObject *s, Py_buffer *b), ((void *)s, b))
+#define LOCKED_DEALLOC(f) LOCKED_VOID_WRAPPER(f, (PyObject *s), ((void *)s))
+#else
+#define KERNEL_LOCK()
+#define KERNEL_UNLOCK()
+#define LOCKED(f) f
+#define LOCKED_O(f)
+#define LOCKED_FAST(f)
+#define LOCKED_FASTKW(f)
+#define LOCKED_GET(f)
+#define LOCKED_UNARY(f)
+#define LOCKED_BINARY(f)
+#define LOCKED_LEN(f)
+#define LOCKED_CONTAINS(f)
+#define LOCKED_ASS(f)
+#define LOCKED_GETBUF(f)
+#define LOCKED_RELBUF(f)
+#define LOCKED_DEALLOC(f)
+#endif
+
+#endif
