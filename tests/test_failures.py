@@ -330,7 +330,7 @@ def test_at_the_map_count_limit_a_full_cache_is_emptied_before_anything_fails() 
 def test_under_the_address_space_limit_a_full_cache_is_emptied_before_alloc_fails() -> None:
     run_child(
         """
-        limit_address_space(256 * MiB)
+        limit_address_space_growth(256 * MiB)
         cache = MapAlloc(cache=8)
         regions = [cache.alloc(40 * MiB) for _ in range(4)]
         for region in regions:
