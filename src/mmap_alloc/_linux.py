@@ -49,6 +49,7 @@ from ._mman import (
     PROT_NONE,
     PROT_READ,
     PROT_WRITE,
+    mapping_count,  # read without heap memory: it is asked at vm.max_map_count
     page_size,
     residency,
 )
@@ -391,25 +392,6 @@ def mappings() -> list[Mapping]:
                 )
             )
     return result
-
-
-def mapping_count() -> int:
-    """How many mappings the process holds now.
-
-    Read in pieces of 8 KiB into one buffer: it is called at vm.max_map_count,
-    where the heap may have no room for more and a larger block that needs a
-    mapping of its own cannot be had (``open()``'s buffer is 128 KiB from
-    Python 3.14; one of 64 KiB failed there too).
-    """
-    buffer = bytearray(8192)
-    lines = 0
-    fd = os.open("/proc/self/maps", os.O_RDONLY)
-    try:
-        while read := os.readv(fd, [buffer]):
-            lines += buffer.count(b"\n", 0, read)
-    finally:
-        os.close(fd)
-    return lines
 
 
 # ---------------------------------------------------------------- huge pages

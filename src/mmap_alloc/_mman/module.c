@@ -42,6 +42,19 @@ mman_mapped_bytes(PyObject *module, PyObject *unused)
     return PyLong_FromSsize_t(kernel.mapped_bytes);
 }
 
+/* mapping_count() -> int: the mappings of the process, read without heap
+ * memory (it is asked at vm.max_map_count) */
+static PyObject *
+mman_mapping_count(PyObject *module, PyObject *unused)
+{
+    long count;
+    int error = os_mapping_count(&count);
+
+    if (error)
+        return raise_os_error(error, "read(/proc/self/maps)");
+    return PyLong_FromLong(count);
+}
+
 /* residency(address, length) -> bytes: which pages of any range are in memory
  * (mincore; no memory is touched) */
 static PyObject *
@@ -105,6 +118,7 @@ LOCKED_FAST(mman_register_errors)
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_O(mman_page_size)
 LOCKED_O(mman_mapped_bytes)
+LOCKED_O(mman_mapping_count)
 LOCKED_O(mman_memfd_secret)
 LOCKED_O(mman_sync_core)
 LOCKED_O(view_exported)
@@ -114,6 +128,8 @@ static PyMethodDef mman_methods[] = {
      "page_size($module, /)\n--\n\nThe kernel's base page size."},
     {"mapped_bytes", LOCKED(mman_mapped_bytes), METH_NOARGS,
      "mapped_bytes($module, /)\n--\n\nBytes this module has mapped and not unmapped yet."},
+    {"mapping_count", LOCKED(mman_mapping_count), METH_NOARGS,
+     "mapping_count($module, /)\n--\n\nHow many mappings the process holds (/proc/self/maps)."},
     {"residency", (PyCFunction)(void (*)(void))LOCKED(mman_mincore), METH_FASTCALL,
      "residency($module, address, length, /)\n--\n\nOne byte per page; bit 0: resident."},
     {"memfd_secret", LOCKED(mman_memfd_secret), METH_O,

@@ -217,3 +217,27 @@ os_query_protection(void *p, size_t length,
     fclose(maps);
     return 0;
 }
+
+int
+os_mapping_count(long *count)
+{
+    char buffer[4096];
+    ssize_t got;
+    int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC), error = 0;
+
+    if (fd < 0)
+        return errno;
+    *count = 0;
+    while ((got = read(fd, buffer, sizeof buffer)) != 0) {
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            error = errno;
+            break;
+        }
+        for (ssize_t i = 0; i < got; i++)
+            *count += buffer[i] == '\n';
+    }
+    close(fd);
+    return error;
+}

@@ -167,5 +167,9 @@ void os_pages_with_data(void *p, size_t length, unsigned char *out);
  * call of fn per mapping (offsets from p); 0 or the errno of reading it. */
 int os_query_protection(void *p, size_t length,
                         void (*fn)(void *arg, size_t start, size_t end, int prot), void *arg);
+/* How many mappings the process holds (the kernel counts them against
+ * vm.max_map_count): 0 or an errno. Asks nothing of the heap, so it works
+ * at that limit, where a heap that cannot grow has no room for a buffer. */
+int os_mapping_count(long *count);
 
 #endif
