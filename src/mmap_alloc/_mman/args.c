@@ -276,3 +276,12 @@ parse_data_offset(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, co
     }
     return 0;
 }
+
+int
+list_append_new(PyObject *list, PyObject *item)
+{
+    int err = item == NULL || PyList_Append(list, item) < 0;
+
+    Py_XDECREF(item);
+    return err ? -1 : 0;
+}

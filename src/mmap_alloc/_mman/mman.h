@@ -180,6 +180,10 @@ reserve_items(void **items, Py_ssize_t *cap, Py_ssize_t need, Py_ssize_t first, 
     return 0;
 }
 
+/* Append item (a new reference, taken; NULL: its making failed) to list: 0,
+ * or -1 with the exception set (the list is still the caller's). */
+int list_append_new(PyObject *list, PyObject *item);
+
 static inline Py_ssize_t
 round_up(Py_ssize_t n, Py_ssize_t page)
 {

@@ -341,16 +341,6 @@ pool_free(PoolObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-Py_ssize_t
-pool_free_count(PoolObject *self)
-{
-    Py_ssize_t n = 0;
-
-    for (Py_ssize_t k = 0; k < self->nslabs; k++)
-        n += self->slabs[k]->nfree;
-    return n;
-}
-
 static int
 pool_contains(PoolObject *self, PyObject *arg)
 {
@@ -493,16 +483,18 @@ pool_close(PoolObject *self, PyObject *unused)
 static PyObject *
 pool_stats(PoolObject *self, PyObject *unused)
 {
-    Py_ssize_t mapped = 0, metadata;
+    Py_ssize_t mapped = 0, nfree = 0, metadata;
 
-    for (Py_ssize_t k = 0; k < self->nslabs; k++)
+    for (Py_ssize_t k = 0; k < self->nslabs; k++) {
         mapped += self->slabs[k]->capacity;
+        nfree += self->slabs[k]->nfree;
+    }
     for (Py_ssize_t k = 0; k < self->nspares; k++)
         mapped += self->spares[k]->capacity;
     metadata = (Py_ssize_t)((size_t)(self->cap + self->cap_spares) * sizeof(Slab *)
                             + (size_t)(self->nslabs + self->nspares)
                                   * (sizeof(Slab) + self->nwords * sizeof(uint64_t)));
-    return Py_BuildValue("(nnnnnn)", self->live, pool_free_count(self), self->nslabs,
+    return Py_BuildValue("(nnnnnn)", self->live, nfree, self->nslabs,
                          self->nspares, mapped, metadata);
 }
 
@@ -516,13 +508,11 @@ pool_spans(PoolObject *self, PyObject *unused)
         return NULL;
     for (Py_ssize_t k = 0; k < self->nslabs + self->nspares; k++) {
         Slab *s = k < self->nslabs ? self->slabs[k] : self->spares[k - self->nslabs];
-        PyObject *item = Py_BuildValue("(Nn)", PyLong_FromVoidPtr(s->base), s->capacity);
-        if (item == NULL || PyList_Append(list, item) < 0) {
-            Py_XDECREF(item);
+        if (list_append_new(list, Py_BuildValue("(Nn)", PyLong_FromVoidPtr(s->base), s->capacity))
+            < 0) {
             Py_DECREF(list);
             return NULL;
         }
-        Py_DECREF(item);
     }
     return list;
 }

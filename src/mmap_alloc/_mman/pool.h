@@ -167,7 +167,6 @@ void pool_bad_address(PoolObject *self, PyObject *arg, uintptr_t a, int code, Sl
 void pool_release(PoolObject *self);
 int pool_add_slab(PoolObject *self);
 PyObject *address_object(uintptr_t a);
-Py_ssize_t pool_free_count(PoolObject *self);
 PyObject *pool_alloc_many(PoolObject *self, PyObject *arg);
 PyObject *pool_free_many(PoolObject *self, PyObject *arg);
 
