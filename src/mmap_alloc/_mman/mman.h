@@ -559,6 +559,14 @@ region_alloc(PyTypeObject *cls)
 void region_free_spares(void);
 
 int region_check_open(RegionObject *self);
+/* The (region, offset=0, length=None) of the module function fname (method:
+ * the name its argument errors give): the region that kind takes (open, of
+ * its kind; else NULL with the exception), checked after the conversion,
+ * and the range as whole pages of it. NULL with the exception. */
+RegionObject *region_range_arg(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                               const char *fname, const char *method,
+                               RegionObject *(*kind)(PyObject *), Py_ssize_t *start,
+                               Py_ssize_t *n);
 /* A new region over `capacity` bytes at data (owned from now on). NULL on
  * failure (the caller unmaps). */
 PyObject *region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
