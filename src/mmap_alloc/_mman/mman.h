@@ -621,12 +621,20 @@ PyObject *region_view(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *)
 PyObject *view_new(PyObject *owner, Mapping *m, char *base, Py_ssize_t start, Py_ssize_t end,
                    int writable, Py_ssize_t *counter);
 /* A Pin token: while it lives, a hold of kind HOLD_PIN (or a buffer kind)
- * on [start, end) of m keeps those pages mapped and in place. Allocate it
- * before the checks (an allocation may run finalizers), attach it after. */
-typedef struct PinObject PinObject;
-PinObject *pin_alloc(void);
-PyObject *pin_attach(PinObject *pin, PyObject *owner, Mapping *m, Py_ssize_t start,
-                     Py_ssize_t end, int kind, char *address);
+ * on [start, end) of m keeps those pages mapped and in place; address is
+ * what it gives (the code at the offset pinned). */
+typedef struct {
+    Mapping *m;
+    Py_ssize_t start, end;
+    int kind;
+    char *address;
+} PinTarget;
+/* A Pin of owner, in the rule's order: offset (arg; none when NULL)
+ * converted, the Pin allocated (a collection may run finalizers), then
+ * `target`, which runs no Python code, checks the owner and sets what to
+ * hold for offset (-1 with the exception), then the hold. NULL on failure. */
+PyObject *pin_at(PyObject *owner, PyObject *arg,
+                 int (*target)(PyObject *owner, Py_ssize_t offset, PinTarget *t));
 
 /* ------------------------------------------------------------------ */
 /* spans.c: the free-span allocator of a code heap (pure data)         */
