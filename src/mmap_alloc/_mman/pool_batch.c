@@ -19,6 +19,7 @@ slab_take_many(PoolObject *self, Slab *s, uintptr_t *out, Py_ssize_t n)
 
     if (want == 0)
         return 0;
+    self->scan_from = 0;   /* the free objects outside cur change: pool_refill's hint goes */
     if (s->nfree == self->per_slab)
         self->nempty--;
     while (got < want) {
@@ -160,6 +161,7 @@ alloc_many_undo(PoolObject *self, PyObject *list, Py_ssize_t k)
 {
     if (self->closed)
         return;
+    self->scan_from = 0;   /* a slab below pool_refill's hint may have room now */
     for (Py_ssize_t q = 0; q < k; q++) {
         Slab *s;
         uint32_t i;
@@ -222,6 +224,7 @@ slab_give_word(PoolObject *self, Slab *s, uint32_t w, uint64_t bits, int *releas
 {
     uint32_t c = (uint32_t)__builtin_popcountll(bits);
 
+    self->scan_from = 0;   /* a slab below pool_refill's hint may have room now */
     s->bits[w] |= bits;
     if (w < s->hint)
         s->hint = w;
@@ -361,6 +364,7 @@ pool_free_many(PoolObject *self, PyObject *arg)
     }
     if (pool_check_open(self) < 0)
         goto fail;
+    self->scan_from = 0;   /* a slab below pool_refill's hint may have room now */
     for (Py_ssize_t k = 0; k < n; k++) {   /* no Python code runs in this loop */
         Slab *s = NULL;
         uint32_t i = 0;
