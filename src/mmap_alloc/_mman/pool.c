@@ -546,44 +546,6 @@ pool_close(PoolObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* _stats() -> (live, free, slabs, spares, mapped, metadata) */
-static PyObject *
-pool_stats(PoolObject *self, PyObject *unused)
-{
-    Py_ssize_t mapped = 0, nfree = 0, metadata;
-
-    for (Py_ssize_t k = 0; k < self->nslabs; k++) {
-        mapped += self->slabs[k]->capacity;
-        nfree += self->slabs[k]->nfree;
-    }
-    for (Py_ssize_t k = 0; k < self->nspares; k++)
-        mapped += self->spares[k]->capacity;
-    metadata = (Py_ssize_t)((size_t)(self->cap + self->cap_spares) * sizeof(Slab *)
-                            + (size_t)(self->nslabs + self->nspares)
-                                  * (sizeof(Slab) + self->nwords * sizeof(uint64_t)));
-    return Py_BuildValue("(nnnnnn)", self->live, nfree, self->nslabs,
-                         self->nspares, mapped, metadata);
-}
-
-/* _spans() -> [(address, capacity)] of every slab, spares included */
-static PyObject *
-pool_spans(PoolObject *self, PyObject *unused)
-{
-    PyObject *list = PyList_New(0);
-
-    if (list == NULL)
-        return NULL;
-    for (Py_ssize_t k = 0; k < self->nslabs + self->nspares; k++) {
-        Slab *s = k < self->nslabs ? self->slabs[k] : self->spares[k - self->nslabs];
-        if (list_append_new(list, Py_BuildValue("(Nn)", PyLong_FromVoidPtr(s->base), s->capacity))
-            < 0) {
-            Py_DECREF(list);
-            return NULL;
-        }
-    }
-    return list;
-}
-
 static PyObject *
 pool_get_closed(PoolObject *self, void *closure)
 {

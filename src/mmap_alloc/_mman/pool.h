@@ -174,5 +174,7 @@ int pool_add_slab(PoolObject *self);
 PyObject *address_object(uintptr_t a);
 PyObject *pool_alloc_many(PoolObject *self, PyObject *arg);
 PyObject *pool_free_many(PoolObject *self, PyObject *arg);
+PyObject *pool_stats(PoolObject *self, PyObject *unused);
+PyObject *pool_spans(PoolObject *self, PyObject *unused);
 
 #endif
