@@ -276,3 +276,35 @@ parse_data_offset(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, co
     }
     return 0;
 }
+
+int
+list_append_new(PyObject *list, PyObject *item)
+{
+    int err = item == NULL || PyList_Append(list, item) < 0;
+
+    Py_XDECREF(item);
+    return err ? -1 : 0;
+}
+
+RegionObject *
+region_range_arg(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *fname,
+                 const char *method, RegionObject *(*kind)(PyObject *), Py_ssize_t *start,
+                 Py_ssize_t *n)
+{
+    RegionObject *self;
+    PyObject *offset, *length;
+
+    if (nargs < 1) {
+        PyErr_Format(PyExc_TypeError, "%s() needs a region", fname);
+        return NULL;
+    }
+    if (convert_range_args(args + 1, nargs - 1, kwnames, method, &offset, &length, NULL, NULL)
+        < 0)
+        return NULL;
+    self = kind(args[0]);
+    if (self != NULL && page_range(&self->m, offset, length, start, n) < 0)
+        self = NULL;
+    Py_DECREF(offset);
+    Py_DECREF(length);
+    return self;
+}

@@ -202,16 +202,11 @@ cache_list(const MappingCache *c)
 
     for (Py_ssize_t k = 0; list != NULL && k < c->size; k++) {
         const CacheClass *cls = &c->table[k];
-        for (int i = 0; i < cls->n; i++) {
-            PyObject *item = Py_BuildValue("(Nnni)", PyLong_FromVoidPtr(cls->maps[i]),
-                                           cls->capacity, cls->align, cls->attempt);
-            if (item == NULL || PyList_Append(list, item) < 0) {
-                Py_XDECREF(item);
+        for (int i = 0; list != NULL && i < cls->n; i++)
+            if (list_append_new(list, Py_BuildValue("(Nnni)", PyLong_FromVoidPtr(cls->maps[i]),
+                                                    cls->capacity, cls->align, cls->attempt))
+                < 0)
                 Py_CLEAR(list);
-                break;
-            }
-            Py_DECREF(item);
-        }
     }
     return list;
 }

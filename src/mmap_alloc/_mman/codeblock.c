@@ -108,31 +108,30 @@ block_view(CodeBlockObject *self, PyObject *unused)
     return view;
 }
 
+/* what _pin(offset) holds: the block's range, for its code at offset */
+static int
+block_code_target(PyObject *owner, Py_ssize_t offset, PinTarget *t)
+{
+    CodeBlockObject *self = (CodeBlockObject *)owner;
+
+    if (block_check_live(self) < 0)
+        return -1;
+    if (offset >= self->size) {
+        PyErr_Format(PyExc_ValueError, "offset %zd lies outside the block (size %zd)", offset,
+                     self->size);
+        return -1;
+    }
+    *t = (PinTarget){&self->heap->m, self->start, self->start + self->extent, HOLD_PIN,
+                     self->heap->rx + self->start + offset};
+    return 0;
+}
+
 /* _pin(offset) -> Pin: from now until the token dies the block keeps its
  * range (no free, no heap close); its code may still be rewritten */
 static PyObject *
 block_pin(CodeBlockObject *self, PyObject *arg)
 {
-    Py_ssize_t offset;
-    PinObject *pin;
-
-    if (arg_ssize(arg, "offset", &offset) < 0)
-        return NULL;
-    pin = pin_alloc();
-    if (pin == NULL)
-        return NULL;
-    if (block_check_live(self) < 0)
-        goto fail;
-    if (offset >= self->size) {
-        PyErr_Format(PyExc_ValueError, "offset %zd lies outside the block (size %zd)", offset,
-                     self->size);
-        goto fail;
-    }
-    return pin_attach(pin, (PyObject *)self, &self->heap->m, self->start,
-                      self->start + self->extent, HOLD_PIN, self->heap->rx + self->start + offset);
-fail:
-    Py_DECREF(pin);
-    return NULL;
+    return pin_at((PyObject *)self, arg, block_code_target);
 }
 
 /* close(): free the block; closing a freed block does nothing */

@@ -411,16 +411,8 @@ heap_spans(CodeHeapObject *self, PyObject *unused)
     for (Py_ssize_t i = 0; list != NULL && i <= l->n; i++) {
         Py_ssize_t lo = i < l->n ? l->spans[i].start : l->top;
         Py_ssize_t hi = i < l->n ? l->spans[i].end : l->capacity;
-        PyObject *item;
-        if (lo == hi)
-            continue;
-        item = Py_BuildValue("(nn)", lo, hi);
-        if (item == NULL || PyList_Append(list, item) < 0) {
-            Py_XDECREF(item);
+        if (lo != hi && list_append_new(list, Py_BuildValue("(nn)", lo, hi)) < 0)
             Py_CLEAR(list);
-            break;
-        }
-        Py_DECREF(item);
     }
     return list;
 }

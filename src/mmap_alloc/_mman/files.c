@@ -145,23 +145,11 @@ static PyObject *
 file_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     RegionObject *self;
-    PyObject *offset, *length;
     Py_ssize_t start, n;
     int err;
 
-    if (nargs < 1) {
-        PyErr_SetString(PyExc_TypeError, "_file_flush() needs a region");
-        return NULL;
-    }
-    if (convert_range_args(args + 1, nargs - 1, kwnames, "flush", &offset, &length, NULL,
-                           NULL) < 0)
-        return NULL;
-    self = file_arg(args[0]);
-    err = self == NULL || page_range(&self->m, offset, length, &start, &n) < 0
-          || mapping_check_truncated(&self->m, start, start + n) < 0;
-    Py_DECREF(offset);
-    Py_DECREF(length);
-    if (err)
+    self = region_range_arg(args, nargs, kwnames, "_file_flush", "flush", file_arg, &start, &n);
+    if (self == NULL || mapping_check_truncated(&self->m, start, start + n) < 0)
         return NULL;
     if (n == 0 || !(self->m.flags & MAPPING_SHARED))
         Py_RETURN_NONE;

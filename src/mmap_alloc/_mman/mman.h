@@ -180,6 +180,10 @@ reserve_items(void **items, Py_ssize_t *cap, Py_ssize_t need, Py_ssize_t first, 
     return 0;
 }
 
+/* Append item (a new reference, taken; NULL: its making failed) to list: 0,
+ * or -1 with the exception set (the list is still the caller's). */
+int list_append_new(PyObject *list, PyObject *item);
+
 static inline Py_ssize_t
 round_up(Py_ssize_t n, Py_ssize_t page)
 {
@@ -555,6 +559,14 @@ region_alloc(PyTypeObject *cls)
 void region_free_spares(void);
 
 int region_check_open(RegionObject *self);
+/* The (region, offset=0, length=None) of the module function fname (method:
+ * the name its argument errors give): the region that kind takes (open, of
+ * its kind; else NULL with the exception), checked after the conversion,
+ * and the range as whole pages of it. NULL with the exception. */
+RegionObject *region_range_arg(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                               const char *fname, const char *method,
+                               RegionObject *(*kind)(PyObject *), Py_ssize_t *start,
+                               Py_ssize_t *n);
 /* A new region over `capacity` bytes at data (owned from now on). NULL on
  * failure (the caller unmaps). */
 PyObject *region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
@@ -609,12 +621,20 @@ PyObject *region_view(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *)
 PyObject *view_new(PyObject *owner, Mapping *m, char *base, Py_ssize_t start, Py_ssize_t end,
                    int writable, Py_ssize_t *counter);
 /* A Pin token: while it lives, a hold of kind HOLD_PIN (or a buffer kind)
- * on [start, end) of m keeps those pages mapped and in place. Allocate it
- * before the checks (an allocation may run finalizers), attach it after. */
-typedef struct PinObject PinObject;
-PinObject *pin_alloc(void);
-PyObject *pin_attach(PinObject *pin, PyObject *owner, Mapping *m, Py_ssize_t start,
-                     Py_ssize_t end, int kind, char *address);
+ * on [start, end) of m keeps those pages mapped and in place; address is
+ * what it gives (the code at the offset pinned). */
+typedef struct {
+    Mapping *m;
+    Py_ssize_t start, end;
+    int kind;
+    char *address;
+} PinTarget;
+/* A Pin of owner, in the rule's order: offset (arg; none when NULL)
+ * converted, the Pin allocated (a collection may run finalizers), then
+ * `target`, which runs no Python code, checks the owner and sets what to
+ * hold for offset (-1 with the exception), then the hold. NULL on failure. */
+PyObject *pin_at(PyObject *owner, PyObject *arg,
+                 int (*target)(PyObject *owner, Py_ssize_t offset, PinTarget *t));
 
 /* ------------------------------------------------------------------ */
 /* spans.c: the free-span allocator of a code heap (pure data)         */

@@ -58,6 +58,16 @@ os_memfd_secret(int *fd, unsigned int flags)
     return 0;
 }
 
+/* A call's result r (a descriptor, flags) to *out: 0, or the errno when it failed (r < 0). */
+static int
+result_or_errno(int r, int *out)
+{
+    if (r < 0)
+        return errno;
+    *out = r;
+    return 0;
+}
+
 int
 os_close(int fd)
 {
@@ -67,26 +77,16 @@ os_close(int fd)
 int
 os_dup(int fd, int *out)
 {
-    int r = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-
-    if (r < 0)
-        return errno;
-    *out = r;
-    return 0;
+    return result_or_errno(fcntl(fd, F_DUPFD_CLOEXEC, 0), out);
 }
 
 int
 os_reopen_readonly(int fd, int *out)
 {
     char path[64];
-    int r;
 
     snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
-    r = open(path, O_RDONLY | O_CLOEXEC);
-    if (r < 0)
-        return errno;
-    *out = r;
-    return 0;
+    return result_or_errno(open(path, O_RDONLY | O_CLOEXEC), out);
 }
 
 int
@@ -125,12 +125,11 @@ os_file_page(int fd, size_t *page)
 int
 os_file_writable(int fd, int *writable)
 {
-    int flags = fcntl(fd, F_GETFL);
+    int flags = 0, err = result_or_errno(fcntl(fd, F_GETFL), &flags);
 
-    if (flags < 0)
-        return errno;
-    *writable = (flags & O_ACCMODE) != O_RDONLY;
-    return 0;
+    if (err == 0)
+        *writable = (flags & O_ACCMODE) != O_RDONLY;
+    return err;
 }
 
 int
@@ -155,12 +154,7 @@ os_file_punch(int fd, int64_t offset, int64_t length)
 int
 os_file_seals(int fd, int *seals)
 {
-    int r = fcntl(fd, F_GET_SEALS);
-
-    if (r < 0)
-        return errno;
-    *seals = r;
-    return 0;
+    return result_or_errno(fcntl(fd, F_GET_SEALS), seals);
 }
 
 int

@@ -84,23 +84,61 @@ slab_unmap(Slab *s)
     PyMem_Free(s);
 }
 
-/* Insert an empty slab into the sorted table (room reserved by the caller). */
+/* Insert an empty slab into the sorted table (room reserved by the caller):
+ * its place by binary search, then the shorter side moves one slot, so that
+ * slabs mapped in rising or falling address order go in at O(1). */
 static void
 pool_insert(PoolObject *self, Slab *s)
 {
-    Py_ssize_t pos;
+    Py_ssize_t lo = 0, hi = self->nslabs;
 
-    for (pos = self->nslabs; pos > 0 && self->slabs[pos - 1]->base > s->base; pos--)
-        self->slabs[pos] = self->slabs[pos - 1];
-    self->slabs[pos] = s;
+    while (lo < hi) {   /* the first slab whose base is above s's */
+        Py_ssize_t mid = (lo + hi) >> 1;
+        if (self->slabs[mid]->base < s->base)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo < self->nslabs - lo) {
+        memmove(self->slabs - 1, self->slabs, (size_t)lo * sizeof(Slab *));
+        self->slabs--;
+        self->head--;
+    }
+    else
+        memmove(self->slabs + lo + 1, self->slabs + lo, (size_t)(self->nslabs - lo) * sizeof(Slab *));
+    self->slabs[lo] = s;
     self->nslabs++;
     self->nempty++;
+    if (lo < self->scan_from)
+        self->scan_from = lo;
+    self->scan_mark += s->nfree;
 }
 
+/* Room for one more slab at either end of the table: -1 with MemoryError. */
 static int
 pool_reserve_table(PoolObject *self)
 {
-    return reserve_items((void **)&self->slabs, &self->cap, self->nslabs + 1, 8, sizeof(Slab *));
+    Py_ssize_t n = self->nslabs, cap = self->cap > 0 ? self->cap : 8, head;
+    Slab **table;
+
+    if (self->head > 0 && self->head + n < self->cap)
+        return 0;
+    while (cap < 2 * (n + 2))
+        cap *= 2;
+    head = (cap - n) / 2;
+    table = PyMem_Malloc((size_t)cap * sizeof(Slab *));
+    if (table == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (self->slabs != NULL) {
+        memcpy(table + head, self->slabs, (size_t)n * sizeof(Slab *));
+        PyMem_Free(self->slabs - self->head);
+    }
+    self->slabs = table + head;
+    self->head = head;
+    self->cap = cap;
+    return 0;
 }
 
 /* Give empty slabs past keep_empty back: the first keep_spare of them stay
@@ -123,6 +161,7 @@ pool_release(PoolObject *self)
         memmove(&self->slabs[k], &self->slabs[k + 1],
                 (size_t)(self->nslabs - k - 1) * sizeof(Slab *));
         self->nslabs--;
+        self->scan_from = 0;
         self->nempty--;
         if (self->last == s)
             self->last = NULL;
@@ -208,29 +247,55 @@ pool_add_slab(PoolObject *self)
     return rc;
 }
 
+/* The free objects outside the current slab. */
+static inline Py_ssize_t
+pool_free_outside_cur(PoolObject *self)
+{
+    return self->nslabs * (Py_ssize_t)self->per_slab - self->live
+           - (self->cur != NULL ? (Py_ssize_t)self->cur->nfree : 0);
+}
+
 /* A slab with a free object: the current one, else the first partly used
- * one by address, else an empty one, else a new one. */
+ * one by address, else an empty one, else a new one. The search starts
+ * past the slabs known full (scan_from) and stops when it has seen every
+ * free object, so that a pool filling slab after slab, in whatever address
+ * order the slabs come, does not look through all of them each time. */
 static Slab *
 pool_refill(PoolObject *self)
 {
     for (;;) {
-        Slab *empty = NULL;
+        Slab *found = NULL;
+        Py_ssize_t k, first = -1, unseen;
 
         if (pool_check_open(self) < 0)
             return NULL;
         if (self->cur != NULL && self->cur->nfree > 0)
             return self->cur;
-        for (Py_ssize_t k = 0; k < self->nslabs; k++) {
+        unseen = pool_free_outside_cur(self);   /* cur is full: every free object */
+        if (self->scan_from > self->nslabs || unseen != self->scan_mark)
+            self->scan_from = 0;   /* an object was freed outside cur: look from the start */
+        for (k = self->scan_from; k < self->nslabs && unseen > 0; k++) {
             Slab *s = self->slabs[k];
             if (s->nfree == 0)
                 continue;
-            if (s->nfree < self->per_slab)
-                return self->cur = s;
-            if (empty == NULL)
-                empty = s;
+            if (first < 0)
+                first = k;
+            if (s->nfree < self->per_slab) {
+                found = s;
+                break;
+            }
+            if (found == NULL)
+                found = s;
+            unseen -= s->nfree;
         }
-        if (empty != NULL)
-            return self->cur = empty;
+        if (found != NULL) {
+            self->cur = found;
+            self->scan_from = first;
+            self->scan_mark = pool_free_outside_cur(self);
+            return found;
+        }
+        self->scan_from = self->nslabs;   /* all full: the new slab's place lowers it */
+        self->scan_mark = pool_free_outside_cur(self);
         if (pool_add_slab(self) < 0)
             return NULL;
     }
@@ -341,16 +406,6 @@ pool_free(PoolObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-Py_ssize_t
-pool_free_count(PoolObject *self)
-{
-    Py_ssize_t n = 0;
-
-    for (Py_ssize_t k = 0; k < self->nslabs; k++)
-        n += self->slabs[k]->nfree;
-    return n;
-}
-
 static int
 pool_contains(PoolObject *self, PyObject *arg)
 {
@@ -453,18 +508,20 @@ static void
 pool_unmap_all(PoolObject *self)
 {
     Slab **slabs = self->slabs, **spares = self->spares;
+    Slab **table = slabs != NULL ? slabs - self->head : NULL;
     Py_ssize_t n = self->nslabs, m = self->nspares;
 
     self->slabs = NULL;
     self->spares = NULL;
-    self->nslabs = self->cap = self->nspares = self->cap_spares = 0;
+    self->nslabs = self->cap = self->head = self->nspares = self->cap_spares = 0;
+    self->scan_from = self->scan_mark = 0;
     self->cur = self->last = NULL;
     self->live = self->nempty = 0;
     for (Py_ssize_t k = 0; k < n; k++)
         slab_unmap(slabs[k]);
     for (Py_ssize_t k = 0; k < m; k++)
         slab_unmap(spares[k]);
-    PyMem_Free(slabs);
+    PyMem_Free(table);
     PyMem_Free(spares);
 }
 
@@ -487,44 +544,6 @@ pool_close(PoolObject *self, PyObject *unused)
     pool_unmap_all(self);
     pool_forget_ints(self);
     Py_RETURN_NONE;
-}
-
-/* _stats() -> (live, free, slabs, spares, mapped, metadata) */
-static PyObject *
-pool_stats(PoolObject *self, PyObject *unused)
-{
-    Py_ssize_t mapped = 0, metadata;
-
-    for (Py_ssize_t k = 0; k < self->nslabs; k++)
-        mapped += self->slabs[k]->capacity;
-    for (Py_ssize_t k = 0; k < self->nspares; k++)
-        mapped += self->spares[k]->capacity;
-    metadata = (Py_ssize_t)((size_t)(self->cap + self->cap_spares) * sizeof(Slab *)
-                            + (size_t)(self->nslabs + self->nspares)
-                                  * (sizeof(Slab) + self->nwords * sizeof(uint64_t)));
-    return Py_BuildValue("(nnnnnn)", self->live, pool_free_count(self), self->nslabs,
-                         self->nspares, mapped, metadata);
-}
-
-/* _spans() -> [(address, capacity)] of every slab, spares included */
-static PyObject *
-pool_spans(PoolObject *self, PyObject *unused)
-{
-    PyObject *list = PyList_New(0);
-
-    if (list == NULL)
-        return NULL;
-    for (Py_ssize_t k = 0; k < self->nslabs + self->nspares; k++) {
-        Slab *s = k < self->nslabs ? self->slabs[k] : self->spares[k - self->nslabs];
-        PyObject *item = Py_BuildValue("(Nn)", PyLong_FromVoidPtr(s->base), s->capacity);
-        if (item == NULL || PyList_Append(list, item) < 0) {
-            Py_XDECREF(item);
-            Py_DECREF(list);
-            return NULL;
-        }
-        Py_DECREF(item);
-    }
-    return list;
 }
 
 static PyObject *

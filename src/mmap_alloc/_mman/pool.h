@@ -31,11 +31,16 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    Slab **slabs;          /* in use, sorted by base */
-    Py_ssize_t nslabs, cap;
+    Slab **slabs;          /* in use, sorted by base: slots head.. of a table of cap */
+    Py_ssize_t nslabs, cap, head;
     Slab **spares;         /* empty, uncommitted, kept for reuse */
     Py_ssize_t nspares, cap_spares;
     Slab *cur;             /* the slab alloc() takes from, or NULL */
+    /* Every slab below index scan_from but cur was full when the free
+     * objects outside cur were scan_mark (pool_refill): if they still are,
+     * only allocations from cur came since, and the search for a slab with
+     * room starts there. Inserts keep both; other changes reset scan_from. */
+    Py_ssize_t scan_from, scan_mark;
     Slab *last;            /* the slab the last address was found in, or NULL */
     Py_ssize_t obj_size, stride;
     Py_ssize_t span;       /* per_slab * stride: the bytes of a slab that hold objects */
@@ -167,8 +172,9 @@ void pool_bad_address(PoolObject *self, PyObject *arg, uintptr_t a, int code, Sl
 void pool_release(PoolObject *self);
 int pool_add_slab(PoolObject *self);
 PyObject *address_object(uintptr_t a);
-Py_ssize_t pool_free_count(PoolObject *self);
 PyObject *pool_alloc_many(PoolObject *self, PyObject *arg);
 PyObject *pool_free_many(PoolObject *self, PyObject *arg);
+PyObject *pool_stats(PoolObject *self, PyObject *unused);
+PyObject *pool_spans(PoolObject *self, PyObject *unused);
 
 #endif

@@ -2,7 +2,7 @@
  * The batch calls of ObjectPool: alloc_many (all or none, even when the slab
  * source runs Python code or a finalizer takes objects meanwhile) and
  * free_many (all or none: every address is converted and checked before any
- * is given back).
+ * is given back); and what _stats() and _spans() report of the slabs.
  */
 #include "pool.h"
 
@@ -19,6 +19,7 @@ slab_take_many(PoolObject *self, Slab *s, uintptr_t *out, Py_ssize_t n)
 
     if (want == 0)
         return 0;
+    self->scan_from = 0;   /* the free objects outside cur change: pool_refill's hint goes */
     if (s->nfree == self->per_slab)
         self->nempty--;
     while (got < want) {
@@ -160,6 +161,7 @@ alloc_many_undo(PoolObject *self, PyObject *list, Py_ssize_t k)
 {
     if (self->closed)
         return;
+    self->scan_from = 0;   /* a slab below pool_refill's hint may have room now */
     for (Py_ssize_t q = 0; q < k; q++) {
         Slab *s;
         uint32_t i;
@@ -222,6 +224,7 @@ slab_give_word(PoolObject *self, Slab *s, uint32_t w, uint64_t bits, int *releas
 {
     uint32_t c = (uint32_t)__builtin_popcountll(bits);
 
+    self->scan_from = 0;   /* a slab below pool_refill's hint may have room now */
     s->bits[w] |= bits;
     if (w < s->hint)
         s->hint = w;
@@ -361,6 +364,7 @@ pool_free_many(PoolObject *self, PyObject *arg)
     }
     if (pool_check_open(self) < 0)
         goto fail;
+    self->scan_from = 0;   /* a slab below pool_refill's hint may have room now */
     for (Py_ssize_t k = 0; k < n; k++) {   /* no Python code runs in this loop */
         Slab *s = NULL;
         uint32_t i = 0;
@@ -388,3 +392,43 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------------ */
+/* introspection                                                       */
+
+/* _stats() -> (live, free, slabs, spares, mapped, metadata) */
+PyObject *
+pool_stats(PoolObject *self, PyObject *unused)
+{
+    Py_ssize_t mapped = 0, nfree = 0, metadata;
+
+    for (Py_ssize_t k = 0; k < self->nslabs; k++) {
+        mapped += self->slabs[k]->capacity;
+        nfree += self->slabs[k]->nfree;
+    }
+    for (Py_ssize_t k = 0; k < self->nspares; k++)
+        mapped += self->spares[k]->capacity;
+    metadata = (Py_ssize_t)((size_t)(self->cap + self->cap_spares) * sizeof(Slab *)
+                            + (size_t)(self->nslabs + self->nspares)
+                                  * (sizeof(Slab) + self->nwords * sizeof(uint64_t)));
+    return Py_BuildValue("(nnnnnn)", self->live, nfree, self->nslabs,
+                         self->nspares, mapped, metadata);
+}
+
+/* _spans() -> [(address, capacity)] of every slab, spares included */
+PyObject *
+pool_spans(PoolObject *self, PyObject *unused)
+{
+    PyObject *list = PyList_New(0);
+
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t k = 0; k < self->nslabs + self->nspares; k++) {
+        Slab *s = k < self->nslabs ? self->slabs[k] : self->spares[k - self->nslabs];
+        if (list_append_new(list, Py_BuildValue("(Nn)", PyLong_FromVoidPtr(s->base), s->capacity))
+            < 0) {
+            Py_DECREF(list);
+            return NULL;
+        }
+    }
+    return list;
+}

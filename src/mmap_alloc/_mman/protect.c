@@ -211,42 +211,69 @@ region_flush_icache(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
 /* ------------------------------------------------------------------ */
 /* pins                                                                */
 
-struct PinObject {
+typedef struct {
     PyObject_HEAD
     PyObject *owner;        /* strong: keeps the mapping alive */
     Mapping *m;             /* the mapping the hold is on */
     Hold *hold;
     char *address;
-};
-
-PinObject *
-pin_alloc(void)
-{
-    PinObject *pin = PyObject_GC_New(PinObject, kernel.pin_type);
-
-    if (pin != NULL) {
-        pin->owner = NULL;
-        pin->m = NULL;
-        pin->hold = NULL;
-        pin->address = NULL;
-    }
-    return pin;
-}
+} PinObject;
 
 PyObject *
-pin_attach(PinObject *pin, PyObject *owner, Mapping *m, Py_ssize_t start, Py_ssize_t end,
-           int kind, char *address)
+pin_at(PyObject *owner, PyObject *arg,
+       int (*target)(PyObject *owner, Py_ssize_t offset, PinTarget *t))
 {
-    pin->hold = mapping_hold(m, start, end, kind);
-    if (pin->hold == NULL) {
+    Py_ssize_t offset = 0;
+    PinObject *pin;
+    PinTarget t;
+
+    if (arg != NULL && arg_ssize(arg, "offset", &offset) < 0)
+        return NULL;
+    /* allocate first: an allocation may run the garbage collector (and its
+     * finalizers), which must not land between the check and the pin */
+    pin = PyObject_GC_New(PinObject, kernel.pin_type);
+    if (pin == NULL)
+        return NULL;
+    pin->owner = NULL;
+    pin->m = NULL;
+    pin->hold = NULL;
+    pin->address = NULL;
+    if (target(owner, offset, &t) < 0
+        || (pin->hold = mapping_hold(t.m, t.start, t.end, t.kind)) == NULL) {
         Py_DECREF(pin);
         return NULL;
     }
     pin->owner = Py_NewRef(owner);
-    pin->m = m;
-    pin->address = address;
+    pin->m = t.m;
+    pin->address = t.address;
     PyObject_GC_Track(pin);
     return (PyObject *)pin;
+}
+
+/* what _pin(offset) holds: the code at offset must be executable */
+static int
+region_code_target(PyObject *owner, Py_ssize_t offset, PinTarget *t)
+{
+    RegionObject *self = (RegionObject *)owner;
+    int access;
+
+    if (region_check_open(self) < 0)
+        return -1;
+    if (offset >= self->m.capacity) {
+        PyErr_Format(PyExc_ValueError, "offset %zd lies outside the region (capacity %zd)",
+                     offset, self->m.capacity);
+        return -1;
+    }
+    access = run_access(&self->m.rec.runs[rec_find(&self->m.rec, offset)]);
+    if (!(access & PROT_EXEC)) {
+        PyErr_Format(PyExc_ValueError,
+                     "the code at offset %zd is not executable (%c%c-): call make_exec() "
+                     "or protect() first", offset, access & PROT_READ ? 'r' : '-',
+                     access & PROT_WRITE ? 'w' : '-');
+        return -1;
+    }
+    *t = (PinTarget){&self->m, 0, self->m.capacity, HOLD_PIN, self->m.data + offset};
+    return 0;
 }
 
 /* _pin(offset) -> Pin: the code at offset must be executable; from now until
@@ -254,38 +281,22 @@ pin_attach(PinObject *pin, PyObject *owner, Mapping *m, Py_ssize_t start, Py_ssi
 PyObject *
 region_pin(RegionObject *self, PyObject *arg)
 {
-    Py_ssize_t offset;
-    PinObject *pin;
+    return pin_at((PyObject *)self, arg, region_code_target);
+}
 
-    if (arg_ssize(arg, "offset", &offset) < 0)
-        return NULL;
-    /* allocate first: an allocation may run the garbage collector (and its
-     * finalizers), which must not land between the check and the pin */
-    pin = pin_alloc();
-    if (pin == NULL)
-        return NULL;
-    if (region_check_open(self) < 0)
-        goto fail;
-    if (offset >= self->m.capacity) {
-        PyErr_Format(PyExc_ValueError, "offset %zd lies outside the region (capacity %zd)",
-                     offset, self->m.capacity);
-        goto fail;
-    }
-    {
-        int access = run_access(&self->m.rec.runs[rec_find(&self->m.rec, offset)]);
-        if (!(access & PROT_EXEC)) {
-            PyErr_Format(PyExc_ValueError,
-                         "the code at offset %zd is not executable (%c%c-): call make_exec() "
-                         "or protect() first", offset, access & PROT_READ ? 'r' : '-',
-                         access & PROT_WRITE ? 'w' : '-');
-            goto fail;
-        }
-    }
-    return pin_attach(pin, (PyObject *)self, &self->m, 0, self->m.capacity, HOLD_PIN,
-                      self->m.data + offset);
-fail:
-    Py_DECREF(pin);
-    return NULL;
+/* what pin() holds: the region's bytes, as a buffer of the access they have */
+static int
+region_bytes_target(PyObject *owner, Py_ssize_t offset, PinTarget *t)
+{
+    RegionObject *self = (RegionObject *)owner;
+    int access;
+
+    if (region_check_open(self) < 0 || mapping_check_truncated(&self->m, 0, self->m.size) < 0)
+        return -1;
+    access = rec_access_all(&self->m.rec, 0, self->m.size);
+    *t = (PinTarget){&self->m, 0, self->m.size, (access & PROT_WRITE) ? HOLD_WRITE : HOLD_READ,
+                     self->m.data};
+    return 0;
 }
 
 /* pin() -> Pin: from now until the Pin is deallocated, the region stays
@@ -295,18 +306,7 @@ fail:
 PyObject *
 region_pin_public(RegionObject *self, PyObject *unused)
 {
-    PinObject *pin = pin_alloc();   /* first: an allocation may run finalizers */
-    int access;
-
-    if (pin == NULL)
-        return NULL;
-    if (region_check_open(self) < 0 || mapping_check_truncated(&self->m, 0, self->m.size) < 0) {
-        Py_DECREF(pin);
-        return NULL;
-    }
-    access = rec_access_all(&self->m.rec, 0, self->m.size);
-    return pin_attach(pin, (PyObject *)self, &self->m, 0, self->m.size,
-                      (access & PROT_WRITE) ? HOLD_WRITE : HOLD_READ, self->m.data);
+    return pin_at((PyObject *)self, NULL, region_bytes_target);
 }
 
 static PyObject *

@@ -19,6 +19,29 @@ equal_ct(const volatile unsigned char *a, const volatile unsigned char *b, size_
 /* ------------------------------------------------------------------ */
 /* access                                                              */
 
+/* The secret is open and its access has the bits of need (PROT_READ,
+ * PROT_WRITE): 0, or -1 with the error saying how to get them. */
+static int
+secret_check_access(SecretObject *self, int need)
+{
+    int access;
+
+    if (secret_check_open(self) < 0)
+        return -1;
+    access = access_of(self);
+    if ((need & PROT_READ) && !(access & PROT_READ))
+        PyErr_Format(PyExc_BufferError,
+                     "the secret buffer is not readable (access '%s'): use buf.open() or "
+                     "buf.readonly()", access_name(access));
+    else if ((need & PROT_WRITE) && !(access & PROT_WRITE))
+        PyErr_Format(PyExc_BufferError,
+                     "the secret buffer is not writable (access '%s'): use "
+                     "buf.open(write=True) or buf.readwrite()", access_name(access));
+    else
+        return 0;
+    return -1;
+}
+
 /* Set the protection of the secret pages, with the export rules; -1 + exception. */
 int
 secret_set_access(SecretObject *self, int prot)
@@ -141,21 +164,9 @@ secret_getbuffer(SecretObject *self, Py_buffer *view, int flags)
     Hold *h;
 
     view->obj = NULL;
-    if (secret_check_open(self) < 0)
+    if (secret_check_access(self, PROT_READ | (flags & PyBUF_WRITABLE ? PROT_WRITE : 0)) < 0)
         return -1;
-    if (!(access_of(self) & PROT_READ)) {
-        PyErr_SetString(PyExc_BufferError,
-                        "the secret buffer is not readable (access 'none'): use "
-                        "buf.open() or buf.readonly()");
-        return -1;
-    }
     writable = (access_of(self) & PROT_WRITE) != 0;
-    if ((flags & PyBUF_WRITABLE) && !writable) {
-        PyErr_SetString(PyExc_BufferError,
-                        "the secret buffer is read-only (access 'read'): use "
-                        "buf.open(write=True) or buf.readwrite()");
-        return -1;
-    }
     start = data_offset(self);
     h = mapping_hold(&self->m, start, start + self->m.size, writable ? HOLD_WRITE : HOLD_READ);
     if (h == NULL)
@@ -193,14 +204,8 @@ secret_write(SecretObject *self, PyObject *const *args, Py_ssize_t nargs, PyObje
         return NULL;
     if (offset_obj != NULL && arg_ssize(offset_obj, "offset", &offset) < 0)
         goto fail;
-    if (secret_check_open(self) < 0)
+    if (secret_check_access(self, PROT_WRITE) < 0)
         goto fail;
-    if (!(access_of(self) & PROT_WRITE)) {
-        PyErr_Format(PyExc_BufferError,
-                     "the secret buffer is not writable (access '%s'): use "
-                     "buf.open(write=True) or buf.readwrite()", access_name(access_of(self)));
-        goto fail;
-    }
     if (offset > self->m.size || src.len > self->m.size - offset) {
         PyErr_Format(PyExc_ValueError,
                      "offset %zd + %zd bytes of data lie outside the secret buffer (size %zd)",
@@ -235,14 +240,8 @@ secret_compare(SecretObject *self, PyObject *other)
         }
         return NULL;
     }
-    if (secret_check_open(self) < 0)
+    if (secret_check_access(self, PROT_READ) < 0)
         goto fail;
-    if (!(access_of(self) & PROT_READ)) {
-        PyErr_SetString(PyExc_BufferError,
-                        "the secret buffer is not readable (access 'none'): use "
-                        "buf.open() or buf.readonly()");
-        goto fail;
-    }
     /* lengths are not secret: unequal ones compare False at once */
     equal = b.len == self->m.size
             && equal_ct((const volatile unsigned char *)self->m.data + data_offset(self),

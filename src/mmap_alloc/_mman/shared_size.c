@@ -257,22 +257,12 @@ PyObject *
 shared_discard(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     RegionObject *self;
-    PyObject *offset, *length;
     Py_ssize_t start, n, fsize = 0, fend;
     int err;
 
-    if (nargs < 1) {
-        PyErr_SetString(PyExc_TypeError, "_shared_discard() needs a region");
-        return NULL;
-    }
-    if (convert_range_args(args + 1, nargs - 1, kwnames, "discard", &offset, &length, NULL,
-                           NULL) < 0)
-        return NULL;
-    self = shared_arg(args[0]);
-    err = self == NULL || page_range(&self->m, offset, length, &start, &n) < 0;
-    Py_DECREF(offset);
-    Py_DECREF(length);
-    if (err)
+    self = region_range_arg(args, nargs, kwnames, "_shared_discard", "discard", shared_arg,
+                            &start, &n);
+    if (self == NULL)
         return NULL;
     if (mapping_pins(&self->m) > 0) {
         PyErr_Format(PyExc_BufferError,
