@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, cast
 from ._args import integer
 from ._args import size as size_argument
 from ._fdregion import FdRegion, pickle_handle, register_pickling
-from ._linux import format_size
+from ._linux import format_size, fstat_named
 from ._mman import (
     PROT_READ,
     PROT_WRITE,
@@ -122,12 +122,7 @@ def _open(file: object, mode: str, spec: Mode) -> tuple[int, bool, str | None, s
 
 def _check_descriptor(fd: int, mode: str, what: str, path: str | None) -> None:
     """A regular file, opened for what ``mode`` needs."""
-    try:
-        st = os.fstat(fd)
-    except OSError as exc:
-        if exc.errno == errno.EBADF:
-            raise OSError(errno.EBADF, f"{what} is not an open file descriptor") from None
-        raise
+    st = fstat_named(fd, what)
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path or what)
     if not stat.S_ISREG(st.st_mode):
