@@ -195,8 +195,8 @@ def _map_error(exc: OSError, what: str) -> OSError:
 
 def _reduce(region: FileRegion) -> tuple[Any, tuple[Any, ...]]:
     """multiprocessing's pickling of a region: its descriptor travels (as a
-    SharedRegion's does, see shared._reduce), with what part of the file it
-    maps and how; the receiver maps the same file."""
+    SharedRegion's does, see _fdregion.pickle_handle), with what part of the
+    file it maps and how; the receiver maps the same file."""
     if region._mode == "c":
         raise TypeError(
             "a copy-on-write FileRegion (mode 'c') cannot be handed to another process: its "

@@ -80,9 +80,8 @@ _FLAG_UNGUARDED = 4  # the sender holds it without the seals require_seal asks f
 
 def _reduce(region: SharedRegion) -> tuple[Any, tuple[Any, ...]]:
     """multiprocessing's pickling of a region: its descriptor travels, not its
-    bytes: with a process being started, as multiprocessing passes sockets;
-    else (queues, pools) where it is, for the receiver to open through /proc
-    (see _fdshare: the region must stay open until the receiver has it).
+    bytes (see _fdregion.pickle_handle: the region must stay open until the
+    receiver has it).
 
     The receiver requires the seals the sender's file has (see _rebuild)."""
     fd, flags = region.fd, region._flags()
