@@ -259,6 +259,17 @@ def fd_target(fd: int) -> str:
         return ""
 
 
+def fstat_named(fd: int, what: str) -> os.stat_result:
+    """os.fstat(``fd``), where EBADF says that ``what`` ("fd 5", "file 'a.bin'")
+    is not an open file descriptor: a caller's descriptor, checked before use."""
+    try:
+        return os.fstat(fd)
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise OSError(errno.EBADF, f"{what} is not an open file descriptor") from None
+        raise
+
+
 def meminfo() -> dict[str, int]:
     """/proc/meminfo in bytes (fields in kB scaled; counts as they are)."""
     result: dict[str, int] = {}
@@ -587,6 +598,7 @@ __all__ = [
     "default_hugepage_size",
     "fd_target",
     "format_size",
+    "fstat_named",
     "hugepage_dir",
     "hugepage_pool",
     "hugepage_pools",

@@ -28,6 +28,7 @@ from ._linux import (
     default_hugepage_size,
     fd_target,
     format_size,
+    fstat_named,
     hugepage_pools,
     hugetlb_hint,
     memory_available,
@@ -231,12 +232,7 @@ def vet(fd: int, what: str, require_seal: bool) -> None:
     (AllocError). ``what`` names it ("fd 5", "the descriptor received").
     Checks of the descriptor's kind and its seals, which no process can take
     off: the C layer maps the same file."""
-    try:
-        st = os.fstat(fd)
-    except OSError as exc:
-        if exc.errno == errno.EBADF:
-            raise OSError(errno.EBADF, f"{what} is not an open file descriptor") from None
-        raise
+    st = fstat_named(fd, what)
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:

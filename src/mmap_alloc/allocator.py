@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from ._args import MAX_SIZE, integer, power_of_two
 from ._args import size as size_argument
@@ -15,6 +17,8 @@ from .exceptions import CLOSED
 from .perm import Perm, effective_perms
 from .region import Region
 from .stats import AllocStats, CacheStats, alloc_stats
+
+R = TypeVar("R", bound=KernelRegion)
 
 MAX_CACHE = 1 << 20
 """The most mappings ``MapAlloc(cache=...)`` keeps per class."""
@@ -43,26 +47,38 @@ def _alloc_slow(
     n = size_argument(size, page)
     capacity = (n + page - 1) & -page
     alignment = page if align is None else max(page, power_of_two(align, "align"))
-    if near is not None or within != DEFAULT_WITHIN:
-        address, reach = check_near(near, within)
-        return map_near(
-            address,
-            reach,
-            capacity,
-            alignment,
-            lambda at: alloc._map(n, capacity, alignment, at),
-            "a region",
-            alloc._pages.alloc_error,
-        )
-    if capacity + alignment - page > alloc._max_size:
-        raise alloc._pages.alloc_error(OSError(12, "too large"), n)
-    try:
-        return alloc._map(n, capacity, alignment)
-    except OSError as exc:
-        raise alloc._pages.alloc_error(exc, n) from None
+    map_at = functools.partial(alloc._map, n, capacity, alignment)
+    translate = alloc._pages.alloc_error
+    return _place(alloc, map_at, n, capacity, alignment, near, within, "a region", translate)
 
 
 _alloc_slow.__qualname__ = "MapAlloc.alloc"  # what argument errors name
+
+
+def _place(
+    alloc: MapAlloc,
+    map_at: Callable[[int | None], R],
+    n: int,
+    capacity: int,
+    alignment: int,
+    near: object,
+    within: object,
+    what: str,
+    translate: Callable[[OSError, int], Exception],
+) -> R:
+    """``map_at(address)`` at the nearest place that fits when ``near`` is
+    given, else ``map_at(None)`` where the kernel chooses (refused first when
+    ``capacity`` aligned could never fit); a refusal of ``n`` bytes becomes
+    ``translate``'s exception. ``what`` names the mapping in placement errors."""
+    if near is not None or within != DEFAULT_WITHIN:
+        address, reach = check_near(near, within)
+        return map_near(address, reach, capacity, alignment, map_at, what, translate)
+    if capacity + alignment - alloc._page > alloc._max_size:
+        raise translate(OSError(12, "too large"), n)
+    try:
+        return map_at(None)
+    except OSError as exc:
+        raise translate(exc, n) from None
 
 
 class MapAlloc(Allocator):
@@ -277,15 +293,9 @@ class MapAlloc(Allocator):
                 address,
             )
 
-        if near is not None or within != DEFAULT_WITHIN:
-            address, reach = check_near(near, within)
-            return map_near(address, reach, capacity, alignment, map_at, "a reservation")
-        if capacity + alignment - PAGE_SIZE > self._max_size:
-            raise alloc_error(OSError(12, "too large"), n)
-        try:
-            return map_at(None)
-        except OSError as exc:
-            raise alloc_error(exc, n) from None
+        return _place(
+            self, map_at, n, capacity, alignment, near, within, "a reservation", alloc_error
+        )
 
     # ------------------------------------------------------------ resizing
 

@@ -241,28 +241,42 @@ def _memfd_exec() -> tuple[bool, str]:
     return noexec < 2, f"{setting}; MFD_EXEC accepted"
 
 
+def _thp_setting(
+    name: str, setting: str, mode: str | None, usable: tuple[str, ...], missing: str
+) -> Feature:
+    """A THP feature from its sysfs ``setting`` in ``mode`` (None: the kernel
+    lacks it, which ``missing`` says): available in the ``usable`` modes, the
+    last of which is what root can set."""
+    if mode is None:
+        return Feature(name, False, missing)
+    if mode in usable:
+        return Feature(name, True, f"{setting} = {mode}")
+    return Feature(name, False, f"{setting} = {mode} (root can set {usable[-1]})")
+
+
 @functools.cache
 def shmem_thp() -> Feature:
     """Transparent huge pages for shared memory (memfd, tmpfs)."""
-    name = "shmem_thp"
-    mode = shmem_thp_mode()
-    if mode is None:
-        return Feature(name, False, "no shmem_enabled: kernel without shmem THP")
-    if mode in ("always", "within_size", "advise"):
-        return Feature(name, True, f"shmem_enabled = {mode}")
-    return Feature(name, False, f"shmem_enabled = {mode} (root can set advise)")
+    return _thp_setting(
+        "shmem_thp",
+        "shmem_enabled",
+        shmem_thp_mode(),
+        ("always", "within_size", "advise"),
+        "no shmem_enabled: kernel without shmem THP",
+    )
 
 
 @functools.cache
 def thp() -> Feature:
     """Transparent huge pages for anonymous memory."""
-    name = "thp"
     mode = thp_mode()
-    if mode == "unknown":
-        return Feature(name, False, "no transparent_hugepage/enabled: kernel without THP")
-    if mode in ("always", "madvise"):
-        return Feature(name, True, f"enabled = {mode}")
-    return Feature(name, False, f"enabled = {mode} (root can set madvise)")
+    return _thp_setting(
+        "thp",
+        "enabled",
+        None if mode == "unknown" else mode,
+        ("always", "madvise"),
+        "no transparent_hugepage/enabled: kernel without THP",
+    )
 
 
 @functools.cache

@@ -25,12 +25,12 @@ import errno
 import fcntl
 import os
 import stat
-from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, cast
+from typing import Any, NamedTuple, cast
 
 from ._args import integer
 from ._args import size as size_argument
-from ._fdshare import share as share_descriptor
-from ._linux import format_size
+from ._fdregion import FdRegion, pickle_handle, register_pickling
+from ._linux import format_size, fstat_named
 from ._mman import (
     PROT_READ,
     PROT_WRITE,
@@ -43,14 +43,9 @@ from ._mman import (
     _file_resize,
     _repair_install,
     _repair_state,
-    _shared_dup,
 )
 from .backings import Backing
 from .exceptions import CLOSED, FileTruncatedError
-from .region import Region
-
-if TYPE_CHECKING:
-    from numpy.typing import DTypeLike, NDArray
 
 __all__ = ["FileRegion", "install_repair", "repair_installed"]
 
@@ -127,12 +122,7 @@ def _open(file: object, mode: str, spec: Mode) -> tuple[int, bool, str | None, s
 
 def _check_descriptor(fd: int, mode: str, what: str, path: str | None) -> None:
     """A regular file, opened for what ``mode`` needs."""
-    try:
-        st = os.fstat(fd)
-    except OSError as exc:
-        if exc.errno == errno.EBADF:
-            raise OSError(errno.EBADF, f"{what} is not an open file descriptor") from None
-        raise
+    st = fstat_named(fd, what)
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path or what)
     if not stat.S_ISREG(st.st_mode):
@@ -202,38 +192,17 @@ def _map_error(exc: OSError, what: str) -> OSError:
 
 # ---------------------------------------------------------------- multiprocessing
 
-_registered: list[bool] = []
-
-
-def _register_pickling() -> None:
-    """Teach multiprocessing's pickler to pass a FileRegion by descriptor."""
-    if not _registered:
-        from multiprocessing import reduction
-
-        reduction.register(FileRegion, _reduce)
-        _registered.append(True)
-
 
 def _reduce(region: FileRegion) -> tuple[Any, tuple[Any, ...]]:
     """multiprocessing's pickling of a region: its descriptor travels (as a
-    SharedRegion's does, see shared._reduce), with what part of the file it
-    maps and how; the receiver maps the same file."""
-    from multiprocessing import context, reduction
-
+    SharedRegion's does, see _fdregion.pickle_handle), with what part of the
+    file it maps and how; the receiver maps the same file."""
     if region._mode == "c":
         raise TypeError(
             "a copy-on-write FileRegion (mode 'c') cannot be handed to another process: its "
             "changes are this process's own; open the file there, or use mode 'r+'"
         )
-    fd = region.fd
-    handle: Any
-    if context.get_spawning_popen() is not None:
-        handle = reduction.DupFd(fd)
-    else:
-        try:
-            handle = share_descriptor(region, fd, readonly=region._mode == "r", dup=_shared_dup)
-        except OSError:
-            handle = reduction.DupFd(fd)
+    handle = pickle_handle(region, readonly=region._mode == "r")
     args = (handle, region._mode, region._offset, region.size, region._limit, region._path)
     return _rebuild, args
 
@@ -254,7 +223,7 @@ def _rebuild(
 # ---------------------------------------------------------------- the region
 
 
-class FileRegion(Region):
+class FileRegion(FdRegion):
     """Part of a file mapped into memory: :meth:`open` makes one.
 
     A FileRegion is a Region (bytes-like access, ``find()``, ``view()``,
@@ -269,6 +238,8 @@ class FileRegion(Region):
     """
 
     __slots__ = ("_limit", "_mode", "_offset", "_path")
+
+    _elsewhere = "elsewhere, open the file again"
 
     _limit: int | None  # the length asked for (refresh keeps to it), or None: the file's
     _mode: str
@@ -352,7 +323,7 @@ class FileRegion(Region):
         )
         region._mode, region._offset = mode, offset
         region._path = region._limit = None
-        _register_pickling()
+        register_pickling(FileRegion, _reduce)
         return region
 
     # ------------------------------------------------------------ the file
@@ -378,12 +349,6 @@ class FileRegion(Region):
         region: closed when the region closes. Duplicate it to keep it."""
         fd: int = _file_fd(self)
         return fd
-
-    @property
-    def file_size(self) -> int:
-        """The file's size now (another process may have changed it:
-        :meth:`refresh` adopts it)."""
-        return os.fstat(self.fd).st_size
 
     @property
     def truncated(self) -> bool:
@@ -497,52 +462,17 @@ class FileRegion(Region):
                 ) from None
             raise
 
-    def protect(self, perms: int, offset: int = 0, length: int | None = None) -> None:
-        """As Region.protect(); PermissionError when WRITE is asked of mode "r"."""
-        try:
-            super().protect(perms, offset, length)
-        except PermissionError as exc:
-            raise self._readonly_error(exc) from None
-
-    def make_writable(self, offset: int = 0, length: int | None = None) -> None:
-        """As Region.make_writable(); PermissionError for mode "r"."""
-        try:
-            super().make_writable(offset, length)
-        except PermissionError as exc:
-            raise self._readonly_error(exc) from None
-
-    def _readonly_error(self, exc: PermissionError) -> PermissionError:
-        return PermissionError(
-            exc.errno,
-            f"{exc.strerror}: the file is open read-only (mode {self._mode!r}), and the kernel "
-            "refuses write access to a shared mapping of it; open it with 'r+' (shared) or 'c' "
-            "(copy-on-write)",
+    def _readonly_reason(self) -> str:
+        return (
+            f"the file is open read-only (mode {self._mode!r}), and the kernel refuses write "
+            "access to a shared mapping of it; open it with 'r+' (shared) or 'c' (copy-on-write)"
         )
-
-    def ndarray(
-        self, dtype: DTypeLike, shape: int | tuple[int, ...], offset: int = 0
-    ) -> NDArray[Any]:
-        """As Region.ndarray(). Inside multiprocessing (Pool, Queue,
-        ProcessPoolExecutor) the array travels by reference when the mode
-        shares the file ("r", "r+", "w+"): the receiver maps the same pages."""
-        from . import _arraypickle
-
-        array = super().ndarray(dtype, shape, offset)
-        _arraypickle.register()
-        return array
 
     @property
     def _shares_arrays(self) -> bool:
         return self._mode != "c"
 
     # ------------------------------------------------------------ the rest
-
-    def __reduce_ex__(self, protocol: object) -> NoReturn:
-        raise TypeError(
-            "a FileRegion is pickled only by multiprocessing, which passes its file "
-            "descriptor (pass it to a Process, Pool or Queue of multiprocessing or "
-            "concurrent.futures); elsewhere, open the file again"
-        )
 
     def __repr__(self) -> str:
         where = repr(self._path) if self._path is not None else "fd"
@@ -553,8 +483,3 @@ class FileRegion(Region):
             f"<FileRegion {perms} {where} mode={self._mode!r} offset={self._offset} "
             f"size={self.size} ({format_size(self.size)}) address=0x{self.address:x}>"
         )
-
-    def __enter__(self) -> FileRegion:
-        if self.closed:
-            raise ValueError(CLOSED)
-        return self

@@ -22,12 +22,12 @@ import errno
 import fcntl
 import os
 import struct
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ._args import integer
 from ._args import size as size_argument
+from ._fdregion import FdRegion, pickle_handle, register_pickling
 from ._fdshare import recv_fds, send_fds
-from ._fdshare import share as share_descriptor
 from ._linux import (
     F_SEAL_NAMES,
     F_SEAL_SEAL,
@@ -63,12 +63,9 @@ from ._mman import (
 )
 from .backings import Backing
 from .exceptions import CLOSED
-from .region import Region
 
 if TYPE_CHECKING:
     import socket
-
-    from numpy.typing import DTypeLike, NDArray
 
 __all__ = ["SharedRegion"]
 
@@ -81,40 +78,16 @@ _FLAG_READONLY = 2
 _FLAG_UNGUARDED = 4  # the sender holds it without the seals require_seal asks for
 
 
-_registered: list[bool] = []
-
-
-def _register_pickling() -> None:
-    """Teach multiprocessing's pickler to pass a SharedRegion by descriptor
-    (done when the first region is made: no region, nothing to pickle)."""
-    if not _registered:
-        from multiprocessing import reduction
-
-        reduction.register(SharedRegion, _reduce)
-        _registered.append(True)
-
-
 def _reduce(region: SharedRegion) -> tuple[Any, tuple[Any, ...]]:
     """multiprocessing's pickling of a region: its descriptor travels, not its
-    bytes: with a process being started, as multiprocessing passes sockets;
-    else (queues, pools) where it is, for the receiver to open through /proc
-    (see _fdshare: the region must stay open until the receiver has it).
+    bytes (see _fdregion.pickle_handle: the region must stay open until the
+    receiver has it).
 
     The receiver requires the seals the sender's file has (see _rebuild)."""
-    from multiprocessing import context, reduction
-
     fd, flags = region.fd, region._flags()
     if missing_seal(fcntl.fcntl(fd, fcntl.F_GET_SEALS), region._page > PAGE_SIZE) is not None:
         flags |= _FLAG_UNGUARDED
-    handle: Any
-    if context.get_spawning_popen() is not None:
-        handle = reduction.DupFd(fd)
-    else:
-        try:
-            readonly = bool(flags & _FLAG_READONLY)
-            handle = share_descriptor(region, fd, readonly=readonly, dup=_shared_dup)
-        except OSError:  # no Unix socket to serve it from: multiprocessing's way
-            handle = reduction.DupFd(fd)
+    handle = pickle_handle(region, readonly=bool(flags & _FLAG_READONLY))
     return _rebuild, (handle, region.size, flags)
 
 
@@ -148,7 +121,7 @@ def _check_socket(sock: object) -> socket.socket:
     return sock
 
 
-class SharedRegion(Region):
+class SharedRegion(FdRegion):
     """Memory shared between processes: a memfd mapped ``MAP_SHARED``.
 
     Made by :meth:`create`, or from a descriptor another process handed over
@@ -169,6 +142,8 @@ class SharedRegion(Region):
     """
 
     __slots__ = ()
+
+    _elsewhere = "to another program, send() it over a Unix socket"
 
     # ------------------------------------------------------------ making
 
@@ -227,7 +202,7 @@ class SharedRegion(Region):
             raise step_error(
                 exc, n, f"create a shared region of {n} bytes", pages.hugetlb
             ) from None
-        _register_pickling()
+        register_pickling(SharedRegion, _reduce)
         return cast(SharedRegion, region)
 
     @classmethod
@@ -371,7 +346,7 @@ class SharedRegion(Region):
         except BaseException:
             region.close()
             raise
-        _register_pickling()
+        register_pickling(SharedRegion, _reduce)
         return cast(SharedRegion, region)
 
     # ------------------------------------------------------------ handing over
@@ -390,26 +365,7 @@ class SharedRegion(Region):
         finally:
             os.close(fd)
 
-    def ndarray(
-        self, dtype: DTypeLike, shape: int | tuple[int, ...], offset: int = 0
-    ) -> NDArray[Any]:
-        """As Region.ndarray(). Inside multiprocessing (Pool, Queue,
-        ProcessPoolExecutor) the array travels by reference: the receiver
-        maps the same pages, and its writes are seen here."""
-        from . import _arraypickle
-
-        array = super().ndarray(dtype, shape, offset)
-        _arraypickle.register()
-        return array
-
     _shares_arrays = True
-
-    def __reduce_ex__(self, protocol: object) -> NoReturn:
-        raise TypeError(
-            "a SharedRegion is pickled only by multiprocessing, which passes its file "
-            "descriptor (pass it to a Process, Pool or Queue of multiprocessing or "
-            "concurrent.futures); to another program, send() it over a Unix socket"
-        )
 
     def _flags(self) -> int:
         flags = _FLAG_THP if self._backing is Backing.THP else 0
@@ -439,12 +395,6 @@ class SharedRegion(Region):
         ("future_write" and "exec" too, for memfds made elsewhere with them)."""
         bits = fcntl.fcntl(self.fd, fcntl.F_GET_SEALS)
         return frozenset(name for name, bit in F_SEAL_NAMES.items() if bits & bit)
-
-    @property
-    def file_size(self) -> int:
-        """The file's size now: larger than ``size`` after another process
-        grew it (``refresh()`` maps it)."""
-        return os.fstat(self.fd).st_size
 
     @property
     def backed_bytes(self) -> int:
@@ -609,26 +559,10 @@ class SharedRegion(Region):
 
     # ------------------------------------------------------------ protection
 
-    def protect(self, perms: int, offset: int = 0, length: int | None = None) -> None:
-        """As Region.protect(); PermissionError when WRITE is asked of a region
-        the kernel maps read-only (``readonly``)."""
-        try:
-            super().protect(perms, offset, length)
-        except PermissionError as exc:
-            raise self._readonly_error(exc) from None
-
-    def make_writable(self, offset: int = 0, length: int | None = None) -> None:
-        """As Region.make_writable(); PermissionError on a read-only region."""
-        try:
-            super().make_writable(offset, length)
-        except PermissionError as exc:
-            raise self._readonly_error(exc) from None
-
-    def _readonly_error(self, exc: PermissionError) -> PermissionError:
-        return PermissionError(
-            exc.errno,
-            f"{exc.strerror}: the region is mapped read-only (readonly=True, or sealed against "
-            "writing), and the kernel refuses it write access",
+    def _readonly_reason(self) -> str:
+        return (
+            "the region is mapped read-only (readonly=True, or sealed against writing), and the "
+            "kernel refuses it write access"
         )
 
     def __repr__(self) -> str:
@@ -640,8 +574,3 @@ class SharedRegion(Region):
             f"<SharedRegion {perms} fd={self.fd} address=0x{self.address:x} size={self.size} "
             f"capacity={self.capacity} seals={seals}>"
         )
-
-    def __enter__(self) -> SharedRegion:
-        if self.closed:
-            raise ValueError(CLOSED)
-        return self

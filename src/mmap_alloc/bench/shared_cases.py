@@ -51,18 +51,17 @@ def _array(buffer: Any, count: int) -> NDArray[Any]:
     return np.frombuffer(buffer, np.float64, count)
 
 
-def region_last(region: SharedRegion, count: int) -> float:
-    """The last value of the float64 array at the start of a region."""
-    value = float(region.ndarray("float64", count)[-1])
+def read_back(array: NDArray[Any], total: bool) -> float:
+    """What a worker reads back of a float64 array: its sum (``total``: every
+    byte read), else its last value."""
+    return float(array.sum() if total else array[-1])
+
+
+def region_read_back(region: SharedRegion, count: int, total: bool) -> float:
+    """``read_back`` of the float64 array at the start of a region."""
+    value = read_back(region.ndarray("float64", count), total)
     region.close()
     return value
-
-
-def region_sum(region: SharedRegion, count: int) -> float:
-    """The sum of the float64 array at the start of a region."""
-    total = float(region.ndarray("float64", count).sum())
-    region.close()
-    return total
 
 
 def _attach_shm(name: str) -> SharedMemory:
@@ -71,34 +70,14 @@ def _attach_shm(name: str) -> SharedMemory:
     return SharedMemory(name=name)
 
 
-def shm_last(name: str, count: int) -> float:
-    """The last value of the float64 array at the start of a SharedMemory segment."""
+def shm_read_back(name: str, count: int, total: bool) -> float:
+    """``read_back`` of the float64 array at the start of a SharedMemory segment."""
     shm = _attach_shm(name)
     array = _array(shm.buf, count)
-    value = float(array[-1])
+    value = read_back(array, total)
     del array
     shm.close()
     return value
-
-
-def shm_sum(name: str, count: int) -> float:
-    """The sum of the float64 array at the start of a SharedMemory segment."""
-    shm = _attach_shm(name)
-    array = _array(shm.buf, count)
-    total = float(array.sum())
-    del array
-    shm.close()
-    return total
-
-
-def array_last(array: NDArray[Any]) -> float:
-    """The last value of an array that came pickled."""
-    return float(array[-1])
-
-
-def array_sum(array: NDArray[Any]) -> float:
-    """The sum of an array that came pickled."""
-    return float(array.sum())
 
 
 # ---------------------------------------------------------------- parent side
@@ -157,24 +136,20 @@ class _Handover:
         return self._array
 
     def variants(self, *, total: bool, pickle: bool) -> tuple[Variant, ...]:
-        on_region, on_shm, on_array = (
-            (region_sum, shm_sum, array_sum) if total else (region_last, shm_last, array_last)
-        )
-
         def ours(n: int) -> None:
             region, pool = self.region(), self.pool
             for _ in range(n):
-                pool.apply(on_region, (region, self.count))
+                pool.apply(region_read_back, (region, self.count, total))
 
         def stdlib(n: int) -> None:
             name, pool = self.shm().name, self.pool
             for _ in range(n):
-                pool.apply(on_shm, (name, self.count))
+                pool.apply(shm_read_back, (name, self.count, total))
 
         def pickled(n: int) -> None:
             array, pool = self.array(), self.pool
             for _ in range(n):
-                pool.apply(on_array, (array,))
+                pool.apply(read_back, (array, total))
                 # the worker frees its copy after it answers, the pool's thread the
                 # pickle after it sends it: wait for both, so that this variant pays
                 # for its own garbage, not the next variant of the round
