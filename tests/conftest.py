@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
-from mmap_alloc import MapAlloc, _mman
+from mmap_alloc import MapAlloc, Perm, Region, _mman
 from mmap_alloc._linux import PAGE_SIZE
 from support import EMULATED
 
@@ -67,3 +67,27 @@ def alloc() -> MapAlloc:
 def page() -> int:
     """The system page size."""
     return PAGE_SIZE
+
+
+# ---------------------------------------------------------------- regions (tests/test_region_*.py)
+# test_protection.py has a ``region`` fixture of its own (four pages).
+
+
+@pytest.fixture
+def region(alloc: MapAlloc) -> Iterator[Region]:
+    """A 10-byte read/write region holding b"0123456789"; freed after the test."""
+    r = alloc.alloc(10)
+    r[:] = b"0123456789"
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def mixed(alloc: MapAlloc, page: int) -> Iterator[Region]:
+    """Four pages: read/write, no access, read-only, read/write; page k filled with k + 1."""
+    region = alloc.alloc(4 * page)
+    region[:] = b"".join(bytes([k + 1]) * page for k in range(4))
+    region.protect(Perm.NONE, page, page)
+    region.protect(Perm.READ, 2 * page, page)
+    yield region
+    region.close()
