@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from mmap_alloc import MapAlloc, Perm, Region, _mman
+from mmap_alloc import MapAlloc, Perm, Region, SecretBuffer, _mman, secret
 from mmap_alloc._linux import PAGE_SIZE
-from support import EMULATED
+from support import EMULATED, Make, missing, needs_guard_install, needs_memfd_secret
 
 if EMULATED:
     # about ten times slower under emulation: hypothesis's 200 ms deadline and
@@ -91,3 +92,33 @@ def mixed(alloc: MapAlloc, page: int) -> Iterator[Region]:
     region.protect(Perm.READ, 2 * page, page)
     yield region
     region.close()
+
+
+# ---------------------------------------------------------------- SecretBuffer
+# For tests/test_secret_*.py.
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("anonymous+madvise", marks=needs_guard_install),
+        "anonymous+mprotect",
+        pytest.param("memfd_secret", marks=needs_memfd_secret),
+    ]
+)
+def make(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Make:
+    """SecretBuffer() for each backend and guard mode this kernel offers."""
+    kind: str = request.param
+    if kind == "anonymous+mprotect":
+        monkeypatch.setattr(secret, "madv_guard_install", missing("madv_guard_install"))
+    backend = "memfd_secret" if kind == "memfd_secret" else "anonymous"
+
+    def new(size: int, **options: Any) -> SecretBuffer:
+        buf = SecretBuffer(size, backend=backend, **options)
+        assert (buf.backend, buf.guard) == {
+            "anonymous+madvise": ("anonymous", "madvise"),
+            "anonymous+mprotect": ("anonymous", "mprotect"),
+            "memfd_secret": ("memfd_secret", "mprotect"),
+        }[kind]
+        return buf
+
+    return new
