@@ -6,23 +6,11 @@ import ctypes
 
 import pytest
 
-from allocator_support import (
-    MiB,
-    R,
-    W,
-    X,
-    allocator_for,
-)
+from allocator_support import MiB, R, W, X, allocator_for
 from mmap_alloc import MapAlloc, Perm
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc.perm import ALL_PERMS
-from support import (
-    RESIDENCY,
-    emulated_skip,
-    kernel_runs,
-    pattern,
-    rss,
-)
+from support import RESIDENCY, emulated_skip, kernel_runs, pattern, rss
 
 # ---------------------------------------------------------------- commit / uncommit
 

@@ -8,18 +8,12 @@ import threading
 
 import pytest
 
-from allocator_support import (
-    MiB,
-    R,
-    W,
-)
+from allocator_support import MiB, R, W
 from machine_code import CALL_REACH, call_near, needs_code
 from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mappings
-from support import (
-    kernel_runs,
-)
+from support import kernel_runs
 
 # ---------------------------------------------------------------- near an address
 

@@ -9,16 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from allocator_support import (
-    BAD_TYPES,
-    NOT_POSITIVE,
-    TOO_LARGE,
-    R,
-    W,
-    X,
-    allocator_for,
-    exec_only,
-)
+from allocator_support import BAD_TYPES, NOT_POSITIVE, TOO_LARGE, R, W, X, allocator_for, exec_only
 from mmap_alloc import AllocError, CannotReallocInPlace, MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE as P
 from support import (

@@ -17,10 +17,7 @@ import pytest
 from mmap_alloc import AllocError, MapAlloc, Perm, Region
 from mmap_alloc._linux import ADVICE
 from mmap_alloc._linux import PAGE_SIZE as P
-from region_support import (
-    MiB,
-    R,
-)
+from region_support import MiB, R
 from support import (
     EMULATED,
     FILLS_THE_MAP_COUNT,

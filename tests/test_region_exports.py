@@ -12,18 +12,8 @@ import pytest
 
 from mmap_alloc import MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE as P
-from region_support import (
-    Index,
-    R,
-    W,
-    X,
-    allocator_for,
-)
-from support import (
-    SIGSEGV,
-    pattern,
-    run_in_child,
-)
+from region_support import Index, R, W, X, allocator_for
+from support import SIGSEGV, pattern, run_in_child
 
 # ---------------------------------------------------------------- buffer protocol
 

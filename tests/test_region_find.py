@@ -9,12 +9,7 @@ import pytest
 
 from mmap_alloc import MapAlloc, Region
 from mmap_alloc._linux import PAGE_SIZE as P
-from region_support import (
-    Index,
-    MiB,
-    bytearray_error,
-    region_error,
-)
+from region_support import Index, MiB, bytearray_error, region_error
 
 # ---------------------------------------------------------------- in, find, rfind
 

@@ -15,15 +15,7 @@ from hypothesis import strategies as st
 
 from mmap_alloc import MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE as P
-from region_support import (
-    Index,
-    MiB,
-    R,
-    W,
-    bytearray_error,
-    outcome,
-    region_error,
-)
+from region_support import Index, MiB, R, W, bytearray_error, outcome, region_error
 
 # ---------------------------------------------------------------- indexing like bytearray
 

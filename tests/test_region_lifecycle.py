@@ -16,13 +16,7 @@ import pytest
 
 from mmap_alloc import MapAlloc, Perm, Region, _mman
 from mmap_alloc._linux import PAGE_SIZE as P
-from region_support import (
-    R,
-    W,
-    X,
-    allocator_for,
-    closed_region,
-)
+from region_support import R, W, X, allocator_for, closed_region
 
 # ---------------------------------------------------------------- attributes
 

@@ -11,12 +11,7 @@ import pytest
 from mmap_alloc import MapAlloc, Perm, Region
 from mmap_alloc._linux import MADV_GUARD_INSTALL
 from mmap_alloc._linux import PAGE_SIZE as P
-from region_support import (
-    R,
-    W,
-    X,
-    allocator_for,
-)
+from region_support import R, W, X, allocator_for
 
 # ---------------------------------------------------------------- page protections
 

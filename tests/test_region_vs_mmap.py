@@ -13,16 +13,8 @@ import pytest
 
 from mmap_alloc import MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE as P
-from region_support import (
-    Index,
-    outcome,
-)
-from support import (
-    SIGSEGV,
-    emulated_skip,
-    ignored_advice,
-    run_in_child,
-)
+from region_support import Index, outcome
+from support import SIGSEGV, emulated_skip, ignored_advice, run_in_child
 
 # ---------------------------------------------------------------- Region against mmap.mmap
 # One test per row of the table in docs/region.md; where the behaviour is the

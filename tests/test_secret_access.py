@@ -10,15 +10,8 @@ import pickle
 
 import pytest
 
-from mmap_alloc import (
-    Perm,
-    SecretBuffer,
-)
-from support import (
-    Make,
-    kernel_access,
-    run_forked,
-)
+from mmap_alloc import Perm, SecretBuffer
+from support import Make, kernel_access, run_forked
 
 # ---------------------------------------------------------------- access
 

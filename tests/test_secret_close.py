@@ -14,18 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from mmap_alloc import (
-    SecretBuffer,
-    _mman,
-    secret,
-)
+from mmap_alloc import SecretBuffer, _mman, secret
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mapping_count
-from support import (
-    HAS_MEMFD_SECRET,
-    Make,
-    status_kib,
-)
+from support import HAS_MEMFD_SECRET, Make, status_kib
 
 # ---------------------------------------------------------------- close
 

@@ -14,14 +14,7 @@ from typing import Any
 
 import pytest
 
-from mmap_alloc import (
-    AllocError,
-    MapAllocError,
-    MemoryCorruptionError,
-    SecretBuffer,
-    _mman,
-    secret,
-)
+from mmap_alloc import AllocError, MapAllocError, MemoryCorruptionError, SecretBuffer, _mman, secret
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mappings
 from support import (

@@ -11,15 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
-from mmap_alloc import (
-    SecretBuffer,
-)
-from support import (
-    ACCESS_PERMS,
-    Make,
-    kernel_access,
-    run_forked,
-)
+from mmap_alloc import SecretBuffer
+from support import ACCESS_PERMS, Make, kernel_access, run_forked
 
 # ---------------------------------------------------------------- re-entrancy
 
