@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from mmap_alloc import MapAlloc, Perm, Region, SecretBuffer, _mman, secret
+from mmap_alloc import MapAlloc, ObjectPool, Perm, Region, SecretBuffer, _mman, secret
 from mmap_alloc._linux import PAGE_SIZE
 from support import EMULATED, Make, missing, needs_guard_install, needs_memfd_secret
 
@@ -122,3 +122,13 @@ def make(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Mak
         return buf
 
     return new
+
+
+# ---------------------------------------------------------------- ObjectPool
+# For tests/test_pool_*.py.
+
+
+@pytest.fixture
+def pool() -> Iterator[ObjectPool]:
+    with ObjectPool(64) as p:
+        yield p
