@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from mmap_alloc import MapAlloc, ObjectPool, Perm, Region, SecretBuffer, _mman, secret
+from mmap_alloc import CodeHeap, MapAlloc, ObjectPool, Perm, Region, SecretBuffer, _mman, secret
 from mmap_alloc._linux import PAGE_SIZE
 from support import EMULATED, Make, missing, needs_guard_install, needs_memfd_secret
 
@@ -132,3 +132,20 @@ def make(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Mak
 def pool() -> Iterator[ObjectPool]:
     with ObjectPool(64) as p:
         yield p
+
+
+# ---------------------------------------------------------------- CodeHeap
+# For tests/test_jit_*.py.
+
+
+@pytest.fixture
+def heap() -> Iterator[CodeHeap]:
+    from jit_support import SMALL  # here: test_conftest.py runs this file with support.py only
+
+    heap = CodeHeap(SMALL)
+    yield heap
+    try:
+        heap.close()
+    except BufferError:  # a function held by a failed test's traceback
+        gc.collect()
+        heap.close()
