@@ -71,7 +71,7 @@ def page() -> int:
 
 
 # ---------------------------------------------------------------- regions (tests/test_region_*.py)
-# test_protection.py has a ``region`` fixture of its own (four pages).
+# test_protection_protect.py has a ``region`` fixture of its own (four pages).
 
 
 @pytest.fixture
