@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, settings
 
 from mmap_alloc import CodeHeap, MapAlloc, ObjectPool, Perm, Region, SecretBuffer, _mman, secret
 from mmap_alloc._linux import PAGE_SIZE
-from support import EMULATED, Make, missing, needs_guard_install, needs_memfd_secret
+from secret_support import Make, missing, needs_guard_install, needs_memfd_secret
+from support import EMULATED
 
 if EMULATED:
     # about ten times slower under emulation: hypothesis's 200 ms deadline and

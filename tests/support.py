@@ -11,8 +11,7 @@ forks and fails with the child's traceback, signal or hang;
 threads, map count exhaustion) and returns the function's JSON result.
 Emulation: ``EMULATED``, ``emulated_skip(effect)`` (a decorator) and
 ``skip_if_emulated(effect)`` (inside a test) for kernel effects that an
-emulator answers itself. SecretBuffer's backends: ``needs_memfd_secret``,
-``needs_guard_install``, ``kernel_access`` (tests/test_secret_*.py).
+emulator answers itself.
 """
 
 from __future__ import annotations
@@ -35,9 +34,8 @@ from typing import Any
 
 import pytest
 
-from mmap_alloc import MapAlloc, Perm, Region, SecretBuffer, features
+from mmap_alloc import MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE, mappings
-from mmap_alloc.features import Feature
 
 # ---------------------------------------------------------------- emulation
 
@@ -507,31 +505,3 @@ def wait_child(pid: int, timeout: float = 30.0) -> int:
         time.sleep(0.005)
     os.kill(pid, signal.SIGKILL)
     return os.waitpid(pid, 0)[1]
-
-
-# ---------------------------------------------------------------- SecretBuffer
-# For tests/test_secret_*.py; the ``make`` fixture (a SecretBuffer of each
-# backend) is in conftest.py.
-
-HAS_MEMFD_SECRET = features.memfd_secret().available
-HAS_GUARD_INSTALL = features.madv_guard_install().available
-needs_memfd_secret = pytest.mark.skipif(
-    not HAS_MEMFD_SECRET, reason=f"memfd_secret: {features.memfd_secret().detail}"
-)
-needs_guard_install = pytest.mark.skipif(
-    not HAS_GUARD_INSTALL, reason=f"MADV_GUARD_INSTALL: {features.madv_guard_install().detail}"
-)
-
-Make = Callable[..., SecretBuffer]
-
-
-def missing(name: str) -> Callable[[], Feature]:
-    return lambda: Feature(name, False, "missing for this test")
-
-
-def kernel_access(buf: SecretBuffer) -> Perm | None:
-    """What /proc/self/maps says the secret pages allow."""
-    return perms_at(buf._mapping[2])
-
-
-ACCESS_PERMS = {"none": Perm.NONE, "read": Perm.READ, "readwrite": Perm.READ | Perm.WRITE}

@@ -11,7 +11,8 @@ import pickle
 import pytest
 
 from mmap_alloc import Perm, SecretBuffer
-from support import Make, kernel_access, run_forked
+from secret_support import Make, kernel_access
+from support import run_forked
 
 # ---------------------------------------------------------------- access
 

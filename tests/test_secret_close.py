@@ -17,7 +17,8 @@ import pytest
 from mmap_alloc import SecretBuffer, _mman, secret
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mapping_count
-from support import HAS_MEMFD_SECRET, Make, status_kib
+from secret_support import HAS_MEMFD_SECRET, Make
+from support import status_kib
 
 # ---------------------------------------------------------------- close
 

@@ -25,17 +25,15 @@ from mmap_alloc import (
 )
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mapping_count, max_map_count
-from support import (
+from secret_support import (
     ACCESS_PERMS,
-    FILLS_THE_MAP_COUNT,
     HAS_GUARD_INSTALL,
     Make,
     kernel_access,
     missing,
     needs_memfd_secret,
-    perms_at,
-    run_forked,
 )
+from support import FILLS_THE_MAP_COUNT, perms_at, run_forked
 
 # ---------------------------------------------------------------- creation
 

@@ -17,12 +17,11 @@ import pytest
 from mmap_alloc import AllocError, MapAllocError, MemoryCorruptionError, SecretBuffer, _mman, secret
 from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc._linux import mappings
+from secret_support import Make, needs_memfd_secret
 from support import (
     SIGSEGV,
-    Make,
     emulated_skip,
     ignored_advice,
-    needs_memfd_secret,
     run_forked,
     run_in_child,
     skip_if_emulated,

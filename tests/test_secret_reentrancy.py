@@ -12,7 +12,8 @@ from collections.abc import Callable
 import pytest
 
 from mmap_alloc import SecretBuffer
-from support import ACCESS_PERMS, Make, kernel_access, run_forked
+from secret_support import ACCESS_PERMS, Make, kernel_access
+from support import run_forked
 
 # ---------------------------------------------------------------- re-entrancy
 
