@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from mmap_alloc import MapAlloc, _mman
+from mmap_alloc import CodeHeap, MapAlloc, ObjectPool, Perm, Region, SecretBuffer, _mman, secret
 from mmap_alloc._linux import PAGE_SIZE
+from secret_support import Make, missing, needs_guard_install, needs_memfd_secret
 from support import EMULATED
 
 if EMULATED:
@@ -67,3 +69,84 @@ def alloc() -> MapAlloc:
 def page() -> int:
     """The system page size."""
     return PAGE_SIZE
+
+
+# ---------------------------------------------------------------- regions (tests/test_region_*.py)
+# test_protection_protect.py has a ``region`` fixture of its own (four pages).
+
+
+@pytest.fixture
+def region(alloc: MapAlloc) -> Iterator[Region]:
+    """A 10-byte read/write region holding b"0123456789"; freed after the test."""
+    r = alloc.alloc(10)
+    r[:] = b"0123456789"
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def mixed(alloc: MapAlloc, page: int) -> Iterator[Region]:
+    """Four pages: read/write, no access, read-only, read/write; page k filled with k + 1."""
+    region = alloc.alloc(4 * page)
+    region[:] = b"".join(bytes([k + 1]) * page for k in range(4))
+    region.protect(Perm.NONE, page, page)
+    region.protect(Perm.READ, 2 * page, page)
+    yield region
+    region.close()
+
+
+# ---------------------------------------------------------------- SecretBuffer
+# For tests/test_secret_*.py.
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("anonymous+madvise", marks=needs_guard_install),
+        "anonymous+mprotect",
+        pytest.param("memfd_secret", marks=needs_memfd_secret),
+    ]
+)
+def make(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Make:
+    """SecretBuffer() for each backend and guard mode this kernel offers."""
+    kind: str = request.param
+    if kind == "anonymous+mprotect":
+        monkeypatch.setattr(secret, "madv_guard_install", missing("madv_guard_install"))
+    backend = "memfd_secret" if kind == "memfd_secret" else "anonymous"
+
+    def new(size: int, **options: Any) -> SecretBuffer:
+        buf = SecretBuffer(size, backend=backend, **options)
+        assert (buf.backend, buf.guard) == {
+            "anonymous+madvise": ("anonymous", "madvise"),
+            "anonymous+mprotect": ("anonymous", "mprotect"),
+            "memfd_secret": ("memfd_secret", "mprotect"),
+        }[kind]
+        return buf
+
+    return new
+
+
+# ---------------------------------------------------------------- ObjectPool
+# For tests/test_pool_*.py.
+
+
+@pytest.fixture
+def pool() -> Iterator[ObjectPool]:
+    with ObjectPool(64) as p:
+        yield p
+
+
+# ---------------------------------------------------------------- CodeHeap
+# For tests/test_jit_*.py.
+
+
+@pytest.fixture
+def heap() -> Iterator[CodeHeap]:
+    from jit_support import SMALL  # here: test_conftest.py runs this file with support.py only
+
+    heap = CodeHeap(SMALL)
+    yield heap
+    try:
+        heap.close()
+    except BufferError:  # a function held by a failed test's traceback
+        gc.collect()
+        heap.close()

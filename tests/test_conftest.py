@@ -34,7 +34,11 @@ def test_leaks_through_a_reference_cycle_only_until_collected():
 def test_the_leak_fixture_fails_exactly_the_leaking_tests(pytester: pytest.Pytester) -> None:
     here = Path(__file__).parent
     pytester.makeconftest((here / "conftest.py").read_text())
-    pytester.makepyfile(support=(here / "support.py").read_text(), test_leaky=LEAKY_TESTS)
+    pytester.makepyfile(
+        support=(here / "support.py").read_text(),
+        secret_support=(here / "secret_support.py").read_text(),  # the conftest imports it
+        test_leaky=LEAKY_TESTS,
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=4, errors=2)
     result.stdout.fnmatch_lines(

@@ -1,7 +1,7 @@
 """The pool under interrupts: a signal handler that runs as a free returns,
 and Ctrl-C in a long alloc_many.
 
-The first uses the world and the model of test_reliability_interrupts.py: it
+The first uses the world and the model of interrupts_world.py: it
 runs a handler at exactly the point where the long random-signals run found
 "the pool handed out a live address again", which was the model's fault
 (it counted the freed objects as live until after the call).
@@ -17,10 +17,7 @@ from typing import Any
 
 import pytest
 
-from mmap_alloc import ObjectPool, _mman
-from mmap_alloc._linux import PAGE_SIZE
-from support import run_forked
-from test_reliability_interrupts import (
+from interrupts_world import (
     OPERATIONS,
     World,
     call,
@@ -29,6 +26,9 @@ from test_reliability_interrupts import (
     reenter,
     teardown,
 )
+from mmap_alloc import ObjectPool, _mman
+from mmap_alloc._linux import PAGE_SIZE
+from support import run_forked
 
 PAGE = PAGE_SIZE
 

@@ -1,49 +1,20 @@
-"""Interrupt everywhere: Python code that runs in the middle of a library call.
-
-A signal handler, a finalizer run by the garbage collector, a trace or profile
-hook, an atexit handler or a KeyboardInterrupt can run Python code on the
-same thread at any bytecode of the library's Python layer, and at any
-allocation of a garbage-collected object in its C layer. No lock stops that;
-what keeps the interpreter alive is the rule that every change of
-memory-safety state is one C call. This module checks the rule from the
-outside:
-
-- for every public operation, its Python-level path through the library is
-  traced (``sys.settrace``) and, at every line of library code on it, either a
-  KeyboardInterrupt is raised there, or each other public operation is run
-  there on the same objects (as a signal handler or a finalizer would);
-- every operation also runs with the collector forced to run at every
-  allocation point inside the C layer, with a ``gc.callbacks`` hook that runs
-  other operations during those collections;
-
-and after each run: nothing crashed, every open region's record of page
-protections equals /proc/self/maps, its export and pin counts equal the
-buffers and functions alive, the pool handed out no address twice, and once
-everything is freed no byte stays mapped. Each operation's runs happen in a
-forked child, so a crash fails one test and names it.
-
-The randomised form (SIGALRM at random moments, handlers calling the API) is
-``test_random_signals_*``; its long form runs under ``-m stress``.
-"""
+"""The world of the interrupt harness (test_reliability_interrupts_*.py,
+test_reliability_pool_interrupts.py): the objects every operation works on,
+the operations (``op_*``, each one public call), and the checks of every
+promise after a run."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
 import os
-import random
 import shutil
-import signal
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
-
-import pytest
 
 import mmap_alloc
 from machine_code import RET
@@ -62,20 +33,13 @@ from mmap_alloc import (
     _mman,
 )
 from mmap_alloc._linux import PAGE_SIZE
-from support import (
-    HOST_MAPS,
-    TOO_SLOW,
-    emulated_skip,
-    page_perms,
-    read_maps,
-    run_forked,
-    skip_if_emulated,
-)
+from support import page_perms, read_maps
 
 try:
     import numpy
 except ImportError:  # numpy is optional: no array exports then
     numpy = None  # type: ignore[assignment]
+
 
 PAGE = PAGE_SIZE
 R, W, X = Perm.READ, Perm.WRITE, Perm.EXEC
@@ -613,6 +577,9 @@ def reenter(world: World, name: str) -> None:
         attempt(OPERATIONS[name], world)
 
 
+NAMES = sorted(OPERATIONS)
+
+
 # ---------------------------------------------------------------- the checks
 
 
@@ -678,60 +645,6 @@ def check_cache(world: World, vmas: list[Any]) -> None:
         assert not any(byte & 1 for byte in _mman.residency(address, capacity)), "pages kept"
 
 
-# ---------------------------------------------------------------- injection
-
-
-class Injector:
-    """A trace function that records the distinct lines of library code run,
-    in the order first reached, and runs ``action`` when the ``at``-th of them
-    (counting from 1) is first reached. A line run again (a loop) is the same
-    point of the path: it is not injected twice."""
-
-    def __init__(self, at: int = 0, action: Callable[[], None] | None = None) -> None:
-        self.at = at
-        self.action = action
-        self.lines: dict[tuple[str, int], None] = {}
-
-    @property
-    def count(self) -> int:
-        return len(self.lines)
-
-    def __call__(self, frame: FrameType, event: str, arg: object) -> Any:
-        if not frame.f_code.co_filename.startswith(LIBRARY):
-            return None
-        return self.line
-
-    def line(self, frame: FrameType, event: str, arg: object) -> Any:
-        if event == "line":
-            key = (frame.f_code.co_filename, frame.f_lineno)
-            if key not in self.lines:
-                self.lines[key] = None
-                if len(self.lines) == self.at and self.action is not None:
-                    self.action()  # a raise here surfaces in the traced frame
-        return self.line
-
-
-@contextmanager
-def traced(injector: Injector) -> Iterator[Injector]:
-    previous = sys.gettrace()
-    sys.settrace(injector)
-    try:
-        yield injector
-    finally:
-        sys.settrace(previous)
-
-
-def library_lines(name: str) -> int:
-    """How many lines of library code ``name`` runs on a fresh world."""
-    world = make_world()
-    try:
-        with traced(Injector()) as injector:
-            attempt(OPERATIONS[name], world)
-        return injector.count
-    finally:
-        teardown(world)
-
-
 def freeze_the_runner() -> None:
     """In a forked child, before its runs: the objects alive now (the test
     runner's, hundreds of thousands) are left out of every later collection;
@@ -741,220 +654,3 @@ def freeze_the_runner() -> None:
     there took about ten times as long as on 3.13 (issue 27)."""
     gc.collect()
     gc.freeze()
-
-
-def interrupt_everywhere(name: str, others: list[str]) -> dict[str, int]:
-    """The checks after ``name`` with a KeyboardInterrupt, then each operation
-    of ``others``, injected at every line of library code it runs."""
-    freeze_the_runner()
-    start = _mman.mapped_bytes()
-    lines = library_lines(name)
-    runs = 0
-    actions: list[str | None] = [None, *others]  # None: a KeyboardInterrupt
-    for at in range(1, lines + 1):
-        for other in actions:
-            world = make_world()
-
-            def act(world: World = world, other: str | None = other) -> None:
-                if other is None:
-                    raise KeyboardInterrupt
-                reenter(world, other)
-
-            try:
-                with traced(Injector(at, act)):
-                    attempt(OPERATIONS[name], world)
-            except KeyboardInterrupt:
-                pass
-            check(world)
-            teardown(world)
-            runs += 1
-    gc.collect()
-    assert _mman.mapped_bytes() == start, "a mapping leaked"
-    print({"operation": name, "lines": lines, "runs": runs}, flush=True)  # shown with -s
-    return {"lines": lines, "runs": runs}
-
-
-def collect_everywhere(name: str, others: list[str]) -> None:
-    """``name`` with a collection at every allocation of the C layer (the
-    threshold at 1), each collection running the next of ``others``."""
-    freeze_the_runner()
-    start = _mman.mapped_bytes()
-    for other in others:
-        world = make_world()
-        fired = [0]
-
-        def callback(
-            phase: str,
-            info: dict[str, int],
-            world: World = world,
-            other: str = other,
-            fired: list[int] = fired,
-        ) -> None:
-            if phase == "start" and fired[0] < 3 and world.inside == 1:
-                fired[0] += 1
-                reenter(world, other)
-
-        thresholds = gc.get_threshold()
-        gc.callbacks.append(callback)
-        gc.set_threshold(1, 1, 1)
-        try:
-            attempt(OPERATIONS[name], world)
-        finally:
-            gc.set_threshold(*thresholds)
-            gc.callbacks.remove(callback)
-        check(world)
-        teardown(world)
-    gc.collect()
-    assert _mman.mapped_bytes() == start, "a mapping leaked"
-
-
-# ---------------------------------------------------------------- the tests
-
-NAMES = sorted(OPERATIONS)
-SHORT_OTHERS = [
-    "cache_alloc",
-    "cache_dealloc",
-    "cache_trim",
-    "close",
-    "code_close",
-    "code_free",
-    "dealloc",
-    "drop_function",
-    "file_close",
-    "file_resize_shrink",
-    "file_truncated",
-    "memoryview",
-    "pool_alloc_many",
-    "pool_close",
-    "protect_none",
-    "protect_part",
-    "realloc_grow",
-    "realloc_mixed",
-    "release",
-    "secret_close",
-    "secret_noaccess",
-    "shared_close",
-    "shared_resize_shrink",
-    "shrink_in_place",
-    "uncommit",
-]
-"""The operations injected by the normal run: those that change the state
-others depend on (the long form injects every operation)."""
-
-
-def _others(full: bool) -> list[str]:
-    return NAMES if full or os.environ.get("MMAP_ALLOC_INTERRUPTS_FULL") else SHORT_OTHERS
-
-
-def skip_if_emulated_case(name: str, every_line: bool) -> None:
-    """Under emulation: a code block made writable has r-x and rw- pages, which
-    /proc/self/maps does not tell apart there; stats at every line is too slow."""
-    if name == "writable_block":
-        skip_if_emulated(HOST_MAPS)
-    elif name == "stats" and every_line:
-        skip_if_emulated(TOO_SLOW)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_interrupt_or_reenter_at_every_line(name: str) -> None:
-    skip_if_emulated_case(name, every_line=True)
-    # the slowest (stats: 86 lines x 20 runs) takes 100-240 s on a busy 2-core VM
-    run_forked(interrupt_everywhere, name, _others(False), timeout=900)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_collect_at_every_allocation(name: str) -> None:
-    skip_if_emulated_case(name, every_line=False)
-    run_forked(collect_everywhere, name, _others(False), timeout=900)
-
-
-@pytest.mark.stress
-@pytest.mark.parametrize("name", NAMES)
-def test_interrupt_or_reenter_at_every_line_with_every_operation(name: str) -> None:
-    run_forked(interrupt_everywhere, name, _others(True), timeout=1800)
-
-
-def test_the_harness_reaches_library_code() -> None:
-    """The tracer sees the Python layer (a harness that saw nothing would pass anything)."""
-    assert library_lines("realloc_grow") > 3
-    assert library_lines("writable_block") > 3
-    assert library_lines("stats") > 10
-
-
-def test_the_harness_catches_a_broken_invariant() -> None:
-    """An export the world does not know of is reported."""
-    world = make_world()
-    try:
-        extra = memoryview(world.region(0))  # an export the world does not know of
-        with pytest.raises(AssertionError, match="exports"):
-            check(world)
-        extra.release()
-    finally:
-        teardown(world)
-
-
-# ---------------------------------------------------------------- random signals
-
-
-def random_signals(seconds: float, seed: int) -> dict[str, int]:
-    """Run random operations while SIGALRM fires at random moments, its handler
-    running random operations too; check every promise as it goes."""
-    rnd = random.Random(seed)
-    counts = {"operations": 0, "signals": 0, "inside": 0, "checks": 0}
-    freeze_the_runner()
-    start = _mman.mapped_bytes()
-    world = make_world()
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        counts["signals"] += 1
-        if world.inside == 1:
-            counts["inside"] += 1
-            reenter(world, rnd.choice(NAMES))
-        signal.setitimer(signal.ITIMER_REAL, rnd.uniform(1e-5, 3e-4))
-
-    previous = signal.signal(signal.SIGALRM, handler)
-    deadline = _now() + seconds
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 1e-4)
-        while _now() < deadline:
-            try:
-                attempt(OPERATIONS[rnd.choice(NAMES)], world)
-                counts["operations"] += 1
-                if counts["operations"] % 50 == 0:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-                    check(world)
-                    counts["checks"] += 1
-                    if rnd.random() < 0.3:  # a fresh world now and then
-                        teardown(world)
-                        world = make_world()
-                    signal.setitimer(signal.ITIMER_REAL, 1e-4)
-            except KeyboardInterrupt:
-                pass
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, signal.SIG_IGN)  # an alarm already on its way is dropped
-        signal.signal(signal.SIGALRM, previous)
-    check(world)
-    teardown(world)
-    gc.collect()
-    assert _mman.mapped_bytes() == start, "a mapping leaked"
-    print(counts, flush=True)  # shown with -s
-    return counts
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()
-
-
-@emulated_skip(HOST_MAPS)  # its world has code blocks: r-x pages next to r-- ones
-def test_random_signals_keep_every_promise() -> None:
-    run_forked(random_signals, 5.0, 1, timeout=120)
-
-
-@pytest.mark.stress
-@emulated_skip(HOST_MAPS)
-def test_random_signals_keep_every_promise_long() -> None:
-    seconds = float(os.environ.get("MMAP_ALLOC_SIGNALS_SECONDS", "300"))
-    run_forked(random_signals, seconds, 2, timeout=seconds + 300)

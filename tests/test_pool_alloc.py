@@ -1,0 +1,388 @@
+"""ObjectPool: fixed-size objects carved from mapped slabs.
+
+Its layout, alloc and free, bad input, closing, and the README's example."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmap_alloc import ObjectPool, PoolStats, _mman
+from mmap_alloc._linux import PAGE_SIZE
+from pool_support import MiB, pattern, read, write
+
+try:
+    import numpy
+
+    HAVE_NUMPY = True
+except ImportError:  # pragma: no cover
+    HAVE_NUMPY = False
+
+
+# ---------------------------------------------------------------- layout
+
+
+def test_objects_are_aligned_to_16_by_default() -> None:
+    with ObjectPool(24) as pool:
+        assert pool.align == 16
+        assert pool.stride == 32
+        assert all(a % 16 == 0 for a in pool.alloc_many(100))
+
+
+@pytest.mark.parametrize("align", [1, 2, 8, 64, 256, PAGE_SIZE])
+def test_objects_are_aligned_to_align(align: int) -> None:
+    with ObjectPool(10, align=align) as pool:
+        addresses = pool.alloc_many(50)
+        assert all(a % align == 0 for a in addresses)
+        assert pool.stride == -(-10 // align) * align
+
+
+def test_stride_is_obj_size_rounded_up_to_align() -> None:
+    with ObjectPool(100, align=32) as pool:
+        a, b = sorted(pool.alloc_many(2))
+        assert pool.stride == 128
+        assert b - a == 128
+
+
+def test_slab_size_rounds_up_to_whole_pages() -> None:
+    with ObjectPool(64, slab_size=PAGE_SIZE + 1) as pool:
+        assert pool.slab_size == 2 * PAGE_SIZE
+
+
+def test_default_slab_holds_at_least_64_objects() -> None:
+    with ObjectPool(100_000) as pool:
+        assert pool.slab_size // pool.stride >= 64
+        assert pool.slab_size % PAGE_SIZE == 0
+
+
+def test_default_slab_of_large_objects_stays_under_64_mib() -> None:
+    with ObjectPool(5 * MiB) as pool:
+        assert pool.slab_size // pool.stride == 12
+        assert pool.slab_size - 12 * pool.stride < PAGE_SIZE
+    with ObjectPool(100 * MiB) as pool:
+        assert pool.slab_size == 100 * MiB
+
+
+def test_objects_larger_than_a_page_work() -> None:
+    with ObjectPool(3 * PAGE_SIZE + 5, slab_size=4 * PAGE_SIZE) as pool:
+        a = pool.alloc()
+        write(a, pattern(1, pool.obj_size))
+        assert read(a, pool.obj_size) == pattern(1, pool.obj_size)
+        pool.free(a)
+
+
+# ---------------------------------------------------------------- alloc and free
+
+
+def test_alloc_returns_distinct_live_addresses(pool: ObjectPool) -> None:
+    addresses = [pool.alloc() for _ in range(1000)]
+    assert len(set(addresses)) == 1000
+    assert len(pool) == 1000
+    assert all(a in pool for a in addresses)
+
+
+def test_free_makes_the_address_not_live(pool: ObjectPool) -> None:
+    a = pool.alloc()
+    pool.free(a)
+    assert a not in pool
+    assert len(pool) == 0
+
+
+def test_freed_object_is_reused(pool: ObjectPool) -> None:
+    a = pool.alloc()
+    pool.free(a)
+    assert pool.alloc() == a
+
+
+def test_objects_hold_what_is_written(pool: ObjectPool) -> None:
+    addresses = pool.alloc_many(500)
+    for i, a in enumerate(addresses):
+        write(a, pattern(i, 64))
+    assert all(read(a, 64) == pattern(i, 64) for i, a in enumerate(addresses))
+
+
+def test_alloc_zeroed_zeroes_a_reused_object(pool: ObjectPool) -> None:
+    a = pool.alloc()
+    write(a, b"\xff" * 64)
+    pool.free(a)
+    b = pool.alloc_zeroed()
+    assert b == a
+    assert read(b, 64) == bytes(64)
+
+
+def test_alloc_zeroed_of_fresh_memory_is_zero(pool: ObjectPool) -> None:
+    assert all(read(a, 64) == bytes(64) for a in (pool.alloc_zeroed() for _ in range(100)))
+
+
+def test_alloc_many_returns_n_live_objects_across_slabs() -> None:
+    with ObjectPool(64, slab_size=16 * PAGE_SIZE) as pool:  # 1024 objects per slab
+        addresses = pool.alloc_many(3000)
+        assert len(pool) == 3000
+        assert len(set(addresses)) == 3000
+        assert pool.stats().slabs == 3
+
+
+def test_alloc_many_of_zero_is_empty(pool: ObjectPool) -> None:
+    assert pool.alloc_many(0) == []
+
+
+def test_free_many_frees_all(pool: ObjectPool) -> None:
+    addresses = pool.alloc_many(1000)
+    pool.free_many(addresses[:600])
+    assert len(pool) == 400
+    pool.free_many(iter(addresses[600:]))
+    assert len(pool) == 0
+
+
+def test_objects_do_not_overlap_across_slabs() -> None:
+    with ObjectPool(100, slab_size=PAGE_SIZE) as pool:
+        addresses = sorted(pool.alloc_many(500))
+        assert all(b - a >= 100 for a, b in itertools.pairwise(addresses))
+        assert pool.stats().slabs == -(-500 // (PAGE_SIZE // 112))
+
+
+def test_contains_is_false_for_other_things(pool: ObjectPool) -> None:
+    a = pool.alloc()
+    assert a + 1 not in pool
+    assert a + 64 not in pool
+    assert -1 not in pool
+    assert 2**80 not in pool
+    assert "x" not in pool
+    assert None not in pool
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _snapshot(pool: ObjectPool, live: list[int]) -> tuple[int, PoolStats, list[bool]]:
+    return len(pool), pool.stats(), [a in pool for a in live]
+
+
+def test_double_free_raises_and_changes_nothing(pool: ObjectPool) -> None:
+    live = pool.alloc_many(3)
+    a = pool.alloc()
+    pool.free(a)
+    before = _snapshot(pool, live)
+    with pytest.raises(ValueError, match="not allocated"):
+        pool.free(a)
+    assert _snapshot(pool, live) == before
+    assert pool.alloc() == a
+
+
+@pytest.mark.parametrize("bad", [0, 1, -1, 2**64, 2**200, 4096])
+def test_free_of_a_foreign_integer_raises(pool: ObjectPool, bad: int) -> None:
+    live = pool.alloc_many(3)
+    before = _snapshot(pool, live)
+    with pytest.raises(ValueError, match="not an object of this pool"):
+        pool.free(bad)
+    assert _snapshot(pool, live) == before
+
+
+def test_free_of_an_address_of_another_pool_raises(pool: ObjectPool) -> None:
+    with ObjectPool(64) as other:
+        a = other.alloc()
+        with pytest.raises(ValueError, match="not an object of this pool"):
+            pool.free(a)
+        assert a in other
+
+
+def test_free_of_an_address_inside_an_object_raises(pool: ObjectPool) -> None:
+    a = pool.alloc()
+    for inside in (a + 1, a + 63):
+        with pytest.raises(ValueError, match="inside an object"):
+            pool.free(inside)
+    assert a in pool
+    assert len(pool) == 1
+
+
+def test_free_of_an_address_past_the_last_object_of_a_slab_raises() -> None:
+    with ObjectPool(1000, align=8, slab_size=PAGE_SIZE) as pool:  # 4 objects, 96 bytes of tail
+        a = pool.alloc()
+        with pytest.raises(ValueError, match="not an object of this pool"):
+            pool.free(a + 4 * 1000)
+
+
+@pytest.mark.parametrize("bad", ["1", 1.0, None, b"x"])
+def test_free_of_a_non_integer_raises_type_error(pool: ObjectPool, bad: object) -> None:
+    pool.alloc()
+    with pytest.raises(TypeError, match="address must be an integer"):
+        pool.free(bad)  # type: ignore[arg-type]
+    assert len(pool) == 1
+
+
+@pytest.mark.skipif(not HAVE_NUMPY, reason="needs numpy")
+def test_free_accepts_integer_like_objects(pool: ObjectPool) -> None:
+    a = pool.alloc()
+    pool.free(numpy.uint64(a))  # type: ignore[arg-type]
+    assert len(pool) == 0
+
+
+def test_free_many_with_one_bad_address_frees_none(pool: ObjectPool) -> None:
+    live = pool.alloc_many(10)
+    for bad in (live[-1] + 1, 12345, -5):
+        with pytest.raises(ValueError):
+            pool.free_many([*live[:5], bad, *live[5:]])
+        assert all(a in pool for a in live)
+        assert len(pool) == 10
+
+
+def test_free_many_with_a_duplicate_frees_none(pool: ObjectPool) -> None:
+    live = pool.alloc_many(10)
+    with pytest.raises(ValueError, match="not allocated"):
+        pool.free_many([*live, live[3]])
+    assert all(a in pool for a in live)
+
+
+def test_free_many_of_a_non_integer_frees_none(pool: ObjectPool) -> None:
+    live = pool.alloc_many(3)
+    with pytest.raises(TypeError):
+        pool.free_many([live[0], "x"])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        pool.free_many(5)  # type: ignore[arg-type]
+    assert len(pool) == 3
+
+
+def test_free_many_undo_keeps_emptiness_accounting(pool: ObjectPool) -> None:
+    """A rolled-back free_many that emptied a slab leaves it in use."""
+    live = pool.alloc_many(3)
+    with pytest.raises(ValueError):
+        pool.free_many([*live, 1])
+    pool.free_many(live)
+    assert len(pool) == 0
+    assert pool.stats().slabs == 1
+
+
+@pytest.mark.parametrize(("n", "error"), [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_alloc_many_rejects_bad_counts(pool: ObjectPool, n: object, error: type) -> None:
+    with pytest.raises(error):
+        pool.alloc_many(n)  # type: ignore[arg-type]
+    assert len(pool) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"obj_size": 0}, ValueError, "obj_size"),
+        ({"obj_size": -8}, ValueError, "obj_size"),
+        ({"obj_size": 8.0}, TypeError, "obj_size"),
+        ({"obj_size": True}, TypeError, "obj_size"),
+        ({"obj_size": 8, "align": 3}, ValueError, "align"),
+        ({"obj_size": 8, "align": 0}, ValueError, "align"),
+        ({"obj_size": 8, "align": 2 * PAGE_SIZE}, ValueError, "align"),
+        ({"obj_size": 8, "alloc": "x"}, TypeError, "alloc"),
+        ({"obj_size": 8, "slab_size": 0}, ValueError, "slab_size"),
+        ({"obj_size": 2 * PAGE_SIZE, "slab_size": PAGE_SIZE}, ValueError, "slab_size"),
+        ({"obj_size": 8, "slab_size": 1 << 40}, ValueError, "slab_size"),
+    ],
+)
+def test_bad_construction_raises(kwargs: dict[str, object], error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        ObjectPool(**kwargs)  # type: ignore[arg-type]
+
+
+def test_initialising_twice_raises(pool: ObjectPool) -> None:
+    with pytest.raises(RuntimeError):
+        pool.__init__(64)  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- close
+
+
+def test_use_after_close_raises(pool: ObjectPool) -> None:
+    a = pool.alloc()
+    pool.close()
+    for use in (
+        pool.alloc,
+        pool.alloc_zeroed,
+        lambda: pool.free(a),
+        lambda: pool.alloc_many(1),
+        lambda: pool.free_many([a]),
+        lambda: pool.view(a),
+    ):
+        with pytest.raises(ValueError, match="pool is closed"):
+            use()
+    with pytest.raises(ValueError, match="pool is closed"), pool:
+        pass
+
+
+def test_closed_pool_is_empty(pool: ObjectPool) -> None:
+    a = pool.alloc()
+    pool.close()
+    assert len(pool) == 0
+    assert a not in pool
+    assert pool.stats() == PoolStats(0, 0, 0, 0, 0, 0)
+    assert "closed" in repr(pool)
+
+
+def test_close_is_idempotent(pool: ObjectPool) -> None:
+    pool.close()
+    pool.close()
+    assert pool.closed
+
+
+def test_close_unmaps_every_slab() -> None:
+    before = _mman.mapped_bytes()
+    pool = ObjectPool(64, slab_size=PAGE_SIZE)
+    pool.alloc_many(10_000)
+    assert _mman.mapped_bytes() - before >= 10_000 * 64
+    pool.close()
+    assert _mman.mapped_bytes() == before
+
+
+def test_a_dropped_pool_unmaps_its_slabs() -> None:
+    gc.collect()
+    before = _mman.mapped_bytes()
+    pool = ObjectPool(64, slab_size=PAGE_SIZE)
+    pool.alloc_many(10_000)
+    del pool
+    gc.collect()
+    assert _mman.mapped_bytes() == before
+
+
+# ---------------------------------------------------------------- docs
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.mark.skipif(not README.exists(), reason="needs the source tree's README.md")
+def test_readme_pool_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    section = README.read_text().split("## Object pool", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, str(README), "exec"), {})
+    assert "PoolStats(live=0" in capsys.readouterr().out
+
+
+def test_alloc_many_takes_any_integer_with_index(pool: ObjectPool) -> None:
+    numpy = pytest.importorskip("numpy")
+    addresses = pool.alloc_many(numpy.int64(3))
+    assert len(addresses) == 3
+    pool.free_many(addresses)
+
+
+def test_addresses_stay_right_when_slabs_share_object_indices() -> None:
+    # 64 objects a slab: the same index in three slabs, freed and taken again
+    with ObjectPool(64, slab_size=PAGE_SIZE) as pool:
+        first = pool.alloc_many(3 * 64)
+        for address in first:
+            pool.free(address)
+        again = [pool.alloc() for _ in range(3 * 64)]
+        assert sorted(again) == sorted(first)
+        assert all(address in pool for address in again)
+        for address in again:
+            ctypes.memset(address, 1, 64)
+            pool.free(address)
+        assert pool.alloc() in first
+
+
+def test_close_lets_go_of_the_address_ints_the_pool_remembers() -> None:
+    pool = ObjectPool(64)
+    address = pool.alloc()
+    held = sys.getrefcount(address)
+    pool.free(address)
+    pool.close()
+    assert sys.getrefcount(address) == held - 1
