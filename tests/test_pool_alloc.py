@@ -7,12 +7,13 @@ from __future__ import annotations
 import ctypes
 import gc
 import itertools
+import random
 import sys
 from pathlib import Path
 
 import pytest
 
-from mmap_alloc import ObjectPool, PoolStats, _mman
+from mmap_alloc import MapAlloc, ObjectPool, PoolStats, Region, _mman
 from mmap_alloc._linux import PAGE_SIZE
 from pool_support import MiB, pattern, read, write
 
@@ -144,6 +145,66 @@ def test_objects_do_not_overlap_across_slabs() -> None:
         addresses = sorted(pool.alloc_many(500))
         assert all(b - a >= 100 for a, b in itertools.pairwise(addresses))
         assert pool.stats().slabs == -(-500 // (PAGE_SIZE // 112))
+
+
+class _SlabsInOrder(MapAlloc):
+    """A MapAlloc whose slabs come from a list made beforehand, in its order."""
+
+    def __init__(self, regions: list[Region]) -> None:
+        super().__init__()
+        self.regions = regions
+
+    def alloc(self, size: int, *args: object, **kwargs: object) -> Region:
+        return self.regions.pop(0)
+
+
+def _zigzag(items: list[Region]) -> list[Region]:
+    middle = len(items) // 2
+    pairs = itertools.zip_longest(items[middle:], reversed(items[:middle]))
+    return [item for pair in pairs for item in pair if item is not None]
+
+
+@pytest.mark.parametrize("order", ["rising", "falling", "zigzag", "shuffled"])
+def test_slabs_stay_sorted_in_whatever_address_order_they_are_mapped(order: str) -> None:
+    """The table of slabs is sorted by address (pool_insert: a binary search,
+    then the shorter side moves): every object is found again, whichever end
+    or middle the new slabs go in at, and the table grows at both ends."""
+    source = MapAlloc()
+    regions = sorted((source.alloc(PAGE_SIZE) for _ in range(40)), key=lambda r: r.address)
+    if order == "falling":
+        regions.reverse()
+    elif order == "zigzag":
+        regions = _zigzag(regions)
+    elif order == "shuffled":
+        random.Random(1).shuffle(regions)
+    with ObjectPool(64, alloc=_SlabsInOrder(regions), slab_size=PAGE_SIZE) as pool:
+        per_slab = PAGE_SIZE // 64
+        addresses = [pool.alloc() for _ in range(40 * per_slab)]
+        slabs = [address for address, _ in pool._spans()]
+        assert slabs == sorted(slabs) and len(slabs) == 40
+        assert all(address in pool for address in addresses)
+        for address in addresses:
+            pool.free(address)
+        assert len(pool) == 0
+
+
+def test_alloc_after_frees_takes_the_lowest_slab_with_room() -> None:
+    """pool_refill starts its search past the slabs it knows full: a free in a
+    slab below that point (one by one, or by free_many) is found all the same."""
+    with ObjectPool(64, slab_size=PAGE_SIZE) as pool:
+        per_slab = PAGE_SIZE // 64
+        addresses = sorted(pool.alloc() for _ in range(30 * per_slab))
+        low, high = addresses[3 * per_slab + 5], addresses[20 * per_slab + 1]
+        pool.free(high)
+        pool.free(low)
+        assert pool.alloc() == low  # the current slab is full: the lowest with room
+        assert pool.alloc() == high
+        assert pool.alloc() not in addresses  # every slab full again: a new one
+        pool.alloc_many(per_slab - 1)  # fills the new slab
+        pool.free_many([addresses[per_slab]])
+        assert pool.alloc() == addresses[per_slab]
+        pool.free(addresses[7])
+        assert pool.alloc() == addresses[7]
 
 
 def test_contains_is_false_for_other_things(pool: ObjectPool) -> None:
