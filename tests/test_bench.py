@@ -19,6 +19,7 @@ from mmap_alloc._linux import PAGE_SIZE as P
 from mmap_alloc.bench import _limits, cases, report
 from mmap_alloc.bench.harness import Case, CaseResult, Runner, Variant
 from mmap_alloc.bench.suite import CASE_GROUPS
+from support import emulated_skip, ignored_advice
 
 
 def fixed_cost(ns_per_op: float) -> Variant:
@@ -103,6 +104,7 @@ def test_c_loops_run_without_error() -> None:
         assert bytes(region) == bytes(16 * P)
 
 
+@emulated_skip(ignored_advice("12345"))
 def test_c_loop_map_unmap_gives_the_advice_it_is_asked_for() -> None:
     _limits.map_unmap(3, 4 << 20, 0, 1, MADV_HUGEPAGE)
     with pytest.raises(OSError):

@@ -13,7 +13,7 @@ from mmap_alloc import MapAlloc, ObjectPool
 from mmap_alloc import pool as pool_module
 from mmap_alloc._linux import PAGE_SIZE, hugepage_pool, mapping_count
 from pool_support import MiB, pattern, read, write
-from support import RESIDENCY, emulated_skip
+from support import HUGETLB, RESIDENCY, emulated_skip
 
 # ---------------------------------------------------------------- memory
 
@@ -101,6 +101,7 @@ def _free_huge_pages(size: int) -> int:
     _free_huge_pages(2 * MiB) < 2,
     reason="needs two free 2 MiB huge pages (echo 8 > /proc/sys/vm/nr_hugepages)",
 )
+@emulated_skip(HUGETLB)
 def test_huge_page_allocator_makes_huge_slabs() -> None:
     with ObjectPool(64, alloc=MapAlloc(huge_pagesize=2 * MiB)) as pool:
         a = pool.alloc_zeroed()
