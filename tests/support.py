@@ -106,10 +106,19 @@ FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 """A free-threaded CPython (3.13t ...). It starts with about 1 GiB of address
 space reserved (mimalloc), and it has no allocator but mimalloc."""
 
-SMALL_ALLOCATIONS_FROM_MALLOC: dict[str, str] = {} if FREE_THREADED else {"PYTHONMALLOC": "malloc"}
+SMALL_ALLOCATIONS_FROM_MALLOC: dict[str, str] = (
+    {}
+    if FREE_THREADED
+    else {
+        "PYTHONMALLOC": "malloc",
+        "GLIBC_TUNABLES": f"glibc.malloc.top_pad={64 << 20}:glibc.malloc.trim_threshold={1 << 30}",
+    }
+)
 """The environment of a child that fills vm.max_map_count: the interpreter's
-small allocations from malloc's heap (grown without new mappings) rather than
-pymalloc's arenas, a mapping each. The free-threaded build refuses
+small allocations from malloc's heap rather than pymalloc's arenas, a mapping
+each, and the heap grown 64 MiB ahead and never trimmed, so that the test's own
+objects still find room once the kernel refuses to grow it (at the limit; 3.14's
+interpreter had no free block left there). The free-threaded build refuses
 PYTHONMALLOC=malloc; its mimalloc segments are reserved ahead."""
 
 

@@ -201,12 +201,12 @@ def exhaust_map_count(attempts: int) -> dict[str, Any]:
         region[: len(cookies[id(region)])] = cookies[id(region)]
     fillers: list[Region] = []
     faults: dict[str, int] = {}
+    rnd = random.Random(7)  # made before the limit: at it, the heap cannot grow
     try:
         while True:  # alternate protections so that neighbours never merge
             fillers.append((rw if len(fillers) % 2 else ro).alloc(PAGE))
     except AllocError:
         faults["alloc"] = 1
-    rnd = random.Random(7)
     middle = victims[1:-1]
 
     def attempt(
@@ -223,11 +223,12 @@ def exhaust_map_count(attempts: int) -> dict[str, Any]:
             faults[name + " (succeeded)"] = faults.get(name + " (succeeded)", 0) + 1
 
     def refill() -> None:
-        """Take any room an operation that succeeded made (a merge, a move)."""
+        """Take any room an operation that succeeded made (a merge, a move),
+        until the kernel refuses a mapping or the heap an object."""
         try:
             while True:
                 fillers.append((rw if len(fillers) % 2 else ro).alloc(PAGE))
-        except AllocError:
+        except MemoryError:  # AllocError, or the interpreter's own
             pass
 
     for _ in range(attempts):
