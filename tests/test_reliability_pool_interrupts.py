@@ -118,8 +118,11 @@ def interrupted_alloc_many(obj_size: int, slab_size: int | None, n: int, after: 
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    # "late" includes giving back the slabs the call added (some 15,000
+    # munmaps after 0.3 s of the first case), which a loaded machine slows
+    # (0.66 s seen); the whole call would take some 20 s.
     late = time.monotonic() - start - after
-    assert late < 0.5, f"the interrupt took effect {late:.3f} s late"
+    assert late < 1.5, f"the interrupt took effect {late:.3f} s late"
     assert len(pool) == len(kept)
     assert all(address in pool for address in kept)
     after_stats = pool.stats()
