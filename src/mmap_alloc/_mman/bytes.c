@@ -489,8 +489,8 @@ search(const char *data, Py_ssize_t start, Py_ssize_t end, const Needle *n, int 
     return -1;
 }
 
-/* A start or end argument of find/rfind, as bytes.find reads it: None keeps
- * the default, an int (or __index__) is clipped to the ssize_t range. */
+/* A start or end argument of find/rfind, as bytes.find reads it: None keeps the
+ * default, an int (or __index__) is clipped; a bad one, in 3.15's words there. */
 static int
 find_index(PyObject *o, Py_ssize_t *out)
 {
@@ -500,7 +500,9 @@ find_index(PyObject *o, Py_ssize_t *out)
         return 0;
     if (!PyLong_Check(o) && !PyIndex_Check(o)) {
         PyErr_SetString(PyExc_TypeError,
-                        "slice indices must be integers or None or have an __index__ method");
+                        Py_Version >= 0x030F0000
+                            ? "slice indices must be integers or have an __index__ method"
+                            : "slice indices must be integers or None or have an __index__ method");
         return -1;
     }
     v = PyNumber_AsSsize_t(o, NULL);
