@@ -506,6 +506,8 @@ def race(seed: int, threads: int, seconds: float, max_size: int, notes: str) -> 
     import faulthandler
 
     faulthandler.enable(all_threads=True)
+    # a hang: every thread's stack on stderr before run_race's timeout kills us
+    faulthandler.dump_traceback_later(seconds + 90, exit=True)
     sys.setswitchinterval(1e-5)
     start = _mman.mapped_bytes()
     world = make_world(max_size)

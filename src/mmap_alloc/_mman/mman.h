@@ -531,8 +531,13 @@ is_region(PyObject *o)
 }
 
 /* Dead Regions of exactly kernel.region_type kept for the next ones (a
- * free list, as CPython keeps floats): no allocator call, no collection. */
+ * free list, as CPython keeps floats): no allocator call, no collection.
+ * None in free-threaded builds, where CPython's own free lists are per thread. */
+#ifdef Py_GIL_DISABLED
+#define SPARE_REGIONS 0
+#else
 #define SPARE_REGIONS 64
+#endif
 
 /* A new Region of cls, GC-tracked, its object fields NULL and its mapping
  * for mapping_init to set (every field): a dead one kept for reuse when cls
