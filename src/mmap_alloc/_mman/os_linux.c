@@ -217,3 +217,21 @@ os_sync_core(void)
     return 0;
 #endif
 }
+
+void
+os_yield(void)
+{
+    syscall(SYS_sched_yield);
+}
+
+long
+os_thread_id(void)
+{
+    return syscall(SYS_gettid);
+}
+
+void
+os_resend_signal(int sig)
+{
+    syscall(SYS_tgkill, getpid(), (pid_t)syscall(SYS_gettid), sig);
+}

@@ -172,4 +172,11 @@ int os_query_protection(void *p, size_t length,
  * at that limit, where a heap that cannot grow has no room for a buffer. */
 int os_mapping_count(long *count);
 
+/* What the SIGBUS repair needs of the system inside its handler, each
+ * async-signal-safe: let another thread run, this thread's id, and a signal
+ * sent again to this thread alone. */
+void os_yield(void);
+long os_thread_id(void);
+void os_resend_signal(int sig);
+
 #endif

@@ -16,8 +16,8 @@
  * The table is process-wide (kernel.repair) and lock-free for the handler,
  * which runs on any thread, with or without the GIL, at any instruction:
  * it reads only slots, with __atomic loads, and makes only async-signal-safe
- * calls (fstat and mmap through the platform layer, sigaction, tgkill). A
- * slot is {state, fd, protection, [start, end), file offset, granule,
+ * calls (fstat, mmap, yield and re-sending a signal through the platform
+ * layer; sigaction). A slot is {state, fd, protection, [start, end), file offset, granule,
  * repaired-from, the size the last repair found}; its state says who may
  * touch it:
  *
@@ -43,7 +43,6 @@
 
 #include <signal.h>
 #include <stdlib.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #define CHUNK 256           /* slots per chunk; chunks are never freed */
@@ -95,13 +94,13 @@ slot_of(const Mapping *m)
 static void
 pause_briefly(void)
 {
-    syscall(SYS_sched_yield);   /* a plain system call: safe in a handler */
+    os_yield();
 }
 
 static pid_t
 this_thread(void)
 {
-    return (pid_t)syscall(SYS_gettid);
+    return (pid_t)os_thread_id();
 }
 
 /* ------------------------------------------------------------------ */
@@ -227,7 +226,7 @@ act_as_default(int sig, const siginfo_t *info, int ignored)
     /* a fault runs its access again and dies of it; a sent signal is sent
      * again (our handler has SA_NODEFER: it arrives now) */
     if (!from_kernel)
-        syscall(SYS_tgkill, getpid(), this_thread(), sig);
+        os_resend_signal(sig);
 }
 
 static int
