@@ -18,8 +18,30 @@
  * An entry point is the function a method, getter or slot table names:
  * LOCKED_<kind>(f) defines the locked wrapper and LOCKED(f) names it. */
 #ifdef Py_GIL_DISABLED
-#define KERNEL_LOCK() Py_BEGIN_CRITICAL_SECTION(kernel.lock)
-#define KERNEL_UNLOCK() Py_END_CRITICAL_SECTION()
+/* An entry point reached from inside another (a dealloc, a buffer release,
+ * Python code the kernel called) must not begin a second critical section
+ * on the kernel lock: CPython 3.13's are not reentrant, so the thread would
+ * block on its own lock, suspend the outer section and let every other
+ * thread into the kernel in the middle of the outer call's check and act,
+ * where the GIL build lets none in. The thread holds the kernel lock when
+ * its innermost critical section (the active one while it runs) is the
+ * kernel's: then the nested entry runs under it (CPython 3.14 makes the
+ * same test itself). The low two bits of the tag are CPython's flags. */
+#define KERNEL_LOCK_HELD()                                                            \
+    (PyThreadState_GET()->critical_section != 0                                       \
+     && ((PyCriticalSection *)(PyThreadState_GET()->critical_section & ~(uintptr_t)3)) \
+                ->_cs_mutex                                                           \
+            == &kernel.lock->ob_mutex)
+#define KERNEL_LOCK()                                  \
+    {                                                  \
+        PyCriticalSection kernel_cs_;                  \
+        int kernel_nested_ = KERNEL_LOCK_HELD();       \
+        if (!kernel_nested_)                           \
+            PyCriticalSection_Begin(&kernel_cs_, kernel.lock)
+#define KERNEL_UNLOCK()                        \
+        if (!kernel_nested_)                   \
+            PyCriticalSection_End(&kernel_cs_); \
+    }
 #define LOCKED(f) f##_locked
 #define LOCKED_WRAPPER(f, ret, params, args, body)                      \
     static ret f##_locked params                                         \
