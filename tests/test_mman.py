@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gc
 import itertools
+import re
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -398,3 +400,42 @@ def test_tracemalloc_counts_pool_slabs_until_they_are_unmapped(tracing: None) ->
     assert traced_in_domain() > 0
     pool.close()
     assert traced_in_domain() == 0
+
+
+# ---------------------------------------------------------------- the kernel lock
+
+SOURCES = sorted((Path(__file__).parent.parent / "src" / "mmap_alloc" / "_mman").glob("*.c"))
+UNLOCKED_SLOTS = {
+    "tp_doc",
+    "tp_methods",
+    "tp_getset",
+    "tp_members",
+    "tp_traverse",  # called with the world stopped
+    "tp_iter",  # PyObject_SelfIter
+    "tp_new",  # the kernel's tp_new only allocates the object, or refuses
+}
+
+
+def _table_entries(text: str) -> Iterator[tuple[str, str]]:
+    """(what, function) for every slot, method and getter a type table names."""
+    for slot, function in re.findall(r"\{Py_(\w+),\s*([^,}]+)\s*\}", text):
+        if slot not in UNLOCKED_SLOTS and not slot.startswith("mod_"):  # import-time slots
+            yield slot, function.strip()
+    for name, function in re.findall(
+        r'\{"(\w+)",\s*\(PyCFunction\)(?:\(void \(\*\)\(void\)\))?(\S+),', text
+    ):
+        yield name, function
+    for name, function in re.findall(r'\{"(\w+)",\s*\(getter\)(\S+),', text):
+        yield name, function
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda path: path.name)
+def test_every_entry_point_of_a_kernel_file_runs_under_the_kernel_lock(source: Path) -> None:
+    """A free-threaded build runs each entry point (tp_clear included: its
+    collector clears garbage while other threads run) under the kernel lock."""
+    unlocked = [
+        f"{what}: {function}"
+        for what, function in _table_entries(source.read_text())
+        if not function.startswith("LOCKED(")
+    ]
+    assert unlocked == []

@@ -214,10 +214,21 @@ def _bytes_of(buffer: Any) -> memoryview:
 
 
 def touch(world: World, rnd: random.Random, note: Callable[[str], None]) -> None:
-    """Read or write through a live export, with the GIL or without it."""
-    if not world.exports:
+    """Read or write through a live export, with the GIL or without it. The
+    export leaves the list while it is used: a memoryview another thread
+    releases mid-access is a race in the program (CPython 3.13's free-threaded
+    memoryview does not guard it; stdlib mmap would crash the same way)."""
+    try:
+        export = world.exports.pop(rnd.randrange(len(world.exports)))
+    except (ValueError, IndexError):  # none, or another thread took the last
         return
-    export = rnd.choice(world.exports)
+    try:
+        _touch(export, rnd, note)
+    finally:
+        world.exports.append(export)
+
+
+def _touch(export: Export, rnd: random.Random, note: Callable[[str], None]) -> None:
     buffer = export.buffer
     with _bytes_of(buffer) as view:
         n = len(view)

@@ -578,13 +578,14 @@ static PyMemberDef allocator_members[] = {
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_DEALLOC(allocator_dealloc_object)
+LOCKED_INQUIRY(allocator_clear)
 
 static PyType_Slot allocator_slots[] = {
     {Py_tp_doc, "The alloc/dealloc fast path of MapAlloc."},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_dealloc, LOCKED(allocator_dealloc_object)},
     {Py_tp_traverse, allocator_traverse},
-    {Py_tp_clear, allocator_clear},
+    {Py_tp_clear, LOCKED(allocator_clear)},
     {Py_tp_methods, allocator_methods},
     {Py_tp_members, allocator_members},
     {0, NULL},

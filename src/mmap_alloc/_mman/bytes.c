@@ -679,6 +679,7 @@ iter_dealloc(IterObject *it)
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_UNARY(iter_next)
 LOCKED_DEALLOC(iter_dealloc)
+LOCKED_INQUIRY(iter_clear)
 
 static PyType_Slot iter_slots[] = {
     {Py_tp_doc, "An iterator over a region's bytes as ints."},
@@ -686,7 +687,7 @@ static PyType_Slot iter_slots[] = {
     {Py_tp_iternext, LOCKED(iter_next)},
     {Py_tp_methods, iter_methods},
     {Py_tp_traverse, iter_traverse},
-    {Py_tp_clear, iter_clear},
+    {Py_tp_clear, LOCKED(iter_clear)},
     {Py_tp_dealloc, LOCKED(iter_dealloc)},
     {0, NULL},
 };

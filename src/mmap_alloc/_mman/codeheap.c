@@ -535,13 +535,14 @@ static PyGetSetDef heap_getset[] = {
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_DEALLOC(heap_dealloc)
+LOCKED_INQUIRY(heap_clear)
 
 static PyType_Slot heap_slots[] = {
     {Py_tp_doc, "The kernel of CodeHeap: one memfd mapped read/write and read/exec."},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_dealloc, LOCKED(heap_dealloc)},
     {Py_tp_traverse, heap_traverse},
-    {Py_tp_clear, heap_clear},
+    {Py_tp_clear, LOCKED(heap_clear)},
     {Py_tp_methods, heap_methods},
     {Py_tp_getset, heap_getset},
     {0, NULL},

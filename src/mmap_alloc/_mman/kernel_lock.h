@@ -15,8 +15,10 @@
  * a fork stops the world first, so no thread holds one across it. With the
  * GIL the macros are empty: abi3 builds pay nothing.
  *
- * An entry point is the function a method, getter or slot table names:
- * LOCKED_<kind>(f) defines the locked wrapper and LOCKED(f) names it. */
+ * An entry point is the function a method, getter or slot table names,
+ * tp_clear too (a free-threaded collection clears its garbage while the other
+ * threads run): LOCKED_<kind>(f) defines the locked wrapper and LOCKED(f)
+ * names it. */
 #ifdef Py_GIL_DISABLED
 /* An entry point reached from inside another (a dealloc, a buffer release,
  * Python code the kernel called) must not begin a second critical section
@@ -71,6 +73,7 @@
 #define LOCKED_UNARY(f) LOCKED_WRAPPER(f, PyObject *, (PyObject *s), ((void *)s), )
 #define LOCKED_BINARY(f) LOCKED_O(f)
 #define LOCKED_LEN(f) LOCKED_WRAPPER(f, Py_ssize_t, (PyObject *s), ((void *)s), )
+#define LOCKED_INQUIRY(f) LOCKED_WRAPPER(f, int, (PyObject *s), ((void *)s), )
 #define LOCKED_CONTAINS(f) LOCKED_WRAPPER(f, int, (PyObject *s, PyObject *a), ((void *)s, a), )
 #define LOCKED_ASS(f)                                                                   \
     LOCKED_WRAPPER(f, int, (PyObject *s, PyObject *k, PyObject *v), ((void *)s, k, v), )
@@ -89,6 +92,7 @@
 #define LOCKED_UNARY(f)
 #define LOCKED_BINARY(f)
 #define LOCKED_LEN(f)
+#define LOCKED_INQUIRY(f)
 #define LOCKED_CONTAINS(f)
 #define LOCKED_ASS(f)
 #define LOCKED_GETBUF(f)

@@ -391,6 +391,17 @@ mapping_idle(const Mapping *m)
 int mapping_check_idle(const Mapping *m, const char *what, const char *noun);
 Hold *mapping_hold(Mapping *m, Py_ssize_t start, Py_ssize_t end, int kind);
 void mapping_unhold(Mapping *m, Hold *h);
+/* What an exporter's getbuffer put in buffer->internal, taken out: NULL the
+ * second time the same buffer is released (3.13's free-threaded memoryview
+ * does that when two threads release it at once), so a hold ends once. */
+static inline void *
+buffer_release_once(Py_buffer *buffer)
+{
+    void *token = buffer->internal;
+
+    buffer->internal = NULL;
+    return token;
+}
 /* The buffers overlapping [start, end) that prot would take access from. */
 Py_ssize_t mapping_conflicts(const Mapping *m, Py_ssize_t start, Py_ssize_t end, int prot);
 /* The holds overlapping [start, end): buffers and pins. */

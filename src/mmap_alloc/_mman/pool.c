@@ -651,6 +651,7 @@ static PyMemberDef pool_members[] = {
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_DEALLOC(pool_dealloc)
+LOCKED_INQUIRY(pool_clear)
 LOCKED_LEN(pool_length)
 LOCKED_CONTAINS(pool_contains)
 
@@ -659,7 +660,7 @@ static PyType_Slot pool_slots[] = {
     {Py_tp_new, pool_new},
     {Py_tp_dealloc, LOCKED(pool_dealloc)},
     {Py_tp_traverse, pool_traverse},
-    {Py_tp_clear, pool_clear},
+    {Py_tp_clear, LOCKED(pool_clear)},
     {Py_tp_methods, pool_methods},
     {Py_tp_getset, pool_getset},
     {Py_tp_members, pool_members},

@@ -307,8 +307,10 @@ region_getbuffer(RegionObject *self, Py_buffer *view, int flags)
 static void
 region_releasebuffer(RegionObject *self, Py_buffer *view)
 {
-    if (view->internal != NULL)
-        mapping_unhold(&self->m, (Hold *)view->internal);
+    Hold *h = buffer_release_once(view);
+
+    if (h != NULL)
+        mapping_unhold(&self->m, h);
 }
 
 /* ------------------------------------------------------------------ */
@@ -619,6 +621,7 @@ static PyMemberDef region_members[] = {
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_DEALLOC(region_dealloc)
+LOCKED_INQUIRY(region_clear)
 LOCKED_UNARY(region_iter)
 LOCKED_LEN(region_length)
 LOCKED_CONTAINS(region_contains)
@@ -632,7 +635,7 @@ static PyType_Slot region_slots[] = {
     {Py_tp_new, region_new},
     {Py_tp_dealloc, LOCKED(region_dealloc)},
     {Py_tp_traverse, region_traverse},
-    {Py_tp_clear, region_clear},
+    {Py_tp_clear, LOCKED(region_clear)},
     {Py_tp_methods, region_methods},
     {Py_tp_getset, region_getset},
     {Py_tp_members, region_members},

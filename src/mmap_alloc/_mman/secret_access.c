@@ -183,8 +183,10 @@ secret_getbuffer(SecretObject *self, Py_buffer *view, int flags)
 void
 secret_releasebuffer(SecretObject *self, Py_buffer *view)
 {
-    if (view->internal != NULL)
-        mapping_unhold(&self->m, (Hold *)view->internal);
+    Hold *h = buffer_release_once(view);
+
+    if (h != NULL)
+        mapping_unhold(&self->m, h);
 }
 
 /* ------------------------------------------------------------------ */

@@ -104,6 +104,7 @@ view_getbuffer(ViewObject *v, Py_buffer *buffer, int flags)
     }
     if (PyBuffer_FillInfo(buffer, (PyObject *)v, v->base, v->length, !v->writable, flags) < 0)
         return -1;
+    buffer->internal = v;   /* given back once: see buffer_release_once() */
     v->buffers++;
     return 0;
 }
@@ -111,7 +112,8 @@ view_getbuffer(ViewObject *v, Py_buffer *buffer, int flags)
 static void
 view_releasebuffer(ViewObject *v, Py_buffer *buffer)
 {
-    v->buffers--;
+    if (buffer_release_once(buffer) != NULL)
+        v->buffers--;
 }
 
 /* _view_exported(view) -> bool: whether a buffer of the view is still alive
