@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,13 +12,7 @@ from hypothesis import HealthCheck, settings
 from mmap_alloc import CodeHeap, MapAlloc, ObjectPool, Perm, Region, SecretBuffer, _mman, secret
 from mmap_alloc._linux import PAGE_SIZE
 from secret_support import Make, missing, needs_guard_install, needs_memfd_secret
-from support import EMULATED, FREE_THREADED
-
-if FREE_THREADED:
-    # The library turns the GIL back on when imported (docs/reliability.md);
-    # child interpreters start with it on, so that no RuntimeWarning about it
-    # reaches the stderr the CLI tests read. A run with PYTHON_GIL set keeps it.
-    os.environ.setdefault("PYTHON_GIL", "1")
+from support import EMULATED
 
 if EMULATED:
     # about ten times slower under emulation: hypothesis's 200 ms deadline and

@@ -4,6 +4,7 @@ package pulls in nothing heavy (a guard on what is imported, not a timing)."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import mmap_alloc
+from support import FREE_THREADED
 
 INIT = Path(mmap_alloc.__file__)
 
@@ -91,3 +93,22 @@ def test_dir_lists_every_public_name_before_first_use() -> None:
 def test_an_unknown_name_is_an_attribute_error_naming_it() -> None:
     with pytest.raises(AttributeError, match="'Bogus'"):
         mmap_alloc.Bogus  # noqa: B018
+
+
+@pytest.mark.skipif(not FREE_THREADED, reason="a free-threaded CPython (3.13t ...) only")
+def test_importing_the_kernel_leaves_a_free_threaded_interpreter_without_the_gil() -> None:
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", _GIL_AFTER_IMPORT],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON_GIL": ""},  # the build's default: off
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "False", "")
+
+
+_GIL_AFTER_IMPORT = """
+import sys
+import mmap_alloc._mman, mmap_alloc.bench._limits
+print(sys._is_gil_enabled())
+"""

@@ -80,8 +80,9 @@ class ObjectPool(Pool, ClosesOnExit):
 
     Empty slabs go back to the kernel: ``KEEP_EMPTY`` stays as it is,
     ``KEEP_SPARE`` more stay mapped but uncommitted, the rest are unmapped.
-    Safe to use from several threads (the GIL is its lock), from signal
-    handlers and finalizers, and in a child process after fork.
+    Safe to use from several threads (the kernel lock, or the GIL, is its
+    lock), from signal handlers and finalizers, and in a child process after
+    fork.
     """
 
     __slots__ = ("_align", "_allocator", "_obj_size", "_slab_size", "_stride")

@@ -238,10 +238,8 @@ mman_free(void *module)
 static PyModuleDef_Slot mman_slots[] = {
     {Py_mod_exec, mman_exec},
 #ifdef Py_GIL_DISABLED
-    /* Not Py_MOD_GIL_NOT_USED yet: the concurrency harness still crashes a
-     * free-threaded run without the GIL (docs/reliability.md), so importing
-     * the module turns the GIL back on; PYTHON_GIL=0 overrides at one's risk. */
-    {Py_mod_gil, Py_MOD_GIL_USED},
+    /* every entry point runs under the kernel lock (kernel_lock.h) */
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
 #endif
     {0, NULL},
 };
