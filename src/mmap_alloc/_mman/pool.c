@@ -8,11 +8,12 @@
  * one bit per object (1 = free) in C memory, never in the slab: freed memory
  * is not touched, and pools of read-only or inaccessible memory work too.
  *
- * Everything runs under the GIL, which is the lock. Python code runs only
- * inside the slab source call, and the state is consistent before it (no
- * Slab pointer is kept across it). Empty slabs past keep_empty go back to
- * the kernel here: up to keep_spare stay mapped but uncommitted for reuse,
- * the rest are unmapped. A view of an object pins its slab.
+ * Everything runs under the kernel lock (the GIL in GIL builds). Python
+ * code runs only inside the slab source call, and the state is consistent
+ * before it (no Slab pointer is kept across it). Empty slabs past keep_empty
+ * go back to the kernel (pool_table.c): up to keep_spare stay mapped but
+ * uncommitted for reuse, the rest are unmapped. A view of an object pins
+ * its slab.
  */
 #include "pool.h"
 
@@ -75,103 +76,6 @@ slab_reset(PoolObject *self, Slab *s, int zeroed)
         s->bits[i >> 6] = ~(uint64_t)0;
     if (i < self->per_slab)
         s->bits[i >> 6] = ((uint64_t)1 << (self->per_slab - i)) - 1;
-}
-
-static void
-slab_unmap(Slab *s)
-{
-    unmap_or_bury(s->base, s->capacity, s->capacity >= SLOW_CALL_BYTES);
-    PyMem_Free(s);
-}
-
-/* Insert an empty slab into the sorted table (room reserved by the caller):
- * its place by binary search, then the shorter side moves one slot, so that
- * slabs mapped in rising or falling address order go in at O(1). */
-static void
-pool_insert(PoolObject *self, Slab *s)
-{
-    Py_ssize_t lo = 0, hi = self->nslabs;
-
-    while (lo < hi) {   /* the first slab whose base is above s's */
-        Py_ssize_t mid = (lo + hi) >> 1;
-        if (self->slabs[mid]->base < s->base)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    if (lo < self->nslabs - lo) {
-        memmove(self->slabs - 1, self->slabs, (size_t)lo * sizeof(Slab *));
-        self->slabs--;
-        self->head--;
-    }
-    else
-        memmove(self->slabs + lo + 1, self->slabs + lo, (size_t)(self->nslabs - lo) * sizeof(Slab *));
-    self->slabs[lo] = s;
-    self->nslabs++;
-    self->nempty++;
-    if (lo < self->scan_from)
-        self->scan_from = lo;
-    self->scan_mark += s->nfree;
-}
-
-/* Room for one more slab at either end of the table: -1 with MemoryError. */
-static int
-pool_reserve_table(PoolObject *self)
-{
-    Py_ssize_t n = self->nslabs, cap = self->cap > 0 ? self->cap : 8, head;
-    Slab **table;
-
-    if (self->head > 0 && self->head + n < self->cap)
-        return 0;
-    while (cap < 2 * (n + 2))
-        cap *= 2;
-    head = (cap - n) / 2;
-    table = PyMem_Malloc((size_t)cap * sizeof(Slab *));
-    if (table == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    if (self->slabs != NULL) {
-        memcpy(table + head, self->slabs, (size_t)n * sizeof(Slab *));
-        PyMem_Free(self->slabs - self->head);
-    }
-    self->slabs = table + head;
-    self->head = head;
-    self->cap = cap;
-    return 0;
-}
-
-/* Give empty slabs past keep_empty back: the first keep_spare of them stay
- * mapped but uncommitted (spares), the rest are unmapped. Never fails. */
-void
-pool_release(PoolObject *self)
-{
-    while (self->nempty > self->keep_empty && !self->closed) {
-        Slab *s = NULL;
-        Py_ssize_t k;
-        for (k = self->nslabs - 1; k >= 0; k--) {
-            Slab *c = self->slabs[k];
-            if (c->nfree == self->per_slab && c->exports == 0 && c != self->cur) {
-                s = c;
-                break;
-            }
-        }
-        if (s == NULL)
-            return;
-        memmove(&self->slabs[k], &self->slabs[k + 1],
-                (size_t)(self->nslabs - k - 1) * sizeof(Slab *));
-        self->nslabs--;
-        self->scan_from = 0;
-        self->nempty--;
-        if (self->last == s)
-            self->last = NULL;
-        if (self->nspares < self->keep_spare && self->nspares < self->cap_spares) {
-            os_advise(s->base, (size_t)s->capacity, MADV_DONTNEED);
-            self->spares[self->nspares++] = s;
-        }
-        else
-            slab_unmap(s);   /* releases the GIL for large slabs: state is consistent */
-    }
 }
 
 /* Take the pages of a fresh Region as a new empty slab, in one step. */
@@ -515,7 +419,7 @@ pool_unmap_all(PoolObject *self)
     self->spares = NULL;
     self->nslabs = self->cap = self->head = self->nspares = self->cap_spares = 0;
     self->scan_from = self->scan_mark = 0;
-    self->cur = self->last = NULL;
+    self->cur = self->last = self->emptied = NULL;
     self->live = self->nempty = 0;
     for (Py_ssize_t k = 0; k < n; k++)
         slab_unmap(slabs[k]);

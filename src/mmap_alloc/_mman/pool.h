@@ -42,6 +42,7 @@ typedef struct {
      * room starts there. Inserts keep both; other changes reset scan_from. */
     Py_ssize_t scan_from, scan_mark;
     Slab *last;            /* the slab the last address was found in, or NULL */
+    Slab *emptied;         /* the slab that last became empty, or NULL: released first */
     Py_ssize_t obj_size, stride;
     Py_ssize_t span;       /* per_slab * stride: the bytes of a slab that hold objects */
     int shift;             /* log2(stride) when stride is a power of two, else -1 */
@@ -163,6 +164,7 @@ slab_give(PoolObject *self, Slab *s, uint32_t i)
     self->live--;
     if (s->nfree == self->per_slab) {
         self->nempty++;
+        self->emptied = s;
         return 1;
     }
     return 0;
@@ -170,6 +172,10 @@ slab_give(PoolObject *self, Slab *s, uint32_t i)
 
 void pool_bad_address(PoolObject *self, PyObject *arg, uintptr_t a, int code, Slab *s, uint32_t i);
 void pool_release(PoolObject *self);
+/* pool_table.c: the sorted table of slabs */
+int pool_reserve_table(PoolObject *self);
+void pool_insert(PoolObject *self, Slab *s);
+void slab_unmap(Slab *s);
 int pool_add_slab(PoolObject *self);
 PyObject *address_object(uintptr_t a);
 PyObject *pool_alloc_many(PoolObject *self, PyObject *arg);

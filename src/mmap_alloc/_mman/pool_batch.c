@@ -232,6 +232,7 @@ slab_give_word(PoolObject *self, Slab *s, uint32_t w, uint64_t bits, int *releas
     self->live -= c;
     if (s->nfree == self->per_slab) {
         self->nempty++;
+        self->emptied = s;
         *released = 1;
     }
 }
