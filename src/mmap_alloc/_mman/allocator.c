@@ -356,7 +356,7 @@ allocator_map_method(AllocatorObject *self, PyObject *const *args, Py_ssize_t na
 }
 
 static PyObject *
-allocator_dealloc(AllocatorObject *self, PyObject *region)
+allocator_dealloc_region(AllocatorObject *self, PyObject *region)
 {
     RegionObject *r = (RegionObject *)region;
     Mapping *m = &r->m;
@@ -504,14 +504,14 @@ allocator_traverse(AllocatorObject *self, visitproc visit, void *arg)
     for (int k = 0; k < self->nattempts; k++)
         Py_VISIT(self->attempts[k].backing);
     Py_VISIT(self->region_type);
-    Py_VISIT(self->slow);
-    Py_VISIT(Py_TYPE((PyObject *)self));
-    return 0;
+    return kernel_visit((PyObject *)self, self->slow, visit, arg);
 }
 
 static int
-allocator_clear(AllocatorObject *self)
+allocator_clear(PyObject *obj)
 {
+    AllocatorObject *self = (AllocatorObject *)obj;
+
     cache_free(&self->cache);   /* the allocator's end unmaps what it kept */
     clear_attempts(self);
     Py_CLEAR(self->region_type);
@@ -519,21 +519,11 @@ allocator_clear(AllocatorObject *self)
     return 0;
 }
 
-static void
-allocator_dealloc_object(AllocatorObject *self)
-{
-    PyTypeObject *tp = Py_TYPE((PyObject *)self);
-    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
-
-    PyObject_GC_UnTrack(self);
-    allocator_clear(self);
-    tp_free(self);
-    Py_DECREF(tp);
-}
+KERNEL_DEALLOC(allocator_dealloc, allocator_clear)
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_FASTKW(allocator_alloc)
-LOCKED_O(allocator_dealloc)
+LOCKED_O(allocator_dealloc_region)
 LOCKED_FAST(allocator_map_method)
 LOCKED_FAST(allocator_configure)
 LOCKED_O(allocator_trim)
@@ -546,7 +536,7 @@ static PyMethodDef allocator_methods[] = {
      "A new region of at least size bytes (whole pages), zero-filled, page-aligned\n"
      "(or aligned to align, a power of two); with near, every byte of it lies less\n"
      "than within bytes from near."},
-    {"dealloc", (PyCFunction)LOCKED(allocator_dealloc), METH_O,
+    {"dealloc", (PyCFunction)LOCKED(allocator_dealloc_region), METH_O,
      "dealloc($self, region, /)\n--\n\n"
      "Unmap the region (with a cache: keep its mapping, pages given back, for the next\n"
      "alloc of its class). BufferError (nothing changed) while a buffer or function of it lives."},
@@ -576,24 +566,15 @@ static PyMemberDef allocator_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
-/* entry points: under the kernel lock in free-threaded builds (mman.h) */
-LOCKED_DEALLOC(allocator_dealloc_object)
 LOCKED_INQUIRY(allocator_clear)
-
 static PyType_Slot allocator_slots[] = {
     {Py_tp_doc, "The alloc/dealloc fast path of MapAlloc."},
     {Py_tp_new, PyType_GenericNew},
-    {Py_tp_dealloc, LOCKED(allocator_dealloc_object)},
-    {Py_tp_traverse, allocator_traverse},
-    {Py_tp_clear, LOCKED(allocator_clear)},
+    GC_SLOTS(allocator),
     {Py_tp_methods, allocator_methods},
     {Py_tp_members, allocator_members},
     {0, NULL},
 };
 
-PyType_Spec allocator_spec = {
-    .name = "mmap_alloc._mman.Allocator",
-    .basicsize = sizeof(AllocatorObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .slots = allocator_slots,
-};
+PyType_Spec allocator_spec
+    = KERNEL_SPEC("Allocator", AllocatorObject, Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC, allocator_slots);

@@ -651,34 +651,13 @@ static PyMethodDef iter_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static int
-iter_traverse(IterObject *it, visitproc visit, void *arg)
-{
-    Py_VISIT(it->region);
-    Py_VISIT(Py_TYPE((PyObject *)it));
-    return 0;
-}
+ONE_REF_TRAVERSE(iter, IterObject, region)
+ONE_REF_CLEAR(iter, IterObject, region)
 
-static int
-iter_clear(IterObject *it)
-{
-    Py_CLEAR(it->region);
-    return 0;
-}
-
-static void
-iter_dealloc(IterObject *it)
-{
-    PyTypeObject *tp = Py_TYPE((PyObject *)it);
-    PyObject_GC_UnTrack(it);
-    iter_clear(it);
-    PyObject_GC_Del(it);
-    Py_DECREF(tp);
-}
+KERNEL_DEALLOC(iter_dealloc, iter_clear)
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_UNARY(iter_next)
-LOCKED_DEALLOC(iter_dealloc)
 LOCKED_INQUIRY(iter_clear)
 
 static PyType_Slot iter_slots[] = {
@@ -686,16 +665,10 @@ static PyType_Slot iter_slots[] = {
     {Py_tp_iter, PyObject_SelfIter},
     {Py_tp_iternext, LOCKED(iter_next)},
     {Py_tp_methods, iter_methods},
-    {Py_tp_traverse, iter_traverse},
-    {Py_tp_clear, LOCKED(iter_clear)},
-    {Py_tp_dealloc, LOCKED(iter_dealloc)},
+    GC_SLOTS(iter),
     {0, NULL},
 };
 
-PyType_Spec iter_spec = {
-    .name = "mmap_alloc._mman.RegionIterator",
-    .basicsize = sizeof(IterObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .slots = iter_slots,
-};
+PyType_Spec iter_spec
+    = KERNEL_SPEC("RegionIterator", IterObject, Py_TPFLAGS_HAVE_GC, iter_slots);
 

@@ -162,12 +162,6 @@ block_get_offset(CodeBlockObject *self, void *closure)
 }
 
 static PyObject *
-block_get_size(CodeBlockObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->size);
-}
-
-static PyObject *
 block_get_closed(CodeBlockObject *self, void *closure)
 {
     return PyBool_FromLong(self->heap == NULL || self->start < 0);
@@ -213,30 +207,21 @@ block_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return NULL;
 }
 
+ONE_REF_TRAVERSE(block, CodeBlockObject, heap)
+
 static int
-block_traverse(CodeBlockObject *self, visitproc visit, void *arg)
+block_teardown(PyObject *obj)
 {
-    Py_VISIT(self->heap);
-    Py_VISIT(Py_TYPE((PyObject *)self));
+    CodeBlockObject *self = (CodeBlockObject *)obj;
+
+    /* pins and exports hold the block: none is left, the range goes back */
+    if (self->heap != NULL && self->start >= 0 && self->heap->state == HEAP_OPEN)
+        block_release(self);
+    Py_CLEAR(self->heap);
     return 0;
 }
 
-static void
-block_dealloc(CodeBlockObject *self)
-{
-    PyTypeObject *tp = Py_TYPE((PyObject *)self);
-    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
-    CodeHeapObject *heap = self->heap;
-
-    PyObject_GC_UnTrack(self);
-    /* pins and exports hold the block: none is left, the range goes back */
-    if (heap != NULL && self->start >= 0 && heap->state == HEAP_OPEN)
-        block_release(self);
-    self->heap = NULL;
-    tp_free(self);
-    Py_XDECREF((PyObject *)heap);
-    Py_DECREF(tp);
-}
+KERNEL_DEALLOC(block_dealloc, block_teardown)
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_FASTKW(block_write)
@@ -268,17 +253,17 @@ static PyMethodDef block_methods[] = {
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_GET(block_get_address)
 LOCKED_GET(block_get_offset)
-LOCKED_GET(block_get_size)
 LOCKED_GET(block_get_closed)
 LOCKED_GET(block_get_heap)
 LOCKED_GET(block_get_pins)
 LOCKED_GET(block_get_exports)
+LOCKED_GET(field_get)
 
 static PyGetSetDef block_getset[] = {
     {"address", (getter)LOCKED(block_get_address), NULL,
      "Where the block's code runs (in the heap's read/exec view).", NULL},
     {"offset", (getter)LOCKED(block_get_offset), NULL, "The block's offset in its heap.", NULL},
-    {"size", (getter)LOCKED(block_get_size), NULL, "Bytes asked for.", NULL},
+    FIELD_GETSET("size", CodeBlockObject, size, GET_SSIZE, "Bytes asked for."),
     {"closed", (getter)LOCKED(block_get_closed), NULL, "True once the block is freed.", NULL},
     {"heap", (getter)LOCKED(block_get_heap), NULL, "The heap the block belongs to.", NULL},
     {"_pins", (getter)LOCKED(block_get_pins), NULL, "Live functions (pins).", NULL},
@@ -286,25 +271,17 @@ static PyGetSetDef block_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-/* entry points: under the kernel lock in free-threaded builds (mman.h) */
-LOCKED_DEALLOC(block_dealloc)
-
 static PyType_Slot block_slots[] = {
     {Py_tp_doc, "The kernel of CodeBlock: a range of a code heap, its pins and exports."},
     {Py_tp_new, block_new},
-    {Py_tp_dealloc, LOCKED(block_dealloc)},
-    {Py_tp_traverse, block_traverse},
+    LIFE_SLOTS(block),
     {Py_tp_methods, block_methods},
     {Py_tp_getset, block_getset},
     {0, NULL},
 };
 
-PyType_Spec block_spec = {
-    .name = "mmap_alloc._mman.CodeBlock",
-    .basicsize = sizeof(CodeBlockObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .slots = block_slots,
-};
+PyType_Spec block_spec
+    = KERNEL_SPEC("CodeBlock", CodeBlockObject, Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC, block_slots);
 
 
 /* ------------------------------------------------------------------ */

@@ -434,55 +434,29 @@ heap_get_writable_address(CodeHeapObject *self, void *closure)
 }
 
 static PyObject *
-heap_get_capacity(CodeHeapObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(self->spans.capacity);
-}
-
-static PyObject *
 heap_get_closed(CodeHeapObject *self, void *closure)
 {
     return PyBool_FromLong(self->state != HEAP_OPEN);
 }
 
-static PyObject *
-heap_get_sync(CodeHeapObject *self, void *closure)
-{
-    return PyBool_FromLong(self->sync);
-}
+ONE_REF_TRAVERSE(heap, CodeHeapObject, block_type)
+ONE_REF_CLEAR(heap, CodeHeapObject, block_type)
 
 static int
-heap_traverse(CodeHeapObject *self, visitproc visit, void *arg)
+heap_teardown(PyObject *obj)
 {
-    Py_VISIT(self->block_type);
-    Py_VISIT(Py_TYPE((PyObject *)self));
-    return 0;
-}
+    CodeHeapObject *self = (CodeHeapObject *)obj;
 
-static int
-heap_clear(CodeHeapObject *self)
-{
-    Py_CLEAR(self->block_type);
-    return 0;
-}
-
-static void
-heap_dealloc(CodeHeapObject *self)
-{
-    PyTypeObject *tp = Py_TYPE((PyObject *)self);
-    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
-
-    PyObject_GC_UnTrack(self);
     /* every live block holds the heap: none is left here */
     if (self->state == HEAP_OPEN)
         heap_unmap(self);
     PyMem_Free(self->spans.spans);
     self->spans.spans = NULL;
     mapping_free_extra(&self->m);
-    heap_clear(self);
-    tp_free(self);
-    Py_DECREF(tp);
+    return heap_clear(obj);
 }
+
+KERNEL_DEALLOC(heap_dealloc, heap_teardown)
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_FAST(heap_open)
@@ -517,43 +491,34 @@ static PyMethodDef heap_methods[] = {
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_GET(heap_get_address)
 LOCKED_GET(heap_get_writable_address)
-LOCKED_GET(heap_get_capacity)
 LOCKED_GET(heap_get_closed)
-LOCKED_GET(heap_get_sync)
+LOCKED_GET(field_get)
 
 static PyGetSetDef heap_getset[] = {
     {"address", (getter)LOCKED(heap_get_address), NULL,
      "Start of the read/exec view: where the heap's code runs.", NULL},
     {"_writable_address", (getter)LOCKED(heap_get_writable_address), NULL,
      "Start of the read/write view (never executable).", NULL},
-    {"capacity", (getter)LOCKED(heap_get_capacity), NULL, "Bytes of the heap (of each view).", NULL},
+    FIELD_GETSET("capacity", CodeHeapObject, spans.capacity, GET_SSIZE,
+                 "Bytes of the heap (of each view)."),
     {"closed", (getter)LOCKED(heap_get_closed), NULL, "True unless the heap is open.", NULL},
-    {"_sync", (getter)LOCKED(heap_get_sync), NULL,
-     "Whether writes serialise other threads' instruction fetch (membarrier).", NULL},
+    FIELD_GETSET("_sync", CodeHeapObject, sync, GET_BOOL,
+                 "Whether writes serialise other threads' instruction fetch (membarrier)."),
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-/* entry points: under the kernel lock in free-threaded builds (mman.h) */
-LOCKED_DEALLOC(heap_dealloc)
 LOCKED_INQUIRY(heap_clear)
-
 static PyType_Slot heap_slots[] = {
     {Py_tp_doc, "The kernel of CodeHeap: one memfd mapped read/write and read/exec."},
     {Py_tp_new, PyType_GenericNew},
-    {Py_tp_dealloc, LOCKED(heap_dealloc)},
-    {Py_tp_traverse, heap_traverse},
-    {Py_tp_clear, LOCKED(heap_clear)},
+    GC_SLOTS(heap),
     {Py_tp_methods, heap_methods},
     {Py_tp_getset, heap_getset},
     {0, NULL},
 };
 
-static PyType_Spec heap_spec = {
-    .name = "mmap_alloc._mman.CodeHeap",
-    .basicsize = sizeof(CodeHeapObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .slots = heap_slots,
-};
+static PyType_Spec heap_spec
+    = KERNEL_SPEC("CodeHeap", CodeHeapObject, Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC, heap_slots);
 
 int
 codeheap_init(PyObject *module)

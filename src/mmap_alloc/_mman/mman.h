@@ -10,7 +10,8 @@
  *   the core       mapping.c (a mapping, its record, holds, busy count, the
  *                  registry and the fork hook), resize.c (growing, moving and
  *                  shrinking any mapping, anonymous or of a file), record.c
- *                  (the protection record), state.c, errors.c, args.c;
+ *                  (the protection record), state.c, errors.c, args.c,
+ *                  objects.c (what the types share);
  *   the platform   platform.h, implemented by os_linux.c and
  *                  os_linux_files.c: every memory system call.
  *
@@ -651,6 +652,11 @@ typedef struct {
  * hold for offset (-1 with the exception), then the hold. NULL on failure. */
 PyObject *pin_at(PyObject *owner, PyObject *arg,
                  int (*target)(PyObject *owner, Py_ssize_t offset, PinTarget *t));
+
+/* ------------------------------------------------------------------ */
+/* objects.c: what the kernel's object types share                     */
+
+#include "objects.h"
 
 /* ------------------------------------------------------------------ */
 /* spans.c: the free-span allocator of a code heap (pure data)         */

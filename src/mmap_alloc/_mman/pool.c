@@ -467,39 +467,25 @@ pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)self;
 }
 
-static int
-pool_traverse(PoolObject *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->source);
-    Py_VISIT(Py_TYPE((PyObject *)self));
-    return 0;
-}
-
+ONE_REF_TRAVERSE(pool, PoolObject, source)
 /* Only Python references: the slabs stay until the pool is deallocated,
  * which no view can outlive (a view holds the pool). */
+ONE_REF_CLEAR(pool, PoolObject, source)
+
 static int
-pool_clear(PoolObject *self)
+pool_teardown(PyObject *obj)
 {
-    Py_CLEAR(self->source);
-    return 0;
-}
+    PoolObject *self = (PoolObject *)obj;
 
-static void
-pool_dealloc(PoolObject *self)
-{
-    PyTypeObject *tp = Py_TYPE((PyObject *)self);
-    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
-
-    PyObject_GC_UnTrack(self);
     if (self->weakreflist != NULL)
-        PyObject_ClearWeakRefs((PyObject *)self);
+        PyObject_ClearWeakRefs(obj);
     self->closed = 1;
     pool_unmap_all(self);
     pool_forget_ints(self);
-    pool_clear(self);
-    tp_free(self);
-    Py_DECREF(tp);
+    return pool_clear(obj);
 }
+
+KERNEL_DEALLOC(pool_dealloc, pool_teardown)
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_FAST(pool_alloc)
@@ -554,7 +540,6 @@ static PyMemberDef pool_members[] = {
 };
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
-LOCKED_DEALLOC(pool_dealloc)
 LOCKED_INQUIRY(pool_clear)
 LOCKED_LEN(pool_length)
 LOCKED_CONTAINS(pool_contains)
@@ -562,9 +547,7 @@ LOCKED_CONTAINS(pool_contains)
 static PyType_Slot pool_slots[] = {
     {Py_tp_doc, "The slabs and free bitmaps of ObjectPool."},
     {Py_tp_new, pool_new},
-    {Py_tp_dealloc, LOCKED(pool_dealloc)},
-    {Py_tp_traverse, pool_traverse},
-    {Py_tp_clear, LOCKED(pool_clear)},
+    GC_SLOTS(pool),
     {Py_tp_methods, pool_methods},
     {Py_tp_getset, pool_getset},
     {Py_tp_members, pool_members},
@@ -573,9 +556,5 @@ static PyType_Slot pool_slots[] = {
     {0, NULL},
 };
 
-PyType_Spec pool_spec = {
-    .name = "mmap_alloc._mman.Pool",
-    .basicsize = sizeof(PoolObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .slots = pool_slots,
-};
+PyType_Spec pool_spec
+    = KERNEL_SPEC("Pool", PoolObject, Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC, pool_slots);

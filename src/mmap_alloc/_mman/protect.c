@@ -315,29 +315,22 @@ pin_get_address(PinObject *pin, void *closure)
     return PyLong_FromVoidPtr(pin->address);
 }
 
+ONE_REF_TRAVERSE(pin, PinObject, owner)
+
 static int
-pin_traverse(PinObject *pin, visitproc visit, void *arg)
+pin_teardown(PyObject *obj)
 {
-    Py_VISIT(pin->owner);
-    Py_VISIT(Py_TYPE((PyObject *)pin));
-    return 0;
-}
+    PinObject *pin = (PinObject *)obj;
 
-static void
-pin_dealloc(PinObject *pin)
-{
-    PyTypeObject *tp = Py_TYPE((PyObject *)pin);
-    PyObject *owner = pin->owner;
-
-    PyObject_GC_UnTrack(pin);
     if (pin->hold != NULL) {
         mapping_unhold(pin->m, pin->hold);   /* exactly once: only a Pin's death unpins */
         pin->hold = NULL;
     }
-    Py_XDECREF(owner);
-    PyObject_GC_Del(pin);
-    Py_DECREF(tp);
+    Py_CLEAR(pin->owner);
+    return 0;
 }
+
+KERNEL_DEALLOC(pin_dealloc, pin_teardown)
 
 static PyObject *
 pin_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -354,22 +347,14 @@ static PyGetSetDef pin_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-/* entry points: under the kernel lock in free-threaded builds (mman.h) */
-LOCKED_DEALLOC(pin_dealloc)
-
 static PyType_Slot pin_slots[] = {
     {Py_tp_doc, "Keeps a region, or the code of a region or code block, mapped and in place "
                 "while it lives; unpins when it dies."},
     {Py_tp_new, pin_new},
     {Py_tp_getset, pin_getset},
-    {Py_tp_traverse, pin_traverse},
-    {Py_tp_dealloc, LOCKED(pin_dealloc)},
+    LIFE_SLOTS(pin),
     {0, NULL},
 };
 
-PyType_Spec pin_spec = {
-    .name = "mmap_alloc._mman.Pin",
-    .basicsize = sizeof(PinObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .slots = pin_slots,
-};
+PyType_Spec pin_spec
+    = KERNEL_SPEC("Pin", PinObject, Py_TPFLAGS_HAVE_GC, pin_slots);

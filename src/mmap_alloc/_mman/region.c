@@ -324,12 +324,6 @@ region_get_address(RegionObject *self, void *closure)
     return PyLong_FromVoidPtr(self->m.data);
 }
 
-static PyObject *
-region_get_closed(RegionObject *self, void *closure)
-{
-    return PyBool_FromLong(self->m.data == NULL);
-}
-
 /* The protection all pages share, or -1 when they differ. */
 static int
 common_prot(RegionObject *self)
@@ -356,30 +350,6 @@ region_get_mixed(RegionObject *self, void *closure)
     if (region_check_open(self) < 0)
         return NULL;
     return PyBool_FromLong(common_prot(self) < 0);
-}
-
-static PyObject *
-region_get_busy(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(mapping_busy(&self->m));
-}
-
-static PyObject *
-region_get_exports(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(mapping_exports(&self->m));
-}
-
-static PyObject *
-region_get_pins(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(mapping_pins(&self->m));
-}
-
-static PyObject *
-region_get_align(RegionObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(mapping_align(&self->m));
 }
 
 /* _runs() -> list of (offset, length, prot, flags): the protection record */
@@ -435,9 +405,7 @@ static int
 region_traverse(RegionObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->owner);
-    Py_VISIT(self->backing);
-    Py_VISIT(Py_TYPE((PyObject *)self));
-    return 0;
+    return kernel_visit((PyObject *)self, self->backing, visit, arg);
 }
 
 static int
@@ -584,24 +552,20 @@ static PyMethodDef region_methods[] = {
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_GET(region_get_address)
-LOCKED_GET(region_get_closed)
 LOCKED_GET(region_get_mixed)
 LOCKED_GET(region_get_prot)
-LOCKED_GET(region_get_busy)
-LOCKED_GET(region_get_exports)
-LOCKED_GET(region_get_pins)
-LOCKED_GET(region_get_align)
+LOCKED_GET(field_get)
 
 static PyGetSetDef region_getset[] = {
     {"address", (getter)LOCKED(region_get_address), NULL,
      "Start address of the mapping, for interop (ctypes, cffi).", NULL},
-    {"closed", (getter)LOCKED(region_get_closed), NULL, "True once the region is unmapped.", NULL},
+    FIELD_GETSET("closed", RegionObject, m, GET_CLOSED, "True once the region is unmapped."),
     {"mixed", (getter)LOCKED(region_get_mixed), NULL, "Whether pages differ in protection.", NULL},
     {"_prot", (getter)LOCKED(region_get_prot), NULL, "Protection all pages share, or -1.", NULL},
-    {"_busy", (getter)LOCKED(region_get_busy), NULL, "Calls running without the GIL.", NULL},
-    {"_exports", (getter)LOCKED(region_get_exports), NULL, "Live buffers.", NULL},
-    {"_pins", (getter)LOCKED(region_get_pins), NULL, "Live pins (functions, pin()).", NULL},
-    {"_align", (getter)LOCKED(region_get_align), NULL, "The alignment kept across moves.", NULL},
+    FIELD_GETSET("_busy", RegionObject, m, GET_BUSY, "Calls running without the GIL."),
+    FIELD_GETSET("_exports", RegionObject, m, GET_EXPORTS, "Live buffers."),
+    FIELD_GETSET("_pins", RegionObject, m, GET_PINS, "Live pins (functions, pin())."),
+    FIELD_GETSET("_align", RegionObject, m, GET_ALIGN, "The alignment kept across moves."),
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -627,15 +591,12 @@ LOCKED_LEN(region_length)
 LOCKED_CONTAINS(region_contains)
 LOCKED_BINARY(region_subscript)
 LOCKED_ASS(region_ass_subscript)
-LOCKED_GETBUF(region_getbuffer)
-LOCKED_RELBUF(region_releasebuffer)
+LOCKED_BUFFER(region)
 
 static PyType_Slot region_slots[] = {
     {Py_tp_doc, "One mapping, its page protections, exports and pins."},
     {Py_tp_new, region_new},
-    {Py_tp_dealloc, LOCKED(region_dealloc)},
-    {Py_tp_traverse, region_traverse},
-    {Py_tp_clear, LOCKED(region_clear)},
+    GC_SLOTS(region),
     {Py_tp_methods, region_methods},
     {Py_tp_getset, region_getset},
     {Py_tp_members, region_members},
@@ -645,14 +606,10 @@ static PyType_Slot region_slots[] = {
     {Py_mp_length, LOCKED(region_length)},
     {Py_mp_subscript, LOCKED(region_subscript)},
     {Py_mp_ass_subscript, LOCKED(region_ass_subscript)},
-    {Py_bf_getbuffer, LOCKED(region_getbuffer)},
-    {Py_bf_releasebuffer, LOCKED(region_releasebuffer)},
+    BUFFER_SLOTS(region),
     {0, NULL},
 };
 
-PyType_Spec region_spec = {
-    .name = "mmap_alloc._mman.Region",   /* region.py names it mmap_alloc.Region */
-    .basicsize = sizeof(RegionObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .slots = region_slots,
-};
+/* region.py names it mmap_alloc.Region */
+PyType_Spec region_spec
+    = KERNEL_SPEC("Region", RegionObject, Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC, region_slots);

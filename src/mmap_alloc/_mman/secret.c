@@ -345,11 +345,10 @@ secret_close(SecretObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-static void
-secret_dealloc(SecretObject *self)
+static int
+secret_teardown(PyObject *obj)
 {
-    PyTypeObject *tp = Py_TYPE((PyObject *)self);
-    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    SecretObject *self = (SecretObject *)obj;
     Py_ssize_t size = self->m.size;
 
     if (self->weakreflist != NULL)
@@ -363,16 +362,17 @@ secret_dealloc(SecretObject *self)
             PyObject *type, *value, *tb;
             PyErr_Fetch(&type, &value, &tb);
             corruption_error(size);
-            PyErr_WriteUnraisable((PyObject *)tp);
+            PyErr_WriteUnraisable((PyObject *)Py_TYPE(obj));
             PyErr_Restore(type, value, tb);
         }
     }
     else if (self->m.rec.runs != &self->m.rec.one)
         rec_free(&self->m.rec);
     mapping_free_extra(&self->m);
-    tp_free(self);
-    Py_DECREF(tp);
+    return 0;
 }
+
+KERNEL_DEALLOC(secret_dealloc, secret_teardown)
 
 /* ------------------------------------------------------------------ */
 /* getters                                                             */
@@ -424,18 +424,6 @@ static PyObject *
 secret_get_guard(SecretObject *self, void *closure)
 {
     return PyUnicode_FromString(self->guard == GUARD_MADVISE ? "madvise" : "mprotect");
-}
-
-static PyObject *
-secret_get_closed(SecretObject *self, void *closure)
-{
-    return PyBool_FromLong(self->m.data == NULL);
-}
-
-static PyObject *
-secret_get_exports(SecretObject *self, void *closure)
-{
-    return PyLong_FromSsize_t(mapping_exports(&self->m));
 }
 
 static PyObject *
@@ -515,11 +503,10 @@ LOCKED_GET(secret_get_access)
 LOCKED_GET(secret_get_locked)
 LOCKED_GET(secret_get_backend)
 LOCKED_GET(secret_get_guard)
-LOCKED_GET(secret_get_closed)
 LOCKED_GET(secret_get_prot)
 LOCKED_GET(secret_get_forked)
 LOCKED_GET(secret_get_mapping)
-LOCKED_GET(secret_get_exports)
+LOCKED_GET(field_get)
 
 static PyGetSetDef secret_getset[] = {
     {"address", (getter)LOCKED(secret_get_address), NULL,
@@ -532,11 +519,10 @@ static PyGetSetDef secret_getset[] = {
      "Where the pages come from: \"memfd_secret\" or \"anonymous\".", NULL},
     {"guard", (getter)LOCKED(secret_get_guard), NULL,
      "How the guard pages are made: \"madvise\" (MADV_GUARD_INSTALL) or \"mprotect\".", NULL},
-    {"closed", (getter)LOCKED(secret_get_closed), NULL, "True once the buffer is wiped and unmapped.",
-     NULL},
+    FIELD_GETSET("closed", SecretObject, m, GET_CLOSED, "True once the buffer is wiped and unmapped."),
     {"_prot", (getter)LOCKED(secret_get_prot), NULL, "The access as PROT_* bits.", NULL},
     {"_forked", (getter)LOCKED(secret_get_forked), NULL, "Inherited over fork (zero pages).", NULL},
-    {"_exports", (getter)LOCKED(secret_get_exports), NULL, "Live buffers.", NULL},
+    FIELD_GETSET("_exports", SecretObject, m, GET_EXPORTS, "Live buffers."),
     {"_mapping", (getter)LOCKED(secret_get_mapping), NULL,
      "(base, total, pages, inner): the mapping and its secret pages.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -550,10 +536,8 @@ static PyMemberDef secret_members[] = {
 };
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
-LOCKED_DEALLOC(secret_dealloc)
 LOCKED_LEN(secret_length)
-LOCKED_GETBUF(secret_getbuffer)
-LOCKED_RELBUF(secret_releasebuffer)
+LOCKED_BUFFER(secret)
 
 static PyType_Slot secret_slots[] = {
     {Py_tp_doc, "Secret memory: guard pages, a canary, locked, never dumped, wiped."},
@@ -564,17 +548,12 @@ static PyType_Slot secret_slots[] = {
     {Py_tp_members, secret_members},
     {Py_sq_length, LOCKED(secret_length)},
     {Py_mp_length, LOCKED(secret_length)},
-    {Py_bf_getbuffer, LOCKED(secret_getbuffer)},
-    {Py_bf_releasebuffer, LOCKED(secret_releasebuffer)},
+    BUFFER_SLOTS(secret),
     {0, NULL},
 };
 
-static PyType_Spec secret_spec = {
-    .name = "mmap_alloc._mman.Secret",
-    .basicsize = sizeof(SecretObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .slots = secret_slots,
-};
+static PyType_Spec secret_spec
+    = KERNEL_SPEC("Secret", SecretObject, Py_TPFLAGS_BASETYPE, secret_slots);
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_O(secret_register)

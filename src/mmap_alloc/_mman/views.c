@@ -129,25 +129,19 @@ view_exported(PyObject *module, PyObject *arg)
     return PyBool_FromLong(((ViewObject *)arg)->buffers > 0);
 }
 
+ONE_REF_TRAVERSE(view, ViewObject, owner)
+
 static int
-view_traverse(ViewObject *v, visitproc visit, void *arg)
+view_teardown(PyObject *obj)
 {
-    Py_VISIT(v->owner);
-    Py_VISIT(Py_TYPE((PyObject *)v));
+    ViewObject *v = (ViewObject *)obj;
+
+    view_unpin(v);
+    Py_CLEAR(v->owner);
     return 0;
 }
 
-static void
-view_dealloc(ViewObject *v)
-{
-    PyTypeObject *tp = Py_TYPE((PyObject *)v);
-
-    PyObject_GC_UnTrack(v);
-    view_unpin(v);
-    Py_CLEAR(v->owner);
-    PyObject_GC_Del(v);
-    Py_DECREF(tp);
-}
+KERNEL_DEALLOC(view_dealloc, view_teardown)
 
 static PyObject *
 view_type_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -157,26 +151,18 @@ view_type_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 }
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
-LOCKED_DEALLOC(view_dealloc)
-LOCKED_GETBUF(view_getbuffer)
-LOCKED_RELBUF(view_releasebuffer)
+LOCKED_BUFFER(view)
 
 static PyType_Slot view_slots[] = {
     {Py_tp_doc, "Exports part of a region, or one pool object, and pins it while it lives."},
     {Py_tp_new, view_type_new},
-    {Py_tp_traverse, view_traverse},
-    {Py_tp_dealloc, LOCKED(view_dealloc)},
-    {Py_bf_getbuffer, LOCKED(view_getbuffer)},
-    {Py_bf_releasebuffer, LOCKED(view_releasebuffer)},
+    LIFE_SLOTS(view),
+    BUFFER_SLOTS(view),
     {0, NULL},
 };
 
-PyType_Spec view_spec = {
-    .name = "mmap_alloc._mman.View",
-    .basicsize = sizeof(ViewObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .slots = view_slots,
-};
+PyType_Spec view_spec
+    = KERNEL_SPEC("View", ViewObject, Py_TPFLAGS_HAVE_GC, view_slots);
 
 /* A converted offset or length argument (an exact int) as a Py_ssize_t;
  * PY_SSIZE_T_MAX or PY_SSIZE_T_MIN beyond that range (they are refused
