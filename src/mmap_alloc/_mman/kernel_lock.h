@@ -29,11 +29,14 @@
  * its innermost critical section (the active one while it runs) is the
  * kernel's: then the nested entry runs under it (CPython 3.14 makes the
  * same test itself). The low two bits of the tag are CPython's flags. */
-#define KERNEL_LOCK_HELD()                                                            \
-    (PyThreadState_GET()->critical_section != 0                                       \
-     && ((PyCriticalSection *)(PyThreadState_GET()->critical_section & ~(uintptr_t)3)) \
-                ->_cs_mutex                                                           \
-            == &kernel.lock->ob_mutex)
+static inline int
+critical_section_holds(PyMutex *mutex)
+{
+    uintptr_t top = PyThreadState_GET()->critical_section;
+
+    return top != 0 && ((PyCriticalSection *)(top & ~(uintptr_t)3))->_cs_mutex == mutex;
+}
+#define KERNEL_LOCK_HELD() critical_section_holds(&kernel.lock->ob_mutex)
 #define KERNEL_LOCK()                                  \
     {                                                  \
         PyCriticalSection kernel_cs_;                  \
