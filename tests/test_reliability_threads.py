@@ -283,5 +283,7 @@ def alloc_many_beside_a_thread(n: int) -> dict[str, float]:
 
 def test_a_long_alloc_many_lets_other_threads_run() -> None:
     result = run_child("test_reliability_threads", "alloc_many_beside_a_thread", 8 * 10**6).check()
-    # the other thread waits a switch interval (5 ms) at a time, not the whole call
-    assert result["longest_wait"] < min(0.1, result["seconds"] / 3), result
+    # the other thread waits a switch interval (5 ms) at a time, not the whole
+    # call: measured against the call's own time, as a loaded machine (3.14, load
+    # 7.5 on 2 cores) stretched one wait past 100 ms within a 1.5 s call
+    assert result["longest_wait"] < result["seconds"] / 3, result
