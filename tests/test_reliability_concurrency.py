@@ -65,6 +65,7 @@ RW = R | W
 EXPECTED = (MapAllocError, ValueError, BufferError, TypeError, OSError, IndexError, RuntimeError)
 """What an operation may raise when another thread got in first."""
 MAX_EXPORTS = 24
+GIL_ENABLED = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 # ---------------------------------------------------------------- the world
@@ -214,10 +215,15 @@ def _bytes_of(buffer: Any) -> memoryview:
 
 
 def touch(world: World, rnd: random.Random, note: Callable[[str], None]) -> None:
-    """Read or write through a live export, with the GIL or without it. The
-    export leaves the list while it is used: a memoryview another thread
-    releases mid-access is a race in the program (CPython 3.13's free-threaded
-    memoryview does not guard it; stdlib mmap would crash the same way)."""
+    """Read or write through a live export, with the GIL or without it, while
+    other threads may end it. Without a GIL the export leaves the list while
+    it is used: a memoryview that another thread releases mid-access is a race
+    in the program there (CPython 3.13's free-threaded memoryview does not
+    guard it, and stdlib mmap crashes the same way)."""
+    if GIL_ENABLED:
+        if world.exports:
+            _touch(rnd.choice(world.exports), rnd, note)
+        return
     try:
         export = world.exports.pop(rnd.randrange(len(world.exports)))
     except (ValueError, IndexError):  # none, or another thread took the last
