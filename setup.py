@@ -46,7 +46,7 @@ setup(
         ),
         Extension(
             "mmap_alloc.bench._limits",
-            sources=["src/mmap_alloc/bench/_limits.c"],
+            sources=["src/mmap_alloc/bench/_limits.c", "src/mmap_alloc/_mman/os_linux.c"],
             define_macros=LIMITED_API,
             py_limited_api=not FREE_THREADED,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],

@@ -5,7 +5,8 @@
  * between: the "C loop" reference the library is measured against (what
  * mmap_alloc adds on top of the kernel; not a lower bound for other ways of
  * doing the work). Used by `python -m mmap_alloc bench` only; not part of
- * the library's API.
+ * the library's API. The calls go through the library's platform layer
+ * (_mman/platform.h, compiled in), as the library's own do.
  */
 /* Py_LIMITED_API (0x030B0000, abi3) comes from setup.py, for GIL builds only */
 #define PY_SSIZE_T_CLEAN
@@ -14,10 +15,11 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
-#define ANON (MAP_PRIVATE | MAP_ANONYMOUS)
+#include "../_mman/platform.h"
+
+#define RW (PROT_READ | PROT_WRITE)
 
 static int
 parse(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, Py_ssize_t *out)
@@ -65,19 +67,16 @@ map_unmap(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < a[0]; i++) {
-        char *p = mmap(NULL, (size_t)a[1], PROT_READ | PROT_WRITE, ANON | (int)a[2], -1, 0);
-        if (p == MAP_FAILED) {
-            err = errno;
+        void *p;
+        if ((err = os_map(&p, NULL, (size_t)a[1], RW, (int)a[2], -1, 0)) != 0)
             break;
-        }
-        if (a[4] && madvise(p, (size_t)a[1], (int)a[4]) != 0) {
-            err = errno;
-            munmap(p, (size_t)a[1]);
+        if (a[4] && (err = os_advise(p, (size_t)a[1], (int)a[4])) != 0) {
+            os_unmap(p, (size_t)a[1]);
             break;
         }
         if (a[3])
             touch(p, a[1], page);
-        munmap(p, (size_t)a[1]);
+        os_unmap(p, (size_t)a[1]);
     }
     Py_END_ALLOW_THREADS
     return finish(err);
@@ -96,23 +95,17 @@ grow_by_doubling(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < a[0] && !err; i++) {
         Py_ssize_t size = a[1];
-        char *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, ANON, -1, 0);
-        if (p == MAP_FAILED) {
-            err = errno;
+        void *p;
+        if ((err = os_map(&p, NULL, (size_t)size, RW, 0, -1, 0)) != 0)
             break;
-        }
         memset(p, 1, (size_t)size);
         while (size < a[2]) {
-            char *q = mremap(p, (size_t)size, (size_t)size * 2, MREMAP_MAYMOVE);
-            if (q == MAP_FAILED) {
-                err = errno;
+            if ((err = os_move(&p, p, (size_t)size, (size_t)size * 2, NULL)) != 0)
                 break;
-            }
-            p = q;
-            memset(p + size, 1, (size_t)size);
+            memset((char *)p + size, 1, (size_t)size);
             size *= 2;
         }
-        munmap(p, (size_t)size);
+        os_unmap(p, (size_t)size);
     }
     Py_END_ALLOW_THREADS
     return finish(err);
@@ -128,11 +121,9 @@ protect_flip(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
     if (parse(args, nargs, 3, a) < 0)
         return NULL;
     for (Py_ssize_t i = 0; i < a[0]; i++) {
-        if (mprotect((void *)a[1], (size_t)a[2], PROT_READ | PROT_EXEC) != 0
-            || mprotect((void *)a[1], (size_t)a[2], PROT_READ | PROT_WRITE) != 0) {
-            err = errno;
+        if ((err = os_protect((void *)a[1], (size_t)a[2], PROT_READ | PROT_EXEC)) != 0
+            || (err = os_protect((void *)a[1], (size_t)a[2], RW)) != 0)
             break;
-        }
     }
     return finish(err);
 }
@@ -148,15 +139,9 @@ commit_uncommit(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < a[0]; i++) {
-#ifdef MADV_POPULATE_WRITE
-        if (madvise((void *)a[1], (size_t)a[2], MADV_POPULATE_WRITE) != 0
-#else
-        if (madvise((void *)a[1], (size_t)a[2], MADV_WILLNEED) != 0
-#endif
-            || madvise((void *)a[1], (size_t)a[2], MADV_DONTNEED) != 0) {
-            err = errno;
+        if ((err = os_advise((void *)a[1], (size_t)a[2], MADV_POPULATE_WRITE)) != 0
+            || (err = os_advise((void *)a[1], (size_t)a[2], MADV_DONTNEED)) != 0)
             break;
-        }
     }
     Py_END_ALLOW_THREADS
     return finish(err);
