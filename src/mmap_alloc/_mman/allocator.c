@@ -381,14 +381,8 @@ allocator_dealloc_region(AllocatorObject *self, PyObject *region)
         m->data = p;   /* refused (vm.max_map_count): the general path says why */
     }
 general:
-    if (!is_region(region)) {
-        PyObject *name = PyType_GetName(Py_TYPE(region));
-        if (name != NULL) {
-            PyErr_Format(PyExc_TypeError, "expected a Region, not %U", name);
-            Py_DECREF(name);
-        }
-        return NULL;
-    }
+    if (!is_region(region))
+        return raise_wrong_type(region, "expected a Region");
     return region_release((RegionObject *)region, (PyObject *)self);
 }
 

@@ -34,12 +34,8 @@ as_index(PyObject *o, const char *name)
     }
     i = PyNumber_Index(o);
     if (i == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
-        PyObject *tname = PyType_GetName(Py_TYPE(o));
         PyErr_Clear();
-        if (tname != NULL) {
-            PyErr_Format(PyExc_TypeError, "%s must be an integer, not %U", name, tname);
-            Py_DECREF(tname);
-        }
+        return raise_wrong_type(o, "%s must be an integer", name);
     }
     return i;
 }
@@ -95,12 +91,8 @@ arg_buffer(PyObject *o, const char *name, Py_buffer *view, int flags)
     if (PyObject_GetBuffer(o, view, flags) == 0)
         return 0;
     if (PyErr_ExceptionMatches(PyExc_TypeError)) {
-        PyObject *tname = PyType_GetName(Py_TYPE(o));
         PyErr_Clear();
-        if (tname != NULL) {
-            PyErr_Format(PyExc_TypeError, "%s must be a bytes-like object, not %U", name, tname);
-            Py_DECREF(tname);
-        }
+        raise_wrong_type(o, "%s must be a bytes-like object", name);
     }
     return -1;
 }

@@ -191,12 +191,7 @@ index_of(RegionObject *self, PyObject *key, Py_ssize_t *i)
             return -1;
     }
     else {
-        PyObject *name = PyType_GetName(Py_TYPE(key));
-        if (name != NULL) {
-            PyErr_Format(PyExc_TypeError, "region indices must be integers or slices, not %U",
-                         name);
-            Py_DECREF(name);
-        }
+        raise_wrong_type(key, "region indices must be integers or slices");
         return -1;
     }
     *i = v;

@@ -89,11 +89,7 @@ link_cache(MappingCache *c)
     if (c->linked)
         return;
     c->linked = 1;
-    c->prev = NULL;
-    c->next = kernel.caches;
-    if (kernel.caches != NULL)
-        kernel.caches->prev = c;
-    kernel.caches = c;
+    LIST_PUSH(kernel.caches, c);
 }
 
 static void
@@ -101,12 +97,7 @@ unlink_cache(MappingCache *c)
 {
     if (!c->linked)
         return;
-    if (c->prev != NULL)
-        c->prev->next = c->next;
-    else
-        kernel.caches = c->next;
-    if (c->next != NULL)
-        c->next->prev = c->prev;
+    LIST_UNLINK(kernel.caches, c);
     c->next = c->prev = NULL;
     c->linked = 0;
 }

@@ -200,12 +200,7 @@ block_get_exports(CodeBlockObject *self, void *closure)
     return PyLong_FromSsize_t(buffers);
 }
 
-static PyObject *
-block_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    PyErr_SetString(PyExc_TypeError, "blocks are made by CodeHeap.alloc()");
-    return NULL;
-}
+MADE_BY(block_new, "blocks are made by CodeHeap.alloc()")
 
 ONE_REF_TRAVERSE(block, CodeBlockObject, heap)
 

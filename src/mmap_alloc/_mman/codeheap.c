@@ -86,11 +86,7 @@ is_block(PyObject *o)
 void
 block_link(CodeHeapObject *heap, CodeBlockObject *block)
 {
-    block->prev = NULL;
-    block->next = heap->first;
-    if (heap->first != NULL)
-        heap->first->prev = block;
-    heap->first = block;
+    LIST_PUSH(heap->first, block);
     heap->nblocks++;
     heap->used += block->extent;
 }
@@ -98,12 +94,7 @@ block_link(CodeHeapObject *heap, CodeBlockObject *block)
 void
 block_unlink(CodeHeapObject *heap, CodeBlockObject *block)
 {
-    if (block->prev != NULL)
-        block->prev->next = block->next;
-    else
-        heap->first = block->next;
-    if (block->next != NULL)
-        block->next->prev = block->prev;
+    LIST_UNLINK(heap->first, block);
     block->next = block->prev = NULL;
     heap->nblocks--;
     heap->used -= block->extent;
@@ -322,14 +313,8 @@ heap_free(CodeHeapObject *self, PyObject *arg)
 {
     CodeBlockObject *block = (CodeBlockObject *)arg;
 
-    if (!is_block(arg)) {
-        PyObject *name = PyType_GetName(Py_TYPE(arg));
-        if (name != NULL) {
-            PyErr_Format(PyExc_TypeError, "expected a CodeBlock, not %U", name);
-            Py_DECREF(name);
-        }
-        return NULL;
-    }
+    if (!is_block(arg))
+        return raise_wrong_type(arg, "expected a CodeBlock");
     if (block->heap != self) {
         PyErr_SetString(PyExc_ValueError, "the block belongs to another code heap");
         return NULL;

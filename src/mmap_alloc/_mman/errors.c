@@ -74,3 +74,21 @@ raise_alloc_error(int err, Py_ssize_t size, const char *format, ...)
     va_end(va);
     return raise_alloc_message(err, size, message);
 }
+
+PyObject *
+raise_wrong_type(PyObject *got, const char *format, ...)
+{
+    PyObject *expected, *name = NULL;
+    va_list va;
+
+    va_start(va, format);
+    expected = PyUnicode_FromFormatV(format, va);
+    va_end(va);
+    if (expected != NULL)
+        name = PyType_GetName(Py_TYPE(got));
+    if (name != NULL)
+        PyErr_Format(PyExc_TypeError, "%U, not %U", expected, name);
+    Py_XDECREF(expected);
+    Py_XDECREF(name);
+    return NULL;
+}

@@ -109,11 +109,7 @@ mapping_hold(Mapping *m, Py_ssize_t start, Py_ssize_t end, int kind)
     h->start = start;
     h->end = end;
     h->kind = kind;
-    h->prev = NULL;
-    h->next = x->holds;
-    if (x->holds != NULL)
-        x->holds->prev = h;
-    x->holds = h;
+    LIST_PUSH(x->holds, h);
     if (kind == HOLD_PIN)
         x->pins++;
     else
@@ -126,12 +122,7 @@ mapping_unhold(Mapping *m, Hold *h)
 {
     MappingExtra *x = m->x;   /* a hold exists: so does the extension */
 
-    if (h->prev != NULL)
-        h->prev->next = h->next;
-    else
-        x->holds = h->next;
-    if (h->next != NULL)
-        h->next->prev = h->prev;
+    LIST_UNLINK(x->holds, h);
     if (h->kind == HOLD_PIN)
         x->pins--;
     else

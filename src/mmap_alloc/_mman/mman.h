@@ -61,6 +61,27 @@ typedef struct Mapping Mapping;
         Py_XDECREF((PyObject *)old_);            \
     } while (0)
 
+/* The kernel's lists (a heap's blocks, a mapping's holds, the allocators'
+ * caches) are doubly linked through node->prev and node->next, and head
+ * is the first node. LIST_PUSH puts node first; LIST_UNLINK takes it out. */
+#define LIST_PUSH(head, node)                  \
+    do {                                       \
+        (node)->prev = NULL;                   \
+        (node)->next = (head);                 \
+        if ((head) != NULL)                    \
+            (head)->prev = (node);             \
+        (head) = (node);                       \
+    } while (0)
+#define LIST_UNLINK(head, node)                \
+    do {                                       \
+        if ((node)->prev != NULL)              \
+            (node)->prev->next = (node)->next; \
+        else                                   \
+            (head) = (node)->next;             \
+        if ((node)->next != NULL)              \
+            (node)->next->prev = (node)->prev; \
+    } while (0)
+
 /* ------------------------------------------------------------------ */
 /* state.c: the process-wide state, in one place                       */
 
@@ -134,6 +155,10 @@ PyObject *raise_os_error_sized(int err, const char *call, Py_ssize_t size, const
 /* AllocError(message, errno=err, size=size): memory the library could not
  * provide (MemoryError until exceptions.py registers the type). NULL. */
 PyObject *raise_alloc_error(int err, Py_ssize_t size, const char *format, ...);
+/* TypeError "<expected>, not <the type of got>", the expected part made
+ * from format as by PyUnicode_FromFormat: "expected a Region, not str",
+ * "size must be an integer, not str". Returns NULL. */
+PyObject *raise_wrong_type(PyObject *got, const char *format, ...);
 
 /* ------------------------------------------------------------------ */
 /* args.c: arguments                                                   */

@@ -35,6 +35,15 @@ int kernel_visit(PyObject *self, PyObject *ref, visitproc visit, void *arg);
     }                                          \
     LOCKED_DEALLOC(f)
 
+/* f, the tp_new of a type only the kernel makes: a TypeError that says
+ * what makes its objects. */
+#define MADE_BY(f, message)                                                 \
+    static PyObject *f(PyTypeObject *type, PyObject *args, PyObject *kwds) \
+    {                                                                       \
+        PyErr_SetString(PyExc_TypeError, message);                          \
+        return NULL;                                                        \
+    }
+
 /* Slots every type table repeats, named after the type: its life (dealloc
  * under the kernel lock, traverse; GC_SLOTS adds clear, under the lock too:
  * the file defines LOCKED_INQUIRY(name##_clear)) and a buffer exporter's two

@@ -276,21 +276,28 @@ pool_alloc_zeroed(PoolObject *self, PyObject *const *args, Py_ssize_t nargs)
     return pool_alloc_impl(self, nargs, 1);
 }
 
-/* The live object arg names: its address, slab and index; -1 with the
- * ValueError (or TypeError) for anything else. */
+/* A live object of the pool: its address, slab and index in the slab. */
+typedef struct {
+    uintptr_t address;
+    Slab *slab;
+    uint32_t index;
+} LiveObject;
+
+/* The live object arg names; -1 with the ValueError (or TypeError) for
+ * anything else. */
 static inline int
-pool_live_object(PoolObject *self, PyObject *arg, uintptr_t *a, Slab **s, uint32_t *i)
+pool_live_object(PoolObject *self, PyObject *arg, LiveObject *o)
 {
-    int code = pool_address_arg(arg, a);
+    int code = pool_address_arg(arg, &o->address);
 
     if (code < 0 || pool_check_open(self) < 0)
         return -1;
     if (code == 0)
-        code = pool_locate(self, *a, s, i);
-    if (code == LOC_OK && slab_is_free(*s, *i))
+        code = pool_locate(self, o->address, &o->slab, &o->index);
+    if (code == LOC_OK && slab_is_free(o->slab, o->index))
         code = -1;
     if (code != LOC_OK) {
-        pool_bad_address(self, arg, *a, code, *s, *i);
+        pool_bad_address(self, arg, o->address, code, o->slab, o->index);
         return -1;
     }
     return 0;
@@ -299,13 +306,11 @@ pool_live_object(PoolObject *self, PyObject *arg, uintptr_t *a, Slab **s, uint32
 static PyObject *
 pool_free(PoolObject *self, PyObject *arg)
 {
-    uintptr_t a = 0;
-    Slab *s = NULL;
-    uint32_t i = 0;
+    LiveObject o = {0, NULL, 0};
 
-    if (pool_live_object(self, arg, &a, &s, &i) < 0)
+    if (pool_live_object(self, arg, &o) < 0)
         return NULL;
-    if (slab_give(self, s, i) && self->nempty > self->keep_empty)
+    if (slab_give(self, o.slab, o.index) && self->nempty > self->keep_empty)
         pool_release(self);
     Py_RETURN_NONE;
 }
@@ -342,18 +347,16 @@ pool_length(PoolObject *self)
 static PyObject *
 pool_view(PoolObject *self, PyObject *arg)
 {
-    uintptr_t a = 0;
-    Slab *s = NULL;
-    uint32_t i = 0;
+    LiveObject o = {0, NULL, 0};
 
-    if (pool_live_object(self, arg, &a, &s, &i) < 0)
+    if (pool_live_object(self, arg, &o) < 0)
         return NULL;
-    if (!(s->prot & PROT_READ)) {
+    if (!(o.slab->prot & PROT_READ)) {
         PyErr_SetString(PyExc_BufferError, "the pool's memory is not readable");
         return NULL;
     }
-    return view_new((PyObject *)self, NULL, (char *)a, 0, self->obj_size,
-                    (s->prot & PROT_WRITE) != 0, &s->exports);
+    return view_new((PyObject *)self, NULL, (char *)o.address, 0, self->obj_size,
+                    (o.slab->prot & PROT_WRITE) != 0, &o.slab->exports);
 }
 
 /* _configure(obj_size, stride, per_slab, keep_empty, keep_spare, populate, source) */

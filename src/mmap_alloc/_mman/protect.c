@@ -332,12 +332,8 @@ pin_teardown(PyObject *obj)
 
 KERNEL_DEALLOC(pin_dealloc, pin_teardown)
 
-static PyObject *
-pin_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    PyErr_SetString(PyExc_TypeError, "pins are made by Region.function() and CodeBlock.function(), and by Region.pin()");
-    return NULL;
-}
+MADE_BY(pin_new, "pins are made by Region.function() and CodeBlock.function(), "
+                 "and by Region.pin()")
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_GET(pin_get_address)

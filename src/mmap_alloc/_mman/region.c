@@ -233,12 +233,7 @@ region_exit(RegionObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-static PyObject *
-region_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    PyErr_SetString(PyExc_TypeError, "regions are made by MapAlloc.alloc()");
-    return NULL;
-}
+MADE_BY(region_new, "regions are made by MapAlloc.alloc()")
 
 /* Region._map(size, capacity, prot, mflags, advice, populate, page, align, owner,
  * backing, address=None): map pages and own them, in one step (at address, a

@@ -314,12 +314,7 @@ secret_create(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
     return (PyObject *)self;
 }
 
-static PyObject *
-secret_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    PyErr_SetString(PyExc_TypeError, "secret buffers are made by SecretBuffer(size)");
-    return NULL;
-}
+MADE_BY(secret_new, "secret buffers are made by SecretBuffer(size)")
 
 /* ------------------------------------------------------------------ */
 /* close                                                               */

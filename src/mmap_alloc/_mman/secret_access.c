@@ -231,14 +231,8 @@ secret_compare(SecretObject *self, PyObject *other)
 
     if (PyObject_GetBuffer(other, &b, PyBUF_SIMPLE) < 0) {
         if (PyErr_ExceptionMatches(PyExc_TypeError)) {
-            PyObject *tname = PyType_GetName(Py_TYPE(other));
             PyErr_Clear();
-            if (tname != NULL) {
-                PyErr_Format(PyExc_TypeError,
-                             "compare() takes a bytes-like object or a SecretBuffer, not %U",
-                             tname);
-                Py_DECREF(tname);
-            }
+            raise_wrong_type(other, "compare() takes a bytes-like object or a SecretBuffer");
         }
         return NULL;
     }

@@ -143,12 +143,7 @@ view_teardown(PyObject *obj)
 
 KERNEL_DEALLOC(view_dealloc, view_teardown)
 
-static PyObject *
-view_type_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    PyErr_SetString(PyExc_TypeError, "views are made by Region.view() and ObjectPool.view()");
-    return NULL;
-}
+MADE_BY(view_type_new, "views are made by Region.view() and ObjectPool.view()")
 
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_BUFFER(view)
