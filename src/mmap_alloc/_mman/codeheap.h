@@ -7,6 +7,7 @@
 #define MMAP_ALLOC_CODEHEAP_H
 
 #include "mman.h"
+#include "spans.h"
 
 /* Block extents are multiples of this, and start at multiples of it. */
 #define GRANULE 16

@@ -4,7 +4,7 @@
  * spans that coalesce. Pure data: nothing here calls Python (but for the
  * MemoryError of spans_reserve) or the kernel.
  */
-#include "mman.h"
+#include "spans.h"
 
 static Py_ssize_t
 align_up(Py_ssize_t n, Py_ssize_t align)
