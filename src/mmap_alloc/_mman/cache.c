@@ -15,7 +15,7 @@
  * Every cache that has held mappings is on a process-wide list until its
  * end, so that a refusal for lack of memory or of mappings
  * (vm.max_map_count) anywhere in the library can give them back before it
- * fails (cache_trim_all). Nothing here runs Python code or raises.
+ * fails (kernel.trim_caches). Nothing here runs Python code or raises.
  */
 #include "mman.h"
 
@@ -83,6 +83,21 @@ grow_table(MappingCache *c)
     return 0;
 }
 
+/* kernel.trim_caches: trim every cache of the process. */
+static Py_ssize_t
+cache_trim_all(void)
+{
+    Py_ssize_t released = 0;
+
+    if (kernel.trimming)   /* an unmap refused while trimming: the graveyard takes it */
+        return 0;
+    kernel.trimming = 1;
+    for (MappingCache *c = kernel.caches; c != NULL; c = c->next)
+        released += cache_trim(c);
+    kernel.trimming = 0;
+    return released;
+}
+
 static void
 link_cache(MappingCache *c)
 {
@@ -90,6 +105,7 @@ link_cache(MappingCache *c)
         return;
     c->linked = 1;
     LIST_PUSH(kernel.caches, c);
+    kernel.trim_caches = cache_trim_all;
 }
 
 static void
@@ -202,16 +218,3 @@ cache_list(const MappingCache *c)
     return list;
 }
 
-Py_ssize_t
-cache_trim_all(void)
-{
-    Py_ssize_t released = 0;
-
-    if (kernel.trimming)   /* an unmap refused while trimming: the graveyard takes it */
-        return 0;
-    kernel.trimming = 1;
-    for (MappingCache *c = kernel.caches; c != NULL; c = c->next)
-        released += cache_trim(c);
-    kernel.trimming = 0;
-    return released;
-}

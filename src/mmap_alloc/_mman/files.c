@@ -11,8 +11,9 @@
  * process, and the region's own methods raise FileTruncatedError for those
  * pages until refresh() maps the file again. Resizing is the shared
  * region's (shared_size.c: the file first, every new page allocated, then
- * the mapping, through resize.c); refresh, the file's size as it is now,
- * is here, for file regions and for shared regions the repair watches.
+ * the mapping, through resize.c), and so is refresh, the file's size as it
+ * is now (file_refresh_region, for file regions and for shared regions the
+ * repair watches).
  *
  * Errors of system calls are OSError(errno, strerror, step), step naming
  * the call ("mmap", "msync", ...) or the check ("regular", "offset"):
@@ -166,48 +167,6 @@ file_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *
     if (err)
         return raise_os_error(err, "msync");
     Py_RETURN_NONE;
-}
-
-PyObject *
-file_refresh_region(RegionObject *self, Py_ssize_t limit)
-{
-    Mapping *m = &self->m;
-    Py_ssize_t fsize, want, newcap;
-    int err;
-
-    if (mapping_busy(m) > 0) {
-        PyErr_SetString(PyExc_BufferError,
-                        "cannot refresh the region: a system call on it is in progress");
-        return NULL;
-    }
-    if ((err = file_size(m->fd, &fsize)) != 0)
-        return raise_os_error(err, "fstat");
-    want = fsize > mapping_offset(m) ? fsize - mapping_offset(m) : 0;
-    if (limit >= 0 && want > limit)
-        want = limit;
-    if (want == 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "the file is %zd bytes now: it was cut short to %s (another process "
-                     "truncated it); the region keeps reading zeros until it is closed", fsize,
-                     mapping_offset(m) ? "before the region's offset" : "nothing");
-        return NULL;
-    }
-    if (want > PY_SSIZE_T_MAX - (mapping_align(m) > m->page ? mapping_align(m) : m->page))
-        return raise_os_error(ENOMEM, "size");
-    newcap = round_up(want, m->page);
-    /* the file again over repaired pages it holds now, in place: buffers and
-     * arrays of them see the file from here on */
-    repair_lock(m);
-    err = repair_restore(m, newcap);
-    repair_unlock(m);
-    if (err)
-        return raise_os_error(err, "mmap");
-    if (newcap < m->capacity && mapping_exports(m) == 0 && mapping_pins(m) == 0)
-        mapping_drop_tail(m, newcap);   /* refused (map count): the pages stay past size */
-    else if (newcap > m->capacity && map_growth(self, newcap, "map the file's growth") < 0)
-        return NULL;
-    m->size = want;
-    return PyLong_FromSsize_t(want);
 }
 
 /* _file_refresh(region, limit) -> int: the region's size from the file's

@@ -183,7 +183,7 @@ mapping_set_prot(Mapping *m, Py_ssize_t start, Py_ssize_t end, int prot)
     if (rec_reserve(&m->rec, 2) < 0)
         return -1;
     err = os_protect(m->data + start, (size_t)(end - start), prot);
-    if (err == ENOMEM && cache_trim_all() > 0)   /* at vm.max_map_count: the caches give room */
+    if (err == ENOMEM && kernel_trim_caches() > 0)   /* at vm.max_map_count: the caches give room */
         err = os_protect(m->data + start, (size_t)(end - start), prot);
     if (!err) {
         rec_set(&m->rec, start, end, prot, 0, 0);
@@ -278,7 +278,7 @@ unmap_or_bury(char *p, Py_ssize_t length, int release_gil)
     }
     else
         err = os_unmap(p, (size_t)length);
-    if (err == ENOMEM && cache_trim_all() > 0)   /* a split at vm.max_map_count */
+    if (err == ENOMEM && kernel_trim_caches() > 0)   /* a split at vm.max_map_count */
         err = os_unmap(p, (size_t)length);
     if (!err) {
         kernel.mapped_bytes -= length;
@@ -334,7 +334,7 @@ mapping_close(Mapping *m)
     }
     else
         err = os_unmap(p, (size_t)m->capacity);
-    if (err == ENOMEM && cache_trim_all() > 0)   /* a split at vm.max_map_count */
+    if (err == ENOMEM && kernel_trim_caches() > 0)   /* a split at vm.max_map_count */
         err = os_unmap(p, (size_t)m->capacity);
     if (err) {
         m->data = p;   /* e.g. ENOMEM at vm.max_map_count: the mapping is intact */

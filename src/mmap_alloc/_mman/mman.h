@@ -95,7 +95,8 @@ typedef struct {
     unsigned int fork_generation;    /* bumped in every forked child */
     Mapping *registry;               /* mappings the process-wide hooks visit */
     struct MappingCache *caches;     /* allocators' caches that hold mappings */
-    int trimming;                    /* inside cache_trim_all */
+    int trimming;                    /* inside the caches' trim (cache.c) */
+    Py_ssize_t (*trim_caches)(void); /* cache.c's, set when a cache first keeps a mapping */
     void *spare_regions;             /* dead Regions kept for reuse (region_alloc) */
     int nspare_regions;
     struct Grave *graves;            /* unmaps the kernel refused, to retry */
@@ -117,6 +118,14 @@ typedef struct {
 } KernelState;
 
 extern KernelState kernel;
+
+/* Before a refusal for lack of memory or of mappings fails: every cache unmaps
+ * what it keeps (a hook: the core does not call up to them). Bytes released. */
+static inline Py_ssize_t
+kernel_trim_caches(void)
+{
+    return kernel.trim_caches != NULL ? kernel.trim_caches() : 0;
+}
 
 /* The tracemalloc domain of the library's memory (regions, pool slabs,
  * secrets, shared and code memory; not mappings of files): "mmap" in ASCII. */
@@ -544,9 +553,6 @@ Py_ssize_t cache_trim(MappingCache *c);
 void cache_free(MappingCache *c);
 /* [(address, capacity, align, attempt)] of the mappings held (for tests). */
 PyObject *cache_list(const MappingCache *c);
-/* Trim every cache of the process: what a refusal for lack of memory or of
- * mappings (vm.max_map_count) does before it fails. Bytes released. */
-Py_ssize_t cache_trim_all(void);
 
 /* ------------------------------------------------------------------ */
 /* region.c: Region, an owner of one mapping                           */

@@ -97,7 +97,7 @@ region_map(PyTypeObject *cls, Py_ssize_t size, Py_ssize_t capacity, const MapSpe
     PyObject *region;
     int err = map_anonymous(&p, capacity, spec, address, &call);
 
-    if ((err == ENOMEM || err == EAGAIN) && cache_trim_all() > 0)
+    if ((err == ENOMEM || err == EAGAIN) && kernel_trim_caches() > 0)
         err = map_anonymous(&p, capacity, spec, address, &call);   /* the caches gave room */
     if (err)
         return raise_os_error(err, call);

@@ -90,7 +90,7 @@ realloc_region(RegionObject *self, Py_ssize_t new_size, Py_ssize_t newcap, const
     if (mapping_grow_in_place(m, newcap) != 0) {
         const char *call;
         int err = mapping_move(m, newcap, spec, &self->backing, &call);
-        if ((err == ENOMEM || err == EAGAIN) && cache_trim_all() > 0)
+        if ((err == ENOMEM || err == EAGAIN) && kernel_trim_caches() > 0)
             err = mapping_move(m, newcap, spec, &self->backing, &call);
         if (err)
             return err > 0 ? raise_os_error(err, call) : NULL;

@@ -27,7 +27,7 @@ int file_state(RegionObject *self, Py_ssize_t *fsize, int *seals, int *writable)
 /* Map the file's pages up to newcap (> capacity): in place, or moved when
  * nothing holds the region where it is. 0, or -1 with an exception. */
 int map_growth(RegionObject *self, Py_ssize_t newcap, const char *what);
-/* files.c: refresh a mapping of a file the SIGBUS repair watches (limit:
+/* Refresh a mapping of a file the SIGBUS repair watches (limit:
  * the most bytes the region may have, or -1): the new size, or NULL. */
 PyObject *file_refresh_region(RegionObject *self, Py_ssize_t limit);
 

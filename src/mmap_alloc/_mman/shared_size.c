@@ -1,7 +1,7 @@
 /*
  * The size of a shared region's file: resize (the file and the mapping
  * together, every new page backed first), refresh (what another process
- * did), discard (holes), and the peers of the file in this process (the
+ * did; a file region's too), discard (holes), and the peers of the file in this process (the
  * core's registry), which lose the pages the file loses.
  */
 #include "shared.h"
@@ -212,6 +212,48 @@ shared_resize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+PyObject *
+file_refresh_region(RegionObject *self, Py_ssize_t limit)
+{
+    Mapping *m = &self->m;
+    Py_ssize_t fsize, want, newcap;
+    int err;
+
+    if (mapping_busy(m) > 0) {
+        PyErr_SetString(PyExc_BufferError,
+                        "cannot refresh the region: a system call on it is in progress");
+        return NULL;
+    }
+    if ((err = file_size(m->fd, &fsize)) != 0)
+        return raise_os_error(err, "fstat");
+    want = fsize > mapping_offset(m) ? fsize - mapping_offset(m) : 0;
+    if (limit >= 0 && want > limit)
+        want = limit;
+    if (want == 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "the file is %zd bytes now: it was cut short to %s (another process "
+                     "truncated it); the region keeps reading zeros until it is closed", fsize,
+                     mapping_offset(m) ? "before the region's offset" : "nothing");
+        return NULL;
+    }
+    if (want > PY_SSIZE_T_MAX - (mapping_align(m) > m->page ? mapping_align(m) : m->page))
+        return raise_os_error(ENOMEM, "size");
+    newcap = round_up(want, m->page);
+    /* the file again over repaired pages it holds now, in place: buffers and
+     * arrays of them see the file from here on */
+    repair_lock(m);
+    err = repair_restore(m, newcap);
+    repair_unlock(m);
+    if (err)
+        return raise_os_error(err, "mmap");
+    if (newcap < m->capacity && mapping_exports(m) == 0 && mapping_pins(m) == 0)
+        mapping_drop_tail(m, newcap);   /* refused (map count): the pages stay past size */
+    else if (newcap > m->capacity && map_growth(self, newcap, "map the file's growth") < 0)
+        return NULL;
+    m->size = want;
+    return PyLong_FromSsize_t(want);
+}
+
 /* _shared_refresh(region) -> int: map what another process did to the file's
  * size: its growth (in place, or moved when nothing holds the region), or,
  * without the shrink seal, its shrinking (the region must be idle). */
@@ -223,7 +265,7 @@ shared_refresh(PyObject *module, PyObject *region)
     int seals, writable, err;
 
     if (self != NULL && (self->m.flags & MAPPING_REPAIRABLE))
-        return file_refresh_region(self, -1);   /* without the shrink seal: files.c */
+        return file_refresh_region(self, -1);   /* a file region: without the shrink seal */
     if (self == NULL || file_state(self, &fsize, &seals, &writable) < 0)
         return NULL;
     if (fsize == 0) {
