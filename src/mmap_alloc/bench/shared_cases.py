@@ -175,6 +175,16 @@ class _Handover:
         self._pool = self._region = self._shm = self._array = None
 
 
+_HANDOVERS: tuple[tuple[str, int, bool, bool, str, float, str], ...] = (
+    # what the worker reads back, n, total, pickle, reference, target, end of the note
+    ("read one value back", 1, False, True, PICKLE, 0.01, "; target: 100x faster than pickling"),
+    ("read one value back, vs shared_memory", 5, False, False, STDLIB, 1.10, ""),
+    ("read its sum back", 1, True, True, STDLIB, 1.10, "; the worker reads every byte"),
+)
+"""The handover cases, one a row: how many handovers a batch makes, whether
+the worker sums the array (``total``) and a pickling variant runs (``pickle``)."""
+
+
 def handover(scale: Scale) -> Iterator[Case]:
     """Hand a float64 array to a running worker: SharedRegion against
     SharedMemory and against pickling the array through the pool's pipe."""
@@ -183,42 +193,20 @@ def handover(scale: Scale) -> Iterator[Case]:
     except ImportError:
         return
     nbytes = 64 * MiB if scale.quick else GiB
-    shared = _Handover(nbytes, users=3)
+    shared = _Handover(nbytes, users=len(_HANDOVERS))
     size = format_size(nbytes)
-    note = "spawned Pool(1) made before timing; per handover"
-    yield Case(
-        f"shared: hand a {size} float64 array to a worker, read one value back",
-        GROUP,
-        1,
-        shared.variants(total=False, pickle=True),
-        OURS,
-        PICKLE,
-        target=0.01,
-        note=note + "; target: 100x faster than pickling",
-        close=shared.close,
-    )
-    yield Case(
-        f"shared: hand a {size} float64 array to a worker, read one value back, vs shared_memory",
-        GROUP,
-        5,
-        shared.variants(total=False, pickle=False),
-        OURS,
-        STDLIB,
-        target=1.10,
-        note=note,
-        close=shared.close,
-    )
-    yield Case(
-        f"shared: hand a {size} float64 array to a worker, read its sum back",
-        GROUP,
-        1,
-        shared.variants(total=True, pickle=True),
-        OURS,
-        STDLIB,
-        target=1.10,
-        note=note + "; the worker reads every byte",
-        close=shared.close,
-    )
+    for what, n, total, pickle, reference, target, note in _HANDOVERS:
+        yield Case(
+            f"shared: hand a {size} float64 array to a worker, {what}",
+            GROUP,
+            n,
+            shared.variants(total=total, pickle=pickle),
+            OURS,
+            reference,
+            target=target,
+            note=f"spawned Pool(1) made before timing; per handover{note}",
+            close=shared.close,
+        )
 
 
 def create_attach_close(scale: Scale) -> Iterator[Case]:
