@@ -28,12 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 from .._linux import format_size
 from ..shared import SharedRegion
+from .cases import Scale, fill_by_doubling
 from .harness import Case, Variant
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
-
-    from .cases import Scale
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 GROUP = "shared memory"
@@ -271,17 +270,11 @@ def fill(shm: SharedMemory, offset: int, length: int) -> None:
 def shared_growth(scale: Scale) -> Iterator[Case]:
     """Grow a filled segment by doubling, writing each new half."""
     start, end = MiB, 16 * MiB if scale.quick else GiB
-    memset = _memset()
 
     def ours(n: int) -> None:
         for _ in range(n):
             region = SharedRegion.create(start)
-            memset(region.address, 1, start)
-            size = start
-            while size < end:
-                region.resize(size * 2)
-                memset(region.address + size, 1, size)
-                size *= 2
+            fill_by_doubling(region, region.resize, start, end)
             region.close()
 
     def stdlib(n: int) -> None:
