@@ -414,6 +414,30 @@ def test_resize_with_an_export_grows_in_place_or_changes_nothing(path: Path) -> 
             region.resize(P)
 
 
+def test_resize_runs_again_after_a_signal_and_writes_the_blocks_without_fallocate(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failures: list[OSError] = [
+        InterruptedError(errno.EINTR, "interrupted", "fallocate"),
+        OSError(errno.EOPNOTSUPP, "not supported", "fallocate"),
+    ]
+    resize = _mman._file_resize
+
+    def failing_first(region: Region, n: int) -> None:
+        if failures:
+            raise failures.pop(0)
+        resize(region, n)
+
+    monkeypatch.setattr("mmap_alloc.files._file_resize", failing_first)
+    with FileRegion.open(path, "r+") as region:
+        region.resize(12 * P)
+        assert (region.size, region.file_size) == (12 * P, 12 * P)
+        failures[:] = [OSError(errno.EOPNOTSUPP, "not supported", "fallocate")] * 2
+        with pytest.raises(OSError, match="fallocate failed: not supported"):
+            region.resize(16 * P)  # the C library writes the blocks once, not forever
+        assert region.size == 12 * P
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of 64 KiB (a full disk at hand); skipped where mounting is not allowed."""

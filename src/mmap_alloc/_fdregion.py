@@ -6,9 +6,9 @@ region: the file's size can change under them, the kernel refuses write
 access when the descriptor or the file is read-only, their arrays travel by
 reference inside multiprocessing, and multiprocessing alone may pickle them,
 passing the descriptor. A subclass gives its descriptor (``fd``, from its C
-layer), why write access is refused (``_readonly_reason``), how to reach
-another program (``_elsewhere``), and its own ``_reduce`` for
-:func:`register_pickling`.
+layer), why write access is refused (``_readonly_reason``), what a failed
+resize says (``_resize_error``), how to reach another program
+(``_elsewhere``), and its own ``_reduce`` for :func:`register_pickling`.
 """
 
 from __future__ import annotations
@@ -102,6 +102,30 @@ class FdRegion(Region):
 
     def _readonly_reason(self) -> str:
         """Why the kernel refuses this region write access."""
+        raise NotImplementedError
+
+    def _resize_with(
+        self,
+        resize: Callable[[Region, int], None],
+        n: int,
+        recover: Callable[[OSError], bool] = lambda exc: False,
+    ) -> None:
+        """``resize(self, n)`` (the C layer's resize of the file and the
+        mapping), again after a signal interrupted it or after ``recover``
+        mended what failed (it returns True); any other OSError is raised as
+        ``_resize_error``."""
+        while True:
+            try:
+                resize(self, n)
+                return
+            except InterruptedError:
+                continue  # a signal came during fallocate, which undid itself: again
+            except OSError as exc:
+                if not recover(exc):
+                    raise self._resize_error(exc, n) from None
+
+    def _resize_error(self, exc: OSError, n: int) -> Exception:
+        """What a resize to ``n`` bytes that failed with ``exc`` raises."""
         raise NotImplementedError
 
     def ndarray(

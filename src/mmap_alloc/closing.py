@@ -3,7 +3,6 @@ block opened; neither hides the block's own exception."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import TracebackType
 from typing import Generic, Protocol, Self, TypeVar, cast
 
@@ -17,7 +16,35 @@ class _Closable(Protocol):
     def close(self) -> None: ...
 
 
-class ClosesOnExit:
+class _LeavesBlock:
+    """A with-block that runs ``_on_exit`` at its end. A refusal
+    (BufferError), worded by ``_refused``, is raised after a clean body, and
+    after a failing body is a note on the body's exception, which propagates."""
+
+    __slots__ = ()
+
+    def _on_exit(self) -> None:
+        raise NotImplementedError
+
+    def _refused(self, error: BufferError) -> BufferError:
+        """The exception a refused ``_on_exit`` becomes."""
+        return error
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self._on_exit()
+        except BufferError as error:
+            if exc is None:
+                raise self._refused(error) from None
+            exc.add_note(f"and {self._refused(error)}")
+
+
+class ClosesOnExit(_LeavesBlock):
     """``with obj: ...`` closes ``obj`` at the end of the block.
 
     When the block raised and the close is refused (BufferError: a buffer is
@@ -37,24 +64,18 @@ class ClosesOnExit:
             raise ValueError(f"{self._noun} is {self._closed_word}")
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _leave(
-            exc,
-            _closable(self).close,
-            lambda error: BufferError(f"the {self._noun} was not {self._closed_word}: {error}"),
-        )
+    def _on_exit(self) -> None:
+        _closable(self).close()
+
+    def _refused(self, error: BufferError) -> BufferError:
+        return BufferError(f"the {self._noun} was not {self._closed_word}: {error}")
 
 
 def _closable(obj: object) -> _Closable:
     return cast(_Closable, obj)  # a subclass of a type with close() and closed
 
 
-class RestoresOnExit(Generic[T]):
+class RestoresOnExit(_LeavesBlock, Generic[T]):
     """A with-block that opens something for its body (``_open``) and puts it
     back at the end (``_restore``), also when the body raises.
 
@@ -80,10 +101,6 @@ class RestoresOnExit(Generic[T]):
     def _restore(self) -> None:
         raise NotImplementedError
 
-    def _refused(self, error: BufferError) -> BufferError:
-        """The exception a refused ``_restore`` becomes."""
-        return error
-
     def __enter__(self) -> T:
         if self._entered:
             raise RuntimeError(f"this {self._what} is already in use")
@@ -91,28 +108,7 @@ class RestoresOnExit(Generic[T]):
         self._entered = True
         return value
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _on_exit(self) -> None:
         if self._entered:
             self._entered = False
-            _leave(exc, self._restore, self._refused)
-
-
-def _leave(
-    exc: BaseException | None,
-    action: Callable[[], None],
-    refused: Callable[[BufferError], BufferError],
-) -> None:
-    """Run a block's exit action; a refusal (BufferError), worded by
-    ``refused``, is raised after a clean body, and after a failing body is a
-    note on the body's exception, which propagates."""
-    try:
-        action()
-    except BufferError as error:
-        if exc is None:
-            raise refused(error) from None
-        exc.add_note(f"and {refused(error)}")
+            self._restore()

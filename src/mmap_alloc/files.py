@@ -391,20 +391,18 @@ class FileRegion(FdRegion):
                 f"this region is mode {self._mode!r}"
             )
         emulated = False
-        while True:
-            try:
-                _file_resize(self, n)
-                break
-            except InterruptedError:
-                continue  # a signal came during fallocate, which undid itself: again
-            except OSError as exc:
-                if exc.filename == "fallocate" and exc.errno == errno.EOPNOTSUPP and not emulated:
-                    # a file system without fallocate: the C library writes the blocks
-                    fsize = self.file_size
-                    os.posix_fallocate(self.fd, fsize, self._offset + n - fsize)
-                    emulated = True
-                    continue
-                raise self._resize_error(exc, n) from None
+
+        def emulate_fallocate(exc: OSError) -> bool:
+            # a file system without fallocate: the C library writes the blocks (once)
+            nonlocal emulated
+            if exc.filename != "fallocate" or exc.errno != errno.EOPNOTSUPP or emulated:
+                return False
+            fsize = self.file_size
+            os.posix_fallocate(self.fd, fsize, self._offset + n - fsize)
+            emulated = True
+            return True
+
+        self._resize_with(_file_resize, n, emulate_fallocate)
         if self._limit is not None:
             self._limit = n
 

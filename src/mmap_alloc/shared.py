@@ -425,14 +425,7 @@ class SharedRegion(FdRegion):
         grow = n - self.file_size
         if grow > 0 and self.backing is not Backing.HUGETLB:
             check_memory(grow, f"grow the shared region to {n} bytes")
-        while True:
-            try:
-                _shared_resize(self, n)
-                return
-            except InterruptedError:
-                continue  # a signal came during fallocate, which undid itself: again
-            except OSError as exc:
-                raise self._resize_error(exc, n) from None
+        self._resize_with(_shared_resize, n)
 
     def _resize_error(self, exc: OSError, n: int) -> Exception:
         step, what = exc.filename, f"resize the shared region from {self.size} to {n} bytes"

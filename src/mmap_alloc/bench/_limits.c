@@ -47,6 +47,32 @@ finish(int err)
     Py_RETURN_NONE;
 }
 
+/* A loop: a case's work a[0] times over its arguments a[1..]; 0, or the
+ * errno it stopped at */
+typedef int (*loop_fn)(const Py_ssize_t *a);
+
+/* What every loop's function does: parse `expected` integer arguments (at
+ * most 5; the ones not given are 0), run `loop` over them (the GIL let go
+ * around it when `release_gil`), and say how it ended */
+static PyObject *
+run(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, loop_fn loop,
+    int release_gil)
+{
+    Py_ssize_t a[5] = {0, 0, 0, 0, 0};
+    int err;
+
+    if (parse(args, nargs, expected, a) < 0)
+        return NULL;
+    if (release_gil) {
+        Py_BEGIN_ALLOW_THREADS
+        err = loop(a);
+        Py_END_ALLOW_THREADS
+    }
+    else
+        err = loop(a);
+    return finish(err);
+}
+
 static void
 touch(char *p, Py_ssize_t length, long page)
 {
@@ -54,18 +80,12 @@ touch(char *p, Py_ssize_t length, long page)
         ((volatile char *)p)[off] = 1;
 }
 
-/* map_unmap(n, size, flags, touch_pages, advice=0): mmap + (madvise advice) +
- * (touch) + munmap, n times */
-static PyObject *
-map_unmap(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+static int
+map_unmap_loop(const Py_ssize_t *a)
 {
-    Py_ssize_t a[5] = {0, 0, 0, 0, 0};
     long page = sysconf(_SC_PAGESIZE);
     int err = 0;
 
-    if (parse(args, nargs, nargs == 5 ? 5 : 4, a) < 0)
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < a[0]; i++) {
         void *p;
         if ((err = os_map(&p, NULL, (size_t)a[1], RW, (int)a[2], -1, 0)) != 0)
@@ -78,21 +98,22 @@ map_unmap(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
             touch(p, a[1], page);
         os_unmap(p, (size_t)a[1]);
     }
-    Py_END_ALLOW_THREADS
-    return finish(err);
+    return err;
 }
 
-/* grow_by_doubling(n, start, end): n times, map `start` bytes, fill them, and
- * double with mremap until `end`, filling each new half */
+/* map_unmap(n, size, flags, touch_pages, advice=0): mmap + (madvise advice) +
+ * (touch) + munmap, n times */
 static PyObject *
-grow_by_doubling(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+map_unmap(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t a[3];
+    return run(args, nargs, nargs == 5 ? 5 : 4, map_unmap_loop, 1);
+}
+
+static int
+grow_by_doubling_loop(const Py_ssize_t *a)
+{
     int err = 0;
 
-    if (parse(args, nargs, 3, a) < 0)
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < a[0] && !err; i++) {
         Py_ssize_t size = a[1];
         void *p;
@@ -107,44 +128,55 @@ grow_by_doubling(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
         }
         os_unmap(p, (size_t)size);
     }
-    Py_END_ALLOW_THREADS
-    return finish(err);
+    return err;
+}
+
+/* grow_by_doubling(n, start, end): n times, map `start` bytes, fill them, and
+ * double with mremap until `end`, filling each new half */
+static PyObject *
+grow_by_doubling(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    return run(args, nargs, 3, grow_by_doubling_loop, 1);
+}
+
+static int
+protect_flip_loop(const Py_ssize_t *a)
+{
+    int err = 0;
+
+    for (Py_ssize_t i = 0; i < a[0]; i++) {
+        if ((err = os_protect((void *)a[1], (size_t)a[2], PROT_READ | PROT_EXEC)) != 0
+            || (err = os_protect((void *)a[1], (size_t)a[2], RW)) != 0)
+            break;
+    }
+    return err;
 }
 
 /* protect_flip(n, address, length): mprotect read/exec then read/write, n times */
 static PyObject *
 protect_flip(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t a[3];
+    return run(args, nargs, 3, protect_flip_loop, 0);
+}
+
+static int
+commit_uncommit_loop(const Py_ssize_t *a)
+{
     int err = 0;
 
-    if (parse(args, nargs, 3, a) < 0)
-        return NULL;
     for (Py_ssize_t i = 0; i < a[0]; i++) {
-        if ((err = os_protect((void *)a[1], (size_t)a[2], PROT_READ | PROT_EXEC)) != 0
-            || (err = os_protect((void *)a[1], (size_t)a[2], RW)) != 0)
+        if ((err = os_advise((void *)a[1], (size_t)a[2], MADV_POPULATE_WRITE)) != 0
+            || (err = os_advise((void *)a[1], (size_t)a[2], MADV_DONTNEED)) != 0)
             break;
     }
-    return finish(err);
+    return err;
 }
 
 /* commit_uncommit(n, address, length): MADV_POPULATE_WRITE then MADV_DONTNEED, n times */
 static PyObject *
 commit_uncommit(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t a[3];
-    int err = 0;
-
-    if (parse(args, nargs, 3, a) < 0)
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < a[0]; i++) {
-        if ((err = os_advise((void *)a[1], (size_t)a[2], MADV_POPULATE_WRITE)) != 0
-            || (err = os_advise((void *)a[1], (size_t)a[2], MADV_DONTNEED)) != 0)
-            break;
-    }
-    Py_END_ALLOW_THREADS
-    return finish(err);
+    return run(args, nargs, 3, commit_uncommit_loop, 1);
 }
 
 /* random_reads(n, address, length, seed) -> sum: n reads of 8 bytes at random

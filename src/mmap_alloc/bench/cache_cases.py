@@ -41,6 +41,20 @@ def _numpy() -> object | None:
     return numpy
 
 
+def _touching(allocator: MapAlloc, size: int) -> Callable[[int], None]:
+    """``run(n)``: n times, alloc ``size`` bytes, write one byte of each page, dealloc."""
+    alloc, dealloc = allocator.alloc, allocator.dealloc
+    ones = b"\1" * (size // PAGE_SIZE)
+
+    def every_page(n: int) -> None:
+        for _ in range(n):
+            region = alloc(size)
+            region[::PAGE_SIZE] = ones
+            dealloc(region)
+
+    return every_page
+
+
 def _cache_variants(size: int, *, touch: bool) -> tuple[Variant, ...]:
     """alloc + (a write to each page) + dealloc: cached, not cached, the C
     loop, and the peers that reuse memory."""
@@ -67,13 +81,7 @@ def _cache_variants(size: int, *, touch: bool) -> tuple[Variant, ...]:
 
             return one_page
 
-        def every_page(n: int) -> None:
-            for _ in range(n):
-                region = alloc(size)
-                region[::PAGE_SIZE] = ones
-                dealloc(region)
-
-        return every_page
+        return _touching(allocator, size)
 
     def by_bytearray(n: int) -> None:
         for _ in range(n):
@@ -128,19 +136,7 @@ def first_touch(scale: Scale) -> Iterator[Case]:
     if np is None:
         return
     size = FIRST_TOUCH
-    ones = b"\1" * (size // PAGE_SIZE)
     zeros, uint8 = np.zeros, np.uint8  # type: ignore[attr-defined]
-
-    def by_allocator(allocator: MapAlloc) -> Callable[[int], None]:
-        alloc, dealloc = allocator.alloc, allocator.dealloc
-
-        def run(n: int) -> None:
-            for _ in range(n):
-                region = alloc(size)
-                region[::PAGE_SIZE] = ones
-                dealloc(region)
-
-        return run
 
     def by_numpy(n: int) -> None:
         for _ in range(n):
@@ -153,9 +149,9 @@ def first_touch(scale: Scale) -> Iterator[Case]:
         "first touch",
         1 if scale.quick else 3,
         (
-            Variant("mmap_alloc default", by_allocator(MapAlloc())),
+            Variant("mmap_alloc default", _touching(MapAlloc(), size)),
             Variant(NUMPY_TOUCHED, by_numpy),
-            Variant('mmap_alloc huge="normal"', by_allocator(MapAlloc(huge="normal"))),
+            Variant('mmap_alloc huge="normal"', _touching(MapAlloc(huge="normal"), size)),
             Variant(C_LOOP, lambda n: _limits.map_unmap(n, size, 0, 1)),
         ),
         "mmap_alloc default",

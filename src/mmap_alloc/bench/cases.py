@@ -9,13 +9,14 @@ lower bound for other ways of doing the work: a peer may beat it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import mmap
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .. import MapAlloc, ObjectPool, Perm
+from .. import MapAlloc, ObjectPool, Perm, Region
 from .._linux import (
     MADV_HUGEPAGE,
     PAGE_SIZE,
@@ -153,11 +154,23 @@ def touched_round_trips(scale: Scale) -> Iterator[Case]:
         )
 
 
+def fill_by_doubling(region: Region, resize: Callable[[int], object], start: int, end: int) -> None:
+    """Fill the first ``start`` bytes of ``region``, then double it with
+    ``resize(new_size)`` until it is ``end`` bytes, filling each new half: the
+    work of the growth cases (the region may move at each step)."""
+    memset = ctypes.memset
+    memset(region.address, 1, start)
+    size = start
+    while size < end:
+        resize(size * 2)
+        memset(region.address + size, 1, size)
+        size *= 2
+
+
 def growth(scale: Scale) -> Iterator[Case]:
     """Case 3: grow a filled buffer by doubling from 4 KiB, keeping its contents."""
     start, end = 4 * KiB, scale.growth_end
     allocator = MapAlloc()
-    memset = ctypes.memset
 
     def by_bytearray(n: int) -> None:
         for _ in range(n):
@@ -169,12 +182,7 @@ def growth(scale: Scale) -> Iterator[Case]:
         def run(n: int) -> None:
             for _ in range(n):
                 region = allocator.alloc(start)
-                memset(region.address, 1, start)
-                size = start
-                while size < end:
-                    allocator.realloc(region, size * 2)
-                    memset(region.address + size, 1, size)
-                    size *= 2
+                fill_by_doubling(region, functools.partial(allocator.realloc, region), start, end)
                 allocator.dealloc(region)
 
         return run

@@ -28,12 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 from .._linux import format_size
 from ..shared import SharedRegion
+from .cases import Scale, fill_by_doubling
 from .harness import Case, Variant
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
-
-    from .cases import Scale
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 GROUP = "shared memory"
@@ -175,6 +174,16 @@ class _Handover:
         self._pool = self._region = self._shm = self._array = None
 
 
+_HANDOVERS: tuple[tuple[str, int, bool, bool, str, float, str], ...] = (
+    # what the worker reads back, n, total, pickle, reference, target, end of the note
+    ("read one value back", 1, False, True, PICKLE, 0.01, "; target: 100x faster than pickling"),
+    ("read one value back, vs shared_memory", 5, False, False, STDLIB, 1.10, ""),
+    ("read its sum back", 1, True, True, STDLIB, 1.10, "; the worker reads every byte"),
+)
+"""The handover cases, one a row: how many handovers a batch makes, whether
+the worker sums the array (``total``) and a pickling variant runs (``pickle``)."""
+
+
 def handover(scale: Scale) -> Iterator[Case]:
     """Hand a float64 array to a running worker: SharedRegion against
     SharedMemory and against pickling the array through the pool's pipe."""
@@ -183,42 +192,20 @@ def handover(scale: Scale) -> Iterator[Case]:
     except ImportError:
         return
     nbytes = 64 * MiB if scale.quick else GiB
-    shared = _Handover(nbytes, users=3)
+    shared = _Handover(nbytes, users=len(_HANDOVERS))
     size = format_size(nbytes)
-    note = "spawned Pool(1) made before timing; per handover"
-    yield Case(
-        f"shared: hand a {size} float64 array to a worker, read one value back",
-        GROUP,
-        1,
-        shared.variants(total=False, pickle=True),
-        OURS,
-        PICKLE,
-        target=0.01,
-        note=note + "; target: 100x faster than pickling",
-        close=shared.close,
-    )
-    yield Case(
-        f"shared: hand a {size} float64 array to a worker, read one value back, vs shared_memory",
-        GROUP,
-        5,
-        shared.variants(total=False, pickle=False),
-        OURS,
-        STDLIB,
-        target=1.10,
-        note=note,
-        close=shared.close,
-    )
-    yield Case(
-        f"shared: hand a {size} float64 array to a worker, read its sum back",
-        GROUP,
-        1,
-        shared.variants(total=True, pickle=True),
-        OURS,
-        STDLIB,
-        target=1.10,
-        note=note + "; the worker reads every byte",
-        close=shared.close,
-    )
+    for what, n, total, pickle, reference, target, note in _HANDOVERS:
+        yield Case(
+            f"shared: hand a {size} float64 array to a worker, {what}",
+            GROUP,
+            n,
+            shared.variants(total=total, pickle=pickle),
+            OURS,
+            reference,
+            target=target,
+            note=f"spawned Pool(1) made before timing; per handover{note}",
+            close=shared.close,
+        )
 
 
 def create_attach_close(scale: Scale) -> Iterator[Case]:
@@ -283,17 +270,11 @@ def fill(shm: SharedMemory, offset: int, length: int) -> None:
 def shared_growth(scale: Scale) -> Iterator[Case]:
     """Grow a filled segment by doubling, writing each new half."""
     start, end = MiB, 16 * MiB if scale.quick else GiB
-    memset = _memset()
 
     def ours(n: int) -> None:
         for _ in range(n):
             region = SharedRegion.create(start)
-            memset(region.address, 1, start)
-            size = start
-            while size < end:
-                region.resize(size * 2)
-                memset(region.address + size, 1, size)
-                size *= 2
+            fill_by_doubling(region, region.resize, start, end)
             region.close()
 
     def stdlib(n: int) -> None:
