@@ -414,13 +414,8 @@ def test_resize_with_an_export_grows_in_place_or_changes_nothing(path: Path) -> 
             region.resize(P)
 
 
-def test_resize_runs_again_after_a_signal_and_writes_the_blocks_without_fallocate(
-    path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    failures: list[OSError] = [
-        InterruptedError(errno.EINTR, "interrupted", "fallocate"),
-        OSError(errno.EOPNOTSUPP, "not supported", "fallocate"),
-    ]
+def failing_file_resize(monkeypatch: pytest.MonkeyPatch, failures: list[OSError]) -> None:
+    """files.py's resize call raises each of failures once, then resizes."""
     resize = _mman._file_resize
 
     def failing_first(region: Region, n: int) -> None:
@@ -429,10 +424,26 @@ def test_resize_runs_again_after_a_signal_and_writes_the_blocks_without_fallocat
         resize(region, n)
 
     monkeypatch.setattr("mmap_alloc.files._file_resize", failing_first)
+
+
+def test_resize_runs_again_after_a_signal_interrupts_fallocate(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failing_file_resize(monkeypatch, [InterruptedError(errno.EINTR, "interrupted", "fallocate")])
     with FileRegion.open(path, "r+") as region:
         region.resize(12 * P)
         assert (region.size, region.file_size) == (12 * P, 12 * P)
-        failures[:] = [OSError(errno.EOPNOTSUPP, "not supported", "fallocate")] * 2
+
+
+def test_resize_writes_the_blocks_itself_once_where_fallocate_is_unsupported(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unsupported = OSError(errno.EOPNOTSUPP, "not supported", "fallocate")
+    failing_file_resize(monkeypatch, [unsupported])
+    with FileRegion.open(path, "r+") as region:
+        region.resize(12 * P)
+        assert (region.size, region.file_size) == (12 * P, 12 * P)
+        failing_file_resize(monkeypatch, [unsupported, unsupported])
         with pytest.raises(OSError, match="fallocate failed: not supported"):
             region.resize(16 * P)  # the C library writes the blocks once, not forever
         assert region.size == 12 * P
