@@ -43,7 +43,7 @@ from ._linux import (
     thp_mode,
     thp_size,
 )
-from ._mman import memfd_secret as kernel_memfd_secret
+from ._mman import secret_memory_fd as kernel_memfd_secret
 
 __all__ = [
     "Feature",

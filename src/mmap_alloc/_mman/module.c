@@ -94,10 +94,10 @@ mman_sync_core(PyObject *module, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* memfd_secret(flags) -> fd: a file of secret memory (pages removed from the
- * kernel's direct map); OSError (ENOSYS: kernel without it) */
+/* secret_memory_fd(flags) -> fd: a file of secret memory (pages removed
+ * from the kernel's direct map); OSError (ENOSYS: kernel without it) */
 static PyObject *
-mman_memfd_secret(PyObject *module, PyObject *arg)
+mman_secret_memory_fd(PyObject *module, PyObject *arg)
 {
     int flags, fd, err;
 
@@ -114,12 +114,10 @@ PyObject *view_exported(PyObject *module, PyObject *arg);
 /* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_FAST(mman_mincore)
 LOCKED_FAST(mman_register_errors)
-
-/* entry points: under the kernel lock in free-threaded builds (mman.h) */
 LOCKED_O(mman_page_size)
 LOCKED_O(mman_mapped_bytes)
 LOCKED_O(mman_mapping_count)
-LOCKED_O(mman_memfd_secret)
+LOCKED_O(mman_secret_memory_fd)
 LOCKED_O(mman_sync_core)
 LOCKED_O(view_exported)
 
@@ -132,8 +130,8 @@ static PyMethodDef mman_methods[] = {
      "mapping_count($module, /)\n--\n\nHow many mappings the process holds (/proc/self/maps)."},
     {"residency", (PyCFunction)(void (*)(void))LOCKED(mman_mincore), METH_FASTCALL,
      "residency($module, address, length, /)\n--\n\nOne byte per page; bit 0: resident."},
-    {"memfd_secret", LOCKED(mman_memfd_secret), METH_O,
-     "memfd_secret($module, flags, /)\n--\n\nA file descriptor of secret memory (Linux 5.14)."},
+    {"secret_memory_fd", LOCKED(mman_secret_memory_fd), METH_O,
+     "secret_memory_fd($module, flags, /)\n--\n\nA file descriptor of secret memory (Linux 5.14)."},
     {"sync_core", LOCKED(mman_sync_core), METH_NOARGS,
      "sync_core($module, /)\n--\n\nSerialise instruction fetch on every thread (arm64)."},
     {"_view_exported", LOCKED(view_exported), METH_O,
