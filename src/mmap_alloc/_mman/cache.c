@@ -114,7 +114,6 @@ unlink_cache(MappingCache *c)
     if (!c->linked)
         return;
     LIST_UNLINK(kernel.caches, c);
-    c->next = c->prev = NULL;
     c->linked = 0;
 }
 

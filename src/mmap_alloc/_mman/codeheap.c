@@ -95,7 +95,6 @@ void
 block_unlink(CodeHeapObject *heap, CodeBlockObject *block)
 {
     LIST_UNLINK(heap->first, block);
-    block->next = block->prev = NULL;
     heap->nblocks--;
     heap->used -= block->extent;
 }

@@ -61,9 +61,8 @@ typedef struct Mapping Mapping;
         Py_XDECREF((PyObject *)old_);            \
     } while (0)
 
-/* The kernel's lists (a heap's blocks, a mapping's holds, the allocators'
- * caches) are doubly linked through node->prev and node->next, and head
- * is the first node. LIST_PUSH puts node first; LIST_UNLINK takes it out. */
+/* The kernel's lists (blocks, holds, caches), linked through prev and next from
+ * head: LIST_PUSH puts node first; LIST_UNLINK takes it out, linked to nothing. */
 #define LIST_PUSH(head, node)                  \
     do {                                       \
         (node)->prev = NULL;                   \
@@ -80,6 +79,7 @@ typedef struct Mapping Mapping;
             (head) = (node)->next;             \
         if ((node)->next != NULL)              \
             (node)->next->prev = (node)->prev; \
+        (node)->next = (node)->prev = NULL;    \
     } while (0)
 
 /* ------------------------------------------------------------------ */

@@ -1,10 +1,21 @@
 /*
  * The size of a shared region's file: resize (the file and the mapping
  * together, every new page backed first), refresh (what another process
- * did; a file region's too), discard (holes), and the peers of the file in this process (the
- * core's registry), which lose the pages the file loses.
+ * did; a file region's too), discard (holes), and the peers of the file in
+ * this process (the core's registry), which lose the pages the file loses.
  */
 #include "shared.h"
+
+/* Whether `bytes` of m's file past `beyond` bytes (both >= 0) are too many
+ * to map: rounded up to m's page and alignment, the end would overflow a
+ * Py_ssize_t. */
+static int
+too_large(const Mapping *m, Py_ssize_t beyond, Py_ssize_t bytes)
+{
+    Py_ssize_t unit = mapping_align(m) > m->page ? mapping_align(m) : m->page;
+
+    return bytes > PY_SSIZE_T_MAX - unit - beyond;
+}
 
 /* ------------------------------------------------------------------ */
 /* the peers: other regions of this process on the same file           */
@@ -142,8 +153,7 @@ shared_resize(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "new_size must be positive");
         return NULL;
     }
-    if (new_size > PY_SSIZE_T_MAX - (mapping_align(m) > m->page ? mapping_align(m) : m->page)
-                       - mapping_offset(m))
+    if (too_large(m, mapping_offset(m), new_size))
         return raise_os_error(ENOMEM, "size");
     if (file_state(self, &fsize, &seals, &writable) < 0)
         return NULL;
@@ -236,7 +246,7 @@ file_refresh_region(RegionObject *self, Py_ssize_t limit)
                      mapping_offset(m) ? "before the region's offset" : "nothing");
         return NULL;
     }
-    if (want > PY_SSIZE_T_MAX - (mapping_align(m) > m->page ? mapping_align(m) : m->page))
+    if (too_large(m, 0, want))
         return raise_os_error(ENOMEM, "size");
     newcap = round_up(want, m->page);
     /* the file again over repaired pages it holds now, in place: buffers and
@@ -265,7 +275,7 @@ shared_refresh(PyObject *module, PyObject *region)
     int seals, writable, err;
 
     if (self != NULL && (self->m.flags & MAPPING_REPAIRABLE))
-        return file_refresh_region(self, -1);   /* a file region: without the shrink seal */
+        return file_refresh_region(self, -1);   /* no shrink seal: the repair watches it */
     if (self == NULL || file_state(self, &fsize, &seals, &writable) < 0)
         return NULL;
     if (fsize == 0) {
@@ -274,8 +284,7 @@ shared_refresh(PyObject *module, PyObject *region)
                         "against shrinking); close the region");
         return NULL;
     }
-    if (fsize > PY_SSIZE_T_MAX - (mapping_align(&self->m) > self->m.page ? mapping_align(&self->m)
-                                                                          : self->m.page))
+    if (too_large(&self->m, 0, fsize))
         return raise_os_error(ENOMEM, "size");
     newcap = round_up(fsize, self->m.page);
     if (newcap > self->m.capacity) {
