@@ -9,12 +9,15 @@ import queue
 import resource
 import sys
 import threading
+import time
+
+import pytest
 
 from mmap_alloc import MapAlloc, ObjectPool, Region
 from mmap_alloc import pool as pool_module
 from mmap_alloc._linux import PAGE_SIZE
 from pool_support import MiB, pattern, read, write
-from support import RLIMIT_AS, emulated_skip, fork_child, wait_child
+from support import RLIMIT_AS, emulated_skip, fork_child, run_child, wait_child
 
 # ---------------------------------------------------------------- threads and fork
 
@@ -70,6 +73,53 @@ def test_threads_alloc_and_free_across_threads() -> None:
         assert errors == []
         assert len(shared) == 0
         assert shared.stats().slabs <= pool_module.KEEP_EMPTY + pool_module.KEEP_SPARE
+
+
+def free_many_of_a_changing_list(seconds: float) -> dict[str, int]:
+    """One thread frees batches through free_many(shared) while another
+    pops, appends and clears that same list (a child's body)."""
+    pool = ObjectPool(64)
+    shared: list[int] = []
+    deadline = time.monotonic() + seconds
+    counts = {"freed": 0, "refused": 0, "changes": 0}
+
+    def change() -> None:
+        while time.monotonic() < deadline:
+            if shared:
+                shared.pop()
+            shared.append(1 << 70)  # no address: a list holding it is refused
+            del shared[:]
+            counts["changes"] += 1
+
+    def free() -> None:
+        while time.monotonic() < deadline:
+            shared[:] = pool.alloc_many(64)
+            try:
+                pool.free_many(shared)
+                counts["freed"] += 1
+            except (ValueError, TypeError):
+                counts["refused"] += 1
+
+    threads = [threading.Thread(target=change), threading.Thread(target=free)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    pool.close()
+    return counts
+
+
+@pytest.mark.skipif(
+    getattr(sys, "_is_gil_enabled", lambda: True)(),
+    reason="the race needs two threads running at once: a free-threaded build without the GIL",
+)
+def test_free_many_of_a_list_another_thread_changes_never_crashes() -> None:
+    """Without a GIL the kernel reads a copy of the list: read in place, an
+    item another thread popped meanwhile was freed memory (SIGSEGV)."""
+    result = run_child("test_pool_threads", "free_many_of_a_changing_list", 2.0, timeout=60)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.value["freed"] + result.value["refused"] > 100, result.value
+    assert result.value["changes"] > 100, result.value
 
 
 def test_child_allocates_and_frees_from_a_pool_made_before_fork() -> None:

@@ -323,13 +323,21 @@ pool_free_many(PoolObject *self, PyObject *arg)
     uintptr_t *addrs = NULL;
     int released = 0;
 
-    if (pool_check_open(self) < 0)
-        return NULL;
-    /* a list is read in place, with bounds checks: an __index__ that changes
-     * the list cannot make this read freed memory */
+    /* With the GIL a list is read in place, with bounds checks: an __index__
+     * that changes it cannot make this read freed memory. Without a GIL any
+     * other thread may change it meanwhile, so the kernel reads a copy. */
+#ifdef Py_GIL_DISABLED
+    list = PySequence_List(arg);
+#else
     list = PyList_CheckExact(arg) ? Py_NewRef(arg) : PySequence_List(arg);
+#endif
     if (list == NULL)
         return NULL;
+    /* checked after the copy, which may run Python code (an iterator) */
+    if (pool_check_open(self) < 0) {
+        Py_DECREF(list);
+        return NULL;
+    }
     n = PyList_Size(list);
     switch (pool_free_exact_ints(self, list, n, &released)) {
     case 1:
