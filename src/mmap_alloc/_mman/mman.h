@@ -659,30 +659,7 @@ PyObject *region_munlock(RegionObject *, PyObject *const *, Py_ssize_t, PyObject
 PyObject *region_mincore(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 PyObject *region_view(RegionObject *, PyObject *const *, Py_ssize_t, PyObject *);
 
-/* ------------------------------------------------------------------ */
-/* views.c and protect.c: the two tokens of a hold                     */
-
-/* A memoryview of [start, end) of m (a hold on it for as long as the view
- * lives; owner keeps m alive), or, with m NULL, of raw memory at base whose
- * owner counts its views in *counter (pool objects). Read-only where a page
- * lacks WRITE or writable is 0; BufferError where one lacks READ. */
-PyObject *view_new(PyObject *owner, Mapping *m, char *base, Py_ssize_t start, Py_ssize_t end,
-                   int writable, Py_ssize_t *counter);
-/* A Pin token: while it lives, a hold of kind HOLD_PIN (or a buffer kind)
- * on [start, end) of m keeps those pages mapped and in place; address is
- * what it gives (the code at the offset pinned). */
-typedef struct {
-    Mapping *m;
-    Py_ssize_t start, end;
-    int kind;
-    char *address;
-} PinTarget;
-/* A Pin of owner, in the rule's order: offset (arg; none when NULL)
- * converted, the Pin allocated (a collection may run finalizers), then
- * `target`, which runs no Python code, checks the owner and sets what to
- * hold for offset (-1 with the exception), then the hold. NULL on failure. */
-PyObject *pin_at(PyObject *owner, PyObject *arg,
-                 int (*target)(PyObject *owner, Py_ssize_t offset, PinTarget *t));
+#include "tokens.h"
 
 /* ------------------------------------------------------------------ */
 /* objects.c: what the kernel's object types share                     */

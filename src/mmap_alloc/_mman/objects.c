@@ -1,7 +1,8 @@
 /*
  * What the kernel's object types share: the end of their deallocation, the
- * visit of their type, and one getter for fields that need no computation
- * but a read (see "objects.c" in mman.h).
+ * visit of their type, one getter for fields that need no computation but a
+ * read (see "objects.c" in mman.h), and the head of the two tokens of a hold
+ * (tokens.h).
  */
 #include "mman.h"
 
@@ -49,4 +50,27 @@ field_get(PyObject *self, void *closure)
     default:
         return PyLong_FromSsize_t(mapping_align(m));
     }
+}
+
+TokenObject *
+token_new(PyTypeObject *type)
+{
+    TokenObject *t = PyObject_GC_New(TokenObject, type);
+
+    if (t != NULL) {
+        t->owner = NULL;
+        t->m = NULL;
+        t->hold = NULL;
+    }
+    return t;
+}
+
+void
+token_release(TokenObject *t)
+{
+    if (t->hold != NULL) {
+        mapping_unhold(t->m, t->hold);
+        t->hold = NULL;
+    }
+    Py_CLEAR(t->owner);
 }

@@ -212,10 +212,7 @@ region_flush_icache(RegionObject *self, PyObject *const *args, Py_ssize_t nargs,
 /* pins                                                                */
 
 typedef struct {
-    PyObject_HEAD
-    PyObject *owner;        /* strong: keeps the mapping alive */
-    Mapping *m;             /* the mapping the hold is on */
-    Hold *hold;
+    TOKEN_HEAD
     char *address;
 } PinObject;
 
@@ -229,14 +226,9 @@ pin_at(PyObject *owner, PyObject *arg,
 
     if (arg != NULL && arg_ssize(arg, "offset", &offset) < 0)
         return NULL;
-    /* allocate first: an allocation may run the garbage collector (and its
-     * finalizers), which must not land between the check and the pin */
-    pin = PyObject_GC_New(PinObject, kernel.pin_type);
+    pin = (PinObject *)token_new(kernel.pin_type);   /* before the check */
     if (pin == NULL)
         return NULL;
-    pin->owner = NULL;
-    pin->m = NULL;
-    pin->hold = NULL;
     pin->address = NULL;
     if (target(owner, offset, &t) < 0
         || (pin->hold = mapping_hold(t.m, t.start, t.end, t.kind)) == NULL) {
@@ -320,13 +312,7 @@ ONE_REF_TRAVERSE(pin, PinObject, owner)
 static int
 pin_teardown(PyObject *obj)
 {
-    PinObject *pin = (PinObject *)obj;
-
-    if (pin->hold != NULL) {
-        mapping_unhold(pin->m, pin->hold);   /* exactly once: only a Pin's death unpins */
-        pin->hold = NULL;
-    }
-    Py_CLEAR(pin->owner);
+    token_release((TokenObject *)obj);   /* only a Pin's death unpins */
     return 0;
 }
 

@@ -8,10 +8,7 @@
 #include "mman.h"
 
 typedef struct {
-    PyObject_HEAD
-    PyObject *owner;            /* keeps the memory alive: the mapping's owner, or a pool */
-    Mapping *m;                 /* mapping memory: the hold is on it */
-    Hold *hold;
+    TOKEN_HEAD                  /* owner: the mapping's owner, or a pool; no hold for a pool */
     Py_ssize_t *counter;        /* pool memory: the slab's count of views */
     char *base;
     Py_ssize_t length;
@@ -19,18 +16,6 @@ typedef struct {
     Py_ssize_t buffers;         /* Py_buffers given out and not released */
 } ViewObject;
 
-static void
-view_unpin(ViewObject *v)
-{
-    if (v->hold != NULL) {
-        mapping_unhold(v->m, v->hold);
-        v->hold = NULL;
-    }
-    if (v->counter != NULL) {
-        (*v->counter)--;
-        v->counter = NULL;
-    }
-}
 
 PyObject *
 view_new(PyObject *owner, Mapping *m, char *base, Py_ssize_t start, Py_ssize_t end,
@@ -39,14 +24,9 @@ view_new(PyObject *owner, Mapping *m, char *base, Py_ssize_t start, Py_ssize_t e
     ViewObject *v;
     PyObject *memory;
 
-    /* allocated before the checks: a collection it may start must not land
-     * between them and the hold */
-    v = PyObject_GC_New(ViewObject, kernel.view_type);
+    v = (ViewObject *)token_new(kernel.view_type);   /* before the checks */
     if (v == NULL)
         return NULL;
-    v->owner = NULL;
-    v->m = NULL;
-    v->hold = NULL;
     v->counter = NULL;
     if (m != NULL) {
         int access;
@@ -136,8 +116,11 @@ view_teardown(PyObject *obj)
 {
     ViewObject *v = (ViewObject *)obj;
 
-    view_unpin(v);
-    Py_CLEAR(v->owner);
+    if (v->counter != NULL) {
+        (*v->counter)--;
+        v->counter = NULL;
+    }
+    token_release((TokenObject *)v);
     return 0;
 }
 
