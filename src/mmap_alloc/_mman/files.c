@@ -138,7 +138,7 @@ file_map(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return (PyObject *)region;
 }
 
-/* _file_flush(region, offset=0, length=None): msync(MS_SYNC) the whole pages
+/* _file_flush(region, offset=0, length=None): sync the whole pages (MS_SYNC)
  * of the range (nothing for a private mapping: its writes stay here), the
  * GIL released for large ranges; FileTruncatedError for repaired pages,
  * whose writes reached no file. */
