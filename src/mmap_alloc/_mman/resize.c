@@ -330,7 +330,7 @@ reserve(char **out, Py_ssize_t length, Py_ssize_t align)
     return err;
 }
 
-/* Move with mremap (page tables move, nothing is copied): 0, or errno with
+/* Move by remapping: page tables move, nothing is copied. 0, or errno with
  * nothing changed. */
 static int
 move_by_remap(Mapping *m, Py_ssize_t newcap)

@@ -46,8 +46,8 @@ shared_arg(PyObject *o)
     return self;
 }
 
-/* fallocate (punch: give pages back) without the GIL for large ranges (m, if
- * given, marked busy meanwhile); 0 or the errno. */
+/* Allocate or punch file blocks (a punch gives pages back) without the GIL
+ * for large ranges (m, if given, marked busy meanwhile); 0 or the errno. */
 int
 back_range(Mapping *m, int fd, int punch, Py_ssize_t offset, Py_ssize_t length)
 {

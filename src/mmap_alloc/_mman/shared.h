@@ -17,8 +17,8 @@ is_hugetlb(const Mapping *m)
 
 /* The region argument: an open shared region; NULL with an exception. */
 RegionObject *shared_arg(PyObject *o);
-/* fallocate (punch: give pages back) without the GIL for large ranges (m, if
- * given, marked busy meanwhile); 0 or the errno. */
+/* Allocate or punch file blocks (a punch gives pages back) without the GIL
+ * for large ranges (m, if given, marked busy meanwhile); 0 or the errno. */
 int back_range(Mapping *m, int fd, int punch, Py_ssize_t offset, Py_ssize_t length);
 int file_size(int fd, Py_ssize_t *size);
 /* The checks every change of the file makes: 0, or -1 with an exception. */
