@@ -10,8 +10,9 @@ without it: numpy loops, ``ctypes.memmove``, hashing), releases them, and
 runs the mutating operations (realloc, close-and-replace, resize, refresh,
 protect, advise, commit, uncommit, discard, grow and shrink in place, lock,
 the secret's access, the pool's alloc and free, the code heap's alloc and
-free). A refusal (BufferError, ValueError, OSError, ...) is fine; anything
-else, a crash or a hang is not.
+free). One more thread runs the cyclic collector every few milliseconds. A
+refusal (BufferError, ValueError, OSError, ...) is fine; anything else, a
+crash or a hang is not.
 
 Each run is a child interpreter with faulthandler on, so that a SIGSEGV or
 SIGBUS fails one test and shows every thread's Python stack with the seed.
@@ -550,7 +551,16 @@ def race(seed: int, threads: int, seconds: float, max_size: int, notes: str) -> 
                 raise SystemExit from exc
             counts["steps"] += 1
 
+    def collect() -> None:
+        """The cyclic collector, every few milliseconds: a collection while
+        the others run (and while one waits for the kernel lock) is where a
+        dealloc that let it see a dead object went wrong."""
+        while time.monotonic() < deadline and not errors:
+            gc.collect()
+            time.sleep(0.005)
+
     workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    workers.append(threading.Thread(target=collect))
     for worker in workers:
         worker.start()
     for worker in workers:

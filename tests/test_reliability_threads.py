@@ -287,3 +287,56 @@ def test_a_long_alloc_many_lets_other_threads_run() -> None:
     # call: measured against the call's own time, as a loaded machine (3.14, load
     # 7.5 on 2 cores) stretched one wait past 100 ms within a 1.5 s call
     assert result["longest_wait"] < result["seconds"] / 3, result
+
+
+def collect_while_a_dealloc_waits_for_the_kernel_lock() -> dict[str, int]:
+    """Thread A holds the kernel lock (an argument's ``__index__`` runs inside
+    ``region.view()``) while thread B drops the last reference to a Pin, whose
+    dealloc then waits for the lock; A runs the collector meanwhile. What the
+    collector found unreachable (a child's body)."""
+    import gc
+    import time
+
+    gc.collect()
+    gc.disable()  # the one collection is A's
+    region = MapAlloc().alloc(PAGE)
+    flags = {"a_holds": False, "b_drops": False, "found": -1}
+
+    class Stall:
+        def __index__(self) -> int:
+            flags["a_holds"] = True
+            while not flags["b_drops"]:  # busy: a wait would let the lock go
+                pass
+            until = time.monotonic() + 0.2  # B is in the dealloc by then
+            while time.monotonic() < until:
+                pass
+            flags["found"] = gc.collect()
+            return 0
+
+    def drop() -> None:
+        pin = region.pin()
+        while not flags["a_holds"]:
+            pass
+        flags["b_drops"] = True
+        del pin
+
+    dropper = threading.Thread(target=drop)
+    dropper.start()
+    region.view(Stall()).release()
+    dropper.join()
+    region.close()  # the pin ended once: nothing holds the region
+    return {"found": flags["found"]}
+
+
+@pytest.mark.skipif(
+    getattr(sys, "_is_gil_enabled", lambda: True)(),
+    reason="a dealloc waits for the kernel lock only on a free-threaded build without the GIL",
+)
+def test_a_dealloc_waiting_for_the_kernel_lock_is_not_collected_twice() -> None:
+    """A dealloc untracks its object before it waits for the kernel lock: a
+    collection meanwhile would take the dead object for garbage and free it a
+    second time (a corrupt heap: crashes and hangs much later)."""
+    result = run_child(
+        "test_reliability_threads", "collect_while_a_dealloc_waits_for_the_kernel_lock", timeout=30
+    )
+    assert result.check() == {"found": 0}

@@ -83,7 +83,20 @@ critical_section_holds(PyMutex *mutex)
 #define LOCKED_GETBUF(f)                                                                \
     LOCKED_WRAPPER(f, int, (PyObject *s, Py_buffer *b, int fl), ((void *)s, b, fl), )
 #define LOCKED_RELBUF(f) LOCKED_VOID_WRAPPER(f, (PyObject *s, Py_buffer *b), ((void *)s, b))
-#define LOCKED_DEALLOC(f) LOCKED_VOID_WRAPPER(f, (PyObject *s), ((void *)s))
+/* A dealloc untracks its object before it may wait for the kernel lock:
+ * a thread that waits detaches, a collection may run meanwhile, and it
+ * would take a tracked object that nothing refers to for garbage and free
+ * it a second time (CPython's rule: untrack before anything that can let
+ * another thread run). */
+#define LOCKED_DEALLOC(f)                        \
+    static void f##_locked(PyObject *s)          \
+    {                                            \
+        if (PyType_IS_GC(Py_TYPE(s)))            \
+            PyObject_GC_UnTrack(s);              \
+        KERNEL_LOCK();                           \
+        f((void *)s);                            \
+        KERNEL_UNLOCK();                         \
+    }
 #else
 #define KERNEL_LOCK()
 #define KERNEL_UNLOCK()
