@@ -52,7 +52,6 @@ from mmap_alloc import (
 )
 from mmap_alloc._linux import PAGE_SIZE
 from support import run_child
-from test_reliability_races import unfixed_bugs
 
 try:
     import numpy
@@ -612,23 +611,9 @@ def _status(code: int) -> str:
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
 
 
-def race_or_known_bug(seed: int, threads: int, seconds: float, max_size: int) -> dict[str, int]:
-    """run_race(); a crash, or bytes left counted as mapped (the accounting the
-    same race upsets), while a bug this harness found is still unfixed (its
-    reproducer in test_reliability_races.py fails) is an expected failure."""
-    try:
-        return run_race(seed, threads, seconds, max_size)
-    except AssertionError as exc:
-        text = str(exc)
-        symptom = any(s in text for s in ("killed by SIGSEGV", "killed by SIGBUS", "stayed mapped"))
-        if symptom and (bugs := unfixed_bugs()):
-            pytest.xfail(f"failed while these are unfixed: {bugs}\n{exc}")
-        raise
-
-
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_threads_racing_mutations_against_exports_never_crash(seed: int) -> None:
-    counts = race_or_known_bug(seed, threads=2 + 2 * seed, seconds=8.0, max_size=8 * MIB)
+    counts = run_race(seed, threads=2 + 2 * seed, seconds=8.0, max_size=8 * MIB)
     assert counts["steps"] > 1000, counts
     print(counts)
 
@@ -640,7 +625,7 @@ def test_threads_racing_mutations_against_exports_never_crash_long() -> None:
     totals: dict[str, int] = {"runs": 0}
     seed = 100
     while time.monotonic() < deadline:
-        counts = race_or_known_bug(seed, threads=2 + seed % 7, seconds=30.0, max_size=8 * MIB)
+        counts = run_race(seed, threads=2 + seed % 7, seconds=30.0, max_size=8 * MIB)
         for name, value in counts.items():
             totals[name] = totals.get(name, 0) + value
         totals["runs"] += 1
