@@ -308,7 +308,7 @@ def collect_while_a_dealloc_waits_for_the_kernel_lock() -> dict[str, int]:
     gc.collect()
     gc.disable()  # the one collection is A's
     region = MapAlloc().alloc(PAGE)
-    flags = {"a_holds": False, "b_drops": False, "found": -1}
+    flags = {"a_holds": False, "b_pinned": False, "b_drops": False, "found": -1}
 
     class Stall:
         def __index__(self) -> int:
@@ -322,7 +322,8 @@ def collect_while_a_dealloc_waits_for_the_kernel_lock() -> dict[str, int]:
             return 0
 
     def drop() -> None:
-        pin = region.pin()
+        pin = region.pin()  # B's own: B's last reference deallocates it in B
+        flags["b_pinned"] = True  # before A holds the lock, which pin() takes
         while not flags["a_holds"]:
             pass
         flags["b_drops"] = True
@@ -330,6 +331,8 @@ def collect_while_a_dealloc_waits_for_the_kernel_lock() -> dict[str, int]:
 
     dropper = threading.Thread(target=drop)
     dropper.start()
+    while not flags["b_pinned"]:
+        pass
     region.view(Stall()).release()
     dropper.join()
     region.close()  # the pin ended once: nothing holds the region
