@@ -128,6 +128,24 @@ def test_alloc_many_returns_n_live_objects_across_slabs() -> None:
         assert pool.stats().slabs == 3
 
 
+def test_a_long_alloc_many_runs_no_replaced_getswitchinterval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long call reads the switch interval to pace its pauses, without
+    running Python code: a replacement of sys.getswitchinterval is not called."""
+    calls: list[int] = []
+
+    def replaced() -> float:
+        calls.append(1)
+        return 0.005
+
+    monkeypatch.setattr(sys, "getswitchinterval", replaced)
+    with ObjectPool(16, slab_size=64 * PAGE_SIZE) as pool:  # 16,384 objects: pauses between steps
+        addresses = pool.alloc_many(100_000)
+        assert len(set(addresses)) == len(pool) == 100_000
+    assert calls == []
+
+
 def test_alloc_many_of_zero_is_empty(pool: ObjectPool) -> None:
     assert pool.alloc_many(0) == []
 

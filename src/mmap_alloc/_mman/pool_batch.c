@@ -137,16 +137,22 @@ monotonic_ns(void)
     return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
 }
 
-/* Twice sys.getswitchinterval(), read without running Python code: CPython's
- * default of 5 ms where the function was replaced or fails. */
+/* Twice sys.getswitchinterval(), read without running Python code, or twice
+ * CPython's default of 5 ms where the function was replaced or fails. A
+ * free-threaded build has no GIL to hand over and takes the default: there
+ * the pauses let a collection stop the world, and another thread may replace
+ * sys.getswitchinterval while this one holds a borrowed reference to it. */
 static long long
 release_period(void)
 {
-    PyObject *get = PySys_GetObject("getswitchinterval");   /* borrowed */
+    double seconds = -1.0;
+#ifndef Py_GIL_DISABLED
+    PyObject *get = PySys_GetObject("getswitchinterval");   /* borrowed: the GIL keeps it */
     PyObject *value = get != NULL && PyCFunction_Check(get) ? PyObject_CallNoArgs(get) : NULL;
-    double seconds = value != NULL ? PyFloat_AsDouble(value) : -1.0;
 
+    seconds = value != NULL ? PyFloat_AsDouble(value) : -1.0;
     Py_XDECREF(value);
+#endif
     if (!(seconds > 0.0 && seconds < 60.0)) {
         PyErr_Clear();
         seconds = 0.005;
