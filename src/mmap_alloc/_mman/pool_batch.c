@@ -231,8 +231,8 @@ alloc_many_undo(PoolObject *self, PyObject *list, Py_ssize_t k)
  * two slabs and two chunks signals are checked and, now and then, other
  * threads run (alloc_many_pause), so a long call can be interrupted:
  * everything it took is given back, and the empty slabs it added are
- * released. The list is untracked by the collector
- * while it has empty slots, so no Python code can reach it before it is full. */
+ * released. The list is untracked by the collector while it has empty
+ * slots, so no Python code can reach it before it is full. */
 PyObject *
 pool_alloc_many(PoolObject *self, PyObject *arg)
 {
