@@ -170,6 +170,22 @@ def test_realloc_while_exported_shrinks_the_size_and_keeps_the_capacity(
         assert region.capacity == P
 
 
+def test_realloc_that_drops_pages_and_grows_the_size_zeroes_what_an_export_wrote(
+    alloc: MapAlloc,
+) -> None:
+    """A region shrunk while exported keeps its capacity, and the export can
+    write past the region's size; a realloc that then drops the spare pages
+    and grows the size exposes those bytes: they read as zero (found by the
+    model's long run)."""
+    with alloc.alloc(2 * P) as region:
+        with memoryview(region) as view:
+            alloc.realloc(region, 10)
+            view[:] = b"\1" * len(view)
+        alloc.realloc(region, 20)
+        assert (region.size, region.capacity) == (20, P)
+        assert bytes(region) == b"\1" * 10 + bytes(10)
+
+
 def test_realloc_while_exported_past_the_capacity_is_buffer_error_and_changes_nothing(
     alloc: MapAlloc,
 ) -> None:

@@ -72,7 +72,10 @@ realloc_region(RegionObject *self, Py_ssize_t new_size, Py_ssize_t newcap, const
         Py_RETURN_NONE;
     }
     if (newcap < m->capacity) {
-        if (mapping_check_idle(m, "shrink the region", "the region") < 0)
+        /* a region shrunk while exported kept its capacity: it may grow within
+         * it now, over bytes an export wrote past its size */
+        if (mapping_check_idle(m, "shrink the region", "the region") < 0
+            || (new_size > size && mapping_zero(m, size, new_size, "the region") < 0))
             return NULL;
         mapping_drop_tail(m, newcap);   /* refused (map count): the capacity stays */
         m->size = new_size;
