@@ -244,6 +244,21 @@ def test_a_probe_that_breaks_reports_instead_of_raising(monkeypatch: pytest.Monk
     assert feature.detail.startswith("probe failed:")
 
 
+@pytest.mark.parametrize(
+    "probe_name", ["madv_guard_install", "madv_populate", "madv_collapse", "pagemap_scan"]
+)
+def test_a_probe_whose_mapping_breaks_reports_under_its_own_name(
+    monkeypatch: pytest.MonkeyPatch, probe_name: str
+) -> None:
+    def broken(size: int) -> object:
+        raise MemoryError("no address space")
+
+    monkeypatch.setattr(features, "_anonymous", broken)
+    feature = getattr(features, probe_name)()
+    assert (feature.name, feature.available) == (probe_name, False)
+    assert feature.detail == "probe failed: no address space"
+
+
 def test_guard_advice_that_leaves_the_page_readable_is_missing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -121,10 +121,26 @@ def _kernel_knows(
     return None
 
 
+def _probe(check: Callable[[], Feature]) -> functools._lru_cache_wrapper[Feature]:
+    """``check`` as a probe: run once per process (until clear_cache), and an
+    exception it raises answered as a missing feature named after it, since a
+    probe reports and never raises."""
+
+    @functools.cache
+    @functools.wraps(check)
+    def probe() -> Feature:
+        try:
+            return check()
+        except Exception as exc:
+            return Feature(check.__name__, False, f"probe failed: {exc}")
+
+    return probe
+
+
 # ---------------------------------------------------------------- probes
 
 
-@functools.cache
+@_probe
 def memfd_secret() -> Feature:
     """memfd_secret(2): memory removed from the kernel's direct map (Linux 5.14)."""
     name = "memfd_secret"
@@ -136,12 +152,10 @@ def memfd_secret() -> Feature:
         else:
             reason = f"memfd_secret(0) failed: {_errno_text(exc)}"
         return Feature(name, False, reason)
-    except Exception as exc:  # a probe reports, never raises
-        return Feature(name, False, f"probe failed: {exc}")
     return Feature(name, True, "system call 447")
 
 
-@functools.cache
+@_probe
 def madv_guard_install() -> Feature:
     """MADV_GUARD_INSTALL: guard pages without a mapping of their own (Linux 6.13)."""
     name = "madv_guard_install"
@@ -157,34 +171,29 @@ def madv_guard_install() -> Feature:
         if exc.errno == errno.EINVAL:
             return Feature(name, False, "needs Linux 6.13")
         return Feature(name, False, f"MADV_GUARD_INSTALL failed: {_errno_text(exc)}")
-    except Exception as exc:
-        return Feature(name, False, f"probe failed: {exc}")
     if not guarded:
         # qemu-user, for one, answers success to advice it does not carry out
         return Feature(name, False, "MADV_GUARD_INSTALL was accepted but the page stayed readable")
     return Feature(name, True, f"madvise advice {MADV_GUARD_INSTALL}")
 
 
-@functools.cache
+@_probe
 def madv_populate() -> Feature:
     """MADV_POPULATE_READ / MADV_POPULATE_WRITE: fault pages in with one call (Linux 5.14)."""
     name = "madv_populate"
-    try:
-        for advice_name, advice in (
-            ("MADV_POPULATE_READ", MADV_POPULATE_READ),
-            ("MADV_POPULATE_WRITE", MADV_POPULATE_WRITE),
-        ):
-            problem = _kernel_knows(advice_name, advice)
-            if problem == "EINVAL":
-                return Feature(name, False, f"kernel refuses {advice_name}: needs Linux 5.14")
-            if problem is not None:
-                return Feature(name, False, problem)
-    except Exception as exc:
-        return Feature(name, False, f"probe failed: {exc}")
+    for advice_name, advice in (
+        ("MADV_POPULATE_READ", MADV_POPULATE_READ),
+        ("MADV_POPULATE_WRITE", MADV_POPULATE_WRITE),
+    ):
+        problem = _kernel_knows(advice_name, advice)
+        if problem == "EINVAL":
+            return Feature(name, False, f"kernel refuses {advice_name}: needs Linux 5.14")
+        if problem is not None:
+            return Feature(name, False, problem)
     return Feature(name, True, f"advice {MADV_POPULATE_READ} and {MADV_POPULATE_WRITE}")
 
 
-@functools.cache
+@_probe
 def madv_collapse() -> Feature:
     """MADV_COLLAPSE: make a range into transparent huge pages now (Linux 6.1)."""
     name = "madv_collapse"
@@ -203,18 +212,13 @@ def madv_collapse() -> Feature:
             )
         # EAGAIN, ENOMEM, EBUSY: the kernel knows the advice, this collapse did not happen
         return Feature(name, True, f"known to the kernel; the probe's collapse: {_errno_text(exc)}")
-    except Exception as exc:
-        return Feature(name, False, f"probe failed: {exc}")
     return Feature(name, True, "collapsed a 2 MiB range")
 
 
-@functools.cache
+@_probe
 def memfd_exec() -> Feature:
     """Executable memfds: vm.memfd_noexec (Linux 6.3) and memfd_create(MFD_EXEC)."""
-    try:
-        available, detail = _memfd_exec()
-    except Exception as exc:
-        available, detail = False, f"probe failed: {exc}"
+    available, detail = _memfd_exec()
     return Feature("memfd_exec", available, detail)
 
 
@@ -254,7 +258,7 @@ def _thp_setting(
     return Feature(name, False, f"{setting} = {mode} (root can set {usable[-1]})")
 
 
-@functools.cache
+@_probe
 def shmem_thp() -> Feature:
     """Transparent huge pages for shared memory (memfd, tmpfs)."""
     return _thp_setting(
@@ -266,7 +270,7 @@ def shmem_thp() -> Feature:
     )
 
 
-@functools.cache
+@_probe
 def thp() -> Feature:
     """Transparent huge pages for anonymous memory."""
     mode = thp_mode()
@@ -279,7 +283,7 @@ def thp() -> Feature:
     )
 
 
-@functools.cache
+@_probe
 def hugetlb() -> Feature:
     """hugetlb pages: available when a pool has free pages; the detail lists every pool."""
     name = "hugetlb"
@@ -298,20 +302,17 @@ def hugetlb() -> Feature:
     )
 
 
-@functools.cache
+@_probe
 def pagemap_scan() -> Feature:
     """The PAGEMAP_SCAN ioctl of /proc/self/pagemap: page categories of a range (Linux 6.7)."""
     name = "pagemap_scan"
+    mapping = _anonymous(PAGE_SIZE)
     try:
-        mapping = _anonymous(PAGE_SIZE)
-        try:
-            mapping[0] = 1
-            start = _address(mapping)
-            found = pagemap_ranges(start, start + PAGE_SIZE, PAGE_IS_PRESENT)
-        finally:
-            mapping.close()
-    except Exception as exc:
-        return Feature(name, False, f"probe failed: {exc}")
+        mapping[0] = 1
+        start = _address(mapping)
+        found = pagemap_ranges(start, start + PAGE_SIZE, PAGE_IS_PRESENT)
+    finally:
+        mapping.close()
     if found is None:
         return Feature(name, False, "needs Linux 6.7")
     if found != [(start, start + PAGE_SIZE)]:
@@ -319,7 +320,7 @@ def pagemap_scan() -> Feature:
     return Feature(name, True, "ioctl on /proc/self/pagemap")
 
 
-PROBES: tuple[Callable[[], Feature], ...] = (
+PROBES: tuple[functools._lru_cache_wrapper[Feature], ...] = (
     memfd_secret,
     madv_guard_install,
     madv_populate,
@@ -341,4 +342,4 @@ def all_features() -> list[Feature]:
 def clear_cache() -> None:
     """Forget every answer, so that the next call of a probe probes again."""
     for probe in PROBES:
-        probe.cache_clear()  # type: ignore[attr-defined]
+        probe.cache_clear()
