@@ -31,6 +31,32 @@ def case_of(*variants: Variant, target: float | None = None) -> Case:
     return Case("case", "group", 10, variants, variants[0].name, variants[-1].name, target)
 
 
+def test_a_case_holds_its_first_variant_to_its_second_unless_told() -> None:
+    first, second, third = fixed_cost(1), fixed_cost(2), fixed_cost(3)
+    case = Case("case", "group", 10, (first, second, third))
+    assert (case.subject, case.reference) == (first.name, second.name)
+    chosen = Case("case", "group", 10, (first, second, third), reference=third.name)
+    assert (chosen.subject, chosen.reference) == (first.name, third.name)
+
+
+def test_a_case_naming_a_subject_it_lacks_is_refused() -> None:
+    with pytest.raises(ValueError, match="subject 'missing' is none of"):
+        Case("case", "group", 10, (fixed_cost(1), fixed_cost(2)), subject="missing")
+
+
+def test_a_case_naming_a_reference_it_lacks_is_refused() -> None:
+    with pytest.raises(ValueError, match="reference 'missing' is none of"):
+        Case("case", "group", 10, (fixed_cost(1), fixed_cost(2)), reference="missing")
+
+
+def test_a_case_of_one_variant_names_its_reference() -> None:
+    with pytest.raises(ValueError, match="no reference: name one"):
+        Case("case", "group", 10, (fixed_cost(1),))
+    alone = fixed_cost(1)
+    case = Case("case", "group", 10, (alone,), reference=alone.name)
+    assert case.subject == case.reference == alone.name
+
+
 def test_runner_takes_ratios_against_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     costs = {"subject": 300.0, "reference": 200.0}
     monkeypatch.setattr(

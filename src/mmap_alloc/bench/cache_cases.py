@@ -122,8 +122,6 @@ def cache_round_trips(scale: Scale) -> Iterator[Case]:
                 "mapping cache",
                 scale.ops(2000),
                 _cache_variants(size, touch=touch),
-                CACHED,
-                C_LOOP,
                 target=targets.get((size, touch)),
                 note="mmap (+ a write per page) + munmap" if touch else "mmap + munmap",
             )
@@ -154,8 +152,6 @@ def first_touch(scale: Scale) -> Iterator[Case]:
             Variant('mmap_alloc huge="normal"', _touching(MapAlloc(huge="normal"), size)),
             Variant(C_LOOP, lambda n: _limits.map_unmap(n, size, 0, 1)),
         ),
-        "mmap_alloc default",
-        NUMPY_TOUCHED,
         target=1.0,
         note="map, write a byte of each 4 KiB page, free",
     )

@@ -112,8 +112,6 @@ def scan(scale: Scale, files: _Files) -> Iterator[Case]:
         GROUP,
         1,
         (Variant(OURS, ours), Variant(STDLIB, stdlib)),
-        OURS,
-        STDLIB,
         target=1.0,
         note="the file in the page cache; open, map, scan, close per op",
     )
@@ -143,8 +141,6 @@ def scan(scale: Scale, files: _Files) -> Iterator[Case]:
         GROUP,
         1,
         (Variant(OURS, mapped(OURS)), Variant(STDLIB, mapped(STDLIB))),
-        OURS,
-        STDLIB,
         target=1.0,
         note="mapped once before timing; scan per op",
         close=close,
@@ -201,8 +197,8 @@ def first_read(scale: Scale, files: _Files) -> Iterator[Case]:
             Variant(f"{STDLIB}, madvise(MADV_SEQUENTIAL)", stdlib(mmap.MADV_SEQUENTIAL)),
             Variant(f"{STDLIB}, madvise(MADV_POPULATE_READ)", stdlib(MADV_POPULATE_READ)),
         ),
-        f"{OURS}, advise('populate_read')",
-        f"{STDLIB}, madvise(MADV_SEQUENTIAL)",
+        subject=f"{OURS}, advise('populate_read')",
+        reference=f"{STDLIB}, madvise(MADV_SEQUENTIAL)",
         note="page cache dropped before each op; a strided numpy sum reads one byte a page",
         close=files.close,
     )

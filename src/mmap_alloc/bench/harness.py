@@ -27,22 +27,33 @@ class Variant:
 class Case:
     """A unit of work, the variants that do it, and what they are held to.
 
-    ``subject`` is the variant under test, ``reference`` the one every ratio
-    is taken against; ``target`` is the largest subject/reference ratio the
-    project aims for (None: reported only). ``close`` frees what the case's
-    variants share once the case has run.
+    ``subject`` names the variant under test (by default the first),
+    ``reference`` the one every ratio is taken against (by default the
+    second); ``target`` is the largest subject/reference ratio the project
+    aims for (None: reported only). ``close`` frees what the case's variants
+    share once the case has run.
     """
 
     name: str
     group: str
     n: int
     variants: tuple[Variant, ...]
-    subject: str
-    reference: str
+    subject: str = ""
+    reference: str = ""
     target: float | None = None
     higher_is_better: bool = False
     note: str = ""
     close: Callable[[], object] | None = None
+
+    def __post_init__(self) -> None:
+        names = [variant.name for variant in self.variants]
+        for role, index in (("subject", 0), ("reference", 1)):
+            chosen = getattr(self, role) or (names[index] if index < len(names) else "")
+            if not chosen:
+                raise ValueError(f"case {self.name!r}: no {role}: name one, or add variants")
+            if chosen not in names:
+                raise ValueError(f"case {self.name!r}: {role} {chosen!r} is none of {names}")
+            object.__setattr__(self, role, chosen)
 
 
 @dataclass(frozen=True)

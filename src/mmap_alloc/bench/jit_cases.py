@@ -107,8 +107,6 @@ def code_heap(scale: Scale) -> Iterator[Case]:
             Variant("Region make_writable+write+make_exec", flip),
             Variant("Region flip + new function", flip_and_function),
         ),
-        "CodeHeap write",
-        "Region make_writable+write+make_exec",
         target=0.5,
         note="dual mapping: no mprotect, functions stay alive",
     )
@@ -117,8 +115,6 @@ def code_heap(scale: Scale) -> Iterator[Case]:
         "code heap",
         scale.ops(100_000),
         (call("heap"), call("region")),
-        "CodeHeap function",
-        "Region function",
         target=1.05,
         note="ctypes call of add(2, 3)",
         close=close,

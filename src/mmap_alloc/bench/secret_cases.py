@@ -88,8 +88,7 @@ def secret_round_trips(scale: Scale) -> Iterator[Case]:
         "secret memory",
         scale.ops(2000),
         tuple(variants),
-        subject,
-        reference,
+        reference=reference,
         target=target,
         note=note,
     )

@@ -200,8 +200,8 @@ def handover(scale: Scale) -> Iterator[Case]:
             GROUP,
             n,
             shared.variants(total=total, pickle=pickle),
-            OURS,
-            reference,
+            subject=OURS,
+            reference=reference,
             target=target,
             note=f"spawned Pool(1) made before timing; per handover{note}",
             close=shared.close,
@@ -244,8 +244,6 @@ def create_attach_close(scale: Scale) -> Iterator[Case]:
                 Variant(f"{OURS}, every page written", functools.partial(ours, write=True)),
                 Variant(f"{STDLIB}, every page written", functools.partial(stdlib, write=True)),
             ),
-            OURS,
-            STDLIB,
             note="SharedRegion backs every page at create; shared_memory at first touch",
         )
 
@@ -298,8 +296,6 @@ def shared_growth(scale: Scale) -> Iterator[Case]:
         GROUP,
         1,
         (Variant(OURS, ours), Variant(STDLIB, stdlib)),
-        OURS,
-        STDLIB,
         target=1.0,
         note="resize (fallocate + mremap) against a new segment and a copy per step",
     )
