@@ -139,17 +139,25 @@ grow_by_doubling(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
     return run(args, nargs, 3, grow_by_doubling_loop, 1);
 }
 
-static int
-protect_flip_loop(const Py_ssize_t *a)
+/* n = a[0] times over the range a[1], a[2]: call(first) then call(second),
+ * where call is os_protect or os_advise (inlined: the pointer is constant) */
+static inline int
+range_pair_loop(const Py_ssize_t *a, int (*call)(void *, size_t, int), int first, int second)
 {
     int err = 0;
 
     for (Py_ssize_t i = 0; i < a[0]; i++) {
-        if ((err = os_protect((void *)a[1], (size_t)a[2], PROT_READ | PROT_EXEC)) != 0
-            || (err = os_protect((void *)a[1], (size_t)a[2], RW)) != 0)
+        if ((err = call((void *)a[1], (size_t)a[2], first)) != 0
+            || (err = call((void *)a[1], (size_t)a[2], second)) != 0)
             break;
     }
     return err;
+}
+
+static int
+protect_flip_loop(const Py_ssize_t *a)
+{
+    return range_pair_loop(a, os_protect, PROT_READ | PROT_EXEC, RW);
 }
 
 /* protect_flip(n, address, length): mprotect read/exec then read/write, n times */
@@ -162,14 +170,7 @@ protect_flip(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 static int
 commit_uncommit_loop(const Py_ssize_t *a)
 {
-    int err = 0;
-
-    for (Py_ssize_t i = 0; i < a[0]; i++) {
-        if ((err = os_advise((void *)a[1], (size_t)a[2], MADV_POPULATE_WRITE)) != 0
-            || (err = os_advise((void *)a[1], (size_t)a[2], MADV_DONTNEED)) != 0)
-            break;
-    }
-    return err;
+    return range_pair_loop(a, os_advise, MADV_POPULATE_WRITE, MADV_DONTNEED);
 }
 
 /* commit_uncommit(n, address, length): MADV_POPULATE_WRITE then MADV_DONTNEED, n times */
