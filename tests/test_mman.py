@@ -423,7 +423,7 @@ def _table_entries(text: str) -> Iterator[tuple[str, str]]:
         if slot not in UNLOCKED_SLOTS and not slot.startswith("mod_"):  # import-time slots
             yield slot, function.strip()
     for name, function in re.findall(
-        r'\{"(\w+)",\s*\(PyCFunction\)(?:\(void \(\*\)\(void\)\))?(\S+),', text
+        r'\{"(\w+)",\s*(?:\(PyCFunction\)(?:\(void \(\*\)\(void\)\))?)?(\S+),\s*METH_', text
     ):
         yield name, function
     for name, function in re.findall(r'\{"(\w+)",\s*\(getter\)(\S+),', text):
@@ -441,3 +441,30 @@ def test_every_entry_point_of_a_kernel_file_runs_under_the_kernel_lock(source: P
         if not function.startswith("LOCKED(")
     ]
     assert unlocked == []
+
+
+WRAPPER_OF_ENTRY = {
+    "METHOD_FAST": "LOCKED_FAST",
+    "METHOD_FASTKW": "LOCKED_FASTKW",
+    "METHOD_O": "LOCKED_O",
+    "METHOD_NOARGS": "LOCKED_O",
+}
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda path: path.name)
+def test_every_method_entry_names_a_locked_wrapper_of_its_calling_convention(
+    source: Path,
+) -> None:
+    """METHOD_FAST("name", f, doc) calls f through the wrapper LOCKED_FAST(f)
+    defines: a wrapper of another convention would be cast to this one, and
+    called with the wrong arguments, on free-threaded builds only."""
+    text = source.read_text()
+    wrappers = dict(
+        (function, macro) for macro, function in re.findall(r"^(LOCKED_\w+)\((\w+)\)", text, re.M)
+    )
+    wrong = [
+        f"{entry}({name!r}, {function}) wrapped by {wrappers.get(function)}"
+        for entry, name, function in re.findall(r'\b(METHOD_\w+)\("(\w+)", (\w+),', text)
+        if wrappers.get(function) != WRAPPER_OF_ENTRY[entry]
+    ]
+    assert wrong == []

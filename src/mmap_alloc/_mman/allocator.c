@@ -525,27 +525,28 @@ LOCKED_O(allocator_cache_stats)
 LOCKED_O(allocator_cached)
 
 static PyMethodDef allocator_methods[] = {
-    {"alloc", (PyCFunction)(void (*)(void))LOCKED(allocator_alloc), METH_FASTCALL | METH_KEYWORDS,
-     "alloc($self, /, size, align=None, *, near=None, within=2147483648)\n--\n\n"
-     "A new region of at least size bytes (whole pages), zero-filled, page-aligned\n"
-     "(or aligned to align, a power of two); with near, every byte of it lies less\n"
-     "than within bytes from near."},
-    {"dealloc", (PyCFunction)LOCKED(allocator_dealloc_region), METH_O,
-     "dealloc($self, region, /)\n--\n\n"
-     "Unmap the region (with a cache: keep its mapping, pages given back, for the next\n"
-     "alloc of its class). BufferError (nothing changed) while a buffer or function of it lives."},
-    {"trim", (PyCFunction)LOCKED(allocator_trim), METH_NOARGS,
-     "trim($self, /)\n--\n\n"
-     "Unmap every mapping the cache holds; returns the bytes of address space released."},
-    {"_cache_stats", (PyCFunction)LOCKED(allocator_cache_stats), METH_NOARGS,
-     "_cache_stats() -> (mappings, bytes, hits, misses) of the mapping cache."},
-    {"_cached", (PyCFunction)LOCKED(allocator_cached), METH_NOARGS,
-     "_cached() -> [(address, capacity, align, attempt)]: the mappings the cache holds."},
-    {"_map", (PyCFunction)(void (*)(void))LOCKED(allocator_map_method), METH_FASTCALL,
-     "_map(size, capacity, align, address=None) -> Region: map with the configured\n"
-     "attempts (at address exactly, never replacing a mapping, when given)."},
-    {"_configure", (PyCFunction)(void (*)(void))LOCKED(allocator_configure), METH_FASTCALL,
-     "_configure(page, max_size, prot, populate, attempts, region_type, slow, cache)"},
+    METHOD_FASTKW("alloc", allocator_alloc,
+        "alloc($self, /, size, align=None, *, near=None, within=2147483648)\n--\n\n"
+        "A new region of at least size bytes (whole pages), zero-filled, page-aligned\n"
+        "(or aligned to align, a power of two); with near, every byte of it lies less\n"
+        "than within bytes from near."),
+    METHOD_O("dealloc", allocator_dealloc_region,
+        "dealloc($self, region, /)\n--\n\n"
+        "Unmap the region (with a cache: keep its mapping, pages given back, for the next\n"
+        "alloc of its class). BufferError (nothing changed) while a buffer or function of it "
+        "lives."),
+    METHOD_NOARGS("trim", allocator_trim,
+        "trim($self, /)\n--\n\n"
+        "Unmap every mapping the cache holds; returns the bytes of address space released."),
+    METHOD_NOARGS("_cache_stats", allocator_cache_stats,
+        "_cache_stats() -> (mappings, bytes, hits, misses) of the mapping cache."),
+    METHOD_NOARGS("_cached", allocator_cached,
+        "_cached() -> [(address, capacity, align, attempt)]: the mappings the cache holds."),
+    METHOD_FAST("_map", allocator_map_method,
+        "_map(size, capacity, align, address=None) -> Region: map with the configured\n"
+        "attempts (at address exactly, never replacing a mapping, when given)."),
+    METHOD_FAST("_configure", allocator_configure,
+        "_configure(page, max_size, prot, populate, attempts, region_type, slow, cache)"),
     {NULL, NULL, 0, NULL},
 };
 

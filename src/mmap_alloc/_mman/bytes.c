@@ -641,8 +641,7 @@ iter_length_hint(IterObject *it, PyObject *unused)
 LOCKED_O(iter_length_hint)
 
 static PyMethodDef iter_methods[] = {
-    {"__length_hint__", (PyCFunction)LOCKED(iter_length_hint), METH_NOARGS,
-     "Bytes left to iterate over."},
+    METHOD_NOARGS("__length_hint__", iter_length_hint, "Bytes left to iterate over."),
     {NULL, NULL, 0, NULL},
 };
 

@@ -226,22 +226,21 @@ LOCKED_FAST(block_sync)
 LOCKED_O(block_pin)
 
 static PyMethodDef block_methods[] = {
-    {"write", (PyCFunction)(void (*)(void))LOCKED(block_write), METH_FASTCALL | METH_KEYWORDS,
-     "write($self, /, data, offset=0)\n--\n\n"
-     "Store data (bytes-like) at offset of the block through the heap's read/write\n"
-     "view, then make it visible to instruction fetch in the read/exec view (cache\n"
-     "maintenance, and membarrier SYNC_CORE for other threads, on arm64). Allowed\n"
-     "while functions of the block live. A write of 1, 2, 4 or 8 bytes at a\n"
-     "multiple of its size is one atomic store."},
-    {"close", (PyCFunction)LOCKED(block_close), METH_NOARGS,
-     "close($self, /)\n--\n\n"
-     "Free the block (as heap.free(block)); closing a freed block does nothing."},
-    {"_view", (PyCFunction)LOCKED(block_view), METH_NOARGS,
-     "_view() -> memoryview of the block in the read/write view (exports the block)."},
-    {"_sync", (PyCFunction)(void (*)(void))LOCKED(block_sync), METH_FASTCALL,
-     "_sync(offset, length): make bytes written through a view visible to instruction fetch."},
-    {"_pin", (PyCFunction)LOCKED(block_pin), METH_O,
-     "_pin(offset) -> Pin: pin the block for code at offset."},
+    METHOD_FASTKW("write", block_write,
+        "write($self, /, data, offset=0)\n--\n\n"
+        "Store data (bytes-like) at offset of the block through the heap's read/write\n"
+        "view, then make it visible to instruction fetch in the read/exec view (cache\n"
+        "maintenance, and membarrier SYNC_CORE for other threads, on arm64). Allowed\n"
+        "while functions of the block live. A write of 1, 2, 4 or 8 bytes at a\n"
+        "multiple of its size is one atomic store."),
+    METHOD_NOARGS("close", block_close,
+        "close($self, /)\n--\n\n"
+        "Free the block (as heap.free(block)); closing a freed block does nothing."),
+    METHOD_NOARGS("_view", block_view,
+        "_view() -> memoryview of the block in the read/write view (exports the block)."),
+    METHOD_FAST("_sync", block_sync,
+        "_sync(offset, length): make bytes written through a view visible to instruction fetch."),
+    METHOD_O("_pin", block_pin, "_pin(offset) -> Pin: pin the block for code at offset."),
     {NULL, NULL, 0, NULL},
 };
 

@@ -451,24 +451,23 @@ LOCKED_O(heap_stats)
 LOCKED_O(heap_spans)
 
 static PyMethodDef heap_methods[] = {
-    {"_open", (PyCFunction)(void (*)(void))LOCKED(heap_open), METH_FASTCALL,
-     "_open(capacity, memfd_flags, name, address, block_type): map the memfd twice."},
-    {"_alloc", (PyCFunction)(void (*)(void))LOCKED(heap_alloc), METH_FASTCALL,
-     "_alloc(size, align) -> block"},
-    {"free", (PyCFunction)LOCKED(heap_free), METH_O,
-     "free($self, block, /)\n--\n\n"
-     "Give the block back to the heap (its bytes are zeroed). BufferError, nothing\n"
-     "changed, while a function from block.function() or a buffer from\n"
-     "block.writer() lives."},
-    {"close", (PyCFunction)LOCKED(heap_close), METH_NOARGS,
-     "close($self, /)\n--\n\n"
-     "Unmap both views; every block is freed. BufferError, nothing changed, while\n"
-     "any block is pinned by a function or exported by a writer. Closing a closed\n"
-     "heap does nothing."},
-    {"_stats", (PyCFunction)LOCKED(heap_stats), METH_NOARGS,
-     "_stats() -> (capacity, used, blocks, spans, largest_free, pinned, exported)"},
-    {"_spans", (PyCFunction)LOCKED(heap_spans), METH_NOARGS,
-     "_spans() -> [(start, end)]: the free runs, the one above the bump pointer last."},
+    METHOD_FAST("_open", heap_open,
+        "_open(capacity, memfd_flags, name, address, block_type): map the memfd twice."),
+    METHOD_FAST("_alloc", heap_alloc, "_alloc(size, align) -> block"),
+    METHOD_O("free", heap_free,
+        "free($self, block, /)\n--\n\n"
+        "Give the block back to the heap (its bytes are zeroed). BufferError, nothing\n"
+        "changed, while a function from block.function() or a buffer from\n"
+        "block.writer() lives."),
+    METHOD_NOARGS("close", heap_close,
+        "close($self, /)\n--\n\n"
+        "Unmap both views; every block is freed. BufferError, nothing changed, while\n"
+        "any block is pinned by a function or exported by a writer. Closing a closed\n"
+        "heap does nothing."),
+    METHOD_NOARGS("_stats", heap_stats,
+        "_stats() -> (capacity, used, blocks, spans, largest_free, pinned, exported)"),
+    METHOD_NOARGS("_spans", heap_spans,
+        "_spans() -> [(start, end)]: the free runs, the one above the bump pointer last."),
     {NULL, NULL, 0, NULL},
 };
 

@@ -234,20 +234,20 @@ LOCKED_O(file_page)
 LOCKED_O(file_fd)
 
 static PyMethodDef file_methods[] = {
-    {"_file_map", (PyCFunction)(void (*)(void))LOCKED(file_map), METH_FASTCALL,
-     "_file_map(cls, fd, take, prot, shared, offset, length, backing, huge_backing)\n"
-     "Map part of a file (fd itself if take, else a duplicate); the SIGBUS repair watches it."},
-    {"_file_flush", (PyCFunction)(void (*)(void))LOCKED(file_flush), METH_FASTCALL | METH_KEYWORDS,
-     "_file_flush(region, offset=0, length=None): msync the pages of the range."},
-    {"_file_resize", (PyCFunction)(void (*)(void))LOCKED(shared_resize), METH_FASTCALL,
-     "_file_resize(region, new_size): the file ends where the region does, new pages backed."},
-    {"_file_refresh", (PyCFunction)(void (*)(void))LOCKED(file_refresh), METH_FASTCALL,
-     "_file_refresh(region, limit) -> int: map the file's size as it is now."},
-    {"_file_repaired", LOCKED(file_repaired), METH_O,
-     "_file_repaired(region) -> int: the first page repaired since the last refresh, or -1."},
-    {"_file_page", LOCKED(file_page), METH_O,
-     "_file_page(fd) -> int: the page size of mappings of fd's file."},
-    {"_file_fd", LOCKED(file_fd), METH_O, "_file_fd(region) -> int: the region's descriptor."},
+    METHOD_FAST("_file_map", file_map,
+        "_file_map(cls, fd, take, prot, shared, offset, length, backing, huge_backing)\n"
+        "Map part of a file (fd itself if take, else a duplicate); the SIGBUS repair watches it."),
+    METHOD_FASTKW("_file_flush", file_flush,
+        "_file_flush(region, offset=0, length=None): msync the pages of the range."),
+    METHOD_FAST("_file_resize", shared_resize,
+        "_file_resize(region, new_size): the file ends where the region does, new pages backed."),
+    METHOD_FAST("_file_refresh", file_refresh,
+        "_file_refresh(region, limit) -> int: map the file's size as it is now."),
+    METHOD_O("_file_repaired", file_repaired,
+        "_file_repaired(region) -> int: the first page repaired since the last refresh, or -1."),
+    METHOD_O("_file_page", file_page,
+        "_file_page(fd) -> int: the page size of mappings of fd's file."),
+    METHOD_O("_file_fd", file_fd, "_file_fd(region) -> int: the region's descriptor."),
     {NULL, NULL, 0, NULL},
 };
 

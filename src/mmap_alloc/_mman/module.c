@@ -122,24 +122,25 @@ LOCKED_O(mman_sync_core)
 LOCKED_O(view_exported)
 
 static PyMethodDef mman_methods[] = {
-    {"page_size", LOCKED(mman_page_size), METH_NOARGS,
-     "page_size($module, /)\n--\n\nThe kernel's base page size."},
-    {"mapped_bytes", LOCKED(mman_mapped_bytes), METH_NOARGS,
-     "mapped_bytes($module, /)\n--\n\nBytes this module has mapped and not unmapped yet."},
-    {"mapping_count", LOCKED(mman_mapping_count), METH_NOARGS,
-     "mapping_count($module, /)\n--\n\nHow many mappings the process holds (/proc/self/maps)."},
-    {"residency", (PyCFunction)(void (*)(void))LOCKED(mman_mincore), METH_FASTCALL,
-     "residency($module, address, length, /)\n--\n\nOne byte per page; bit 0: resident."},
-    {"secret_memory_fd", LOCKED(mman_secret_memory_fd), METH_O,
-     "secret_memory_fd($module, flags, /)\n--\n\nA file descriptor of secret memory (Linux 5.14)."},
-    {"sync_core", LOCKED(mman_sync_core), METH_NOARGS,
-     "sync_core($module, /)\n--\n\nSerialise instruction fetch on every thread (arm64)."},
-    {"_view_exported", LOCKED(view_exported), METH_O,
-     "_view_exported($module, view, /)\n--\n\n"
-     "Whether a buffer of the View is alive after its memoryview was released."},
-    {"_register_errors", (PyCFunction)(void (*)(void))LOCKED(mman_register_errors), METH_FASTCALL,
-     "_register_errors($module, alloc_error, cannot_realloc, file_truncated=None, /)\n--\n\n"
-     "The exception types the C layer raises."},
+    METHOD_NOARGS("page_size", mman_page_size,
+        "page_size($module, /)\n--\n\nThe kernel's base page size."),
+    METHOD_NOARGS("mapped_bytes", mman_mapped_bytes,
+        "mapped_bytes($module, /)\n--\n\nBytes this module has mapped and not unmapped yet."),
+    METHOD_NOARGS("mapping_count", mman_mapping_count,
+        "mapping_count($module, /)\n--\n\nHow many mappings the process holds (/proc/self/maps)."),
+    METHOD_FAST("residency", mman_mincore,
+        "residency($module, address, length, /)\n--\n\nOne byte per page; bit 0: resident."),
+    METHOD_O("secret_memory_fd", mman_secret_memory_fd,
+        "secret_memory_fd($module, flags, /)\n--\n\n"
+        "A file descriptor of secret memory (Linux 5.14)."),
+    METHOD_NOARGS("sync_core", mman_sync_core,
+        "sync_core($module, /)\n--\n\nSerialise instruction fetch on every thread (arm64)."),
+    METHOD_O("_view_exported", view_exported,
+        "_view_exported($module, view, /)\n--\n\n"
+        "Whether a buffer of the View is alive after its memoryview was released."),
+    METHOD_FAST("_register_errors", mman_register_errors,
+        "_register_errors($module, alloc_error, cannot_realloc, file_truncated=None, /)\n--\n\n"
+        "The exception types the C layer raises."),
     {NULL, NULL, 0, NULL},
 };
 

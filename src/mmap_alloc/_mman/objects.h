@@ -55,6 +55,17 @@ int kernel_visit(PyObject *self, PyObject *ref, visitproc visit, void *arg);
     {Py_bf_getbuffer, LOCKED(name##_getbuffer)},        \
     {Py_bf_releasebuffer, LOCKED(name##_releasebuffer)}
 
+/* A method table's entry for f, called under the kernel lock through the
+ * wrapper the file defines with the LOCKED_ macro of its calling convention:
+ * LOCKED_FAST(f) for METHOD_FAST, LOCKED_FASTKW(f) for METHOD_FASTKW, and
+ * LOCKED_O(f) for METHOD_O and METHOD_NOARGS (which passes NULL as the
+ * argument). */
+#define METHOD_FAST(name, f, doc) {name, (PyCFunction)(void (*)(void))LOCKED(f), METH_FASTCALL, doc}
+#define METHOD_FASTKW(name, f, doc) \
+    {name, (PyCFunction)(void (*)(void))LOCKED(f), METH_FASTCALL | METH_KEYWORDS, doc}
+#define METHOD_O(name, f, doc) {name, (PyCFunction)LOCKED(f), METH_O, doc}
+#define METHOD_NOARGS(name, f, doc) {name, (PyCFunction)LOCKED(f), METH_NOARGS, doc}
+
 /* The spec of mmap_alloc._mman.<qualname>, objects of struct `object`. */
 #define KERNEL_SPEC(qualname, object, flags_, slots_)                             \
     {.name = "mmap_alloc._mman." qualname, .basicsize = sizeof(object),           \

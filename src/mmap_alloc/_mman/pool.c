@@ -503,29 +503,30 @@ LOCKED_O(pool_stats)
 LOCKED_O(pool_spans)
 
 static PyMethodDef pool_methods[] = {
-    {"alloc", (PyCFunction)(void (*)(void))LOCKED(pool_alloc), METH_FASTCALL,
-     "alloc($self, /)\n--\n\nThe address of a free object (its contents are undefined)."},
-    {"alloc_zeroed", (PyCFunction)(void (*)(void))LOCKED(pool_alloc_zeroed), METH_FASTCALL,
-     "alloc_zeroed($self, /)\n--\n\nThe address of a free object whose bytes are zero."},
-    {"free", (PyCFunction)LOCKED(pool_free), METH_O,
-     "free($self, address, /)\n--\n\nGive an object back. ValueError (nothing changed) for an\n"
-     "address that is not the start of a live object of this pool."},
-    {"alloc_many", (PyCFunction)LOCKED(pool_alloc_many), METH_O,
-     "alloc_many($self, n, /)\n--\n\nThe addresses of n free objects (all or none)."},
-    {"free_many", (PyCFunction)LOCKED(pool_free_many), METH_O,
-     "free_many($self, addresses, /)\n--\n\nGive objects back: all of them, or none and ValueError."},
-    {"view", (PyCFunction)LOCKED(pool_view), METH_O,
-     "view($self, address, /)\n--\n\nA memoryview of the live object at address (obj_size bytes);\n"
-     "it keeps the object's slab mapped while it lives."},
-    {"close", (PyCFunction)LOCKED(pool_close), METH_NOARGS,
-     "close($self, /)\n--\n\nUnmap every slab; the addresses handed out become invalid.\n"
-     "BufferError (nothing changed) while a view of an object lives."},
-    {"_configure", (PyCFunction)(void (*)(void))LOCKED(pool_configure), METH_FASTCALL,
-     "_configure(obj_size, stride, per_slab, keep_empty, keep_spare, populate, source)"},
-    {"_stats", (PyCFunction)LOCKED(pool_stats), METH_NOARGS,
-     "_stats() -> (live, free, slabs, spares, mapped, metadata)"},
-    {"_spans", (PyCFunction)LOCKED(pool_spans), METH_NOARGS,
-     "_spans() -> [(address, capacity)] of every slab"},
+    METHOD_FAST("alloc", pool_alloc,
+        "alloc($self, /)\n--\n\nThe address of a free object (its contents are undefined)."),
+    METHOD_FAST("alloc_zeroed", pool_alloc_zeroed,
+        "alloc_zeroed($self, /)\n--\n\nThe address of a free object whose bytes are zero."),
+    METHOD_O("free", pool_free,
+        "free($self, address, /)\n--\n\nGive an object back. ValueError (nothing changed) for an\n"
+        "address that is not the start of a live object of this pool."),
+    METHOD_O("alloc_many", pool_alloc_many,
+        "alloc_many($self, n, /)\n--\n\nThe addresses of n free objects (all or none)."),
+    METHOD_O("free_many", pool_free_many,
+        "free_many($self, addresses, /)\n--\n\n"
+        "Give objects back: all of them, or none and ValueError."),
+    METHOD_O("view", pool_view,
+        "view($self, address, /)\n--\n\n"
+        "A memoryview of the live object at address (obj_size bytes);\n"
+        "it keeps the object's slab mapped while it lives."),
+    METHOD_NOARGS("close", pool_close,
+        "close($self, /)\n--\n\nUnmap every slab; the addresses handed out become invalid.\n"
+        "BufferError (nothing changed) while a view of an object lives."),
+    METHOD_FAST("_configure", pool_configure,
+        "_configure(obj_size, stride, per_slab, keep_empty, keep_spare, populate, source)"),
+    METHOD_NOARGS("_stats", pool_stats,
+        "_stats() -> (live, free, slabs, spares, mapped, metadata)"),
+    METHOD_NOARGS("_spans", pool_spans, "_spans() -> [(address, capacity)] of every slab"),
     {NULL, NULL, 0, NULL},
 };
 

@@ -476,72 +476,68 @@ static PyMethodDef region_methods[] = {
      "_map(size, capacity, prot, mflags, advice, populate, page, align, owner, backing,\n"
      "address=None)\nMap pages and own them (OSError with errno when the kernel refuses);\n"
      "at address: MAP_FIXED_NOREPLACE (EEXIST: taken; EADDRNOTAVAIL: placed elsewhere)."},
-    {"close", (PyCFunction)LOCKED(region_close), METH_NOARGS,
-     "close($self, /)\n--\n\nUnmap the region; closing a closed region does nothing.\n"
-     "BufferError (nothing changed) while a buffer or function of it lives."},
-    {"__enter__", (PyCFunction)LOCKED(region_enter), METH_NOARGS,
-     "__enter__($self, /)\n--\n\nThe region itself; ValueError if it is closed."},
-    {"__exit__", (PyCFunction)(void (*)(void))LOCKED(region_exit), METH_FASTCALL,
-     "__exit__($self, exc_type, exc, tb, /)\n--\n\n"
-     "Close the region. A refusal (a buffer still lives) after a block that raised is a\n"
-     "note on the block's exception, which propagates; after a clean block, a BufferError."},
-    {"_release", (PyCFunction)LOCKED(region_release), METH_O,
-     "_release(owner): close a region owner made (checks and unmap in one call)."},
-    {"protect", (PyCFunction)(void (*)(void))LOCKED(region_protect), METH_FASTCALL | METH_KEYWORDS,
-     "protect($self, /, perms, offset=0, length=None)\n--\n\n"
-     "Set the protection of whole pages [offset, offset + length); None: to the end.\n"
-     "BufferError, changing nothing, if it would remove access an exported buffer\n"
-     "needs, or EXEC while a function from function() lives. All or nothing."},
-    {"_check_protect", (PyCFunction)(void (*)(void))LOCKED(region_check_protect),
-     METH_FASTCALL | METH_KEYWORDS,
-     "_check_protect(perms, offset=0, length=None): raise what protect() would, changing nothing."},
-    {"make_exec", (PyCFunction)(void (*)(void))LOCKED(region_make_exec), METH_FASTCALL | METH_KEYWORDS,
-     "make_exec($self, /, offset=0, length=None)\n--\n\n"
-     "Make the pages read/exec (not writable), then flush the instruction cache."},
-    {"make_writable", (PyCFunction)(void (*)(void))LOCKED(region_make_writable),
-     METH_FASTCALL | METH_KEYWORDS,
-     "make_writable($self, /, offset=0, length=None)\n--\n\n"
-     "Make the pages read/write (not executable)."},
-    {"flush_icache", (PyCFunction)(void (*)(void))LOCKED(region_flush_icache),
-     METH_FASTCALL | METH_KEYWORDS,
-     "flush_icache($self, /, offset=0, length=None)\n--\n\n"
-     "Make code written to the pages visible to instruction fetch (no-op on x86)."},
-    {"view", (PyCFunction)(void (*)(void))LOCKED(region_view), METH_FASTCALL | METH_KEYWORDS,
-     "view($self, /, offset=0, length=None)\n--\n\n"
-     "A memoryview of bytes [offset, offset + length) of the region; it pins them.\n"
-     "Read-only where a page lacks WRITE; BufferError where one lacks READ."},
-    {"find", (PyCFunction)(void (*)(void))LOCKED(region_find), METH_FASTCALL,
-     "find($self, sub, start=None, end=None, /)\n--\n\n"
-     "The lowest index of sub (bytes-like, or a byte value), or -1; as bytes.find."},
-    {"rfind", (PyCFunction)(void (*)(void))LOCKED(region_rfind), METH_FASTCALL,
-     "rfind($self, sub, start=None, end=None, /)\n--\n\n"
-     "The highest index of sub (bytes-like, or a byte value), or -1; as bytes.rfind."},
-    {"pin", (PyCFunction)LOCKED(region_pin_public), METH_NOARGS,
-     "pin($self, /)\n--\n\n"
-     "A Pin that keeps the region mapped and in place while it lives, as an\n"
-     "exported buffer does: close(), realloc() and protect() respect it. Give it\n"
-     "as base= to consumers of region.address (pyarrow's foreign_buffer, numpy,\n"
-     "ctypes)."},
-    {"_pin", (PyCFunction)LOCKED(region_pin), METH_O,
-     "_pin(offset) -> Pin: pin the region for code at offset (which must be executable)."},
-    {"_page_range", (PyCFunction)(void (*)(void))LOCKED(region_page_range),
-     METH_FASTCALL | METH_KEYWORDS,
-     "_page_range(offset=0, length=None) -> (start, length) of whole pages."},
-    {"_runs", (PyCFunction)LOCKED(region_runs), METH_NOARGS,
-     "_runs() -> [(offset, length, prot, flags)]: the protection record."},
-    {"_resize", (PyCFunction)(void (*)(void))LOCKED(region_resize), METH_FASTCALL,
-     "_resize(new_size, mode[, spec]): realloc (mode 0), grow (1) or shrink (2) in place."},
-    {"_populate", (PyCFunction)(void (*)(void))LOCKED(region_populate), METH_FASTCALL | METH_KEYWORDS,
-     "_populate(offset=0, length=None): fault pages in, as their protection allows."},
-    {"_madvise", (PyCFunction)(void (*)(void))LOCKED(region_madvise), METH_FASTCALL | METH_KEYWORDS,
-     "_madvise(advice, offset=0, length=None): madvise whole pages, with the rules\n"
-     "of each advice (discarding advice is refused on pinned code)."},
-    {"_mlock", (PyCFunction)(void (*)(void))LOCKED(region_mlock), METH_FASTCALL | METH_KEYWORDS,
-     "_mlock(on_fault, offset=0, length=None): lock the pages now, or as they fault in."},
-    {"_munlock", (PyCFunction)(void (*)(void))LOCKED(region_munlock), METH_FASTCALL | METH_KEYWORDS,
-     "_munlock(offset=0, length=None)"},
-    {"_mincore", (PyCFunction)(void (*)(void))LOCKED(region_mincore), METH_FASTCALL | METH_KEYWORDS,
-     "_mincore(offset=0, length=None) -> bytes: residency, one byte per page."},
+    METHOD_NOARGS("close", region_close,
+        "close($self, /)\n--\n\nUnmap the region; closing a closed region does nothing.\n"
+        "BufferError (nothing changed) while a buffer or function of it lives."),
+    METHOD_NOARGS("__enter__", region_enter,
+        "__enter__($self, /)\n--\n\nThe region itself; ValueError if it is closed."),
+    METHOD_FAST("__exit__", region_exit,
+        "__exit__($self, exc_type, exc, tb, /)\n--\n\n"
+        "Close the region. A refusal (a buffer still lives) after a block that raised is a\n"
+        "note on the block's exception, which propagates; after a clean block, a BufferError."),
+    METHOD_O("_release", region_release,
+        "_release(owner): close a region owner made (checks and unmap in one call)."),
+    METHOD_FASTKW("protect", region_protect,
+        "protect($self, /, perms, offset=0, length=None)\n--\n\n"
+        "Set the protection of whole pages [offset, offset + length); None: to the end.\n"
+        "BufferError, changing nothing, if it would remove access an exported buffer\n"
+        "needs, or EXEC while a function from function() lives. All or nothing."),
+    METHOD_FASTKW("_check_protect", region_check_protect,
+        "_check_protect(perms, offset=0, length=None): raise what protect() would, changing "
+        "nothing."),
+    METHOD_FASTKW("make_exec", region_make_exec,
+        "make_exec($self, /, offset=0, length=None)\n--\n\n"
+        "Make the pages read/exec (not writable), then flush the instruction cache."),
+    METHOD_FASTKW("make_writable", region_make_writable,
+        "make_writable($self, /, offset=0, length=None)\n--\n\n"
+        "Make the pages read/write (not executable)."),
+    METHOD_FASTKW("flush_icache", region_flush_icache,
+        "flush_icache($self, /, offset=0, length=None)\n--\n\n"
+        "Make code written to the pages visible to instruction fetch (no-op on x86)."),
+    METHOD_FASTKW("view", region_view,
+        "view($self, /, offset=0, length=None)\n--\n\n"
+        "A memoryview of bytes [offset, offset + length) of the region; it pins them.\n"
+        "Read-only where a page lacks WRITE; BufferError where one lacks READ."),
+    METHOD_FAST("find", region_find,
+        "find($self, sub, start=None, end=None, /)\n--\n\n"
+        "The lowest index of sub (bytes-like, or a byte value), or -1; as bytes.find."),
+    METHOD_FAST("rfind", region_rfind,
+        "rfind($self, sub, start=None, end=None, /)\n--\n\n"
+        "The highest index of sub (bytes-like, or a byte value), or -1; as bytes.rfind."),
+    METHOD_NOARGS("pin", region_pin_public,
+        "pin($self, /)\n--\n\n"
+        "A Pin that keeps the region mapped and in place while it lives, as an\n"
+        "exported buffer does: close(), realloc() and protect() respect it. Give it\n"
+        "as base= to consumers of region.address (pyarrow's foreign_buffer, numpy,\n"
+        "ctypes)."),
+    METHOD_O("_pin", region_pin,
+        "_pin(offset) -> Pin: pin the region for code at offset (which must be executable)."),
+    METHOD_FASTKW("_page_range", region_page_range,
+        "_page_range(offset=0, length=None) -> (start, length) of whole pages."),
+    METHOD_NOARGS("_runs", region_runs,
+        "_runs() -> [(offset, length, prot, flags)]: the protection record."),
+    METHOD_FAST("_resize", region_resize,
+        "_resize(new_size, mode[, spec]): realloc (mode 0), grow (1) or shrink (2) in place."),
+    METHOD_FASTKW("_populate", region_populate,
+        "_populate(offset=0, length=None): fault pages in, as their protection allows."),
+    METHOD_FASTKW("_madvise", region_madvise,
+        "_madvise(advice, offset=0, length=None): madvise whole pages, with the rules\n"
+        "of each advice (discarding advice is refused on pinned code)."),
+    METHOD_FASTKW("_mlock", region_mlock,
+        "_mlock(on_fault, offset=0, length=None): lock the pages now, or as they fault in."),
+    METHOD_FASTKW("_munlock", region_munlock, "_munlock(offset=0, length=None)"),
+    METHOD_FASTKW("_mincore", region_mincore,
+        "_mincore(offset=0, length=None) -> bytes: residency, one byte per page."),
     {NULL, NULL, 0, NULL},
 };
 

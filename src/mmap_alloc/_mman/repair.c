@@ -584,12 +584,12 @@ LOCKED_O(repair_install)
 LOCKED_O(repair_state)
 
 static PyMethodDef repair_methods[] = {
-    {"_repair_install", LOCKED(repair_install), METH_NOARGS,
-     "_repair_install($module, /)\n--\n\n"
-     "Put the SIGBUS repair's handler on top again (chaining to the one there)."},
-    {"_repair_state", LOCKED(repair_state), METH_NOARGS,
-     "_repair_state($module, /)\n--\n\n"
-     "(in_place, installs, watched): the SIGBUS repair's handler and table."},
+    METHOD_NOARGS("_repair_install", repair_install,
+        "_repair_install($module, /)\n--\n\n"
+        "Put the SIGBUS repair's handler on top again (chaining to the one there)."),
+    METHOD_NOARGS("_repair_state", repair_state,
+        "_repair_state($module, /)\n--\n\n"
+        "(in_place, installs, watched): the SIGBUS repair's handler and table."),
     {NULL, NULL, 0, NULL},
 };
 

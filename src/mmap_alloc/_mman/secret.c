@@ -467,28 +467,28 @@ static PyMethodDef secret_methods[] = {
     {"_create", (PyCFunction)(void (*)(void))LOCKED(secret_create), METH_FASTCALL | METH_CLASS,
      "_create(size, backend, guard, lock, abort): map a secret buffer (OSError whose\n"
      "filename names the step the kernel refused)."},
-    {"close", (PyCFunction)LOCKED(secret_close), METH_NOARGS,
-     "close($self, /)\n--\n\n"
-     "Check the canary, wipe, unlock and unmap; closing a closed buffer does nothing.\n"
-     "BufferError (nothing changed) while a buffer of it is exported."},
-    {"noaccess", (PyCFunction)LOCKED(secret_noaccess), METH_NOARGS,
-     "noaccess($self, /)\n--\n\nMake the secret pages inaccessible (PROT_NONE)."},
-    {"readonly", (PyCFunction)LOCKED(secret_readonly), METH_NOARGS,
-     "readonly($self, /)\n--\n\nMake the secret pages read-only."},
-    {"readwrite", (PyCFunction)LOCKED(secret_readwrite), METH_NOARGS,
-     "readwrite($self, /)\n--\n\nMake the secret pages readable and writable."},
-    {"_open", (PyCFunction)LOCKED(secret_open), METH_O,
-     "_open(write) -> (memoryview, previous access): open the pages and export them."},
-    {"_restore", (PyCFunction)LOCKED(secret_restore), METH_O,
-     "_restore(access): end an open() block (the last one sets the access back)."},
-    {"write", (PyCFunction)(void (*)(void))LOCKED(secret_write), METH_FASTCALL | METH_KEYWORDS,
-     "write($self, /, data, offset=0)\n--\n\n"
-     "Copy a bytes-like object into the secret at offset (no copy in between).\n"
-     "Needs access 'readwrite'."},
-    {"compare", (PyCFunction)LOCKED(secret_compare), METH_O,
-     "compare($self, other, /)\n--\n\n"
-     "Whether other (bytes-like, or a SecretBuffer) holds the same bytes, in time\n"
-     "that depends on the length only. Needs read access."},
+    METHOD_NOARGS("close", secret_close,
+        "close($self, /)\n--\n\n"
+        "Check the canary, wipe, unlock and unmap; closing a closed buffer does nothing.\n"
+        "BufferError (nothing changed) while a buffer of it is exported."),
+    METHOD_NOARGS("noaccess", secret_noaccess,
+        "noaccess($self, /)\n--\n\nMake the secret pages inaccessible (PROT_NONE)."),
+    METHOD_NOARGS("readonly", secret_readonly,
+        "readonly($self, /)\n--\n\nMake the secret pages read-only."),
+    METHOD_NOARGS("readwrite", secret_readwrite,
+        "readwrite($self, /)\n--\n\nMake the secret pages readable and writable."),
+    METHOD_O("_open", secret_open,
+        "_open(write) -> (memoryview, previous access): open the pages and export them."),
+    METHOD_O("_restore", secret_restore,
+        "_restore(access): end an open() block (the last one sets the access back)."),
+    METHOD_FASTKW("write", secret_write,
+        "write($self, /, data, offset=0)\n--\n\n"
+        "Copy a bytes-like object into the secret at offset (no copy in between).\n"
+        "Needs access 'readwrite'."),
+    METHOD_O("compare", secret_compare,
+        "compare($self, other, /)\n--\n\n"
+        "Whether other (bytes-like, or a SecretBuffer) holds the same bytes, in time\n"
+        "that depends on the length only. Needs read access."),
     {NULL, NULL, 0, NULL},
 };
 
@@ -554,9 +554,9 @@ static PyType_Spec secret_spec
 LOCKED_O(secret_register)
 
 static PyMethodDef secret_functions[] = {
-    {"_register_secret_errors", LOCKED(secret_register), METH_O,
-     "_register_secret_errors($module, memory_corruption_error, /)\n--\n\n"
-     "The exception type a canary mismatch raises (on_corruption=\"raise\")."},
+    METHOD_O("_register_secret_errors", secret_register,
+        "_register_secret_errors($module, memory_corruption_error, /)\n--\n\n"
+        "The exception type a canary mismatch raises (on_corruption=\"raise\")."),
     {NULL, NULL, 0, NULL},
 };
 

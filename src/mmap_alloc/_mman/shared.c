@@ -457,24 +457,23 @@ LOCKED_O(shared_fd)
 LOCKED_O(shared_dup)
 
 static PyMethodDef shared_methods[] = {
-    {"_shared_create", (PyCFunction)(void (*)(void))LOCKED(shared_create), METH_FASTCALL,
-     "_shared_create(cls, size, mfd_flags, name, seals, page, align, advice, backing)\n"
-     "A memfd region: every page backed, then mapped MAP_SHARED read/write."},
-    {"_shared_attach", (PyCFunction)(void (*)(void))LOCKED(shared_attach), METH_FASTCALL,
-     "_shared_attach(cls, fd, take, readonly, size_hint, align, advice, backing, huge_backing)\n"
-     "Map a memfd (fd itself if take, else a duplicate)."},
-    {"_shared_resize", (PyCFunction)(void (*)(void))LOCKED(shared_resize), METH_FASTCALL,
-     "_shared_resize(region, new_size): resize the file and the mapping."},
-    {"_shared_refresh", LOCKED(shared_refresh), METH_O,
-     "_shared_refresh(region) -> int: map the file's size as it is now."},
-    {"_shared_seal", (PyCFunction)(void (*)(void))LOCKED(shared_seal), METH_FASTCALL,
-     "_shared_seal(region, seals): add F_SEAL_* seals (F_SEAL_WRITE remaps read-only)."},
-    {"_shared_discard", (PyCFunction)(void (*)(void))LOCKED(shared_discard),
-     METH_FASTCALL | METH_KEYWORDS,
-     "_shared_discard(region, offset=0, length=None): punch a hole in the file."},
-    {"_shared_fd", LOCKED(shared_fd), METH_O, "_shared_fd(region) -> int: the region's descriptor."},
-    {"_shared_dup", LOCKED(shared_dup), METH_O,
-     "_shared_dup(region) -> int: a new descriptor of the region's file, for the caller."},
+    METHOD_FAST("_shared_create", shared_create,
+        "_shared_create(cls, size, mfd_flags, name, seals, page, align, advice, backing)\n"
+        "A memfd region: every page backed, then mapped MAP_SHARED read/write."),
+    METHOD_FAST("_shared_attach", shared_attach,
+        "_shared_attach(cls, fd, take, readonly, size_hint, align, advice, backing, huge_backing)\n"
+        "Map a memfd (fd itself if take, else a duplicate)."),
+    METHOD_FAST("_shared_resize", shared_resize,
+        "_shared_resize(region, new_size): resize the file and the mapping."),
+    METHOD_O("_shared_refresh", shared_refresh,
+        "_shared_refresh(region) -> int: map the file's size as it is now."),
+    METHOD_FAST("_shared_seal", shared_seal,
+        "_shared_seal(region, seals): add F_SEAL_* seals (F_SEAL_WRITE remaps read-only)."),
+    METHOD_FASTKW("_shared_discard", shared_discard,
+        "_shared_discard(region, offset=0, length=None): punch a hole in the file."),
+    METHOD_O("_shared_fd", shared_fd, "_shared_fd(region) -> int: the region's descriptor."),
+    METHOD_O("_shared_dup", shared_dup,
+        "_shared_dup(region) -> int: a new descriptor of the region's file, for the caller."),
     {NULL, NULL, 0, NULL},
 };
 
