@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import pty
@@ -155,6 +157,31 @@ def test_the_cache_and_first_touch_cases_put_the_peers_beside_mmap_alloc() -> No
             1.0,
         )
         assert "numpy.zeros" in {variant.name for variant in cached[0].variants}
+
+
+def test_the_python_floor_maps_and_unmaps_one_mapping_per_call() -> None:
+    address = _limits.map_one(P, 0, 0)
+    assert address % P == 0
+    ctypes.memmove(address, b"floor", 5)  # mapped read/write
+    assert ctypes.string_at(address, 6) == b"floor\0"
+    _limits.unmap_one(address, P)
+
+
+def test_the_python_floor_reports_a_refused_mmap_or_advice_as_oserror() -> None:
+    with pytest.raises(OSError) as too_large:
+        _limits.map_one(1 << 62, 0, 0)
+    assert too_large.value.errno == errno.ENOMEM
+    with pytest.raises(OSError) as bad_advice:
+        _limits.map_one(P, 0, 12345)
+    assert bad_advice.value.errno == errno.EINVAL
+
+
+def test_the_round_trips_put_the_python_floor_beside_mmap_alloc() -> None:
+    (case, *_) = cases.round_trips(cases.Scale(quick=True))
+    names = [variant.name for variant in case.variants]
+    assert (case.subject, case.reference) == ("mmap_alloc", "C loop")
+    assert cases.PYTHON_FLOOR in names
+    Runner(rounds=1, warmup=0).run(case)  # every variant runs
 
 
 def test_c_loop_reports_a_failed_mmap_as_oserror() -> None:

@@ -109,6 +109,40 @@ map_unmap(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
     return run(args, nargs, nargs == 5 ? 5 : 4, map_unmap_loop, 1);
 }
 
+/* map_one(size, flags, advice) -> address and unmap_one(address, size): one
+ * mmap (+ madvise) and one munmap per call. A Python loop of the two is the
+ * least any Python API over these calls can cost: two calls and an int per
+ * pair, no object of its own. */
+static PyObject *
+map_one(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[3];
+    PyObject *address;
+    void *p;
+    int err;
+
+    if (parse(args, nargs, 3, a) < 0)
+        return NULL;
+    if ((err = os_map(&p, NULL, (size_t)a[0], RW, (int)a[1], -1, 0)) != 0)
+        return finish(err);
+    if ((a[2] && (err = os_advise(p, (size_t)a[0], (int)a[2])) != 0)
+        || (address = PyLong_FromVoidPtr(p)) == NULL) {
+        os_unmap(p, (size_t)a[0]);
+        return err ? finish(err) : NULL;
+    }
+    return address;
+}
+
+static PyObject *
+unmap_one(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t a[2];
+
+    if (parse(args, nargs, 2, a) < 0)
+        return NULL;
+    return finish(os_unmap((void *)a[0], (size_t)a[1]));
+}
+
 static int
 grow_by_doubling_loop(const Py_ssize_t *a)
 {
@@ -219,6 +253,10 @@ static PyMethodDef limits_methods[] = {
     {"map_unmap", (PyCFunction)(void (*)(void))map_unmap, METH_FASTCALL,
      "map_unmap(n, size, flags, touch, advice=0): mmap + (madvise) + (touch each page) +\n"
      "munmap, n times"},
+    {"map_one", (PyCFunction)(void (*)(void))map_one, METH_FASTCALL,
+     "map_one(size, flags, advice) -> address: one mmap (+ madvise), for a Python loop"},
+    {"unmap_one", (PyCFunction)(void (*)(void))unmap_one, METH_FASTCALL,
+     "unmap_one(address, size): one munmap, for a Python loop"},
     {"grow_by_doubling", (PyCFunction)(void (*)(void))grow_by_doubling, METH_FASTCALL,
      "grow_by_doubling(n, start, end): grow a filled mapping by mremap doubling, n times"},
     {"protect_flip", (PyCFunction)(void (*)(void))protect_flip, METH_FASTCALL,

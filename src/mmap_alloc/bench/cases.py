@@ -32,6 +32,9 @@ from .harness import Case, Variant
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 C_LOOP = "C loop"
 """The name of the reference variant: mmap_alloc's system calls made from a C loop."""
+PYTHON_FLOOR = "Python floor: a C call each"
+"""The least a Python API over the same calls can cost: a Python loop that
+makes them through one bare C function each (two calls and an int per op)."""
 POOL_OBJ = 64
 POOL_BATCH = 10_000
 
@@ -115,9 +118,16 @@ def _round_trip_variants(size: int, *, populate: bool) -> tuple[Variant, ...]:
         for _ in range(n):
             libc_munmap(libc_mmap(None, size, _PROT_RW, _ANON | flags, -1, 0), size)
 
+    map_one, unmap_one = _limits.map_one, _limits.unmap_one
+
+    def c_calls(n: int) -> None:
+        for _ in range(n):
+            unmap_one(map_one(size, flags, advice), size)
+
     return (
         Variant("mmap_alloc", ours),
         Variant(C_LOOP, lambda n: _limits.map_unmap(n, size, flags, 0, advice)),
+        Variant(PYTHON_FLOOR, c_calls),
         Variant("stdlib mmap", stdlib),
         Variant("ctypes libc", ctypes_libc),
     )
