@@ -89,7 +89,8 @@ alloc_many_bound(PoolObject *self, Py_ssize_t n)
         space = limit.rlim_cur;
         bound = "RLIMIT_AS, the address-space limit,";
     }
-    if (__builtin_mul_overflow(slabs, slab, &bytes) || bytes > space) {
+    /* >=: the process's own mappings already take part of the space */
+    if (__builtin_mul_overflow(slabs, slab, &bytes) || bytes >= space) {
         raise_alloc_error(ENOMEM, n,
                           "alloc_many(%zd) cannot succeed: it needs %llu more slabs of %llu "
                           "bytes (%llu MiB) and %s holds %llu MiB; ask for fewer objects",
