@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -234,4 +235,29 @@ os_mapping_count(long *count)
     }
     close(fd);
     return error;
+}
+
+void
+os_address_space(unsigned long long *total, unsigned long long *used)
+{
+    char buffer[64];
+    ssize_t got;
+    int fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+
+#if defined(__x86_64__)
+    *total = 1ULL << 47;
+#else
+    *total = 1ULL << 48;
+#endif
+    *used = 0;
+    if (fd < 0)
+        return;
+    do
+        got = read(fd, buffer, sizeof buffer - 1);
+    while (got < 0 && errno == EINTR);
+    close(fd);
+    if (got > 0) {
+        buffer[got] = '\0';
+        *used = strtoull(buffer, NULL, 10) * os_page_size();   /* the first field: pages */
+    }
 }

@@ -171,6 +171,10 @@ int os_query_protection(void *p, size_t length,
  * vm.max_map_count): 0 or an errno. Asks nothing of the heap, so it works
  * at that limit, where a heap that cannot grow has no room for a buffer. */
 int os_mapping_count(long *count);
+/* The user address space of this architecture (4-level page tables) and the
+ * bytes the process maps now (VmSize; 0 where it cannot be read): the room a
+ * request for more address space can hope for is the difference. */
+void os_address_space(unsigned long long *total, unsigned long long *used);
 
 /* What the SIGBUS repair needs of the system inside its handler, each
  * async-signal-safe: let another thread run, this thread's id, and a signal

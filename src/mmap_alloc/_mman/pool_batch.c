@@ -51,12 +51,6 @@ slab_take_many(PoolObject *self, Slab *s, uintptr_t *out, Py_ssize_t n)
  * list and the int object (an address above 2**30 takes two 30-bit digits). */
 #define ADDRESS_BYTES (sizeof(PyObject *) + 32)
 
-#if defined(__x86_64__)
-#define USER_ADDRESS_SPACE (1ULL << 47)   /* 4-level page tables */
-#else
-#define USER_ADDRESS_SPACE (1ULL << 48)
-#endif
-
 /* Free objects in the slabs in use: every slab holds per_slab objects. O(1),
  * so that a call adding a million slabs stays linear. */
 static inline Py_ssize_t
@@ -75,7 +69,7 @@ alloc_many_bound(PoolObject *self, Py_ssize_t n)
     unsigned long long want = (unsigned long long)(n - pool_free_now(self));
     unsigned long long page = (unsigned long long)sysconf(_SC_PAGESIZE);
     unsigned long long slab = ((unsigned long long)self->span + page - 1) / page * page;
-    unsigned long long slabs, space, bytes = 0, memory, mem_unit;
+    unsigned long long slabs, space, used, bytes = 0, memory, mem_unit;
     struct rlimit limit;
     struct sysinfo info;
     const char *bound = "the address space";
@@ -83,17 +77,17 @@ alloc_many_bound(PoolObject *self, Py_ssize_t n)
     if (n <= pool_free_now(self) && (unsigned long long)n * ADDRESS_BYTES < (1ULL << 24))
         return 0;   /* the common case: no system call */
     slabs = n > pool_free_now(self) ? (want + self->per_slab - 1) / self->per_slab : 0;
-    space = USER_ADDRESS_SPACE;
+    os_address_space(&space, &used);
     if (getrlimit(RLIMIT_AS, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY
         && limit.rlim_cur < space) {
         space = limit.rlim_cur;
         bound = "RLIMIT_AS, the address-space limit,";
     }
-    /* >=: the process's own mappings already take part of the space */
-    if (__builtin_mul_overflow(slabs, slab, &bytes) || bytes >= space) {
+    space = space > used ? space - used : 0;   /* what the process maps takes part of it */
+    if (__builtin_mul_overflow(slabs, slab, &bytes) || bytes > space) {
         raise_alloc_error(ENOMEM, n,
                           "alloc_many(%zd) cannot succeed: it needs %llu more slabs of %llu "
-                          "bytes (%llu MiB) and %s holds %llu MiB; ask for fewer objects",
+                          "bytes (%llu MiB) and %s has %llu MiB left; ask for fewer objects",
                           n, slabs, slab, slabs * (slab >> 10) >> 10, bound, space >> 20);
         return -1;
     }
