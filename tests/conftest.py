@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -150,3 +152,14 @@ def heap() -> Iterator[CodeHeap]:
     except BufferError:  # a function held by a failed test's traceback
         gc.collect()
         heap.close()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 64 KiB (a full disk at hand); skipped where mounting is not allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.system(f"mount -t tmpfs -o size=64k tmpfs {mount} 2>/dev/null") != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root, outside a locked-down container)")
+    yield mount
+    os.system(f"umount {mount}")

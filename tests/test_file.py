@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -447,17 +447,6 @@ def test_resize_writes_the_blocks_itself_once_where_fallocate_is_unsupported(
         with pytest.raises(OSError, match="fallocate failed: not supported"):
             region.resize(16 * P)  # the C library writes the blocks once, not forever
         assert region.size == 12 * P
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A tmpfs of 64 KiB (a full disk at hand); skipped where mounting is not allowed."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.system(f"mount -t tmpfs -o size=64k tmpfs {mount} 2>/dev/null") != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root, outside a locked-down container)")
-    yield mount
-    os.system(f"umount {mount}")
 
 
 def test_a_full_disk_is_an_error_of_resize_never_a_sigbus_later(small_tmpfs: Path) -> None:

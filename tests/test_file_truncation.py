@@ -10,7 +10,9 @@ fresh interpreter (support.run_child), with stderr to read."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import mmap
 import os
 import signal
@@ -410,3 +412,94 @@ def _pin_of_repaired_pages(path: str) -> None:
 
 def test_raw_pointers_through_a_pin_read_zeros_and_a_new_pin_is_refused(path: Path) -> None:
     run_forked(_pin_of_repaired_pages, str(path))
+
+
+# ---------------------------------------------------------------- races with the file and with fork
+
+# rt_tgsigqueueinfo: a SIGBUS that looks as the kernel's own (BUS_ADRERR at an
+# address), sent to this thread, which a process may do to itself
+_SIGQUEUE = {"x86_64": 297, "aarch64": 240}.get(os.uname().machine)
+_BUS_ADRERR = 2
+
+
+def _fault_as_the_kernel_raises_it(address: int) -> None:
+    info = (ctypes.c_char * 128)()
+    ctypes.memmove(info, ctypes.byref(ctypes.c_int(signal.SIGBUS)), 4)
+    ctypes.memmove(ctypes.addressof(info) + 8, ctypes.byref(ctypes.c_int(_BUS_ADRERR)), 4)
+    ctypes.memmove(ctypes.addressof(info) + 16, ctypes.byref(ctypes.c_void_p(address)), 8)
+    libc = ctypes.CDLL(None, use_errno=True)
+    args = (os.getpid(), threading.get_native_id(), signal.SIGBUS, info)
+    assert libc.syscall(_SIGQUEUE, *args) == 0, os.strerror(ctypes.get_errno())
+
+
+def _grown_back_before_the_handler_looks(path: str) -> None:
+    region = FileRegion.open(path)
+    pin = region.pin()
+    # the fault of a reader while the file was short; the file is whole again
+    _fault_as_the_kernel_raises_it(pin.address + 5 * P)
+    del pin
+    assert files.repair_installed()
+    view = memoryview(region)
+    os.truncate(path, P)
+    assert view[-1] == 0
+
+
+@pytest.mark.skipif(_SIGQUEUE is None, reason="rt_tgsigqueueinfo's number is known here")
+def test_a_fault_the_file_grew_back_over_runs_again_and_keeps_the_repair(path: Path) -> None:
+    run_forked(_grown_back_before_the_handler_looks, str(path))
+
+
+def _write_under_a_hole_of_a_full_disk(mount: str) -> None:
+    with open(f"{mount}/sparse", "wb") as sparse:
+        sparse.truncate(8 * P)  # a hole: no block behind any page
+    with contextlib.suppress(OSError), open(f"{mount}/fill", "wb") as fill:
+        while True:  # until ENOSPC: the disk is full
+            fill.write(b"x" * P)
+            fill.flush()
+    region = FileRegion.open(f"{mount}/sparse", "r+")
+    memoryview(region)[5 * P] = 1  # the kernel has no block for it, however often it runs
+
+
+def test_a_fault_inside_the_file_that_never_goes_away_still_kills(small_tmpfs: Path) -> None:
+    assert run_in_child(lambda: _write_under_a_hole_of_a_full_disk(str(small_tmpfs))) == (
+        -signal.SIGBUS
+    )
+
+
+def _forks_while_a_large_region_closes(folder: str) -> None:
+    big = f"{folder}/big"
+    with open(big, "wb") as f:
+        f.truncate(4 << 20)  # large enough that its unmap runs without the GIL
+    FileRegion.open(big).close()  # its first one imports multiprocessing: not under a fork
+    stop = threading.Event()
+
+    def open_and_close() -> None:
+        while not stop.is_set():
+            FileRegion.open(big).close()
+
+    closer = threading.Thread(target=open_and_close)
+    closer.start()
+    try:
+        for n in range(150):
+            status = run_in_child(lambda n=n: _truncated_in_a_fresh_child(f"{folder}/{n}"))
+            assert status == 0, f"child {n}: {status}"
+    finally:
+        stop.set()
+        closer.join()
+
+
+def _truncated_in_a_fresh_child(path: str) -> None:
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)
+    view = memoryview(FileRegion.open(path))
+    os.truncate(path, P)
+    assert view[-1] == 0  # never a slot the parent's closing thread left behind
+    regions_open = [o for o in gc.get_objects() if isinstance(o, FileRegion) and not o.closed]
+    watched = _mman._repair_state()[2]
+    assert watched == len(regions_open), (watched, regions_open)  # no slot of a region closing
+
+
+def test_a_fork_while_another_thread_closes_a_large_region_leaves_the_child_nothing_of_it(
+    tmp_path: Path,
+) -> None:
+    run_forked(_forks_while_a_large_region_closes, str(tmp_path), timeout=240)

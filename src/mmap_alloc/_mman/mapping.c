@@ -266,18 +266,33 @@ flush_graveyard(void)
     kernel.ngraves = out;
 }
 
-void
-unmap_or_bury(char *p, Py_ssize_t length, int release_gil)
+/* munmap without the GIL (a large file's pages take milliseconds to go);
+ * before_fork waits for it, so no child is made halfway through. */
+static int
+unmap_without_gil(char *p, size_t length)
 {
     int err;
 
-    if (release_gil) {
-        Py_BEGIN_ALLOW_THREADS
-        err = os_unmap(p, (size_t)length);
-        Py_END_ALLOW_THREADS
-    }
-    else
-        err = os_unmap(p, (size_t)length);
+    __atomic_add_fetch(&kernel.unmapping, 1, __ATOMIC_ACQ_REL);
+    Py_BEGIN_ALLOW_THREADS
+    err = os_unmap(p, length);
+    __atomic_sub_fetch(&kernel.unmapping, 1, __ATOMIC_ACQ_REL);
+    Py_END_ALLOW_THREADS
+    return err;
+}
+
+void
+before_fork(void)
+{
+    while (__atomic_load_n(&kernel.unmapping, __ATOMIC_ACQUIRE) > 0)
+        os_yield();
+}
+
+void
+unmap_or_bury(char *p, Py_ssize_t length, int release_gil)
+{
+    int err = release_gil ? unmap_without_gil(p, (size_t)length) : os_unmap(p, (size_t)length);
+
     if (err == ENOMEM && kernel_trim_caches() > 0)   /* a split at vm.max_map_count */
         err = os_unmap(p, (size_t)length);
     if (!err) {
@@ -304,8 +319,7 @@ unmap_or_bury(char *p, Py_ssize_t length, int release_gil)
     kernel.ngraves++;
 }
 
-/* What a closed mapping leaves behind: the registry entry and the file. */
-static void
+void
 mapping_forget(Mapping *m)
 {
     if (m->flags & MAPPING_REPAIRABLE)
@@ -325,15 +339,10 @@ mapping_close(Mapping *m)
     if (p == NULL)
         return 0;
     if (m->flags & MAPPING_REPAIRABLE)
-        repair_lock(m);   /* no repair maps over the pages while they go */
+        repair_closing(m);   /* no repair maps over the pages while they go */
     m->data = NULL;
-    if (mapping_unmap_is_slow(m)) {
-        Py_BEGIN_ALLOW_THREADS
-        err = os_unmap(p, (size_t)m->capacity);
-        Py_END_ALLOW_THREADS
-    }
-    else
-        err = os_unmap(p, (size_t)m->capacity);
+    err = mapping_unmap_is_slow(m) ? unmap_without_gil(p, (size_t)m->capacity)
+                                   : os_unmap(p, (size_t)m->capacity);
     if (err == ENOMEM && kernel_trim_caches() > 0)   /* a split at vm.max_map_count */
         err = os_unmap(p, (size_t)m->capacity);
     if (err) {
@@ -356,7 +365,7 @@ mapping_release(Mapping *m)
     char *p = m->data;
 
     if (m->flags & MAPPING_REPAIRABLE)
-        repair_lock(m);
+        repair_closing(m);
     m->data = NULL;
     if (p != NULL)
         unmap_or_bury(p, m->capacity, mapping_unmap_is_slow(m));

@@ -99,6 +99,7 @@ typedef struct {
     Py_ssize_t (*trim_caches)(void); /* cache.c's, set when a cache first keeps a mapping */
     void *spare_regions;             /* dead Regions kept for reuse (region_alloc) */
     int nspare_regions;
+    int unmapping;                   /* unmaps under way without the GIL (before_fork) */
     struct Grave *graves;            /* unmaps the kernel refused, to retry */
     Py_ssize_t ngraves, cap_graves;
     PyTypeObject *region_type, *pin_type, *view_type, *iter_type, *pool_type,
@@ -462,8 +463,13 @@ void flush_graveyard(void);
  * or ENOMEM (no extension for the links; no exception). */
 int mapping_register(Mapping *m);
 void mapping_unregister(Mapping *m);
-/* pthread_atfork's child handler: new generation; pages MADV_DONTFORK left
- * out are mapped again as zero pages, so that no buffer points at a hole. */
+/* What a closed mapping leaves behind: the repair's slot, the registry
+ * entry and the file. */
+void mapping_forget(Mapping *m);
+/* pthread_atfork's handlers. Before: unmaps under way without the GIL end.
+ * Child: new generation; pages MADV_DONTFORK left out are mapped again as
+ * zero pages, so that no buffer points at a hole. */
+void before_fork(void);
 void after_fork_in_child(void);
 
 /* resize.c: growing, moving and shrinking any mapping (fd < 0: anonymous) */
@@ -503,6 +509,10 @@ int repair_publish(Mapping *m);
  * progress); repair_unlock shows m as it is then. */
 void repair_lock(Mapping *m);
 void repair_unlock(Mapping *m);
+/* Before m is unmapped: its slot covers nothing (waits for a repair in
+ * progress). After the unmap, repair_withdraw frees it; if the unmap
+ * failed, repair_unlock shows m again. */
+void repair_closing(Mapping *m);
 /* After m was unmapped (lock held): its slot is free again. */
 void repair_withdraw(Mapping *m);
 /* Map the file again over the pages repaired below `upto` (lock held); 0 or errno. */
@@ -514,7 +524,8 @@ Py_ssize_t repair_first(const Mapping *m);
 /* FileTruncatedError if [start, end) touches pages repaired since the last
  * refresh; 0 when not. */
 int repair_check(const Mapping *m, Py_ssize_t start, Py_ssize_t end);
-/* In a forked child: slots held by threads that do not exist there are free to take. */
+/* In a forked child: slots held by threads that do not exist there are
+ * live again, and those closing are withdrawn (mapping_forget). */
 void repair_after_fork(void);
 
 /* repair_check for any mapping: nothing but a flag test for anonymous memory. */

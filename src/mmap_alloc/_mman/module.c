@@ -188,10 +188,11 @@ mman_exec(PyObject *m)
     *(void **)&kernel.trace_track = dlsym(RTLD_DEFAULT, "PyTraceMalloc_Track");
     *(void **)&kernel.trace_untrack = dlsym(RTLD_DEFAULT, "PyTraceMalloc_Untrack");
     if (!atfork_registered) {
-        /* the one fork hook: counts held by threads that do not exist in the
-         * child are stale (busy counts compare their generation), and pages
-         * advised MADV_DONTFORK are mapped again there (mapping.c) */
-        if (pthread_atfork(NULL, NULL, after_fork_in_child) != 0) {
+        /* the one fork hook: unmaps under way without the GIL end first;
+         * in the child, counts held by threads that do not exist there are
+         * stale (busy counts compare their generation), and pages advised
+         * MADV_DONTFORK are mapped again (mapping.c) */
+        if (pthread_atfork(before_fork, NULL, after_fork_in_child) != 0) {
             PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
             return -1;
         }

@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef MLOCK_ONFAULT
@@ -228,6 +229,15 @@ long
 os_thread_id(void)
 {
     return syscall(SYS_gettid);
+}
+
+long long
+os_monotonic_ns(void)
+{
+    struct timespec t;
+
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
 }
 
 void

@@ -109,6 +109,7 @@ os_file_info(int fd, OsFileInfo *info)
     info->regular = S_ISREG(st.st_mode);
     info->dev = (uint64_t)st.st_dev;
     info->ino = (uint64_t)st.st_ino;
+    info->changed = (int64_t)st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec;
     return 0;
 }
 

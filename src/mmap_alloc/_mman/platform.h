@@ -138,13 +138,15 @@ int os_dup(int fd, int *out);                    /* close-on-exec */
 int os_reopen_readonly(int fd, int *out);        /* a new O_RDONLY open of fd's file */
 int os_set_cloexec(int fd);
 /* fd's size, preferred block size (the huge page for hugetlbfs), link count,
- * whether it is a regular file, its device and inode. async-signal-safe. */
+ * whether it is a regular file, its device and inode, and when it last
+ * changed (ctime, ns: a truncation changes it). async-signal-safe. */
 typedef struct {
     int64_t size;
     int64_t blksize;
     int64_t nlink;
     int regular;
     uint64_t dev, ino;
+    int64_t changed;
 } OsFileInfo;
 int os_file_info(int fd, OsFileInfo *info);
 /* The page a mapping of fd's file is made of: the huge page on hugetlbfs,
@@ -177,10 +179,11 @@ int os_mapping_count(long *count);
 void os_address_space(unsigned long long *total, unsigned long long *used);
 
 /* What the SIGBUS repair needs of the system inside its handler, each
- * async-signal-safe: let another thread run, this thread's id, and a signal
- * sent again to this thread alone. */
+ * async-signal-safe: let another thread run, this thread's id, a signal
+ * sent again to this thread alone, and a monotonic clock in ns. */
 void os_yield(void);
 long os_thread_id(void);
 void os_resend_signal(int sig);
+long long os_monotonic_ns(void);
 
 #endif

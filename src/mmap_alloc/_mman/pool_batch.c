@@ -8,7 +8,6 @@
 
 #include <sys/resource.h>
 #include <sys/sysinfo.h>
-#include <time.h>
 
 /* Take up to n free objects of slab s, lowest first, into out; how many. */
 static Py_ssize_t
@@ -123,15 +122,6 @@ typedef struct {
     long long due;      /* the next release, in CLOCK_MONOTONIC ns */
 } Pacer;
 
-static long long
-monotonic_ns(void)
-{
-    struct timespec t;
-
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
-}
-
 /* Twice sys.getswitchinterval(), read without running Python code, or twice
  * CPython's default of 5 ms where the function was replaced or fails. A
  * free-threaded build has no GIL to hand over and takes the default: there
@@ -160,11 +150,11 @@ alloc_many_pause(Pacer *pacer)
 {
     if (pacer->period == 0) {
         pacer->period = release_period();
-        pacer->due = monotonic_ns() + pacer->period;
-    } else if (monotonic_ns() >= pacer->due) {
+        pacer->due = os_monotonic_ns() + pacer->period;
+    } else if (os_monotonic_ns() >= pacer->due) {
         Py_BEGIN_ALLOW_THREADS
         Py_END_ALLOW_THREADS
-        pacer->due = monotonic_ns() + pacer->period;
+        pacer->due = os_monotonic_ns() + pacer->period;
     }
     return PyErr_CheckSignals();
 }

@@ -25,18 +25,24 @@
  *   LIVE  -> BUSY   an owner changes the mapping (grow, move, shrink, close,
  *                   protect, refresh), or the handler repairs it
  *   BUSY  -> LIVE   the same, done: the owner publishes the mapping as it is
- *   BUSY  -> FREE   an owner withdraws it, after the unmap
+ *   BUSY  -> CLOSING  an owner unmaps it (perhaps without the GIL); CLOSING
+ *                   covers no address, and no owner takes it
+ *   CLOSING -> FREE an owner withdraws it, after the unmap (or LIVE again
+ *                   if the unmap failed); a forked child withdraws it itself,
+ *                   as the owner's thread does not exist there
  *
  * Whoever holds BUSY is alone with the slot and the pages it covers; the
  * other side waits (a repair is one fstat and one mmap; an owner's change a
  * few system calls, none of which touches the pages). So a slot is never
  * withdrawn or moved while a repair maps over its range, and a repair never
  * maps over pages the owner is unmapping: nothing else that lands at those
- * addresses later can be "repaired". A fault outside every slot, a fault
- * inside the file's size (an I/O error, a full disk under a hole), or one
- * the kernel did not raise, goes to the handler that was there before (see
- * chain()); the default action is restored so the access kills the process
- * exactly as it would have.
+ * addresses later can be "repaired". A fault inside the file's size when
+ * the handler looks is run again: the file grew back after the fault (a
+ * copy-and-truncate rotation whose writer appends at once). One that stays
+ * inside the size that many times in a row (an I/O error, a full disk under
+ * a hole), a fault outside every slot, or one the kernel did not raise, goes
+ * to the handler that was there before (see chain()); the default action is
+ * restored so the access kills the process exactly as it would have.
  */
 #define _GNU_SOURCE 1
 #include "mman.h"
@@ -51,8 +57,10 @@
 #define PREVIOUS 8          /* handlers we chained to, kept for handlers still running */
 #define PASSING 64          /* threads passing a signal on at once */
 #define SPIN_LIMIT (1L << 20)   /* yields a handler waits for a slot: about a second */
+#define REGROWN_LIMIT 256   /* faults in a row inside the file's size run again */
+#define IN_A_ROW_NS 100000000LL   /* faults at a page further apart are not in a row */
 
-enum { SLOT_FREE, SLOT_LIVE, SLOT_BUSY };
+enum { SLOT_FREE, SLOT_LIVE, SLOT_BUSY, SLOT_CLOSING };
 
 typedef struct {
     int state;
@@ -63,6 +71,7 @@ typedef struct {
     int64_t offset;         /* the file offset of start */
     uintptr_t repaired;     /* offset of the first repaired page from start, or NONE */
     int64_t size;           /* the file's size when the last repair found it */
+    Mapping *owner;         /* for a forked child, which withdraws a slot closing */
 } Slot;
 
 struct RepairTable {
@@ -73,7 +82,8 @@ struct RepairTable {
     int previous_at;        /* the handler foreign signals go to: previous[previous_at] */
     struct sigaction previous[PREVIOUS];
     pid_t passing[PASSING]; /* threads inside a handler we passed a signal on to */
-    struct { pid_t tid; uintptr_t page; } again[PASSING];   /* see already_repaired() */
+    /* each thread's last fault: faults_in_a_row() */
+    struct { pid_t tid; uintptr_t page; int64_t changed; long count; long long at; } again[PASSING];
 };
 
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
@@ -108,30 +118,44 @@ this_thread(void)
 
 static void repair_handler(int sig, siginfo_t *info, void *context);
 
-/* A fault at page (on this thread) that the table says is repaired already:
- * another thread repaired it between the fault and now, and the access will
- * complete when it runs again. Twice in a row at the same page, the table is
- * wrong about it (which no owner lets happen): the page is repaired again
- * rather than faulting for ever. */
-static int
-already_repaired(struct RepairTable *t, pid_t tid, uintptr_t page)
+/* The faults this thread took in a row at page (none more than IN_A_ROW_NS
+ * apart, the file's change time the same), this one included; 0 when the
+ * table has no room to count them. A fault at a page the table says is
+ * repaired already: another thread repaired it between the fault and now,
+ * and the access completes when it runs again; twice in a row, the table is
+ * wrong about it (which no owner lets happen), and the page is repaired
+ * again rather than faulting for ever. A fault inside the file's size runs
+ * again until REGROWN_LIMIT in a row with the file unchanged: a file cut
+ * short and grown back between each of them changes every time. */
+static long
+faults_in_a_row(struct RepairTable *t, pid_t tid, uintptr_t page, int64_t changed)
 {
-    for (int i = 0; i < PASSING; i++) {
-        if (LOAD(t->again[i].tid) == tid) {
-            int twice = LOAD(t->again[i].page) == page;
-            STORE(t->again[i].tid, 0);
-            return twice;
+    long long now = os_monotonic_ns();
+    int i, spare = -1;
+    pid_t holder = 0;
+
+    for (i = 0; i < PASSING && LOAD(t->again[i].tid) != tid; i++) {
+        pid_t other = LOAD(t->again[i].tid);
+        if (spare < 0 && (other == 0 || now - LOAD(t->again[i].at) > IN_A_ROW_NS)) {
+            spare = i;   /* free, or counting nothing in a row any more */
+            holder = other;
         }
     }
-    for (int i = 0; i < PASSING; i++) {
-        pid_t none = 0;
-        if (__atomic_compare_exchange_n(&t->again[i].tid, &none, tid, 0, __ATOMIC_RELAXED,
-                                        __ATOMIC_RELAXED)) {
-            STORE(t->again[i].page, page);
-            break;
-        }
+    if (i == PASSING) {
+        if (spare < 0 || !__atomic_compare_exchange_n(&t->again[spare].tid, &holder, tid, 0,
+                                                      __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return 0;
+        i = spare;
+        STORE(t->again[i].count, 0);
     }
-    return 0;
+    if (LOAD(t->again[i].page) != page || LOAD(t->again[i].changed) != changed
+        || now - LOAD(t->again[i].at) > IN_A_ROW_NS)
+        STORE(t->again[i].count, 0);
+    STORE(t->again[i].page, page);
+    STORE(t->again[i].changed, changed);
+    STORE(t->again[i].at, now);
+    STORE(t->again[i].count, LOAD(t->again[i].count) + 1);
+    return LOAD(t->again[i].count);
 }
 
 /* Repair the fault at addr if slot s covers it: 1 done (the access can run
@@ -153,7 +177,7 @@ repair_slot(struct RepairTable *t, Slot *s, uintptr_t addr)
         /* withdrawn; or held that long, which no owner does (its change is a
          * few system calls) unless it waits for the GIL this thread holds:
          * a raw pointer used while its region closes. Not a repair then. */
-        if (expected == SLOT_FREE || spins == SPIN_LIMIT)
+        if (expected == SLOT_FREE || expected == SLOT_CLOSING || spins == SPIN_LIMIT)
             return -1;
         pause_briefly();   /* the owner changes the mapping, or another thread repairs it */
     }
@@ -169,20 +193,25 @@ repair_slot(struct RepairTable *t, Slot *s, uintptr_t addr)
         /* pages from the file's end (rounded up to the granule) on fault */
         edge = ((info.size + (int64_t)granule - 1) & ~(int64_t)(granule - 1)) - s->offset;
         from = edge <= 0 ? 0 : (uintptr_t)edge < end - start ? (uintptr_t)edge : end - start;
+        uintptr_t page = addr & ~(granule - 1);
         if (addr - start >= rep) {
-            uintptr_t page = addr & ~(granule - 1);
             done = 1;
-            if (already_repaired(t, this_thread(), page))
+            if (faults_in_a_row(t, this_thread(), page, 0) >= 2)
                 done = os_map(&p, (void *)page, granule, s->prot, MAP_FIXED | MAP_NORESERVE, -1,
                               0) == 0;
         }
-        else if (addr - start >= from
-                 && os_map(&p, (void *)(start + from), rep - from, s->prot,
-                           MAP_FIXED | MAP_NORESERVE, -1, 0) == 0) {
-            /* read without the slot by the owner's checks (repair_check) */
-            __atomic_store_n(&s->size, info.size, __ATOMIC_RELAXED);
-            __atomic_store_n(&s->repaired, from, __ATOMIC_RELEASE);
-            done = 1;
+        else if (addr - start >= from) {
+            if (os_map(&p, (void *)(start + from), rep - from, s->prot,
+                       MAP_FIXED | MAP_NORESERVE, -1, 0) == 0) {
+                /* read without the slot by the owner's checks (repair_check) */
+                __atomic_store_n(&s->size, info.size, __ATOMIC_RELAXED);
+                __atomic_store_n(&s->repaired, from, __ATOMIC_RELEASE);
+                done = 1;
+            }
+        }
+        else {
+            long n = faults_in_a_row(t, this_thread(), page, info.changed);
+            done = n > 0 && n < REGROWN_LIMIT;
         }
     }
     __atomic_store_n(&s->state, SLOT_LIVE, __ATOMIC_RELEASE);
@@ -204,8 +233,8 @@ repair_fault(uintptr_t addr)
             || addr >= LOAD(s->end))
             continue;
         r = repair_slot(t, s, addr);
-        if (r >= 0)
-            return r;
+        if (r > 0)
+            return 1;
     }
     return 0;
 }
@@ -394,6 +423,7 @@ repair_publish(Mapping *m)
     s->offset = mapping_offset(m);
     s->repaired = NONE;
     s->size = 0;
+    s->owner = m;
     m->x->repair = i;
     m->flags |= MAPPING_REPAIRABLE;
     repair_unlock(m);
@@ -439,6 +469,17 @@ repair_unlock(Mapping *m)
     if (s->repaired != NONE && s->repaired >= (uintptr_t)m->capacity)
         s->repaired = NONE;
     __atomic_store_n(&s->state, SLOT_LIVE, __ATOMIC_RELEASE);
+}
+
+void
+repair_closing(Mapping *m)
+{
+    Slot *s = slot_of(m);
+
+    repair_lock(m);
+    STORE(s->start, 0);
+    STORE(s->end, 0);
+    __atomic_store_n(&s->state, SLOT_CLOSING, __ATOMIC_RELEASE);
 }
 
 void
@@ -542,6 +583,8 @@ repair_after_fork(void)
         Slot *s = slot_at(t, i);
         if (s->state == SLOT_BUSY)   /* held by a thread that is not in the child */
             s->state = SLOT_LIVE;
+        else if (s->state == SLOT_CLOSING)   /* its unmap is done (before_fork waited) */
+            mapping_forget(s->owner);
     }
     memset(t->passing, 0, sizeof t->passing);
     memset(t->again, 0, sizeof t->again);
