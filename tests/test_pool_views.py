@@ -9,7 +9,8 @@ import pytest
 from mmap_alloc import MapAlloc, ObjectPool, _mman
 from mmap_alloc import pool as pool_module
 from mmap_alloc._linux import PAGE_SIZE
-from pool_support import pattern, read, write
+from pool_support import collecting, collects_inside_calls, pattern, read, write
+from support import run_forked
 
 # ---------------------------------------------------------------- views
 
@@ -55,6 +56,34 @@ def test_view_keeps_an_emptied_slab_mapped() -> None:
         assert view.tobytes() == pattern(3, 64)
         assert pool.stats().slabs >= 1
         view.release()
+
+
+def _view_while_a_collection_closes_the_pool() -> None:
+    pool = ObjectPool(64, slab_size=PAGE_SIZE)
+    a = pool.alloc()
+    with pytest.raises(ValueError, match="pool is closed"):
+        collecting(lambda: pool.view(a), pool.close)
+    assert pool.closed
+
+
+@collects_inside_calls
+def test_view_raises_when_a_collection_it_starts_closes_the_pool() -> None:
+    """view() checks the object after it allocates the view (which may start a
+    collection), never a view of unmapped memory."""
+    run_forked(_view_while_a_collection_closes_the_pool)
+
+
+def _view_while_a_collection_frees_the_object() -> None:
+    pool = ObjectPool(64, slab_size=PAGE_SIZE)
+    a = pool.alloc()
+    with pytest.raises(ValueError, match="not allocated"):
+        collecting(lambda: pool.view(a), lambda: pool.free(a))
+    pool.close()  # no view counted
+
+
+@collects_inside_calls
+def test_view_raises_when_a_collection_it_starts_frees_the_object() -> None:
+    run_forked(_view_while_a_collection_frees_the_object)
 
 
 def test_view_of_a_read_only_pool_is_read_only() -> None:

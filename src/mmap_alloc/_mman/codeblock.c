@@ -102,8 +102,7 @@ block_view(CodeBlockObject *self, PyObject *unused)
     h = mapping_hold(&self->heap->m, self->start, self->start + self->extent, HOLD_PIN);
     if (h == NULL)
         return NULL;
-    view = view_new((PyObject *)self, &self->heap->m, NULL, self->start,
-                    self->start + self->size, 1, NULL);
+    view = view_new((PyObject *)self, &self->heap->m, self->start, self->start + self->size, 1);
     mapping_unhold(&self->heap->m, h);
     return view;
 }

@@ -9,8 +9,9 @@
  * is not touched, and pools of read-only or inaccessible memory work too.
  *
  * Everything runs under the kernel lock (the GIL in GIL builds). Python
- * code runs only inside the slab source call, and the state is consistent
- * before it (no Slab pointer is kept across it). Empty slabs past keep_empty
+ * code runs only inside the slab source call and in a collection that an
+ * allocation starts (a view's, an error's); the state is consistent before
+ * each, and no Slab pointer is kept across one. Empty slabs past keep_empty
  * go back to the kernel (pool_table.c): up to keep_spare stay mapped but
  * uncommitted for reuse, the rest are unmapped. A view of an object pins
  * its slab.
@@ -283,24 +284,43 @@ typedef struct {
     uint32_t index;
 } LiveObject;
 
-/* The live object arg names; -1 with the ValueError (or TypeError) for
- * anything else. */
-static inline int
-pool_live_object(PoolObject *self, PyObject *arg, LiveObject *o)
-{
-    int code = pool_address_arg(arg, &o->address);
+/* An address argument converted: code as pool_address_arg returned it. */
+typedef struct {
+    PyObject *arg;
+    uintptr_t address;
+    int code;
+} AddressArg;
 
-    if (code < 0 || pool_check_open(self) < 0)
+/* The live object at a converted address; -1 with the ValueError for
+ * anything else. Runs no Python code before it succeeds. */
+static inline int
+pool_find_live(PoolObject *self, const AddressArg *a, LiveObject *o)
+{
+    int code = a->code;
+
+    if (pool_check_open(self) < 0)
         return -1;
+    o->address = a->address;
     if (code == 0)
         code = pool_locate(self, o->address, &o->slab, &o->index);
     if (code == LOC_OK && slab_is_free(o->slab, o->index))
         code = -1;
     if (code != LOC_OK) {
-        pool_bad_address(self, arg, o->address, code, o->slab, o->index);
+        pool_bad_address(self, a->arg, o->address, code, o->slab, o->index);
         return -1;
     }
     return 0;
+}
+
+/* The live object arg names; -1 with the ValueError (or TypeError) for
+ * anything else. */
+static inline int
+pool_live_object(PoolObject *self, PyObject *arg, LiveObject *o)
+{
+    AddressArg a = {arg, 0, 0};
+
+    a.code = pool_address_arg(arg, &a.address);
+    return a.code < 0 ? -1 : pool_find_live(self, &a, o);
 }
 
 static PyObject *
@@ -343,20 +363,32 @@ pool_length(PoolObject *self)
     return self->live;
 }
 
+/* what view(address) exposes: the live object there, counted by its slab */
+static int
+pool_view_target(PyObject *owner, const void *key, ViewTarget *t)
+{
+    PoolObject *self = (PoolObject *)owner;
+    LiveObject o = {0, NULL, 0};
+
+    if (pool_find_live(self, key, &o) < 0)
+        return -1;
+    if (!(o.slab->prot & PROT_READ)) {
+        PyErr_SetString(PyExc_BufferError, "the pool's memory is not readable");
+        return -1;
+    }
+    *t = (ViewTarget){(char *)o.address, self->obj_size, (o.slab->prot & PROT_WRITE) != 0,
+                      &o.slab->exports};
+    return 0;
+}
+
 /* view(address) -> memoryview of the live object at address; pins its slab */
 static PyObject *
 pool_view(PoolObject *self, PyObject *arg)
 {
-    LiveObject o = {0, NULL, 0};
+    AddressArg a = {arg, 0, 0};
 
-    if (pool_live_object(self, arg, &o) < 0)
-        return NULL;
-    if (!(o.slab->prot & PROT_READ)) {
-        PyErr_SetString(PyExc_BufferError, "the pool's memory is not readable");
-        return NULL;
-    }
-    return view_new((PyObject *)self, NULL, (char *)o.address, 0, self->obj_size,
-                    (o.slab->prot & PROT_WRITE) != 0, &o.slab->exports);
+    a.code = pool_address_arg(arg, &a.address);
+    return a.code < 0 ? NULL : view_counted((PyObject *)self, &a, pool_view_target);
 }
 
 /* _configure(obj_size, stride, per_slab, keep_empty, keep_spare, populate, source) */

@@ -111,8 +111,7 @@ secret_open(SecretObject *self, PyObject *arg)
     if (need != previous && secret_set_access(self, need) < 0)
         return NULL;
     start = data_offset(self);
-    memory = view_new((PyObject *)self, &self->m, NULL, start, start + self->m.size, write,
-                      NULL);
+    memory = view_new((PyObject *)self, &self->m, start, start + self->m.size, write);
     if (memory == NULL) {
         /* no view: take back the access raised for it, if nothing else changed it */
         if (self->m.data != NULL && access_of(self) == need && need != previous) {

@@ -21,12 +21,24 @@ TokenObject *token_new(PyTypeObject *type);
 /* A token's teardown: its hold ends (exactly once) and its owner goes. */
 void token_release(TokenObject *t);
 
-/* A memoryview of [start, end) of m (a hold on it for as long as the view
- * lives; owner keeps m alive), or, with m NULL, of raw memory at base whose
- * owner counts its views in *counter (pool objects). Read-only where a page
- * lacks WRITE or writable is 0; BufferError where one lacks READ. */
-PyObject *view_new(PyObject *owner, Mapping *m, char *base, Py_ssize_t start, Py_ssize_t end,
-                   int writable, Py_ssize_t *counter);
+/* A memoryview of [start, end) of m: a hold on it for as long as the view
+ * lives; owner keeps m alive. Read-only where a page lacks WRITE or writable
+ * is 0; BufferError where one lacks READ. */
+PyObject *view_new(PyObject *owner, Mapping *m, Py_ssize_t start, Py_ssize_t end, int writable);
+/* What a view of raw memory (a pool object) exposes; its owner counts the
+ * views of that memory in *counter. */
+typedef struct {
+    char *base;
+    Py_ssize_t length;
+    int writable;
+    Py_ssize_t *counter;
+} ViewTarget;
+/* A memoryview of raw memory of owner, in the rule's order: the View
+ * allocated (a collection may run finalizers), then `target`, which runs no
+ * Python code, checks the owner for key (the converted arguments) and sets
+ * what to expose (-1 with the exception), then the count. NULL on failure. */
+PyObject *view_counted(PyObject *owner, const void *key,
+                       int (*target)(PyObject *owner, const void *key, ViewTarget *t));
 /* A Pin token: while it lives, a hold of kind HOLD_PIN (or a buffer kind)
  * on [start, end) of m keeps those pages mapped and in place; address is
  * what it gives (the code at the offset pinned). */

@@ -17,57 +17,77 @@ typedef struct {
 } ViewObject;
 
 
-PyObject *
-view_new(PyObject *owner, Mapping *m, char *base, Py_ssize_t start, Py_ssize_t end,
-         int writable, Py_ssize_t *counter)
+/* The end of both ways of making a view: v holds (or counts) its memory. */
+static PyObject *
+view_finish(ViewObject *v, PyObject *owner, char *base, Py_ssize_t length, int writable)
 {
-    ViewObject *v;
     PyObject *memory;
 
-    v = (ViewObject *)token_new(kernel.view_type);   /* before the checks */
-    if (v == NULL)
-        return NULL;
-    v->counter = NULL;
-    if (m != NULL) {
-        int access;
-        if (m->data == NULL) {
-            PyErr_SetString(PyExc_ValueError, "the memory is closed");
-            goto fail;
-        }
-        if (end > m->capacity) {
-            PyErr_SetString(PyExc_ValueError, "the range lies outside the mapping");
-            goto fail;
-        }
-        access = start < end ? rec_access_all(&m->rec, start, end) : PROT_RW;
-        if (!(access & PROT_READ)) {
-            PyErr_Format(PyExc_BufferError,
-                         "bytes %zd to %zd of the region are not readable "
-                         "(see region.protections())", start, end);
-            goto fail;
-        }
-        writable = writable && (access & PROT_WRITE);
-        v->hold = mapping_hold(m, start, end, writable ? HOLD_WRITE : HOLD_READ);
-        if (v->hold == NULL)
-            goto fail;
-        v->m = m;
-        base = m->data;
-    }
-    else {
-        (*counter)++;
-        v->counter = counter;
-    }
     v->owner = Py_NewRef(owner);
     v->buffers = 0;
-    v->base = base + start;
-    v->length = end - start;
+    v->base = base;
+    v->length = length;
     v->writable = writable;
     PyObject_GC_Track(v);
     memory = PyMemoryView_FromObject((PyObject *)v);
     Py_DECREF(v);
     return memory;
+}
+
+PyObject *
+view_new(PyObject *owner, Mapping *m, Py_ssize_t start, Py_ssize_t end, int writable)
+{
+    ViewObject *v;
+    int access;
+
+    v = (ViewObject *)token_new(kernel.view_type);   /* before the checks */
+    if (v == NULL)
+        return NULL;
+    v->counter = NULL;
+    if (m->data == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the memory is closed");
+        goto fail;
+    }
+    if (end > m->capacity) {
+        PyErr_SetString(PyExc_ValueError, "the range lies outside the mapping");
+        goto fail;
+    }
+    access = start < end ? rec_access_all(&m->rec, start, end) : PROT_RW;
+    if (!(access & PROT_READ)) {
+        PyErr_Format(PyExc_BufferError,
+                     "bytes %zd to %zd of the region are not readable "
+                     "(see region.protections())", start, end);
+        goto fail;
+    }
+    writable = writable && (access & PROT_WRITE);
+    v->hold = mapping_hold(m, start, end, writable ? HOLD_WRITE : HOLD_READ);
+    if (v->hold == NULL)
+        goto fail;
+    v->m = m;
+    return view_finish(v, owner, m->data + start, end - start, writable);
 fail:
     Py_DECREF(v);
     return NULL;
+}
+
+PyObject *
+view_counted(PyObject *owner, const void *key,
+             int (*target)(PyObject *owner, const void *key, ViewTarget *t))
+{
+    ViewObject *v;
+    ViewTarget t;
+
+    v = (ViewObject *)token_new(kernel.view_type);   /* before the check */
+    if (v == NULL)
+        return NULL;
+    v->counter = NULL;
+    if (target(owner, key, &t) < 0) {
+        Py_DECREF(v);
+        return NULL;
+    }
+    (*t.counter)++;
+    v->counter = t.counter;
+    return view_finish(v, owner, t.base, t.length, t.writable);
 }
 
 static int
@@ -182,8 +202,8 @@ region_view(RegionObject *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
                      self->m.size);
     else if (mapping_check_truncated(&self->m, start, length == Py_None ? self->m.size : start + n)
              == 0)
-        result = view_new((PyObject *)self, &self->m, NULL, start,
-                          length == Py_None ? self->m.size : start + n, 1, NULL);
+        result = view_new((PyObject *)self, &self->m, start,
+                          length == Py_None ? self->m.size : start + n, 1);
     Py_DECREF(offset);
     Py_DECREF(length);
     return result;
