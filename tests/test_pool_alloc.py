@@ -15,7 +15,8 @@ import pytest
 
 from mmap_alloc import MapAlloc, ObjectPool, PoolStats, Region, _mman
 from mmap_alloc._linux import PAGE_SIZE
-from pool_support import MiB, pattern, read, write
+from pool_support import MiB, collecting, collects_inside_calls, pattern, read, write
+from support import run_forked
 
 try:
     import numpy
@@ -334,6 +335,44 @@ def test_free_many_undo_keeps_emptiness_accounting(pool: ObjectPool) -> None:
     pool.free_many(live)
     assert len(pool) == 0
     assert pool.stats().slabs == 1
+
+
+class _Address(int):
+    """An address that is not an exact int: free_many's general path."""
+
+
+def _failing_free_many_with_a_collection(meddling: str, items: str) -> None:
+    with ObjectPool(64, slab_size=PAGE_SIZE) as pool:
+        live = pool.alloc_many(4 * 64)  # four slabs
+        bad = [*live[64:128], live[192], 12345]  # the second slab given back, then a refusal
+        if items == "int subclasses":
+            bad = [_Address(a) for a in bad]
+        others = [*live[:64], *live[128:192]]  # empty slabs 1 and 3: 3, then 2 if empty, go
+        meddle = pool.close if meddling == "closes" else lambda: pool.free_many(others)
+        try:
+            raise LookupError  # inside a handler 3.11 builds the ValueError at once
+        except LookupError:
+            with pytest.raises(ValueError, match="not an object of this pool"):
+                collecting(lambda: pool.free_many(bad), meddle)
+        if meddling == "closes":
+            assert pool.closed
+        else:
+            kept = [*live[64:128], *live[192:]]
+            assert len(pool) == 128 and all(a in pool for a in kept)
+            pool.free_many(kept)
+            assert len(pool) == 0
+
+
+@collects_inside_calls
+@pytest.mark.parametrize("items", ["exact ints", "int subclasses"])
+@pytest.mark.parametrize("meddling", ["closes", "frees"])
+def test_a_failing_free_many_changes_nothing_though_a_collection_its_error_starts_uses_the_pool(
+    meddling: str, items: str
+) -> None:
+    """free_many gives back what it freed before it builds the error: a
+    collection the error's allocation starts may close the pool or free (and
+    release) its slabs."""
+    run_forked(_failing_free_many_with_a_collection, meddling, items)
 
 
 @pytest.mark.parametrize(("n", "error"), [(-1, ValueError), (1.5, TypeError), (True, TypeError)])

@@ -288,7 +288,8 @@ slab_undo_give(PoolObject *self, Slab *s, uint32_t i)
 
 /* free_many of a list of exact ints in one pass that runs no Python code.
  * 1: done; 0: an item is not an exact int (nothing changed); -1: ValueError,
- * nothing changed. */
+ * nothing changed. The error is raised after the undo: building it may
+ * start a collection, whose finalizers may use the pool. */
 static int
 pool_free_exact_ints(PoolObject *self, PyObject *list, Py_ssize_t n, int *released)
 {
@@ -296,30 +297,27 @@ pool_free_exact_ints(PoolObject *self, PyObject *list, Py_ssize_t n, int *releas
     uint32_t cw = 0;
     uint64_t pending = 0;
     Py_ssize_t k, j;
-    int result = 1;
+    PyObject *item = NULL;
+    uintptr_t a = 0;
+    Slab *s = NULL;
+    uint32_t i = 0;
+    int code = LOC_OK, result = 1;
 
     for (k = 0; k < n; k++) {
-        PyObject *item = PyList_GetItem(list, k);
-        unsigned long a;
-        Slab *s = NULL;
-        uint32_t i = 0, w;
+        long long v;
+        int overflow;
+        uint32_t w;
         uint64_t bit;
-        int code;
 
+        item = PyList_GetItem(list, k);
         if (!PyLong_CheckExact(item)) {
             result = 0;
             break;
         }
-        a = PyLong_AsUnsignedLong(item);
-        if (a == (unsigned long)-1 && PyErr_Occurred()) {
-            PyErr_Clear();
-            pool_bad_address(self, item, 0, LOC_FOREIGN, NULL, 0);
-            result = -1;
-            break;
-        }
-        code = pool_locate(self, a, &s, &i);
+        v = PyLong_AsLongLongAndOverflow(item, &overflow);   /* raises nothing for an int */
+        a = overflow || v < 0 ? 0 : (uintptr_t)v;
+        code = overflow || v < 0 ? LOC_FOREIGN : pool_locate(self, a, &s, &i);
         if (code != LOC_OK) {
-            pool_bad_address(self, item, a, code, s, i);
             result = -1;
             break;
         }
@@ -333,7 +331,7 @@ pool_free_exact_ints(PoolObject *self, PyObject *list, Py_ssize_t n, int *releas
             pending = 0;
         }
         if ((s->bits[w] | pending) & bit) {   /* free, or twice in the list */
-            pool_bad_address(self, item, a, -1, s, i);
+            code = -1;
             result = -1;
             break;
         }
@@ -344,12 +342,14 @@ pool_free_exact_ints(PoolObject *self, PyObject *list, Py_ssize_t n, int *releas
     if (result == 1)
         return 1;
     for (j = 0; j < k; j++) {   /* undo: items 0..k-1 were found and given back */
-        Slab *s = NULL;
-        uint32_t i = 0;
-        pool_locate(self, PyLong_AsUnsignedLong(PyList_GetItem(list, j)), &s, &i);
-        slab_undo_give(self, s, i);
+        Slab *t = NULL;
+        uint32_t idx = 0;
+        pool_locate(self, PyLong_AsUnsignedLong(PyList_GetItem(list, j)), &t, &idx);
+        slab_undo_give(self, t, idx);
     }
     *released = 0;
+    if (result < 0)
+        pool_bad_address(self, item, a, code, s, i);
     return result;
 }
 
@@ -419,11 +419,13 @@ pool_free_many(PoolObject *self, PyObject *arg)
         if (code == LOC_OK && slab_is_free(s, i))
             code = -1;
         if (code != LOC_OK) {
-            pool_bad_address(self, NULL, addrs[k], code, s, i);
-            for (Py_ssize_t j = 0; j < k; j++) {   /* undo */
-                pool_locate(self, addrs[j], &s, &i);
-                slab_undo_give(self, s, i);
+            for (Py_ssize_t j = 0; j < k; j++) {   /* undo, before the error is built */
+                Slab *t = NULL;
+                uint32_t idx = 0;
+                pool_locate(self, addrs[j], &t, &idx);
+                slab_undo_give(self, t, idx);
             }
+            pool_bad_address(self, NULL, addrs[k], code, s, i);
             goto fail;
         }
         released |= slab_give(self, s, i);
