@@ -79,6 +79,28 @@ def test_alloc_zeroed_from_kept_and_spare_slabs_reads_as_zero() -> None:
         assert all(read(a, 64) == bytes(64) for a in again)
 
 
+def test_alloc_zeroed_is_zero_from_slabs_whose_pages_the_kernel_kept() -> None:
+    """A slab the kernel refused to take the pages of (locked behind the pool's
+    back: MADV_DONTNEED fails) is unmapped, never kept as a spare taken as zero."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mlock.argtypes = libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    with ObjectPool(64, slab_size=PAGE_SIZE) as pool:
+        addresses = pool.alloc_many(3 * 64)  # three slabs
+        for a in addresses:
+            write(a, b"\xab" * 64)
+        spans = pool._spans()
+        for address, length in spans:
+            if libc.mlock(address, length) != 0:
+                pytest.skip(f"mlock: {os.strerror(ctypes.get_errno())}")
+        try:
+            pool.free_many(addresses)  # one slab kept, two given back
+            again = [pool.alloc_zeroed() for _ in range(3 * 64)]
+            assert [a for a in again if read(a, 64) != bytes(64)] == []
+        finally:
+            for address, length in spans:
+                libc.munlock(address, length)
+
+
 def test_a_million_64_byte_objects_fit_in_70_mib_and_200_mappings() -> None:
     before = mapping_count()
     with ObjectPool(64, alloc=MapAlloc(commit=True)) as pool:

@@ -129,10 +129,10 @@ pool_release(PoolObject *self)
             self->last = NULL;
         if (self->emptied == s)
             self->emptied = NULL;
-        if (self->nspares < self->keep_spare && self->nspares < self->cap_spares) {
-            os_advise(s->base, (size_t)s->capacity, MADV_DONTNEED);
+        /* a spare is taken as zero again: only one whose pages the kernel took back */
+        if (self->nspares < self->keep_spare && self->nspares < self->cap_spares
+            && os_advise(s->base, (size_t)s->capacity, MADV_DONTNEED) == 0)
             self->spares[self->nspares++] = s;
-        }
         else
             slab_unmap(s);   /* releases the GIL for large slabs: state is consistent */
     }
