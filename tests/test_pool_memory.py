@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from mmap_alloc import MapAlloc, ObjectPool
+from mmap_alloc import MapAlloc, ObjectPool, Region
 from mmap_alloc import pool as pool_module
 from mmap_alloc._linux import PAGE_SIZE, hugepage_pool, mapping_count
 from pool_support import MiB, pattern, read, write
@@ -77,6 +77,32 @@ def test_alloc_zeroed_from_kept_and_spare_slabs_reads_as_zero() -> None:
         pool.free_many(addresses)
         again = [pool.alloc_zeroed() for _ in range(64 * 4)]
         assert all(read(a, 64) == bytes(64) for a in again)
+
+
+class _Preparing(MapAlloc):
+    """A MapAlloc that does ``prepare`` to each region before handing it out."""
+
+    def __init__(self, prepare: str) -> None:
+        super().__init__()
+        self.prepare = prepare
+
+    def alloc(self, size: int, *args: object, **kwargs: object) -> Region:
+        region = super().alloc(size)
+        if self.prepare == "lock":
+            region.lock()
+        else:
+            region.advise(self.prepare)
+        return region
+
+
+@pytest.mark.parametrize("prepare", ["lock", "random"])
+def test_a_region_locked_or_given_lasting_advice_is_refused_as_a_slab(prepare: str) -> None:
+    """The pool gives an empty slab's pages back and takes them as zero again:
+    pages the kernel keeps state for (locked ones refuse to go) are no slab."""
+    with ObjectPool(64, alloc=_Preparing(prepare), slab_size=PAGE_SIZE) as pool:
+        with pytest.raises(ValueError, match=r"cannot be a slab: it was locked or given advice"):
+            pool.alloc()
+        assert pool.stats().slabs == 0
 
 
 def test_alloc_zeroed_is_zero_from_slabs_whose_pages_the_kernel_kept() -> None:

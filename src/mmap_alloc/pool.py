@@ -70,7 +70,9 @@ class ObjectPool(Pool, ClosesOnExit):
     to ``align``. Slabs are pages of ``alloc``, so its permissions, commit
     and huge page settings apply to them; a slab is ``slab_size`` bytes
     (whole pages; by default 1 MiB or 64 objects, whichever is larger, and
-    fewer objects when 64 would take more than 64 MiB).
+    fewer objects when 64 would take more than 64 MiB). A region ``alloc``
+    returns locked or advised (``region.lock()``, ``region.advise()``) is
+    refused with ValueError: an empty slab's pages go back to the kernel.
 
     ``alloc()`` returns an object's address (an int, for ctypes or cffi),
     ``free(address)`` gives it back. Double frees, foreign addresses, and

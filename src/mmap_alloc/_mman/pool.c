@@ -79,10 +79,31 @@ slab_reset(PoolObject *self, Slab *s, int zeroed)
         s->bits[i >> 6] = ((uint64_t)1 << (self->per_slab - i)) - 1;
 }
 
+/* Why the pages of a region cannot be a slab, or NULL. The pool gives an
+ * empty slab's pages back (MADV_DONTNEED) and takes them as zero again: they
+ * must be private and anonymous, of one protection, with no state the
+ * kernel keeps for them (locked pages refuse to be given back). */
+static const char *
+slab_refusal(PoolObject *self, const Mapping *m)
+{
+    if (m->capacity < self->span)
+        return "it is smaller than a slab";
+    if (m->fd >= 0)
+        return "it maps a file";
+    if (m->flags & (MAPPING_ADVISED | MAPPING_REGISTERED))
+        return "it was locked or given advice the kernel keeps (region.lock(), "
+               "region.advise()); the pool gives an empty slab's pages back to the kernel, "
+               "which locked pages refuse";
+    if (m->rec.n != 1 || m->rec.runs[0].flags)
+        return "its pages differ in protection, or carry guard pages or fork or dump advice";
+    return NULL;
+}
+
 /* Take the pages of a fresh Region as a new empty slab, in one step. */
 static int
 pool_adopt(PoolObject *self, PyObject *obj)
 {
+    const char *refusal;
     RegionObject *region;
     Slab *s;
 
@@ -99,13 +120,15 @@ pool_adopt(PoolObject *self, PyObject *obj)
         return -1;
     }
     if (region_check_open(region) < 0
-        || mapping_check_idle(&region->m, "use it as a slab", "the region") < 0
-        || region->m.capacity < self->span || region->m.rec.n != 1
-        || region->m.rec.runs[0].flags || region->m.fd >= 0
-        || (region->m.flags & MAPPING_REGISTERED)) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "the slab source returned an unusable region");
+        || mapping_check_idle(&region->m, "use it as a slab", "the region") < 0) {
         PyMem_Free(s);
+        return -1;
+    }
+    refusal = slab_refusal(self, &region->m);
+    if (refusal != NULL) {
+        PyMem_Free(s);
+        PyErr_Format(PyExc_ValueError,
+                     "the pool's allocator returned a region that cannot be a slab: %s", refusal);
         return -1;
     }
     s->base = region->m.data;
