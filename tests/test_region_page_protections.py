@@ -3,6 +3,9 @@ API checks each page it touches."""
 
 from __future__ import annotations
 
+import gc
+import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +15,7 @@ from mmap_alloc import MapAlloc, Perm, Region
 from mmap_alloc._linux import MADV_GUARD_INSTALL
 from mmap_alloc._linux import PAGE_SIZE as P
 from region_support import R, W, X, allocator_for
+from support import run_forked
 
 # ---------------------------------------------------------------- page protections
 
@@ -187,3 +191,38 @@ def test_guard_pages_installed_by_madvise_are_unreadable(alloc: MapAlloc) -> Non
         with region.view(2 * P, P) as view:
             view[0] = 5
         assert region[2 * P] == 5
+
+
+# ---------------------------------------------------------------- the record
+
+
+def _protections_while_a_collection_reprotects() -> None:
+    region = MapAlloc().alloc(3 * P)
+    region.protect(R, P, P)
+    source, first = inspect.getsourcelines(Region.protections)
+    line = first + next(i for i, text in enumerate(source) if "self._runs()" in text)
+    fired: list[bool] = []
+
+    def reprotect(phase: str, info: object) -> None:
+        caller = sys._getframe(1)
+        inside_runs = caller.f_code.co_name == "protections" and caller.f_lineno == line
+        if phase == "start" and not fired and inside_runs:
+            fired.append(True)
+            region.protect(R | W)
+
+    tuples = [(i, i, i, i) for i in range(5000)]  # no free 4-tuples: each new one is GC-allocated
+    gc.callbacks.append(reprotect)
+    gc.set_threshold(1)
+    try:
+        runs = region.protections()
+    finally:
+        gc.set_threshold(700)
+        gc.callbacks.remove(reprotect)
+    assert len(tuples) == 5000
+    assert runs in ([(0, P, R | W), (P, P, R), (2 * P, P, R | W)], [(0, 3 * P, R | W)]), runs
+    # 3.12 on collects between bytecodes, not inside a C call: the callback may come after
+    assert region.protections() == ([(0, 3 * P, R | W)] if fired else runs)
+
+
+def test_protections_is_the_record_before_or_after_a_change_a_collection_makes_meanwhile() -> None:
+    run_forked(_protections_while_a_collection_reprotects)

@@ -347,28 +347,30 @@ region_get_mixed(RegionObject *self, void *closure)
     return PyBool_FromLong(common_prot(self) < 0);
 }
 
-/* _runs() -> list of (offset, length, prot, flags): the protection record */
+/* _runs() -> list of (offset, length, prot, flags): the protection record,
+ * as it was when the call began (building the list may start a collection,
+ * whose callbacks may change the record or close the region) */
 PyObject *
 region_runs(RegionObject *self, PyObject *unused)
 {
+    Py_ssize_t n;
+    Run *runs;
     PyObject *list;
 
     if (region_check_open(self) < 0)
         return NULL;
-    list = PyList_New(self->m.rec.n);
-    if (list == NULL)
-        return NULL;
-    for (Py_ssize_t i = 0; i < self->m.rec.n; i++) {
-        Py_ssize_t start = rec_start(&self->m.rec, i);
-        PyObject *item = Py_BuildValue("(nnii)", start, self->m.rec.runs[i].end - start,
-                                       (int)self->m.rec.runs[i].prot,
-                                       (int)self->m.rec.runs[i].flags);
-        if (item == NULL) {
-            Py_DECREF(list);
-            return NULL;
-        }
-        PyList_SetItem(list, i, item);
-    }
+    n = self->m.rec.n;
+    runs = PyMem_Malloc((size_t)n * sizeof(Run));
+    if (runs == NULL)
+        return PyErr_NoMemory();
+    memcpy(runs, self->m.rec.runs, (size_t)n * sizeof(Run));
+    list = PyList_New(0);
+    for (Py_ssize_t i = 0, start = 0; list != NULL && i < n; start = runs[i++].end)
+        if (list_append_new(list, Py_BuildValue("(nnii)", start, runs[i].end - start,
+                                                (int)runs[i].prot, (int)runs[i].flags))
+            < 0)
+            Py_CLEAR(list);
+    PyMem_Free(runs);
     return list;
 }
 
