@@ -204,16 +204,26 @@ cache_free(MappingCache *c)
 PyObject *
 cache_list(const MappingCache *c)
 {
-    PyObject *list = PyList_New(0);
+    /* copied first: a collection the list starts may use the cache */
+    typedef struct { char *p; Py_ssize_t capacity, align; int attempt; } Kept;
+    Kept *kept = PyMem_Malloc((size_t)(c->mappings + 1) * sizeof(Kept));
+    Py_ssize_t n = 0;
+    PyObject *list;
 
-    for (Py_ssize_t k = 0; list != NULL && k < c->size; k++) {
+    if (kept == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t k = 0; k < c->size; k++) {
         const CacheClass *cls = &c->table[k];
-        for (int i = 0; list != NULL && i < cls->n; i++)
-            if (list_append_new(list, Py_BuildValue("(Nnni)", PyLong_FromVoidPtr(cls->maps[i]),
-                                                    cls->capacity, cls->align, cls->attempt))
-                < 0)
-                Py_CLEAR(list);
+        for (int i = 0; i < cls->n && n < c->mappings; i++)
+            kept[n++] = (Kept){cls->maps[i], cls->capacity, cls->align, cls->attempt};
     }
+    list = PyList_New(0);
+    for (Py_ssize_t j = 0; list != NULL && j < n; j++)
+        if (list_append_new(list, Py_BuildValue("(Nnni)", PyLong_FromVoidPtr(kept[j].p),
+                                                kept[j].capacity, kept[j].align,
+                                                kept[j].attempt))
+            < 0)
+            Py_CLEAR(list);
+    PyMem_Free(kept);
     return list;
 }
-

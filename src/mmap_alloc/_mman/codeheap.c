@@ -387,17 +387,25 @@ static PyObject *
 heap_spans(CodeHeapObject *self, PyObject *unused)
 {
     SpanList *l = &self->spans;
+    Py_ssize_t n;
+    Span *spans;
     PyObject *list;
 
     if (heap_check_open(self) < 0)
         return NULL;
+    /* copied first: a collection the list starts may use the heap */
+    n = l->n + 1;
+    spans = PyMem_Malloc((size_t)n * sizeof(Span));
+    if (spans == NULL)
+        return PyErr_NoMemory();
+    memcpy(spans, l->spans, (size_t)l->n * sizeof(Span));
+    spans[n - 1] = (Span){l->top, l->capacity};
     list = PyList_New(0);
-    for (Py_ssize_t i = 0; list != NULL && i <= l->n; i++) {
-        Py_ssize_t lo = i < l->n ? l->spans[i].start : l->top;
-        Py_ssize_t hi = i < l->n ? l->spans[i].end : l->capacity;
-        if (lo != hi && list_append_new(list, Py_BuildValue("(nn)", lo, hi)) < 0)
+    for (Py_ssize_t i = 0; list != NULL && i < n; i++)
+        if (spans[i].start != spans[i].end
+            && list_append_new(list, Py_BuildValue("(nn)", spans[i].start, spans[i].end)) < 0)
             Py_CLEAR(list);
-    }
+    PyMem_Free(spans);
     return list;
 }
 

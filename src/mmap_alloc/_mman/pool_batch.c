@@ -467,17 +467,24 @@ pool_stats(PoolObject *self, PyObject *unused)
 PyObject *
 pool_spans(PoolObject *self, PyObject *unused)
 {
-    PyObject *list = PyList_New(0);
+    /* copied first: a collection the list starts may use the pool */
+    typedef struct { char *base; Py_ssize_t capacity; } SlabSpan;
+    Py_ssize_t n = self->nslabs + self->nspares;
+    SlabSpan *spans = PyMem_Malloc((size_t)(n + 1) * sizeof(SlabSpan));
+    PyObject *list;
 
-    if (list == NULL)
-        return NULL;
-    for (Py_ssize_t k = 0; k < self->nslabs + self->nspares; k++) {
+    if (spans == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t k = 0; k < n; k++) {
         Slab *s = k < self->nslabs ? self->slabs[k] : self->spares[k - self->nslabs];
-        if (list_append_new(list, Py_BuildValue("(Nn)", PyLong_FromVoidPtr(s->base), s->capacity))
-            < 0) {
-            Py_DECREF(list);
-            return NULL;
-        }
+        spans[k] = (SlabSpan){s->base, s->capacity};
     }
+    list = PyList_New(0);
+    for (Py_ssize_t k = 0; list != NULL && k < n; k++)
+        if (list_append_new(list, Py_BuildValue("(Nn)", PyLong_FromVoidPtr(spans[k].base),
+                                                spans[k].capacity))
+            < 0)
+            Py_CLEAR(list);
+    PyMem_Free(spans);
     return list;
 }
