@@ -23,16 +23,25 @@
 /* ------------------------------------------------------------------ */
 /* the extension                                                       */
 
-MappingExtra *
-mapping_extra(Mapping *m)
+/* The extension made if need be: 0, or ENOMEM with nothing raised. */
+static int
+extra_room(Mapping *m)
 {
     if (m->x == NULL) {
         m->x = PyMem_Calloc(1, sizeof(MappingExtra));
-        if (m->x == NULL) {
-            PyErr_NoMemory();
-            return NULL;
-        }
+        if (m->x == NULL)
+            return ENOMEM;
         m->x->busy_gen = kernel.fork_generation;
+    }
+    return 0;
+}
+
+MappingExtra *
+mapping_extra(Mapping *m)
+{
+    if (extra_room(m) != 0) {
+        PyErr_NoMemory();
+        return NULL;
     }
     return m->x;
 }
@@ -50,12 +59,11 @@ mapping_free_extra(Mapping *m)
 int
 mapping_busy_enter(Mapping *m)
 {
-    MappingExtra *x = mapping_extra(m);
+    MappingExtra *x;
 
-    if (x == NULL) {
-        PyErr_Clear();
+    if (extra_room(m) != 0)
         return ENOMEM;
-    }
+    x = m->x;
     if (x->busy_gen != kernel.fork_generation) {
         x->busy = 0;
         x->busy_gen = kernel.fork_generation;
@@ -167,21 +175,19 @@ record_kernel_view(void *arg, size_t start, size_t end, int prot)
 {
     Mapping *m = arg;
 
-    if (rec_reserve(&m->rec, 2) == 0)
+    if (rec_room(&m->rec, 2) == 0)
         rec_set(&m->rec, (Py_ssize_t)start, (Py_ssize_t)end, prot, 0, 0);
-    else
-        PyErr_Clear();
 }
 
 int
-mapping_set_prot(Mapping *m, Py_ssize_t start, Py_ssize_t end, int prot)
+mapping_protect(Mapping *m, Py_ssize_t start, Py_ssize_t end, int prot)
 {
     int err, broken = 0;
 
     if (start >= end)
         return 0;
-    if (rec_reserve(&m->rec, 2) < 0)
-        return -1;
+    if (rec_room(&m->rec, 2) != 0)
+        return ENOMEM;
     err = os_protect(m->data + start, (size_t)(end - start), prot);
     if (err == ENOMEM && kernel_trim_caches() > 0)   /* at vm.max_map_count: the caches give room */
         err = os_protect(m->data + start, (size_t)(end - start), prot);
@@ -205,8 +211,20 @@ mapping_set_prot(Mapping *m, Py_ssize_t start, Py_ssize_t end, int prot)
     }
     if (broken)   /* and that failed too: the record takes the kernel's word */
         os_query_protection(m->data + start, (size_t)(end - start), record_kernel_view, m);
-    raise_os_error_sized(err, "mprotect", end - start, "change the protection of");
-    return -1;
+    return err;
+}
+
+int
+mapping_set_prot(Mapping *m, Py_ssize_t start, Py_ssize_t end, int prot)
+{
+    int err;
+
+    if (start < end && rec_reserve(&m->rec, 2) < 0)
+        return -1;
+    err = mapping_protect(m, start, end, prot);
+    if (err)
+        raise_os_error_sized(err, "mprotect", end - start, "change the protection of");
+    return err ? -1 : 0;
 }
 
 /* The run flag an advice sets or clears (mask), and the value it sets. */
@@ -232,10 +250,8 @@ mapping_advise_flags(Mapping *m, Py_ssize_t start, Py_ssize_t end, int advice)
     int value, mask = advice_run_flag(advice, &value), err;
 
     /* room first: the record and the registry entry cannot fail after the act */
-    if ((mask && rec_reserve(&m->rec, 2) < 0) || ((value & RUN_DONTFORK) && !mapping_extra(m))) {
-        PyErr_Clear();
+    if ((mask && rec_room(&m->rec, 2) != 0) || ((value & RUN_DONTFORK) && extra_room(m) != 0))
         return ENOMEM;
-    }
     err = os_advise(m->data + start, (size_t)(end - start), advice);
     if (err || !mask)
         return err;
@@ -384,11 +400,9 @@ mapping_register(Mapping *m)
 
     if (m->flags & MAPPING_REGISTERED)
         return 0;
-    x = mapping_extra(m);
-    if (x == NULL) {
-        PyErr_Clear();
+    if (extra_room(m) != 0)
         return ENOMEM;
-    }
+    x = m->x;
     m->flags |= MAPPING_REGISTERED;
     x->prev = NULL;
     x->next = kernel.registry;

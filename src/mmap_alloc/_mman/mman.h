@@ -249,8 +249,10 @@ typedef struct {
 } PageRecord;
 
 void rec_free(PageRecord *rec);
-/* Room for `extra` more runs (a change of one range needs 2); -1 + MemoryError. */
+/* Room for `extra` more runs (a change of one range needs 2); -1 + MemoryError.
+ * rec_room: the same, 0 or ENOMEM with nothing raised (no Python code runs). */
 int rec_reserve(PageRecord *rec, Py_ssize_t extra);
+int rec_room(PageRecord *rec, Py_ssize_t extra);
 /* Set prot (when prot >= 0) and flags (bits of mask to the bits of value)
  * on [start, end); needs rec_reserve(rec, 2) first; never fails. */
 void rec_set(PageRecord *rec, Py_ssize_t start, Py_ssize_t end, int prot, int mask, int value);
@@ -444,8 +446,11 @@ Py_ssize_t mapping_conflicts(const Mapping *m, Py_ssize_t start, Py_ssize_t end,
 void mapping_holds_in(const Mapping *m, Py_ssize_t start, Py_ssize_t end, Py_ssize_t *buffers,
                       Py_ssize_t *pins);
 /* Change [start, end) to prot in the kernel and the record, all or nothing;
- * -1 with the exception set. */
+ * -1 with the exception set. mapping_protect: the same, 0 or errno with
+ * nothing raised, for a caller that checked and must not run Python code
+ * before it acts. */
 int mapping_set_prot(Mapping *m, Py_ssize_t start, Py_ssize_t end, int prot);
+int mapping_protect(Mapping *m, Py_ssize_t start, Py_ssize_t end, int prot);
 /* The run flag an advice sets or clears (0: none; *value: what it sets). */
 int advice_run_flag(int advice, int *value);
 /* Advise [start, end) and record the run flag the advice sets or clears

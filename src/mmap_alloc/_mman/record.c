@@ -17,17 +17,15 @@ rec_free(PageRecord *rec)
 }
 
 int
-rec_reserve(PageRecord *rec, Py_ssize_t extra)
+rec_room(PageRecord *rec, Py_ssize_t extra)
 {
     Py_ssize_t need = rec->n + extra, cap;
     Run *runs;
 
     if (need <= rec->cap)
         return 0;
-    if (need > INT_MAX / 2) {
-        PyErr_NoMemory();
-        return -1;
-    }
+    if (need > INT_MAX / 2)
+        return ENOMEM;
     cap = rec->cap < 4 ? 8 : (Py_ssize_t)rec->cap * 2;
     while (cap < need)
         cap *= 2;
@@ -38,13 +36,20 @@ rec_reserve(PageRecord *rec, Py_ssize_t extra)
     }
     else
         runs = PyMem_Realloc(rec->runs, (size_t)cap * sizeof(Run));
-    if (runs == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
+    if (runs == NULL)
+        return ENOMEM;
     rec->runs = runs;
     rec->cap = (int)cap;
     return 0;
+}
+
+int
+rec_reserve(PageRecord *rec, Py_ssize_t extra)
+{
+    if (rec_room(rec, extra) == 0)
+        return 0;
+    PyErr_NoMemory();
+    return -1;
 }
 
 Py_ssize_t

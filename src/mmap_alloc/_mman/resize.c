@@ -38,10 +38,8 @@ memset_run(Mapping *m, Py_ssize_t lo, Py_ssize_t hi, int prot)
     memset(m->data + lo, 0, (size_t)(hi - lo));
     if (os_protect(m->data + plo, (size_t)(phi - plo), prot) != 0) {
         /* practically impossible (it merges mappings back): keep the record true */
-        if (rec_reserve(&m->rec, 2) == 0)
+        if (rec_room(&m->rec, 2) == 0)
             rec_set(&m->rec, plo, phi, prot | PROT_RW, 0, 0);
-        else
-            PyErr_Clear();
     }
     return 0;
 }
@@ -268,10 +266,8 @@ grow_in_place(Mapping *m, Py_ssize_t newcap)
     Run last;
     int err;
 
-    if (rec_reserve(&m->rec, 1) < 0) {
-        PyErr_Clear();
+    if (rec_room(&m->rec, 1) != 0)
         return ENOMEM;
-    }
     last = m->rec.runs[m->rec.n - 1];
     if (m->rec.n == 1) {
         /* one kernel mapping: extend it (its advice comes along) */

@@ -158,11 +158,8 @@ map_anonymous(SecretObject *s, Py_ssize_t total, int lock, const char **call)
         return err;
     mapping_init(&s->m, base, 0, total, &spec, -1);
     pages = (char *)base + P;
-    if (rec_reserve(&s->m.rec, 4) < 0) {
-        PyErr_Clear();
-        err = ENOMEM;
+    if ((err = rec_room(&s->m.rec, 4)) != 0)
         goto fail;
-    }
     if (guard_madvise) {
         *call = "madvise MADV_GUARD_INSTALL";
         err = os_install_guards(base, (size_t)P, pages + inner, (size_t)P);
@@ -235,10 +232,8 @@ map_memfd_secret(SecretObject *s, Py_ssize_t total, const char **call)
     *call = "mmap memfd_secret";
     err = os_map(&pages, (char *)base + P, (size_t)inner, PROT_RW, MAP_SHARED | MAP_FIXED, fd, 0);
     os_close(fd);   /* the mapping keeps the file */
-    if (!err && rec_reserve(&s->m.rec, 4) < 0) {
-        PyErr_Clear();
-        err = ENOMEM;
-    }
+    if (!err)
+        err = rec_room(&s->m.rec, 4);
     if (!err) {
         rec_set(&s->m.rec, P, P + inner, PROT_RW, 0, 0);
         *call = "madvise MADV_DONTFORK";
