@@ -326,6 +326,42 @@ def test_at_the_map_count_limit_a_full_cache_is_emptied_before_anything_fails() 
     )
 
 
+@pytest.mark.skipif(max_map_count() > 1_000_000, reason="vm.max_map_count is too high to reach")
+@FILLS_THE_MAP_COUNT
+def test_a_dealloc_the_cache_refuses_at_the_limit_runs_no_python_code_before_its_unmap() -> None:
+    run_child(
+        FILL_WITH_LIBC,
+        """
+        import sys
+        cache = MapAlloc(cache=4)
+        batch = [cache.alloc(P) for _ in range(64)]
+        at = {r.address: r for r in batch}
+        region = next(r for r in batch if r.address - P in at and r.address + P in at)
+        at[region.address + P].protect(Perm.READ)
+        region.protect(Perm.READ)  # one mapping with its right neighbour: read/write splits it
+        at[region.address - P].protect(Perm.NONE)  # and merges it with nothing
+        exports = []
+
+        def export(frame, event, arg):
+            if event == "call" and not exports and not region.closed:
+                exports.append(memoryview(region))
+
+        fill()
+        sys.settrace(export)
+        try:
+            cache.dealloc(region)  # the cache cannot set read/write back: an unmap instead
+        finally:
+            sys.settrace(None)
+            room(len(fillers))
+        assert region.closed and not exports, exports
+        assert cache.stats().cache.mappings == 0
+        for r in batch:
+            r.close()
+        assert _mman.mapped_bytes() == 0
+        """,
+    )
+
+
 @emulated_skip(RLIMIT_AS)
 def test_under_the_address_space_limit_a_full_cache_is_emptied_before_alloc_fails() -> None:
     run_child(

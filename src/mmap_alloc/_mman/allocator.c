@@ -81,7 +81,9 @@ cacheable_attempt(AllocatorObject *self, RegionObject *r)
 
 /* Keep an open, idle region of ours in the cache, closing it: 1. 0 when
  * the cache does not take it (the region is as it was, its protection
- * perhaps set back to the allocator's, as recorded). */
+ * perhaps set back to the allocator's, as recorded). Raises nothing and
+ * runs no Python code, so the caller's check that the region is idle
+ * still holds when it unmaps it instead. */
 static int
 cache_keep(AllocatorObject *self, RegionObject *r)
 {
@@ -94,10 +96,8 @@ cache_keep(AllocatorObject *self, RegionObject *r)
     if (k < 0 || (cls = cache_room(&self->cache, capacity, align, k)) == NULL)
         return 0;
     if (!rec_uniform(&m->rec, 0, capacity, self->prot)) {
-        if (mapping_set_prot(m, 0, capacity, self->prot) < 0) {
-            PyErr_Clear();   /* the unmap that follows says what it must */
-            return 0;
-        }
+        if (mapping_protect(m, 0, capacity, self->prot) != 0)
+            return 0;   /* the unmap that follows says what it must */
         cls = NULL;   /* the refusal of a split may have trimmed the caches */
     }
     p = m->data;
