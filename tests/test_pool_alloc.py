@@ -375,6 +375,35 @@ def test_a_failing_free_many_changes_nothing_though_a_collection_its_error_start
     run_forked(_failing_free_many_with_a_collection, meddling, items)
 
 
+def test_a_refused_free_many_is_undone_before_its_error_can_run_python_code(
+    pool: ObjectPool,
+) -> None:
+    live = pool.alloc_many(200)  # bitmap words given back one by one
+    addresses = [*live, -5]
+    taken: list[int] = []
+    refused: list[ValueError] = []
+
+    def take(phase: str, info: object) -> None:
+        if phase == "start" and not taken and live[0] not in pool:  # given back, not yet undone
+            taken.append(pool.alloc())
+
+    gc.callbacks.append(take)
+    try:
+        raise KeyError  # 3.11 builds an error raised while one is handled at once: a collection
+    except KeyError:
+        gc.set_threshold(1)
+        try:
+            pool.free_many(addresses)
+        except ValueError as exc:
+            refused.append(exc)
+        finally:
+            gc.set_threshold(700)
+            gc.callbacks.remove(take)
+    assert "not an object of this pool" in str(refused[0])
+    assert not set(taken) & set(live)
+    assert len(pool) == len(live) + len(taken)
+
+
 @pytest.mark.parametrize(("n", "error"), [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
 def test_alloc_many_rejects_bad_counts(pool: ObjectPool, n: object, error: type) -> None:
     with pytest.raises(error):
