@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import gc
 import json
 import os
 import random
@@ -30,12 +31,14 @@ import traceback
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from mmap_alloc import MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE, mappings
+
+T = TypeVar("T")
 
 # ---------------------------------------------------------------- emulation
 
@@ -514,3 +517,32 @@ def wait_child(pid: int, timeout: float = 30.0) -> int:
         time.sleep(0.005)
     os.kill(pid, signal.SIGKILL)
     return os.waitpid(pid, 0)[1]
+
+
+collects_inside_calls = pytest.mark.skipif(
+    sys.version_info >= (3, 12),
+    reason="from 3.12 the collector runs only between bytecodes, never inside a C call",
+)
+"""For tests of a collection that starts inside a call of the library (3.11: any
+allocation of a tracked object may start one)."""
+
+
+def collecting(call: Callable[[], T], meddle: Callable[[], object]) -> T:
+    """``call()`` with the collector's threshold at 1, so that the first
+    tracked object it allocates starts a collection, whose callback runs
+    ``meddle()`` once."""
+    armed = [True]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and armed[0]:
+            armed[0] = False
+            meddle()
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(callback)
+    gc.set_threshold(1)
+    try:
+        return call()
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(callback)

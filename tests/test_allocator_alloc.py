@@ -29,12 +29,15 @@ from mmap_alloc.perm import ALL_PERMS
 from support import (
     RESIDENCY,
     SIGSEGV,
+    collecting,
+    collects_inside_calls,
     emulated_skip,
     kernel_runs,
     mapped_intervals,
     pattern,
     perms_at,
     rss,
+    run_forked,
     run_in_child,
     subtract,
 )
@@ -412,3 +415,25 @@ def test_alloc_takes_align_none_by_position_or_by_name(alloc: MapAlloc) -> None:
         alloc.dealloc(region)
     with pytest.raises(TypeError, match="alig"):
         alloc.alloc(10, alig=None)  # type: ignore[call-arg]
+
+
+def _reconfigured_by_a_collection_during_alloc() -> None:
+    alloc = MapAlloc(write=False)
+    held = [alloc.alloc(P) for _ in range(65)]  # every dead Region kept for reuse taken
+    region = collecting(lambda: alloc.alloc(P), lambda: MapAlloc.__init__(alloc, write=True))
+    assert region.perms == perms_at(region.address)  # the pages as they were mapped
+    if region.perms == Perm.READ:
+        with pytest.raises(TypeError):
+            region[0] = 1  # read-only: a write through it would be a SIGSEGV
+    else:
+        region[0] = 1  # mapped after the collection, as configured then
+    for each in [region, *held]:
+        alloc.dealloc(each)
+
+
+@collects_inside_calls
+def test_a_region_keeps_the_protection_it_was_mapped_with_when_a_collection_reconfigures() -> None:
+    """alloc() records the allocator's configuration as it was when it
+    mapped: a collection its Region object starts may call ``__init__``
+    again, and the region is still what the kernel has."""
+    run_forked(_reconfigured_by_a_collection_during_alloc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import mmap
 import os
@@ -481,7 +482,7 @@ def _forks_while_a_large_region_closes(folder: str) -> None:
     closer.start()
     try:
         for n in range(150):
-            status = run_in_child(lambda n=n: _truncated_in_a_fresh_child(f"{folder}/{n}"))
+            status = run_in_child(functools.partial(_truncated_in_a_fresh_child, f"{folder}/{n}"))
             assert status == 0, f"child {n}: {status}"
     finally:
         stop.set()

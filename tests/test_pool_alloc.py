@@ -15,8 +15,8 @@ import pytest
 
 from mmap_alloc import MapAlloc, ObjectPool, PoolStats, Region, _mman
 from mmap_alloc._linux import PAGE_SIZE
-from pool_support import MiB, collecting, collects_inside_calls, pattern, read, write
-from support import run_forked
+from pool_support import MiB, pattern, read, write
+from support import collecting, collects_inside_calls, run_forked
 
 try:
     import numpy

@@ -9,8 +9,8 @@ import pytest
 from mmap_alloc import MapAlloc, ObjectPool, _mman
 from mmap_alloc import pool as pool_module
 from mmap_alloc._linux import PAGE_SIZE
-from pool_support import collecting, collects_inside_calls, pattern, read, write
-from support import run_forked
+from pool_support import pattern, read, write
+from support import collecting, collects_inside_calls, run_forked
 
 # ---------------------------------------------------------------- views
 

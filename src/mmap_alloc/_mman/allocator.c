@@ -129,8 +129,9 @@ static PyObject *
 wrap_reused(AllocatorObject *self, char *p, Py_ssize_t size, Py_ssize_t capacity,
             const MapSpec *attempt, Py_ssize_t align)
 {
-    MapSpec spec = *attempt;
+    MapSpec spec = *attempt;   /* a collection region_alloc starts may configure self anew */
     int populate = spec.populate && (spec.prot & PROT_RW);
+    PyObject *backing = Py_NewRef(spec.backing);
     RegionObject *region;
 
     spec.align = align;
@@ -146,12 +147,13 @@ wrap_reused(AllocatorObject *self, char *p, Py_ssize_t size, Py_ssize_t capacity
     }
     region = region_alloc(self->region_type);
     if (region == NULL) {
+        Py_DECREF(backing);
         unmap_or_bury(p, capacity, 0);
         return NULL;
     }
     mapping_init(&region->m, p, size, capacity, &spec, -1);
     region->owner = Py_NewRef((PyObject *)self);
-    region->backing = Py_NewRef(spec.backing);
+    region->backing = backing;
     trace_mapped(p, capacity);
     if (populate)
         region->m.flags |= MAPPING_COMMITTED;
@@ -199,18 +201,18 @@ allocator_map(AllocatorObject *self, Py_ssize_t size, Py_ssize_t capacity, Py_ss
             return region;
     }
     for (int k = 0; k < self->nattempts; k++) {
-        const MapSpec *spec = &self->attempts[k];
-        MapSpec aligned;
+        /* a copy: mapping may release the GIL, and an error run Python code,
+         * where self may be configured anew */
+        MapSpec spec = self->attempts[k];
         if (capacity < self->min_size[k])
             continue;
-        if (align > spec->align) {
-            aligned = *spec;
-            aligned.align = align;
-            spec = &aligned;
-        }
+        if (align > spec.align)
+            spec.align = align;
         if (tried++)
             PyErr_Clear();
-        region = region_map(self->region_type, size, capacity, spec, (PyObject *)self, address);
+        Py_INCREF(spec.backing);
+        region = region_map(self->region_type, size, capacity, &spec, (PyObject *)self, address);
+        Py_DECREF(spec.backing);
         if (region != NULL)
             return region;
     }
@@ -242,14 +244,16 @@ static inline PyObject *
 alloc_flat(AllocatorObject *self, Py_ssize_t size)
 {
     Py_ssize_t capacity = (size + self->mask) & ~self->mask;
-    const MapSpec *spec;
+    MapSpec attempt;   /* a collection region_alloc starts may configure self anew */
+    const MapSpec *spec = &attempt;
+    PyObject *backing;
     RegionObject *region;
     int k = 0, populate, mflags;
     void *p;
 
     while (capacity < self->min_size[k])   /* the last attempt maps every size */
         k++;
-    spec = &self->attempts[k];
+    attempt = self->attempts[k];
     populate = spec->populate && (spec->prot & PROT_RW);
     if (spec->advice || spec->align > kernel.page || (spec->mflags & MAP_HUGETLB)
         || (populate && capacity >= SLOW_CALL_BYTES))
@@ -264,14 +268,16 @@ alloc_flat(AllocatorObject *self, Py_ssize_t size)
     mflags = spec->mflags | (populate ? MAP_POPULATE : 0);
     if (os_map(&p, NULL, (size_t)capacity, spec->prot, mflags, -1, 0) != 0)
         return NULL;
+    backing = Py_NewRef(spec->backing);
     region = region_alloc(self->region_type);
     if (region == NULL) {
+        Py_DECREF(backing);
         os_unmap(p, (size_t)capacity);
         return NULL;
     }
     mapping_init(&region->m, p, size, capacity, spec, -1);
     region->owner = Py_NewRef((PyObject *)self);
-    region->backing = Py_NewRef(spec->backing);
+    region->backing = backing;
     if (populate)
         region->m.flags |= MAPPING_COMMITTED;
     if (self->cache.max > 0)

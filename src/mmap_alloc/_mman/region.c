@@ -25,14 +25,19 @@ PyObject *
 region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
             const MapSpec *spec, PyObject *owner, int fd)
 {
-    /* zero-filled: the core sets what is not zero */
-    RegionObject *self = region_alloc(cls);
+    /* the pages were mapped per spec as it is now: a collection region_alloc
+     * starts may configure the allocator whose spec it is anew */
+    MapSpec mapped = *spec;
+    PyObject *backing = Py_NewRef(mapped.backing ? mapped.backing : Py_None);
+    RegionObject *self = region_alloc(cls);   /* zero-filled: the core sets the rest */
 
-    if (self == NULL)
+    if (self == NULL) {
+        Py_DECREF(backing);
         return NULL;
-    mapping_init(&self->m, data, size, capacity, spec, fd);
+    }
+    mapping_init(&self->m, data, size, capacity, &mapped, fd);
     self->owner = Py_NewRef(owner);
-    self->backing = Py_NewRef(spec->backing ? spec->backing : Py_None);
+    self->backing = backing;
     return (PyObject *)self;
 }
 
