@@ -28,7 +28,7 @@ import sys
 import sysconfig
 import time
 import traceback
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -546,3 +546,22 @@ def collecting(call: Callable[[], T], meddle: Callable[[], object]) -> T:
     finally:
         gc.set_threshold(*threshold)
         gc.callbacks.remove(callback)
+
+
+@contextlib.contextmanager
+def on_entry(function: Callable[..., object], act: Callable[[], object]) -> Iterator[None]:
+    """Run ``act()`` once, from a trace hook, when ``function`` (Python code)
+    is entered: its arguments are made, its body has not run."""
+    armed = [True]
+
+    def hook(frame: Any, event: str, arg: object) -> None:
+        if event == "call" and armed[0] and frame.f_code is function.__code__:
+            armed[0] = False
+            act()
+
+    previous = sys.gettrace()
+    sys.settrace(hook)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)

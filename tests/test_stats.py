@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from mmap_alloc import MapAlloc, Perm, Region, stats
+from mmap_alloc import MapAlloc, Perm, Region, _linux, stats
 from mmap_alloc.backings import Backing, thp_available
 from mmap_alloc.stats import AllocStats, RegionStats
-from support import MLOCK, RESIDENCY, THP, adjacent_pair, emulated_skip
+from support import MLOCK, RESIDENCY, THP, adjacent_pair, emulated_skip, on_entry
 
 needs_thp = pytest.mark.skipif(not thp_available(), reason="transparent huge pages unavailable")
 
@@ -190,3 +190,10 @@ def test_alloc_stats_ignore_other_allocators_regions(page: int) -> None:
 
 def test_alloc_stats_of_a_new_allocator_are_zero() -> None:
     assert MapAlloc().stats() == AllocStats(regions=0, mapped_bytes=0, resident_bytes=0)
+
+
+def test_alloc_stats_leave_out_a_region_closed_while_they_read_it(page: int) -> None:
+    alloc = MapAlloc()
+    closing = alloc.alloc(2 * page)
+    with on_entry(_linux.resident_bytes, lambda: alloc.dealloc(closing)):
+        assert alloc.stats() == AllocStats(regions=0, mapped_bytes=0, resident_bytes=0)

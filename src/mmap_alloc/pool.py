@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from ._args import power_of_two
 from ._args import size as size_argument
-from ._linux import resident_bytes
 from ._mman import Pool
 from .allocator import MapAlloc
 from .closing import ClosesOnExit
+from .stats import resident_while_mapped
 
 DEFAULT_ALIGN = 16
 """Object alignment when none is given: what malloc guarantees on 64-bit."""
@@ -174,7 +174,8 @@ class ObjectPool(Pool, ClosesOnExit):
     def stats(self) -> PoolStats:
         """Live objects, slabs, bytes mapped and resident, bookkeeping bytes."""
         live, free, slabs, spares, mapped, metadata = self._stats()
-        resident = sum(resident_bytes(address, length) for address, length in self._spans())
+        spans = self._spans()
+        resident = sum(resident_while_mapped(address, length) or 0 for address, length in spans)
         return PoolStats(
             live=live,
             capacity=live + free,

@@ -10,6 +10,7 @@ protections()), so this module imports none of the classes it describes.
 
 from __future__ import annotations
 
+import errno
 import gc
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,18 @@ def region_stats(region: Any) -> RegionStats:
     )
 
 
+def resident_while_mapped(address: int, length: int) -> int | None:
+    """resident_bytes, or None when the range was unmapped after it was listed
+    (its region closed meanwhile, by another thread, a signal handler or a
+    finalizer)."""
+    try:
+        return resident_bytes(address, length)
+    except OSError as exc:
+        if exc.errno == errno.ENOMEM:  # mincore: a page in the range is not mapped
+            return None
+        raise
+
+
 def live_regions(owner: object, region_type: type[KernelRegion]) -> list[KernelRegion]:
     """The open regions of ``region_type`` that ``owner`` made, found through
     the garbage collector: every region refers to its allocator and is tracked
@@ -138,9 +151,12 @@ def alloc_stats(
     regions = mapped = resident = 0
     for region in live_regions(owner, region_type):
         try:
-            resident += resident_bytes(region.address, region.capacity)
-        except ValueError:  # closed by another thread meanwhile
+            now = resident_while_mapped(region.address, region.capacity)
+        except ValueError:  # closed meanwhile, before its address was read
             continue
+        if now is None:
+            continue
+        resident += now
         regions += 1
         mapped += region.capacity
     return AllocStats(
