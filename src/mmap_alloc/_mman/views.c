@@ -34,16 +34,26 @@ view_finish(ViewObject *v, PyObject *owner, char *base, Py_ssize_t length, int w
     return memory;
 }
 
+/* A view holding nothing yet: made before the checks, as its allocation
+ * may start a collection whose finalizers change what they check. */
+static ViewObject *
+view_alloc(void)
+{
+    ViewObject *v = (ViewObject *)token_new(kernel.view_type);
+
+    if (v != NULL)
+        v->counter = NULL;
+    return v;
+}
+
 PyObject *
 view_new(PyObject *owner, Mapping *m, Py_ssize_t start, Py_ssize_t end, int writable)
 {
-    ViewObject *v;
+    ViewObject *v = view_alloc();
     int access;
 
-    v = (ViewObject *)token_new(kernel.view_type);   /* before the checks */
     if (v == NULL)
         return NULL;
-    v->counter = NULL;
     if (m->data == NULL) {
         PyErr_SetString(PyExc_ValueError, "the memory is closed");
         goto fail;
@@ -74,13 +84,11 @@ PyObject *
 view_counted(PyObject *owner, const void *key,
              int (*target)(PyObject *owner, const void *key, ViewTarget *t))
 {
-    ViewObject *v;
+    ViewObject *v = view_alloc();
     ViewTarget t;
 
-    v = (ViewObject *)token_new(kernel.view_type);   /* before the check */
     if (v == NULL)
         return NULL;
-    v->counter = NULL;
     if (target(owner, key, &t) < 0) {
         Py_DECREF(v);
         return NULL;
