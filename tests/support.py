@@ -101,6 +101,10 @@ TOO_SLOW = (
     "(it reads /proc at every line of library code)"
 )
 NOT_ADJACENT = "the emulator never places two new mappings next to each other"
+FORGED_FAULT = (
+    "the emulator takes a SIGBUS sent with a fault's code for a fault of its own "
+    "and stops on an assertion of its own"
+)
 
 
 # ---------------------------------------------------------------- interpreter builds

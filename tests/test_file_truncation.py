@@ -37,7 +37,16 @@ from mmap_alloc import (
     files,
 )
 from mmap_alloc._linux import PAGE_SIZE as P
-from support import HUGETLB, pattern, run_child, run_forked, run_in_child, skip_if_emulated
+from support import (
+    FORGED_FAULT,
+    HUGETLB,
+    emulated_skip,
+    pattern,
+    run_child,
+    run_forked,
+    run_in_child,
+    skip_if_emulated,
+)
 
 DATA = pattern(8 * P)
 needs_numpy = pytest.mark.skipif(find_spec("numpy") is None, reason="needs numpy")
@@ -446,6 +455,7 @@ def _grown_back_before_the_handler_looks(path: str) -> None:
 
 
 @pytest.mark.skipif(_SIGQUEUE is None, reason="rt_tgsigqueueinfo's number is known here")
+@emulated_skip(FORGED_FAULT)
 def test_a_fault_the_file_grew_back_over_runs_again_and_keeps_the_repair(path: Path) -> None:
     run_forked(_grown_back_before_the_handler_looks, str(path))
 
