@@ -13,10 +13,8 @@ import tempfile
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import mmap_alloc
 from machine_code import RET
 from mmap_alloc import (
     CodeBlock,
@@ -44,7 +42,6 @@ except ImportError:  # numpy is optional: no array exports then
 PAGE = PAGE_SIZE
 R, W, X = Perm.READ, Perm.WRITE, Perm.EXEC
 RW, RX = R | W, R | X
-LIBRARY = str(Path(mmap_alloc.__file__).parent)
 EXPECTED = (MapAllocError, ValueError, BufferError, TypeError, OSError, IndexError)
 """What a public call may raise when another call got in first; anything else is a bug."""
 

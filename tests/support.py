@@ -31,10 +31,12 @@ import traceback
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 import pytest
 
+import mmap_alloc
 from mmap_alloc import MapAlloc, Perm, Region
 from mmap_alloc._linux import PAGE_SIZE, mappings
 
@@ -567,5 +569,52 @@ def on_entry(function: Callable[..., object], act: Callable[[], object]) -> Iter
     sys.settrace(hook)
     try:
         yield
+    finally:
+        sys.settrace(previous)
+
+
+# ---------------------------------------------------------------- interrupts at every line
+
+LIBRARY = str(Path(mmap_alloc.__file__).parent)
+"""The Python layer of the library: where Injector stops."""
+
+
+class Injector:
+    """A trace function that records the distinct lines of library code run,
+    in the order first reached, and runs ``action`` when the ``at``-th of them
+    (counting from 1) is first reached. A line run again (a loop) is the same
+    point of the path: it is not injected twice."""
+
+    def __init__(self, at: int = 0, action: Callable[[], None] | None = None) -> None:
+        self.at = at
+        self.action = action
+        self.lines: dict[tuple[str, int], None] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self.lines)
+
+    def __call__(self, frame: FrameType, event: str, arg: object) -> Any:
+        if not frame.f_code.co_filename.startswith(LIBRARY):
+            return None
+        return self.line
+
+    def line(self, frame: FrameType, event: str, arg: object) -> Any:
+        if event == "line":
+            key = (frame.f_code.co_filename, frame.f_lineno)
+            if key not in self.lines:
+                self.lines[key] = None
+                if len(self.lines) == self.at and self.action is not None:
+                    self.action()  # a raise here surfaces in the traced frame
+        return self.line
+
+
+@contextlib.contextmanager
+def traced(injector: Injector) -> Iterator[Injector]:
+    """``injector`` is the trace function for the block."""
+    previous = sys.gettrace()
+    sys.settrace(injector)
+    try:
+        yield injector
     finally:
         sys.settrace(previous)

@@ -31,16 +31,10 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from types import FrameType
-from typing import Any
 
 import pytest
 
 from interrupts_world import (
-    LIBRARY,
     NAMES,
     OPERATIONS,
     World,
@@ -52,49 +46,7 @@ from interrupts_world import (
     teardown,
 )
 from mmap_alloc import _mman
-from support import HOST_MAPS, TOO_SLOW, run_forked, skip_if_emulated
-
-# ---------------------------------------------------------------- injection
-
-
-class Injector:
-    """A trace function that records the distinct lines of library code run,
-    in the order first reached, and runs ``action`` when the ``at``-th of them
-    (counting from 1) is first reached. A line run again (a loop) is the same
-    point of the path: it is not injected twice."""
-
-    def __init__(self, at: int = 0, action: Callable[[], None] | None = None) -> None:
-        self.at = at
-        self.action = action
-        self.lines: dict[tuple[str, int], None] = {}
-
-    @property
-    def count(self) -> int:
-        return len(self.lines)
-
-    def __call__(self, frame: FrameType, event: str, arg: object) -> Any:
-        if not frame.f_code.co_filename.startswith(LIBRARY):
-            return None
-        return self.line
-
-    def line(self, frame: FrameType, event: str, arg: object) -> Any:
-        if event == "line":
-            key = (frame.f_code.co_filename, frame.f_lineno)
-            if key not in self.lines:
-                self.lines[key] = None
-                if len(self.lines) == self.at and self.action is not None:
-                    self.action()  # a raise here surfaces in the traced frame
-        return self.line
-
-
-@contextmanager
-def traced(injector: Injector) -> Iterator[Injector]:
-    previous = sys.gettrace()
-    sys.settrace(injector)
-    try:
-        yield injector
-    finally:
-        sys.settrace(previous)
+from support import HOST_MAPS, TOO_SLOW, Injector, run_forked, skip_if_emulated, traced
 
 
 def library_lines(name: str) -> int:

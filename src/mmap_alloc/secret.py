@@ -33,7 +33,7 @@ from ._linux import (
     max_map_count,
     memlock_error,
 )
-from ._mman import Secret
+from ._mman import Secret, SecretOpening
 from .closing import ClosesOnExit, RestoresOnExit
 from .exceptions import AllocError, MemoryCorruptionError
 from .features import madv_guard_install, memfd_secret
@@ -280,7 +280,7 @@ class SecretBuffer(Secret, ClosesOnExit):
 class _Opened(RestoresOnExit[memoryview]):
     """The context manager of SecretBuffer.open()."""
 
-    __slots__ = ("_buf", "_previous", "_view", "_write")
+    __slots__ = ("_buf", "_opening", "_previous", "_write")
 
     _what = "open() block"
 
@@ -288,21 +288,21 @@ class _Opened(RestoresOnExit[memoryview]):
         super().__init__()
         self._buf = buf
         self._write = write
-        self._view: memoryview | None = None
+        self._opening: SecretOpening | None = None
         self._previous = PROT_NONE
 
+    # The C token ends the block exactly once: by release(), or by its death
+    # when an interrupt unwinds the frame holding it (before or after
+    # _entered is set): no line here can lose the end of the block.
     def _open(self) -> memoryview:
-        view, self._previous = self._buf._open(self._write)
-        self._view = view
-        return view
+        opening = self._opening = self._buf._open(self._write)
+        self._previous = opening.previous
+        return opening.view
 
     def _restore(self) -> None:
-        view, self._view = self._view, None
-        try:
-            if view is not None:
-                view.release()
-        finally:
-            self._buf._restore(self._previous)  # the block ends, released or not
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            opening.release()  # releases the view; the block ends, refused or not
 
     def _refused(self, error: BufferError) -> BufferError:
         previous = self._previous

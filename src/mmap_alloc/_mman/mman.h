@@ -103,7 +103,7 @@ typedef struct {
     struct Grave *graves;            /* unmaps the kernel refused, to retry */
     Py_ssize_t ngraves, cap_graves;
     PyTypeObject *region_type, *pin_type, *view_type, *iter_type, *pool_type,
-        *allocator_type, *secret_type, *heap_type, *block_type;
+        *allocator_type, *secret_type, *opening_type, *heap_type, *block_type;
     PyObject *alloc_error;           /* registered once by exceptions.py */
     PyObject *cannot_realloc;
     PyObject *memory_corruption;

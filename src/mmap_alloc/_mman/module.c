@@ -219,6 +219,7 @@ mman_traverse(PyObject *m, visitproc visit, void *arg)
     TYPES(VISIT)
 #undef VISIT
     Py_VISIT(kernel.secret_type);
+    Py_VISIT(kernel.opening_type);
     Py_VISIT(kernel.heap_type);
     Py_VISIT(kernel.block_type);
     Py_VISIT(kernel.alloc_error);

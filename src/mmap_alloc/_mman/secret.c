@@ -454,7 +454,6 @@ LOCKED_O(secret_noaccess)
 LOCKED_O(secret_readonly)
 LOCKED_O(secret_readwrite)
 LOCKED_O(secret_open)
-LOCKED_O(secret_restore)
 LOCKED_FASTKW(secret_write)
 LOCKED_O(secret_compare)
 
@@ -473,9 +472,7 @@ static PyMethodDef secret_methods[] = {
     METHOD_NOARGS("readwrite", secret_readwrite,
         "readwrite($self, /)\n--\n\nMake the secret pages readable and writable."),
     METHOD_O("_open", secret_open,
-        "_open(write) -> (memoryview, previous access): open the pages and export them."),
-    METHOD_O("_restore", secret_restore,
-        "_restore(access): end an open() block (the last one sets the access back)."),
+        "_open(write) -> SecretOpening: open the pages and export them for a block."),
     METHOD_FASTKW("write", secret_write,
         "write($self, /, data, offset=0)\n--\n\n"
         "Copy a bytes-like object into the secret at offset (no copy in between).\n"
@@ -561,7 +558,12 @@ secret_init(PyObject *module)
     REPLACE_REF(kernel.secret_type,
                (PyTypeObject *)PyType_FromModuleAndSpec(module, &secret_spec, NULL));
     if (kernel.secret_type == NULL
-        || PyModule_AddObjectRef(module, "Secret", (PyObject *)kernel.secret_type) < 0
+        || PyModule_AddObjectRef(module, "Secret", (PyObject *)kernel.secret_type) < 0)
+        return -1;
+    REPLACE_REF(kernel.opening_type,
+               (PyTypeObject *)PyType_FromModuleAndSpec(module, &opening_spec, NULL));
+    if (kernel.opening_type == NULL
+        || PyModule_AddObjectRef(module, "SecretOpening", (PyObject *)kernel.opening_type) < 0
         || PyModule_AddFunctions(module, secret_functions) < 0)
         return -1;
     return 0;

@@ -21,7 +21,7 @@ typedef struct {
     int backend;                /* BACKEND_* */
     int guard;                  /* GUARD_* */
     int abort_on_corruption;    /* canary mismatch: abort() (1) or raise (0) */
-    int opens;                  /* open() blocks not ended yet */
+    int opens;                  /* open() blocks not ended yet (armed SecretOpenings) */
     int access_before;          /* the access before the first of them */
     PyObject *weakreflist;
 } SecretObject;
@@ -85,7 +85,8 @@ PyObject *secret_noaccess(SecretObject *self, PyObject *unused);
 PyObject *secret_readonly(SecretObject *self, PyObject *unused);
 PyObject *secret_readwrite(SecretObject *self, PyObject *unused);
 PyObject *secret_open(SecretObject *self, PyObject *arg);
-PyObject *secret_restore(SecretObject *self, PyObject *arg);
+/* The type of _open's token (secret_access.c). */
+extern PyType_Spec opening_spec;
 int secret_getbuffer(SecretObject *self, Py_buffer *view, int flags);
 void secret_releasebuffer(SecretObject *self, Py_buffer *view);
 PyObject *secret_write(SecretObject *self, PyObject *const *args, Py_ssize_t nargs,

@@ -94,22 +94,43 @@ secret_readwrite(SecretObject *self, PyObject *unused)
 /* ------------------------------------------------------------------ */
 /* buffers                                                             */
 
-/* _open(write) -> (memoryview, previous access): raise the access the block
- * needs and export the secret, in one call. The first of nested blocks
- * remembers the access before it; the last to end restores it (_restore). */
+/* The token of an open() block (SecretOpening): armed (secret set) while
+ * the block counts in its secret's opens. The block ends exactly once, by
+ * release() or by the token's death (the frame that held it unwound after
+ * an interrupt): no line of Python between _open and the end can lose it. */
+typedef struct {
+    PyObject_HEAD
+    SecretObject *secret;       /* NULL once the block ended (or never began) */
+    PyObject *view;             /* the block's memoryview */
+    int previous;               /* the access the block found */
+} OpeningObject;
+
+/* _open(write) -> SecretOpening: raise the access the block needs and
+ * export the secret, in one call. The first of nested blocks remembers the
+ * access before it; the last to end restores it (opening_end). */
 PyObject *
 secret_open(SecretObject *self, PyObject *arg)
 {
     int write = PyObject_IsTrue(arg), previous, need;
     Py_ssize_t start;
     PyObject *memory;
+    OpeningObject *t;
 
-    if (write < 0 || secret_check_open(self) < 0)
+    if (write < 0)
         return NULL;
+    /* before the checks: an allocation may run the collector's finalizers */
+    t = PyObject_New(OpeningObject, kernel.opening_type);
+    if (t == NULL)
+        return NULL;
+    t->secret = NULL;
+    t->view = NULL;
+    t->previous = PROT_NONE;
+    if (secret_check_open(self) < 0)
+        goto fail;
     previous = access_of(self);
     need = write ? PROT_RW : (previous | PROT_READ);
     if (need != previous && secret_set_access(self, need) < 0)
-        return NULL;
+        goto fail;
     start = data_offset(self);
     memory = view_new((PyObject *)self, &self->m, start, start + self->m.size, write);
     if (memory == NULL) {
@@ -121,39 +142,120 @@ secret_open(SecretObject *self, PyObject *arg)
                 PyErr_Clear();
             PyErr_Restore(type, value, tb);
         }
-        return NULL;
+        goto fail;
     }
     if (self->opens++ == 0)
         self->access_before = previous;
-    return Py_BuildValue("(Ni)", memory, previous);
+    t->secret = (SecretObject *)Py_NewRef((PyObject *)self);
+    t->view = memory;
+    t->previous = previous;
+    return (PyObject *)t;
+fail:
+    Py_DECREF(t);   /* not armed: its death changes nothing */
+    return NULL;
 }
 
-/* _restore(access): the end of an open() block: the last one to end sets
- * the access before the first back (access: what this block found, used
- * when no count was kept); nothing once closed. A refusal (a buffer made in
- * the block lives on) still ends the block. */
-PyObject *
-secret_restore(SecretObject *self, PyObject *arg)
+/* The end of an open() block, once: its view released, its count given
+ * back, and the last block to end sets the access before the first back
+ * (nothing once the secret is closed). -1 with BufferError when that is
+ * refused (a buffer made from the view lives on): the block has ended all
+ * the same, and the access stays as it had it. */
+static int
+opening_end(OpeningObject *t)
 {
-    int prot;
+    SecretObject *s = t->secret;
+    PyObject *view = t->view, *r;
+    int result = 0;
 
-    if (arg_int(arg, "access", &prot) < 0)
-        return NULL;
-    if (prot != PROT_NONE && prot != PROT_READ && prot != PROT_RW) {
-        PyErr_SetString(PyExc_ValueError, "access must be PROT_NONE, PROT_READ or PROT_RW");
-        return NULL;
-    }
-    if (self->m.data == NULL)
-        Py_RETURN_NONE;
-    if (self->opens > 0) {
-        if (--self->opens > 0)
-            Py_RETURN_NONE;
-        prot = self->access_before;
-    }
-    if (secret_set_access(self, prot) < 0)
+    if (s == NULL)
+        return 0;
+    t->secret = NULL;
+    t->view = NULL;
+    /* memoryview.release runs no Python code: the View's buffer goes back */
+    r = PyObject_CallMethod(view, "release", NULL);
+    if (r == NULL)
+        PyErr_Clear();   /* a buffer of the memoryview lives on: the hold refuses below */
+    Py_XDECREF(r);
+    Py_DECREF(view);
+    if (s->m.data != NULL && s->opens > 0 && --s->opens == 0)
+        result = secret_set_access(s, s->access_before);
+    Py_DECREF(s);
+    return result;
+}
+
+/* release(): end the block (see opening_end); nothing once it has ended */
+static PyObject *
+opening_release(OpeningObject *t, PyObject *unused)
+{
+    if (opening_end(t) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
+
+static PyObject *
+opening_get_view(OpeningObject *t, void *closure)
+{
+    if (t->view == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the open() block has ended");
+        return NULL;
+    }
+    return Py_NewRef(t->view);
+}
+
+/* its death ends a block still open; a refusal has nobody to tell (the
+ * access stays as the block had it, as a refused end of a block does) */
+static int
+opening_teardown(PyObject *obj)
+{
+    PyObject *type, *value, *tb;
+
+    PyErr_Fetch(&type, &value, &tb);
+    if (opening_end((OpeningObject *)obj) < 0)
+        PyErr_Clear();
+    PyErr_Restore(type, value, tb);
+    return 0;
+}
+
+KERNEL_DEALLOC(opening_dealloc, opening_teardown)
+
+MADE_BY(opening_new, "open() blocks are made by SecretBuffer.open()")
+
+/* entry points: under the kernel lock in free-threaded builds (mman.h) */
+LOCKED_O(opening_release)
+LOCKED_GET(opening_get_view)
+
+static PyMethodDef opening_methods[] = {
+    METHOD_NOARGS("release", opening_release,
+        "release($self, /)\n--\n\n"
+        "End the block once: release the view, give its count back; the last block\n"
+        "to end restores the access before the first. BufferError (the block ends,\n"
+        "the access stays) while a buffer made from the view lives on."),
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef opening_getset[] = {
+    {"view", (getter)LOCKED(opening_get_view), NULL,
+     "The block's memoryview (ValueError once the block ended).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef opening_members[] = {
+    {"previous", T_INT, offsetof(OpeningObject, previous), READONLY,
+     "The access the block found (PROT_* bits)."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot opening_slots[] = {
+    {Py_tp_doc, "An open() block of a secret buffer: ends once, by release() or its death."},
+    {Py_tp_new, opening_new},
+    {Py_tp_dealloc, LOCKED(opening_dealloc)},
+    {Py_tp_methods, opening_methods},
+    {Py_tp_getset, opening_getset},
+    {Py_tp_members, opening_members},
+    {0, NULL},
+};
+
+PyType_Spec opening_spec = KERNEL_SPEC("SecretOpening", OpeningObject, 0, opening_slots);
 
 int
 secret_getbuffer(SecretObject *self, Py_buffer *view, int flags)
