@@ -303,6 +303,18 @@ def test_receive_closes_a_descriptor_that_came_with_a_foreign_message(
     assert open_fds() == fds
 
 
+@pytest.mark.parametrize("size", [2**63, 2**64 - 1])
+def test_receive_of_a_size_no_region_can_have_names_it_and_closes_the_descriptor(
+    pair: tuple[socket.socket, socket.socket], fds: list[int], size: int
+) -> None:
+    fds.append(fd := memfd())
+    before = open_fds()
+    send_raw(pair[0], [fd], size=size)
+    with pytest.raises(ValueError, match=rf"the peer sent a size of {size} bytes"):
+        SharedRegion.receive(pair[1])
+    assert open_fds() == before
+
+
 def test_send_and_receive_need_unix_sockets() -> None:
     with socket.socket(socket.AF_INET) as sock, pytest.raises(ValueError, match="AF_UNIX"):
         SharedRegion.receive(sock)

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import os
 import struct
+import sys
 from typing import TYPE_CHECKING, Any, cast
 
 from ._args import integer
@@ -315,23 +316,31 @@ class SharedRegion(FdRegion):
     ) -> SharedRegion:
         """Map ``fd`` if it passes the checks of ``vet``: before the C layer
         for a descriptor ``from_peer`` (``receive``: the C layer takes it and
-        closes it on failure, so the message must name it first); after a
+        closes it on failure, so the message must name it first; until then,
+        ``fd`` is closed here on any failure when ``take``); after a
         refusal of the C layer for the caller's own (``from_fd``), to name
         the cause. The seals and the size of the file the region maps are
         checked once it is mapped, in every case (a mapping is harmless until
         touched; multiprocessing's descriptor, the sender's own file, is
         checked only then): ``fd`` may have been another file by then, or
         grown."""
-        if from_peer:
-            try:
+        try:
+            if not 0 <= size <= sys.maxsize:  # else the C layer's ValueError, before it owns fd
+                raise ValueError(
+                    f"the peer sent a size of {size} bytes with {what}, which no region can "
+                    f"have (at most {sys.maxsize}): the message is not one of "
+                    "SharedRegion.send()"
+                )
+            if from_peer:
                 vet(fd, what, require_seal)
-            except BaseException:
+            if flags & _FLAG_THP:
+                align, advice, backing = thp_size(), MADV_HUGEPAGE, Backing.THP
+            else:
+                align, advice, backing = PAGE_SIZE, 0, Backing.NORMAL
+        except BaseException:
+            if take:  # not the C layer's yet
                 os.close(fd)
-                raise
-        if flags & _FLAG_THP:
-            align, advice, backing = thp_size(), MADV_HUGEPAGE, Backing.THP
-        else:
-            align, advice, backing = PAGE_SIZE, 0, Backing.NORMAL
+            raise
         try:
             region = _shared_attach(
                 cls, fd, take, readonly, size, align, advice, backing, Backing.HUGETLB
