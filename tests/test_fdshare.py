@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from multiprocessing.reduction import ForkingPickler
@@ -212,13 +213,66 @@ def _share_from_every_line_of_sharing() -> None:
                 os.close(fd)
         outer.close()
         inner.close()
-    # all but the six lines of the bind failure (except, close, raise) and of a
-    # listener a hook started meanwhile (close, close, return)
-    assert reentered >= len(targets) - 6, f"only {reentered} of {len(targets)} lines re-entered"
+    # all but the nine lines of a failure (the except clause) and the three of
+    # a listener a hook started meanwhile (close, close, return)
+    assert reentered >= len(targets) - 12, f"only {reentered} of {len(targets)} lines re-entered"
 
 
 def test_sharing_from_a_hook_inside_sharing_neither_hangs_nor_mixes_owners() -> None:
     run_forked(_share_from_every_line_of_sharing, timeout=60)
+
+
+def _sharers() -> int:
+    return sum(thread.name == "mmap_alloc fd sharer" for thread in threading.enumerate())
+
+
+def _share_interrupted_at(code: CodeType, line: int, owner: Owner) -> bool:
+    """Share ``owner`` with a KeyboardInterrupt raised when ``line`` of
+    ``code`` first runs; whether it was raised."""
+    fired: list[int] = []
+
+    def on_line(frame: FrameType, event: str, arg: object) -> Any:
+        if event == "line" and frame.f_lineno == line and not fired:
+            fired.append(line)
+            raise KeyboardInterrupt
+        return on_line
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Any:
+        return on_line if frame.f_code is code else None
+
+    sys.settrace(tracer)
+    try:
+        share(owner)
+    except KeyboardInterrupt:
+        assert fired
+    finally:
+        sys.settrace(None)
+    return bool(fired)
+
+
+def _interrupt_every_line_of_starting_the_sharer() -> None:
+    sharer = _fdshare._sharer
+    code = type(sharer)._listen.__code__
+    interrupted = 0
+    for line in _lines(code):
+        sharer.forget()  # no sharer: share() starts one (a forgotten thread waits on)
+        time.sleep(0.05)  # a thread that was closed before it served has returned
+        before, threads = open_fds(), _sharers()
+        owner = Owner()
+        interrupted += _share_interrupted_at(code, line, owner)
+        gc.collect()  # what the traceback kept
+        time.sleep(0.05)
+        if sharer.listener is None:  # none: nothing of one is left
+            assert (open_fds() - {owner.fd}, _sharers()) == (before, threads), line
+        else:  # one: recorded, and it serves
+            assert _sharers() == threads + 1, line
+            os.close(share(owner)._fetch())
+        owner.close()
+    assert interrupted >= 8, interrupted
+
+
+def test_an_interrupt_while_the_sharer_starts_leaves_no_sharer_or_the_one_recorded() -> None:
+    run_forked(_interrupt_every_line_of_starting_the_sharer, timeout=60)
 
 
 # ---------------------------------------------------------------- no client delays another

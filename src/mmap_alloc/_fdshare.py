@@ -114,26 +114,37 @@ class _Sharer:
 
         address = f"\0mmap_alloc-{os.getpid()}-{os.urandom(8).hex()}"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        selector: selectors.BaseSelector | None = None
+        thread: threading.Thread | None = None
+        # recorded before the thread starts, so that an interrupt at any line
+        # leaves either no sharer (all closed) or the one recorded
         try:
             listener.bind(address)
             listener.listen(_BACKLOG)
             listener.setblocking(False)
             selector = selectors.DefaultSelector()
-        except OSError:
+            if self.listener is not None:  # a hook on this thread started one meanwhile
+                selector.close()
+                listener.close()
+                return
+            selector.register(listener, selectors.EVENT_READ)
+            thread = threading.Thread(
+                target=self._serve,
+                args=(listener, selector),
+                name="mmap_alloc fd sharer",
+                daemon=True,
+            )
+            self.listener, self.address, self.selector = listener, address, selector
+            thread.start()
+        except BaseException:
+            if thread is not None and thread.ident is not None:
+                raise  # interrupted once the thread ran: it serves, as recorded
+            if self.listener is listener:
+                self.listener, self.address, self.selector = None, "", None
+            if selector is not None:
+                selector.close()  # a thread not yet serving then returns at once
             listener.close()
             raise
-        if self.listener is not None:  # a hook on this thread started one meanwhile
-            selector.close()
-            listener.close()
-            return
-        selector.register(listener, selectors.EVENT_READ)
-        threading.Thread(
-            target=self._serve,
-            args=(listener, selector),
-            name="mmap_alloc fd sharer",
-            daemon=True,
-        ).start()
-        self.listener, self.address, self.selector = listener, address, selector
 
     # ------------------------------------------------------------ the serving thread
 
@@ -145,8 +156,8 @@ class _Sharer:
                 timeout = max(0.0, next(iter(waiting.values())).deadline - time.monotonic())
             try:
                 events = selector.select(timeout)
-            except OSError:
-                return  # closed (after a fork, in the child)
+            except (OSError, ValueError):
+                return  # closed (after a fork, in the child; or before the thread began)
             for key, _mask in events:
                 if key.fileobj is listener:
                     if not self._accept(listener, selector, waiting):
