@@ -275,6 +275,21 @@ def test_an_interrupt_while_the_sharer_starts_leaves_no_sharer_or_the_one_record
     run_forked(_interrupt_every_line_of_starting_the_sharer, timeout=60)
 
 
+def _interrupt_every_line_of_giving_a_token() -> None:
+    code = _fdshare._Sharer.token.__code__
+    interrupted = 0
+    for line in _lines(code):
+        owner = Owner()
+        interrupted += _share_interrupted_at(code, line, owner)
+        os.close(share(owner)._fetch())  # the sharer hands it over all the same
+        owner.close()
+    assert interrupted >= 8, interrupted
+
+
+def test_an_interrupt_while_a_token_is_given_leaves_the_owner_shareable() -> None:
+    run_forked(_interrupt_every_line_of_giving_a_token, timeout=60)
+
+
 # ---------------------------------------------------------------- no client delays another
 
 

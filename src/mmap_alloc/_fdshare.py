@@ -104,8 +104,10 @@ class _Sharer:
             token = self.tokens.get(owner)
             if token is None:
                 token = os.urandom(_TOKEN)
-                self.tokens[owner] = token
+                # the sharer's entry first: an interrupt between the two leaves
+                # a token nobody was given, never one the sharer does not know
                 self.owners[token] = owner
+                self.tokens[owner] = token
             return self.address, token
 
     def _listen(self) -> None:
