@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import pickle
@@ -163,6 +164,68 @@ def _forked_child_forgets() -> None:
 def test_a_forked_child_forgets_the_owners_of_its_parent(owner: Owner) -> None:
     share(owner)
     run_forked(_forked_child_forgets)
+
+
+def _holds_a_copy_of(owner: Owner) -> bool:
+    """Whether this process has a descriptor of the owner's file besides its own."""
+    st = os.fstat(owner.fd)
+    for fd in open_fds() - {owner.fd}:
+        with contextlib.suppress(OSError):
+            other = os.fstat(fd)
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return True
+    return False
+
+
+def _fork_while_the_sharer_holds_a_duplicate() -> None:
+    owner = Owner()
+    reached, proceed = threading.Event(), threading.Event()
+
+    def slow_dup(owner: Owner) -> int:
+        fd = dup(owner)
+        reached.set()  # the duplicate is in the serving thread's hands
+        proceed.wait(10)
+        return fd
+
+    handle = _fdshare.share(owner, owner.fd, readonly=False, dup=slow_dup)
+    fetcher = fork_child(lambda: os.close(handle._fetch()))
+    assert reached.wait(10)
+    threading.Timer(0.3, proceed.set).start()
+    child = fork_child(lambda: not _holds_a_copy_of(owner))
+    assert os.waitstatus_to_exitcode(wait_child(child)) == 0  # 2: it kept a copy
+    assert os.waitstatus_to_exitcode(wait_child(fetcher)) == 0
+    owner.close()
+
+
+def test_a_child_forked_while_the_sharer_hands_a_descriptor_over_keeps_no_copy() -> None:
+    run_forked(_fork_while_the_sharer_holds_a_duplicate, timeout=60)
+
+
+def _fork_while_the_sharer_drops_a_connection() -> None:
+    owner = Owner()
+    handle = share(owner)
+    os.close(handle._fetch())  # the sharer serves
+    before = open_fds()
+    reached, proceed = threading.Event(), threading.Event()
+    close = socket.socket.close
+
+    def slow_close(conn: socket.socket) -> None:
+        if threading.current_thread().name == "mmap_alloc fd sharer" and not reached.is_set():
+            reached.set()  # out of `waiting`, not closed yet
+            proceed.wait(10)
+        close(conn)
+
+    socket.socket.close = slow_close  # type: ignore[method-assign,assignment]
+    connect(handle.address).close()  # the sharer drops it: no token
+    assert reached.wait(10)
+    threading.Timer(0.3, proceed.set).start()
+    child = fork_child(lambda: open_fds() <= before)
+    assert os.waitstatus_to_exitcode(wait_child(child)) == 0  # 2: it kept the connection
+    owner.close()
+
+
+def test_a_child_forked_while_the_sharer_drops_a_connection_keeps_no_copy() -> None:
+    run_forked(_fork_while_the_sharer_drops_a_connection, timeout=60)
 
 
 def _lines(code: CodeType) -> list[int]:

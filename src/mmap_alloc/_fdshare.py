@@ -94,6 +94,10 @@ class _Sharer:
         # the serving thread's, kept here for forget() to close in a forked child
         self.selector: selectors.BaseSelector | None = None
         self.waiting: dict[socket.socket, _Waiting] = {}
+        # held by the serving thread while it holds a descriptor that is
+        # nowhere above; a fork waits for it (before_fork)
+        self.hold = threading.Lock()
+        self.forking = False
 
     def token(self, owner: object, dup: Callable[[Any], int]) -> tuple[str, bytes]:
         """The socket's address and the owner's token (made on first use)."""
@@ -179,22 +183,28 @@ class _Sharer:
         """Take the connections that came; answer those whose token is there
         already. False when the listener is gone."""
         for _ in range(_ACCEPTS):
-            try:
-                conn, _address = listener.accept()
-            except BlockingIOError:
-                return True
-            except OSError as exc:
-                if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
-                    return False
+            with self.hold:  # a fork waits until the connection is in `waiting` or closed
+                try:
+                    conn, _address = listener.accept()
+                except BlockingIOError:
+                    return True
+                except OSError as exc:
+                    if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                        return False
+                    conn = None
+                if conn is not None:
+                    try:
+                        self._admit(conn, selector, waiting)
+                    except Exception:  # whatever one connection did, the sharer serves on
+                        self._discard(conn, selector, waiting)
+            if conn is None:
                 time.sleep(0.05)  # out of descriptors or memory: let it pass
                 return True
             try:
-                self._admit(conn, selector, waiting)
-            except Exception:  # whatever one connection did, the sharer serves on
-                waiting.pop(conn, None)
-                with contextlib.suppress(KeyError, ValueError, OSError):
-                    selector.unregister(conn)
-                conn.close()
+                self._read(conn, selector, waiting)  # its token may be there already
+            except Exception:
+                with self.hold:
+                    self._discard(conn, selector, waiting)
             if len(waiting) > _WAITING:
                 self._drop(next(iter(waiting)), selector, waiting)
         return True
@@ -205,8 +215,8 @@ class _Sharer:
         selector: selectors.BaseSelector,
         waiting: dict[socket.socket, _Waiting],
     ) -> None:
-        """A new connection: refused at once if of another user, else read
-        (and answered if its token came with it) or left waiting."""
+        """A new connection: refused at once if of another user, else left
+        waiting for its token (``hold`` held)."""
         import selectors
         import socket
 
@@ -219,7 +229,6 @@ class _Sharer:
             return
         waiting[conn] = _Waiting(time.monotonic() + _DEADLINE, b"")
         selector.register(conn, selectors.EVENT_READ)
-        self._read(conn, selector, waiting)
 
     def _read(
         self,
@@ -250,35 +259,60 @@ class _Sharer:
         with self.lock:
             owner, dup = self.owners.get(token), self.dup
         flags = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT  # never SIGPIPE, never wait
-        fd = -1
-        if owner is not None and dup is not None:
-            with contextlib.suppress(Exception):
-                fd = dup(owner)  # atomic in C: the owner may be closing meanwhile
-        try:
-            if fd < 0:
-                conn.send(_UNKNOWN, flags)
-            else:
-                send_fds(conn, _GIVEN, [fd], flags)
-        except OSError:
-            pass  # the receiver hung up: its loss, nobody else's
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        with self.hold:  # a fork waits until the duplicate is closed
+            fd = -1
+            if owner is not None and dup is not None:
+                with contextlib.suppress(Exception):
+                    fd = dup(owner)  # atomic in C: the owner may be closing meanwhile
+            try:
+                if fd < 0:
+                    conn.send(_UNKNOWN, flags)
+                else:
+                    send_fds(conn, _GIVEN, [fd], flags)
+            except OSError:
+                pass  # the receiver hung up: its loss, nobody else's
+            finally:
+                if fd >= 0:
+                    os.close(fd)
 
-    @staticmethod
     def _drop(
+        self,
         conn: socket.socket,
         selector: selectors.BaseSelector,
         waiting: dict[socket.socket, _Waiting],
     ) -> None:
-        del waiting[conn]
+        with self.hold:  # a fork waits until the connection is closed
+            self._discard(conn, selector, waiting)
+
+    @staticmethod
+    def _discard(
+        conn: socket.socket,
+        selector: selectors.BaseSelector,
+        waiting: dict[socket.socket, _Waiting],
+    ) -> None:
+        waiting.pop(conn, None)
         with contextlib.suppress(KeyError, ValueError, OSError):
             selector.unregister(conn)
         conn.close()
 
+    # ------------------------------------------------------------ fork
+
+    def before_fork(self) -> None:
+        """Wait until the serving thread holds no descriptor that only its
+        locals know of (a duplicate being sent, a connection being taken or
+        dropped): a forked child would keep it open for good."""
+        self.forking = False
+        self.forking = self.hold.acquire()
+
+    def after_fork_in_parent(self) -> None:
+        if self.forking:
+            self.forking = False
+            self.hold.release()
+
     def forget(self) -> None:
         """In a forked child: the thread is not there; the owners are the parent's."""
         self.lock = threading.RLock()
+        self.hold, self.forking = threading.Lock(), False
         self.owners = weakref.WeakValueDictionary()
         self.tokens = weakref.WeakKeyDictionary()
         for conn in list(self.waiting):
@@ -294,7 +328,11 @@ class _Sharer:
 
 
 _sharer = _Sharer()
-os.register_at_fork(after_in_child=_sharer.forget)
+os.register_at_fork(
+    before=_sharer.before_fork,
+    after_in_parent=_sharer.after_fork_in_parent,
+    after_in_child=_sharer.forget,
+)
 
 
 class SharedFd(NamedTuple):
