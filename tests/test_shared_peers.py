@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import gc
 import io
 import multiprocessing
 import os
@@ -19,9 +20,11 @@ import random
 import signal
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -29,6 +32,7 @@ from typing import Any
 
 import pytest
 
+import mmap_alloc
 from mmap_alloc import AllocError, SharedRegion
 from mmap_alloc._linux import PAGE_SIZE as P
 from support import describe_status, fork_child, open_fds, run_forked, wait_child
@@ -551,3 +555,58 @@ def test_a_peer_of_another_user_may_send_a_sealed_region_over_a_socket() -> None
             side.until_done()
 
     run_pair(victim, peer)
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+def _interrupted_at_line(k: int, call: Callable[[], object]) -> bool:
+    """``call()`` with a KeyboardInterrupt at the k-th line of the library's
+    code it runs (counting each line once); whether it came."""
+    library, seen = os.path.dirname(mmap_alloc.__file__), set()
+
+    def on_line(frame: Any, event: str, arg: object) -> Any:
+        if event == "line" and (frame.f_code.co_filename, frame.f_lineno) not in seen:
+            seen.add((frame.f_code.co_filename, frame.f_lineno))
+            if len(seen) == k:
+                raise KeyboardInterrupt
+        return on_line
+
+    def tracer(frame: Any, event: str, arg: object) -> Any:
+        return on_line if frame.f_code.co_filename.startswith(library) else None
+
+    sys.settrace(tracer)
+    try:
+        call()
+    except KeyboardInterrupt:
+        return True
+    finally:
+        sys.settrace(None)
+    return False
+
+
+def _receive_interrupted_at_every_line() -> None:
+    for k in range(1, 1000):
+        a, b = socket.socketpair()
+        with SharedRegion.create(P) as region:
+            region.send(a)
+        before = open_fds()
+        received: list[SharedRegion] = []
+        came = _interrupted_at_line(k, partial(_receive_into, received, b))
+        for region in received:
+            region.close()
+        gc.collect()
+        assert open_fds() == before, f"an interrupt at line {k} left a descriptor open"
+        a.close()
+        b.close()
+        if not came:
+            assert k > 40
+            return
+
+
+def _receive_into(received: list[SharedRegion], sock: socket.socket) -> None:
+    received.append(SharedRegion.receive(sock))
+
+
+def test_an_interrupt_at_any_line_of_receive_leaves_no_descriptor_open() -> None:
+    run_forked(_receive_interrupted_at_every_line, timeout=120)

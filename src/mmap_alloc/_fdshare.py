@@ -474,21 +474,54 @@ def send_fds(sock: socket.socket, data: bytes, fds: list[int], flags: int = 0) -
     return sock.sendmsg([data], rights, flags | socket.MSG_NOSIGNAL)
 
 
-def recv_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int], int]:
-    """One message of at most ``size`` bytes and the descriptors that came
-    with it (close-on-exec from the start), and the message flags."""
+class Fds:
+    """Raw descriptors owned until handed on: those still here when the
+    ``with`` block ends are closed. Each comes in and goes out in one
+    statement (``recv_fds``' store, ``fds.append(...)``, ``fds.pop()``), so
+    that an interrupt (Ctrl-C) at any line leaves none unowned."""
+
+    __slots__ = ("fds", "raw")
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self.raw: list[Any] = []  # a message's ancillary data, unread
+
+    def __enter__(self) -> Fds:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # one statement, and no Python code in it (``raw`` is empty but after an
+        # interrupt inside recv_fds): each is closed, then forgotten
+        del self.fds[: len([*map(os.close, self.fds + (self.raw and _rights(self.raw)))])]
+
+
+def _rights(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors of a message's ancillary data (SCM_RIGHTS)."""
     import socket
 
     fd_size = struct.calcsize("i")
-    data, ancillary, flags, _address = sock.recvmsg(
-        size, socket.CMSG_SPACE(fd_size), socket.MSG_CMSG_CLOEXEC
-    )
     fds: list[int] = []
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(payload) - len(payload) % fd_size
             fds.extend(struct.unpack(f"{usable // fd_size}i", payload[:usable]))
-    return data, fds, flags
+    return fds
+
+
+def recv_fds(
+    sock: socket.socket, size: int, held: Fds | None = None
+) -> tuple[bytes, list[int], int]:
+    """One message of at most ``size`` bytes and the descriptors that came
+    with it (close-on-exec from the start), and the message flags. The
+    descriptors are ``held.fds``: ``held`` owns them from the moment they
+    come."""
+    import socket
+
+    held = Fds() if held is None else held
+    size_fds = socket.CMSG_SPACE(struct.calcsize("i"))
+    data, held.raw, flags, _address = sock.recvmsg(size, size_fds, socket.MSG_CMSG_CLOEXEC)
+    held.fds, held.raw = held.fds + _rights(held.raw), []
+    return data, held.fds, flags
 
 
 def share(owner: object, fd: int, *, readonly: bool, dup: Callable[[Any], int]) -> SharedFd:

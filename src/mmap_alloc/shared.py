@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ._args import integer
 from ._args import size as size_argument
 from ._fdregion import FdRegion, pickle_handle, register_pickling
-from ._fdshare import recv_fds, send_fds
+from ._fdshare import Fds, recv_fds, send_fds
 from ._linux import (
     F_SEAL_NAMES,
     F_SEAL_SEAL,
@@ -103,7 +103,9 @@ def _rebuild(dupfd: Any, size: int, flags: int) -> SharedRegion:
     repair covers it: a truncation by any holder cannot kill this process.)"""
     from ._arraypickle import received
 
-    region = SharedRegion._attach_fd(dupfd.detach(), size, flags)
+    with Fds() as held:
+        held.fds.append(dupfd.detach())
+        region = SharedRegion._attach_fd(held, size, flags)
     received(region)
     return region
 
@@ -233,7 +235,6 @@ class SharedRegion(FdRegion):
             )
         return cls._attach(
             n,
-            take=False,
             readonly=bool(readonly),
             size=0,
             flags=0,
@@ -254,46 +255,42 @@ class SharedRegion(FdRegion):
         import socket as _socket
 
         sock = _check_socket(sock)
-        try:
-            data, fds, msg_flags = recv_fds(sock, _MESSAGE.size)
-        except TimeoutError:
-            raise TimeoutError(
-                errno.ETIMEDOUT,
-                f"no region came over the socket within its timeout ({sock.gettimeout():g} s): "
-                "the peer sent nothing",
-            ) from None
-        if not data and not fds:
-            raise EOFError("the peer closed the socket before sending a region")
-        if len(fds) != 1 or msg_flags & _socket.MSG_CTRUNC or len(data) != _MESSAGE.size:
-            for fd in fds:
-                os.close(fd)
-            raise ValueError(
-                "the message is not one of SharedRegion.send(): "
-                f"{len(data)} bytes and {len(fds)} file descriptor(s)"
+        with Fds() as held:  # the descriptor received, closed unless the region has it
+            try:
+                data, fds, msg_flags = recv_fds(sock, _MESSAGE.size, held)
+            except TimeoutError:
+                raise TimeoutError(
+                    errno.ETIMEDOUT,
+                    f"no region came over the socket within its timeout "
+                    f"({sock.gettimeout():g} s): the peer sent nothing",
+                ) from None
+            if not data and not fds:
+                raise EOFError("the peer closed the socket before sending a region")
+            if len(fds) != 1 or msg_flags & _socket.MSG_CTRUNC or len(data) != _MESSAGE.size:
+                raise ValueError(
+                    "the message is not one of SharedRegion.send(): "
+                    f"{len(data)} bytes and {len(fds)} file descriptor(s)"
+                )
+            magic, size, flags = _MESSAGE.unpack(data)
+            if magic != _MAGIC:
+                raise ValueError("the message is not one of SharedRegion.send()")
+            if flags & _FLAG_READONLY:
+                readonly = True
+            return cls._attach(
+                held,
+                readonly=bool(readonly),
+                size=size,
+                flags=flags,
+                require_seal=bool(require_seal),
+                what="the descriptor received",
+                from_peer=True,
             )
-        magic, size, flags = _MESSAGE.unpack(data)
-        if magic != _MAGIC:
-            os.close(fds[0])
-            raise ValueError("the message is not one of SharedRegion.send()")
-        if flags & _FLAG_READONLY:
-            readonly = True
-        return cls._attach(
-            fds[0],
-            take=True,
-            readonly=bool(readonly),
-            size=size,
-            flags=flags,
-            require_seal=bool(require_seal),
-            what="the descriptor received",
-            from_peer=True,
-        )
 
     @classmethod
-    def _attach_fd(cls, fd: int, size: int, flags: int) -> SharedRegion:
-        """A region over ``fd``, which it owns from now on (multiprocessing)."""
+    def _attach_fd(cls, held: Fds, size: int, flags: int) -> SharedRegion:
+        """A region over the descriptor ``held`` has (multiprocessing)."""
         return cls._attach(
-            fd,
-            take=True,
+            held,
             readonly=bool(flags & _FLAG_READONLY),
             size=size,
             flags=flags,
@@ -304,9 +301,8 @@ class SharedRegion(FdRegion):
     @classmethod
     def _attach(
         cls,
-        fd: int,
+        fd: int | Fds,
         *,
-        take: bool,
         readonly: bool,
         size: int,
         flags: int,
@@ -316,38 +312,35 @@ class SharedRegion(FdRegion):
     ) -> SharedRegion:
         """Map ``fd`` if it passes the checks of ``vet``: before the C layer
         for a descriptor ``from_peer`` (``receive``: the C layer takes it and
-        closes it on failure, so the message must name it first; until then,
-        ``fd`` is closed here on any failure when ``take``); after a
+        closes it on failure, so the message must name it first); after a
         refusal of the C layer for the caller's own (``from_fd``), to name
-        the cause. The seals and the size of the file the region maps are
-        checked once it is mapped, in every case (a mapping is harmless until
-        touched; multiprocessing's descriptor, the sender's own file, is
-        checked only then): ``fd`` may have been another file by then, or
-        grown."""
-        try:
-            if not 0 <= size <= sys.maxsize:  # else the C layer's ValueError, before it owns fd
-                raise ValueError(
-                    f"the peer sent a size of {size} bytes with {what}, which no region can "
-                    f"have (at most {sys.maxsize}): the message is not one of "
-                    "SharedRegion.send()"
-                )
-            if from_peer:
-                vet(fd, what, require_seal)
-            if flags & _FLAG_THP:
-                align, advice, backing = thp_size(), MADV_HUGEPAGE, Backing.THP
-            else:
-                align, advice, backing = PAGE_SIZE, 0, Backing.NORMAL
-        except BaseException:
-            if take:  # not the C layer's yet
-                os.close(fd)
-            raise
-        try:
-            region = _shared_attach(
-                cls, fd, take, readonly, size, align, advice, backing, Backing.HUGETLB
+        the cause. A descriptor in ``Fds`` (its only one) is the region's
+        from the call of the C layer on, and ``Fds``' until then; an ``int``
+        stays the caller's. The seals and the size of the file the region
+        maps are checked once it is mapped, in every case (a mapping is
+        harmless until touched; multiprocessing's descriptor, the sender's
+        own file, is checked only then): ``fd`` may have been another file
+        by then, or grown."""
+        take = isinstance(fd, Fds)
+        number = fd.fds[0] if isinstance(fd, Fds) else fd
+        if not 0 <= size <= sys.maxsize:  # else the C layer's ValueError, before it owns fd
+            raise ValueError(
+                f"the peer sent a size of {size} bytes with {what}, which no region can "
+                f"have (at most {sys.maxsize}): the message is not one of SharedRegion.send()"
             )
+        if from_peer:
+            vet(number, what, require_seal)
+        if flags & _FLAG_THP:
+            align, advice, backing = thp_size(), MADV_HUGEPAGE, Backing.THP
+        else:
+            align, advice, backing = PAGE_SIZE, 0, Backing.NORMAL
+        rest = (take, readonly, size, align, advice, backing, Backing.HUGETLB)
+        try:
+            # one line: the descriptor leaves ``Fds`` for the C layer in the call
+            region = _shared_attach(cls, fd.fds.pop() if isinstance(fd, Fds) else fd, *rest)
         except OSError as exc:
             if not take:
-                vet(fd, what, require_seal)
+                vet(number, what, require_seal)
             raise attach_error(exc, what) from None
         try:
             hugetlb = region._page > PAGE_SIZE
@@ -368,11 +361,9 @@ class SharedRegion(FdRegion):
         (never SIGPIPE)."""
         sock = _check_socket(sock)
         message = _MESSAGE.pack(_MAGIC, self.size, self._flags())
-        fd = _shared_dup(self)
-        try:
-            send_fds(sock, message, [fd])  # a peer that hung up: BrokenPipeError, not SIGPIPE
-        finally:
-            os.close(fd)
+        with Fds() as held:
+            held.fds.append(_shared_dup(self))
+            send_fds(sock, message, held.fds)  # a peer that hung up: BrokenPipeError, not SIGPIPE
 
     _shares_arrays = True
 
