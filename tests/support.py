@@ -618,3 +618,18 @@ def traced(injector: Injector) -> Iterator[Injector]:
         yield injector
     finally:
         sys.settrace(previous)
+
+
+def _keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def interrupted_at_line(k: int, call: Callable[[], object]) -> bool:
+    """``call()`` with a KeyboardInterrupt at the k-th line of the library's
+    code it runs (counting each line once); whether it came."""
+    try:
+        with traced(Injector(k, _keyboard_interrupt)):
+            call()
+    except KeyboardInterrupt:
+        return True
+    return False

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from types import CodeType, FrameType
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from mmap_alloc import SharedRegion, _fdshare
-from support import fork_child, open_fds, run_forked, wait_child
+from support import fork_child, interrupted_at_line, open_fds, run_forked, wait_child
 
 
 class Owner:
@@ -86,7 +87,7 @@ def test_where_proc_refuses_the_receiver_gets_a_duplicate_over_the_socket(
 ) -> None:
     os.close(share(owner).detach())
     before = open_fds()
-    monkeypatch.setattr(_fdshare.SharedFd, "_open_in_proc", lambda self: None)
+    monkeypatch.setattr(_fdshare.SharedFd, "_open_in_proc", lambda self, held: False)
     fd = share(owner).detach()
     try:
         assert os.fstat(fd).st_ino == os.fstat(owner.fd).st_ino
@@ -353,6 +354,36 @@ def test_an_interrupt_while_a_token_is_given_leaves_the_owner_shareable() -> Non
     run_forked(_interrupt_every_line_of_giving_a_token, timeout=60)
 
 
+def _load_interrupted_at_every_line(blob: bytes) -> None:
+    for k in range(1, 1000):
+        before = open_fds()
+        loaded: list[SharedRegion] = []
+        came = interrupted_at_line(k, partial(_load_into, loaded, blob))
+        for region in loaded:
+            region.close()
+        gc.collect()
+        assert open_fds() == before, f"an interrupt at line {k} left a descriptor open"
+        if not came:
+            assert k > 20
+            return
+
+
+def _load_into(loaded: list[SharedRegion], blob: bytes) -> None:
+    loaded.append(pickle.loads(blob))
+
+
+@pytest.mark.parametrize("way", ["proc", "sharer"])
+def test_an_interrupt_at_any_line_of_loading_a_region_leaves_no_descriptor_open(
+    way: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if way == "sharer":
+        monkeypatch.setattr(_fdshare.SharedFd, "_open_in_proc", lambda self, held: False)
+    with SharedRegion.create(4096) as region:
+        blob = ForkingPickler.dumps(region)
+        pickle.loads(blob).close()  # the sharer runs
+        run_forked(_load_interrupted_at_every_line, bytes(blob), timeout=120)
+
+
 # ---------------------------------------------------------------- no client delays another
 
 
@@ -385,7 +416,7 @@ def test_idle_connections_do_not_delay_a_hand_over(owner: Owner) -> None:
 def test_idle_connections_do_not_delay_unpickling_a_region(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_fdshare.SharedFd, "_open_in_proc", lambda self: None)
+    monkeypatch.setattr(_fdshare.SharedFd, "_open_in_proc", lambda self, held: False)
     with SharedRegion.create(4096) as region:
         blob = ForkingPickler.dumps(region)
         pickle.loads(blob).close()

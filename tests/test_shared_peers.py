@@ -20,7 +20,6 @@ import random
 import signal
 import socket
 import struct
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,10 +31,16 @@ from typing import Any
 
 import pytest
 
-import mmap_alloc
 from mmap_alloc import AllocError, SharedRegion
 from mmap_alloc._linux import PAGE_SIZE as P
-from support import describe_status, fork_child, open_fds, run_forked, wait_child
+from support import (
+    describe_status,
+    fork_child,
+    interrupted_at_line,
+    open_fds,
+    run_forked,
+    wait_child,
+)
 
 TiB = 1 << 40
 NOBODY = 65534
@@ -560,31 +565,6 @@ def test_a_peer_of_another_user_may_send_a_sealed_region_over_a_socket() -> None
 # ---------------------------------------------------------------- Ctrl-C
 
 
-def _interrupted_at_line(k: int, call: Callable[[], object]) -> bool:
-    """``call()`` with a KeyboardInterrupt at the k-th line of the library's
-    code it runs (counting each line once); whether it came."""
-    library, seen = os.path.dirname(mmap_alloc.__file__), set()
-
-    def on_line(frame: Any, event: str, arg: object) -> Any:
-        if event == "line" and (frame.f_code.co_filename, frame.f_lineno) not in seen:
-            seen.add((frame.f_code.co_filename, frame.f_lineno))
-            if len(seen) == k:
-                raise KeyboardInterrupt
-        return on_line
-
-    def tracer(frame: Any, event: str, arg: object) -> Any:
-        return on_line if frame.f_code.co_filename.startswith(library) else None
-
-    sys.settrace(tracer)
-    try:
-        call()
-    except KeyboardInterrupt:
-        return True
-    finally:
-        sys.settrace(None)
-    return False
-
-
 def _receive_interrupted_at_every_line() -> None:
     for k in range(1, 1000):
         a, b = socket.socketpair()
@@ -592,7 +572,7 @@ def _receive_interrupted_at_every_line() -> None:
             region.send(a)
         before = open_fds()
         received: list[SharedRegion] = []
-        came = _interrupted_at_line(k, partial(_receive_into, received, b))
+        came = interrupted_at_line(k, partial(_receive_into, received, b))
         for region in received:
             region.close()
         gc.collect()

@@ -351,10 +351,17 @@ class SharedFd(NamedTuple):
         """A new descriptor of the file, for the caller to own. OSError if the
         sender has closed it, is gone, refuses this process, or does not
         answer within ``TIMEOUT`` seconds (TimeoutError)."""
-        fd = self._open_in_proc()
-        return fd if fd is not None else self._fetch()
+        with Fds() as held:
+            self.detach_into(held)
+            return held.fds.pop()
 
-    def _open_in_proc(self) -> int | None:
+    def detach_into(self, held: Fds) -> None:
+        """``detach()``, the descriptor going into ``held`` the moment it is
+        opened or received."""
+        if not self._open_in_proc(held):
+            self._fetch_into(held)
+
+    def _open_in_proc(self, held: Fds) -> bool:
         # O_NONBLOCK, O_NOCTTY: the number may be another file by now (the
         # owner closed it), a FIFO whose open would wait for a writer, a tty.
         # (A stat of the path first, to open only the right file, would cost
@@ -362,26 +369,39 @@ class SharedFd(NamedTuple):
         flags = os.O_RDONLY if self.readonly else os.O_RDWR
         flags |= os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
         try:
-            fd = os.open(f"/proc/{self.pid}/fd/{self.number}", flags)
+            held.fds.append(os.open(f"/proc/{self.pid}/fd/{self.number}", flags))
         except OSError:
-            return None
-        st = os.fstat(fd)
+            return False
+        st = os.fstat(held.fds[-1])
         if (st.st_dev, st.st_ino) != (self.dev, self.ino):  # closed, and the number reused
-            os.close(fd)
-            return None
-        os.set_blocking(fd, True)
-        return fd
+            os.close(held.fds.pop())
+            return False
+        os.set_blocking(held.fds[-1], True)
+        return True
 
     def _fetch(self) -> int:
-        """The descriptor from the sender's sharer; asked again while the
-        sharer drops the connection unanswered (too many were waiting)."""
+        """The descriptor from the sender's sharer, for the caller to own."""
+        with Fds() as held:
+            self._fetch_into(held)
+            return held.fds.pop()
+
+    def _fetch_into(self, held: Fds) -> None:
+        """The descriptor from the sender's sharer, into ``held``; asked again
+        while the sharer drops the connection unanswered (too many were
+        waiting)."""
         deadline = time.monotonic() + TIMEOUT
         while True:
-            answer, fds, sender_uid = self._ask(deadline)
-            if answer == _GIVEN and len(fds) == 1:
-                break
-            for fd in fds:
-                os.close(fd)
+            mine = Fds()  # this answer's descriptors, closed unless the one asked for
+            with mine:
+                answer, sender_uid = self._ask(deadline, mine)
+                if answer == _GIVEN and len(mine.fds) == 1:
+                    st = os.fstat(mine.fds[0])
+                    if (st.st_dev, st.st_ino) != (self.dev, self.ino):
+                        raise OSError(
+                            "the descriptor handed over is not of the file that was pickled"
+                        )
+                    held.fds.append(mine.fds.pop())
+                    return
             if answer == _STRANGER:
                 raise PermissionError(
                     errno.EPERM,
@@ -400,15 +420,10 @@ class SharedFd(NamedTuple):
             if time.monotonic() >= deadline:
                 raise self._timeout()
             time.sleep(0.01)
-        st = os.fstat(fds[0])
-        if (st.st_dev, st.st_ino) != (self.dev, self.ino):
-            os.close(fds[0])
-            raise OSError("the descriptor handed over is not of the file that was pickled")
-        return fds[0]
 
-    def _ask(self, deadline: float) -> tuple[bytes, list[int], int]:
-        """One connection to the sharer: its answer byte, the descriptors that
-        came with it, and the sender's uid (-1 if unknown)."""
+    def _ask(self, deadline: float, held: Fds) -> tuple[bytes, int]:
+        """One connection to the sharer: its answer byte (the descriptors that
+        came with it go into ``held``), and the sender's uid (-1 if unknown)."""
         import socket
 
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as conn:
@@ -431,12 +446,12 @@ class SharedFd(NamedTuple):
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 conn.sendall(self.token, socket.MSG_NOSIGNAL)  # a refusal may come first
             try:
-                data, fds, _flags = recv_fds(conn, 1)
+                data, _fds, _flags = recv_fds(conn, 1, held)
             except TimeoutError:
                 raise self._timeout() from None
             except ConnectionResetError:
-                data, fds = b"", []
-        return data, fds, sender_uid
+                data = b""
+        return data, sender_uid
 
     def _connect(self, conn: socket.socket, deadline: float) -> None:
         """Connect, waiting in the kernel for room while the sharer's backlog

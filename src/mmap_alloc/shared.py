@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ._args import integer
 from ._args import size as size_argument
 from ._fdregion import FdRegion, pickle_handle, register_pickling
-from ._fdshare import Fds, recv_fds, send_fds
+from ._fdshare import Fds, SharedFd, recv_fds, send_fds
 from ._linux import (
     F_SEAL_NAMES,
     F_SEAL_SEAL,
@@ -104,7 +104,10 @@ def _rebuild(dupfd: Any, size: int, flags: int) -> SharedRegion:
     from ._arraypickle import received
 
     with Fds() as held:
-        held.fds.append(dupfd.detach())
+        if isinstance(dupfd, SharedFd):
+            dupfd.detach_into(held)
+        else:  # multiprocessing's DupFd, of a process being started
+            held.fds.append(dupfd.detach())
         region = SharedRegion._attach_fd(held, size, flags)
     received(region)
     return region
