@@ -554,16 +554,34 @@ def collecting(call: Callable[[], T], meddle: Callable[[], object]) -> T:
         gc.callbacks.remove(callback)
 
 
-@contextlib.contextmanager
-def on_entry(function: Callable[..., object], act: Callable[[], object]) -> Iterator[None]:
+def on_entry(function: Callable[..., object], act: Callable[[], object]) -> Any:
     """Run ``act()`` once, from a trace hook, when ``function`` (Python code)
     is entered: its arguments are made, its body has not run."""
+    return _once_at(function, "call", act)
+
+
+def on_return(function: Callable[..., object], act: Callable[[], object]) -> Any:
+    """Run ``act()`` once, from a trace hook, as ``function`` (Python code)
+    returns: its value is made, its caller has not used it."""
+    return _once_at(function, "return", act)
+
+
+@contextlib.contextmanager
+def _once_at(
+    function: Callable[..., object], event: str, act: Callable[[], object]
+) -> Iterator[None]:
     armed = [True]
 
-    def hook(frame: Any, event: str, arg: object) -> None:
-        if event == "call" and armed[0] and frame.f_code is function.__code__:
+    def local(frame: Any, what: str, arg: object) -> Any:
+        if what == event and armed[0]:
             armed[0] = False
             act()
+        return local
+
+    def hook(frame: Any, what: str, arg: object) -> Any:
+        if frame.f_code is not function.__code__:
+            return None
+        return local(frame, what, arg)
 
     previous = sys.gettrace()
     sys.settrace(hook)

@@ -11,6 +11,7 @@ import pytest
 
 from mmap_alloc import FileRegion, Perm, Region, SharedRegion
 from mmap_alloc._linux import PAGE_SIZE as P
+from support import on_return
 
 
 def test_a_read_only_file_region_says_why_write_is_refused(tmp_path: Path) -> None:
@@ -61,3 +62,15 @@ def test_a_read_only_shared_region_says_why_write_is_refused() -> None:
             assert str(refused.value).startswith("a SharedRegion is pickled only by")
         with pytest.raises(ValueError, match="region is closed"):
             region.__enter__()
+
+
+def test_file_size_of_a_region_closed_as_it_is_read_is_a_value_error(tmp_path: Path) -> None:
+    """Closed between the read of its descriptor and the fstat (a signal
+    handler, a finalizer): the region's own error, not EBADF."""
+    (tmp_path / "f").write_bytes(b"x" * P)
+    regions: list[FileRegion | SharedRegion] = [FileRegion.open(tmp_path / "f")]
+    regions.append(SharedRegion.create(P))
+    for region in regions:
+        getter = vars(type(region))["fd"].fget
+        with on_return(getter, region.close), pytest.raises(ValueError, match="closed"):
+            region.file_size  # noqa: B018

@@ -77,8 +77,13 @@ class FdRegion(Region):
     @property
     def file_size(self) -> int:
         """The file's size now: another process may have changed it
-        (:meth:`refresh` maps the region to it)."""
-        return os.fstat(self.fd).st_size
+        (:meth:`refresh` maps the region to it). ValueError once closed."""
+        try:
+            return os.fstat(self.fd).st_size
+        except OSError:
+            if self.closed:  # meanwhile: by a signal handler, a finalizer, a thread
+                raise ValueError(CLOSED) from None
+            raise
 
     def protect(self, perms: int, offset: int = 0, length: int | None = None) -> None:
         """As Region.protect(); PermissionError, saying why, when WRITE is
