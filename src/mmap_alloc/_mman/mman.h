@@ -632,7 +632,8 @@ RegionObject *region_range_arg(PyObject *const *args, Py_ssize_t nargs, PyObject
                                RegionObject *(*kind)(PyObject *), Py_ssize_t *start,
                                Py_ssize_t *n);
 /* A new region over `capacity` bytes at data (owned from now on). NULL on
- * failure (the caller unmaps). */
+ * failure (the caller unmaps). spec is the caller's own: region_alloc may
+ * run Python code, which must not be able to change it. */
 PyObject *region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
                       const MapSpec *spec, PyObject *owner, int fd);
 /* Map pages per spec (at address exactly when not NULL) and wrap them: NULL

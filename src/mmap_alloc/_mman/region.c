@@ -25,19 +25,14 @@ PyObject *
 region_wrap(PyTypeObject *cls, char *data, Py_ssize_t size, Py_ssize_t capacity,
             const MapSpec *spec, PyObject *owner, int fd)
 {
-    /* the pages were mapped per spec as it is now: a collection region_alloc
-     * starts may configure the allocator whose spec it is anew */
-    MapSpec mapped = *spec;
-    PyObject *backing = Py_NewRef(mapped.backing ? mapped.backing : Py_None);
-    RegionObject *self = region_alloc(cls);   /* zero-filled: the core sets the rest */
+    /* zero-filled: the core sets what is not zero */
+    RegionObject *self = region_alloc(cls);
 
-    if (self == NULL) {
-        Py_DECREF(backing);
+    if (self == NULL)
         return NULL;
-    }
-    mapping_init(&self->m, data, size, capacity, &mapped, fd);
+    mapping_init(&self->m, data, size, capacity, spec, fd);
     self->owner = Py_NewRef(owner);
-    self->backing = backing;
+    self->backing = Py_NewRef(spec->backing ? spec->backing : Py_None);
     return (PyObject *)self;
 }
 
